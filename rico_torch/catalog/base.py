@@ -1,0 +1,116 @@
+"""Declarative dataset descriptions shared by the encoder and the data half.
+
+A dataset is one or more *sources* (BigEarthNet has three: S1, S2 and the reference
+maps). A source says how a patch is found on disk, how its LMDB key is formed, which
+file holds each band and what dtype and shape each band has. The encoder walks these
+descriptions generically; the readers use the same band names, shapes and classes.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+
+@dataclass(frozen=True)
+class Band:
+    """One band key of the safetensors dict.
+
+    Attributes:
+        name: the band key written into the safetensors dict (e.g. ``"B02"``).
+        file: the file that holds the band, relative to the patch, as a template over
+            ``{name}`` (the patch directory or file stem); ``None`` for a patch that is a
+            single file.
+        index: the 1-based band index inside that file (``rasterio``'s ``read(index)``).
+        shape: the expected ``(height, width)``; ``None`` where the dataset does not fix it.
+    """
+
+    name: str
+    file: str | None = None
+    index: int = 1
+    shape: tuple[int, int] | None = None
+
+
+@dataclass(frozen=True)
+class Source:
+    """How one kind of patch is found, keyed and read.
+
+    Attributes:
+        name: short name (``"s2"``), used in the manifest.
+        option: the command-line option that names its input directory (``"--s2-dir"``).
+        aliases: other spellings of that option (rico-hdl's).
+        pattern: regular expression the patch's directory or file name must match in full.
+        is_dir: whether a patch is a directory (holding band files) or a single file.
+        bands: the band keys, in the order they are read.
+        dtype: the numpy dtype name every band must have.
+        label_from_parent: the parent directory's name is the patch's class label.
+        same_shape: all bands of a patch must share one shape (checked when ``shape`` is
+            ``None``).
+    """
+
+    name: str
+    option: str
+    pattern: str
+    is_dir: bool
+    bands: tuple[Band, ...]
+    dtype: str
+    aliases: tuple[str, ...] = ()
+    label_from_parent: bool = False
+    same_shape: bool = False
+    help: str = ""
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "_regex", re.compile(self.pattern))
+
+    def matches(self, name: str) -> bool:
+        return self._regex.fullmatch(name) is not None  # type: ignore[attr-defined]
+
+    def key_of(self, patch: Path) -> str:
+        """LMDB key of a patch: its directory name or its file stem (rico-hdl's rule)."""
+        return patch.name if self.is_dir else patch.stem
+
+    def band_files(self, patch: Path) -> dict[Path, list[Band]]:
+        """The files to open for a patch and the bands to read from each, in band order."""
+        files: dict[Path, list[Band]] = {}
+        stem = self.key_of(patch)
+        for band in self.bands:
+            path = patch if band.file is None else patch / band.file.format(name=stem)
+            files.setdefault(path, []).append(band)
+        return files
+
+    @property
+    def band_names(self) -> tuple[str, ...]:
+        return tuple(b.name for b in self.bands)
+
+
+@dataclass(frozen=True)
+class Dataset:
+    """A dataset: its sources (written in this order) and what the data half needs.
+
+    Attributes:
+        name: the encode subcommand (``"bigearthnet"``).
+        title: human-readable name.
+        sources: the sources, in the fixed order they are written.
+        aliases: other spellings of the subcommand (rico-hdl's).
+        classes: class names where the layout gives labels.
+        example: an example command line for ``--help``.
+    """
+
+    name: str
+    title: str
+    sources: tuple[Source, ...]
+    aliases: tuple[str, ...] = ()
+    classes: tuple[str, ...] = ()
+    description: str = ""
+    example: str = ""
+
+    def source(self, name: str) -> Source:
+        for s in self.sources:
+            if s.name == name:
+                return s
+        raise KeyError(f"{self.name} has no source {name!r}; valid: {[s.name for s in self.sources]}")
+
+    @property
+    def band_names(self) -> tuple[str, ...]:
+        return tuple(b for s in self.sources for b in s.band_names)

@@ -1,0 +1,141 @@
+"""``python -m rico_torch.encode``: one subcommand per dataset, built from the catalog."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import tempfile
+from pathlib import Path
+
+from ..catalog import DATASETS, Dataset, get_dataset
+from ..errors import InputError, TargetError
+from .discover import discover
+from .writer import EncodeResult, encode_dataset
+
+DESCRIPTION = """\
+Convert a remote-sensing patch dataset into one LMDB whose values are safetensors dicts
+(band name -> array), value-identical to the source pixels and in the format rico-hdl writes.
+Run once; train from the LMDB with rico_torch.data. Re-running the same command after an
+interruption resumes and finishes the job."""
+
+
+def default_workers() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
+
+
+def _common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--target-dir", required=True, type=Path, help="directory for data.mdb and manifest.json")
+    p.add_argument("--num-workers", type=int, default=default_workers(),
+                   help="reader processes (default: all cores, %(default)s here); 0 reads in this process")
+    p.add_argument("--quiet", action="store_true", help="no progress bar or summary (errors still go to stderr)")
+
+
+def _add_dataset(sub, dataset: Dataset) -> None:
+    p = sub.add_parser(
+        dataset.name,
+        aliases=list(dataset.aliases),
+        help=dataset.description,
+        description=dataset.description,
+        epilog=f"example:\n  {dataset.example}",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    single = len(dataset.sources) == 1
+    for source in dataset.sources:
+        p.add_argument(source.option, *source.aliases, dest=f"source_{source.name}", type=Path,
+                       required=single, metavar="DIR", help=source.help)
+    _common(p)
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace an LMDB already in the target instead of resuming or refusing")
+    p.add_argument("--skip-invalid", action="store_true",
+                   help="skip patches with missing or invalid bands (listed in the manifest and summary) "
+                        "instead of stopping at the first")
+    p.set_defaults(dataset=dataset.name)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m rico_torch.encode",
+        description=DESCRIPTION,
+        epilog="examples:\n" + "\n".join(f"  {d.example}" for d in DATASETS.values())
+        + "\n  python -m rico_torch.encode demo --target-dir demo-lmdb",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="DATASET")
+    for dataset in DATASETS.values():
+        _add_dataset(sub, dataset)
+    demo = sub.add_parser(
+        "demo",
+        help="encode a small synthetic BigEarthNet (real layout) to see the tool work without downloads",
+        description="Write a small synthetic BigEarthNet v2 dataset (S1, S2 and reference maps in the "
+        "real layout) to a temporary folder and encode it into --target-dir.",
+        epilog="example:\n  python -m rico_torch.encode demo --target-dir demo-lmdb",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    demo.add_argument("--patches", type=int, default=64, help="S1/S2 patch pairs to generate (default %(default)s)")
+    _common(demo)
+    demo.add_argument("--overwrite", action="store_true", help="replace an LMDB already in the target")
+    demo.set_defaults(dataset="demo", skip_invalid=False)
+    return parser
+
+
+def run_encode(dataset: Dataset, roots: dict[str, Path], args: argparse.Namespace) -> EncodeResult:
+    discovered = discover(dataset, roots)
+    return encode_dataset(
+        dataset,
+        discovered,
+        args.target_dir,
+        num_workers=args.num_workers,
+        overwrite=args.overwrite,
+        skip_invalid=args.skip_invalid,
+        quiet=args.quiet,
+        sources_info={k: str(v.resolve()) for k, v in roots.items()},
+    )
+
+
+def run_demo(args: argparse.Namespace) -> EncodeResult:
+    from ..synthetic import make_bigearthnet
+
+    dataset = get_dataset("bigearthnet")
+    with tempfile.TemporaryDirectory(prefix="rico_torch-demo-") as tmp:
+        files = make_bigearthnet(Path(tmp), patches=args.patches)
+        roots = {"s1": files.s1_dir, "s2": files.s2_dir, "reference_maps": files.reference_maps_dir}
+        if not args.quiet:
+            print(f"generated {args.patches} synthetic BigEarthNet S1/S2 pairs with reference maps in {tmp}",
+                  file=sys.stderr)
+        return run_encode(dataset, roots, args)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.num_workers < 0:
+        print("error: --num-workers must be >= 0", file=sys.stderr)
+        return 2
+    try:
+        if args.dataset == "demo":
+            result = run_demo(args)
+        else:
+            dataset = get_dataset(args.dataset)
+            roots = {s.name: getattr(args, f"source_{s.name}") for s in dataset.sources}
+            roots = {k: v for k, v in roots.items() if v is not None}
+            if not roots:
+                options = ", ".join(s.option for s in dataset.sources)
+                print(f"error: {dataset.name}: give at least one of {options}", file=sys.stderr)
+                return 2
+            result = run_encode(dataset, roots, args)
+    except (InputError, TargetError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("\ninterrupted: committed patches are kept; re-run the same command to resume", file=sys.stderr)
+        return 130
+    if not args.quiet:
+        print(result.summary(), file=sys.stderr)
+    if result.skipped:
+        print(f"skipped {len(result.skipped)} invalid patches (listed in manifest.json):", file=sys.stderr)
+        for s in result.skipped[:20]:
+            print(f"  {s['reason']}", file=sys.stderr)
+    return 0

@@ -1,0 +1,395 @@
+"""The ordered, deterministic, resumable LMDB writer.
+
+Determinism (byte-identical ``data.mdb`` whatever the worker count, as rico-hdl): sources in
+the dataset's fixed order, patches in sorted path order, 512 puts per write transaction
+(chunks never span two sources), puts with overwrite forbidden, and a map size that is a pure
+function of what is already committed.
+
+Resumability: a transaction commits all of its chunk or none of it, so the LMDB itself says
+which chunks are done: a chunk with any of its keys present is committed. Re-running the
+same command skips those and redoes the rest in the same order, which yields the same bytes
+as an uninterrupted run. ``manifest.json`` (``"complete": false`` until the end) records
+which dataset and inputs the target belongs to.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import sys
+import time
+from collections import Counter
+from concurrent.futures import Future, ProcessPoolExecutor
+from dataclasses import dataclass, field
+from hashlib import sha256
+from multiprocessing import get_context
+from pathlib import Path
+
+import lmdb
+
+from .. import __version__
+from ..catalog import Dataset, Source, get_dataset
+from ..errors import InputError, TargetError
+from ..format import parse_header
+from .discover import Patch, SourcePatches
+from .read import encode_value, read_patch, value_digest
+
+TXN_SIZE = 512  # puts per write transaction, as rico-hdl
+TASK_SIZE = 32  # patches per worker task: amortises process-pool overhead
+MANIFEST = "manifest.json"
+LOCK = "encode.lock"
+LMDB_FILES = ("data.mdb", "lock.mdb")
+OUR_FILES = (*LMDB_FILES, MANIFEST, LOCK)
+MIN_MAP_SIZE = 64 << 20
+
+
+@dataclass
+class Chunk:
+    source: Source
+    patches: list[Patch]
+
+
+@dataclass
+class EncodeResult:
+    target: Path
+    written: int
+    skipped: list[dict]
+    seconds: float
+    bytes: int
+    counts: dict[str, int]
+    already_complete: bool = False
+    resumed_chunks: int = 0
+
+    def summary(self) -> str:
+        if self.already_complete:
+            return f"{self.target}: already complete ({self.written:,} patches); nothing to do"
+        per_source = ", ".join(f"{k} {v:,}" for k, v in self.counts.items())
+        rate = self.written / self.seconds if self.seconds > 0 else 0.0
+        line = (
+            f"wrote {self.written:,} patches ({per_source}) to {self.target} in {self.seconds:.1f} s "
+            f"({rate:,.0f} patches/s, {self.bytes / 1e6:,.1f} MB)"
+        )
+        if self.resumed_chunks:
+            line += f", resumed after {self.resumed_chunks} committed transactions"
+        if self.skipped:
+            line += f"; skipped {len(self.skipped)} invalid: " + ", ".join(s["key"] for s in self.skipped[:5])
+            line += " ..." if len(self.skipped) > 5 else ""
+        return line
+
+
+def map_size_for(used: int, incoming: int) -> int:
+    """Map size for a transaction: a power of two >= 2x the data after it (a pure function)."""
+    size = MIN_MAP_SIZE
+    while size < 2 * (used + incoming):
+        size <<= 1
+    return size
+
+
+# --- worker side ----------------------------------------------------------------------
+
+
+def encode_task(dataset_name: str, source_name: str, patches: list[Patch], skip_invalid: bool):
+    """Read and encode patches: (key, value, digest, None) or, if skipped, (key, None, 0, error)."""
+    source = get_dataset(dataset_name).source(source_name)
+    out = []
+    for patch in patches:
+        try:
+            value = encode_value(read_patch(source, patch.path))
+            out.append((patch.key, value, value_digest(patch.key.encode(), value), None))
+        except InputError as e:
+            if not skip_invalid:
+                raise
+            out.append((patch.key, None, 0, str(e)))
+    return out
+
+
+# --- target handling ------------------------------------------------------------------
+
+
+def _fingerprint(dataset: Dataset, discovered: list[SourcePatches]) -> str:
+    h = sha256(dataset.name.encode())
+    for sp in discovered:
+        h.update(b"\0source\0" + sp.source.name.encode())
+        for p in sp.patches:
+            h.update(b"\0" + p.key.encode())
+    return h.hexdigest()
+
+
+def _read_manifest(target: Path) -> dict | None:
+    path = target / MANIFEST
+    if not path.exists():
+        return None
+    try:
+        manifest = json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise TargetError(f"{path}: unreadable manifest ({e}); pass --overwrite to start afresh") from None
+    if not isinstance(manifest, dict) or "fingerprint" not in manifest:
+        raise TargetError(f"{path}: not a rico_torch manifest; pass --overwrite to start afresh")
+    return manifest
+
+
+def _write_json_atomic(path: Path, obj: dict) -> None:
+    tmp = path.with_suffix(".tmp")
+    with open(tmp, "w") as f:
+        json.dump(obj, f, indent=1)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+class TargetLock:
+    """An exclusive lock on the target, so a second encoder is refused, not interleaved."""
+
+    def __init__(self, target: Path) -> None:
+        self.path = target / LOCK
+        self.fd = -1
+
+    def __enter__(self) -> "TargetLock":
+        self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(self.fd)
+            raise TargetError(f"{self.path.parent}: another encoder is writing this target; wait for it") from None
+        return self
+
+    def __exit__(self, *exc) -> None:
+        fcntl.flock(self.fd, fcntl.LOCK_UN)
+        os.close(self.fd)
+
+
+def _prepare_target(target: Path, overwrite: bool) -> None:
+    """Create the target, or check it holds nothing but a rico_torch encode (or, with
+    ``overwrite``, nothing but an LMDB)."""
+    if target.exists() and not target.is_dir():
+        raise TargetError(f"{target}: target exists and is not a directory")
+    if target.exists():
+        foreign = sorted(p.name for p in target.iterdir() if p.name not in OUR_FILES and p.suffix != ".tmp")
+        if foreign:
+            raise TargetError(
+                f"{target}: target holds other files ({', '.join(foreign[:3])}{' ...' if len(foreign) > 3 else ''}); "
+                "choose an empty or new directory"
+            )
+        if not overwrite and (target / "data.mdb").exists() and not (target / MANIFEST).exists():
+            raise TargetError(
+                f"{target}: target holds an LMDB that rico_torch did not write; "
+                "pass --overwrite to replace it or choose another directory"
+            )
+    try:
+        target.mkdir(parents=True, exist_ok=True)
+        probe = target / ".write-test.tmp"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as e:
+        raise TargetError(f"{target}: target is not writable ({e.strerror})") from None
+
+
+# --- the writer -------------------------------------------------------------------------
+
+
+@dataclass
+class _Stats:
+    """What the manifest reports, derived from the values actually written."""
+
+    counts: Counter = field(default_factory=Counter)
+    bands: dict = field(default_factory=dict)  # source -> band -> Counter of (dtype, shape)
+    keys: dict = field(default_factory=dict)  # source -> [key]
+    content_hash: int = 0
+    bytes: int = 0
+
+    def add(self, source: str, key: str, value: bytes, digest: int | None = None) -> None:
+        self.counts[source] += 1
+        self.keys.setdefault(source, []).append(key)
+        self.bytes += len(value)
+        if digest is None:
+            digest = value_digest(key.encode(), value)
+        self.content_hash = (self.content_hash + digest) % (1 << 256)
+        bands = self.bands.setdefault(source, {})
+        for name, info in parse_header(value, key).items():
+            bands.setdefault(name, Counter())[(info.dtype.name, info.shape)] += 1
+
+    def band_table(self) -> dict:
+        table = {}
+        for source, bands in self.bands.items():
+            table[source] = {}
+            for name, seen in sorted(bands.items()):
+                (dtype, shape), _ = seen.most_common(1)[0]
+                entry = {"dtype": dtype, "shape": list(shape)}
+                if len(seen) > 1:  # e.g. UC Merced images that are not 256x256
+                    entry["shape"] = None
+                    entry["shapes"] = {"x".join(map(str, s)): n for (_, s), n in seen.most_common()}
+                table[source][name] = entry
+        return table
+
+
+def _chunks(discovered: list[SourcePatches]) -> list[Chunk]:
+    return [
+        Chunk(sp.source, sp.patches[i : i + TXN_SIZE])
+        for sp in discovered
+        for i in range(0, len(sp.patches), TXN_SIZE)
+    ]
+
+
+def _progress(total: int, quiet: bool):
+    from tqdm import tqdm
+
+    return tqdm(total=total, unit="patch", disable=True if quiet else None, dynamic_ncols=True, file=sys.stderr)
+
+
+def encode_dataset(
+    dataset: Dataset,
+    discovered: list[SourcePatches],
+    target: Path,
+    *,
+    num_workers: int,
+    overwrite: bool = False,
+    skip_invalid: bool = False,
+    quiet: bool = False,
+    sources_info: dict[str, str] | None = None,
+) -> EncodeResult:
+    """Write the discovered patches into ``target`` (see the module docstring for guarantees)."""
+    start = time.perf_counter()
+    target = Path(target)
+    _prepare_target(target, overwrite)
+    fingerprint = _fingerprint(dataset, discovered)
+    with TargetLock(target):
+        manifest = None if overwrite else _read_manifest(target)
+        if overwrite:
+            for name in (*LMDB_FILES, MANIFEST):
+                (target / name).unlink(missing_ok=True)
+        elif manifest is not None and manifest["fingerprint"] != fingerprint:
+            what = f"{manifest.get('dataset')} ({manifest.get('patches', 'an unfinished set of')} patches)"
+            raise TargetError(
+                f"{target}: target holds an encode of {what} from other inputs; "
+                "pass --overwrite to replace it or choose another directory"
+            )
+        if manifest is not None and manifest.get("complete"):
+            return EncodeResult(target, manifest["patches"], manifest.get("skipped", []), 0.0,
+                                manifest.get("bytes", 0), manifest.get("counts", {}), already_complete=True)
+        base = {
+            "format": "rico-hdl: LMDB of safetensors (band name -> array)",
+            "encoder": "rico_torch",
+            "encoder_version": __version__,
+            "dataset": dataset.name,
+            "sources": sources_info or {sp.source.name: str(sp.root) for sp in discovered},
+            "fingerprint": fingerprint,
+            "complete": False,
+        }
+        _write_json_atomic(target / MANIFEST, base)
+        stats, skipped, resumed = _write(dataset, discovered, target, num_workers, skip_invalid, quiet)
+        labels = {p.key: p.label for sp in discovered for p in sp.patches if p.label is not None}
+        written_keys = {k for keys in stats.keys.values() for k in keys}
+        manifest = {
+            **base,
+            "complete": True,
+            "patches": sum(stats.counts.values()),
+            "counts": dict(stats.counts),
+            "bytes": stats.bytes,
+            "content_hash": f"{stats.content_hash:064x}",
+            "bands": stats.band_table(),
+            "classes": list(dataset.classes),
+            "labels": {k: v for k, v in labels.items() if k in written_keys},
+            "skipped": skipped,
+            "keys": stats.keys,
+        }
+        _write_json_atomic(target / MANIFEST, manifest)
+    return EncodeResult(target, manifest["patches"], skipped, time.perf_counter() - start, stats.bytes,
+                        dict(stats.counts), resumed_chunks=resumed)
+
+
+def _committed(env: lmdb.Environment, chunk: Chunk) -> list[tuple[str, memoryview]] | None:
+    """The chunk's stored (key, value) pairs if its transaction committed, else None."""
+    with env.begin(buffers=False) as txn:
+        found = [(p.key, txn.get(p.key.encode())) for p in chunk.patches]
+    found = [(k, v) for k, v in found if v is not None]
+    return found or None
+
+
+def _write(dataset, discovered, target, num_workers, skip_invalid, quiet):
+    chunks = _chunks(discovered)
+    total = sum(len(c.patches) for c in chunks)
+    stats, skipped = _Stats(), []
+    # map_size=0 keeps the size recorded in the file, so the growth policy sees the same
+    # state on a resumed run as on an uninterrupted one.
+    env = lmdb.open(str(target), map_size=0, subdir=True, readahead=False, max_dbs=0)
+    try:
+        env.reader_check()  # drop reader slots of killed processes: they would pin pages
+        pending: list[Chunk] = []
+        for chunk in chunks:
+            stored = _committed(env, chunk)
+            if stored is None:
+                pending.append(chunk)
+                continue
+            for key, value in stored:
+                stats.add(chunk.source.name, key, value)
+        resumed = len(chunks) - len(pending)
+        bar = _progress(total, quiet)
+        bar.update(total - sum(len(c.patches) for c in pending))
+        with _Runner(dataset.name, pending, num_workers, skip_invalid) as runner:
+            for chunk, results in zip(pending, runner):
+                for key, value, _, error in results:
+                    if error is not None:
+                        skipped.append({"key": key, "source": chunk.source.name, "reason": error})
+                if any(value is not None for _, value, _, _ in results):
+                    _commit(env, results)
+                for key, value, digest, _ in results:
+                    if value is not None:
+                        stats.add(chunk.source.name, key, value, digest)
+                bar.update(len(chunk.patches))
+        bar.close()
+        env.sync(True)
+    finally:
+        env.close()
+    return stats, skipped, resumed
+
+
+def _commit(env: lmdb.Environment, results) -> None:
+    info = env.info()
+    used = (info["last_pgno"] + 1) * env.stat()["psize"]
+    incoming = sum(len(k) + len(v) for k, v, _, _ in results if v is not None)
+    wanted = map_size_for(used, incoming)
+    if wanted > info["map_size"]:
+        env.set_mapsize(wanted)
+    try:
+        with env.begin(write=True) as txn:
+            for key, value, _, _ in results:
+                if value is not None and not txn.put(key.encode(), value, overwrite=False):
+                    raise TargetError(f"key {key!r} is already in the LMDB; refusing to overwrite it")
+    except lmdb.Error as e:
+        raise TargetError(f"{env.path()}: writing failed ({e}); re-run the same command to resume") from None
+
+
+class _Runner:
+    """Yields each chunk's results in order, reading ahead in a process pool."""
+
+    def __init__(self, dataset_name: str, chunks: list[Chunk], num_workers: int, skip_invalid: bool) -> None:
+        self.dataset_name, self.chunks = dataset_name, chunks
+        self.num_workers, self.skip_invalid = num_workers, skip_invalid
+        self.pool: ProcessPoolExecutor | None = None
+
+    def __enter__(self) -> "_Runner":
+        if self.num_workers > 0 and self.chunks:
+            # spawn: GDAL and LMDB state must not be inherited through fork
+            self.pool = ProcessPoolExecutor(self.num_workers, mp_context=get_context("spawn"))
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.pool is not None:
+            self.pool.shutdown(wait=True, cancel_futures=True)
+
+    def _submit(self, chunk: Chunk) -> list[Future] | list:
+        tasks = [chunk.patches[i : i + TASK_SIZE] for i in range(0, len(chunk.patches), TASK_SIZE)]
+        args = [(self.dataset_name, chunk.source.name, t, self.skip_invalid) for t in tasks]
+        if self.pool is None:
+            return [encode_task(*a) for a in args]
+        return [self.pool.submit(encode_task, *a) for a in args]
+
+    def __iter__(self):
+        ahead = 2  # chunks in flight: workers read chunk i+1 while chunk i is committed
+        queue = [self._submit(c) for c in self.chunks[:ahead]]
+        for i in range(len(self.chunks)):
+            tasks = queue.pop(0)
+            if i + ahead < len(self.chunks):
+                queue.append(self._submit(self.chunks[i + ahead]))
+            yield [r for t in tasks for r in (t.result() if isinstance(t, Future) else t)]
