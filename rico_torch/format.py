@@ -97,6 +97,14 @@ def parse_header(value: bytes | memoryview, key: object = None) -> dict[str, Ten
         if prod(shape) * dtype.itemsize != offsets[1] - offsets[0]:
             raise _invalid(key, f"entry {name!r}: shape {shape} does not fit {offsets[1] - offsets[0]} bytes")
         tensors[name] = TensorInfo(dtype, tuple(shape), data_start + offsets[0], data_start + offsets[1])
+    # As safetensors itself requires: the tensors tile the data bytes exactly.
+    position = data_start
+    for info in sorted(tensors.values(), key=lambda t: (t.begin, t.end)):
+        if info.begin != position:
+            raise _invalid(key, "tensor byte ranges overlap or leave gaps")
+        position = info.end
+    if position != size:
+        raise _invalid(key, f"tensors cover {position - data_start} of {data_size} data bytes")
     return tensors
 
 
