@@ -17,6 +17,7 @@ from __future__ import annotations
 import fcntl
 import json
 import os
+import shutil
 import sys
 import time
 from collections import Counter
@@ -40,7 +41,8 @@ TASK_SIZE = 32  # patches per worker task: amortises process-pool overhead
 MANIFEST = "manifest.json"
 LOCK = "encode.lock"
 LMDB_FILES = ("data.mdb", "lock.mdb")
-OUR_FILES = (*LMDB_FILES, MANIFEST, LOCK)
+STAGING = ".overwrite"  # where --overwrite builds the replacement
+OUR_FILES = (*LMDB_FILES, MANIFEST, LOCK, STAGING)
 MIN_MAP_SIZE = 64 << 20
 
 
@@ -248,54 +250,76 @@ def encode_dataset(
     quiet: bool = False,
     sources_info: dict[str, str] | None = None,
 ) -> EncodeResult:
-    """Write the discovered patches into ``target`` (see the module docstring for guarantees)."""
+    """Write the discovered patches into ``target`` (see the module docstring for guarantees).
+
+    With ``overwrite``, the new LMDB is built in ``target/.overwrite`` and moved over the old
+    one only once complete, so a failed or interrupted overwrite leaves the old data intact.
+    """
     start = time.perf_counter()
     target = Path(target)
     _prepare_target(target, overwrite)
     fingerprint = _fingerprint(dataset, discovered)
     with TargetLock(target):
-        manifest = None if overwrite else _read_manifest(target)
-        if overwrite:
-            for name in (*LMDB_FILES, MANIFEST):
+        existing = any((target / name).exists() for name in (*LMDB_FILES, MANIFEST))
+        if overwrite and existing:
+            staging = target / STAGING
+            shutil.rmtree(staging, ignore_errors=True)
+            staging.mkdir()
+            manifest, stats, skipped, resumed = _encode_into(
+                dataset, discovered, staging, fingerprint, num_workers, skip_invalid, quiet, sources_info)
+            (target / MANIFEST).unlink(missing_ok=True)  # never leave a manifest describing other data
+            for name in LMDB_FILES:
                 (target / name).unlink(missing_ok=True)
-        elif manifest is not None and manifest["fingerprint"] != fingerprint:
-            what = f"{manifest.get('dataset')} ({manifest.get('patches', 'an unfinished set of')} patches)"
-            raise TargetError(
-                f"{target}: target holds an encode of {what} from other inputs; "
-                "pass --overwrite to replace it or choose another directory"
-            )
-        if manifest is not None and manifest.get("complete"):
-            return EncodeResult(target, manifest["patches"], manifest.get("skipped", []), 0.0,
-                                manifest.get("bytes", 0), manifest.get("counts", {}), already_complete=True)
-        base = {
-            "format": "rico-hdl: LMDB of safetensors (band name -> array)",
-            "encoder": "rico_torch",
-            "encoder_version": __version__,
-            "dataset": dataset.name,
-            "sources": sources_info or {sp.source.name: str(sp.root) for sp in discovered},
-            "fingerprint": fingerprint,
-            "complete": False,
-        }
-        _write_json_atomic(target / MANIFEST, base)
-        stats, skipped, resumed = _write(dataset, discovered, target, num_workers, skip_invalid, quiet)
-        labels = {p.key: p.label for sp in discovered for p in sp.patches if p.label is not None}
-        written_keys = {k for keys in stats.keys.values() for k in keys}
-        manifest = {
-            **base,
-            "complete": True,
-            "patches": sum(stats.counts.values()),
-            "counts": dict(stats.counts),
-            "bytes": stats.bytes,
-            "content_hash": f"{stats.content_hash:064x}",
-            "bands": stats.band_table(),
-            "classes": list(dataset.classes),
-            "labels": {k: v for k, v in labels.items() if k in written_keys},
-            "skipped": skipped,
-            "keys": stats.keys,
-        }
-        _write_json_atomic(target / MANIFEST, manifest)
+                if (staging / name).exists():
+                    os.replace(staging / name, target / name)
+            os.replace(staging / MANIFEST, target / MANIFEST)
+            shutil.rmtree(staging, ignore_errors=True)
+        else:
+            previous = _read_manifest(target)
+            if previous is not None and previous["fingerprint"] != fingerprint:
+                what = f"{previous.get('dataset')} ({previous.get('patches', 'an unfinished set of')} patches)"
+                raise TargetError(
+                    f"{target}: target holds an encode of {what} from other inputs; "
+                    "pass --overwrite to replace it or choose another directory"
+                )
+            if previous is not None and previous.get("complete"):
+                return EncodeResult(target, previous["patches"], previous.get("skipped", []), 0.0,
+                                    previous.get("bytes", 0), previous.get("counts", {}), already_complete=True)
+            manifest, stats, skipped, resumed = _encode_into(
+                dataset, discovered, target, fingerprint, num_workers, skip_invalid, quiet, sources_info)
     return EncodeResult(target, manifest["patches"], skipped, time.perf_counter() - start, stats.bytes,
                         dict(stats.counts), resumed_chunks=resumed)
+
+
+def _encode_into(dataset, discovered, directory, fingerprint, num_workers, skip_invalid, quiet, sources_info):
+    base = {
+        "format": "rico-hdl: LMDB of safetensors (band name -> array)",
+        "encoder": "rico_torch",
+        "encoder_version": __version__,
+        "dataset": dataset.name,
+        "sources": sources_info or {sp.source.name: str(sp.root) for sp in discovered},
+        "fingerprint": fingerprint,
+        "complete": False,
+    }
+    _write_json_atomic(directory / MANIFEST, base)
+    stats, skipped, resumed = _write(dataset, discovered, directory, num_workers, skip_invalid, quiet)
+    labels = {p.key: p.label for sp in discovered for p in sp.patches if p.label is not None}
+    written_keys = {k for keys in stats.keys.values() for k in keys}
+    manifest = {
+        **base,
+        "complete": True,
+        "patches": sum(stats.counts.values()),
+        "counts": dict(stats.counts),
+        "bytes": stats.bytes,
+        "content_hash": f"{stats.content_hash:064x}",
+        "bands": stats.band_table(),
+        "classes": list(dataset.classes),
+        "labels": {k: v for k, v in labels.items() if k in written_keys},
+        "skipped": skipped,
+        "keys": stats.keys,
+    }
+    _write_json_atomic(directory / MANIFEST, manifest)
+    return manifest, stats, skipped, resumed
 
 
 def _committed(env: lmdb.Environment, chunk: Chunk) -> list[tuple[str, memoryview]] | None:
@@ -306,16 +330,21 @@ def _committed(env: lmdb.Environment, chunk: Chunk) -> list[tuple[str, memoryvie
     return found or None
 
 
+def _open(target: Path) -> lmdb.Environment:
+    # map_size=0 keeps the size recorded in the file, so the growth policy sees the same
+    # state on a resumed run as on an uninterrupted one.
+    env = lmdb.open(str(target), map_size=0, subdir=True, readahead=False, max_dbs=0)
+    env.reader_check()  # drop reader slots of killed processes: they would pin pages
+    return env
+
+
 def _write(dataset, discovered, target, num_workers, skip_invalid, quiet):
     chunks = _chunks(discovered)
     total = sum(len(c.patches) for c in chunks)
     stats, skipped = _Stats(), []
-    # map_size=0 keeps the size recorded in the file, so the growth policy sees the same
-    # state on a resumed run as on an uninterrupted one.
-    env = lmdb.open(str(target), map_size=0, subdir=True, readahead=False, max_dbs=0)
+    pending: list[Chunk] = []
+    env = _open(target)
     try:
-        env.reader_check()  # drop reader slots of killed processes: they would pin pages
-        pending: list[Chunk] = []
         for chunk in chunks:
             stored = _committed(env, chunk)
             if stored is None:
@@ -323,41 +352,50 @@ def _write(dataset, discovered, target, num_workers, skip_invalid, quiet):
                 continue
             for key, value in stored:
                 stats.add(chunk.source.name, key, value)
-        resumed = len(chunks) - len(pending)
-        bar = _progress(total, quiet)
-        bar.update(total - sum(len(c.patches) for c in pending))
-        with _Runner(dataset.name, pending, num_workers, skip_invalid) as runner:
-            for chunk, results in zip(pending, runner):
-                for key, value, _, error in results:
-                    if error is not None:
-                        skipped.append({"key": key, "source": chunk.source.name, "reason": error})
-                if any(value is not None for _, value, _, _ in results):
-                    _commit(env, results)
-                for key, value, digest, _ in results:
-                    if value is not None:
-                        stats.add(chunk.source.name, key, value, digest)
-                bar.update(len(chunk.patches))
-        bar.close()
-        env.sync(True)
     finally:
         env.close()
+    resumed = len(chunks) - len(pending)
+    bar = _progress(total, quiet)
+    bar.update(total - sum(len(c.patches) for c in pending))
+    with _Runner(dataset.name, pending, num_workers, skip_invalid) as runner:
+        for chunk, results in zip(pending, runner):
+            for key, value, _, error in results:
+                if error is not None:
+                    skipped.append({"key": key, "source": chunk.source.name, "reason": error})
+            if any(value is not None for _, value, _, _ in results):
+                _commit(target, results)
+            for key, value, digest, _ in results:
+                if value is not None:
+                    stats.add(chunk.source.name, key, value, digest)
+            bar.update(len(chunk.patches))
+    bar.close()
     return stats, skipped, resumed
 
 
-def _commit(env: lmdb.Environment, results) -> None:
-    info = env.info()
-    used = (info["last_pgno"] + 1) * env.stat()["psize"]
-    incoming = sum(len(k) + len(v) for k, v, _, _ in results if v is not None)
-    wanted = map_size_for(used, incoming)
-    if wanted > info["map_size"]:
-        env.set_mapsize(wanted)
+def _commit(target: Path, results) -> None:
+    """One write transaction in a freshly opened environment.
+
+    LMDB recycles page buffers within an open environment without clearing them, so their
+    unused bytes depend on its history; a fresh environment per transaction makes every
+    transaction start from the same state on a resumed run as on an uninterrupted one.
+    """
+    env = _open(target)
     try:
+        info = env.info()
+        used = (info["last_pgno"] + 1) * env.stat()["psize"]
+        incoming = sum(len(k) + len(v) for k, v, _, _ in results if v is not None)
+        wanted = map_size_for(used, incoming)
+        if wanted > info["map_size"]:
+            env.set_mapsize(wanted)
         with env.begin(write=True) as txn:
             for key, value, _, _ in results:
                 if value is not None and not txn.put(key.encode(), value, overwrite=False):
                     raise TargetError(f"key {key!r} is already in the LMDB; refusing to overwrite it")
+        env.sync(True)
     except lmdb.Error as e:
-        raise TargetError(f"{env.path()}: writing failed ({e}); re-run the same command to resume") from None
+        raise TargetError(f"{target}: writing failed ({e}); re-run the same command to resume") from None
+    finally:
+        env.close()
 
 
 class _Runner:

@@ -1,0 +1,89 @@
+"""Shared fixtures: synthetic datasets in their real layouts, encoded once per session."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import lmdb
+import pytest
+import rasterio
+
+from rico_torch.synthetic import make_bigearthnet, make_eurosat, make_hyspecnet, make_ucmerced
+
+SHARED = Path(__file__).resolve().parents[2] / "shared"
+BIGEARTHNET_METADATA = SHARED / "data" / "bigearthnet-v2"
+
+
+def encode_cli(*args: str, check: bool = True) -> subprocess.CompletedProcess:
+    """Run ``python -m rico_torch.encode`` as a user would."""
+    proc = subprocess.run([sys.executable, "-m", "rico_torch.encode", *args], capture_output=True, text=True)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"encode failed ({proc.returncode}): {proc.stderr}")
+    return proc
+
+
+def read_lmdb(path: Path) -> dict[bytes, bytes]:
+    """Every key -> value of an LMDB (opened read-only, without a lock file)."""
+    env = lmdb.open(str(path), readonly=True, lock=False)
+    with env.begin() as txn:
+        items = dict(txn.cursor())
+    env.close()
+    return items
+
+
+def rasterio_band(path: Path, index: int = 1):
+    with rasterio.open(path) as src:
+        return src.read(index)
+
+
+@pytest.fixture(scope="session")
+def bigearthnet_files(tmp_path_factory):
+    return make_bigearthnet(tmp_path_factory.mktemp("ben-src"), patches=6)
+
+
+@pytest.fixture(scope="session")
+def bigearthnet_lmdb(bigearthnet_files, tmp_path_factory):
+    target = tmp_path_factory.mktemp("ben-lmdb") / "lmdb"
+    f = bigearthnet_files
+    encode_cli("bigearthnet", "--s1-dir", str(f.s1_dir), "--s2-dir", str(f.s2_dir),
+               "--reference-maps-dir", str(f.reference_maps_dir), "--target-dir", str(target), "--num-workers", "2")
+    return target
+
+
+@pytest.fixture(scope="session")
+def eurosat_files(tmp_path_factory):
+    return make_eurosat(tmp_path_factory.mktemp("eurosat-src"), per_class=3)
+
+
+@pytest.fixture(scope="session")
+def eurosat_lmdb(eurosat_files, tmp_path_factory):
+    target = tmp_path_factory.mktemp("eurosat-lmdb") / "lmdb"
+    encode_cli("eurosat-ms", "--dataset-dir", str(eurosat_files.root), "--target-dir", str(target), "--num-workers", "0")
+    return target
+
+
+@pytest.fixture(scope="session")
+def ucmerced_files(tmp_path_factory):
+    return make_ucmerced(tmp_path_factory.mktemp("ucm-src"), per_class=3)
+
+
+@pytest.fixture(scope="session")
+def ucmerced_lmdb(ucmerced_files, tmp_path_factory):
+    target = tmp_path_factory.mktemp("ucm-lmdb") / "lmdb"
+    encode_cli("uc-merced", "--dataset-dir", str(ucmerced_files.root), "--target-dir", str(target), "--num-workers", "0")
+    return target
+
+
+@pytest.fixture(scope="session")
+def hyspecnet_files(tmp_path_factory):
+    return make_hyspecnet(tmp_path_factory.mktemp("hsn-src"), patches=3)
+
+
+@pytest.fixture(scope="session")
+def hyspecnet_lmdb(hyspecnet_files, tmp_path_factory):
+    target = tmp_path_factory.mktemp("hsn-lmdb") / "lmdb"
+    encode_cli("hyspecnet-11k", "--dataset-dir", str(hyspecnet_files.root), "--target-dir", str(target),
+               "--num-workers", "1")
+    return target
