@@ -9,6 +9,7 @@ to rasterio. Both paths are checked against rasterio's ``read(i)`` by the tests 
 from __future__ import annotations
 
 import hashlib
+import logging
 from pathlib import Path
 
 import numpy as np
@@ -17,6 +18,10 @@ from safetensors.numpy import save
 
 from ..catalog import Band, Source
 from ..errors import InputError
+
+# A file tifffile cannot parse goes to rasterio, which gives the error; tifffile's own
+# warnings about it would only break the one-line error message.
+logging.getLogger("tifffile").setLevel(logging.CRITICAL)
 
 _C = tifffile.COMPRESSION
 _FAST_COMPRESSION = {_C.NONE, _C.LZW, _C.DEFLATE, _C.ADOBE_DEFLATE}

@@ -1,0 +1,33 @@
+"""Small synthetic datasets written in each dataset's true on-disk layout.
+
+Used by ``python -m rico_torch.encode demo`` and by the tests as fixtures (like TorchGeo's
+``tests/data/*/data.py``). Every generator is deterministic for a seed, fast, and gives each
+band its own disjoint value range so band mix-ups are detectable. Each returns a frozen
+dataclass naming the paths written and the keys (and labels) the encoder should produce.
+"""
+
+from __future__ import annotations
+
+from ._common import SplitFiles
+from ._geotiff import write_geotiff
+from .bigearthnet import BigEarthNetFiles, BigEarthNetMetadata, make_bigearthnet, make_bigearthnet_metadata
+from .eurosat import EuroSATFiles, make_eurosat, make_eurosat_splits
+from .hyspecnet import HySpecNetFiles, make_hyspecnet
+from .ucmerced import UCMercedFiles, make_ucmerced, make_ucmerced_splits
+
+__all__ = [
+    "BigEarthNetFiles",
+    "BigEarthNetMetadata",
+    "EuroSATFiles",
+    "HySpecNetFiles",
+    "SplitFiles",
+    "UCMercedFiles",
+    "make_bigearthnet",
+    "make_bigearthnet_metadata",
+    "make_eurosat",
+    "make_eurosat_splits",
+    "make_hyspecnet",
+    "make_ucmerced",
+    "make_ucmerced_splits",
+    "write_geotiff",
+]
