@@ -1,5 +1,15 @@
 """The training half: datasets and LightningDataModules over encoded LMDBs."""
 
 from .dataset import LMDBPatchDataset, NativeAssembler, read_manifest
+from .datamodules import (
+    BigEarthNetDataModule,
+    EuroSATDataModule,
+    HySpecNetDataModule,
+    LMDBDataModule,
+    UCMercedDataModule,
+)
 
-__all__ = ["LMDBPatchDataset", "NativeAssembler", "read_manifest"]
+__all__ = [
+    "LMDBPatchDataset", "NativeAssembler", "read_manifest", "LMDBDataModule",
+    "BigEarthNetDataModule", "EuroSATDataModule", "HySpecNetDataModule", "UCMercedDataModule",
+]

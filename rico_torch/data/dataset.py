@@ -356,6 +356,8 @@ def open_environment(path: Path, readahead: bool = False) -> lmdb.Environment:
     cache_key = (os.path.realpath(path), readahead)
     pid, env = _ENVIRONMENTS.get(cache_key, (-1, None))
     if env is None or pid != os.getpid():
+        if env is not None:  # inherited through fork: release the copy, never read through it
+            env.close()
         env = lmdb.open(cache_key[0], readonly=True, lock=False, readahead=readahead,
                         max_readers=2048, subdir=True, max_dbs=0)
         _ENVIRONMENTS[cache_key] = (os.getpid(), env)

@@ -1,0 +1,231 @@
+"""Shared DataModule behaviour: loaders, device-side normalisation and flips, statistics, plots."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, default_collate
+
+from ..dataset import LMDBPatchDataset, NativeAssembler
+
+log = logging.getLogger(__name__)
+SPLITS = ("train", "val", "test")
+
+
+def collate(batch: Any) -> Any:
+    """Pass through batches ``LMDBPatchDataset.__getitems__`` already built; collate lists."""
+    return batch if isinstance(batch, dict) else default_collate(batch)
+
+
+class LMDBDataModule(L.LightningDataModule):
+    """Base for the per-dataset DataModules.
+
+    Subclasses implement :meth:`split_items` (the keys and labels of a split) and set the
+    class constants. Normalisation (per-band mean/std) and optional flips run on the device
+    in :meth:`on_after_batch_transfer`, after the transfer of the compact batch.
+
+    Args:
+        lmdb_path: the encoded dataset (``python -m rico_torch.encode ...``).
+        bands: band keys in the order wanted.
+        batch_size, num_workers, pin_memory: DataLoader settings; workers are persistent
+            when ``num_workers > 0``.
+        mean, std: per-band statistics; ``None``: computed from the train split (up to
+            ``stats_samples`` patches) and cached beside the LMDB.
+        flips: random horizontal/vertical flips of training batches.
+        native: load bands in their dtype and resample on the device (fastest loading).
+        size: output size; ``None``: the largest selected band's size.
+        interpolation: ``nearest``, ``bilinear`` or ``bicubic``.
+        readahead: OS readahead on the LMDB file (helps when it fits in memory).
+        seed: seed of generated splits and the statistics sample.
+    """
+
+    #: Dataset name, for messages and the statistics cache.
+    name = "dataset"
+    #: Band names for an RGB composite in :meth:`plot`.
+    rgb_bands: tuple[str, ...] = ()
+    #: Whether labels are multi-hot (BCE) rather than one class index (cross-entropy).
+    multilabel = False
+
+    def __init__(
+        self,
+        lmdb_path: str,
+        bands: list[str],
+        batch_size: int = 64,
+        num_workers: int = 2,
+        pin_memory: bool = False,
+        mean: list[float] | None = None,
+        std: list[float] | None = None,
+        flips: bool = False,
+        native: bool = False,
+        size: int | None = None,
+        interpolation: str = "nearest",
+        readahead: bool = False,
+        stats_samples: int = 1000,
+        seed: int = 0,
+    ) -> None:
+        super().__init__()
+        self.lmdb_path = Path(lmdb_path)
+        self.bands = list(bands)
+        self.batch_size, self.num_workers, self.pin_memory = batch_size, num_workers, pin_memory
+        self.flips, self.native, self.size, self.interpolation = flips, native, size, interpolation
+        self.readahead, self.stats_samples, self.seed = readahead, stats_samples, seed
+        if (mean is None) != (std is None):
+            raise ValueError("give both mean and std, or neither")
+        for stat in (mean, std):
+            if stat is not None and len(stat) != len(self.bands):
+                raise ValueError(f"{len(stat)} statistics for {len(self.bands)} bands")
+        self.mean = None if mean is None else torch.tensor(mean, dtype=torch.float32)
+        self.std = None if std is None else torch.tensor(std, dtype=torch.float32)
+        self.datasets: dict[str, LMDBPatchDataset] = {}
+        self.assembler: NativeAssembler | None = None
+
+    # --- what subclasses provide --------------------------------------------------------
+
+    def split_items(self, split: str) -> tuple[np.ndarray | list, np.ndarray | None]:
+        """The items (keys or key tuples) and labels of ``split`` (one of train, val, test)."""
+        raise NotImplementedError
+
+    @property
+    def classes(self) -> tuple[str, ...]:
+        return ()
+
+    def dataset_kwargs(self) -> dict[str, Any]:
+        """Extra LMDBPatchDataset arguments (e.g. the mask band)."""
+        return {}
+
+    # --- Lightning hooks ------------------------------------------------------------------
+
+    @property
+    def num_channels(self) -> int:
+        return len(self.bands)
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.classes)
+
+    def make_dataset(self, split: str) -> LMDBPatchDataset:
+        items, labels = self.split_items(split)
+        return LMDBPatchDataset(
+            self.lmdb_path, self.bands, keys=items, labels=labels, size=self.size,
+            interpolation=self.interpolation, native=self.native, readahead=self.readahead,
+            **self.dataset_kwargs(),
+        )
+
+    def setup(self, stage: str | None = None) -> None:
+        wanted = {"fit": ("train", "val"), "validate": ("val",), "test": ("test",), "predict": ("test",)}
+        for split in wanted.get(stage, SPLITS) if stage else SPLITS:
+            if split not in self.datasets:
+                self.datasets[split] = self.make_dataset(split)
+        if self.native and self.assembler is None:
+            self.assembler = next(iter(self.datasets.values())).native_assembler()
+        if self.mean is None:
+            self.mean, self.std = self.statistics()
+
+    def _loader(self, split: str, shuffle: bool) -> DataLoader:
+        return DataLoader(
+            self.datasets[split],
+            batch_size=self.batch_size,
+            shuffle=shuffle,
+            num_workers=self.num_workers,
+            pin_memory=self.pin_memory,
+            persistent_workers=self.num_workers > 0,
+            collate_fn=collate,
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader("train", shuffle=True)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader("val", shuffle=False)
+
+    def test_dataloader(self) -> DataLoader:
+        return self._loader("test", shuffle=False)
+
+    def predict_dataloader(self) -> DataLoader:
+        return self._loader("test", shuffle=False)
+
+    def on_after_batch_transfer(self, batch: dict[str, Any], dataloader_idx: int) -> dict[str, Any]:
+        if "native" in batch:
+            self.assembler = self.assembler.to(next(iter(batch["native"].values())).device)
+            batch["image"] = self.assembler(batch.pop("native"))
+        image = batch["image"]
+        mean, std = self.mean.to(image.device), self.std.to(image.device)
+        batch["image"] = (image - mean[:, None, None]) / std[:, None, None]
+        if "label" in batch and self.multilabel:
+            batch["label"] = batch["label"].float()
+        if self.flips and self.trainer is not None and self.trainer.training:
+            for dim in (-1, -2):
+                if torch.rand(()) < 0.5:
+                    batch["image"] = batch["image"].flip(dim)
+                    if "mask" in batch:
+                        batch["mask"] = batch["mask"].flip(dim)
+        return batch
+
+    # --- statistics -----------------------------------------------------------------------
+
+    def _stats_cache(self, dataset: LMDBPatchDataset) -> Path:
+        ident = json.dumps([self.name, self.bands, list(dataset.size or ()), self.interpolation, len(dataset),
+                            self.stats_samples, self.seed])
+        digest = hashlib.sha256(ident.encode() + dataset._keys.tobytes()).hexdigest()[:16]
+        return self.lmdb_path / f"stats-{digest}.json"
+
+    def statistics(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-band mean and std over (a sample of) the train split, cached beside the LMDB."""
+        train = self.datasets.get("train") or self.make_dataset("train")
+        cache = self._stats_cache(train)
+        if cache.exists():
+            stats = json.loads(cache.read_text())
+            return torch.tensor(stats["mean"]), torch.tensor(stats["std"])
+        stats_ds = LMDBPatchDataset(self.lmdb_path, self.bands, keys=train._keys, size=self.size,
+                                    interpolation=self.interpolation)
+        rng = np.random.default_rng(self.seed)
+        n = min(len(stats_ds), self.stats_samples)
+        indices = np.sort(rng.choice(len(stats_ds), size=n, replace=False))
+        total = torch.zeros(len(self.bands), dtype=torch.float64)
+        total_sq = torch.zeros_like(total)
+        count = 0
+        for start in range(0, n, 64):
+            image = stats_ds.__getitems__(indices[start : start + 64].tolist())["image"].double()
+            total += image.sum(dim=(0, 2, 3))
+            total_sq += (image**2).sum(dim=(0, 2, 3))
+            count += image.shape[0] * image.shape[2] * image.shape[3]
+        mean = total / count
+        std = (total_sq / count - mean**2).clamp_min(0).sqrt().clamp_min(1e-6)
+        try:
+            cache.write_text(json.dumps({"bands": self.bands, "samples": n, "mean": mean.tolist(), "std": std.tolist()}))
+        except OSError:  # read-only storage: compute again next time
+            log.info("could not cache statistics beside %s", self.lmdb_path)
+        return mean.float(), std.float()
+
+    # --- plotting -------------------------------------------------------------------------
+
+    def plot(self, sample: dict[str, Any], title: str | None = None):
+        """An RGB composite (2-98 percentile stretch) with the label names and mask.
+
+        Returns:
+            a matplotlib Figure.
+        """
+        from ..plot import plot_sample
+
+        return plot_sample(sample, self.bands, self.rgb_bands, self.classes, multilabel=self.multilabel, title=title)
+
+
+def stratified_split(labels: np.ndarray, fractions: tuple[float, float, float], seed: int) -> dict[str, np.ndarray]:
+    """Indices of a seeded split that keeps each class's share in every part."""
+    rng = np.random.default_rng(seed)
+    parts: dict[str, list[np.ndarray]] = {s: [] for s in SPLITS}
+    for cls in np.unique(labels):
+        members = rng.permutation(np.flatnonzero(labels == cls))
+        n_val = int(round(len(members) * fractions[1]))
+        n_test = int(round(len(members) * fractions[2]))
+        parts["val"].append(members[:n_val])
+        parts["test"].append(members[n_val : n_val + n_test])
+        parts["train"].append(members[n_val + n_test :])
+    return {s: np.sort(np.concatenate(p)) if p else np.array([], dtype=int) for s, p in parts.items()}

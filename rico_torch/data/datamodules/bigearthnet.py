@@ -1,0 +1,132 @@
+"""BigEarthNet v2 DataModule: S1, S2 or both, official splits and 19-class labels."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import numpy as np
+
+from ...catalog import bigearthnet
+from ..bigearthnet_index import clc_to_class_lut, load_bigearthnet_index
+from ..dataset import read_manifest
+from .base import LMDBDataModule
+
+log = logging.getLogger(__name__)
+#: Our split names -> the metadata's.
+METADATA_SPLITS = {"train": "train", "val": "validation", "test": "test"}
+IGNORE_INDEX = 255
+
+
+def resolve_bands(bands: list[str] | int) -> list[str]:
+    """Band names, or one of ConfigILM's channel-set sizes (2, 3, 4, 10, 12, 14)."""
+    if isinstance(bands, int):
+        if bands not in bigearthnet.CHANNEL_SETS:
+            raise ValueError(f"no channel set of {bands} bands; valid: {sorted(bigearthnet.CHANNEL_SETS)}")
+        return list(bigearthnet.CHANNEL_SETS[bands])
+    valid = (*bigearthnet.S1.band_names, *bigearthnet.S2.band_names)
+    unknown = [b for b in bands if b not in valid]
+    if unknown:
+        raise ValueError(f"unknown BigEarthNet band(s) {unknown}; valid: {list(valid)}")
+    return list(bands)
+
+
+class BigEarthNetDataModule(LMDBDataModule):
+    """BigEarthNet v2 (reBEN) multi-label classification, optionally with reference-map masks.
+
+    Args:
+        lmdb_path: LMDB holding the S1 and/or S2 patches (and reference maps for ``mask``).
+        metadata_dir: folder with the official ``metadata.parquet`` (and the snow/cloud file).
+        bands: band names (S1 ``VV VH``, S2 ``B01``..``B12``, ``B8A``) or a ConfigILM channel-set
+            size: 2 = VV VH; 3 = B04 B03 B02; 4 = B02 B03 B04 B08; 10 = the 10/20 m S2 bands;
+            12 = VV VH + those 10; 14 = VV VH and all 12 S2 bands. S2 patches are paired with
+            their S1 partner (``s1_name``) when both sensors are selected.
+        include_snow_cloud: also use the patches with seasonal snow, clouds or shadows
+            (excluded by default, as ConfigILM does).
+        class_order: ``alphabetical`` (ConfigILM's multi-hot order, the default) or ``paper``.
+        mask: return the reference map as ``mask``: each pixel's class index in that order,
+            ``255`` where the CLC code belongs to no class.
+
+    Batches carry ``label`` as a float multi-hot of length 19 after transfer.
+    """
+
+    name = "bigearthnet"
+    rgb_bands = ("B04", "B03", "B02")
+    multilabel = True
+
+    def __init__(
+        self,
+        lmdb_path: str,
+        metadata_dir: str,
+        bands: list[str] | int = 12,
+        include_snow_cloud: bool = False,
+        class_order: str = "alphabetical",
+        mask: bool = False,
+        batch_size: int = 64,
+        num_workers: int = 2,
+        pin_memory: bool = False,
+        mean: list[float] | None = None,
+        std: list[float] | None = None,
+        flips: bool = False,
+        native: bool = False,
+        size: int | None = None,
+        interpolation: str = "nearest",
+        readahead: bool = False,
+        stats_samples: int = 1000,
+        seed: int = 0,
+    ) -> None:
+        super().__init__(lmdb_path, resolve_bands(bands), batch_size=batch_size, num_workers=num_workers,
+                         pin_memory=pin_memory, mean=mean, std=std, flips=flips, native=native, size=size,
+                         interpolation=interpolation, readahead=readahead, stats_samples=stats_samples, seed=seed)
+        self.metadata_dir = Path(metadata_dir)
+        self.include_snow_cloud, self.class_order, self.mask = include_snow_cloud, class_order, mask
+        self.uses_s1 = any(b in bigearthnet.S1.band_names for b in self.bands)
+        self.uses_s2 = any(b in bigearthnet.S2.band_names for b in self.bands)
+        self._classes = tuple(bigearthnet.CLASSES_ALPHABETICAL if class_order == "alphabetical"
+                              else bigearthnet.CLASSES_PAPER)
+        if class_order not in ("alphabetical", "paper"):
+            raise ValueError(f"class_order {class_order!r} is not 'alphabetical' or 'paper'")
+
+    @property
+    def classes(self) -> tuple[str, ...]:
+        return self._classes
+
+    def dataset_kwargs(self):
+        if not self.mask:
+            return {}
+        return {"mask_band": bigearthnet.REFERENCE_MAP_BAND, "mask_lut": clc_to_class_lut(self.class_order, IGNORE_INDEX)}
+
+    def split_items(self, split: str):
+        index = load_bigearthnet_index(
+            self.metadata_dir / "metadata.parquet",
+            split=METADATA_SPLITS[split],
+            include_snow_cloud=self.include_snow_cloud,
+            class_order=self.class_order,
+        )
+        columns = []
+        if self.uses_s2 or not self.uses_s1:
+            columns.append(index.s2_keys)
+        if self.uses_s1:
+            columns.append(index.s1_keys)
+        if self.mask:
+            columns.append(np.char.add(index.s2_keys, b"_reference_map"))
+        width = max(c.dtype.itemsize for c in columns)
+        items = np.stack([c.astype(f"S{width}") for c in columns], axis=1) if len(columns) > 1 else columns[0]
+        labels = index.labels
+        keep = self._present(items)
+        if keep is not None:
+            items, labels = items[keep], labels[keep]
+        return items, labels
+
+    def _present(self, items: np.ndarray) -> np.ndarray | None:
+        """Rows whose keys are all in the LMDB (per its manifest), logging what is missing."""
+        manifest = read_manifest(self.lmdb_path)
+        if not manifest or not manifest.get("keys"):
+            return None
+        stored = np.array([k for keys in manifest["keys"].values() for k in keys], dtype=np.bytes_)
+        rows = items if items.ndim == 2 else items[:, None]
+        keep = np.all(np.isin(rows, stored), axis=1)
+        if not keep.all():
+            log.warning("%s: %d of %d patches of the split are not in the LMDB and are left out",
+                        self.lmdb_path, int((~keep).sum()), len(keep))
+        return keep

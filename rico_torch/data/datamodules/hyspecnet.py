@@ -1,0 +1,60 @@
+"""HySpecNet-11k DataModule."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from ...catalog import hyspecnet
+from .base import LMDBDataModule
+
+
+class HySpecNetDataModule(LMDBDataModule):
+    """HySpecNet-11k: 224-band EnMAP patches for self-supervised learning / compression.
+
+    Args:
+        lmdb_path: the encoded dataset.
+        split_dir: the dataset's ``splits`` folder, holding ``easy/`` and ``hard/`` with
+            ``train.csv``, ``val.csv`` and ``test.csv`` (lines ``<tile>/<patch>/<patch>-DATA.npy``).
+        difficulty: ``easy`` (patches split at random) or ``hard`` (tiles split).
+        bands: defaults to the 202 bands left after dropping the water-vapour bands
+            126-140 and 160-166.
+
+    No labels: samples carry ``image`` and ``key``.
+    """
+
+    name = "hyspecnet-11k"
+    rgb_bands = ("B43", "B28", "B10")  # ~650, ~550, ~460 nm
+
+    def __init__(
+        self,
+        lmdb_path: str,
+        split_dir: str,
+        difficulty: str = "easy",
+        bands: list[str] | None = None,
+        batch_size: int = 32,
+        num_workers: int = 2,
+        pin_memory: bool = False,
+        mean: list[float] | None = None,
+        std: list[float] | None = None,
+        flips: bool = False,
+        native: bool = False,
+        readahead: bool = False,
+        stats_samples: int = 500,
+        seed: int = 0,
+    ) -> None:
+        super().__init__(lmdb_path, list(bands or hyspecnet.DEFAULT_BANDS), batch_size=batch_size,
+                         num_workers=num_workers, pin_memory=pin_memory, mean=mean, std=std, flips=flips,
+                         native=native, readahead=readahead, stats_samples=stats_samples, seed=seed)
+        if difficulty not in ("easy", "hard"):
+            raise ValueError(f"difficulty {difficulty!r} is not 'easy' or 'hard'")
+        self.split_dir, self.difficulty = Path(split_dir), difficulty
+
+    def split_items(self, split: str):
+        path = self.split_dir / self.difficulty / f"{split}.csv"
+        if not path.exists():
+            raise FileNotFoundError(f"{path}: HySpecNet-11k split file missing (expected in <dataset>/splits/)")
+        # <tile>/<patch>/<patch>-DATA.npy -> the patch directory name, which is the key
+        keys = [Path(line.strip()).parent.name for line in path.read_text().splitlines() if line.strip()]
+        return np.array(keys, dtype=np.bytes_), None

@@ -1,0 +1,101 @@
+"""Small baseline models for the LightningCLI configs, in plain torch (no torchvision)."""
+
+from __future__ import annotations
+
+import lightning as L
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+
+def _block(out_channels: int) -> nn.Sequential:
+    return nn.Sequential(nn.LazyConv2d(out_channels, 3, padding=1), nn.LazyBatchNorm2d(), nn.ReLU(inplace=True))
+
+
+class CNNClassifier(L.LightningModule):
+    """A small CNN that adapts to any band count (lazy first layer).
+
+    Args:
+        num_classes: outputs.
+        multilabel: multi-hot targets with BCE (BigEarthNet); else one class index with
+            cross-entropy (EuroSAT, UC Merced).
+        width: channels of the first block (doubled per block).
+        lr: AdamW learning rate.
+    """
+
+    def __init__(self, num_classes: int, multilabel: bool = False, width: int = 32, lr: float = 1e-3) -> None:
+        super().__init__()
+        self.save_hyperparameters()
+        self.features = nn.Sequential(
+            _block(width), nn.MaxPool2d(2), _block(2 * width), nn.MaxPool2d(2), _block(4 * width),
+            nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+        )
+        self.head = nn.Linear(4 * width, num_classes)
+
+    def forward(self, image: torch.Tensor) -> torch.Tensor:
+        return self.head(self.features(image))
+
+    def _step(self, batch: dict, stage: str) -> torch.Tensor:
+        logits = self(batch["image"])
+        if self.hparams.multilabel:
+            loss = F.binary_cross_entropy_with_logits(logits, batch["label"].float())
+        else:
+            loss = F.cross_entropy(logits, batch["label"].long())
+            accuracy = (logits.argmax(1) == batch["label"]).float().mean()
+            self.log(f"{stage}_acc", accuracy, prog_bar=True, batch_size=len(logits))
+        self.log(f"{stage}_loss", loss, prog_bar=True, batch_size=len(logits))
+        return loss
+
+    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+        return self._step(batch, "train")
+
+    def validation_step(self, batch: dict, batch_idx: int) -> None:
+        self._step(batch, "val")
+
+    def test_step(self, batch: dict, batch_idx: int) -> None:
+        self._step(batch, "test")
+
+    def configure_optimizers(self):
+        return torch.optim.AdamW(self.parameters(), lr=self.hparams.lr)
+
+
+class ConvAutoencoder(L.LightningModule):
+    """A small convolutional autoencoder (HySpecNet-11k): 4x spatial compression, MSE loss.
+
+    Args:
+        in_channels: bands of the input (202 for HySpecNet-11k's usual selection).
+        latent_channels: channels of the bottleneck.
+        lr: AdamW learning rate.
+    """
+
+    def __init__(self, in_channels: int = 202, latent_channels: int = 16, lr: float = 1e-3) -> None:
+        super().__init__()
+        self.save_hyperparameters()
+        self.encoder = nn.Sequential(
+            nn.Conv2d(in_channels, 64, 3, stride=2, padding=1), nn.ReLU(inplace=True),
+            nn.Conv2d(64, latent_channels, 3, stride=2, padding=1),
+        )
+        self.decoder = nn.Sequential(
+            nn.ConvTranspose2d(latent_channels, 64, 4, stride=2, padding=1), nn.ReLU(inplace=True),
+            nn.ConvTranspose2d(64, in_channels, 4, stride=2, padding=1),
+        )
+
+    def forward(self, image: torch.Tensor) -> torch.Tensor:
+        return self.decoder(self.encoder(image))
+
+    def _step(self, batch: dict, stage: str) -> torch.Tensor:
+        loss = F.mse_loss(self(batch["image"]), batch["image"])
+        self.log(f"{stage}_loss", loss, prog_bar=True, batch_size=len(batch["image"]))
+        return loss
+
+    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+        return self._step(batch, "train")
+
+    def validation_step(self, batch: dict, batch_idx: int) -> None:
+        self._step(batch, "val")
+
+    def test_step(self, batch: dict, batch_idx: int) -> None:
+        self._step(batch, "test")
+
+    def configure_optimizers(self):
+        return torch.optim.AdamW(self.parameters(), lr=self.hparams.lr)
