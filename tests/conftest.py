@@ -26,7 +26,13 @@ def encode_cli(*args: str, check: bool = True) -> subprocess.CompletedProcess:
 
 def read_lmdb(path: Path) -> dict[bytes, bytes]:
     """Every key -> value of an LMDB (opened read-only, without a lock file)."""
-    env = lmdb.open(str(path), readonly=True, lock=False)
+    try:
+        env = lmdb.open(str(path), readonly=True, lock=False)
+    except lmdb.Error:  # a dataset in this process holds it open (LMDB allows one handle)
+        from rico_torch.data.dataset import open_environment
+
+        with open_environment(path).begin() as txn:
+            return dict(txn.cursor())
     with env.begin() as txn:
         items = dict(txn.cursor())
     env.close()

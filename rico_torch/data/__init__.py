@@ -1,6 +1,6 @@
 """The training half: datasets and LightningDataModules over encoded LMDBs."""
 
-from .dataset import LMDBPatchDataset, NativeAssembler, read_manifest
+from .dataset import LMDBPatchDataset, NativeAssembler, collate, read_manifest
 from .datamodules import (
     BigEarthNetDataModule,
     EuroSATDataModule,
@@ -10,6 +10,6 @@ from .datamodules import (
 )
 
 __all__ = [
-    "LMDBPatchDataset", "NativeAssembler", "read_manifest", "LMDBDataModule",
+    "LMDBPatchDataset", "NativeAssembler", "collate", "read_manifest", "LMDBDataModule",
     "BigEarthNetDataModule", "EuroSATDataModule", "HySpecNetDataModule", "UCMercedDataModule",
 ]

@@ -95,8 +95,9 @@ class LMDBPatchDataset(Dataset):
             cache, hurts for random access over a larger file).
 
     Samples are dicts: ``image`` (float32 C x H x W), ``key`` (str, or tuple of str), and
-    ``label`` and ``mask`` where known. ``ds[[i, j, ...]]`` (what a DataLoader calls through
-    ``__getitems__``) returns one batched dict.
+    ``label`` and ``mask`` where known. A DataLoader reads whole batches through
+    ``__getitems__`` (one transaction, one output); pass ``collate_fn=rico_torch.data.collate``
+    to skip the collate copy (the DataModules do).
     """
 
     def __init__(
@@ -114,6 +115,9 @@ class LMDBPatchDataset(Dataset):
         readahead: bool = False,
     ) -> None:
         self.path = Path(path)
+        self._env: lmdb.Environment | None = None
+        self._pid = -1
+        self._plans: dict[tuple[bytes, ...], tuple] = {}
         if not (self.path / "data.mdb").exists():
             raise DatasetNotFoundError(
                 f"{self.path}: no encoded dataset here (data.mdb missing); create it with "
@@ -143,9 +147,6 @@ class LMDBPatchDataset(Dataset):
             raise ValueError(f"{len(self.labels)} labels for {len(self)} items")
         self._check_bands(manifest)
         self.size = (size, size) if isinstance(size, int) else (tuple(size) if size is not None else None)
-        self._env: lmdb.Environment | None = None
-        self._pid = -1
-        self._plans: dict[tuple[bytes, ...], tuple] = {}
 
     # --- keys -------------------------------------------------------------------------
 
@@ -223,9 +224,6 @@ class LMDBPatchDataset(Dataset):
 
     def _make_plan(self, keys: tuple[str, ...], values: list[memoryview]):
         headers = [parse_header(v, k) for k, v in zip(keys, values)]
-        if self.size is None:
-            self.size = self._resolve_size(headers)
-        h, w = self.size
         where: dict[str, tuple[int, TensorInfo]] = {}
         for part, header in enumerate(headers):
             for name, info in header.items():
@@ -236,6 +234,9 @@ class LMDBPatchDataset(Dataset):
                                f"(it has {sorted(where)})")
             if len(where[name][1].shape) != 2:
                 raise ValueError(f"band {name!r} of patch {keys!r} is not 2-D: shape {where[name][1].shape}")
+        if self.size is None:
+            self.size = self._resolve_size(headers)
+        h, w = self.size
         groups: dict[tuple, list[str]] = {}
         steps = []
         for channel, name in enumerate(self.bands):
@@ -256,16 +257,24 @@ class LMDBPatchDataset(Dataset):
     # --- reading ----------------------------------------------------------------------
 
     def __getitem__(self, index: int) -> dict[str, Any]:
-        batch = self._read([index])
-        sample = {k: (v[0] if k != "native" else {g: t[0] for g, t in v.items()}) for k, v in batch.items()}
+        sample = _unbatch(self._read([index]), 0)
         return self.transforms(sample) if self.transforms else sample
 
-    def __getitems__(self, indices: Sequence[int]) -> dict[str, Any]:
-        if self.transforms is None:
-            return self._read(list(indices))
-        from torch.utils.data import default_collate
+    def __getitems__(self, indices: Sequence[int]) -> SampleList:
+        """A batch read in one transaction into one output, as a list of per-sample views.
 
-        return default_collate([self[i] for i in indices])
+        ``rico_torch.data.collate`` returns the batch itself (no copy); torch's
+        ``default_collate`` stacks the views into an equal batch.
+        """
+        if self.transforms is not None:
+            samples = [self[i] for i in indices]
+            return SampleList(samples, batch=None)
+        batch = self._read(list(indices))
+        return SampleList([_unbatch(batch, row) for row in range(len(indices))], batch=batch)
+
+    def read_batch(self, indices: Sequence[int]) -> dict[str, Any]:
+        """One batched dict (``image`` N x C x H x W, ``key``, ``label``, ...) for ``indices``."""
+        return self._read(list(indices))
 
     def _read(self, indices: list[int]) -> dict[str, Any]:
         n = len(indices)
@@ -362,6 +371,30 @@ def open_environment(path: Path, readahead: bool = False) -> lmdb.Environment:
                         max_readers=2048, subdir=True, max_dbs=0)
         _ENVIRONMENTS[cache_key] = (os.getpid(), env)
     return env
+
+
+class SampleList(list):
+    """Samples of one batch; ``batch`` holds them already batched (None after transforms)."""
+
+    def __init__(self, samples: list[dict], batch: dict[str, Any] | None) -> None:
+        super().__init__(samples)
+        self.batch = batch
+
+
+def _unbatch(batch: dict[str, Any], row: int) -> dict[str, Any]:
+    sample = {}
+    for name, value in batch.items():
+        sample[name] = {g: t[row] for g, t in value.items()} if name == "native" else value[row]
+    return sample
+
+
+def collate(samples: Any) -> Any:
+    """DataLoader ``collate_fn``: a batch from ``__getitems__`` as is, anything else collated."""
+    from torch.utils.data import default_collate
+
+    if isinstance(samples, SampleList) and samples.batch is not None:
+        return samples.batch
+    return default_collate(samples)
 
 
 def replicate(src: np.ndarray, factor: int, dst: np.ndarray) -> None:

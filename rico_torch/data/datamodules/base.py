@@ -11,17 +11,12 @@ from typing import Any
 import lightning as L
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, default_collate
+from torch.utils.data import DataLoader
 
-from ..dataset import LMDBPatchDataset, NativeAssembler
+from ..dataset import LMDBPatchDataset, NativeAssembler, collate
 
 log = logging.getLogger(__name__)
 SPLITS = ("train", "val", "test")
-
-
-def collate(batch: Any) -> Any:
-    """Pass through batches ``LMDBPatchDataset.__getitems__`` already built; collate lists."""
-    return batch if isinstance(batch, dict) else default_collate(batch)
 
 
 class LMDBDataModule(L.LightningDataModule):
@@ -192,7 +187,7 @@ class LMDBDataModule(L.LightningDataModule):
         total_sq = torch.zeros_like(total)
         count = 0
         for start in range(0, n, 64):
-            image = stats_ds.__getitems__(indices[start : start + 64].tolist())["image"].double()
+            image = stats_ds.read_batch(indices[start : start + 64].tolist())["image"].double()
             total += image.sum(dim=(0, 2, 3))
             total_sq += (image**2).sum(dim=(0, 2, 3))
             count += image.shape[0] * image.shape[2] * image.shape[3]
