@@ -1,0 +1,131 @@
+"""DataModules through LightningCLI, labels against the metadata, normalisation, plots."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+from rico_torch.catalog.bigearthnet import CHANNEL_SETS, CLASSES_ALPHABETICAL, CLASSES_PAPER
+from rico_torch.cli import main as cli_main
+from rico_torch.data import BigEarthNetDataModule, EuroSATDataModule, UCMercedDataModule
+from rico_torch.synthetic import make_bigearthnet, make_bigearthnet_metadata, make_eurosat_splits
+
+from .conftest import BIGEARTHNET_METADATA, encode_cli
+
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+
+
+def fit(config: str, tmp_path: Path, **data_args) -> None:
+    args = ["fit", "--config", str(CONFIGS / config), "--trainer.fast_dev_run=2", "--trainer.accelerator=cpu",
+            "--trainer.precision=32", f"--trainer.default_root_dir={tmp_path}", "--data.init_args.num_workers=0"]
+    args += [f"--data.init_args.{k}={v}" for k, v in data_args.items()]
+    cli_main(args)
+
+
+@pytest.fixture(scope="module")
+def ben_metadata(bigearthnet_files, tmp_path_factory):
+    directory = tmp_path_factory.mktemp("ben-meta")
+    make_bigearthnet_metadata(directory / "metadata.parquet", bigearthnet_files.pairs,
+                              labels=bigearthnet_files.labels)
+    return directory
+
+
+def test_eurosat_cli(eurosat_lmdb, tmp_path):
+    fit("eurosat.yaml", tmp_path, lmdb_path=eurosat_lmdb, batch_size=4)
+
+
+def test_eurosat_cli_with_split_files(eurosat_lmdb, eurosat_files, tmp_path):
+    make_eurosat_splits(tmp_path, eurosat_files.keys)
+    fit("eurosat.yaml", tmp_path, lmdb_path=eurosat_lmdb, split_dir=tmp_path, batch_size=4)
+
+
+def test_ucmerced_cli_resizes_odd_images(ucmerced_lmdb, tmp_path):
+    fit("ucmerced.yaml", tmp_path, lmdb_path=ucmerced_lmdb, batch_size=4)
+    dm = UCMercedDataModule(str(ucmerced_lmdb), batch_size=16, num_workers=0)
+    dm.setup("fit")
+    assert dm.datasets["train"].read_batch(list(range(len(dm.datasets["train"]))))["image"].shape[-2:] == (256, 256)
+
+
+def test_hyspecnet_cli(hyspecnet_lmdb, hyspecnet_files, tmp_path):
+    fit("hyspecnet.yaml", tmp_path, lmdb_path=hyspecnet_lmdb, split_dir=hyspecnet_files.splits_dir, batch_size=2)
+
+
+@pytest.mark.parametrize("native", [False, True])
+def test_bigearthnet_cli(bigearthnet_lmdb, ben_metadata, tmp_path, native):
+    fit("bigearthnet.yaml", tmp_path, lmdb_path=bigearthnet_lmdb, metadata_dir=ben_metadata, batch_size=2,
+        native=native, pin_memory=False)
+
+
+def test_bigearthnet_labels_pairs_and_mask(bigearthnet_lmdb, bigearthnet_files, ben_metadata):
+    table = pq.read_table(ben_metadata / "metadata.parquet").to_pylist()
+    rows = {r["patch_id"]: r for r in table}
+    for order, classes in (("alphabetical", CLASSES_ALPHABETICAL), ("paper", CLASSES_PAPER)):
+        dm = BigEarthNetDataModule(str(bigearthnet_lmdb), str(ben_metadata), bands=14, class_order=order,
+                                   mask=True, num_workers=0)
+        dm.setup("fit")
+        ds = dm.datasets["train"]
+        for i in range(len(ds)):
+            sample = ds[i]
+            s2, s1, ref = sample["key"]
+            assert s1 == rows[s2]["s1_name"] and ref == f"{s2}_reference_map" and rows[s2]["split"] == "train"
+            names = {classes[j] for j in torch.nonzero(sample["label"]).flatten().tolist()}
+            assert names == set(rows[s2]["labels"])
+            present = set(sample["mask"].unique().tolist()) - {255}
+            assert {classes[j] for j in present} == names  # labels come from the reference map
+        assert dm.num_channels == 14 and dm.num_classes == 19
+
+
+def test_normalisation_on_device(eurosat_lmdb):
+    dm = EuroSATDataModule(str(eurosat_lmdb), batch_size=64, num_workers=0)
+    dm.setup("fit")
+    assert (eurosat_lmdb / next(p.name for p in eurosat_lmdb.glob("stats-*.json"))).exists()
+    batch = next(iter(dm.train_dataloader()))
+    out = dm.on_after_batch_transfer(batch, 0)
+    assert out["image"].shape[1] == 13
+    assert torch.allclose(out["image"].mean(dim=(0, 2, 3)), torch.zeros(13), atol=0.5)
+
+
+def test_band_sets_and_errors(bigearthnet_lmdb, ben_metadata):
+    dm = BigEarthNetDataModule(str(bigearthnet_lmdb), str(ben_metadata), bands=3)
+    assert dm.bands == ["B04", "B03", "B02"] and not dm.uses_s1
+    with pytest.raises(ValueError, match="valid"):
+        BigEarthNetDataModule(str(bigearthnet_lmdb), str(ben_metadata), bands=5)
+    with pytest.raises(ValueError, match="B10"):
+        BigEarthNetDataModule(str(bigearthnet_lmdb), str(ben_metadata), bands=["B10"])
+
+
+def test_plot(bigearthnet_lmdb, ben_metadata):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    dm = BigEarthNetDataModule(str(bigearthnet_lmdb), str(ben_metadata), bands=CHANNEL_SETS[10], mask=True)
+    dm.setup("fit")
+    fig = dm.plot(dm.datasets["train"][0])
+    assert isinstance(fig, matplotlib.figure.Figure) and len(fig.axes) == 2
+
+
+@pytest.mark.skipif(not (BIGEARTHNET_METADATA / "metadata.parquet").exists(), reason="official metadata not in ../shared")
+def test_real_metadata_labels(tmp_path):
+    """Patches named as real ones: labels and pairs come from the official metadata."""
+    table = pq.read_table(BIGEARTHNET_METADATA / "metadata.parquet", columns=["patch_id", "s1_name", "split", "labels"])
+    rows = table.to_pylist()
+    picked = [r for split in ("train", "validation", "test") for r in [x for x in rows[:5000] if x["split"] == split][:2]]
+    files = make_bigearthnet(tmp_path / "src", names=[(r["patch_id"], r["s1_name"]) for r in picked])
+    target = tmp_path / "lmdb"
+    encode_cli("bigearthnet", "--s1-dir", str(files.s1_dir), "--s2-dir", str(files.s2_dir), "--target-dir", str(target))
+    dm = BigEarthNetDataModule(str(target), str(BIGEARTHNET_METADATA), bands=12, num_workers=0)
+    dm.setup("fit")
+    dm.setup("test")
+    by_id = {r["patch_id"]: r for r in picked}
+    for split, name in (("train", "train"), ("val", "validation"), ("test", "test")):
+        ds = dm.datasets[split]
+        assert len(ds) == 2
+        for i in range(len(ds)):
+            s2, s1 = ds.item_keys(i)
+            assert by_id[s2]["split"] == name and by_id[s2]["s1_name"] == s1
+            label = np.flatnonzero(ds[i]["label"].numpy())
+            assert {CLASSES_ALPHABETICAL[j] for j in label} == set(by_id[s2]["labels"])
