@@ -79,7 +79,44 @@ def build_parser() -> argparse.ArgumentParser:
     _common(demo)
     demo.add_argument("--overwrite", action="store_true", help="replace an LMDB already in the target")
     demo.set_defaults(dataset="demo", skip_invalid=False)
+    verify = sub.add_parser(
+        "verify",
+        help="check an encoded dataset: every value decodes and matches the manifest (and the sources, if given)",
+        description="Check that every value decodes and matches the manifest's dtype, shape, per-key digest, "
+        "key set, patch count and content hash. With source directories (the options the encode took), "
+        "re-read the sources in parallel and compare every value. Lists every mismatch; exit code 1 if any.",
+        epilog="examples:\n  python -m rico_torch.encode verify --target-dir encoded-bigearthnet\n"
+        "  python -m rico_torch.encode verify --target-dir encoded-eurosat --dataset-dir EuroSAT_MS",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    seen: set[str] = set()
+    for dataset in DATASETS.values():
+        for source in dataset.sources:
+            if source.option not in seen:
+                seen.add(source.option)
+                verify.add_argument(source.option, *source.aliases, dest=f"verify_{source.option[2:].replace('-', '_')}",
+                                    type=Path, metavar="DIR", help=f"compare with the sources ({source.help})")
+    _common(verify)
+    verify.set_defaults(dataset="verify")
     return parser
+
+
+def run_verify(args: argparse.Namespace) -> int:
+    import json
+
+    from .verify import print_report, verify
+
+    manifest_path = args.target_dir / "manifest.json"
+    roots = {}
+    if manifest_path.exists():
+        dataset = get_dataset(json.loads(manifest_path.read_text())["dataset"])
+        for source in dataset.sources:
+            root = getattr(args, f"verify_{source.option[2:].replace('-', '_')}", None)
+            if root is not None:
+                roots[source.name] = root
+    report = verify(args.target_dir, roots, num_workers=args.num_workers, quiet=args.quiet)
+    print_report(report)
+    return 0 if report.ok else 1
 
 
 def run_encode(dataset: Dataset, roots: dict[str, Path], args: argparse.Namespace) -> EncodeResult:
@@ -115,6 +152,8 @@ def main(argv: list[str] | None = None) -> int:
         print("error: --num-workers must be >= 0", file=sys.stderr)
         return 2
     try:
+        if args.dataset == "verify":
+            return run_verify(args)
         if args.dataset == "demo":
             result = run_demo(args)
         else:

@@ -34,7 +34,7 @@ from ..catalog import Dataset, Source, get_dataset
 from ..errors import InputError, TargetError
 from ..format import parse_header
 from .discover import Patch, SourcePatches
-from .read import encode_value, read_patch, value_digest
+from .read import encode_value, read_patch, short_digest, value_digest
 
 TXN_SIZE = 512  # puts per write transaction, as rico-hdl
 TASK_SIZE = 32  # patches per worker task: amortises process-pool overhead
@@ -197,6 +197,7 @@ class _Stats:
     counts: Counter = field(default_factory=Counter)
     bands: dict = field(default_factory=dict)  # source -> band -> Counter of (dtype, shape)
     keys: dict = field(default_factory=dict)  # source -> [key]
+    digests: dict = field(default_factory=dict)  # source -> [short digest of each key's value]
     content_hash: int = 0
     bytes: int = 0
 
@@ -206,6 +207,7 @@ class _Stats:
         self.bytes += len(value)
         if digest is None:
             digest = value_digest(key.encode(), value)
+        self.digests.setdefault(source, []).append(short_digest(digest))
         self.content_hash = (self.content_hash + digest) % (1 << 256)
         bands = self.bands.setdefault(source, {})
         for name, info in parse_header(value, key).items():
@@ -317,6 +319,7 @@ def _encode_into(dataset, discovered, directory, fingerprint, num_workers, skip_
         "labels": {k: v for k, v in labels.items() if k in written_keys},
         "skipped": skipped,
         "keys": stats.keys,
+        "digests": stats.digests,
     }
     _write_json_atomic(directory / MANIFEST, manifest)
     return manifest, stats, skipped, resumed
