@@ -119,7 +119,9 @@ def test_pickles_without_environment(bigearthnet_lmdb, bigearthnet_files):
     ds = LMDBPatchDataset(bigearthnet_lmdb, bands=["B02"], keys=list(bigearthnet_files.s2_keys))
     ds[0]
     clone = pickle.loads(pickle.dumps(ds))
-    assert clone._env is None and torch.equal(clone[1]["image"], ds[1]["image"])
+    assert not any(isinstance(v, lmdb.Environment) for v in vars(clone).values())
+    assert not any(isinstance(v, lmdb.Environment) for v in vars(clone.store).values())
+    assert torch.equal(clone[1]["image"], ds[1]["image"])
 
 
 def test_labels_from_manifest(eurosat_lmdb, eurosat_files):

@@ -14,7 +14,6 @@ Hot-path design (see ``benchmarks/read.py``):
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -27,20 +26,12 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import Dataset, get_worker_info
 
-from ..errors import DatasetNotFoundError
 from ..format import TensorInfo, parse_header
+from .store import Store, open_environment, read_manifest  # noqa: F401  (re-exported)
 
 INTERPOLATIONS = ("nearest", "bilinear", "bicubic")
 Item = str | tuple[str, ...]
 _HEADER_CACHE_LIMIT = 256
-
-
-def read_manifest(path: str | Path) -> dict | None:
-    """The encoder's ``manifest.json`` beside ``data.mdb``, or None (e.g. rico-hdl output)."""
-    file = Path(path) / "manifest.json"
-    if not file.exists():
-        return None
-    return json.loads(file.read_text())
 
 
 def _empty(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
@@ -75,7 +66,8 @@ class LMDBPatchDataset(Dataset):
     """Patches of an LMDB written by rico_torch or rico-hdl, as stacked band tensors.
 
     Args:
-        path: the LMDB directory (holding ``data.mdb``).
+        path: the LMDB directory (holding ``data.mdb``), or a list of them: the shards of one
+            dataset (``--shard I/N``), or several LMDBs searched in order.
         bands: band keys in the order wanted; ``image`` stacks them in that order.
         keys: the patches, in order. An item is a key, or a tuple of keys whose values are
             merged into one sample (bands are looked up across the tuple, e.g. BigEarthNet-MM
@@ -114,15 +106,10 @@ class LMDBPatchDataset(Dataset):
         transforms: Callable[[dict], dict] | None = None,
         readahead: bool = False,
     ) -> None:
-        self.path = Path(path)
-        self._env: lmdb.Environment | None = None
+        self.store = Store(path, readahead)
+        self.path = self.store.paths[0] if len(self.store.paths) == 1 else self.store.paths
         self._pid = -1
         self._plans: dict[tuple[bytes, ...], tuple] = {}
-        if not (self.path / "data.mdb").exists():
-            raise DatasetNotFoundError(
-                f"{self.path}: no encoded dataset here (data.mdb missing); create it with "
-                f"`python -m rico_torch.encode <dataset> ... --target-dir {self.path}`"
-            )
         if interpolation not in INTERPOLATIONS:
             raise ValueError(f"interpolation {interpolation!r} is not one of {INTERPOLATIONS}")
         self.bands = tuple(bands)
@@ -133,7 +120,7 @@ class LMDBPatchDataset(Dataset):
         self.interpolation, self.native = interpolation, native
         self.mask_band, self.transforms, self.readahead = mask_band, transforms, readahead
         self.mask_lut = None if mask_lut is None else torch.as_tensor(np.asarray(mask_lut), dtype=torch.int64)
-        manifest = read_manifest(self.path)
+        manifest = self.store.manifest
         self.classes: tuple[str, ...] = tuple(manifest.get("classes", ())) if manifest else ()
         if keys is None:
             keys = self._all_keys(manifest)
@@ -153,8 +140,8 @@ class LMDBPatchDataset(Dataset):
     def _all_keys(self, manifest: dict | None) -> list[str]:
         if manifest and manifest.get("keys"):
             return [k for keys in manifest["keys"].values() for k in keys]
-        with self._environment().begin() as txn:
-            return [k.decode() for k in txn.cursor().iternext(keys=True, values=False)]
+        with self.store.reader() as reader:
+            return reader.keys()
 
     def __len__(self) -> int:
         return len(self._keys)
@@ -169,16 +156,15 @@ class LMDBPatchDataset(Dataset):
 
     # --- environment ------------------------------------------------------------------
 
-    def _environment(self) -> lmdb.Environment:
-        # Opened in the process that reads: a handle inherited through fork is never used.
-        if self._env is None or self._pid != os.getpid():
-            self._env = open_environment(self.path, self.readahead)
-            self._pid = os.getpid()
-        return self._env
+    def _reader(self):
+        # Environments are opened in the process that reads (see store.open_environment):
+        # a handle inherited through fork is never used, and pickling carries no handle.
+        self._pid = os.getpid()
+        return self.store.reader()
 
     def __getstate__(self) -> dict:
         state = self.__dict__.copy()
-        state["_env"], state["_pid"], state["_plans"] = None, -1, {}
+        state["_pid"], state["_plans"] = -1, {}
         return state
 
     # --- planning ---------------------------------------------------------------------
@@ -191,17 +177,11 @@ class LMDBPatchDataset(Dataset):
         wanted = self.bands + ((self.mask_band,) if self.mask_band else ())
         unknown = [b for b in wanted if b not in valid]
         if unknown:
-            raise ValueError(f"unknown band(s) {unknown} in {self.path}; valid bands: {valid}")
+            raise ValueError(f"unknown band(s) {unknown} in {self.store}; valid bands: {valid}")
 
     def _headers_of(self, index: int) -> list[dict[str, TensorInfo]]:
-        with self._environment().begin(buffers=True) as txn:
-            return [parse_header(self._get(txn, k), k) for k in self.item_keys(index)]
-
-    def _get(self, txn: lmdb.Transaction, key: str) -> memoryview:
-        value = txn.get(key.encode())
-        if value is None:
-            raise KeyError(f"key {key!r} is not in the LMDB at {self.path}")
-        return value
+        with self._reader() as reader:
+            return [parse_header(reader.get(k), k) for k in self.item_keys(index)]
 
     def _resolve_size(self, headers: list[dict[str, TensorInfo]]) -> tuple[int, int]:
         shapes = [h[b].shape for h in headers for b in self.bands if b in h]
@@ -279,10 +259,10 @@ class LMDBPatchDataset(Dataset):
     def _read(self, indices: list[int]) -> dict[str, Any]:
         n = len(indices)
         out: dict[str, Any] = {}
-        with self._environment().begin(buffers=True) as txn:
+        with self._reader() as reader:
             for row, index in enumerate(indices):
                 keys = self.item_keys(index)
-                values = [self._get(txn, k) for k in keys]
+                values = [reader.get(k) for k in keys]
                 steps, groups, mask, _ = self._plan(keys, values)
                 if row == 0:
                     self._allocate(out, n, groups, mask is not None)
@@ -345,32 +325,12 @@ class LMDBPatchDataset(Dataset):
     def native_assembler(self) -> NativeAssembler:
         """The module that turns a native batch into the float image, on any device."""
         keys = self.item_keys(0)
-        with self._environment().begin(buffers=True) as txn:
-            steps, groups, _, _ = self._plan(keys, [self._get(txn, k) for k in keys])
+        with self._reader() as reader:
+            steps, groups, _, _ = self._plan(keys, [reader.get(k) for k in keys])
         order = []  # for each output channel: (group index, channel within group)
         for step in steps:
             order.append((step.group, step.channel))
         return NativeAssembler(groups, order, self.size, self.interpolation)  # type: ignore[arg-type]
-
-
-_ENVIRONMENTS: dict[tuple[str, bool], tuple[int, lmdb.Environment]] = {}
-
-
-def open_environment(path: Path, readahead: bool = False) -> lmdb.Environment:
-    """This process's read-only handle on an LMDB (LMDB allows one per process and path).
-
-    ``lock=False``: readers write nothing (works on read-only storage); the encoder never
-    writes to a finished dataset, so no reader/writer coordination is needed.
-    """
-    cache_key = (os.path.realpath(path), readahead)
-    pid, env = _ENVIRONMENTS.get(cache_key, (-1, None))
-    if env is None or pid != os.getpid():
-        if env is not None:  # inherited through fork: release the copy, never read through it
-            env.close()
-        env = lmdb.open(cache_key[0], readonly=True, lock=False, readahead=readahead,
-                        max_readers=2048, subdir=True, max_dbs=0)
-        _ENVIRONMENTS[cache_key] = (os.getpid(), env)
-    return env
 
 
 class SampleList(list):

@@ -10,7 +10,7 @@ from pathlib import Path
 
 from ..catalog import DATASETS, Dataset, get_dataset
 from ..errors import InputError, TargetError
-from .discover import discover
+from .discover import discover, select_shard
 from .writer import EncodeResult, encode_dataset
 
 DESCRIPTION = """\
@@ -34,6 +34,16 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--quiet", action="store_true", help="no progress bar or summary (errors still go to stderr)")
 
 
+def _shard(text: str) -> tuple[int, int]:
+    try:
+        index, count = (int(x) for x in text.split("/"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not I/N (e.g. 0/4)") from None
+    if not 0 <= index < count:
+        raise argparse.ArgumentTypeError(f"shard {text!r}: need 0 <= I < N")
+    return index, count
+
+
 def _add_dataset(sub, dataset: Dataset) -> None:
     p = sub.add_parser(
         dataset.name,
@@ -50,6 +60,9 @@ def _add_dataset(sub, dataset: Dataset) -> None:
     _common(p)
     p.add_argument("--overwrite", action="store_true",
                    help="replace an LMDB already in the target instead of resuming or refusing")
+    p.add_argument("--shard", type=_shard, metavar="I/N",
+                   help="write only shard I of N (0-based; keys with crc32(key) %% N == I), e.g. one job of "
+                        "a batch array; read the N target directories together as one dataset")
     p.add_argument("--skip-invalid", action="store_true",
                    help="skip patches with missing or invalid bands (listed in the manifest and summary) "
                         "instead of stopping at the first")
@@ -121,6 +134,9 @@ def run_verify(args: argparse.Namespace) -> int:
 
 def run_encode(dataset: Dataset, roots: dict[str, Path], args: argparse.Namespace) -> EncodeResult:
     discovered = discover(dataset, roots)
+    shard = getattr(args, "shard", None)
+    if shard is not None:
+        discovered = select_shard(discovered, *shard)
     return encode_dataset(
         dataset,
         discovered,
@@ -130,6 +146,7 @@ def run_encode(dataset: Dataset, roots: dict[str, Path], args: argparse.Namespac
         skip_invalid=args.skip_invalid,
         quiet=args.quiet,
         sources_info={k: str(v.resolve()) for k, v in roots.items()},
+        shard=shard,
     )
 
 

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+import zlib
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from ..catalog import Dataset, Source
@@ -77,3 +78,15 @@ def discover(dataset: Dataset, roots: dict[str, Path]) -> list[SourcePatches]:
                 )
         result.append(SourcePatches(source, roots[source.name], patches))
     return result
+
+
+def select_shard(discovered: list[SourcePatches], index: int, count: int) -> list[SourcePatches]:
+    """Only the patches of shard ``index`` of ``count``: keys with ``crc32(key) % count == index``.
+
+    The rule needs no coordination between shard jobs, and a reader finds a key's shard from
+    the key alone (``rico_torch.data.store.shard_of``).
+    """
+    return [
+        replace(sp, patches=[p for p in sp.patches if zlib.crc32(p.key.encode()) % count == index])
+        for sp in discovered
+    ]

@@ -251,6 +251,7 @@ def encode_dataset(
     skip_invalid: bool = False,
     quiet: bool = False,
     sources_info: dict[str, str] | None = None,
+    shard: tuple[int, int] | None = None,
 ) -> EncodeResult:
     """Write the discovered patches into ``target`` (see the module docstring for guarantees).
 
@@ -261,6 +262,7 @@ def encode_dataset(
     target = Path(target)
     _prepare_target(target, overwrite)
     fingerprint = _fingerprint(dataset, discovered)
+    extra = {"shard": {"index": shard[0], "count": shard[1], "rule": "zlib.crc32(key) % count"}} if shard else {}
     with TargetLock(target):
         existing = any((target / name).exists() for name in (*LMDB_FILES, MANIFEST))
         if overwrite and existing:
@@ -268,7 +270,7 @@ def encode_dataset(
             shutil.rmtree(staging, ignore_errors=True)
             staging.mkdir()
             manifest, stats, skipped, resumed = _encode_into(
-                dataset, discovered, staging, fingerprint, num_workers, skip_invalid, quiet, sources_info)
+                dataset, discovered, staging, fingerprint, num_workers, skip_invalid, quiet, sources_info, extra)
             (target / MANIFEST).unlink(missing_ok=True)  # never leave a manifest describing other data
             for name in LMDB_FILES:
                 (target / name).unlink(missing_ok=True)
@@ -288,12 +290,12 @@ def encode_dataset(
                 return EncodeResult(target, previous["patches"], previous.get("skipped", []), 0.0,
                                     previous.get("bytes", 0), previous.get("counts", {}), already_complete=True)
             manifest, stats, skipped, resumed = _encode_into(
-                dataset, discovered, target, fingerprint, num_workers, skip_invalid, quiet, sources_info)
+                dataset, discovered, target, fingerprint, num_workers, skip_invalid, quiet, sources_info, extra)
     return EncodeResult(target, manifest["patches"], skipped, time.perf_counter() - start, stats.bytes,
                         dict(stats.counts), resumed_chunks=resumed)
 
 
-def _encode_into(dataset, discovered, directory, fingerprint, num_workers, skip_invalid, quiet, sources_info):
+def _encode_into(dataset, discovered, directory, fingerprint, num_workers, skip_invalid, quiet, sources_info, extra):
     base = {
         "format": "rico-hdl: LMDB of safetensors (band name -> array)",
         "encoder": "rico_torch",
@@ -302,6 +304,7 @@ def _encode_into(dataset, discovered, directory, fingerprint, num_workers, skip_
         "sources": sources_info or {sp.source.name: str(sp.root) for sp in discovered},
         "fingerprint": fingerprint,
         "complete": False,
+        **extra,
     }
     _write_json_atomic(directory / MANIFEST, base)
     stats, skipped, resumed = _write(dataset, discovered, directory, num_workers, skip_invalid, quiet)

@@ -14,6 +14,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from ..dataset import LMDBPatchDataset, NativeAssembler, collate
+from ..store import Store
 
 log = logging.getLogger(__name__)
 SPLITS = ("train", "val", "test")
@@ -27,7 +28,8 @@ class LMDBDataModule(L.LightningDataModule):
     in :meth:`on_after_batch_transfer`, after the transfer of the compact batch.
 
     Args:
-        lmdb_path: the encoded dataset (``python -m rico_torch.encode ...``).
+        lmdb_path: the encoded dataset (``python -m rico_torch.encode ...``), or the list of
+            its shard directories.
         bands: band keys in the order wanted.
         batch_size, num_workers, pin_memory: DataLoader settings; workers are persistent
             when ``num_workers > 0``.
@@ -50,7 +52,7 @@ class LMDBDataModule(L.LightningDataModule):
 
     def __init__(
         self,
-        lmdb_path: str,
+        lmdb_path: str | list[str],
         bands: list[str],
         batch_size: int = 64,
         num_workers: int = 2,
@@ -66,7 +68,9 @@ class LMDBDataModule(L.LightningDataModule):
         seed: int = 0,
     ) -> None:
         super().__init__()
-        self.lmdb_path = Path(lmdb_path)
+        # several paths: the shards of one dataset (encoded with --shard I/N)
+        self.lmdb_paths = [Path(p) for p in (lmdb_path if isinstance(lmdb_path, (list, tuple)) else [lmdb_path])]
+        self.lmdb_path = self.lmdb_paths[0]
         self.bands = list(bands)
         self.batch_size, self.num_workers, self.pin_memory = batch_size, num_workers, pin_memory
         self.flips, self.native, self.size, self.interpolation = flips, native, size, interpolation
@@ -82,6 +86,10 @@ class LMDBDataModule(L.LightningDataModule):
         self.assembler: NativeAssembler | None = None
 
     # --- what subclasses provide --------------------------------------------------------
+
+    def manifest(self) -> dict | None:
+        """The encoder's manifest (merged over shards), or None for rico-hdl output."""
+        return Store(self.lmdb_paths).manifest
 
     def split_items(self, split: str) -> tuple[np.ndarray | list, np.ndarray | None]:
         """The items (keys or key tuples) and labels of ``split`` (one of train, val, test)."""
@@ -108,7 +116,7 @@ class LMDBDataModule(L.LightningDataModule):
     def make_dataset(self, split: str) -> LMDBPatchDataset:
         items, labels = self.split_items(split)
         return LMDBPatchDataset(
-            self.lmdb_path, self.bands, keys=items, labels=labels, size=self.size,
+            self.lmdb_paths, self.bands, keys=items, labels=labels, size=self.size,
             interpolation=self.interpolation, native=self.native, readahead=self.readahead,
             **self.dataset_kwargs(),
         )
@@ -178,7 +186,7 @@ class LMDBDataModule(L.LightningDataModule):
         if cache.exists():
             stats = json.loads(cache.read_text())
             return torch.tensor(stats["mean"]), torch.tensor(stats["std"])
-        stats_ds = LMDBPatchDataset(self.lmdb_path, self.bands, keys=train._keys, size=self.size,
+        stats_ds = LMDBPatchDataset(self.lmdb_paths, self.bands, keys=train._keys, size=self.size,
                                     interpolation=self.interpolation)
         rng = np.random.default_rng(self.seed)
         n = min(len(stats_ds), self.stats_samples)

@@ -9,7 +9,6 @@ import numpy as np
 
 from ...catalog import bigearthnet
 from ..bigearthnet_index import clc_to_class_lut, load_bigearthnet_index
-from ..dataset import read_manifest
 from .base import LMDBDataModule
 
 log = logging.getLogger(__name__)
@@ -56,7 +55,7 @@ class BigEarthNetDataModule(LMDBDataModule):
 
     def __init__(
         self,
-        lmdb_path: str,
+        lmdb_path: str | list[str],
         metadata_dir: str,
         bands: list[str] | int = 12,
         include_snow_cloud: bool = False,
@@ -120,7 +119,7 @@ class BigEarthNetDataModule(LMDBDataModule):
 
     def _present(self, items: np.ndarray) -> np.ndarray | None:
         """Rows whose keys are all in the LMDB (per its manifest), logging what is missing."""
-        manifest = read_manifest(self.lmdb_path)
+        manifest = self.manifest()
         if not manifest or not manifest.get("keys"):
             return None
         stored = np.array([k for keys in manifest["keys"].values() for k in keys], dtype=np.bytes_)

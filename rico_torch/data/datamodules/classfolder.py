@@ -7,7 +7,6 @@ from pathlib import Path
 import numpy as np
 
 from ...catalog import Dataset
-from ..dataset import read_manifest
 from .base import SPLITS, LMDBDataModule, stratified_split
 
 
@@ -25,7 +24,7 @@ class ClassFolderDataModule(LMDBDataModule):
 
     def __init__(
         self,
-        lmdb_path: str,
+        lmdb_path: str | list[str],
         bands: list[str] | None = None,
         split_dir: str | None = None,
         val_fraction: float = 0.2,
@@ -42,7 +41,7 @@ class ClassFolderDataModule(LMDBDataModule):
         return tuple(self.catalog.classes)
 
     def _load_splits(self) -> dict[str, tuple[np.ndarray, np.ndarray]]:
-        manifest = read_manifest(self.lmdb_path)
+        manifest = self.manifest()
         if not manifest or not manifest.get("labels"):
             raise ValueError(f"{self.lmdb_path}: no class labels in manifest.json; encode it with "
                              f"`python -m rico_torch.encode {self.catalog.name} --dataset-dir ... "

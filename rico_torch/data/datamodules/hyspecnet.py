@@ -29,7 +29,7 @@ class HySpecNetDataModule(LMDBDataModule):
 
     def __init__(
         self,
-        lmdb_path: str,
+        lmdb_path: str | list[str],
         split_dir: str,
         difficulty: str = "easy",
         bands: list[str] | None = None,

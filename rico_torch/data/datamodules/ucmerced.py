@@ -17,5 +17,5 @@ class UCMercedDataModule(ClassFolderDataModule):
     split_prefix = "uc_merced"
     rgb_bands = ("Red", "Green", "Blue")
 
-    def __init__(self, lmdb_path: str, size: int = ucmerced.IMAGE_SIZE, interpolation: str = "bilinear", **kwargs):
+    def __init__(self, lmdb_path: str | list[str], size: int = ucmerced.IMAGE_SIZE, interpolation: str = "bilinear", **kwargs):
         super().__init__(lmdb_path, size=size, interpolation=interpolation, **kwargs)
