@@ -79,6 +79,7 @@ class BigEarthNetDataModule(LMDBDataModule):
                          interpolation=interpolation, readahead=readahead, stats_samples=stats_samples, seed=seed)
         self.metadata_dir = Path(metadata_dir)
         self.include_snow_cloud, self.class_order, self.mask = include_snow_cloud, class_order, mask
+        self._stored: set[bytes] | None = None
         self.uses_s1 = any(b in bigearthnet.S1.band_names for b in self.bands)
         self.uses_s2 = any(b in bigearthnet.S2.band_names for b in self.bands)
         self._classes = tuple(bigearthnet.CLASSES_ALPHABETICAL if class_order == "alphabetical"
@@ -122,9 +123,11 @@ class BigEarthNetDataModule(LMDBDataModule):
         manifest = self.manifest()
         if not manifest or not manifest.get("keys"):
             return None
-        stored = np.array([k for keys in manifest["keys"].values() for k in keys], dtype=np.bytes_)
+        if self._stored is None:  # a set: np.isin on 1M bytes keys takes seconds, this a fraction
+            self._stored = {k.encode() for keys in manifest["keys"].values() for k in keys}
+        stored = self._stored
         rows = items if items.ndim == 2 else items[:, None]
-        keep = np.all(np.isin(rows, stored), axis=1)
+        keep = np.fromiter((all(k in stored for k in row) for row in rows.tolist()), dtype=bool, count=len(rows))
         if not keep.all():
             log.warning("%s: %d of %d patches of the split are not in the LMDB and are left out",
                         self.lmdb_path, int((~keep).sum()), len(keep))
