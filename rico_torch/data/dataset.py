@@ -217,22 +217,27 @@ class LMDBPatchDataset(Dataset):
         if self.size is None:
             self.size = self._resolve_size(headers)
         h, w = self.size
+        # Native groups: bands of one (dtype, size), kept in the order they are stored, so
+        # that bands stored side by side are copied with one copy (see _native_runs).
         groups: dict[tuple, list[str]] = {}
+        for name in sorted(self.bands, key=lambda b: (where[b][0], where[b][1].begin)):
+            info = where[name][1]
+            groups.setdefault((info.dtype.str, info.shape), []).append(name)
+        group_keys = list(groups)
         steps = []
         for channel, name in enumerate(self.bands):
             part, info = where[name]
             sh, sw = info.shape
             factor = h // sh if self.interpolation == "nearest" and h % sh == 0 and w % sw == 0 and h // sh == w // sw else 0
             gkey = (info.dtype.str, info.shape)
-            group_bands = groups.setdefault(gkey, [])
-            steps.append(_Step(part, info, len(group_bands) if self.native else channel, list(groups).index(gkey), factor))
-            group_bands.append(name)
+            in_group = groups[gkey].index(name)
+            steps.append(_Step(part, info, in_group if self.native else channel, group_keys.index(gkey), factor))
         native_groups = tuple(
             NativeGroup(f"{np.dtype(d).name}_{s[0]}x{s[1]}", np.dtype(d), s, tuple(b)) for (d, s), b in groups.items()
         )
         mask = where[self.mask_band] if self.mask_band else None
         lengths = tuple(len(v) for v in values)
-        return steps, native_groups, mask, lengths
+        return steps, native_groups, mask, lengths, _native_runs(steps)
 
     # --- reading ----------------------------------------------------------------------
 
@@ -257,64 +262,65 @@ class LMDBPatchDataset(Dataset):
         return self._read(list(indices))
 
     def _read(self, indices: list[int]) -> dict[str, Any]:
-        n = len(indices)
         out: dict[str, Any] = {}
+        arrays: dict[str, np.ndarray] = {}  # numpy views of the outputs: cheap to slice per row
         with self._reader() as reader:
             for row, index in enumerate(indices):
                 keys = self.item_keys(index)
                 values = [reader.get(k) for k in keys]
-                steps, groups, mask, _ = self._plan(keys, values)
+                steps, groups, mask, _, runs = self._plan(keys, values)
                 if row == 0:
-                    self._allocate(out, n, groups, mask is not None)
-                self._fill(out, row, keys, values, steps, groups, mask)
+                    self._allocate(out, arrays, len(indices), groups, mask is not None)
+                    first_groups = groups
+                if self.native:
+                    if groups != first_groups:
+                        raise ValueError(f"patch {keys!r} has band sizes or dtypes that differ from the first "
+                                         "item's; native mode needs one layout per batch")
+                    for group, channel, count, part, info in runs:
+                        dst = arrays[groups[group].name][row, channel : channel + count]
+                        dst[...] = np.ndarray(dst.shape, info.dtype, values[part], info.begin)
+                else:
+                    self._fill_image(arrays["image"][row], values, steps)
+                if mask is not None:
+                    arrays["mask"][row] = self._mask(values, mask)
         out["key"] = [self.key(i) for i in indices]
         if self.labels is not None:
             out["label"] = self.labels[indices]
         return out
 
-    def _allocate(self, out: dict, n: int, groups: tuple[NativeGroup, ...], with_mask: bool) -> None:
+    def _allocate(self, out: dict, arrays: dict, n: int, groups: tuple[NativeGroup, ...], with_mask: bool) -> None:
         h, w = self.size  # type: ignore[misc]
         if self.native:
-            out["native"] = {
-                g.name: _empty((n, len(g.bands), *g.shape), torch.from_numpy(np.empty(0, g.dtype)).dtype)
-                for g in groups
-            }
+            out["native"] = {g.name: _empty((n, len(g.bands), *g.shape), _torch_dtype(g.dtype)) for g in groups}
+            arrays.update((name, t.numpy()) for name, t in out["native"].items())
         else:
             out["image"] = _empty((n, len(self.bands), h, w), torch.float32)
+            arrays["image"] = out["image"].numpy()
         if with_mask:
             out["mask"] = _empty((n, h, w), torch.int64)
+            arrays["mask"] = out["mask"].numpy()
 
-    def _fill(self, out, row, keys, values, steps, groups, mask) -> None:
-        if self.native:
-            arrays = {g.name: out["native"][g.name][row].numpy() for g in groups}
-            for step in steps:
-                dst = arrays[groups[step.group].name][step.channel]
-                if dst.shape != step.info.shape:
-                    raise ValueError(f"patch {keys!r} has band sizes that differ from the first item's; "
-                                     "native mode needs one layout per dataset")
-                dst[...] = _view(values[step.part], step.info)
-        else:
-            image = out["image"][row].numpy()
-            pending = []
-            for step in steps:
-                src = _view(values[step.part], step.info)
-                dst = image[step.channel]
-                if step.factor == 1:
-                    dst[...] = src
-                elif step.factor > 1:
-                    replicate(src, step.factor, dst)
-                else:
-                    pending.append((step.channel, src))
-            for channel, src in pending:
-                image[channel] = self._resize(torch.from_numpy(src.astype(np.float32)), self.interpolation).numpy()
-        if mask is not None:
-            part, info = mask
-            m = torch.from_numpy(_view(values[part], info).astype(np.int64))
-            if m.shape != tuple(self.size):
-                m = F.interpolate(m[None, None].float(), size=self.size, mode="nearest")[0, 0].long()
-            if self.mask_lut is not None:
-                m = self.mask_lut[m]
-            out["mask"][row] = m
+    def _fill_image(self, image: np.ndarray, values: list[memoryview], steps: list[_Step]) -> None:
+        """Cast (and replicate, or resample) each band into its channel of ``image``."""
+        pending = []
+        for step in steps:
+            src = _view(values[step.part], step.info)
+            dst = image[step.channel]
+            if step.factor == 1:
+                dst[...] = src
+            elif step.factor > 1:
+                replicate(src, step.factor, dst)
+            else:
+                pending.append((step.channel, src))
+        for channel, src in pending:
+            image[channel] = self._resize(torch.from_numpy(src.astype(np.float32)), self.interpolation).numpy()
+
+    def _mask(self, values: list[memoryview], mask: tuple[int, TensorInfo]) -> torch.Tensor:
+        part, info = mask
+        m = torch.from_numpy(_view(values[part], info).astype(np.int64))
+        if m.shape != tuple(self.size):
+            m = F.interpolate(m[None, None].float(), size=self.size, mode="nearest")[0, 0].long()
+        return self.mask_lut[m] if self.mask_lut is not None else m
 
     def _resize(self, band: torch.Tensor, mode: str) -> torch.Tensor:
         kwargs = {} if mode == "nearest" else {"align_corners": False}
@@ -326,11 +332,32 @@ class LMDBPatchDataset(Dataset):
         """The module that turns a native batch into the float image, on any device."""
         keys = self.item_keys(0)
         with self._reader() as reader:
-            steps, groups, _, _ = self._plan(keys, [reader.get(k) for k in keys])
+            steps, groups, _, _, _ = self._plan(keys, [reader.get(k) for k in keys])
         order = []  # for each output channel: (group index, channel within group)
         for step in steps:
             order.append((step.group, step.channel))
         return NativeAssembler(groups, order, self.size, self.interpolation)  # type: ignore[arg-type]
+
+
+def _torch_dtype(dtype: np.dtype) -> torch.dtype:
+    return torch.from_numpy(np.empty(0, dtype)).dtype
+
+
+def _native_runs(steps: list[_Step]) -> list[tuple[int, int, int, int, TensorInfo]]:
+    """Copies for native mode: (group, first channel, band count, part, first band's info).
+
+    Bands adjacent in both the stored value and their group are merged into one copy.
+    """
+    runs: list[list] = []
+    for step in sorted(steps, key=lambda s: (s.group, s.channel)):
+        last = runs[-1] if runs else None
+        if (last and last[0] == step.group and last[1] + last[2] == step.channel and last[3] == step.part
+                and last[5] == step.info.begin):
+            last[2] += 1
+            last[5] = step.info.end
+        else:
+            runs.append([step.group, step.channel, 1, step.part, step.info, step.info.end])
+    return [tuple(r[:5]) for r in runs]
 
 
 class SampleList(list):

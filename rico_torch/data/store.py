@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import os
 import zlib
-from contextlib import ExitStack
 from pathlib import Path
 
 import lmdb
@@ -97,7 +96,18 @@ class Store:
         return merged
 
     def environments(self) -> list[lmdb.Environment]:
-        return [open_environment(p, self.readahead) for p in self.paths]
+        """This process's handles (looked up once per process, not per read)."""
+        pid = os.getpid()
+        if getattr(self, "_pid", None) != pid:
+            self._envs = [open_environment(p, self.readahead) for p in self.paths]
+            self._pid = pid
+        return self._envs
+
+    def __getstate__(self) -> dict:
+        state = self.__dict__.copy()
+        state.pop("_envs", None)
+        state.pop("_pid", None)
+        return state
 
     def reader(self) -> "_Reader":
         return _Reader(self)
@@ -108,18 +118,21 @@ class _Reader:
 
     def __init__(self, store: Store) -> None:
         self.store = store
-        self._stack = ExitStack()
 
     def __enter__(self) -> "_Reader":
-        self.txns = [self._stack.enter_context(env.begin(buffers=True)) for env in self.store.environments()]
+        self.txns = [env.begin(buffers=True) for env in self.store.environments()]
+        self._single = self.txns[0] if len(self.txns) == 1 else None
         return self
 
     def __exit__(self, *exc) -> None:
-        self._stack.close()
+        for txn in self.txns:
+            txn.abort()  # read-only: ending it is all there is to do
 
     def get(self, key: str) -> memoryview:
         raw = key.encode()
-        if self.store.shard_count:
+        if self._single is not None:
+            value = self._single.get(raw)
+        elif self.store.shard_count:
             value = self.txns[self.store._position[shard_of(raw, self.store.shard_count)]].get(raw)
         else:
             value = next((v for v in (t.get(raw) for t in self.txns) if v is not None), None)
