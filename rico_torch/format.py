@@ -70,7 +70,7 @@ def parse_header(value: bytes | memoryview, key: object = None) -> dict[str, Ten
         raise _invalid(key, f"header length {n} exceeds the {size - 8} bytes that follow")
     try:
         header = json.loads(bytes(value[8 : 8 + n]))
-    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
+    except (ValueError, RecursionError) as e:  # JSONDecodeError, bad UTF-8, over-long integers
         raise _invalid(key, f"header is not JSON ({e.__class__.__name__})") from None
     if not isinstance(header, dict):
         raise _invalid(key, "header is not a JSON object")

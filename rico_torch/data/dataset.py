@@ -212,8 +212,10 @@ class LMDBPatchDataset(Dataset):
             if name not in where:
                 raise KeyError(f"band {name!r} is not in patch {keys if len(keys) > 1 else keys[0]!r} "
                                f"(it has {sorted(where)})")
-            if len(where[name][1].shape) != 2:
-                raise ValueError(f"band {name!r} of patch {keys!r} is not 2-D: shape {where[name][1].shape}")
+            shape = where[name][1].shape
+            if len(shape) != 2 or 0 in shape:
+                raise ValueError(f"band {name!r} of patch {keys if len(keys) > 1 else keys[0]!r} is not a "
+                                 f"non-empty 2-D array: shape {shape}")
         if self.size is None:
             self.size = self._resolve_size(headers)
         h, w = self.size
