@@ -18,7 +18,7 @@ import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import lmdb
 import numpy as np
@@ -50,6 +50,16 @@ class _Step:
     channel: int  # output channel (float mode) or channel within its group (native mode)
     group: int  # native group index
     factor: int  # integer nearest-replication factor, 0 when interpolation is needed
+
+
+class _Plan(NamedTuple):
+    """How to turn values with one set of headers into outputs (built once per header set)."""
+
+    steps: list[_Step]  # one per requested band, in output order
+    groups: tuple["NativeGroup", ...]  # native mode's (dtype, size) groups
+    mask: tuple[int, TensorInfo] | None  # where the mask band lives
+    lengths: tuple[int, ...]  # the value lengths the headers describe
+    runs: list[tuple[int, int, int, int, TensorInfo]]  # native copies (see _native_runs)
 
 
 @dataclass(frozen=True)
@@ -109,7 +119,7 @@ class LMDBPatchDataset(Dataset):
         self.store = Store(path, readahead)
         self.path = self.store.paths[0] if len(self.store.paths) == 1 else self.store.paths
         self._pid = -1
-        self._plans: dict[tuple[bytes, ...], tuple] = {}
+        self._plans: dict[tuple[bytes, ...], _Plan] = {}
         if interpolation not in INTERPOLATIONS:
             raise ValueError(f"interpolation {interpolation!r} is not one of {INTERPOLATIONS}")
         self.bands = tuple(bands)
@@ -196,7 +206,7 @@ class LMDBPatchDataset(Dataset):
             if len(self._plans) >= _HEADER_CACHE_LIMIT:
                 self._plans.clear()
             self._plans[heads] = plan
-        for key, value, length in zip(keys, values, plan[3]):
+        for key, value, length in zip(keys, values, plan.lengths):
             if len(value) != length:  # same header, different length: truncated or padded
                 raise ValueError(f"value of key {key!r} is not valid safetensors: "
                                  f"{len(value)} bytes where its header describes {length}")
@@ -238,8 +248,7 @@ class LMDBPatchDataset(Dataset):
             NativeGroup(f"{np.dtype(d).name}_{s[0]}x{s[1]}", np.dtype(d), s, tuple(b)) for (d, s), b in groups.items()
         )
         mask = where[self.mask_band] if self.mask_band else None
-        lengths = tuple(len(v) for v in values)
-        return steps, native_groups, mask, lengths, _native_runs(steps)
+        return _Plan(steps, native_groups, mask, tuple(len(v) for v in values), _native_runs(steps))
 
     # --- reading ----------------------------------------------------------------------
 
@@ -270,21 +279,21 @@ class LMDBPatchDataset(Dataset):
             for row, index in enumerate(indices):
                 keys = self.item_keys(index)
                 values = [reader.get(k) for k in keys]
-                steps, groups, mask, _, runs = self._plan(keys, values)
+                plan = self._plan(keys, values)
                 if row == 0:
-                    self._allocate(out, arrays, len(indices), groups, mask is not None)
-                    first_groups = groups
+                    self._allocate(out, arrays, len(indices), plan.groups, plan.mask is not None)
+                    first_groups = plan.groups
                 if self.native:
-                    if groups != first_groups:
+                    if plan.groups != first_groups:
                         raise ValueError(f"patch {keys!r} has band sizes or dtypes that differ from the first "
                                          "item's; native mode needs one layout per batch")
-                    for group, channel, count, part, info in runs:
-                        dst = arrays[groups[group].name][row, channel : channel + count]
+                    for group, channel, count, part, info in plan.runs:
+                        dst = arrays[plan.groups[group].name][row, channel : channel + count]
                         dst[...] = np.ndarray(dst.shape, info.dtype, values[part], info.begin)
                 else:
-                    self._fill_image(arrays["image"][row], values, steps)
-                if mask is not None:
-                    arrays["mask"][row] = self._mask(values, mask)
+                    self._fill_image(arrays["image"][row], values, plan.steps)
+                if plan.mask is not None:
+                    arrays["mask"][row] = self._mask(values, plan.mask)
         out["key"] = [self.key(i) for i in indices]
         if self.labels is not None:
             out["label"] = self.labels[indices]
@@ -334,11 +343,9 @@ class LMDBPatchDataset(Dataset):
         """The module that turns a native batch into the float image, on any device."""
         keys = self.item_keys(0)
         with self._reader() as reader:
-            steps, groups, _, _, _ = self._plan(keys, [reader.get(k) for k in keys])
-        order = []  # for each output channel: (group index, channel within group)
-        for step in steps:
-            order.append((step.group, step.channel))
-        return NativeAssembler(groups, order, self.size, self.interpolation)  # type: ignore[arg-type]
+            plan = self._plan(keys, [reader.get(k) for k in keys])
+        order = [(step.group, step.channel) for step in plan.steps]  # per output channel
+        return NativeAssembler(plan.groups, order, self.size, self.interpolation)  # type: ignore[arg-type]
 
 
 def _torch_dtype(dtype: np.dtype) -> torch.dtype:
