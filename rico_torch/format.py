@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
-from math import prod
 
 import numpy as np
 
@@ -29,6 +28,7 @@ DTYPES: dict[str, np.dtype] = {
     "F16": np.dtype("<f2"),
     "F32": np.dtype("<f4"),
     "F64": np.dtype("<f8"),
+    "C64": np.dtype("<c8"),
 }
 #: The safetensors library refuses headers above 100 MB; so do we.
 MAX_HEADER_BYTES = 100_000_000
@@ -46,6 +46,21 @@ class TensorInfo:
 
 def _invalid(key: object, problem: str) -> ValueError:
     return ValueError(f"value of key {key!r} is not valid safetensors: {problem}")
+
+
+def _nbytes(shape: list[int], itemsize: int, limit: int) -> int:
+    """Bytes a shape needs, or ``limit + 1`` as soon as it exceeds ``limit``.
+
+    Stops early so that a header listing many huge dimensions costs no big-integer work.
+    """
+    if 0 in shape:
+        return 0
+    total = itemsize
+    for dim in shape:
+        total *= dim
+        if total > limit:
+            return limit + 1
+    return total
 
 
 def parse_header(value: bytes | memoryview, key: object = None) -> dict[str, TensorInfo]:
@@ -94,7 +109,7 @@ def parse_header(value: bytes | memoryview, key: object = None) -> dict[str, Ten
             and 0 <= offsets[0] <= offsets[1] <= data_size
         ):
             raise _invalid(key, f"entry {name!r} has offsets {offsets!r} outside the {data_size} data bytes")
-        if prod(shape) * dtype.itemsize != offsets[1] - offsets[0]:
+        if _nbytes(shape, dtype.itemsize, data_size) != offsets[1] - offsets[0]:
             raise _invalid(key, f"entry {name!r}: shape {shape} does not fit {offsets[1] - offsets[0]} bytes")
         tensors[name] = TensorInfo(dtype, tuple(shape), data_start + offsets[0], data_start + offsets[1])
     # As safetensors itself requires: the tensors tile the data bytes exactly.
