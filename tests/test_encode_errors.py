@@ -175,3 +175,25 @@ def test_second_encoder_is_refused(ben, tmp_path):
         fcntl.flock(lock, fcntl.LOCK_EX)  # as a running encoder holds it
         assert_fails(["bigearthnet", "--s1-dir", str(ben.s1_dir), "--target-dir", str(target)],
                      "another encoder")
+
+
+def test_skipped_patches_stay_listed_after_resume(ben, tmp_path):
+    """A patch skipped before a kill is still reported by the run that finishes the job."""
+    import signal
+    import subprocess
+    import sys
+
+    from .test_crash import KILLER
+
+    bad = s2_band(ben, 1, "B8A")
+    bad.unlink()
+    target = tmp_path / "t"
+    args = ["bigearthnet", "--s2-dir", str(ben.s2_dir), "--target-dir", str(target), "--skip-invalid", "--num-workers", "0"]
+    # kill right after the only transaction committed, before the manifest was finished
+    killed = subprocess.run([sys.executable, "-c", KILLER.replace("if calls[0] == n:", "if False:").replace(
+        "return original(*args)", "original(*args); os.kill(os.getpid(), signal.SIGKILL)"), "0", "0", *args],
+        capture_output=True)
+    assert killed.returncode == -signal.SIGKILL
+    encode_cli(*args)
+    manifest = json.loads((target / "manifest.json").read_text())
+    assert [s["key"] for s in manifest["skipped"]] == [bad.parent.name]

@@ -358,6 +358,11 @@ def _write(dataset, discovered, target, num_workers, skip_invalid, quiet):
                 continue
             for key, value in stored:
                 stats.add(chunk.source.name, key, value)
+            present = {key for key, _ in stored}
+            skipped.extend(
+                {"key": p.key, "source": chunk.source.name, "reason": f"{p.path}: skipped by an earlier, interrupted run"}
+                for p in chunk.patches if p.key not in present
+            )
     finally:
         env.close()
     resumed = len(chunks) - len(pending)
