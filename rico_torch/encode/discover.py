@@ -37,9 +37,8 @@ def find_patches(source: Source, root: Path) -> list[Patch]:
     found: list[str] = []
     for dirpath, dirnames, filenames in os.walk(root):
         if source.is_dir:
-            matched = [d for d in dirnames if source.matches(d)]
-            found.extend(os.path.join(dirpath, d) for d in matched)
-            dirnames[:] = [d for d in dirnames if d not in set(matched)]
+            found.extend(os.path.join(dirpath, d) for d in dirnames if source.matches(d))
+            dirnames[:] = [d for d in dirnames if not source.matches(d)]  # a patch is not searched
         else:
             found.extend(os.path.join(dirpath, f) for f in filenames if source.matches(f))
     if not found:
