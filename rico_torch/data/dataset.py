@@ -426,24 +426,44 @@ def _pack_keys(keys: Sequence[Item] | np.ndarray) -> np.ndarray:
 class NativeAssembler(torch.nn.Module):
     """Builds the float32 ``(B, C, H, W)`` image from a native batch, batched on the device.
 
-    Each (dtype, size) group is cast once, resized once (nearest: replication), and the
-    channels are gathered into the requested band order.
+    Each band is cast and written once, straight into its output channel: integer nearest
+    factors as a broadcast copy (pure replication), other cases through one
+    ``F.interpolate`` per (dtype, size) group.
     """
 
     def __init__(self, groups: tuple[NativeGroup, ...], order: list[tuple[int, int]], size, interpolation: str):
         super().__init__()
-        self.group_names = [g.name for g in groups]
         self.size = tuple(size)
         self.interpolation = interpolation
-        offsets = np.cumsum([0] + [len(g.bands) for g in groups])
-        self.register_buffer("index", torch.tensor([offsets[g] + c for g, c in order]), persistent=False)
+        self.group_names = [g.name for g in groups]
+        self.group_shapes = [g.shape for g in groups]
+        # per group: (output channel, channel within the group) of its bands
+        self.targets: list[list[tuple[int, int]]] = [[] for _ in groups]
+        for channel, (group, within) in enumerate(order):
+            self.targets[group].append((channel, within))
+
+    def _factor(self, shape: tuple[int, int]) -> int:
+        (h, w), (sh, sw) = self.size, shape
+        if self.interpolation == "nearest" and h % sh == 0 and w % sw == 0 and h // sh == w // sw:
+            return h // sh
+        return 0
 
     def forward(self, native: dict[str, torch.Tensor]) -> torch.Tensor:
-        parts = []
-        for name in self.group_names:
-            x = native[name].float()
-            if tuple(x.shape[-2:]) != self.size:
+        first = native[self.group_names[0]]
+        h, w = self.size
+        out = torch.empty((first.shape[0], sum(map(len, self.targets)), h, w), dtype=torch.float32,
+                          device=first.device)
+        for name, shape, targets in zip(self.group_names, self.group_shapes, self.targets):
+            x = native[name]
+            factor = self._factor(shape)
+            if factor:
+                sh, sw = shape
+                for channel, within in targets:
+                    src = x[:, within, :, None, :, None].expand(-1, sh, factor, sw, factor)
+                    out[:, channel].view(-1, sh, factor, sw, factor).copy_(src)
+            else:
                 kwargs = {} if self.interpolation == "nearest" else {"align_corners": False}
-                x = F.interpolate(x, size=self.size, mode=self.interpolation, **kwargs)
-            parts.append(x)
-        return torch.cat(parts, dim=1).index_select(1, self.index)
+                resized = F.interpolate(x.float(), size=self.size, mode=self.interpolation, **kwargs)
+                for channel, within in targets:
+                    out[:, channel] = resized[:, within]
+        return out

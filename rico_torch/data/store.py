@@ -16,7 +16,7 @@ import lmdb
 
 from ..errors import DatasetNotFoundError
 
-_ENVIRONMENTS: dict[tuple[str, bool], tuple[int, lmdb.Environment]] = {}
+_ENVIRONMENTS: dict[str, tuple[int, lmdb.Environment]] = {}
 
 
 def shard_of(key: bytes, count: int) -> int:
@@ -33,19 +33,20 @@ def read_manifest(path: str | Path) -> dict | None:
 
 
 def open_environment(path: Path, readahead: bool = False) -> lmdb.Environment:
-    """This process's read-only handle on an LMDB (LMDB allows one per process and path).
+    """This process's read-only handle on an LMDB, shared by every dataset reading it.
 
-    ``lock=False``: readers write nothing (works on read-only storage); the encoder never
-    writes to a finished dataset, so no reader/writer coordination is needed.
+    py-lmdb allows one handle per file and process, so the first opener's ``readahead`` holds
+    for all. ``lock=False``: readers write nothing (works on read-only storage); the encoder
+    never writes to a finished dataset, so no reader/writer coordination is needed.
     """
-    cache_key = (os.path.realpath(path), readahead)
-    pid, env = _ENVIRONMENTS.get(cache_key, (-1, None))
+    real = os.path.realpath(path)
+    pid, env = _ENVIRONMENTS.get(real, (-1, None))
     if env is None or pid != os.getpid():
         if env is not None:  # inherited through fork: release the copy, never read through it
             env.close()
-        env = lmdb.open(cache_key[0], readonly=True, lock=False, readahead=readahead,
-                        max_readers=2048, subdir=True, max_dbs=0)
-        _ENVIRONMENTS[cache_key] = (os.getpid(), env)
+        env = lmdb.open(real, readonly=True, lock=False, readahead=readahead, max_readers=2048, subdir=True,
+                        max_dbs=0)
+        _ENVIRONMENTS[real] = (os.getpid(), env)
     return env
 
 

@@ -402,7 +402,6 @@ def _commit(target: Path, results) -> None:
             for key, value, _, _ in results:
                 if value is not None and not txn.put(key.encode(), value, overwrite=False):
                     raise TargetError(f"key {key!r} is already in the LMDB; refusing to overwrite it")
-        env.sync(True)
     except lmdb.Error as e:
         raise TargetError(f"{target}: writing failed ({e}); re-run the same command to resume") from None
     finally:
