@@ -60,6 +60,7 @@ class _Plan(NamedTuple):
     mask: tuple[int, TensorInfo] | None  # where the mask band lives
     lengths: tuple[int, ...]  # the value lengths the headers describe
     runs: list[tuple[int, int, int, int, TensorInfo]]  # native copies (see _native_runs)
+    image_runs: list[tuple[int, int, int, int, TensorInfo]]  # float copies (see _image_runs)
 
 
 @dataclass(frozen=True)
@@ -248,7 +249,8 @@ class LMDBPatchDataset(Dataset):
             NativeGroup(f"{np.dtype(d).name}_{s[0]}x{s[1]}", np.dtype(d), s, tuple(b)) for (d, s), b in groups.items()
         )
         mask = where[self.mask_band] if self.mask_band else None
-        return _Plan(steps, native_groups, mask, tuple(len(v) for v in values), _native_runs(steps))
+        lengths = tuple(len(v) for v in values)
+        return _Plan(steps, native_groups, mask, lengths, _native_runs(steps), _image_runs(steps))
 
     # --- reading ----------------------------------------------------------------------
 
@@ -291,7 +293,7 @@ class LMDBPatchDataset(Dataset):
                         dst = arrays[plan.groups[group].name][row, channel : channel + count]
                         dst[...] = np.ndarray(dst.shape, info.dtype, values[part], info.begin)
                 else:
-                    self._fill_image(arrays["image"][row], values, plan.steps)
+                    self._fill_image(arrays["image"][row], values, plan.image_runs)
                 if plan.mask is not None:
                     arrays["mask"][row] = self._mask(values, plan.mask)
         out["key"] = [self.key(i) for i in indices]
@@ -311,20 +313,17 @@ class LMDBPatchDataset(Dataset):
             out["mask"] = _empty((n, h, w), torch.int64)
             arrays["mask"] = out["mask"].numpy()
 
-    def _fill_image(self, image: np.ndarray, values: list[memoryview], steps: list[_Step]) -> None:
-        """Cast (and replicate, or resample) each band into its channel of ``image``."""
-        pending = []
-        for step in steps:
-            src = _view(values[step.part], step.info)
-            dst = image[step.channel]
-            if step.factor == 1:
+    def _fill_image(self, image: np.ndarray, values: list[memoryview], runs) -> None:
+        """Cast (and replicate, or resample) each run of bands into its channels of ``image``."""
+        for channel, count, factor, part, info in runs:
+            src = np.ndarray((count, *info.shape), info.dtype, values[part], info.begin)
+            dst = image[channel : channel + count]
+            if factor == 1:
                 dst[...] = src
-            elif step.factor > 1:
-                replicate(src, step.factor, dst)
+            elif factor > 1:
+                replicate(src, factor, dst)
             else:
-                pending.append((step.channel, src))
-        for channel, src in pending:
-            image[channel] = self._resize(torch.from_numpy(src.astype(np.float32)), self.interpolation).numpy()
+                dst[...] = self._resize(torch.from_numpy(src.astype(np.float32)), self.interpolation).numpy()
 
     def _mask(self, values: list[memoryview], mask: tuple[int, TensorInfo]) -> torch.Tensor:
         part, info = mask
@@ -333,9 +332,9 @@ class LMDBPatchDataset(Dataset):
             m = F.interpolate(m[None, None].float(), size=self.size, mode="nearest")[0, 0].long()
         return self.mask_lut[m] if self.mask_lut is not None else m
 
-    def _resize(self, band: torch.Tensor, mode: str) -> torch.Tensor:
+    def _resize(self, bands: torch.Tensor, mode: str) -> torch.Tensor:
         kwargs = {} if mode == "nearest" else {"align_corners": False}
-        return F.interpolate(band[None, None], size=self.size, mode=mode, **kwargs)[0, 0]
+        return F.interpolate(bands[None], size=self.size, mode=mode, **kwargs)[0]
 
     # --- native mode ------------------------------------------------------------------
 
@@ -394,18 +393,38 @@ def collate(samples: Any) -> Any:
 
 
 def replicate(src: np.ndarray, factor: int, dst: np.ndarray) -> None:
-    """Nearest upsampling by an integer factor, cast into ``dst`` (h*factor, w*factor).
+    """Nearest upsampling by an integer factor, cast into ``dst``: (..., h, w) -> (..., h*f, w*f).
 
     Writes each source pixel ``factor`` times along the first output row of each block, then
     copies that row down: long contiguous inner loops instead of numpy's per-pixel
     broadcasting (3x faster for factor 2).
     """
-    h, w = src.shape
-    rows = dst.reshape(h, factor, w * factor)
-    first = rows[:, 0, :].reshape(h, w, factor)
+    w = src.shape[-1]
+    rows = dst.reshape(-1, factor, w * factor)
+    first = rows[:, 0, :].reshape(-1, w, factor)
+    flat = src.reshape(-1, w)
     for j in range(factor):
-        first[:, :, j] = src
+        first[:, :, j] = flat
     rows[:, 1:, :] = rows[:, :1, :]
+
+
+def _image_runs(steps: list[_Step]) -> list[tuple[int, int, int, int, TensorInfo]]:
+    """Copies for float output: (first channel, band count, factor, part, first band's info).
+
+    Bands stored side by side with equal dtype, size and factor that go to consecutive
+    channels (e.g. B02 B03 B04, or B05 B06 B07) are cast and replicated in one call.
+    """
+    runs: list[list] = []
+    for step in steps:
+        last = runs[-1] if runs else None
+        if (last and last[0] + last[1] == step.channel and last[2] == step.factor and last[3] == step.part
+                and last[4].dtype == step.info.dtype and last[4].shape == step.info.shape
+                and last[5] == step.info.begin):
+            last[1] += 1
+            last[5] = step.info.end
+        else:
+            runs.append([step.channel, 1, step.factor, step.part, step.info, step.info.end])
+    return [tuple(r[:5]) for r in runs]
 
 
 def _view(value: memoryview, info: TensorInfo) -> np.ndarray:
