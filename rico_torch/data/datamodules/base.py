@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
 from pathlib import Path
 from typing import Any
 
@@ -203,8 +204,10 @@ class LMDBDataModule(L.LightningDataModule):
             count += image.shape[0] * image.shape[2] * image.shape[3]
         mean = total / count
         std = (total_sq / count - mean**2).clamp_min(0).sqrt().clamp_min(1e-6)
-        try:
-            cache.write_text(json.dumps({"bands": self.bands, "samples": n, "mean": mean.tolist(), "std": std.tolist()}))
+        try:  # atomically: every DDP rank computes and writes the same file at once
+            tmp = cache.with_name(f".{cache.name}.{os.getpid()}.tmp")
+            tmp.write_text(json.dumps({"bands": self.bands, "samples": n, "mean": mean.tolist(), "std": std.tolist()}))
+            os.replace(tmp, cache)
         except OSError:  # read-only storage: compute again next time
             log.info("could not cache statistics beside %s", self.lmdb_path)
         return mean.float(), std.float()

@@ -1,0 +1,192 @@
+"""Distributed training: two CPU ranks (gloo) through Lightning's DDP on an LMDB DataModule.
+
+Launcher: ``strategy="ddp_fork"``, run by a fresh Python interpreter that the test starts.
+
+* Plain ``"ddp"`` re-executes ``sys.argv`` for rank 1, which under pytest re-runs the whole
+  pytest session in it: not usable here.
+* ``"ddp_spawn"`` works, but not reliably: a spawned rank exits through full interpreter and
+  C++ static teardown, where rank 1 intermittently aborts after the fit has finished
+  (``terminate called without an active exception``, SIGABRT; Lightning then raises
+  ``ProcessExitedException``). It is not rico_torch's doing: a minimal Lightning model on a
+  ``TensorDataset`` does the same (torch 2.13, Lightning 2.6, gloo; 12 of 40 runs on a busy
+  2-core machine). Forked ranks leave with ``os._exit``, so that teardown never runs.
+* Forking the pytest process itself would inherit whatever earlier tests left behind
+  (OpenMP thread pools, threads); a fresh interpreter that has done nothing but open the
+  LMDB is a clean parent, and the ranks use one torch thread each.
+
+Forking also makes the handle check meaningful: the parent opens the LMDB before ``fit``, so
+each rank inherits an open environment and must open its own instead of reading through it.
+
+What holds (Lightning 2.x, default ``use_distributed_sampler=True``): each loader gets a
+``torch.utils.data.DistributedSampler(shuffle=<train loader>, seed=$PL_GLOBAL_SEED,
+drop_last=False)``, ``set_epoch(epoch)`` before each epoch. With ``n`` items (odd here) each
+rank reads ``ceil(n/2)``; the sampler pads by repeating the first index of the epoch's order,
+so over both ranks every item is read once except exactly one read twice (``n + 1`` reads).
+The test asserts exactly that, and each rank's exact key sequence, for train and val.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import subprocess
+import sys
+from collections import Counter
+from pathlib import Path
+
+import lightning as L
+import pytest
+import torch
+import torch.nn.functional as F
+from torch.utils.data import DistributedSampler
+
+from rico_torch.data import EuroSATDataModule, store
+from rico_torch.synthetic import make_eurosat
+
+SEED = 17
+EPOCHS = 2
+SIZES = {"train": 21, "val": 3}
+
+
+def environment_opener(path: Path) -> int:
+    """The pid that opened this process's cached LMDB handle on ``path`` (store internals:
+    ``_ENVIRONMENTS`` maps the real path to (opener pid, environment))."""
+    real = os.path.realpath(path)
+    if real not in store._ENVIRONMENTS:
+        raise AssertionError(f"no LMDB environment open on {real}")
+    return store._ENVIRONMENTS[real][0]
+
+
+class KeyRecorder(L.LightningModule):
+    """A linear classifier on band means that writes down every key it is fed.
+
+    One file per stage, rank and epoch; one line per sample: key, pid of the rank, the
+    dataset's reading pid, and the pid that opened the LMDB environment it reads through.
+    """
+
+    def __init__(self, out_dir: str) -> None:
+        super().__init__()
+        self.out_dir = Path(out_dir)
+        self.layer = torch.nn.Linear(13, 3)
+
+    def setup(self, stage: str) -> None:
+        torch.set_num_threads(1)  # a forked rank stays out of OpenMP (not fork-safe with libgomp)
+
+    def _record(self, stage: str, batch: dict) -> None:
+        datamodule = self.trainer.datamodule
+        dataset = datamodule.datasets[stage]
+        opened_by = environment_opener(datamodule.lmdb_path)
+        file = self.out_dir / f"{stage}_rank{self.global_rank}_epoch{self.current_epoch}.txt"
+        with open(file, "a") as f:
+            for key in batch["key"]:
+                f.write(f"{key}\t{os.getpid()}\t{dataset._pid}\t{opened_by}\n")
+
+    def _loss(self, batch: dict) -> torch.Tensor:
+        return F.cross_entropy(self.layer(batch["image"].mean(dim=(2, 3))), batch["label"])
+
+    def training_step(self, batch, batch_idx):
+        self._record("train", batch)
+        return self._loss(batch)
+
+    def validation_step(self, batch, batch_idx):
+        self._record("val", batch)
+        self.log("val_loss", self._loss(batch), sync_dist=True, batch_size=len(batch["key"]))
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.01)
+
+
+def datamodule(lmdb_path: Path) -> EuroSATDataModule:
+    """30 patches, stratified per class 7 / 1 / 2: 21 train, 3 val, 6 test (odd splits: padding)."""
+    return EuroSATDataModule(str(lmdb_path), batch_size=4, num_workers=0, mean=[0.0] * 13, std=[1.0] * 13,
+                             val_fraction=0.1, test_fraction=0.2, seed=0)
+
+
+def fit(lmdb_path: Path, out_dir: Path) -> None:
+    """The training run (executed by the fresh interpreter, see FIT)."""
+    dm = datamodule(lmdb_path)
+    dm.setup("fit")
+    assert dm.datasets["train"][0]["image"].shape == (13, 64, 64)  # the parent holds the LMDB open
+    trainer = L.Trainer(strategy="ddp_fork", devices=2, accelerator="cpu", max_epochs=EPOCHS,
+                        num_sanity_val_steps=0, logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False, default_root_dir=str(out_dir))
+    trainer.fit(KeyRecorder(str(out_dir)), datamodule=dm)
+    assert trainer.state.finished
+
+
+FIT = """
+import os, sys
+from pathlib import Path
+from tests.test_ddp import fit
+parent = os.getpid()
+fit(Path(sys.argv[1]), Path(sys.argv[2]))
+assert os.getpid() == parent  # forked ranks never come back here
+print(f"parent={parent}")
+"""
+
+
+@pytest.fixture(scope="module")
+def lmdb_30(tmp_path_factory):
+    from .conftest import encode_cli
+
+    files = make_eurosat(tmp_path_factory.mktemp("ddp-src"), per_class=10)
+    target = tmp_path_factory.mktemp("ddp-lmdb") / "lmdb"
+    encode_cli("eurosat-ms", "--dataset-dir", str(files.root), "--target-dir", str(target), "--num-workers", "0",
+               "--quiet")
+    return target
+
+
+def expected_keys(dataset, shuffle: bool, epoch: int) -> list[list[str]]:
+    """Each rank's keys, in order, from DistributedSampler with Lightning's settings."""
+    out = []
+    for rank in range(2):
+        sampler = DistributedSampler(range(len(dataset)), num_replicas=2, rank=rank, shuffle=shuffle, seed=SEED)
+        sampler.set_epoch(epoch)
+        out.append([dataset.key(i) for i in sampler])
+    return out
+
+
+def test_ddp_two_ranks_read_their_distributed_sampler_shares(lmdb_30, tmp_path):
+    env = {**os.environ, "PL_GLOBAL_SEED": str(SEED), "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    proc = subprocess.run([sys.executable, "-c", FIT, str(lmdb_30), str(tmp_path)], capture_output=True, text=True,
+                          env=env, timeout=180)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    parent = proc.stdout.strip().splitlines()[-1].removeprefix("parent=")
+
+    dm = datamodule(lmdb_30)
+    dm.setup("fit")
+    assert sorted(p.name for p in tmp_path.glob("*.txt")) == sorted(
+        f"{stage}_rank{rank}_epoch{epoch}.txt" for stage in SIZES for rank in range(2) for epoch in range(EPOCHS))
+    rank_pids = [set(), set()]
+    for stage, shuffle in (("train", True), ("val", False)):
+        dataset = dm.datasets[stage]
+        n = len(dataset)
+        assert n == SIZES[stage] and n % 2 == 1
+        everything = {dataset.key(i) for i in range(n)}
+        orders = []
+        for epoch in range(EPOCHS):
+            records = [
+                [line.split("\t") for line in (tmp_path / f"{stage}_rank{rank}_epoch{epoch}.txt").read_text().splitlines()]
+                for rank in range(2)
+            ]
+            keys = [[r[0] for r in rank_records] for rank_records in records]
+            # ceil(n/2) per rank; n + 1 reads in all: every key once, exactly one twice (padding)
+            assert [len(k) for k in keys] == [math.ceil(n / 2)] * 2
+            counts = Counter(keys[0] + keys[1])
+            assert set(counts) == everything
+            assert sorted(counts.values()) == [1] * (n - 1) + [2]
+            assert keys == expected_keys(dataset, shuffle, epoch)
+            orders.append(keys)
+            for rank, rank_records in enumerate(records):
+                # the rank read in its own process, through an environment that process opened,
+                # not the one it inherited from the parent
+                (pid,) = {r[1] for r in rank_records}
+                assert {r[2] for r in rank_records} == {pid}
+                assert {r[3] for r in rank_records} == {pid}
+                rank_pids[rank].add(pid)
+        if shuffle:
+            assert orders[0] != orders[1]  # set_epoch reshuffles the train split
+        else:
+            assert orders[0] == orders[1]
+    assert [len(p) for p in rank_pids] == [1, 1]  # one process per rank for the whole fit
+    assert rank_pids[0] != rank_pids[1] and parent not in rank_pids[0] | rank_pids[1]
