@@ -12,7 +12,26 @@ def _block(out_channels: int) -> nn.Sequential:
     return nn.Sequential(nn.LazyConv2d(out_channels, 3, padding=1), nn.LazyBatchNorm2d(), nn.ReLU(inplace=True))
 
 
-class CNNClassifier(L.LightningModule):
+class _Baseline(L.LightningModule):
+    """Shared hooks: each stage runs ``_step``; AdamW at ``hparams.lr``."""
+
+    def _step(self, batch: dict, stage: str) -> torch.Tensor:
+        raise NotImplementedError
+
+    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+        return self._step(batch, "train")
+
+    def validation_step(self, batch: dict, batch_idx: int) -> None:
+        self._step(batch, "val")
+
+    def test_step(self, batch: dict, batch_idx: int) -> None:
+        self._step(batch, "test")
+
+    def configure_optimizers(self):
+        return torch.optim.AdamW(self.parameters(), lr=self.hparams.lr)
+
+
+class CNNClassifier(_Baseline):
     """A small CNN that adapts to any band count (lazy first layer).
 
     Args:
@@ -46,20 +65,8 @@ class CNNClassifier(L.LightningModule):
         self.log(f"{stage}_loss", loss, prog_bar=True, batch_size=len(logits))
         return loss
 
-    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
-        return self._step(batch, "train")
 
-    def validation_step(self, batch: dict, batch_idx: int) -> None:
-        self._step(batch, "val")
-
-    def test_step(self, batch: dict, batch_idx: int) -> None:
-        self._step(batch, "test")
-
-    def configure_optimizers(self):
-        return torch.optim.AdamW(self.parameters(), lr=self.hparams.lr)
-
-
-class ConvAutoencoder(L.LightningModule):
+class ConvAutoencoder(_Baseline):
     """A small convolutional autoencoder (HySpecNet-11k): 4x spatial compression, MSE loss.
 
     Args:
@@ -87,15 +94,3 @@ class ConvAutoencoder(L.LightningModule):
         loss = F.mse_loss(self(batch["image"]), batch["image"])
         self.log(f"{stage}_loss", loss, prog_bar=True, batch_size=len(batch["image"]))
         return loss
-
-    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
-        return self._step(batch, "train")
-
-    def validation_step(self, batch: dict, batch_idx: int) -> None:
-        self._step(batch, "val")
-
-    def test_step(self, batch: dict, batch_idx: int) -> None:
-        self._step(batch, "test")
-
-    def configure_optimizers(self):
-        return torch.optim.AdamW(self.parameters(), lr=self.hparams.lr)
