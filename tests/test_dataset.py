@@ -122,6 +122,8 @@ def test_pickles_without_environment(bigearthnet_lmdb, bigearthnet_files):
     assert not any(isinstance(v, lmdb.Environment) for v in vars(clone).values())
     assert not any(isinstance(v, lmdb.Environment) for v in vars(clone.store).values())
     assert torch.equal(clone[1]["image"], ds[1]["image"])
+    # compact: keys as one bytes array, no manifest carried into workers
+    assert len(pickle.dumps(ds)) < 4096 + 2 * ds._keys.nbytes
 
 
 def test_labels_from_manifest(eurosat_lmdb, eurosat_files):

@@ -131,7 +131,7 @@ class LMDBPatchDataset(Dataset):
         self.interpolation, self.native = interpolation, native
         self.mask_band, self.transforms, self.readahead = mask_band, transforms, readahead
         self.mask_lut = None if mask_lut is None else torch.as_tensor(np.asarray(mask_lut), dtype=torch.int64)
-        manifest = self.store.manifest
+        manifest = self.store.manifest()
         self.classes: tuple[str, ...] = tuple(manifest.get("classes", ())) if manifest else ()
         if keys is None:
             keys = self._all_keys(manifest)

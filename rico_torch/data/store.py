@@ -64,12 +64,16 @@ class Store:
                     f"`python -m rico_torch.encode <dataset> ... --target-dir {path}`"
                 )
         self.readahead = readahead
-        self.manifests = [read_manifest(p) for p in self.paths]
-        shards = [(m or {}).get("shard") for m in self.manifests]
-        counts = {s["count"] for s in shards if s}
         self.shard_count = 0
         self._position: list[int] = []
-        if len(self.paths) > 1 and all(shards) and len(counts) == 1:
+        if len(self.paths) > 1:
+            self._route([read_manifest(p) for p in self.paths])
+
+    def _route(self, manifests: list[dict | None]) -> None:
+        """Route keys by the shard rule when the paths are exactly the shards of one set."""
+        shards = [(m or {}).get("shard") for m in manifests]
+        counts = {s["count"] for s in shards if s}
+        if all(shards) and len(counts) == 1:
             self.shard_count = counts.pop()
             index = {s["index"]: i for i, s in enumerate(shards)}
             missing = sorted(set(range(self.shard_count)) - set(index))
@@ -80,15 +84,20 @@ class Store:
     def __str__(self) -> str:
         return str(self.paths[0]) if len(self.paths) == 1 else f"{len(self.paths)} shards ({self.paths[0]}, ...)"
 
-    @property
     def manifest(self) -> dict | None:
-        """The manifests merged: keys, labels and bands of all shards (None if any lacks one)."""
-        if any(m is None for m in self.manifests):
+        """The manifests, read now and merged over shards: keys, labels and bands (None if any
+        path lacks one, e.g. rico-hdl output).
+
+        Read on demand and not kept: with every key listed it can take tens of MB, which the
+        store (carried into every DataLoader worker) must not hold.
+        """
+        manifests = [read_manifest(p) for p in self.paths]
+        if any(m is None for m in manifests):
             return None
-        if len(self.manifests) == 1:
-            return self.manifests[0]
-        merged: dict = {"classes": self.manifests[0].get("classes", []), "keys": {}, "labels": {}, "bands": {}}
-        for m in self.manifests:
+        if len(manifests) == 1:
+            return manifests[0]
+        merged: dict = {"classes": manifests[0].get("classes", []), "keys": {}, "labels": {}, "bands": {}}
+        for m in manifests:
             for source, keys in m.get("keys", {}).items():
                 merged["keys"].setdefault(source, []).extend(keys)
             merged["labels"].update(m.get("labels", {}))

@@ -91,7 +91,7 @@ class LMDBDataModule(L.LightningDataModule):
     def manifest(self) -> dict | None:
         """The encoder's manifest (merged over shards), or None for rico-hdl output."""
         if not hasattr(self, "_manifest"):
-            self._manifest = Store(self.lmdb_paths).manifest
+            self._manifest = Store(self.lmdb_paths).manifest()
         return self._manifest
 
     def split_items(self, split: str) -> tuple[np.ndarray | list, np.ndarray | None]:
