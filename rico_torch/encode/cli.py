@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 import tempfile
@@ -115,8 +116,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def run_verify(args: argparse.Namespace) -> int:
-    import json
-
     from .verify import print_report, verify
 
     manifest_path = args.target_dir / "manifest.json"

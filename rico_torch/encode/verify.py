@@ -8,6 +8,7 @@ value must equal what encoding them gives now (which the tests tie to rasterio's
 
 from __future__ import annotations
 
+import json
 import sys
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
@@ -21,7 +22,7 @@ from ..errors import InputError, TargetError
 from ..format import parse_header
 from .discover import discover
 from .read import short_digest, value_digest
-from .writer import MANIFEST, TASK_SIZE, _progress, encode_task
+from .writer import MANIFEST, TASK_SIZE, encode_task, progress_bar
 
 
 @dataclass
@@ -45,10 +46,6 @@ class VerifyReport:
         return f"{self.target}: {len(self.problems)} problem(s) ({what})"
 
 
-def _expected_bands(manifest: dict) -> dict[str, dict]:
-    return {source: table for source, table in manifest.get("bands", {}).items()}
-
-
 def verify(target: Path, roots: dict[str, Path] | None = None, num_workers: int = 0, quiet: bool = False) -> VerifyReport:
     """Verify ``target``; ``roots`` (source name -> directory) adds the comparison with sources."""
     target = Path(target)
@@ -57,21 +54,19 @@ def verify(target: Path, roots: dict[str, Path] | None = None, num_workers: int 
         raise TargetError(f"{target}: no data.mdb here")
     if not manifest_path.exists():
         raise TargetError(f"{target}: no {MANIFEST}; verify checks datasets written by rico_torch")
-    import json
-
     manifest = json.loads(manifest_path.read_text())
     if not manifest.get("complete"):
         raise TargetError(f"{target}: the encode is not complete; re-run the encode command to finish it")
     report = VerifyReport(target)
     source_of = {k: s for s, keys in manifest["keys"].items() for k in keys}
     digest_of = {k: d for s, keys in manifest["keys"].items() for k, d in zip(keys, manifest.get("digests", {}).get(s, []))}
-    bands = _expected_bands(manifest)
+    bands = manifest.get("bands", {})
     stored_digests: dict[str, int] = {}
     total = 0
     env = lmdb.open(str(target), readonly=True, lock=False, subdir=True, max_dbs=0)
     try:
         with env.begin(buffers=True) as txn:
-            bar = _progress(manifest.get("patches", 0), quiet)
+            bar = progress_bar(manifest.get("patches", 0), quiet)
             for raw_key, value in txn.cursor():
                 key = bytes(raw_key).decode("utf-8", "replace")
                 report.checked += 1
@@ -127,7 +122,7 @@ def _compare_sources(manifest, roots, stored_digests, report, num_workers, quiet
         for sp in discovered
         for i in range(0, len(sp.patches), TASK_SIZE)
     ]
-    bar = _progress(sum(len(t[2]) for t in tasks), quiet)
+    bar = progress_bar(sum(len(t[2]) for t in tasks), quiet)
     if num_workers > 0:
         pool = ProcessPoolExecutor(num_workers, mp_context=get_context("spawn"))
         results = pool.map(_digests_task, tasks)

@@ -235,7 +235,8 @@ def _chunks(discovered: list[SourcePatches]) -> list[Chunk]:
     ]
 
 
-def _progress(total: int, quiet: bool):
+def progress_bar(total: int, quiet: bool):
+    """A tqdm bar on stderr (patches done of total, rate, time left); off with --quiet or off a terminal."""
     from tqdm import tqdm
 
     return tqdm(total=total, unit="patch", disable=True if quiet else None, dynamic_ncols=True, file=sys.stderr)
@@ -366,7 +367,7 @@ def _write(dataset, discovered, target, num_workers, skip_invalid, quiet):
     finally:
         env.close()
     resumed = len(chunks) - len(pending)
-    bar = _progress(total, quiet)
+    bar = progress_bar(total, quiet)
     bar.update(total - sum(len(c.patches) for c in pending))
     with _Runner(dataset.name, pending, num_workers, skip_invalid) as runner:
         for chunk, results in zip(pending, runner):
