@@ -86,6 +86,19 @@ CHANNEL_SETS: dict[int, tuple[str, ...]] = {
     14: ("VV", "VH", "B01", "B02", "B03", "B04", "B05", "B06", "B07", "B08", "B8A", "B09", "B11", "B12"),
 }  # fmt: skip
 
+#: ConfigILM's named channel sets.
+NAMED_CHANNEL_SETS: dict[str, tuple[str, ...]] = {
+    "S1": ("VV", "VH"),
+    "S2": ("B01", "B02", "B03", "B04", "B05", "B06", "B07", "B08", "B8A", "B09", "B11", "B12"),
+    "ALL": CHANNEL_SETS[14],
+    "RGB": CHANNEL_SETS[3],
+    "10m": CHANNEL_SETS[4],
+    "20m": ("B05", "B06", "B07", "B8A", "B11", "B12"),
+    "60m": ("B01", "B09"),
+    "10m_20m": CHANNEL_SETS[10],
+    "S1_10m_20m": CHANNEL_SETS[12],
+}
+
 DATASET = Dataset(
     name="bigearthnet",
     title="BigEarthNet v2",

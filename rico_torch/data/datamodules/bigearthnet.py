@@ -17,12 +17,17 @@ METADATA_SPLITS = {"train": "train", "val": "validation", "test": "test"}
 IGNORE_INDEX = 255
 
 
-def resolve_bands(bands: list[str] | int) -> list[str]:
-    """Band names, or one of ConfigILM's channel-set sizes (2, 3, 4, 10, 12, 14)."""
+def resolve_bands(bands: list[str] | int | str) -> list[str]:
+    """Band names, or one of ConfigILM's channel sets: a size (2, 3, 4, 10, 12, 14) or a name
+    (S1, S2, ALL, RGB, 10m, 20m, 60m, 10m_20m, S1_10m_20m)."""
     if isinstance(bands, int):
         if bands not in bigearthnet.CHANNEL_SETS:
             raise ValueError(f"no channel set of {bands} bands; valid: {sorted(bigearthnet.CHANNEL_SETS)}")
         return list(bigearthnet.CHANNEL_SETS[bands])
+    if isinstance(bands, str):
+        if bands in bigearthnet.NAMED_CHANNEL_SETS:
+            return list(bigearthnet.NAMED_CHANNEL_SETS[bands])
+        bands = [bands]
     valid = (*bigearthnet.S1.band_names, *bigearthnet.S2.band_names)
     unknown = [b for b in bands if b not in valid]
     if unknown:
@@ -36,9 +41,10 @@ class BigEarthNetDataModule(LMDBDataModule):
     Args:
         lmdb_path: LMDB holding the S1 and/or S2 patches (and reference maps for ``mask``).
         metadata_dir: folder with the official ``metadata.parquet`` (and the snow/cloud file).
-        bands: band names (S1 ``VV VH``, S2 ``B01``..``B12``, ``B8A``) or a ConfigILM channel-set
-            size: 2 = VV VH; 3 = B04 B03 B02; 4 = B02 B03 B04 B08; 10 = the 10/20 m S2 bands;
-            12 = VV VH + those 10; 14 = VV VH and all 12 S2 bands. S2 patches are paired with
+        bands: band names (S1 ``VV VH``, S2 ``B01``..``B12``, ``B8A``) or a ConfigILM channel set
+            by size: 2 = VV VH; 3 = B04 B03 B02; 4 = B02 B03 B04 B08; 10 = the 10/20 m S2 bands;
+            12 = VV VH + those 10; 14 = VV VH and all 12 S2 bands; or by name: S1, S2, ALL (14),
+            RGB, 10m, 20m, 60m, 10m_20m, S1_10m_20m. S2 patches are paired with
             their S1 partner (``s1_name``) when both sensors are selected.
         include_snow_cloud: also use the patches with seasonal snow, clouds or shadows
             (excluded by default, as ConfigILM does).
@@ -57,7 +63,7 @@ class BigEarthNetDataModule(LMDBDataModule):
         self,
         lmdb_path: str | list[str],
         metadata_dir: str,
-        bands: list[str] | int = 12,
+        bands: list[str] | int | str = 12,
         include_snow_cloud: bool = False,
         class_order: str = "alphabetical",
         mask: bool = False,
