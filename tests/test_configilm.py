@@ -73,3 +73,23 @@ def test_configilm_reader_returns_the_same_tensors(benv2_utils, bigearthnet_lmdb
             image, label = reader[s2]
             assert torch.equal(image, ds[i]["image"]) and torch.equal(label, ds[i]["label"].float()), s2
             assert np.array_equal(np.flatnonzero(label.numpy()), np.flatnonzero(ds[i]["label"].numpy()))
+
+
+def test_bilinear_with_align_corners_matches_configilm(benv2_utils, bigearthnet_lmdb, bigearthnet_files, tmp_path):
+    metadata = tmp_path / "metadata.parquet"
+    make_bigearthnet_metadata(metadata, bigearthnet_files.pairs, labels=bigearthnet_files.labels)
+    private = tmp_path / "lmdb"
+    private.mkdir()
+    shutil.copy(bigearthnet_lmdb / "data.mdb", private / "data.mdb")
+    for mode in ("bilinear", "bicubic"):
+        reader = benv2_utils.BENv2LDMBReader(
+            private, metadata, bands="ALL",
+            process_bands_fn=partial(benv2_utils.stack_and_interpolate, img_size=120, upsample_mode=mode))
+        items = list(bigearthnet_files.pairs)
+        for native in (False, True):
+            ours = LMDBPatchDataset(bigearthnet_lmdb, bands=resolve_bands("ALL"), keys=items, interpolation=mode,
+                                    align_corners=True, native=native)
+            batch = ours.read_batch(list(range(len(items))))
+            images = ours.native_assembler()(batch["native"]) if native else batch["image"]
+            for i, (s2, _) in enumerate(items):
+                assert torch.allclose(reader[s2][0], images[i], atol=1e-3), (mode, native, s2)

@@ -87,7 +87,8 @@ class LMDBPatchDataset(Dataset):
             class labels where it has them.
         size: output ``(height, width)`` or int; ``None``: the largest selected band's size.
         interpolation: ``nearest`` (integer factors are exact pixel replication),
-            ``bilinear`` or ``bicubic`` (``torch.nn.functional.interpolate``, align_corners=False).
+            ``bilinear`` or ``bicubic`` (``torch.nn.functional.interpolate``).
+        align_corners: passed to ``interpolate`` for bilinear/bicubic (ConfigILM uses True).
         native: return bands unresampled in their dtype, grouped by (dtype, size), as
             ``sample["native"][group name]``; :meth:`native_assembler` builds the float image
             on the device.
@@ -111,6 +112,7 @@ class LMDBPatchDataset(Dataset):
         labels: Sequence[Any] | np.ndarray | None = None,
         size: int | tuple[int, int] | None = None,
         interpolation: str = "nearest",
+        align_corners: bool = False,
         native: bool = False,
         mask_band: str | None = None,
         mask_lut: np.ndarray | None = None,
@@ -128,7 +130,7 @@ class LMDBPatchDataset(Dataset):
             raise ValueError("bands is empty; name at least one band")
         if len(set(self.bands)) != len(self.bands):
             raise ValueError(f"bands has duplicates: {self.bands}")
-        self.interpolation, self.native = interpolation, native
+        self.interpolation, self.align_corners, self.native = interpolation, align_corners, native
         self.mask_band, self.transforms, self.readahead = mask_band, transforms, readahead
         self.mask_lut = None if mask_lut is None else torch.as_tensor(np.asarray(mask_lut), dtype=torch.int64)
         manifest = self.store.manifest()
@@ -333,7 +335,7 @@ class LMDBPatchDataset(Dataset):
         return self.mask_lut[m] if self.mask_lut is not None else m
 
     def _resize(self, bands: torch.Tensor, mode: str) -> torch.Tensor:
-        kwargs = {} if mode == "nearest" else {"align_corners": False}
+        kwargs = {} if mode == "nearest" else {"align_corners": self.align_corners}
         return F.interpolate(bands[None], size=self.size, mode=mode, **kwargs)[0]
 
     # --- native mode ------------------------------------------------------------------
@@ -344,7 +346,8 @@ class LMDBPatchDataset(Dataset):
         with self._reader() as reader:
             plan = self._plan(keys, [reader.get(k) for k in keys])
         order = [(step.group, step.channel) for step in plan.steps]  # per output channel
-        return NativeAssembler(plan.groups, order, self.size, self.interpolation)  # type: ignore[arg-type]
+        return NativeAssembler(plan.groups, order, self.size, self.interpolation,  # type: ignore[arg-type]
+                               self.align_corners)
 
 
 def _torch_dtype(dtype: np.dtype) -> torch.dtype:
@@ -450,10 +453,11 @@ class NativeAssembler(torch.nn.Module):
     ``F.interpolate`` per (dtype, size) group.
     """
 
-    def __init__(self, groups: tuple[NativeGroup, ...], order: list[tuple[int, int]], size, interpolation: str):
+    def __init__(self, groups: tuple[NativeGroup, ...], order: list[tuple[int, int]], size, interpolation: str,
+                 align_corners: bool = False):
         super().__init__()
         self.size = tuple(size)
-        self.interpolation = interpolation
+        self.interpolation, self.align_corners = interpolation, align_corners
         self.group_names = [g.name for g in groups]
         self.group_shapes = [g.shape for g in groups]
         # per group: (output channel, channel within the group) of its bands
@@ -481,7 +485,7 @@ class NativeAssembler(torch.nn.Module):
                     src = x[:, within, :, None, :, None].expand(-1, sh, factor, sw, factor)
                     out[:, channel].view(-1, sh, factor, sw, factor).copy_(src)
             else:
-                kwargs = {} if self.interpolation == "nearest" else {"align_corners": False}
+                kwargs = {} if self.interpolation == "nearest" else {"align_corners": self.align_corners}
                 resized = F.interpolate(x.float(), size=self.size, mode=self.interpolation, **kwargs)
                 for channel, within in targets:
                     out[:, channel] = resized[:, within]

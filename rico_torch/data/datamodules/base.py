@@ -40,6 +40,7 @@ class LMDBDataModule(L.LightningDataModule):
         native: load bands in their dtype and resample on the device (fastest loading).
         size: output size; ``None``: the largest selected band's size.
         interpolation: ``nearest``, ``bilinear`` or ``bicubic``.
+        align_corners: for bilinear/bicubic (ConfigILM uses True; torch's default is False).
         readahead: OS readahead on the LMDB file (helps when it fits in memory).
         seed: seed of generated splits and the statistics sample.
     """
@@ -64,6 +65,7 @@ class LMDBDataModule(L.LightningDataModule):
         native: bool = False,
         size: int | None = None,
         interpolation: str = "nearest",
+        align_corners: bool = False,
         readahead: bool = False,
         stats_samples: int = 1000,
         seed: int = 0,
@@ -75,6 +77,7 @@ class LMDBDataModule(L.LightningDataModule):
         self.bands = list(bands)
         self.batch_size, self.num_workers, self.pin_memory = batch_size, num_workers, pin_memory
         self.flips, self.native, self.size, self.interpolation = flips, native, size, interpolation
+        self.align_corners = align_corners
         self.readahead, self.stats_samples, self.seed = readahead, stats_samples, seed
         if (mean is None) != (std is None):
             raise ValueError("give both mean and std, or neither")
@@ -120,7 +123,8 @@ class LMDBDataModule(L.LightningDataModule):
         items, labels = self.split_items(split)
         return LMDBPatchDataset(
             self.lmdb_paths, self.bands, keys=items, labels=labels, size=self.size,
-            interpolation=self.interpolation, native=self.native, readahead=self.readahead,
+            interpolation=self.interpolation, align_corners=self.align_corners, native=self.native,
+            readahead=self.readahead,
             **self.dataset_kwargs(),
         )
 
@@ -177,7 +181,8 @@ class LMDBDataModule(L.LightningDataModule):
     # --- statistics -----------------------------------------------------------------------
 
     def _stats_cache(self, dataset: LMDBPatchDataset) -> Path:
-        ident = json.dumps([self.name, self.bands, list(dataset.size or ()), self.interpolation, len(dataset),
+        ident = json.dumps([self.name, self.bands, list(dataset.size or ()), self.interpolation, self.align_corners,
+                            len(dataset),
                             self.stats_samples, self.seed])
         digest = hashlib.sha256(ident.encode() + dataset._keys.tobytes()).hexdigest()[:16]
         return self.lmdb_path / f"stats-{digest}.json"
@@ -190,7 +195,7 @@ class LMDBDataModule(L.LightningDataModule):
             stats = json.loads(cache.read_text())
             return torch.tensor(stats["mean"]), torch.tensor(stats["std"])
         stats_ds = LMDBPatchDataset(self.lmdb_paths, self.bands, keys=train._keys, size=self.size,
-                                    interpolation=self.interpolation)
+                                    interpolation=self.interpolation, align_corners=self.align_corners)
         rng = np.random.default_rng(self.seed)
         n = min(len(stats_ds), self.stats_samples)
         indices = np.sort(rng.choice(len(stats_ds), size=n, replace=False))

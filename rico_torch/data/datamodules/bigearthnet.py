@@ -76,13 +76,14 @@ class BigEarthNetDataModule(LMDBDataModule):
         native: bool = False,
         size: int | None = None,
         interpolation: str = "nearest",
+        align_corners: bool = False,
         readahead: bool = False,
         stats_samples: int = 1000,
         seed: int = 0,
     ) -> None:
         super().__init__(lmdb_path, resolve_bands(bands), batch_size=batch_size, num_workers=num_workers,
                          pin_memory=pin_memory, mean=mean, std=std, flips=flips, native=native, size=size,
-                         interpolation=interpolation, readahead=readahead, stats_samples=stats_samples, seed=seed)
+                         interpolation=interpolation, align_corners=align_corners, readahead=readahead, stats_samples=stats_samples, seed=seed)
         self.metadata_dir = Path(metadata_dir)
         self.include_snow_cloud, self.class_order, self.mask = include_snow_cloud, class_order, mask
         self._stored: set[bytes] | None = None
