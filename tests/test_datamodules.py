@@ -98,7 +98,7 @@ def test_band_sets_and_errors(bigearthnet_lmdb, ben_metadata):
         BigEarthNetDataModule(str(bigearthnet_lmdb), str(ben_metadata), bands=["B10"])
 
 
-def test_plot(bigearthnet_lmdb, ben_metadata):
+def test_plot(bigearthnet_lmdb, ben_metadata, tmp_path):
     import matplotlib
 
     matplotlib.use("Agg")
@@ -106,6 +106,9 @@ def test_plot(bigearthnet_lmdb, ben_metadata):
     dm.setup("fit")
     fig = dm.plot(dm.datasets["train"][0])
     assert isinstance(fig, matplotlib.figure.Figure) and len(fig.axes) == 2
+    fig.savefig(tmp_path / "sample.png")
+    ds = dm.datasets["train"]
+    assert len(ds.plot(ds[0]).axes) == 2
 
 
 @pytest.mark.skipif(not (BIGEARTHNET_METADATA / "metadata.parquet").exists(), reason="official metadata not in ../shared")

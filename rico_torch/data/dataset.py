@@ -32,6 +32,7 @@ from .store import Store, open_environment, read_manifest  # noqa: F401  (re-exp
 INTERPOLATIONS = ("nearest", "bilinear", "bicubic")
 Item = str | tuple[str, ...]
 _HEADER_CACHE_LIMIT = 256
+_RGB_CANDIDATES = (("B04", "B03", "B02"), ("Red", "Green", "Blue"), ("B43", "B28", "B10"))
 
 
 def _empty(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
@@ -337,6 +338,19 @@ class LMDBPatchDataset(Dataset):
     def _resize(self, bands: torch.Tensor, mode: str) -> torch.Tensor:
         kwargs = {} if mode == "nearest" else {"align_corners": self.align_corners}
         return F.interpolate(bands[None], size=self.size, mode=mode, **kwargs)[0]
+
+    def plot(self, sample: dict[str, Any], rgb_bands: Sequence[str] | None = None, title: str | None = None):
+        """An RGB composite (2-98 percentile stretch) with label names and the mask, if any.
+
+        ``rgb_bands`` defaults to the first of (B04 B03 B02), (Red Green Blue), (B43 B28 B10)
+        that was selected; else the first band is shown in grey. Returns a matplotlib Figure.
+        """
+        from .plot import plot_sample
+
+        if rgb_bands is None:
+            rgb_bands = next((c for c in _RGB_CANDIDATES if all(b in self.bands for b in c)), ())
+        multilabel = self.labels is not None and self.labels.ndim == 2
+        return plot_sample(sample, self.bands, rgb_bands, self.classes, multilabel=multilabel, title=title)
 
     # --- native mode ------------------------------------------------------------------
 
