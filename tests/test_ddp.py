@@ -19,10 +19,11 @@ each rank inherits an open environment and must open its own instead of reading 
 
 What holds (Lightning 2.x, default ``use_distributed_sampler=True``): each loader gets a
 ``torch.utils.data.DistributedSampler(shuffle=<train loader>, seed=$PL_GLOBAL_SEED,
-drop_last=False)``, ``set_epoch(epoch)`` before each epoch. With ``n`` items (odd here) each
-rank reads ``ceil(n/2)``; the sampler pads by repeating the first index of the epoch's order,
-so over both ranks every item is read once except exactly one read twice (``n + 1`` reads).
-The test asserts exactly that, and each rank's exact key sequence, for train and val.
+drop_last=False)``, ``set_epoch(epoch)`` before each epoch. With ``n`` items each rank reads
+``ceil(n/2)``: for even ``n`` (train, 24) every item exactly once per epoch; for odd ``n``
+(val, 3) the sampler pads by repeating the first index of the epoch's order, so every item is
+read once except exactly one read twice (``n + 1`` reads). The test asserts exactly that, and
+each rank's exact key sequence, for train and val.
 """
 
 from __future__ import annotations
@@ -45,7 +46,7 @@ from rico_torch.synthetic import make_eurosat
 
 SEED = 17
 EPOCHS = 2
-SIZES = {"train": 21, "val": 3}
+SIZES = {"train": 24, "val": 3}  # even: each sample exactly once; odd: padding
 
 
 def environment_opener(path: Path) -> int:
@@ -97,7 +98,7 @@ class KeyRecorder(L.LightningModule):
 
 
 def datamodule(lmdb_path: Path) -> EuroSATDataModule:
-    """30 patches, stratified per class 7 / 1 / 2: 21 train, 3 val, 6 test (odd splits: padding)."""
+    """33 patches, stratified per class 8 / 1 / 2: 24 train (even), 3 val (odd: padding), 6 test."""
     return EuroSATDataModule(str(lmdb_path), batch_size=4, num_workers=0, mean=[0.0] * 13, std=[1.0] * 13,
                              val_fraction=0.1, test_fraction=0.2, seed=0)
 
@@ -129,7 +130,7 @@ print(f"parent={parent}")
 def lmdb_30(tmp_path_factory):
     from .conftest import encode_cli
 
-    files = make_eurosat(tmp_path_factory.mktemp("ddp-src"), per_class=10)
+    files = make_eurosat(tmp_path_factory.mktemp("ddp-src"), per_class=11)
     target = tmp_path_factory.mktemp("ddp-lmdb") / "lmdb"
     encode_cli("eurosat-ms", "--dataset-dir", str(files.root), "--target-dir", str(target), "--num-workers", "0",
                "--quiet")
@@ -161,7 +162,7 @@ def test_ddp_two_ranks_read_their_distributed_sampler_shares(lmdb_30, tmp_path):
     for stage, shuffle in (("train", True), ("val", False)):
         dataset = dm.datasets[stage]
         n = len(dataset)
-        assert n == SIZES[stage] and n % 2 == 1
+        assert n == SIZES[stage]
         everything = {dataset.key(i) for i in range(n)}
         orders = []
         for epoch in range(EPOCHS):
@@ -170,11 +171,12 @@ def test_ddp_two_ranks_read_their_distributed_sampler_shares(lmdb_30, tmp_path):
                 for rank in range(2)
             ]
             keys = [[r[0] for r in rank_records] for rank_records in records]
-            # ceil(n/2) per rank; n + 1 reads in all: every key once, exactly one twice (padding)
+            # ceil(n/2) per rank: with n even every key exactly once; with n odd every key
+            # once and exactly one twice (the sampler's padding)
             assert [len(k) for k in keys] == [math.ceil(n / 2)] * 2
             counts = Counter(keys[0] + keys[1])
             assert set(counts) == everything
-            assert sorted(counts.values()) == [1] * (n - 1) + [2]
+            assert sorted(counts.values()) == ([1] * (n - 1) + [2] if n % 2 else [1] * n)
             assert keys == expected_keys(dataset, shuffle, epoch)
             orders.append(keys)
             for rank, rank_records in enumerate(records):
