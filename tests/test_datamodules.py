@@ -89,6 +89,17 @@ def test_normalisation_on_device(eurosat_lmdb):
     assert torch.allclose(out["image"].mean(dim=(0, 2, 3)), torch.zeros(13), atol=0.5)
 
 
+def test_encode_rerun_accepts_cached_statistics(eurosat_files, tmp_path):
+    target = tmp_path / "lmdb"
+    args = ["eurosat-ms", "--dataset-dir", str(eurosat_files.root), "--target-dir", str(target), "--quiet"]
+    encode_cli(*args)
+    EuroSATDataModule(str(target), num_workers=0).setup("fit")
+    assert list(target.glob("stats-*.json"))
+    assert "already complete" in encode_cli(*args[:-1]).stderr
+    encode_cli(*args, "--overwrite")
+    assert not list(target.glob("stats-*.json"))  # they described the replaced data
+
+
 def test_band_sets_and_errors(bigearthnet_lmdb, ben_metadata):
     dm = BigEarthNetDataModule(str(bigearthnet_lmdb), str(ben_metadata), bands=3)
     assert dm.bands == ["B04", "B03", "B02"] and not dm.uses_s1

@@ -161,13 +161,19 @@ class TargetLock:
         os.close(self.fd)
 
 
+def _ours(name: str) -> bool:
+    """Files rico_torch puts in a target: the LMDB, manifest, lock, staging, temporary files and
+    the DataModules' cached statistics (``stats-*.json``)."""
+    return name in OUR_FILES or name.endswith(".tmp") or (name.startswith("stats-") and name.endswith(".json"))
+
+
 def _prepare_target(target: Path, overwrite: bool) -> None:
     """Create the target, or check it holds nothing but a rico_torch encode (or, with
     ``overwrite``, nothing but an LMDB)."""
     if target.exists() and not target.is_dir():
         raise TargetError(f"{target}: target exists and is not a directory")
     if target.exists():
-        foreign = sorted(p.name for p in target.iterdir() if p.name not in OUR_FILES and p.suffix != ".tmp")
+        foreign = sorted(p.name for p in target.iterdir() if not _ours(p.name))
         if foreign:
             raise TargetError(
                 f"{target}: target holds other files ({', '.join(foreign[:3])}{' ...' if len(foreign) > 3 else ''}); "
@@ -278,6 +284,8 @@ def encode_dataset(
                 if (staging / name).exists():
                     os.replace(staging / name, target / name)
             os.replace(staging / MANIFEST, target / MANIFEST)
+            for stale in target.glob("stats-*.json"):  # statistics of the data just replaced
+                stale.unlink()
             shutil.rmtree(staging, ignore_errors=True)
         else:
             previous = _read_manifest(target)
