@@ -20,13 +20,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NamedTuple
 
-import lmdb
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch.utils.data import Dataset, get_worker_info
 
-from ..format import TensorInfo, parse_header
+from ..format import TensorInfo, parse_header, view
 from .store import Store, open_environment, read_manifest  # noqa: F401  (re-exported)
 
 INTERPOLATIONS = ("nearest", "bilinear", "bicubic")
@@ -224,15 +223,14 @@ class LMDBPatchDataset(Dataset):
                 where.setdefault(name, (part, info))
         for name in self.bands + ((self.mask_band,) if self.mask_band else ()):
             if name not in where:
-                raise KeyError(f"band {name!r} is not in patch {keys if len(keys) > 1 else keys[0]!r} "
+                raise KeyError(f"band {name!r} is not in patch {_patch_name(keys)!r} "
                                f"(it has {sorted(where)})")
             shape = where[name][1].shape
             if len(shape) != 2 or 0 in shape:
-                raise ValueError(f"band {name!r} of patch {keys if len(keys) > 1 else keys[0]!r} is not a "
+                raise ValueError(f"band {name!r} of patch {_patch_name(keys)!r} is not a "
                                  f"non-empty 2-D array: shape {shape}")
         if self.size is None:
             self.size = self._resolve_size(headers)
-        h, w = self.size
         # Native groups: bands of one (dtype, size), kept in the order they are stored, so
         # that bands stored side by side are copied with one copy (see _native_runs).
         groups: dict[tuple, list[str]] = {}
@@ -243,8 +241,7 @@ class LMDBPatchDataset(Dataset):
         steps = []
         for channel, name in enumerate(self.bands):
             part, info = where[name]
-            sh, sw = info.shape
-            factor = h // sh if self.interpolation == "nearest" and h % sh == 0 and w % sw == 0 and h // sh == w // sw else 0
+            factor = nearest_factor(self.size, info.shape, self.interpolation)
             gkey = (info.dtype.str, info.shape)
             in_group = groups[gkey].index(name)
             steps.append(_Step(part, info, in_group if self.native else channel, group_keys.index(gkey), factor))
@@ -330,7 +327,7 @@ class LMDBPatchDataset(Dataset):
 
     def _mask(self, values: list[memoryview], mask: tuple[int, TensorInfo]) -> torch.Tensor:
         part, info = mask
-        m = torch.from_numpy(_view(values[part], info).astype(np.int64))
+        m = torch.from_numpy(view(values[part], info).astype(np.int64))
         if m.shape != tuple(self.size):
             m = F.interpolate(m[None, None].float(), size=self.size, mode="nearest")[0, 0].long()
         return self.mask_lut[m] if self.mask_lut is not None else m
@@ -444,9 +441,17 @@ def _image_runs(steps: list[_Step]) -> list[tuple[int, int, int, int, TensorInfo
     return [tuple(r[:5]) for r in runs]
 
 
-def _view(value: memoryview, info: TensorInfo) -> np.ndarray:
-    # offsets and sizes were validated against this value's length by the plan
-    return np.ndarray(info.shape, info.dtype, value, info.begin)
+def nearest_factor(size: tuple[int, int], shape: tuple[int, ...], interpolation: str) -> int:
+    """The integer factor by which nearest upsampling of ``shape`` to ``size`` is pure
+    replication, or 0 when ``F.interpolate`` is needed."""
+    (h, w), (sh, sw) = size, shape
+    if interpolation == "nearest" and h % sh == 0 and w % sw == 0 and h // sh == w // sw:
+        return h // sh
+    return 0
+
+
+def _patch_name(keys: tuple[str, ...]) -> object:
+    return keys if len(keys) > 1 else keys[0]
 
 
 def _pack_keys(keys: Sequence[Item] | np.ndarray) -> np.ndarray:
@@ -479,12 +484,6 @@ class NativeAssembler(torch.nn.Module):
         for channel, (group, within) in enumerate(order):
             self.targets[group].append((channel, within))
 
-    def _factor(self, shape: tuple[int, int]) -> int:
-        (h, w), (sh, sw) = self.size, shape
-        if self.interpolation == "nearest" and h % sh == 0 and w % sw == 0 and h // sh == w // sw:
-            return h // sh
-        return 0
-
     def forward(self, native: dict[str, torch.Tensor]) -> torch.Tensor:
         first = native[self.group_names[0]]
         h, w = self.size
@@ -492,7 +491,7 @@ class NativeAssembler(torch.nn.Module):
                           device=first.device)
         for name, shape, targets in zip(self.group_names, self.group_shapes, self.targets):
             x = native[name]
-            factor = self._factor(shape)
+            factor = nearest_factor(self.size, shape, self.interpolation)
             if factor:
                 sh, sw = shape
                 for channel, within in targets:
