@@ -24,6 +24,13 @@ def encode_cli(*args: str, check: bool = True) -> subprocess.CompletedProcess:
     return proc
 
 
+def encoded(tmp_path_factory, dataset: str, *args) -> Path:
+    """Encode into a fresh session directory through the CLI; the LMDB's path."""
+    target = tmp_path_factory.mktemp(f"{dataset}-lmdb") / "lmdb"
+    encode_cli(dataset, *map(str, args), "--target-dir", str(target))
+    return target
+
+
 def read_lmdb(path: Path) -> dict[bytes, bytes]:
     """Every key -> value of an LMDB (opened read-only, without a lock file)."""
     try:
@@ -51,11 +58,9 @@ def bigearthnet_files(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def bigearthnet_lmdb(bigearthnet_files, tmp_path_factory):
-    target = tmp_path_factory.mktemp("ben-lmdb") / "lmdb"
     f = bigearthnet_files
-    encode_cli("bigearthnet", "--s1-dir", str(f.s1_dir), "--s2-dir", str(f.s2_dir),
-               "--reference-maps-dir", str(f.reference_maps_dir), "--target-dir", str(target), "--num-workers", "2")
-    return target
+    return encoded(tmp_path_factory, "bigearthnet", "--s1-dir", f.s1_dir, "--s2-dir", f.s2_dir,
+                   "--reference-maps-dir", f.reference_maps_dir, "--num-workers", "2")
 
 
 @pytest.fixture(scope="session")
@@ -65,9 +70,7 @@ def eurosat_files(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def eurosat_lmdb(eurosat_files, tmp_path_factory):
-    target = tmp_path_factory.mktemp("eurosat-lmdb") / "lmdb"
-    encode_cli("eurosat-ms", "--dataset-dir", str(eurosat_files.root), "--target-dir", str(target), "--num-workers", "0")
-    return target
+    return encoded(tmp_path_factory, "eurosat-ms", "--dataset-dir", eurosat_files.root, "--num-workers", "0")
 
 
 @pytest.fixture(scope="session")
@@ -77,9 +80,7 @@ def ucmerced_files(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def ucmerced_lmdb(ucmerced_files, tmp_path_factory):
-    target = tmp_path_factory.mktemp("ucm-lmdb") / "lmdb"
-    encode_cli("uc-merced", "--dataset-dir", str(ucmerced_files.root), "--target-dir", str(target), "--num-workers", "0")
-    return target
+    return encoded(tmp_path_factory, "uc-merced", "--dataset-dir", ucmerced_files.root, "--num-workers", "0")
 
 
 @pytest.fixture(scope="session")
@@ -89,7 +90,4 @@ def hyspecnet_files(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def hyspecnet_lmdb(hyspecnet_files, tmp_path_factory):
-    target = tmp_path_factory.mktemp("hsn-lmdb") / "lmdb"
-    encode_cli("hyspecnet-11k", "--dataset-dir", str(hyspecnet_files.root), "--target-dir", str(target),
-               "--num-workers", "1")
-    return target
+    return encoded(tmp_path_factory, "hyspecnet-11k", "--dataset-dir", hyspecnet_files.root, "--num-workers", "1")
