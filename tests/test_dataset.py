@@ -218,3 +218,20 @@ def test_corrupt_values_raise_value_error_naming_the_key(tmp_path):
             ds[1]
         with pytest.raises(ValueError, match=key):
             ds.read_batch([0, 1])
+
+
+@pytest.mark.parametrize("factor", [2, 3, 4, 6])
+@pytest.mark.parametrize("dtype", ["uint16", "int16", "uint8", "float32", "float64", "int32"])
+def test_replicate_is_exact_nearest_upsampling(factor, dtype):
+    from rico_torch.data.dataset import replicate as fast_replicate
+
+    rng = np.random.default_rng(factor)
+    src = (rng.standard_normal((3, 7, 5)) * 1000).astype(dtype)
+    if src.dtype.kind == "f":
+        src[0, 0, 0], src[1, 2, 3] = np.nan, -np.inf
+    for out_dtype in (np.float32, np.float64):
+        dst = np.full((3, 7 * factor, 5 * factor), 7, out_dtype)
+        fast_replicate(src, factor, dst)
+        want = np.repeat(np.repeat(src, factor, axis=1), factor, axis=2).astype(out_dtype)
+        np.testing.assert_array_equal(dst, want)
+        assert np.array_equal(np.isnan(dst), np.isnan(want))

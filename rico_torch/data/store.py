@@ -138,16 +138,15 @@ class _Reader:
         for txn in self.txns:
             txn.abort()  # read-only: ending it is all there is to do
 
-    def get(self, key: str) -> memoryview:
-        raw = key.encode()
+    def get(self, key: bytes) -> memoryview:
         if self._single is not None:
-            value = self._single.get(raw)
+            value = self._single.get(key)
         elif self.store.shard_count:
-            value = self.txns[self.store._position[shard_of(raw, self.store.shard_count)]].get(raw)
+            value = self.txns[self.store._position[shard_of(key, self.store.shard_count)]].get(key)
         else:
-            value = next((v for v in (t.get(raw) for t in self.txns) if v is not None), None)
+            value = next((v for v in (t.get(key) for t in self.txns) if v is not None), None)
         if value is None:
-            raise KeyError(f"key {key!r} is not in the LMDB at {self.store}")
+            raise KeyError(f"key {key.decode()!r} is not in the LMDB at {self.store}")
         return value
 
     def keys(self) -> list[str]:
