@@ -123,6 +123,16 @@ def _batches(n_items: int, count: int, rng: random.Random) -> list[list[int]]:
     return [rng.sample(range(n_items), min(BATCH, n_items)) for _ in range(count)]
 
 
+def _reusing(ds):
+    """``read_batch`` into the previous batch's memory (how a loop in one process reuses it)."""
+    last = {}
+
+    def read(indices):
+        last["batch"] = ds.read_batch(indices, into=last.get("batch"))
+
+    return read
+
+
 def _cycle_calls(fn, batches):
     state = {"i": 0}
 
@@ -372,6 +382,8 @@ def main(argv: list[str] | None = None) -> int:
         float_batch = torch.stack([s["image"] for s in got])
     if not torch.equal(float_batch, torch.stack([base[i][0] for i in check])):
         problems.append("batched float output differs from the baseline")
+    if not torch.equal(rico.read_batch(check, into=rico.read_batch(check[::-1]))["image"], float_batch):
+        problems.append("float output read into an earlier batch differs")
     assembler = native.native_assembler()
     native_check = native.__getitems__(check).batch["native"]
     if not torch.equal(assembler(native_check), float_batch):
@@ -383,6 +395,8 @@ def main(argv: list[str] | None = None) -> int:
     t_item = over_items(lambda i: rico[i], per_item)
     t_batch = per_call(_cycle_calls(rico.__getitems__, batches)) / BATCH
     t_native = per_call(_cycle_calls(native.__getitems__, batches)) / BATCH
+    t_batch_into = per_call(_cycle_calls(_reusing(rico), batches)) / BATCH
+    t_native_into = per_call(_cycle_calls(_reusing(native), batches)) / BATCH
     native_batch = native.__getitems__(batches[0]).batch["native"]
     with torch.inference_mode():
         t_asm = per_call(lambda: assembler(native_batch)) / BATCH
@@ -415,7 +429,9 @@ def main(argv: list[str] | None = None) -> int:
         row("baseline: ConfigILM (get, safetensors load, per-band interpolate)", t_base),
         row("rico_torch float32, ds[i]", t_item, TARGETS["float"]),
         row(f"rico_torch float32, __getitems__ ({BATCH})", t_batch, TARGETS["float"]),
+        row(f"rico_torch float32, read_batch({BATCH}, into=last batch)", t_batch_into, TARGETS["float"]),
         row(f"rico_torch native, __getitems__ ({BATCH}): worker side", t_native, TARGETS["native"]),
+        row(f"rico_torch native, read_batch({BATCH}, into=last batch)", t_native_into, TARGETS["native"]),
         row(f"  + native_assembler on CPU ({BATCH} batched, per sample)", t_asm),
         row("  = native worker side + CPU assembler", t_native + t_asm),
     ]

@@ -235,3 +235,25 @@ def test_replicate_is_exact_nearest_upsampling(factor, dtype):
         want = np.repeat(np.repeat(src, factor, axis=1), factor, axis=2).astype(out_dtype)
         np.testing.assert_array_equal(dst, want)
         assert np.array_equal(np.isnan(dst), np.isnan(want))
+
+
+@pytest.mark.parametrize("native", [False, True])
+def test_read_batch_into_reuses_the_earlier_batch(bigearthnet_lmdb, bigearthnet_files, native):
+    items = mm_items(bigearthnet_files)
+    ds = LMDBPatchDataset(bigearthnet_lmdb, bands=CHANNEL_SETS[14], keys=items, native=native)
+    first = ds.read_batch([0, 1])
+    kept = {k: v.clone() for k, v in first["native"].items()} if native else first["image"].clone()
+    second = ds.read_batch([2, 3], into=first)
+    fresh = ds.read_batch([2, 3])
+    if native:
+        assert all(second["native"][k] is first["native"][k] for k in kept)
+        assert all(torch.equal(second["native"][k], fresh["native"][k]) for k in kept)
+        assert not all(torch.equal(second["native"][k], kept[k]) for k in kept)
+    else:
+        assert second["image"] is first["image"] and torch.equal(second["image"], fresh["image"])
+        assert not torch.equal(second["image"], kept)
+    assert second["key"] == fresh["key"]
+    with pytest.raises(ValueError, match=r"into.*\(3, .*same batch size"):
+        ds.read_batch([0, 1, 2], into=second)
+    with pytest.raises(ValueError, match="into.* is missing"):
+        ds.read_batch([0, 1], into={})

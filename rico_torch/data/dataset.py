@@ -34,13 +34,31 @@ _HEADER_CACHE_LIMIT = 256
 _RGB_CANDIDATES = (("B04", "B03", "B02"), ("Red", "Green", "Blue"), ("B43", "B28", "B10"))
 
 
-def _empty(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+def _empty(shape: tuple[int, ...], dtype: torch.dtype, *_names: str) -> torch.Tensor:
     """A tensor in shared memory inside DataLoader workers (saves the transfer copy)."""
     if get_worker_info() is None:
         return torch.empty(shape, dtype=dtype)
     nbytes = int(np.prod(shape)) * torch.empty((), dtype=dtype).element_size()
     storage = torch.UntypedStorage._new_shared(nbytes)
     return torch.empty(0, dtype=dtype).set_(storage, 0, shape)
+
+
+def _reuse(into: dict[str, Any]) -> Callable[..., torch.Tensor]:
+    """``_empty``'s stand-in that hands out the matching tensor of an earlier batch."""
+
+    def output(shape: tuple[int, ...], dtype: torch.dtype, *names: str) -> torch.Tensor:
+        tensor: Any = into
+        for name in names:
+            tensor = tensor.get(name) if isinstance(tensor, dict) else None
+        where = "into" + "".join(f"[{n!r}]" for n in names)
+        if not isinstance(tensor, torch.Tensor):
+            raise ValueError(f"{where} is missing: pass a batch that read_batch returned for this dataset")
+        if tensor.shape != shape or tensor.dtype != dtype or tensor.device.type != "cpu" or not tensor.is_contiguous():
+            raise ValueError(f"{where} is a {tuple(tensor.shape)} {tensor.dtype} tensor on {tensor.device}; this "
+                             f"batch needs a contiguous {shape} {dtype} CPU tensor (same batch size and bands)")
+        return tensor
+
+    return output
 
 
 @dataclass(frozen=True)
@@ -60,7 +78,7 @@ class _Plan(NamedTuple):
     mask: tuple[int, TensorInfo] | None  # where the mask band lives
     lengths: tuple[int, ...]  # the value lengths the headers describe
     runs: list[tuple[int, int, int, int, TensorInfo]]  # native copies (see _native_runs)
-    image_runs: list[tuple[int, int, int, int, TensorInfo]]  # float copies (see _image_runs)
+    image_runs: list["_ImageRun"]  # float copies (see _image_runs)
 
 
 @dataclass(frozen=True)
@@ -274,11 +292,17 @@ class LMDBPatchDataset(Dataset):
         batch = self._read(list(indices))
         return SampleList([_unbatch(batch, row) for row in range(len(indices))], batch=batch)
 
-    def read_batch(self, indices: Sequence[int]) -> dict[str, Any]:
-        """One batched dict (``image`` N x C x H x W, ``key``, ``label``, ...) for ``indices``."""
-        return self._read(list(indices))
+    def read_batch(self, indices: Sequence[int], into: dict[str, Any] | None = None) -> dict[str, Any]:
+        """One batched dict (``image`` N x C x H x W, ``key``, ``label``, ...) for ``indices``.
 
-    def _read(self, indices: list[int], batched: bool = True) -> dict[str, Any]:
+        ``into``: a batch this method returned before (same batch size; its tensors may since
+        have been pinned in place). Its image, native and mask tensors are overwritten and
+        returned again, so a loop in one process reuses that memory instead of allocating and
+        page-faulting a new output per batch. Do not keep views of the old batch.
+        """
+        return self._read(list(indices), into=into)
+
+    def _read(self, indices: list[int], batched: bool = True, into: dict[str, Any] | None = None) -> dict[str, Any]:
         """Read ``indices`` into one output (``batched=False``: one sample, no batch dimension)."""
         out: dict[str, Any] = {}
         arrays: dict[str, np.ndarray] = {}  # numpy views (N, ...) of the outputs: cheap to slice per row
@@ -288,7 +312,8 @@ class LMDBPatchDataset(Dataset):
                 values = [reader.get(k) for k in keys]
                 plan = self._plan(keys, values)
                 if row == 0:
-                    self._allocate(out, arrays, len(indices) if batched else None, plan.groups, plan.mask is not None)
+                    self._allocate(out, arrays, len(indices) if batched else None, plan.groups,
+                                   plan.mask is not None, into)
                     first_groups = plan.groups
                 if self.native:
                     if plan.groups != first_groups:
@@ -312,25 +337,28 @@ class LMDBPatchDataset(Dataset):
         return out
 
     def _allocate(self, out: dict, arrays: dict, n: int | None, groups: tuple[NativeGroup, ...],
-                  with_mask: bool) -> None:
-        """Outputs of ``n`` samples (``None``: one, without the batch dimension) into ``out``."""
+                  with_mask: bool, into: dict[str, Any] | None = None) -> None:
+        """Outputs of ``n`` samples (``None``: one, without the batch dimension) into ``out``,
+        reusing the tensors of ``into`` where given."""
         lead = () if n is None else (n,)
         h, w = self.size  # type: ignore[misc]
+        output = _empty if into is None else _reuse(into)
         if self.native:
-            out["native"] = {g.name: _empty((*lead, len(g.bands), *g.shape), _torch_dtype(g.dtype)) for g in groups}
+            out["native"] = {g.name: output((*lead, len(g.bands), *g.shape), _torch_dtype(g.dtype), "native", g.name)
+                             for g in groups}
         else:
-            out["image"] = _empty((*lead, len(self.bands), h, w), torch.float32)
+            out["image"] = output((*lead, len(self.bands), h, w), torch.float32, "image")
         if with_mask:
-            out["mask"] = _empty((*lead, h, w), torch.int64)
+            out["mask"] = output((*lead, h, w), torch.int64, "mask")
         for name, value in out.items():
             for sub, tensor in (value.items() if name == "native" else ((name, value),)):
                 arrays[sub] = tensor.numpy() if n is not None else tensor.numpy()[None]
 
-    def _fill_image(self, image: np.ndarray, values: list[memoryview], runs) -> None:
+    def _fill_image(self, image: np.ndarray, values: list[memoryview], runs: list[_ImageRun]) -> None:
         """Cast (and replicate, or resample) each run of bands into its channels of ``image``."""
-        for channel, count, factor, part, info in runs:
-            src = np.ndarray((count, *info.shape), info.dtype, values[part], info.begin)
-            dst = image[channel : channel + count]
+        for channels, shape, dtype, part, begin, factor in runs:
+            src = np.ndarray(shape, dtype, values[part], begin)
+            dst = image[channels]
             if factor == 1:
                 dst[...] = src
             elif factor > 1:
@@ -447,12 +475,20 @@ _DOUBLE_WIDTH = {
 }
 
 
-def _image_runs(steps: list[_Step]) -> list[tuple[int, int, int, int, TensorInfo]]:
-    """Copies for float output: (first channel, band count, factor, part, first band's info).
+class _ImageRun(NamedTuple):
+    """One cast-and-copy of bands stored side by side into consecutive output channels."""
 
-    Bands stored side by side with equal dtype, size and factor that go to consecutive
-    channels (e.g. B02 B03 B04, or B05 B06 B07) are cast and replicated in one call.
-    """
+    channels: slice
+    shape: tuple[int, int, int]  # (bands, h, w) in the stored value
+    dtype: np.dtype
+    part: int  # which value of the item
+    begin: int  # byte offset of the first band in that value
+    factor: int  # nearest replication factor (0: interpolate)
+
+
+def _image_runs(steps: list[_Step]) -> list[_ImageRun]:
+    """Copies for float output, merging bands stored side by side with equal dtype, size and
+    factor that go to consecutive channels (e.g. B02 B03 B04, or B05 B06 B07)."""
     runs: list[list] = []
     for step in steps:
         last = runs[-1] if runs else None
@@ -463,7 +499,8 @@ def _image_runs(steps: list[_Step]) -> list[tuple[int, int, int, int, TensorInfo
             last[5] = step.info.end
         else:
             runs.append([step.channel, 1, step.factor, step.part, step.info, step.info.end])
-    return [tuple(r[:5]) for r in runs]
+    return [_ImageRun(slice(channel, channel + count), (count, *info.shape), info.dtype, part, info.begin, factor)
+            for channel, count, factor, part, info, _ in runs]
 
 
 def nearest_factor(size: tuple[int, int], shape: tuple[int, ...], interpolation: str) -> int:
