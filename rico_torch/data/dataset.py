@@ -356,8 +356,8 @@ class LMDBPatchDataset(Dataset):
 
     def _fill_image(self, image: np.ndarray, values: list[memoryview], runs: list[_ImageRun]) -> None:
         """Cast (and replicate, or resample) each run of bands into its channels of ``image``."""
-        for channels, shape, dtype, part, begin, factor in runs:
-            src = np.ndarray(shape, dtype, values[part], begin)
+        for channels, shape, strides, dtype, part, begin, factor in runs:
+            src = np.ndarray(shape, dtype, values[part], begin, strides)
             dst = image[channels]
             if factor == 1:
                 dst[...] = src
@@ -448,24 +448,26 @@ def collate(samples: Any) -> Any:
 
 
 def replicate(src: np.ndarray, factor: int, dst: np.ndarray) -> None:
-    """Nearest upsampling by an integer factor, cast into ``dst``: (..., h, w) -> (..., h*f, w*f).
+    """Nearest upsampling by an integer factor, cast into ``dst``: (c, h, w) -> (c, h*f, w*f).
 
     Widens each source row ``factor`` times in the source dtype, then writes all output rows
     with one casting broadcast copy: long contiguous inner loops instead of numpy's per-pixel
     broadcasting. Factor 2 widens with one integer multiply: a pixel's bits x times
     (1 + 2**bits) is the word twice as wide holding x twice (bit-exact, in any byte order).
+    Either array may be strided along c (evenly spaced bands).
     """
-    w = src.shape[-1]
-    rows = src.reshape(-1, w)
-    doubled = _DOUBLE_WIDTH.get(rows.dtype.itemsize) if factor == 2 else None
+    c, h, w = src.shape
+    doubled = _DOUBLE_WIDTH.get(src.dtype.itemsize) if factor == 2 else None
     if doubled is not None:
         same_size, twice_as_wide, multiplier = doubled
-        wide = rows.view(same_size).astype(twice_as_wide)
+        wide = src.view(same_size).astype(twice_as_wide)
         wide *= multiplier
-        wide = wide.view(rows.dtype)
+        wide = wide.view(src.dtype)
     else:
-        wide = np.repeat(rows, factor, axis=-1)
-    dst.reshape(-1, factor, w * factor)[...] = wide[:, None, :]
+        wide = src.repeat(factor, axis=-1)
+    rows = dst.view()
+    rows.shape = (c, h, factor, w * factor)  # raises rather than copy: the writes must land in dst
+    rows[...] = wide[:, :, None, :]
 
 
 # itemsize -> (unsigned type of that size, of twice that size, 1 + 2**bits)
@@ -476,10 +478,11 @@ _DOUBLE_WIDTH = {
 
 
 class _ImageRun(NamedTuple):
-    """One cast-and-copy of bands stored side by side into consecutive output channels."""
+    """One cast-and-copy of evenly spaced bands (in the value and in the output channels)."""
 
     channels: slice
-    shape: tuple[int, int, int]  # (bands, h, w) in the stored value
+    shape: tuple[int, int, int]  # (bands, h, w)
+    strides: tuple[int, int, int]  # byte strides of those bands in the value
     dtype: np.dtype
     part: int  # which value of the item
     begin: int  # byte offset of the first band in that value
@@ -487,20 +490,32 @@ class _ImageRun(NamedTuple):
 
 
 def _image_runs(steps: list[_Step]) -> list[_ImageRun]:
-    """Copies for float output, merging bands stored side by side with equal dtype, size and
-    factor that go to consecutive channels (e.g. B02 B03 B04, or B05 B06 B07)."""
-    runs: list[list] = []
+    """Copies for float output: bands of one value, dtype, size and factor whose output channels
+    and stored offsets both advance by constant steps become one strided copy (B02 B03 B04
+    stored side by side; B01 and B09, nine channels apart; VV and VH, stored the other way round).
+    """
+    similar: dict[tuple, list[_Step]] = {}
     for step in steps:
-        last = runs[-1] if runs else None
-        if (last and last[0] + last[1] == step.channel and last[2] == step.factor and last[3] == step.part
-                and last[4].dtype == step.info.dtype and last[4].shape == step.info.shape
-                and last[5] == step.info.begin):
-            last[1] += 1
-            last[5] = step.info.end
-        else:
-            runs.append([step.channel, 1, step.factor, step.part, step.info, step.info.end])
-    return [_ImageRun(slice(channel, channel + count), (count, *info.shape), info.dtype, part, info.begin, factor)
-            for channel, count, factor, part, info, _ in runs]
+        similar.setdefault((step.part, step.info.dtype, step.info.shape, step.factor), []).append(step)
+    runs = []
+    for (part, dtype, shape, factor), members in similar.items():
+        run: list[_Step] = []
+        for step in sorted(members, key=lambda s: s.channel):
+            if len(run) >= 2 and (step.channel - run[-1].channel != run[1].channel - run[0].channel
+                                  or step.info.begin - run[-1].info.begin != run[1].info.begin - run[0].info.begin):
+                runs.append(_image_run(run, part, dtype, shape, factor))
+                run = []
+            run.append(step)
+        runs.append(_image_run(run, part, dtype, shape, factor))
+    return sorted(runs, key=lambda r: r.channels.start)
+
+
+def _image_run(run: list[_Step], part: int, dtype: np.dtype, shape: tuple[int, int], factor: int) -> _ImageRun:
+    first, last = run[0], run[-1]
+    channel_step = run[1].channel - first.channel if len(run) > 1 else 1
+    band_stride = run[1].info.begin - first.info.begin if len(run) > 1 else shape[0] * shape[1] * dtype.itemsize
+    return _ImageRun(slice(first.channel, last.channel + 1, channel_step), (len(run), *shape),
+                     (band_stride, shape[1] * dtype.itemsize, dtype.itemsize), dtype, part, first.info.begin, factor)
 
 
 def nearest_factor(size: tuple[int, int], shape: tuple[int, ...], interpolation: str) -> int:
