@@ -141,6 +141,7 @@ class LMDBPatchDataset(Dataset):
         self.path = self.store.paths[0] if len(self.store.paths) == 1 else self.store.paths
         self._pid = -1
         self._plans: dict[tuple[bytes, ...], _Plan] = {}
+        self._last_plan: tuple[tuple[bytes, ...], _Plan | None] = ((), None)
         if interpolation not in INTERPOLATIONS:
             raise ValueError(f"interpolation {interpolation!r} is not one of {INTERPOLATIONS}")
         self.bands = tuple(bands)
@@ -198,7 +199,7 @@ class LMDBPatchDataset(Dataset):
 
     def __getstate__(self) -> dict:
         state = self.__dict__.copy()
-        state["_pid"], state["_plans"] = -1, {}
+        state["_pid"], state["_plans"], state["_last_plan"] = -1, {}, ((), None)
         return state
 
     # --- planning ---------------------------------------------------------------------
@@ -223,13 +224,17 @@ class LMDBPatchDataset(Dataset):
 
     def _plan(self, keys: tuple[bytes, ...], values: list[memoryview]):
         """The cached plan for these values' headers (parsed and validated once)."""
-        heads = tuple(bytes(v[: 8 + int.from_bytes(v[:8], "little")]) if len(v) >= 8 else bytes(v) for v in values)
-        plan = self._plans.get(heads)
-        if plan is None:
-            plan = self._make_plan(keys, values)
-            if len(self._plans) >= _HEADER_CACHE_LIMIT:
-                self._plans.clear()
-            self._plans[heads] = plan
+        last_heads, plan = self._last_plan
+        if len(values) != len(last_heads) or not all(v[: len(h)] == h for v, h in zip(values, last_heads)):
+            heads = tuple(bytes(v[: 8 + int.from_bytes(v[:8], "little")]) if len(v) >= 8 else bytes(v)
+                          for v in values)
+            plan = self._plans.get(heads)
+            if plan is None:
+                plan = self._make_plan(keys, values)
+                if len(self._plans) >= _HEADER_CACHE_LIMIT:
+                    self._plans.clear()
+                self._plans[heads] = plan
+            self._last_plan = (heads, plan)  # consecutive items nearly always share their headers
         for key, value, length in zip(keys, values, plan.lengths):
             if len(value) != length:  # same header, different length: truncated or padded
                 raise ValueError(f"value of key {key.decode()!r} is not valid safetensors: "
@@ -307,9 +312,10 @@ class LMDBPatchDataset(Dataset):
         out: dict[str, Any] = {}
         arrays: dict[str, np.ndarray] = {}  # numpy views (N, ...) of the outputs: cheap to slice per row
         with self._reader() as reader:
+            get = reader.get
             for row, index in enumerate(indices):
                 keys = self._raw_keys(index)
-                values = [reader.get(k) for k in keys]
+                values = [get(k) for k in keys]
                 plan = self._plan(keys, values)
                 if row == 0:
                     self._allocate(out, arrays, len(indices) if batched else None, plan.groups,
@@ -331,7 +337,7 @@ class LMDBPatchDataset(Dataset):
             if self.labels is not None:
                 out["label"] = self.labels[indices]
         else:
-            out["key"] = self.key(indices[0])
+            out["key"] = keys[0].decode() if self._keys.ndim == 1 else tuple(k.decode() for k in keys)
             if self.labels is not None:
                 out["label"] = self.labels[indices[0]]
         return out
