@@ -365,9 +365,7 @@ class LMDBPatchDataset(Dataset):
         for channels, shape, strides, dtype, part, begin, factor in runs:
             src = np.ndarray(shape, dtype, values[part], begin, strides)
             dst = image[channels]
-            if factor == 1:
-                dst[...] = src
-            elif factor > 1:
+            if factor:
                 replicate(src, factor, dst)
             else:
                 dst[...] = self._resize(torch.from_numpy(src.astype(np.float32)), self.interpolation).numpy()
@@ -462,6 +460,9 @@ def replicate(src: np.ndarray, factor: int, dst: np.ndarray) -> None:
     (1 + 2**bits) is the word twice as wide holding x twice (bit-exact, in any byte order).
     Either array may be strided along c (evenly spaced bands).
     """
+    if factor == 1:
+        dst[...] = src
+        return
     c, h, w = src.shape
     doubled = _DOUBLE_WIDTH.get(src.dtype.itemsize) if factor == 2 else None
     if doubled is not None:
@@ -551,8 +552,8 @@ class NativeAssembler(torch.nn.Module):
     """Builds the float32 ``(B, C, H, W)`` image from a native batch, batched on the device.
 
     Each band is cast and written once, straight into its output channel: integer nearest
-    factors as a broadcast copy (pure replication), other cases through one
-    ``F.interpolate`` per (dtype, size) group.
+    factors as a broadcast copy (pure replication; on the CPU with :func:`replicate`, over the
+    whole batch), other cases through one ``F.interpolate`` per (dtype, size) group.
     """
 
     def __init__(self, groups: tuple[NativeGroup, ...], order: list[tuple[int, int]], size, interpolation: str,
@@ -575,7 +576,12 @@ class NativeAssembler(torch.nn.Module):
         for name, shape, targets in zip(self.group_names, self.group_shapes, self.targets):
             x = native[name]
             factor = nearest_factor(self.size, shape, self.interpolation)
-            if factor:
+            if factor and out.device.type == "cpu":
+                images = out.numpy()
+                bands = x.numpy()
+                for channel, within in targets:
+                    replicate(bands[:, within], factor, images[:, channel])
+            elif factor:
                 sh, sw = shape
                 for channel, within in targets:
                     src = x[:, within, :, None, :, None].expand(-1, sh, factor, sw, factor)
