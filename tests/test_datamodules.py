@@ -54,10 +54,26 @@ def test_hyspecnet_cli(hyspecnet_lmdb, hyspecnet_files, tmp_path):
     fit("hyspecnet.yaml", tmp_path, lmdb_path=hyspecnet_lmdb, split_dir=hyspecnet_files.splits_dir, batch_size=2)
 
 
-@pytest.mark.parametrize("native", [False, True])
+@pytest.mark.parametrize("native", [False, True, "auto"])
 def test_bigearthnet_cli(bigearthnet_lmdb, ben_metadata, tmp_path, native):
     fit("bigearthnet.yaml", tmp_path, lmdb_path=bigearthnet_lmdb, metadata_dir=ben_metadata, batch_size=2,
         native=native, pin_memory=False)
+
+
+@pytest.mark.parametrize(("native", "device", "expected"), [
+    ("auto", None, False), ("auto", "cpu", False), ("auto", "cuda", True), (True, "cpu", True), (False, "cuda", False),
+])
+def test_native_auto_follows_the_trainer_device(eurosat_lmdb, native, device, expected):
+    from types import SimpleNamespace
+
+    dm = EuroSATDataModule(str(eurosat_lmdb), num_workers=0, native=native)
+    if device:  # what Lightning attaches; no GPU is needed to resolve the choice
+        dm.trainer = SimpleNamespace(strategy=SimpleNamespace(root_device=torch.device(device)), training=False)
+    dm.setup("fit")
+    assert dm.loads_native is expected and dm.datasets["train"].native is expected
+    assert (dm.assembler is not None) is expected
+    batch = dm.on_after_batch_transfer(dm.datasets["train"].read_batch([0, 1]), 0)
+    assert batch["image"].shape == (2, 13, 64, 64) and batch["image"].dtype == torch.float32
 
 
 def test_bigearthnet_labels_pairs_and_mask(bigearthnet_lmdb, bigearthnet_files, ben_metadata):

@@ -7,7 +7,7 @@ import json
 import logging
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import lightning as L
 import numpy as np
@@ -37,7 +37,10 @@ class LMDBDataModule(L.LightningDataModule):
         mean, std: per-band statistics; ``None``: computed from the train split (up to
             ``stats_samples`` patches) and cached beside the LMDB.
         flips: random horizontal/vertical flips of training batches.
-        native: load bands in their dtype and resample on the device (fastest loading).
+        native: load bands in their dtype and cast, upsample and normalise them batched on the
+            device (the least work per sample in the workers); ``auto``: when the trainer runs on
+            an accelerator. On the CPU the workers' own float32 output is faster than one
+            process assembling every batch.
         size: output size; ``None``: the largest selected band's size.
         interpolation: ``nearest``, ``bilinear`` or ``bicubic``.
         align_corners: for bilinear/bicubic (ConfigILM uses True; torch's default is False).
@@ -62,7 +65,7 @@ class LMDBDataModule(L.LightningDataModule):
         mean: list[float] | None = None,
         std: list[float] | None = None,
         flips: bool = False,
-        native: bool = False,
+        native: bool | Literal["auto"] = "auto",
         size: int | None = None,
         interpolation: str = "nearest",
         align_corners: bool = False,
@@ -123,17 +126,25 @@ class LMDBDataModule(L.LightningDataModule):
         items, labels = self.split_items(split)
         return LMDBPatchDataset(
             self.lmdb_paths, self.bands, keys=items, labels=labels, size=self.size,
-            interpolation=self.interpolation, align_corners=self.align_corners, native=self.native,
+            interpolation=self.interpolation, align_corners=self.align_corners, native=self.loads_native,
             readahead=self.readahead,
             **self.dataset_kwargs(),
         )
+
+    @property
+    def loads_native(self) -> bool:
+        """``native``, with ``auto`` resolved from the attached trainer's device."""
+        if self.native != "auto":
+            return bool(self.native)
+        trainer = self.trainer
+        return trainer is not None and trainer.strategy.root_device.type != "cpu"
 
     def setup(self, stage: str | None = None) -> None:
         wanted = {"fit": ("train", "val"), "validate": ("val",), "test": ("test",), "predict": ("test",)}
         for split in wanted.get(stage, SPLITS) if stage else SPLITS:
             if split not in self.datasets:
                 self.datasets[split] = self.make_dataset(split)
-        if self.native and self.assembler is None:
+        if self.loads_native and self.assembler is None:
             self.assembler = next(iter(self.datasets.values())).native_assembler()
         if self.mean is None:
             self.mean, self.std = self.statistics()

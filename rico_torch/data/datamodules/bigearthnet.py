@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 
@@ -73,7 +74,7 @@ class BigEarthNetDataModule(LMDBDataModule):
         mean: list[float] | None = None,
         std: list[float] | None = None,
         flips: bool = False,
-        native: bool = False,
+        native: bool | Literal["auto"] = "auto",
         size: int | None = None,
         interpolation: str = "nearest",
         align_corners: bool = False,

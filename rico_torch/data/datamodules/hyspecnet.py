@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 
@@ -39,7 +40,7 @@ class HySpecNetDataModule(LMDBDataModule):
         mean: list[float] | None = None,
         std: list[float] | None = None,
         flips: bool = False,
-        native: bool = False,
+        native: bool | Literal["auto"] = "auto",
         readahead: bool = False,
         stats_samples: int = 500,
         seed: int = 0,
