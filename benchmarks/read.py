@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import argparse
 import gc
+import mmap
 import os
 import random
 import shutil
@@ -121,6 +122,15 @@ def _reader(kind: str, path, pairs, labels=None, readahead: bool = False):
 
 def _batches(n_items: int, count: int, rng: random.Random) -> list[list[int]]:
     return [rng.sample(range(n_items), min(BATCH, n_items)) for _ in range(count)]
+
+
+_FRESH_PAGES = 16384  # 64 MB
+
+
+def _touch_fresh_pages() -> None:
+    """Write one byte into each page of newly mapped memory: what every fresh output costs."""
+    with mmap.mmap(-1, _FRESH_PAGES * 4096) as m:
+        m[::4096] = b"\1" * _FRESH_PAGES
 
 
 def _reusing(ds):
@@ -419,6 +429,7 @@ def main(argv: list[str] | None = None) -> int:
     t_fresh = per_call(lambda: torch.empty(BATCH, len(BANDS), *SIZE).fill_(1.0)) / BATCH
     reused = torch.empty(BATCH, len(BANDS), *SIZE)
     t_reused = per_call(lambda: reused.fill_(1.0)) / BATCH
+    t_page = per_call(_touch_fresh_pages, repeats=3) / _FRESH_PAGES
     del reused
 
     def row(name, t, target=None):
@@ -441,6 +452,7 @@ def main(argv: list[str] | None = None) -> int:
         ["LMDB get of both keys alone", f"{t_get * 1e6:,.1f}"],
         [f"fill a fresh float32 batch (torch.empty({BATCH},14,120,120).fill_), per sample", f"{t_fresh * 1e6:,.1f}"],
         ["fill an already-used float32 batch, per sample", f"{t_reused * 1e6:,.1f}"],
+        ["first touch of one fresh 4 KiB page (anonymous memory, 64 MB touched)", f"{t_page * 1e6:,.2f}"],
     ]
 
     # --- DataLoader

@@ -225,7 +225,7 @@ class LMDBPatchDataset(Dataset):
     def _plan(self, keys: tuple[bytes, ...], values: list[memoryview]):
         """The cached plan for these values' headers (parsed and validated once)."""
         last_heads, plan = self._last_plan
-        if len(values) != len(last_heads) or not all(v[: len(h)] == h for v, h in zip(values, last_heads)):
+        if len(values) != len(last_heads) or not all(v[: len(h)].tobytes() == h for v, h in zip(values, last_heads)):
             heads = tuple(bytes(v[: 8 + int.from_bytes(v[:8], "little")]) if len(v) >= 8 else bytes(v)
                           for v in values)
             plan = self._plans.get(heads)
