@@ -31,32 +31,36 @@ from .store import Store, open_environment, read_manifest  # noqa: F401  (re-exp
 INTERPOLATIONS = ("nearest", "bilinear", "bicubic")
 Item = str | tuple[str, ...]
 _HEADER_CACHE_LIMIT = 256
+_FLOAT32, _INT64 = np.dtype(np.float32), np.dtype(np.int64)
 _RGB_CANDIDATES = (("B04", "B03", "B02"), ("Red", "Green", "Blue"), ("B43", "B28", "B10"))
 
 
-def _empty(shape: tuple[int, ...], dtype: torch.dtype, *_names: str) -> torch.Tensor:
-    """A tensor in shared memory inside DataLoader workers (saves the transfer copy)."""
+def _empty(shape: tuple[int, ...], dtype: np.dtype, *_names: str) -> tuple[torch.Tensor, np.ndarray]:
+    """A new output tensor and its numpy view; in shared memory inside DataLoader workers
+    (saves the transfer copy)."""
     if get_worker_info() is None:
-        return torch.empty(shape, dtype=dtype)
-    nbytes = int(np.prod(shape)) * torch.empty((), dtype=dtype).element_size()
-    storage = torch.UntypedStorage._new_shared(nbytes)
-    return torch.empty(0, dtype=dtype).set_(storage, 0, shape)
+        array = np.empty(shape, dtype)
+        return torch.from_numpy(array), array
+    storage = torch.UntypedStorage._new_shared(int(np.prod(shape)) * dtype.itemsize)
+    tensor = torch.empty(0, dtype=_torch_dtype(dtype)).set_(storage, 0, shape)
+    return tensor, tensor.numpy()
 
 
-def _reuse(into: dict[str, Any]) -> Callable[..., torch.Tensor]:
+def _reuse(into: dict[str, Any]) -> Callable[..., tuple[torch.Tensor, np.ndarray]]:
     """``_empty``'s stand-in that hands out the matching tensor of an earlier batch."""
 
-    def output(shape: tuple[int, ...], dtype: torch.dtype, *names: str) -> torch.Tensor:
+    def output(shape: tuple[int, ...], dtype: np.dtype, *names: str) -> tuple[torch.Tensor, np.ndarray]:
         tensor: Any = into
         for name in names:
             tensor = tensor.get(name) if isinstance(tensor, dict) else None
         where = "into" + "".join(f"[{n!r}]" for n in names)
         if not isinstance(tensor, torch.Tensor):
             raise ValueError(f"{where} is missing: pass a batch that read_batch returned for this dataset")
-        if tensor.shape != shape or tensor.dtype != dtype or tensor.device.type != "cpu" or not tensor.is_contiguous():
+        wanted = _torch_dtype(dtype)
+        if tensor.shape != shape or tensor.dtype != wanted or tensor.device.type != "cpu" or not tensor.is_contiguous():
             raise ValueError(f"{where} is a {tuple(tensor.shape)} {tensor.dtype} tensor on {tensor.device}; this "
-                             f"batch needs a contiguous {shape} {dtype} CPU tensor (same batch size and bands)")
-        return tensor
+                             f"batch needs a contiguous {shape} {wanted} CPU tensor (same batch size and bands)")
+        return tensor, tensor.numpy()
 
     return output
 
@@ -350,15 +354,17 @@ class LMDBPatchDataset(Dataset):
         h, w = self.size  # type: ignore[misc]
         output = _empty if into is None else _reuse(into)
         if self.native:
-            out["native"] = {g.name: output((*lead, len(g.bands), *g.shape), _torch_dtype(g.dtype), "native", g.name)
-                             for g in groups}
+            out["native"] = {}
+            for g in groups:
+                out["native"][g.name], arrays[g.name] = output((*lead, len(g.bands), *g.shape), g.dtype, "native",
+                                                               g.name)
         else:
-            out["image"] = output((*lead, len(self.bands), h, w), torch.float32, "image")
+            out["image"], arrays["image"] = output((*lead, len(self.bands), h, w), _FLOAT32, "image")
         if with_mask:
-            out["mask"] = output((*lead, h, w), torch.int64, "mask")
-        for name, value in out.items():
-            for sub, tensor in (value.items() if name == "native" else ((name, value),)):
-                arrays[sub] = tensor.numpy() if n is not None else tensor.numpy()[None]
+            out["mask"], arrays["mask"] = output((*lead, h, w), _INT64, "mask")
+        if n is None:  # one sample: the loop indexes row 0 of a batch of one
+            for name in list(arrays):
+                arrays[name] = arrays[name][None]
 
     def _fill_image(self, image: np.ndarray, values: list[memoryview], runs: list[_ImageRun]) -> None:
         """Cast (and replicate, or resample) each run of bands into its channels of ``image``."""
@@ -477,9 +483,10 @@ def replicate(src: np.ndarray, factor: int, dst: np.ndarray) -> None:
     rows[...] = wide[:, :, None, :]
 
 
-# itemsize -> (unsigned type of that size, of twice that size, 1 + 2**bits)
+# itemsize -> (unsigned type of that size, of twice that size, 1 + 2**bits); the multiplier is a
+# 0-d array because numpy multiplies by one in half the time it takes with a numpy scalar
 _DOUBLE_WIDTH = {
-    size: (np.dtype(f"u{size}"), np.dtype(f"u{2 * size}"), np.dtype(f"u{2 * size}").type(1 + 2 ** (8 * size)))
+    size: (np.dtype(f"u{size}"), np.dtype(f"u{2 * size}"), np.array(1 + 2 ** (8 * size), dtype=f"u{2 * size}"))
     for size in (1, 2, 4)
 }
 
