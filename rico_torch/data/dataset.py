@@ -81,8 +81,7 @@ class _Plan(NamedTuple):
     groups: tuple["NativeGroup", ...]  # native mode's (dtype, size) groups
     mask: tuple[int, TensorInfo] | None  # where the mask band lives
     lengths: tuple[int, ...]  # the value lengths the headers describe
-    runs: list[tuple[int, int, int, int, TensorInfo]]  # native copies (see _native_runs)
-    image_runs: list["_ImageRun"]  # float copies (see _image_runs)
+    runs: list["_Run"]  # the copies that fill one item's outputs (see _runs)
 
 
 @dataclass(frozen=True)
@@ -263,7 +262,7 @@ class LMDBPatchDataset(Dataset):
         if self.size is None:
             self.size = self._resolve_size(headers)
         # Native groups: bands of one (dtype, size), kept in the order they are stored, so
-        # that bands stored side by side are copied with one copy (see _native_runs).
+        # that bands stored side by side are copied with one copy (see _runs).
         groups: dict[tuple, list[str]] = {}
         for name in sorted(self.bands, key=lambda b: (where[b][0], where[b][1].begin)):
             info = where[name][1]
@@ -281,7 +280,7 @@ class LMDBPatchDataset(Dataset):
         )
         mask = where[self.mask_band] if self.mask_band else None
         lengths = tuple(len(v) for v in values)
-        return _Plan(steps, native_groups, mask, lengths, _native_runs(steps), _image_runs(steps))
+        return _Plan(steps, native_groups, mask, lengths, _runs(steps, self.native))
 
     # --- reading ----------------------------------------------------------------------
 
@@ -329,11 +328,11 @@ class LMDBPatchDataset(Dataset):
                     if plan.groups != first_groups:
                         raise ValueError(f"patch {_patch_name(self.item_keys(index))!r} has band sizes or dtypes "
                                          "that differ from the first item's; native mode needs one layout per batch")
-                    for group, channel, count, part, info in plan.runs:
-                        dst = arrays[plan.groups[group].name][row, channel : channel + count]
-                        dst[...] = np.ndarray(dst.shape, info.dtype, values[part], info.begin)
+                    for run in plan.runs:
+                        dst = arrays[plan.groups[run.group].name][row, run.channels]
+                        dst[...] = np.ndarray(run.shape, run.dtype, values[run.part], run.begin, run.strides)
                 else:
-                    self._fill_image(arrays["image"][row], values, plan.image_runs)
+                    self._fill_image(arrays["image"][row], values, plan.runs)
                 if plan.mask is not None:
                     arrays["mask"][row] = self._mask(values, plan.mask)
         if batched:
@@ -366,9 +365,9 @@ class LMDBPatchDataset(Dataset):
             for name in list(arrays):
                 arrays[name] = arrays[name][None]
 
-    def _fill_image(self, image: np.ndarray, values: list[memoryview], runs: list[_ImageRun]) -> None:
+    def _fill_image(self, image: np.ndarray, values: list[memoryview], runs: list[_Run]) -> None:
         """Cast (and replicate, or resample) each run of bands into its channels of ``image``."""
-        for channels, shape, strides, dtype, part, begin, factor in runs:
+        for _, channels, shape, strides, dtype, part, begin, factor in runs:
             src = np.ndarray(shape, dtype, values[part], begin, strides)
             dst = image[channels]
             if factor:
@@ -414,23 +413,6 @@ class LMDBPatchDataset(Dataset):
 
 def _torch_dtype(dtype: np.dtype) -> torch.dtype:
     return torch.from_numpy(np.empty(0, dtype)).dtype
-
-
-def _native_runs(steps: list[_Step]) -> list[tuple[int, int, int, int, TensorInfo]]:
-    """Copies for native mode: (group, first channel, band count, part, first band's info).
-
-    Bands adjacent in both the stored value and their group are merged into one copy.
-    """
-    runs: list[list] = []
-    for step in sorted(steps, key=lambda s: (s.group, s.channel)):
-        last = runs[-1] if runs else None
-        if (last and last[0] == step.group and last[1] + last[2] == step.channel and last[3] == step.part
-                and last[5] == step.info.begin):
-            last[2] += 1
-            last[5] = step.info.end
-        else:
-            runs.append([step.group, step.channel, 1, step.part, step.info, step.info.end])
-    return [tuple(r[:5]) for r in runs]
 
 
 class SampleList(list):
@@ -491,45 +473,49 @@ _DOUBLE_WIDTH = {
 }
 
 
-class _ImageRun(NamedTuple):
-    """One cast-and-copy of evenly spaced bands (in the value and in the output channels)."""
+class _Run(NamedTuple):
+    """One copy (float mode: cast and replicate) of evenly spaced bands: in the stored value and
+    in the output channels (native mode: the channels of one group)."""
 
+    group: int  # native group
     channels: slice
     shape: tuple[int, int, int]  # (bands, h, w)
     strides: tuple[int, int, int]  # byte strides of those bands in the value
     dtype: np.dtype
     part: int  # which value of the item
     begin: int  # byte offset of the first band in that value
-    factor: int  # nearest replication factor (0: interpolate)
+    factor: int  # nearest replication factor (0: interpolate; native mode: unused)
 
 
-def _image_runs(steps: list[_Step]) -> list[_ImageRun]:
-    """Copies for float output: bands of one value, dtype, size and factor whose output channels
-    and stored offsets both advance by constant steps become one strided copy (B02 B03 B04
-    stored side by side; B01 and B09, nine channels apart; VV and VH, stored the other way round).
-    """
+def _runs(steps: list[_Step], native: bool) -> list[_Run]:
+    """The copies for one item: bands of one value and kind (float mode: dtype, size and factor;
+    native mode: group) whose channels and stored offsets both advance by constant steps become
+    one strided copy (B02 B03 B04 stored side by side; B01 and B09, nine channels apart; VV and
+    VH, stored the other way round)."""
     similar: dict[tuple, list[_Step]] = {}
     for step in steps:
-        similar.setdefault((step.part, step.info.dtype, step.info.shape, step.factor), []).append(step)
+        kind = (step.group,) if native else (step.info.dtype, step.info.shape, step.factor)
+        similar.setdefault((step.part, *kind), []).append(step)
     runs = []
-    for (part, dtype, shape, factor), members in similar.items():
+    for members in similar.values():
         run: list[_Step] = []
         for step in sorted(members, key=lambda s: s.channel):
             if len(run) >= 2 and (step.channel - run[-1].channel != run[1].channel - run[0].channel
                                   or step.info.begin - run[-1].info.begin != run[1].info.begin - run[0].info.begin):
-                runs.append(_image_run(run, part, dtype, shape, factor))
+                runs.append(_run(run))
                 run = []
             run.append(step)
-        runs.append(_image_run(run, part, dtype, shape, factor))
-    return sorted(runs, key=lambda r: r.channels.start)
+        runs.append(_run(run))
+    return sorted(runs, key=lambda r: (r.group if native else 0, r.channels.start))
 
 
-def _image_run(run: list[_Step], part: int, dtype: np.dtype, shape: tuple[int, int], factor: int) -> _ImageRun:
+def _run(run: list[_Step]) -> _Run:
     first, last = run[0], run[-1]
+    (h, w), dtype = first.info.shape, first.info.dtype
     channel_step = run[1].channel - first.channel if len(run) > 1 else 1
-    band_stride = run[1].info.begin - first.info.begin if len(run) > 1 else shape[0] * shape[1] * dtype.itemsize
-    return _ImageRun(slice(first.channel, last.channel + 1, channel_step), (len(run), *shape),
-                     (band_stride, shape[1] * dtype.itemsize, dtype.itemsize), dtype, part, first.info.begin, factor)
+    band_stride = run[1].info.begin - first.info.begin if len(run) > 1 else h * w * dtype.itemsize
+    return _Run(first.group, slice(first.channel, last.channel + 1, channel_step), (len(run), h, w),
+                (band_stride, w * dtype.itemsize, dtype.itemsize), dtype, first.part, first.info.begin, first.factor)
 
 
 def nearest_factor(size: tuple[int, int], shape: tuple[int, ...], interpolation: str) -> int:
