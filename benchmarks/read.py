@@ -133,6 +133,27 @@ def _touch_fresh_pages() -> None:
         m[::4096] = b"\1" * _FRESH_PAGES
 
 
+def _raw_copier(base: ConfigILMReader, keys: list[tuple[bytes, bytes]]):
+    """Both values of each pair copied as raw bytes into one reused batch buffer: the least any
+    reader that hands over a batch can do (no parsing, casting or per-band work)."""
+    base._txn().abort()  # opens the baseline's env in this process
+    env = base._env
+    with env.begin(buffers=True) as txn:
+        width = max(sum(len(txn.get(k)) for k in pair) for pair in keys)
+    rows = np.zeros((BATCH, width), np.uint8)
+
+    def copy(indices):
+        with env.begin(buffers=True) as txn:
+            for row, i in enumerate(indices):
+                at = 0
+                for key in keys[i]:
+                    value = txn.get(key)
+                    rows[row, at : at + len(value)] = np.frombuffer(value, np.uint8)
+                    at += len(value)
+
+    return copy
+
+
 def _reusing(ds):
     """``read_batch`` into the previous batch's memory (how a loop in one process reuses it)."""
     last = {}
@@ -426,6 +447,7 @@ def main(argv: list[str] | None = None) -> int:
     enc = [(a.encode(), b.encode()) for a, b in pairs]
     with base._txn() as txn:
         t_get = over_items(lambda i: (txn.get(enc[i][0]), txn.get(enc[i][1])), per_item)
+    t_raw = per_call(_cycle_calls(_raw_copier(base, enc), batches)) / BATCH
     t_fresh = per_call(lambda: torch.empty(BATCH, len(BANDS), *SIZE).fill_(1.0)) / BATCH
     reused = torch.empty(BATCH, len(BANDS), *SIZE)
     t_reused = per_call(lambda: reused.fill_(1.0)) / BATCH
@@ -449,7 +471,9 @@ def main(argv: list[str] | None = None) -> int:
     if t_asm_cuda is not None:
         rows.append(row(f"  native_assembler on CUDA ({torch.cuda.get_device_name()})", t_asm_cuda))
     bound_rows = [
-        ["LMDB get of both keys alone", f"{t_get * 1e6:,.1f}"],
+        ["LMDB get of both keys alone (values copied out)", f"{t_get * 1e6:,.1f}"],
+        [f"floor for any batched reader: both gets + one copy of each whole value into a reused "
+         f"{BATCH}-row buffer", f"{t_raw * 1e6:,.1f}"],
         [f"fill a fresh float32 batch (torch.empty({BATCH},14,120,120).fill_), per sample", f"{t_fresh * 1e6:,.1f}"],
         ["fill an already-used float32 batch, per sample", f"{t_reused * 1e6:,.1f}"],
         ["first touch of one fresh 4 KiB page (anonymous memory, 64 MB touched)", f"{t_page * 1e6:,.2f}"],
@@ -503,9 +527,10 @@ def main(argv: list[str] | None = None) -> int:
         print("(no CUDA device here: the assembler ran on the CPU, where it is not meant to run)")
     print("\nReference points on this machine (one core):\n")
     print(table(["operation", "us/sample"], bound_rows))
-    print("(a float32 batch of 256 is 206 MB: glibc maps it fresh each time, so every page faults; the native "
-          "groups are <= 30 MB each and glibc reuses their heap memory in this process. DataLoader workers "
-          "write every batch into fresh shared memory)")
+    print("(a float32 batch of 256 is 206 MB: glibc maps it fresh each time, so every page faults. rico_torch "
+          "allocates its outputs outside workers with numpy, which asks for transparent huge pages for large "
+          "arrays; its native groups are <= 30 MB each, which glibc may serve from reused heap memory. "
+          "DataLoader workers write every batch into fresh shared memory)")
     print(f"\nDataLoader: batch {BATCH}, 2 workers, persistent, shuffle; {loader_samples:,} samples per epoch "
           f"(the {n:,} pairs repeated), {args.loader_epochs} epochs; first batch timed from iter(); "
           "steady = best epoch after the first\n")
