@@ -159,3 +159,20 @@ def test_real_metadata_labels(tmp_path):
             assert by_id[s2]["split"] == name and by_id[s2]["s1_name"] == s1
             label = np.flatnonzero(ds[i]["label"].numpy())
             assert {CLASSES_ALPHABETICAL[j] for j in label} == set(by_id[s2]["labels"])
+
+
+def test_patches_missing_from_the_lmdb_are_left_out(bigearthnet_lmdb, bigearthnet_files, tmp_path, caplog):
+    """Metadata listing more patches than were encoded (e.g. a partial encode): the DataModule
+    keeps the patches whose S2 and S1 keys are both stored, and says how many it left out."""
+    pairs = sorted(bigearthnet_files.pairs)
+    (s2, s1), stored = pairs[0], pairs[1:]
+    unstored = [(s2, s1.replace("_IW_", "_XX_")),  # S2 stored, S1 not
+                (s2.replace("_MSIL2A_", "_XXXXXX_"), s1),  # S1 stored, S2 not
+                (s2.replace("_MSIL2A_", "_YYYYYY_"), s1.replace("_IW_", "_YY_"))]  # neither
+    make_bigearthnet_metadata(tmp_path / "metadata.parquet", stored + unstored, labels=bigearthnet_files.labels)
+    dm = BigEarthNetDataModule(str(bigearthnet_lmdb), str(tmp_path), bands=14, num_workers=0)
+    with caplog.at_level("WARNING"):
+        dm.setup()
+    kept = [dm.datasets[split].item_keys(i) for split in ("train", "val", "test") for i in range(len(dm.datasets[split]))]
+    assert sorted(kept) == stored
+    assert "are not in the LMDB and are left out" in caplog.text
