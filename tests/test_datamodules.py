@@ -61,7 +61,8 @@ def test_bigearthnet_cli(bigearthnet_lmdb, ben_metadata, tmp_path, native):
 
 
 @pytest.mark.parametrize(("native", "device", "expected"), [
-    ("auto", None, False), ("auto", "cpu", False), ("auto", "cuda", True), (True, "cpu", True), (False, "cuda", False),
+    ("auto", None, False), ("auto", "cpu", False), ("auto", "cuda", True), ("auto", "mps", False),
+    (True, "cpu", True), (False, "cuda", False),
 ])
 def test_native_auto_follows_the_trainer_device(eurosat_lmdb, native, device, expected):
     from types import SimpleNamespace

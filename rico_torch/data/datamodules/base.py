@@ -39,8 +39,8 @@ class LMDBDataModule(L.LightningDataModule):
         flips: random horizontal/vertical flips of training batches.
         native: load bands in their dtype and cast, upsample and normalise them batched on the
             device (the least work per sample in the workers); ``auto``: when the trainer runs on
-            an accelerator. On the CPU the workers' own float32 output is faster than one
-            process assembling every batch.
+            a CUDA GPU. On the CPU the workers' own float32 output is faster than one process
+            assembling every batch (other accelerators may lack the integer dtypes involved).
         size: output size; ``None``: the largest selected band's size.
         interpolation: ``nearest``, ``bilinear`` or ``bicubic``.
         align_corners: for bilinear/bicubic (ConfigILM uses True; torch's default is False).
@@ -137,7 +137,7 @@ class LMDBDataModule(L.LightningDataModule):
         if self.native != "auto":
             return bool(self.native)
         trainer = self.trainer
-        return trainer is not None and trainer.strategy.root_device.type != "cpu"
+        return trainer is not None and trainer.strategy.root_device.type == "cuda"
 
     def setup(self, stage: str | None = None) -> None:
         wanted = {"fit": ("train", "val"), "validate": ("val",), "test": ("test",), "predict": ("test",)}
