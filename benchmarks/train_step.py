@@ -27,6 +27,7 @@ import lightning as L
 import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
+from lightning.fabric.utilities.apply_func import move_data_to_device
 from torch.utils.data import DataLoader
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -128,10 +129,7 @@ def main(argv: list[str] | None = None) -> int:
     device = holder.strategy.root_device
     batches = []
     for batch in dm.train_dataloader():
-        moved = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
-        if "native" in moved:
-            moved["native"] = {k: v.to(device) for k, v in batch["native"].items()}
-        batches.append(dm.on_after_batch_transfer(moved, 0))
+        batches.append(dm.on_after_batch_transfer(move_data_to_device(batch, device), 0))
         if len(batches) == warmup + steps:
             break
     replay = [batches[i % len(batches)] for i in range(warmup + steps)]

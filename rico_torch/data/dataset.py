@@ -189,8 +189,11 @@ class LMDBPatchDataset(Dataset):
         return tuple(row.tolist()) if row.ndim else (row.item(),)
 
     def key(self, index: int) -> Item:
-        keys = self.item_keys(index)
-        return keys[0] if self._keys.ndim == 1 else keys
+        return self._item(self._raw_keys(index))
+
+    def _item(self, raw_keys: tuple[bytes, ...]) -> Item:
+        """An item's key (or key tuple, for multi-key items) from its stored bytes."""
+        return raw_keys[0].decode() if self._keys.ndim == 1 else tuple(k.decode() for k in raw_keys)
 
     # --- environment ------------------------------------------------------------------
 
@@ -340,7 +343,7 @@ class LMDBPatchDataset(Dataset):
             if self.labels is not None:
                 out["label"] = self.labels[indices]
         else:
-            out["key"] = keys[0].decode() if self._keys.ndim == 1 else tuple(k.decode() for k in keys)
+            out["key"] = self._item(keys)
             if self.labels is not None:
                 out["label"] = self.labels[indices[0]]
         return out
