@@ -1,9 +1,22 @@
-"""Error types with one-line messages that name the path and what is wrong."""
+"""Error types with one-line messages that name the path or value and what is wrong.
+
+Every error meant for a user derives from :class:`UserError`: the command-line tools print its
+message as one line and exit 1 (a traceback only with ``RICO_TORCH_DEBUG=1``). The classes also
+derive from the built-in type a Python caller would catch (``FileNotFoundError``, ``ValueError``,
+``KeyError``, ``TypeError``), so library use keeps working with plain ``except`` clauses.
+"""
 
 from __future__ import annotations
 
 
-class InputError(Exception):
+class UserError(Exception):
+    """A mistake the user can fix; the message says what is wrong and, where it helps, what to run."""
+
+    def __str__(self) -> str:  # KeyError would quote the message; FileNotFoundError may drop it
+        return str(self.args[0]) if self.args else ""
+
+
+class InputError(UserError):
     """A source file or directory is missing or not what the dataset expects.
 
     The message is one line: ``<path>: <what is wrong>``.
@@ -18,9 +31,26 @@ class InputError(Exception):
         return (type(self), (self.path, self.problem))
 
 
-class TargetError(Exception):
+class TargetError(UserError):
     """The target directory cannot be used (holds something else, locked, unwritable)."""
 
 
-class DatasetNotFoundError(FileNotFoundError):
-    """An encoded dataset is not where it was expected; the message says how to create it."""
+class DatasetNotFoundError(UserError, FileNotFoundError):
+    """An encoded dataset (or a file it needs) is not where it was expected; the message says how
+    to create it."""
+
+
+class IncompleteDatasetError(UserError, RuntimeError):
+    """The LMDB belongs to an encode that has not finished (``manifest.json`` says ``complete: false``)."""
+
+
+class ConfigError(UserError, ValueError):
+    """An argument that cannot be right (unknown band, empty key list, a size that is not a size)."""
+
+
+class ArgumentTypeError(UserError, TypeError):
+    """An argument of the wrong type (``bands="B04"``, keys given as bytes)."""
+
+
+class UnknownKeyError(UserError, KeyError):
+    """A key that is not in the LMDB."""
