@@ -114,3 +114,12 @@ class Dataset:
     @property
     def band_names(self) -> tuple[str, ...]:
         return tuple(b for s in self.sources for b in s.band_names)
+
+    def largest_shape(self, bands) -> tuple[int, int] | None:
+        """The largest (by area) shape among ``bands`` where the dataset fixes each one's shape;
+        None where it does not (UC Merced) or a band is not the dataset's."""
+        fixed = {b.name: b.shape for s in self.sources for b in s.bands}
+        shapes = [fixed.get(b) for b in bands]
+        if not shapes or None in shapes:
+            return None
+        return max(shapes, key=lambda s: (s[0] * s[1], s))

@@ -474,15 +474,19 @@ class LMDBPatchDataset(Dataset):
     def plot(self, sample: dict[str, Any], rgb_bands: Sequence[str] | None = None, title: str | None = None):
         """An RGB composite (2-98 percentile stretch) with label names and the mask, if any.
 
+        ``sample``: a sample or a batch (up to 8 of its samples are drawn), float or native.
         ``rgb_bands`` defaults to the first of (B04 B03 B02), (Red Green Blue), (B43 B28 B10)
-        that was selected; else the first band is shown in grey. Returns a matplotlib Figure.
+        that was selected; else the first band is shown in grey. Returns a matplotlib Figure
+        (made without pyplot: the backend is left as it is).
         """
         from .plot import plot_sample
 
         if rgb_bands is None:
             rgb_bands = next((c for c in _RGB_CANDIDATES if all(b in self.bands for b in c)), ())
         multilabel = self.labels is not None and self.labels.ndim == 2
-        return plot_sample(sample, self.bands, rgb_bands, self.classes, multilabel=multilabel, title=title)
+        assembler = self.native_assembler() if "image" not in sample and "native" in sample else None
+        return plot_sample(sample, self.bands, rgb_bands, self.classes, multilabel=multilabel, title=title,
+                           assembler=assembler)
 
     # --- native mode ------------------------------------------------------------------
 

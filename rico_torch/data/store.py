@@ -139,7 +139,10 @@ def _current(real: str) -> _Handle | None:
 
 def adopt_environment(env: lmdb.Environment) -> Path:
     """Register the user's own open environment as this process's handle on its LMDB; its path."""
-    real = os.path.realpath(env.path())
+    try:
+        real = os.path.realpath(env.path())
+    except lmdb.Error:
+        raise StaleDatasetError("the lmdb.Environment passed in is closed; pass an open one or the path") from None
     handle = _current(real)
     if handle is not None and handle.env is not env:
         raise ConfigError(f"{real}: this LMDB is already open in this process through another handle")
@@ -185,9 +188,10 @@ def release_environment(path: Path) -> None:
     if handle is None:
         return
     handle.holders -= 1
-    if handle.holders <= 0 and handle.owned:
-        handle.env.close()
-        del _HANDLES[real]
+    if handle.holders <= 0:
+        if handle.owned:
+            handle.env.close()
+        del _HANDLES[real]  # the user's own environment: theirs to close; a new dataset re-adopts it
 
 
 class Store:
@@ -205,6 +209,8 @@ class Store:
         if not given:
             raise ConfigError("no LMDB path given")
         self.paths = [adopt_environment(p) if isinstance(p, lmdb.Environment) else Path(p) for p in given]
+        # the user's environments, used again in this process after a close() (never pickled)
+        self._given = (os.getpid(), [p for p in given if isinstance(p, lmdb.Environment)])
         self.readahead = readahead
         manifests = [read_manifest(p) for p in self.paths]  # also: each path holds an LMDB
         if not allow_incomplete:
@@ -253,13 +259,18 @@ class Store:
                 merged["keys"].setdefault(source, []).extend(keys)
             merged["labels"].update(m.get("labels", {}))
             for source, table in m.get("bands", {}).items():
-                merged["bands"].setdefault(source, {}).update(table)
+                into = merged["bands"].setdefault(source, {})
+                for band, entry in table.items():
+                    into[band] = _merge_band(into[band], entry) if band in into else entry
         return merged
 
     def environments(self) -> list[lmdb.Environment]:
         """This process's handles (looked up once per process, not per read)."""
         pid = os.getpid()
         if getattr(self, "_pid", None) != pid:
+            if self._given[0] == pid:
+                for env in self._given[1]:
+                    adopt_environment(env)
             self._envs = [open_environment(p, self.readahead, i) for p, i in zip(self.paths, self._identities)]
             self._pid = pid
         return self._envs
@@ -275,11 +286,27 @@ class Store:
         state = self.__dict__.copy()
         state.pop("_envs", None)
         state.pop("_pid", None)
-        state["_read_manifests"] = None
+        state["_read_manifests"], state["_given"] = None, (-1, [])
         return state
 
     def reader(self) -> "_Reader":
         return _Reader(self)
+
+
+def _shapes(entry: dict) -> dict[str, int]:
+    if entry.get("shape"):
+        return {"x".join(map(str, entry["shape"])): 1}
+    return dict(entry.get("shapes", {}))
+
+
+def _merge_band(a: dict, b: dict) -> dict:
+    """One band's manifest entry over two shards: shapes that differ are kept, with their counts."""
+    if a.get("shape") and a.get("shape") == b.get("shape"):
+        return a
+    shapes = _shapes(a)
+    for shape, n in _shapes(b).items():
+        shapes[shape] = shapes.get(shape, 0) + n
+    return {"dtype": a.get("dtype"), "shape": None, "shapes": shapes}
 
 
 class _Reader:
