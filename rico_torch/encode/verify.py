@@ -10,9 +10,7 @@ from __future__ import annotations
 
 import json
 import sys
-from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
-from multiprocessing import get_context
 from pathlib import Path
 
 import lmdb
@@ -22,7 +20,7 @@ from ..errors import InputError, TargetError
 from ..format import parse_header
 from .discover import discover
 from .read import short_digest, value_digest
-from .writer import MANIFEST, TASK_SIZE, encode_task, progress_bar
+from .writer import MANIFEST, TASK_SIZE, encode_task, progress_bar, worker_pool
 
 
 @dataclass
@@ -124,7 +122,7 @@ def _compare_sources(manifest, roots, stored_digests, report, num_workers, quiet
     ]
     bar = progress_bar(sum(len(t[2]) for t in tasks), quiet)
     if num_workers > 0:
-        pool = ProcessPoolExecutor(num_workers, mp_context=get_context("spawn"))
+        pool = worker_pool(num_workers)
         results = pool.map(_digests_task, tasks)
     else:
         pool, results = None, map(_digests_task, tasks)

@@ -14,11 +14,14 @@ which dataset and inputs the target belongs to.
 
 from __future__ import annotations
 
+import ctypes
 import fcntl
 import json
 import os
 import shutil
+import signal
 import sys
+import threading
 import time
 from collections import Counter
 from concurrent.futures import Future, ProcessPoolExecutor
@@ -104,6 +107,37 @@ def encode_task(dataset_name: str, source_name: str, patches: list[Patch], skip_
                 raise
             out.append((patch.key, None, 0, str(e)))
     return out
+
+
+def worker_pool(num_workers: int) -> ProcessPoolExecutor:
+    """A process pool whose workers exit when this process dies, even by ``kill -9``.
+
+    Workers hold their task queue's write end, so they would wait on it forever, and keep the
+    multiprocessing resource tracker (which exits once nobody holds its pipe) alive with them.
+    """
+    # spawn: GDAL and LMDB state must not be inherited through fork
+    return ProcessPoolExecutor(num_workers, mp_context=get_context("spawn"),
+                               initializer=_die_with_parent, initargs=(os.getpid(),))
+
+
+PR_SET_PDEATHSIG = 1  # linux/prctl.h
+
+
+def _die_with_parent(parent: int) -> None:
+    """Worker initializer: on Linux the kernel kills the worker when its parent dies; elsewhere
+    (and should that fail) a thread polls for the parent and ends the worker."""
+    if sys.platform.startswith("linux"):
+        try:
+            ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+        except (OSError, AttributeError):
+            pass
+    threading.Thread(target=_watch_parent, args=(parent,), name="watch-parent", daemon=True).start()
+
+
+def _watch_parent(parent: int) -> None:
+    while os.getppid() == parent:  # also catches a parent that died before prctl took effect
+        time.sleep(0.5)
+    os._exit(1)
 
 
 # --- target handling ------------------------------------------------------------------
@@ -427,8 +461,7 @@ class _Runner:
 
     def __enter__(self) -> "_Runner":
         if self.num_workers > 0 and self.chunks:
-            # spawn: GDAL and LMDB state must not be inherited through fork
-            self.pool = ProcessPoolExecutor(self.num_workers, mp_context=get_context("spawn"))
+            self.pool = worker_pool(self.num_workers)
         return self
 
     def __exit__(self, *exc) -> None:
