@@ -58,25 +58,25 @@ class Chunk:
 @dataclass
 class EncodeResult:
     target: Path
-    written: int
+    written: int  # patches in the LMDB now, committed by this run or an earlier one
     skipped: list[dict]
     seconds: float
     bytes: int
     counts: dict[str, int]
     already_complete: bool = False
-    resumed_chunks: int = 0
+    resumed: int = 0  # of ``written``, patches an earlier, interrupted run had committed
 
     def summary(self) -> str:
         if self.already_complete:
             return f"{self.target}: already complete ({self.written:,} patches); nothing to do"
         per_source = ", ".join(f"{k} {v:,}" for k, v in self.counts.items())
-        rate = self.written / self.seconds if self.seconds > 0 else 0.0
+        new = self.written - self.resumed
+        rate = new / self.seconds if self.seconds > 0 else 0.0
+        what = f"{new:,} new patches, {self.resumed:,} already committed (resumed)" if self.resumed else f"{new:,} patches"
         line = (
-            f"wrote {self.written:,} patches ({per_source}) to {self.target} in {self.seconds:.1f} s "
+            f"wrote {what} ({per_source}) to {self.target} in {self.seconds:.1f} s "
             f"({rate:,.0f} patches/s, {self.bytes / 1e6:,.1f} MB)"
         )
-        if self.resumed_chunks:
-            line += f", resumed after {self.resumed_chunks} committed transactions"
         if self.skipped:
             line += f"; skipped {len(self.skipped)} invalid: " + ", ".join(s["key"] for s in self.skipped[:5])
             line += " ..." if len(self.skipped) > 5 else ""
@@ -297,7 +297,10 @@ def encode_dataset(
     """Write the discovered patches into ``target`` (see the module docstring for guarantees).
 
     With ``overwrite``, the new LMDB is built in ``target/.overwrite`` and moved over the old
-    one only once complete, so a failed or interrupted overwrite leaves the old data intact.
+    one only once complete, so a failed or interrupted overwrite leaves the old data intact;
+    re-running it with the same inputs resumes in ``.overwrite``. A target whose manifest says
+    complete but whose ``data.mdb`` is missing or holds another number of keys is encoded
+    again the same way (the user is told what was found).
     """
     start = time.perf_counter()
     target = Path(target)
@@ -306,22 +309,8 @@ def encode_dataset(
     extra = {"shard": {"index": shard[0], "count": shard[1], "rule": "zlib.crc32(key) % count"}} if shard else {}
     with TargetLock(target):
         existing = any((target / name).exists() for name in (*LMDB_FILES, MANIFEST))
-        if overwrite and existing:
-            staging = target / STAGING
-            shutil.rmtree(staging, ignore_errors=True)
-            staging.mkdir()
-            manifest, stats, skipped, resumed = _encode_into(
-                dataset, discovered, staging, fingerprint, num_workers, skip_invalid, quiet, sources_info, extra)
-            (target / MANIFEST).unlink(missing_ok=True)  # never leave a manifest describing other data
-            for name in LMDB_FILES:
-                (target / name).unlink(missing_ok=True)
-                if (staging / name).exists():
-                    os.replace(staging / name, target / name)
-            os.replace(staging / MANIFEST, target / MANIFEST)
-            for stale in target.glob("stats-*.json"):  # statistics of the data just replaced
-                stale.unlink()
-            shutil.rmtree(staging, ignore_errors=True)
-        else:
+        rebuild = overwrite and existing
+        if not overwrite:
             previous = _read_manifest(target)
             if previous is not None and previous["fingerprint"] != fingerprint:
                 what = f"{previous.get('dataset')} ({previous.get('patches', 'an unfinished set of')} patches)"
@@ -330,12 +319,67 @@ def encode_dataset(
                     "pass --overwrite to replace it or choose another directory"
                 )
             if previous is not None and previous.get("complete"):
-                return EncodeResult(target, previous["patches"], previous.get("skipped", []), 0.0,
-                                    previous.get("bytes", 0), previous.get("counts", {}), already_complete=True)
-            manifest, stats, skipped, resumed = _encode_into(
+                problem = _disagreement(target, previous)
+                if problem is None:
+                    return EncodeResult(target, previous["patches"], previous.get("skipped", []), 0.0,
+                                        previous.get("bytes", 0), previous.get("counts", {}), already_complete=True)
+                print(f"{target}: {problem}; encoding again (the old files are replaced once the new encode "
+                      "is complete)", file=sys.stderr)
+                rebuild = True
+        if rebuild:
+            result = _encode_into(dataset, discovered, _staging(target, fingerprint), fingerprint, num_workers,
+                                  skip_invalid, quiet, sources_info, extra)
+            _swap_in(target)
+        else:
+            result = _encode_into(
                 dataset, discovered, target, fingerprint, num_workers, skip_invalid, quiet, sources_info, extra)
+    manifest, stats, skipped, resumed = result
     return EncodeResult(target, manifest["patches"], skipped, time.perf_counter() - start, stats.bytes,
-                        dict(stats.counts), resumed_chunks=resumed)
+                        dict(stats.counts), resumed=resumed)
+
+
+def _disagreement(target: Path, manifest: dict) -> str | None:
+    """Why a target whose manifest says complete is not (data.mdb gone or holding other keys), or None."""
+    if not (target / "data.mdb").exists():
+        return f"{MANIFEST} says complete, but there is no data.mdb"
+    try:
+        env = lmdb.open(str(target), readonly=True, lock=False, subdir=True, max_dbs=0)
+        try:
+            entries = env.stat()["entries"]
+        finally:
+            env.close()
+    except lmdb.Error as e:
+        return f"data.mdb is unreadable ({type(e).__name__}: {e})"
+    if entries != manifest.get("patches"):
+        return f"data.mdb holds {entries:,} patches, {MANIFEST} says {manifest.get('patches', 0):,}"
+    return None
+
+
+def _staging(target: Path, fingerprint: str) -> Path:
+    """``target/.overwrite``, kept where an interrupted rebuild of the same inputs left it (to resume)."""
+    staging = target / STAGING
+    try:
+        started = _read_manifest(staging) if staging.is_dir() else None
+    except TargetError:
+        started = None
+    if started is None or started["fingerprint"] != fingerprint:
+        shutil.rmtree(staging, ignore_errors=True)
+        staging.mkdir()
+    return staging
+
+
+def _swap_in(target: Path) -> None:
+    """Replace the target's LMDB and manifest by the complete encode in its staging directory."""
+    staging = target / STAGING
+    (target / MANIFEST).unlink(missing_ok=True)  # never leave a manifest describing other data
+    for name in LMDB_FILES:
+        (target / name).unlink(missing_ok=True)
+        if (staging / name).exists():
+            os.replace(staging / name, target / name)
+    os.replace(staging / MANIFEST, target / MANIFEST)
+    for stale in target.glob("stats-*.json"):  # statistics of the data just replaced
+        stale.unlink()
+    shutil.rmtree(staging, ignore_errors=True)
 
 
 def _encode_into(dataset, discovered, directory, fingerprint, num_workers, skip_invalid, quiet, sources_info, extra):
@@ -408,7 +452,7 @@ def _write(dataset, discovered, target, num_workers, skip_invalid, quiet):
             )
     finally:
         env.close()
-    resumed = len(chunks) - len(pending)
+    resumed = sum(stats.counts.values())
     bar = progress_bar(total, quiet)
     bar.update(total - sum(len(c.patches) for c in pending))
     with _Runner(dataset.name, pending, num_workers, skip_invalid) as runner:
