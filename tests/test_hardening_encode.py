@@ -174,11 +174,13 @@ def args_for(source, target, *extra: str) -> list[str]:
 
 # kill right after transaction n committed
 KILL_AFTER_COMMIT = KILLER.replace("if calls[0] == n:", "if False:").replace(
-    "return original(*args)", "result = original(*args)\n    if calls[0] == n + 1: os.kill(os.getpid(), signal.SIGKILL)\n    return result")
+    "return original(*args)",
+    "result = original(*args)\n    if calls[0] == n + 1: os.kill(os.getpid(), signal.SIGKILL)\n    return result")
 
 
 def kill_after_commit(n: int, args: list[str]) -> None:
-    killed = subprocess.run([sys.executable, "-c", KILL_AFTER_COMMIT, str(n), "0", *args], capture_output=True, text=True)
+    killed = subprocess.run([sys.executable, "-c", KILL_AFTER_COMMIT, str(n), "0", *args],
+                            capture_output=True, text=True)
     assert killed.returncode == -signal.SIGKILL, killed.stderr
 
 
@@ -198,7 +200,8 @@ def test_data_mdb_disagreeing_with_the_manifest_is_re_encoded(source, clean, tmp
     shutil.copytree(clean, target)
     shutil.copy(shard / "data.mdb", target / "data.mdb")  # a data.mdb with other (fewer) keys
     proc = encode_cli(*args_for(source, target))
-    assert "already complete" not in proc.stderr and "data.mdb holds 602 patches, manifest.json says 1,200" in proc.stderr
+    assert "already complete" not in proc.stderr
+    assert "data.mdb holds 602 patches, manifest.json says 1,200" in proc.stderr
     assert sha256(target / "data.mdb") == sha256(clean / "data.mdb")
 
 

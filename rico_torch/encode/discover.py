@@ -96,12 +96,12 @@ def discover(dataset: Dataset, roots: dict[str, Path]) -> list[SourcePatches]:
         patches = find_patches(source, roots[source.name])
         for patch in patches:
             if patch.key in seen:
-                raise InputError(printable(patch.path), f"duplicate key {patch.key!r} (also {printable(seen[patch.key])})")
+                also = printable(seen[patch.key])
+                raise InputError(printable(patch.path), f"duplicate key {patch.key!r} (also {also})")
             seen[patch.key] = patch.path
             if source.label_from_parent and dataset.classes and patch.label not in dataset.classes:
-                raise InputError(
-                    printable(patch.path), f"class folder {printable(patch.label)!r} is not one of {dataset.title}'s classes"
-                )
+                folder = printable(patch.label)
+                raise InputError(printable(patch.path), f"class folder {folder!r} is not one of {dataset.title}'s classes")
         result.append(SourcePatches(source, roots[source.name], patches))
     return result
 

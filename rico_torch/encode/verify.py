@@ -12,7 +12,6 @@ cannot read) is a problem naming data.mdb, not a crash.
 
 from __future__ import annotations
 
-import json
 import sys
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -24,7 +23,7 @@ from ..errors import InputError, TargetError
 from ..format import parse_header
 from .discover import discover, select_shard
 from .read import short_digest, value_digest
-from .writer import MANIFEST, TASK_SIZE, encode_task, progress_bar, worker_pool
+from .writer import MANIFEST, TASK_SIZE, encode_task, progress_bar, read_manifest, worker_pool
 
 
 @dataclass
@@ -52,20 +51,6 @@ class VerifyReport:
         if self.ok:
             return f"{self.target}: OK ({what}; content hash {self.content_hash})"
         return f"{self.target}: {len(self.problems)} problem(s) ({what})"
-
-
-def read_manifest(target: Path) -> dict | None:
-    """The target's manifest, None where there is none (an LMDB rico-hdl wrote)."""
-    path = Path(target) / MANIFEST
-    if not path.exists():
-        return None
-    try:
-        manifest = json.loads(path.read_text())
-    except (OSError, ValueError) as e:
-        raise TargetError(f"{path}: unreadable manifest ({e})") from None
-    if not isinstance(manifest, dict) or "dataset" not in manifest:
-        raise TargetError(f"{path}: not a rico_torch manifest")
-    return manifest
 
 
 def verify(

@@ -72,7 +72,9 @@ class EncodeResult:
         per_source = ", ".join(f"{k} {v:,}" for k, v in self.counts.items())
         new = self.written - self.resumed
         rate = new / self.seconds if self.seconds > 0 else 0.0
-        what = f"{new:,} new patches, {self.resumed:,} already committed (resumed)" if self.resumed else f"{new:,} patches"
+        what = f"{new:,} patches"
+        if self.resumed:
+            what = f"{new:,} new patches, {self.resumed:,} already committed (resumed)"
         line = (
             f"wrote {what} ({per_source}) to {self.target} in {self.seconds:.1f} s "
             f"({rate:,.0f} patches/s, {self.bytes / 1e6:,.1f} MB)"
@@ -152,17 +154,22 @@ def _fingerprint(dataset: Dataset, discovered: list[SourcePatches]) -> str:
     return h.hexdigest()
 
 
-def _read_manifest(target: Path) -> dict | None:
-    path = target / MANIFEST
+def read_manifest(target: Path, fix: str = "") -> dict | None:
+    """The target's manifest, None where there is none (an LMDB rico-hdl wrote); ``fix`` ends
+    the error message of an unreadable one (what to do about it)."""
+    path = Path(target) / MANIFEST
     if not path.exists():
         return None
     try:
         manifest = json.loads(path.read_text())
     except (OSError, ValueError) as e:
-        raise TargetError(f"{path}: unreadable manifest ({e}); pass --overwrite to start afresh") from None
-    if not isinstance(manifest, dict) or "fingerprint" not in manifest:
-        raise TargetError(f"{path}: not a rico_torch manifest; pass --overwrite to start afresh")
+        raise TargetError(f"{path}: unreadable manifest ({e}){fix}") from None
+    if not isinstance(manifest, dict) or not {"fingerprint", "dataset"} <= set(manifest):
+        raise TargetError(f"{path}: not a rico_torch manifest{fix}")
     return manifest
+
+
+OVERWRITE_FIX = "; pass --overwrite to start afresh"
 
 
 def _write_json_atomic(path: Path, obj: dict) -> None:
@@ -311,7 +318,7 @@ def encode_dataset(
         existing = any((target / name).exists() for name in (*LMDB_FILES, MANIFEST))
         rebuild = overwrite and existing
         if not overwrite:
-            previous = _read_manifest(target)
+            previous = read_manifest(target, OVERWRITE_FIX)
             if previous is not None and previous["fingerprint"] != fingerprint:
                 what = f"{previous.get('dataset')} ({previous.get('patches', 'an unfinished set of')} patches)"
                 raise TargetError(
@@ -359,7 +366,7 @@ def _staging(target: Path, fingerprint: str) -> Path:
     """``target/.overwrite``, kept where an interrupted rebuild of the same inputs left it (to resume)."""
     staging = target / STAGING
     try:
-        started = _read_manifest(staging) if staging.is_dir() else None
+        started = read_manifest(staging) if staging.is_dir() else None
     except TargetError:
         started = None
     if started is None or started["fingerprint"] != fingerprint:
