@@ -47,6 +47,8 @@ class Source:
         label_from_parent: the parent directory's name is the patch's class label.
         same_shape: all bands of a patch must share one shape (checked when ``shape`` is
             ``None``).
+        noun: what messages call its patches (``"BigEarthNet-S1 patches"``); default
+            ``"<name> patches"``.
     """
 
     name: str
@@ -59,9 +61,12 @@ class Source:
     label_from_parent: bool = False
     same_shape: bool = False
     help: str = ""
+    noun: str = ""
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "_regex", re.compile(self.pattern))
+        if not self.noun:
+            object.__setattr__(self, "noun", f"{self.name} patches")
 
     def matches(self, name: str) -> bool:
         return self._regex.fullmatch(name) is not None  # type: ignore[attr-defined]
