@@ -379,10 +379,11 @@ def _swap_in(target: Path) -> None:
     """Replace the target's LMDB and manifest by the complete encode in its staging directory."""
     staging = target / STAGING
     (target / MANIFEST).unlink(missing_ok=True)  # never leave a manifest describing other data
-    for name in LMDB_FILES:
-        (target / name).unlink(missing_ok=True)
+    for name in LMDB_FILES:  # os.replace: a reader never finds the target without a data.mdb
         if (staging / name).exists():
             os.replace(staging / name, target / name)
+        else:
+            (target / name).unlink(missing_ok=True)
     os.replace(staging / MANIFEST, target / MANIFEST)
     for stale in target.glob("stats-*.json"):  # statistics of the data just replaced
         stale.unlink()
