@@ -699,17 +699,26 @@ def _pack_keys(keys: Sequence[Item] | np.ndarray) -> np.ndarray:
     if not keys:
         raise ConfigError("keys is empty: give at least one key, or keys=None for every key holding the bands")
     multi = isinstance(keys[0], (tuple, list))
-    packed = []
+    try:  # the common case in bulk; anything odd is found and named by the checking loop below
+        if multi and all(isinstance(item, (tuple, list)) for item in keys):
+            packed = np.array([[k.encode() for k in item] for item in keys], dtype=np.bytes_)
+        else:
+            packed = np.array([k.encode() for k in keys], dtype=np.bytes_)
+        if packed.ndim == 1 + multi and packed.dtype.itemsize <= _MAX_KEY_BYTES and not (packed == b"").any():
+            return packed
+    except (AttributeError, TypeError, ValueError, UnicodeEncodeError):
+        pass
+    rows = []
     for item in keys:
         if isinstance(item, (tuple, list)) != multi:
             raise ArgumentTypeError(f"keys mix single keys and tuples ({keys[0]!r} and {item!r}); use one form")
         if multi:
             if len(item) != len(keys[0]):
                 raise ConfigError(f"key tuples differ in length ({keys[0]!r} and {item!r})")
-            packed.append([_encode_key(k, item) for k in item])
+            rows.append([_encode_key(k, item) for k in item])
         else:
-            packed.append(_encode_key(item, item))
-    return np.array(packed, dtype=np.bytes_)
+            rows.append(_encode_key(item, item))
+    return np.array(rows, dtype=np.bytes_)
 
 
 class NativeAssembler(torch.nn.Module):
