@@ -47,6 +47,7 @@ class Source:
         label_from_parent: the parent directory's name is the patch's class label.
         same_shape: all bands of a patch must share one shape (checked when ``shape`` is
             ``None``).
+        rgb_bands: the bands of an RGB composite (for plots), if the source has them.
     """
 
     name: str
@@ -59,12 +60,20 @@ class Source:
     label_from_parent: bool = False
     same_shape: bool = False
     help: str = ""
+    rgb_bands: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "_regex", re.compile(self.pattern))
+        # a file patch's key is its stem: the pattern without its escaped extension (``\.tif``)
+        key_pattern = self.pattern if self.is_dir else re.sub(r"\\\.\w+$", "", self.pattern)
+        object.__setattr__(self, "_key_regex", re.compile(key_pattern))
 
     def matches(self, name: str) -> bool:
         return self._regex.fullmatch(name) is not None  # type: ignore[attr-defined]
+
+    def matches_key(self, key: str) -> bool:
+        """Whether ``key`` has the form of this source's LMDB keys (what :meth:`key_of` gives)."""
+        return self._key_regex.fullmatch(key) is not None  # type: ignore[attr-defined]
 
     def key_of(self, patch: Path) -> str:
         """LMDB key of a patch: its directory name or its file stem (rico-hdl's rule)."""
@@ -95,6 +104,9 @@ class Dataset:
         aliases: other spellings of the subcommand (rico-hdl's).
         classes: class names where the layout gives labels.
         example: an example command line for ``--help``.
+        datamodule: class path of the DataModule that trains on the encoded dataset.
+        config: the training config for it (relative to the repository).
+        fit_options: what else the config needs beyond ``lmdb_path`` (command-line overrides).
     """
 
     name: str
@@ -104,6 +116,9 @@ class Dataset:
     classes: tuple[str, ...] = ()
     description: str = ""
     example: str = ""
+    datamodule: str = ""
+    config: str = ""
+    fit_options: str = ""
 
     def source(self, name: str) -> Source:
         for s in self.sources:
@@ -114,3 +129,8 @@ class Dataset:
     @property
     def band_names(self) -> tuple[str, ...]:
         return tuple(b for s in self.sources for b in s.band_names)
+
+    def fit_command(self, lmdb_path: object) -> str:
+        """The command that trains the baseline model on an encoded copy at ``lmdb_path``."""
+        options = f" {self.fit_options}" if self.fit_options else ""
+        return f"python -m rico_torch fit --config {self.config} --data.init_args.lmdb_path {lmdb_path}{options}"

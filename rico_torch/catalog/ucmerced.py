@@ -27,6 +27,7 @@ IMAGES = Source(
     dtype="uint8",
     label_from_parent=True,
     same_shape=True,
+    rgb_bands=BANDS,
     help="UC Merced root (holds Images/<class>/<class>NN.tif)",
 )
 
@@ -37,4 +38,6 @@ DATASET = Dataset(
     classes=CLASSES,
     description="UC Merced Land Use RGB images: bands Red, Green, Blue; class from the folder name.",
     example="python -m rico_torch.encode uc-merced --dataset-dir UCMerced_LandUse --target-dir encoded-uc-merced",
+    datamodule="rico_torch.data.UCMercedDataModule",
+    config="configs/ucmerced.yaml",
 )
