@@ -7,6 +7,7 @@ from pathlib import Path
 import numpy as np
 
 from ...catalog import Dataset
+from ...errors import ConfigError, DatasetNotFoundError, UnknownKeyError
 from .base import SPLITS, LMDBDataModule, stratified_split
 
 
@@ -43,9 +44,8 @@ class ClassFolderDataModule(LMDBDataModule):
     def _load_splits(self) -> dict[str, tuple[np.ndarray, np.ndarray]]:
         manifest = self.manifest()
         if not manifest or not manifest.get("labels"):
-            raise ValueError(f"{self.lmdb_path}: no class labels in manifest.json; encode it with "
-                             f"`python -m rico_torch.encode {self.catalog.name} --dataset-dir ... "
-                             f"--target-dir {self.lmdb_path}`")
+            raise ConfigError(f"{self.lmdb_path}: no class labels in manifest.json (an LMDB rico-hdl wrote has no "
+                              f"manifest); encode the dataset with {self.encode_hint(self.lmdb_path)}")
         index = {c: i for i, c in enumerate(self.classes)}
         keys = np.array(sorted(manifest["labels"]), dtype=np.bytes_)
         labels = np.array([index[manifest["labels"][k.decode()]] for k in keys], dtype=np.int64)
@@ -58,11 +58,13 @@ class ClassFolderDataModule(LMDBDataModule):
         for split in SPLITS:
             path = self.split_dir / f"{self.split_prefix}-{split}.txt"
             if not path.exists():
-                raise FileNotFoundError(f"{path}: split file missing")
+                raise DatasetNotFoundError(f"{path}: split file missing; set split_dir to the folder holding "
+                                           f"{self.split_prefix}-{{train,val,test}}.txt, or to null for a seeded split")
             names = [Path(line.strip()).stem for line in path.read_text().splitlines() if line.strip()]
             missing = [n for n in names if n not in position]
             if missing:
-                raise KeyError(f"{path}: {len(missing)} patches are not in {self.lmdb_path}, e.g. {missing[0]!r}")
+                raise UnknownKeyError(f"{path}: {len(missing)} of its {len(names)} patches are not in {self.lmdb_path}, "
+                                      f"e.g. {missing[0]!r}; is split_dir this LMDB's dataset?")
             rows = np.array([position[n] for n in names], dtype=np.int64)
             splits[split] = (keys[rows], labels[rows])
         return splits
