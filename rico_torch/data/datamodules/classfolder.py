@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import numpy as np
@@ -11,8 +12,11 @@ from ...errors import ConfigError, DatasetNotFoundError, UnknownKeyError
 from .base import SPLITS, LMDBDataModule, stratified_split
 
 
+_TRAILING_NUMBER = re.compile(r"_?\d+$")
+
+
 class ClassFolderDataModule(LMDBDataModule):
-    """Single-label classification; labels come from the encoder's manifest.
+    """Single-label classification; labels come from the encoder's manifest (or from the keys).
 
     Splits come from split files (``<prefix>-train.txt``, ``-val.txt``, ``-test.txt`` in
     ``split_dir``, one file name per line, e.g. the Neumann et al. files) when ``split_dir``
@@ -41,14 +45,26 @@ class ClassFolderDataModule(LMDBDataModule):
     def classes(self) -> tuple[str, ...]:
         return tuple(self.catalog.classes)
 
-    def _load_splits(self) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    def key_labels(self) -> dict[str, str]:
+        """key -> class name: the manifest's labels, else (an LMDB rico-hdl wrote) the key without its
+        trailing number, as both datasets name each file after its class (``AnnualCrop_12``, ``river07``)."""
         manifest = self.manifest()
-        if not manifest or not manifest.get("labels"):
-            raise ConfigError(f"{self.lmdb_path}: no class labels in manifest.json (an LMDB rico-hdl wrote has no "
-                              f"manifest); encode the dataset with {self.encode_hint(self.lmdb_path)}")
+        if manifest and manifest.get("labels"):
+            return manifest["labels"]
+        known = set(self.classes)
+        labels = {k.decode(): _TRAILING_NUMBER.sub("", k.decode()) for k in self.stored_keys()}
+        unknown = sorted(k for k, c in labels.items() if c not in known)
+        if unknown:
+            raise ConfigError(f"{self.lmdb_path}: key {unknown[0]!r} (and {len(unknown) - 1} more) names no "
+                              f"{self.catalog.title} class and there is no manifest.json with labels; encode the "
+                              f"dataset with {self.encode_hint(self.lmdb_path)}")
+        return labels
+
+    def _load_splits(self) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+        key_labels = self.key_labels()
         index = {c: i for i, c in enumerate(self.classes)}
-        keys = np.array(sorted(manifest["labels"]), dtype=np.bytes_)
-        labels = np.array([index[manifest["labels"][k.decode()]] for k in keys], dtype=np.int64)
+        keys = np.array(sorted(key_labels), dtype=np.bytes_)
+        labels = np.array([index[key_labels[k.decode()]] for k in keys], dtype=np.int64)
         if self.split_dir is None:
             parts = stratified_split(labels, (1 - self.val_fraction - self.test_fraction,
                                               self.val_fraction, self.test_fraction), self.seed)
