@@ -45,9 +45,9 @@ class Source:
         bands: the band keys, in the order they are read.
         dtype: the numpy dtype name every band must have.
         label_from_parent: the parent directory's name is the patch's class label.
+        rgb_bands: the bands of an RGB composite (for plots), if the source has them.
         same_shape: all bands of a patch must share one shape (checked when ``shape`` is
             ``None``).
-        rgb_bands: the bands of an RGB composite (for plots), if the source has them.
     """
 
     name: str
@@ -58,15 +58,15 @@ class Source:
     dtype: str
     aliases: tuple[str, ...] = ()
     label_from_parent: bool = False
+    rgb_bands: tuple[str, ...] = ()
     same_shape: bool = False
     help: str = ""
-    rgb_bands: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "_regex", re.compile(self.pattern))
         # a file patch's key is its stem: the pattern without its escaped extension (``\.tif``)
         key_pattern = self.pattern if self.is_dir else re.sub(r"\\\.\w+$", "", self.pattern)
         object.__setattr__(self, "_key_regex", re.compile(key_pattern))
+        object.__setattr__(self, "_regex", re.compile(self.pattern))
 
     def matches(self, name: str) -> bool:
         return self._regex.fullmatch(name) is not None  # type: ignore[attr-defined]

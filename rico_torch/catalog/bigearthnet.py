@@ -36,8 +36,8 @@ S2 = Source(
     is_dir=True,
     bands=tuple(Band(b, file=f"{{name}}_{b}.tif", shape=(n, n)) for b, n in S2_BAND_SIZES.items()),
     dtype="uint16",
-    rgb_bands=("B04", "B03", "B02"),
     help="BigEarthNet-S2 root (holds S2[AB]_MSIL2A_*_<x>_<y>/ patch directories)",
+    rgb_bands=("B04", "B03", "B02"),
 )
 REFERENCE_MAPS = Source(
     name="reference_maps",

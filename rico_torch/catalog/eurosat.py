@@ -26,8 +26,8 @@ IMAGES = Source(
     dtype="uint16",
     aliases=(),
     label_from_parent=True,
-    rgb_bands=("B04", "B03", "B02"),
     help="EuroSAT-MS root (holds <Class>/<Class>_<n>.tif)",
+    rgb_bands=("B04", "B03", "B02"),
 )
 
 DATASET = Dataset(

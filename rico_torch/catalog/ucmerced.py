@@ -27,8 +27,8 @@ IMAGES = Source(
     dtype="uint8",
     label_from_parent=True,
     same_shape=True,
-    rgb_bands=BANDS,
     help="UC Merced root (holds Images/<class>/<class>NN.tif)",
+    rgb_bands=BANDS,
 )
 
 DATASET = Dataset(
