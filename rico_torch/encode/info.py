@@ -13,7 +13,10 @@ import argparse
 import json
 import math
 import os
+import sys
 from collections import Counter
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -66,16 +69,24 @@ class _Sample:
         self.seen += 1
 
 
-def open_lmdb(path: Path) -> lmdb.Environment:
-    """A read-only handle (no lock file) on the LMDB at ``path``."""
+@contextmanager
+def open_lmdb(path: Path) -> Iterator[lmdb.Environment]:
+    """A read-only handle (no lock file) on the LMDB at ``path``; in a process whose datasets read
+    it already, their handle (py-lmdb allows one per file and process)."""
     if not (path / "data.mdb").exists():
         what = "no such directory" if not path.is_dir() else "no data.mdb here"
         raise DatasetNotFoundError(f"{path}: {what}; give the directory an encode wrote "
                                    "(`python -m rico_torch.encode <dataset> ... --target-dir DIR`)")
+    store = sys.modules.get("rico_torch.data.store")  # loaded: datasets may hold the handle
     try:
-        return lmdb.open(str(path), readonly=True, lock=False, subdir=True, max_dbs=0)
+        env = store.open_environment(path) if store else lmdb.open(str(path), readonly=True, lock=False, max_dbs=0)
     except lmdb.Error as e:
         raise TargetError(f"{path}: data.mdb is not a readable LMDB ({e})") from None
+    try:
+        yield env
+    finally:
+        if store is None:
+            env.close()
 
 
 def read_manifest(path: Path) -> dict | None:
@@ -190,14 +201,11 @@ def fit_line(path: Path, dataset: Dataset, manifest: dict | None) -> str:
 
 def describe(path: Path, samples: int = SAMPLES) -> str:
     """The report ``info`` prints."""
-    env = open_lmdb(path)
-    try:
+    with open_lmdb(path) as env:
         manifest = read_manifest(path)
         entries = env.stat()["entries"]
         found = recognise(env, manifest)
         groups = groups_from_manifest(manifest) if manifest and manifest.get("counts") else groups_from_keys(env, samples)
-    finally:
-        env.close()
     what = f"{found.dataset.title} (by its {found.how})" if found else "no dataset the catalog knows"
     data = path / "data.mdb"
     lines = [f"{path}: {what}; {entries:,} keys; data.mdb {_size(_disk_bytes(data))} on disk"]
@@ -226,18 +234,14 @@ def describe(path: Path, samples: int = SAMPLES) -> str:
 
 def read_value(path: Path, key: str) -> dict[str, np.ndarray]:
     """One value's bands (copied out of the LMDB)."""
-    env = open_lmdb(path)
-    try:
-        with env.begin() as txn:
-            value = txn.get(key.encode())
-            if value is None:
-                cursor = txn.cursor()
-                first = cursor.key().decode() if cursor.first() else ""
-                raise UnknownKeyError(f"{path}: no key {key!r} in the LMDB (keys look like {first!r}; "
-                                      f"`python -m rico_torch.encode info {path}` lists the groups)")
-            return {name: np.array(band) for name, band in load_value(value, key).items()}
-    finally:
-        env.close()
+    with open_lmdb(path) as env, env.begin() as txn:
+        value = txn.get(key.encode())
+        if value is None:
+            cursor = txn.cursor()
+            first = cursor.key().decode() if cursor.first() else ""
+            raise UnknownKeyError(f"{path}: no key {key!r} in the LMDB (keys look like {first!r}; "
+                                  f"`python -m rico_torch.encode info {path}` lists the groups)")
+        return {name: np.array(band) for name, band in load_value(value, key).items()}
 
 
 def describe_value(path: Path, key: str) -> str:
