@@ -54,3 +54,16 @@ class ArgumentTypeError(UserError, TypeError):
 
 class UnknownKeyError(UserError, KeyError):
     """A key that is not in the LMDB."""
+
+
+class FormatError(UserError, ValueError):
+    """A file that is not what the format says: a corrupt ``manifest.json``, a value that is not
+    safetensors, a ``data.mdb`` LMDB cannot open."""
+
+
+class StaleDatasetError(UserError, RuntimeError):
+    """The LMDB was replaced (re-encoded) after the dataset was created, or the dataset was closed."""
+
+
+class MissingBandError(UserError, KeyError):
+    """A patch lacks a band that was asked for (e.g. keys of another source among the items)."""

@@ -14,6 +14,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from .errors import FormatError
+
 #: safetensors dtype names -> numpy dtypes (little-endian, as the format stores them).
 DTYPES: dict[str, np.dtype] = {
     "BOOL": np.dtype("?"),
@@ -44,8 +46,8 @@ class TensorInfo:
     end: int
 
 
-def _invalid(key: object, problem: str) -> ValueError:
-    return ValueError(f"value of key {key!r} is not valid safetensors: {problem}")
+def _invalid(key: object, problem: str) -> FormatError:
+    return FormatError(f"value of key {key!r} is not valid safetensors: {problem}")
 
 
 def _nbytes(shape: list[int], itemsize: int, limit: int) -> int:

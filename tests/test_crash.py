@@ -75,7 +75,8 @@ def test_sigkill_then_rerun_equals_clean(source, clean, tmp_path, transaction, d
                             capture_output=True)
     if killed.returncode != -signal.SIGKILL:  # the timer lost the race with the end of the run
         pytest.skip(f"encode finished before the kill (rc {killed.returncode})")
-    assert not json.loads((target / "manifest.json").read_text())["complete"]
+    # the manifest may already say complete when a late kill lands after the last commit: the
+    # re-run must then find the target complete; either way the result equals a clean run
     encode_cli(*encode_args(source, target))
     assert_equals_clean(target, clean)
 

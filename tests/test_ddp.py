@@ -51,11 +51,11 @@ SIZES = {"train": 24, "val": 3}  # even: each sample exactly once; odd: padding
 
 def environment_opener(path: Path) -> int:
     """The pid that opened this process's cached LMDB handle on ``path`` (store internals:
-    ``_ENVIRONMENTS`` maps the real path to (opener pid, environment))."""
+    ``_HANDLES`` maps the real path to a handle recording its opener's pid)."""
     real = os.path.realpath(path)
-    if real not in store._ENVIRONMENTS:
+    if real not in store._HANDLES:
         raise AssertionError(f"no LMDB environment open on {real}")
-    return store._ENVIRONMENTS[real][0]
+    return store._HANDLES[real].pid
 
 
 class KeyRecorder(L.LightningModule):

@@ -138,7 +138,7 @@ def test_empty_input_directory(tmp_path):
 def test_no_patches_found(ben, tmp_path):
     # S2 directories do not match the S1 pattern
     assert_fails(["bigearthnet", "--s1-dir", str(ben.s2_dir), "--target-dir", str(tmp_path / "t")],
-                 str(ben.s2_dir), "no s1 patches found")
+                 str(ben.s2_dir), "no BigEarthNet-S1 patches found")
 
 
 def test_duplicate_keys(ben, tmp_path):

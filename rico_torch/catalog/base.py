@@ -48,6 +48,8 @@ class Source:
         rgb_bands: the bands of an RGB composite (for plots), if the source has them.
         same_shape: all bands of a patch must share one shape (checked when ``shape`` is
             ``None``).
+        noun: what messages call its patches (``"BigEarthNet-S1 patches"``); default
+            ``"<name> patches"``.
     """
 
     name: str
@@ -61,12 +63,15 @@ class Source:
     rgb_bands: tuple[str, ...] = ()
     same_shape: bool = False
     help: str = ""
+    noun: str = ""
 
     def __post_init__(self) -> None:
         # a file patch's key is its stem: the pattern without its escaped extension (``\.tif``)
         key_pattern = self.pattern if self.is_dir else re.sub(r"\\\.\w+$", "", self.pattern)
         object.__setattr__(self, "_key_regex", re.compile(key_pattern))
         object.__setattr__(self, "_regex", re.compile(self.pattern))
+        if not self.noun:
+            object.__setattr__(self, "noun", f"{self.name} patches")
 
     def matches(self, name: str) -> bool:
         return self._regex.fullmatch(name) is not None  # type: ignore[attr-defined]
@@ -134,3 +139,12 @@ class Dataset:
         """The command that trains the baseline model on an encoded copy at ``lmdb_path``."""
         options = f" {self.fit_options}" if self.fit_options else ""
         return f"python -m rico_torch fit --config {self.config} --data.init_args.lmdb_path {lmdb_path}{options}"
+
+    def largest_shape(self, bands) -> tuple[int, int] | None:
+        """The largest (by area) shape among ``bands`` where the dataset fixes each one's shape;
+        None where it does not (UC Merced) or a band is not the dataset's."""
+        fixed = {b.name: b.shape for s in self.sources for b in s.bands}
+        shapes = [fixed.get(b) for b in bands]
+        if not shapes or None in shapes:
+            return None
+        return max(shapes, key=lambda s: (s[0] * s[1], s))

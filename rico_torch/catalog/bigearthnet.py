@@ -26,6 +26,7 @@ S1 = Source(
     is_dir=True,
     bands=tuple(Band(b, file=f"{{name}}_{b}.tif", shape=(120, 120)) for b in S1_BANDS),
     dtype="float32",
+    noun="BigEarthNet-S1 patches",
     help="BigEarthNet-S1 root (holds S1[AB]_IW_GRDH_*_<x>_<y>/ patch directories)",
 )
 S2 = Source(
@@ -36,6 +37,7 @@ S2 = Source(
     is_dir=True,
     bands=tuple(Band(b, file=f"{{name}}_{b}.tif", shape=(n, n)) for b, n in S2_BAND_SIZES.items()),
     dtype="uint16",
+    noun="BigEarthNet-S2 patches",
     help="BigEarthNet-S2 root (holds S2[AB]_MSIL2A_*_<x>_<y>/ patch directories)",
     rgb_bands=("B04", "B03", "B02"),
 )
@@ -47,6 +49,7 @@ REFERENCE_MAPS = Source(
     is_dir=False,
     bands=(Band(REFERENCE_MAP_BAND, shape=(120, 120)),),
     dtype="uint16",
+    noun="BigEarthNet reference maps",
     help="Reference_Maps root (holds *_reference_map.tif files)",
 )
 

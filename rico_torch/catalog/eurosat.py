@@ -26,6 +26,7 @@ IMAGES = Source(
     dtype="uint16",
     aliases=(),
     label_from_parent=True,
+    noun="EuroSAT-MS patches",
     help="EuroSAT-MS root (holds <Class>/<Class>_<n>.tif)",
     rgb_bands=("B04", "B03", "B02"),
 )

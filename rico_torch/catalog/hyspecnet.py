@@ -28,6 +28,7 @@ PATCHES = Source(
         for i, b in enumerate(BANDS, start=1)
     ),
     dtype="int16",
+    noun="HySpecNet-11k patches",
     help="HySpecNet-11k root (holds ENMAP*_L2A*-Y<row>_X<col>/ patch directories)",
     rgb_bands=("B43", "B28", "B10"),  # ~650, ~550, ~460 nm
 )

@@ -27,6 +27,7 @@ IMAGES = Source(
     dtype="uint8",
     label_from_parent=True,
     same_shape=True,
+    noun="UC Merced Land Use patches",
     help="UC Merced root (holds Images/<class>/<class>NN.tif)",
     rgb_bands=BANDS,
 )

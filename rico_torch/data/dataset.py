@@ -20,11 +20,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NamedTuple
 
+import lmdb
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch.utils.data import Dataset, get_worker_info
+from torch.utils.data._utils.collate import default_collate_fn_map
 
+from ..errors import ArgumentTypeError, ConfigError, FormatError, MissingBandError
 from ..format import TensorInfo, parse_header, view
 from .store import Store, open_environment, read_manifest  # noqa: F401  (re-exported)
 
@@ -55,10 +58,10 @@ def _reuse(into: dict[str, Any]) -> Callable[..., tuple[torch.Tensor, np.ndarray
             tensor = tensor.get(name) if isinstance(tensor, dict) else None
         where = "into" + "".join(f"[{n!r}]" for n in names)
         if not isinstance(tensor, torch.Tensor):
-            raise ValueError(f"{where} is missing: pass a batch that read_batch returned for this dataset")
+            raise ConfigError(f"{where} is missing: pass a batch that read_batch returned for this dataset")
         wanted = _torch_dtype(dtype)
         if tensor.shape != shape or tensor.dtype != wanted or tensor.device.type != "cpu" or not tensor.is_contiguous():
-            raise ValueError(f"{where} is a {tuple(tensor.shape)} {tensor.dtype} tensor on {tensor.device}; this "
+            raise ConfigError(f"{where} is a {tuple(tensor.shape)} {tensor.dtype} tensor on {tensor.device}; this "
                              f"batch needs a contiguous {shape} {wanted} CPU tensor (same batch size and bands)")
         return tensor, tensor.numpy()
 
@@ -69,8 +72,9 @@ def _reuse(into: dict[str, Any]) -> Callable[..., tuple[torch.Tensor, np.ndarray
 class _Step:
     part: int  # which key of the item
     info: TensorInfo
-    channel: int  # output channel (float mode) or channel within its group (native mode)
+    channel: int  # output channel
     group: int  # native group index
+    within: int  # channel within its native group
     factor: int  # integer nearest-replication factor, 0 when interpolation is needed
 
 
@@ -127,7 +131,7 @@ class LMDBPatchDataset(Dataset):
 
     def __init__(
         self,
-        path: str | Path,
+        path: str | Path | lmdb.Environment | Sequence[str | Path | lmdb.Environment],
         bands: Sequence[str],
         keys: Sequence[Item] | np.ndarray | None = None,
         labels: Sequence[Any] | np.ndarray | None = None,
@@ -139,26 +143,29 @@ class LMDBPatchDataset(Dataset):
         mask_lut: np.ndarray | None = None,
         transforms: Callable[[dict], dict] | None = None,
         readahead: bool = False,
+        allow_incomplete: bool = False,
     ) -> None:
-        self.store = Store(path, readahead)
+        if interpolation not in INTERPOLATIONS:
+            raise ConfigError(f"interpolation {interpolation!r} is not one of {INTERPOLATIONS}")
+        self.bands = _check_band_names(bands)
+        if mask_band is not None and not isinstance(mask_band, str):
+            raise ArgumentTypeError(f"mask_band={mask_band!r}: give one band name (a str)")
+        self.size = _check_size(size)
+        self.store = Store(path, readahead, allow_incomplete)
         self.path = self.store.paths[0] if len(self.store.paths) == 1 else self.store.paths
         self._pid = -1
         self._plans: dict[tuple[bytes, ...], _Plan] = {}
         self._last_plan: tuple[tuple[bytes, ...], _Plan | None] = ((), None)
-        if interpolation not in INTERPOLATIONS:
-            raise ValueError(f"interpolation {interpolation!r} is not one of {INTERPOLATIONS}")
-        self.bands = tuple(bands)
-        if not self.bands:
-            raise ValueError("bands is empty; name at least one band")
-        if len(set(self.bands)) != len(self.bands):
-            raise ValueError(f"bands has duplicates: {self.bands}")
         self.interpolation, self.align_corners, self.native = interpolation, align_corners, native
         self.mask_band, self.transforms, self.readahead = mask_band, transforms, readahead
         self.mask_lut = None if mask_lut is None else torch.as_tensor(np.asarray(mask_lut), dtype=torch.int64)
         manifest = self.store.manifest()
+        if manifest is not None and not manifest.get("bands"):
+            manifest = None  # an unfinished encode's manifest (allow_incomplete): the LMDB tells
         self.classes: tuple[str, ...] = tuple(manifest.get("classes", ())) if manifest else ()
+        layouts = None  # the distinct band layouts of the items, where they were surveyed
         if keys is None:
-            keys = self._all_keys(manifest)
+            keys, layouts = self._keys_with_bands(manifest)
         self._keys = _pack_keys(keys)
         if labels is None and manifest and manifest.get("labels") and self._keys.ndim == 1:
             index = {c: i for i, c in enumerate(self.classes)}
@@ -166,17 +173,97 @@ class LMDBPatchDataset(Dataset):
             labels = None if None in names else np.array([index[n] for n in names], dtype=np.int64)
         self.labels = None if labels is None else torch.as_tensor(np.asarray(labels))
         if self.labels is not None and len(self.labels) != len(self):
-            raise ValueError(f"{len(self.labels)} labels for {len(self)} items")
-        self._check_bands(manifest)
-        self.size = (size, size) if isinstance(size, int) else (tuple(size) if size is not None else None)
+            raise ConfigError(f"{len(self.labels)} labels for {len(self)} items")
+        if manifest is None and layouts is None and self.size is None:
+            layouts = self._survey()  # the size must not depend on which item is read first
+        self._check_bands(manifest, layouts)
+        if self.size is None:
+            self.size = self._largest_size(manifest, layouts)
+
+    @property
+    def _wanted(self) -> tuple[str, ...]:
+        return self.bands + ((self.mask_band,) if self.mask_band else ())
+
+    # --- the LMDB handle ----------------------------------------------------------------
+
+    def close(self) -> None:
+        """Release this process's LMDB handle (py-lmdb allows one per file and process, so your own
+        ``lmdb.open`` of it works once every dataset reading it is closed). A later read reopens."""
+        self.store.close()
+
+    def __enter__(self) -> "LMDBPatchDataset":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
 
     # --- keys -------------------------------------------------------------------------
 
-    def _all_keys(self, manifest: dict | None) -> list[str]:
+    def _keys_with_bands(self, manifest: dict | None) -> tuple[list[str], list[dict] | None]:
+        """``keys=None``: every key that holds all the selected bands (an LMDB may hold several
+        sources, e.g. BigEarthNet's S1, S2 and reference maps), and, without a manifest, the
+        band layouts seen (one walk over the LMDB; distinct headers are parsed once)."""
+        wanted = set(self._wanted)
         if manifest and manifest.get("keys"):
-            return [k for keys in manifest["keys"].values() for k in keys]
-        with self.store.reader() as reader:
-            return reader.keys()
+            tables = manifest["bands"]
+            matching = [s for s, table in tables.items() if wanted <= set(table)]
+            if not matching:
+                self._check_bands(manifest, None)  # an unknown band is the clearer message
+                held = "; ".join(f"{s}: {sorted(t)}" for s, t in tables.items())
+                raise ConfigError(f"no source in {self.store} holds all of bands {sorted(wanted)} ({held}); pass "
+                                  "keys= as tuples to merge keys of several sources into one item")
+            return [k for s in matching for k in manifest["keys"].get(s, [])], None
+        parsed: dict[bytes, dict[str, TensorInfo]] = {}
+        keys, layouts = [], {}
+        with self._reader() as reader:
+            for key, value in reader.items():
+                head = _head(value)
+                layout = parsed.get(head)
+                if layout is None:
+                    layout = parsed[head] = parse_header(value, bytes(key).decode(errors="replace"))
+                if wanted <= layout.keys():
+                    keys.append(bytes(key).decode())
+                    layouts[head] = layout
+        if not parsed:
+            raise ConfigError(f"the LMDB at {self.store} holds no keys")
+        if not keys:
+            self._check_bands(None, list(parsed.values()))
+            held = "; ".join(sorted({str(sorted(layout)) for layout in parsed.values()}))
+            raise ConfigError(f"no key in {self.store} holds all of bands {sorted(wanted)} (keys hold {held}); pass "
+                              "keys= as tuples to merge keys of several sources into one item")
+        return keys, list(layouts.values())
+
+    def _survey(self) -> list[dict[str, TensorInfo]]:
+        """The distinct band layouts (merged over an item's keys) of every item."""
+        parsed: dict[tuple[bytes, ...], dict[str, TensorInfo]] = {}
+        with self._reader() as reader:
+            for index in range(len(self)):
+                raw = self._raw_keys(index)
+                values = [reader.get(k) for k in raw]
+                heads = tuple(_head(v) for v in values)
+                if heads not in parsed:
+                    where: dict[str, TensorInfo] = {}
+                    for k, v in zip(raw, values):
+                        for name, info in parse_header(v, k.decode()).items():
+                            where.setdefault(name, info)
+                    parsed[heads] = where
+        return list(parsed.values())
+
+    def _largest_size(self, manifest: dict | None, layouts: list[dict] | None) -> tuple[int, int]:
+        """``size=None``: the largest (by area) shape any selected band has in the dataset."""
+        shapes = set()
+        if layouts is not None:
+            shapes = {layout[b].shape for layout in layouts for b in self.bands if b in layout}
+        elif manifest:
+            for table in manifest["bands"].values():
+                for band in self.bands:
+                    entry = table.get(band)
+                    if entry:
+                        found = [entry["shape"]] if entry.get("shape") else [s.split("x") for s in entry.get("shapes", {})]
+                        shapes.update(tuple(int(d) for d in shape) for shape in found)
+        if not shapes:  # e.g. a manifest without shapes
+            shapes = {info.shape for headers in self._headers_of(0) for b, info in headers.items() if b in self.bands}
+        return max(shapes, key=lambda s: (s[0] * s[1], s))  # type: ignore[return-value]
 
     def __len__(self) -> int:
         return len(self._keys)
@@ -193,7 +280,7 @@ class LMDBPatchDataset(Dataset):
 
     def _item(self, raw_keys: tuple[bytes, ...]) -> Item:
         """An item's key (or key tuple, for multi-key items) from its stored bytes."""
-        return raw_keys[0].decode() if self._keys.ndim == 1 else tuple(k.decode() for k in raw_keys)
+        return raw_keys[0].decode() if self._keys.ndim == 1 else ItemKey(k.decode() for k in raw_keys)
 
     # --- environment ------------------------------------------------------------------
 
@@ -210,23 +297,20 @@ class LMDBPatchDataset(Dataset):
 
     # --- planning ---------------------------------------------------------------------
 
-    def _check_bands(self, manifest: dict | None) -> None:
-        if manifest and manifest.get("bands"):
+    def _check_bands(self, manifest: dict | None, layouts: list[dict] | None) -> None:
+        if layouts is not None:
+            valid = sorted({b for layout in layouts for b in layout})
+        elif manifest and manifest.get("bands"):
             valid = sorted({b for table in manifest["bands"].values() for b in table})
         else:  # no manifest: the first item's bands
             valid = sorted(name for headers in self._headers_of(0) for name in headers)
-        wanted = self.bands + ((self.mask_band,) if self.mask_band else ())
-        unknown = [b for b in wanted if b not in valid]
+        unknown = [b for b in self._wanted if b not in valid]
         if unknown:
-            raise ValueError(f"unknown band(s) {unknown} in {self.store}; valid bands: {valid}")
+            raise ConfigError(f"unknown band(s) {unknown} in {self.store}; valid bands: {valid}")
 
     def _headers_of(self, index: int) -> list[dict[str, TensorInfo]]:
         with self._reader() as reader:
             return [parse_header(reader.get(k), k.decode()) for k in self._raw_keys(index)]
-
-    def _resolve_size(self, headers: list[dict[str, TensorInfo]]) -> tuple[int, int]:
-        shapes = [h[b].shape for h in headers for b in self.bands if b in h]
-        return max(shapes, key=lambda s: s[0] * s[1])  # type: ignore[return-value]
 
     def _plan(self, keys: tuple[bytes, ...], values: list[memoryview]):
         """The cached plan for these values' headers (parsed and validated once)."""
@@ -243,7 +327,7 @@ class LMDBPatchDataset(Dataset):
             self._last_plan = (heads, plan)  # consecutive items nearly always share their headers
         for key, value, length in zip(keys, values, plan.lengths):
             if len(value) != length:  # same header, different length: truncated or padded
-                raise ValueError(f"value of key {key.decode()!r} is not valid safetensors: "
+                raise FormatError(f"value of key {key.decode()!r} is not valid safetensors: "
                                  f"{len(value)} bytes where its header describes {length}")
         return plan
 
@@ -256,14 +340,12 @@ class LMDBPatchDataset(Dataset):
                 where.setdefault(name, (part, info))
         for name in self.bands + ((self.mask_band,) if self.mask_band else ()):
             if name not in where:
-                raise KeyError(f"band {name!r} is not in patch {_patch_name(keys)!r} "
+                raise MissingBandError(f"band {name!r} is not in patch {_patch_name(keys)!r} "
                                f"(it has {sorted(where)})")
             shape = where[name][1].shape
             if len(shape) != 2 or 0 in shape:
-                raise ValueError(f"band {name!r} of patch {_patch_name(keys)!r} is not a "
+                raise FormatError(f"band {name!r} of patch {_patch_name(keys)!r} is not a "
                                  f"non-empty 2-D array: shape {shape}")
-        if self.size is None:
-            self.size = self._resolve_size(headers)
         # Native groups: bands of one (dtype, size), kept in the order they are stored, so
         # that bands stored side by side are copied with one copy (see _runs).
         groups: dict[tuple, list[str]] = {}
@@ -277,7 +359,7 @@ class LMDBPatchDataset(Dataset):
             factor = nearest_factor(self.size, info.shape, self.interpolation)
             gkey = (info.dtype.str, info.shape)
             in_group = groups[gkey].index(name)
-            steps.append(_Step(part, info, in_group if self.native else channel, group_keys.index(gkey), factor))
+            steps.append(_Step(part, info, channel, group_keys.index(gkey), in_group, factor))
         native_groups = tuple(
             NativeGroup(f"{np.dtype(d).name}_{s[0]}x{s[1]}", np.dtype(d), s, tuple(b)) for (d, s), b in groups.items()
         )
@@ -329,7 +411,7 @@ class LMDBPatchDataset(Dataset):
                     first_groups = plan.groups
                 if self.native:
                     if plan.groups != first_groups:
-                        raise ValueError(f"patch {_patch_name(self.item_keys(index))!r} has band sizes or dtypes "
+                        raise ConfigError(f"patch {_patch_name(self.item_keys(index))!r} has band sizes or dtypes "
                                          "that differ from the first item's; native mode needs one layout per batch")
                     for run in plan.runs:
                         dst = arrays[plan.groups[run.group].name][row, run.channels]
@@ -392,15 +474,19 @@ class LMDBPatchDataset(Dataset):
     def plot(self, sample: dict[str, Any], rgb_bands: Sequence[str] | None = None, title: str | None = None):
         """An RGB composite (2-98 percentile stretch) with label names and the mask, if any.
 
+        ``sample``: a sample or a batch (up to 8 of its samples are drawn), float or native.
         ``rgb_bands`` defaults to the first of (B04 B03 B02), (Red Green Blue), (B43 B28 B10)
-        that was selected; else the first band is shown in grey. Returns a matplotlib Figure.
+        that was selected; else the first band is shown in grey. Returns a matplotlib Figure
+        (made without pyplot: the backend is left as it is).
         """
         from .plot import plot_sample
 
         if rgb_bands is None:
             rgb_bands = next((c for c in _RGB_CANDIDATES if all(b in self.bands for b in c)), ())
         multilabel = self.labels is not None and self.labels.ndim == 2
-        return plot_sample(sample, self.bands, rgb_bands, self.classes, multilabel=multilabel, title=title)
+        assembler = self.native_assembler() if "image" not in sample and "native" in sample else None
+        return plot_sample(sample, self.bands, rgb_bands, self.classes, multilabel=multilabel, title=title,
+                           assembler=assembler)
 
     # --- native mode ------------------------------------------------------------------
 
@@ -409,7 +495,7 @@ class LMDBPatchDataset(Dataset):
         keys = self._raw_keys(0)
         with self._reader() as reader:
             plan = self._plan(keys, [reader.get(k) for k in keys])
-        order = [(step.group, step.channel) for step in plan.steps]  # per output channel
+        order = [(step.group, step.within) for step in plan.steps]  # per output channel, in either mode
         return NativeAssembler(plan.groups, order, self.size, self.interpolation,  # type: ignore[arg-type]
                                self.align_corners)
 
@@ -495,6 +581,7 @@ def _runs(steps: list[_Step], native: bool) -> list[_Run]:
     native mode: group) whose channels and stored offsets both advance by constant steps become
     one strided copy (B02 B03 B04 stored side by side; B01 and B09, nine channels apart; VV and
     VH, stored the other way round)."""
+    channel = (lambda s: s.within) if native else (lambda s: s.channel)  # where the band goes
     similar: dict[tuple, list[_Step]] = {}
     for step in steps:
         kind = (step.group,) if native else (step.info.dtype, step.info.shape, step.factor)
@@ -502,22 +589,22 @@ def _runs(steps: list[_Step], native: bool) -> list[_Run]:
     runs = []
     for members in similar.values():
         run: list[_Step] = []
-        for step in sorted(members, key=lambda s: s.channel):
-            if len(run) >= 2 and (step.channel - run[-1].channel != run[1].channel - run[0].channel
+        for step in sorted(members, key=channel):
+            if len(run) >= 2 and (channel(step) - channel(run[-1]) != channel(run[1]) - channel(run[0])
                                   or step.info.begin - run[-1].info.begin != run[1].info.begin - run[0].info.begin):
-                runs.append(_run(run))
+                runs.append(_run(run, channel))
                 run = []
             run.append(step)
-        runs.append(_run(run))
+        runs.append(_run(run, channel))
     return sorted(runs, key=lambda r: (r.group if native else 0, r.channels.start))
 
 
-def _run(run: list[_Step]) -> _Run:
+def _run(run: list[_Step], channel: Callable[[_Step], int]) -> _Run:
     first, last = run[0], run[-1]
     (h, w), dtype = first.info.shape, first.info.dtype
-    channel_step = run[1].channel - first.channel if len(run) > 1 else 1
+    channel_step = channel(run[1]) - channel(first) if len(run) > 1 else 1
     band_stride = run[1].info.begin - first.info.begin if len(run) > 1 else h * w * dtype.itemsize
-    return _Run(first.group, slice(first.channel, last.channel + 1, channel_step), (len(run), h, w),
+    return _Run(first.group, slice(channel(first), channel(last) + 1, channel_step), (len(run), h, w),
                 (band_stride, w * dtype.itemsize, dtype.itemsize), dtype, first.part, first.info.begin, first.factor)
 
 
@@ -534,14 +621,95 @@ def _patch_name(keys: tuple[str, ...]) -> object:
     return keys if len(keys) > 1 else keys[0]
 
 
+def _head(value: memoryview) -> bytes:
+    """A value's header bytes (length + JSON): equal heads mean equal band layouts."""
+    return bytes(value[: 8 + int.from_bytes(value[:8], "little")]) if len(value) >= 8 else bytes(value)
+
+
+class ItemKey(tuple):
+    """The keys of a multi-key item (e.g. ``(s2_key, s1_key)``); torch's ``default_collate`` keeps a
+    batch of them as a list of tuples instead of transposing it (as ``collate`` does)."""
+
+    __slots__ = ()
+
+
+default_collate_fn_map[ItemKey] = lambda batch, *, collate_fn_map=None: list(batch)
+
+_MAX_KEY_BYTES = 511  # LMDB's key size limit
+
+
+def _check_band_names(bands: Any) -> tuple[str, ...]:
+    if isinstance(bands, (str, bytes)):
+        raise ArgumentTypeError(f"bands={bands!r} is one string, not a list of band names; write bands=[{bands!r}]")
+    try:
+        names = tuple(bands)
+    except TypeError:
+        raise ArgumentTypeError(f"bands must be a list of band names, not {type(bands).__name__}") from None
+    if not names:
+        raise ConfigError("bands is empty; name at least one band")
+    odd = next((b for b in names if not isinstance(b, str)), None)
+    if odd is not None:
+        raise ArgumentTypeError(f"band names must be str; got {odd!r} ({type(odd).__name__}) in bands")
+    if len(set(names)) != len(names):
+        raise ConfigError(f"bands has duplicates: {names}")
+    return names
+
+
+def _check_size(size: Any) -> tuple[int, int] | None:
+    if size is None:
+        return None
+    dims = (size, size) if isinstance(size, (int, np.integer)) else size
+    if not isinstance(dims, (tuple, list)) or len(dims) != 2 or not all(
+            isinstance(d, (int, np.integer)) and not isinstance(d, bool) for d in dims):
+        raise ArgumentTypeError(f"size={size!r}: give an int or (height, width) of ints")
+    if min(dims) <= 0:
+        raise ConfigError(f"size={size!r}: height and width must be positive")
+    return int(dims[0]), int(dims[1])
+
+
+def _encode_key(key: Any, item: Any) -> bytes:
+    if isinstance(key, str):
+        try:
+            raw = key.encode()
+        except UnicodeEncodeError:
+            raise ConfigError(f"key {key!r} is not valid UTF-8 (LMDB keys are UTF-8)") from None
+        if raw and len(raw) <= _MAX_KEY_BYTES:
+            return raw
+        raise ConfigError(f"key {key!r} in item {item!r} is empty" if not raw else
+                          f"key {key[:40]!r}... is {len(raw)} bytes, over LMDB's {_MAX_KEY_BYTES}")
+    if isinstance(key, (bytes, bytearray, memoryview)):
+        raise ArgumentTypeError(f"key {bytes(key)!r} is bytes; give keys as str (key.decode())")
+    raise ArgumentTypeError(f"key {key!r} is a {type(key).__name__}; a key is a str")
+
+
 def _pack_keys(keys: Sequence[Item] | np.ndarray) -> np.ndarray:
-    """Keys as one fixed-width bytes array (N,) or (N, parts): no per-item Python objects."""
-    if isinstance(keys, np.ndarray) and keys.dtype.kind == "S":
+    """Keys as one fixed-width bytes array (N,) or (N, parts): no per-item Python objects.
+
+    Raises ConfigError / ArgumentTypeError for an empty list, an empty key, bytes keys, items
+    mixing single keys and tuples, or tuples of different lengths.
+    """
+    if isinstance(keys, np.ndarray) and keys.dtype.kind == "S":  # already packed (the DataModules)
+        if keys.ndim not in (1, 2) or keys.size == 0 or (keys == b"").any():
+            raise ConfigError(f"keys: a packed array needs shape (N,) or (N, parts), N > 0 and no empty key; "
+                              f"got shape {keys.shape}")
         return keys
+    if isinstance(keys, (str, bytes)):
+        raise ArgumentTypeError(f"keys={keys!r} is one string, not a list of keys; write keys=[{keys!r}]")
     keys = list(keys)
-    if keys and isinstance(keys[0], (tuple, list)):
-        return np.array([[k.encode() for k in item] for item in keys], dtype=np.bytes_)
-    return np.array([k.encode() for k in keys], dtype=np.bytes_)
+    if not keys:
+        raise ConfigError("keys is empty: give at least one key, or keys=None for every key holding the bands")
+    multi = isinstance(keys[0], (tuple, list))
+    packed = []
+    for item in keys:
+        if isinstance(item, (tuple, list)) != multi:
+            raise ArgumentTypeError(f"keys mix single keys and tuples ({keys[0]!r} and {item!r}); use one form")
+        if multi:
+            if len(item) != len(keys[0]):
+                raise ConfigError(f"key tuples differ in length ({keys[0]!r} and {item!r})")
+            packed.append([_encode_key(k, item) for k in item])
+        else:
+            packed.append(_encode_key(item, item))
+    return np.array(packed, dtype=np.bytes_)
 
 
 class NativeAssembler(torch.nn.Module):
@@ -559,12 +727,18 @@ class NativeAssembler(torch.nn.Module):
         self.interpolation, self.align_corners = interpolation, align_corners
         self.group_names = [g.name for g in groups]
         self.group_shapes = [g.shape for g in groups]
+        self.group_layouts = {g.name: (len(g.bands), *g.shape) for g in groups}
+        self.group_bands = {g.name: g.bands for g in groups}
         # per group: (output channel, channel within the group) of its bands
         self.targets: list[list[tuple[int, int]]] = [[] for _ in groups]
         for channel, (group, within) in enumerate(order):
             self.targets[group].append((channel, within))
 
     def forward(self, native: dict[str, torch.Tensor]) -> torch.Tensor:
+        got = {name: tuple(t.shape[1:]) for name, t in native.items()}
+        if got != self.group_layouts:
+            raise ConfigError(f"native batch groups {got} are not the {self.group_layouts} this assembler was built "
+                              f"for (bands {self.group_bands}); take the assembler from a dataset with the same bands")
         first = native[self.group_names[0]]
         h, w = self.size
         out = torch.empty((first.shape[0], sum(map(len, self.targets)), h, w), dtype=torch.float32,

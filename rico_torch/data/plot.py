@@ -1,21 +1,31 @@
-"""Plotting a sample: RGB composite with a percentile stretch, label names, mask."""
+"""Plotting a sample or a batch: RGB composite with a percentile stretch, label names, mask.
+
+Figures are made with ``matplotlib.figure.Figure`` directly, not through pyplot, so plotting
+never changes the user's backend or opens windows; ``fig.savefig`` works everywhere and
+notebooks display the returned figure.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
 import torch
+
+from ..errors import ConfigError
+
+MAX_ROWS = 8  # samples drawn from a batch
+UNLABELED = 255  # the ignore value of class-index masks (BigEarthNet's reference maps)
 
 
 def stretch(rgb: np.ndarray, low: float = 2, high: float = 98) -> np.ndarray:
     """Per-channel percentile stretch of (3, H, W) to [0, 1], as (H, W, 3)."""
     out = np.empty(rgb.shape[1:] + (rgb.shape[0],), dtype=np.float32)
     for c, band in enumerate(rgb):
-        lo, hi = np.percentile(band, [low, high])
+        lo, hi = np.nanpercentile(band, [low, high]) if np.isfinite(band).any() else (0.0, 1.0)
         out[..., c] = np.clip((band - lo) / (hi - lo if hi > lo else 1.0), 0, 1)
-    return out
+    return np.nan_to_num(out)
 
 
 def label_names(label: Any, classes: Sequence[str], multilabel: bool) -> list[str]:
@@ -27,32 +37,77 @@ def label_names(label: Any, classes: Sequence[str], multilabel: bool) -> list[st
     return [classes[int(label)]]
 
 
+def mask_image(mask: np.ndarray, classes: Sequence[str]) -> tuple[np.ndarray, int]:
+    """(values to draw, number of colours): class indices as they are (``UNLABELED`` and other
+    values past the classes left blank), or, for raw codes such as CLC's 111-523, each distinct
+    code as one colour."""
+    labeled = mask[mask != UNLABELED]
+    if classes and labeled.size and labeled.max() < len(classes) and labeled.min() >= 0:
+        return np.ma.masked_where((mask < 0) | (mask >= len(classes)), mask), len(classes)
+    codes, inverse = np.unique(mask, return_inverse=True)
+    return inverse.reshape(mask.shape), len(codes)
+
+
+def _rows(sample: dict[str, Any]) -> list[dict[str, Any]]:
+    """The samples of a batch (at most ``MAX_ROWS``), or the one sample."""
+    image = torch.as_tensor(sample["image"])
+    if image.ndim == 3:
+        return [sample]
+    if image.ndim != 4:
+        raise ConfigError(f"plot: image has shape {tuple(image.shape)}; expected C x H x W or a batch N x C x H x W")
+    rows = []
+    for i in range(min(len(image), MAX_ROWS)):
+        rows.append({name: (value[i] if isinstance(value, (torch.Tensor, np.ndarray, list)) else value)
+                     for name, value in sample.items() if name != "native"})
+    return rows
+
+
+def with_image(sample: dict[str, Any], assembler: Callable[[dict], torch.Tensor] | None) -> dict[str, Any]:
+    """``sample`` with its float ``image``, built from a native sample or batch by ``assembler``."""
+    if "image" in sample:
+        return sample
+    if "native" not in sample:
+        raise ConfigError(f"plot: the sample has no 'image' or 'native' entry (it has {sorted(sample)})")
+    if assembler is None:
+        raise ConfigError("plot: a native sample needs its dataset's native_assembler(); plot it through the dataset")
+    native = {g: torch.as_tensor(t).cpu() for g, t in sample["native"].items()}
+    single = next(iter(native.values())).ndim == 3
+    image = assembler.to("cpu")({g: t[None] for g, t in native.items()} if single else native)  # type: ignore[union-attr]
+    return {**sample, "image": image[0] if single else image}
+
+
 def plot_sample(sample: dict, bands: Sequence[str], rgb_bands: Sequence[str], classes: Sequence[str],
-                multilabel: bool = False, title: str | None = None):
-    """A matplotlib Figure of ``sample`` (``image`` C x H x W in ``bands`` order)."""
-    import matplotlib
+                multilabel: bool = False, title: str | None = None, assembler=None):
+    """A matplotlib Figure of ``sample`` (``image`` C x H x W in ``bands`` order, or a batch of
+    them: up to ``MAX_ROWS`` rows; a native sample is assembled with ``assembler``)."""
+    from matplotlib.figure import Figure
 
-    if matplotlib.get_backend().lower() not in ("agg", "module://matplotlib_inline.backend_inline"):
-        matplotlib.use("Agg", force=False)
-    import matplotlib.pyplot as plt
-
-    image = torch.as_tensor(sample["image"]).float().numpy()
+    rows = _rows(with_image(sample, assembler))
     picked = [bands.index(b) for b in rgb_bands if b in bands]
-    rgb = image[picked] if len(picked) == 3 else np.repeat(image[:1], 3, axis=0)
-    has_mask = "mask" in sample
-    fig, axes = plt.subplots(1, 2 if has_mask else 1, figsize=(8 if has_mask else 4, 4.4), squeeze=False)
-    axes[0, 0].imshow(stretch(rgb))
-    axes[0, 0].set_title("RGB" if len(picked) == 3 else bands[0])
-    if has_mask:
-        mask = torch.as_tensor(sample["mask"]).numpy()
-        axes[0, 1].imshow(np.ma.masked_where(mask >= max(len(classes), 1), mask), cmap="tab20", vmin=0, vmax=19,
-                          interpolation="nearest")
-        axes[0, 1].set_title("mask")
+    has_mask = "mask" in rows[0]
+    columns = 2 if has_mask else 1
+    fig = Figure(figsize=(4 * columns, 4.4 * len(rows)))
+    axes = fig.subplots(len(rows), columns, squeeze=False)
+    for row, (ax, item) in enumerate(zip(axes, rows)):
+        image = torch.as_tensor(item["image"]).detach().float().cpu().numpy()
+        rgb = image[picked] if len(picked) == 3 else np.repeat(image[:1], 3, axis=0)
+        ax[0].imshow(stretch(rgb))
+        if has_mask:
+            values, colours = mask_image(torch.as_tensor(item["mask"]).cpu().numpy(), classes)
+            ax[1].imshow(values, cmap="tab20", vmin=0, vmax=max(colours - 1, 19), interpolation="nearest")
+            ax[1].set_title("mask", fontsize=8)
+        names = label_names(item.get("label"), classes, multilabel)
+        key = item.get("key")
+        heading = (key if isinstance(key, str) else " + ".join(key) if key else "") + (
+            "\n" + ", ".join(names) if names else "")
+        if len(rows) == 1:
+            ax[0].set_title("RGB" if len(picked) == 3 else bands[0], fontsize=8)
+            fig.suptitle(title or heading, fontsize=8, wrap=True)
+        else:
+            ax[0].set_title(heading, fontsize=6, wrap=True)
     for ax in axes.flat:
         ax.axis("off")
-    names = label_names(sample.get("label"), classes, multilabel)
-    key = sample.get("key")
-    heading = title or (key if isinstance(key, str) else " + ".join(key) if key else "")
-    fig.suptitle(heading + ("\n" + ", ".join(names) if names else ""), fontsize=8, wrap=True)
+    if title and len(rows) > 1:
+        fig.suptitle(title, fontsize=9)
     fig.tight_layout()
     return fig

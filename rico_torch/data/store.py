@@ -3,6 +3,11 @@
 Shards are written by ``python -m rico_torch.encode ... --shard I/N``; a key lives in shard
 ``zlib.crc32(key) % N``, so a reader finds it without a lookup table. LMDBs that are not
 shards of one set are searched in the order given.
+
+py-lmdb allows one handle per LMDB and process, so this module keeps one per path, shared by
+every dataset reading it, and knows which ``data.mdb`` (device + inode) each handle maps: an
+LMDB replaced by ``encode --overwrite`` is noticed and reopened, never read through the old map
+by a dataset created after the swap.
 """
 
 from __future__ import annotations
@@ -10,13 +15,26 @@ from __future__ import annotations
 import json
 import os
 import zlib
+from dataclasses import dataclass
 from pathlib import Path
 
 import lmdb
 
-from ..errors import DatasetNotFoundError
+from ..errors import ConfigError, DatasetNotFoundError, FormatError, IncompleteDatasetError, StaleDatasetError
 
-_ENVIRONMENTS: dict[str, tuple[int, lmdb.Environment]] = {}
+Identity = tuple[int, int]  # (st_dev, st_ino) of data.mdb
+
+
+@dataclass
+class _Handle:
+    pid: int  # the process that opened it (a forked child must not read through it)
+    identity: Identity
+    env: lmdb.Environment
+    owned: bool  # False: the user's own environment, never closed here
+    holders: int = 0
+
+
+_HANDLES: dict[str, _Handle] = {}  # real path -> this process's handle
 
 
 def shard_of(key: bytes, count: int) -> int:
@@ -24,50 +42,186 @@ def shard_of(key: bytes, count: int) -> int:
     return zlib.crc32(key) % count
 
 
+def _require_lmdb(path: Path) -> None:
+    if not (path / "data.mdb").is_file():
+        what = "directory does not exist" if not path.exists() else "no data.mdb here"
+        raise DatasetNotFoundError(
+            f"{path}: no encoded dataset ({what}); create it with "
+            f"`python -m rico_torch.encode <dataset> ... --target-dir {path}`"
+        )
+
+
 def read_manifest(path: str | Path) -> dict | None:
-    """The encoder's ``manifest.json`` beside ``data.mdb``, or None (e.g. rico-hdl output)."""
-    file = Path(path) / "manifest.json"
-    if not file.exists():
+    """The encoder's ``manifest.json`` beside ``data.mdb``; None for an LMDB without one (rico-hdl).
+
+    Raises:
+        DatasetNotFoundError: ``path`` holds no LMDB (a mistyped path).
+        FormatError: ``manifest.json`` is not valid JSON or not an object.
+    """
+    path = Path(path)
+    _require_lmdb(path)
+    file = path / "manifest.json"
+    try:
+        text = file.read_text()
+    except FileNotFoundError:
         return None
-    return json.loads(file.read_text())
+    except (OSError, UnicodeDecodeError) as e:
+        raise FormatError(f"{file}: unreadable manifest ({e})") from None
+    try:
+        manifest = json.loads(text)
+    except ValueError as e:
+        raise FormatError(f"{file}: corrupt manifest, not valid JSON ({e}); re-encode with --overwrite, "
+                          "or delete manifest.json to read the LMDB without it") from None
+    if not isinstance(manifest, dict):
+        raise FormatError(f"{file}: corrupt manifest (a JSON {type(manifest).__name__}, not an object)")
+    return manifest
 
 
-def open_environment(path: Path, readahead: bool = False) -> lmdb.Environment:
+def finish_command(path: Path, manifest: dict) -> str:
+    """The encode command line that finishes (resumes) the interrupted encode recorded in ``manifest``."""
+    from ..catalog import get_dataset
+
+    parts = ["python -m rico_torch.encode", str(manifest.get("dataset", "<dataset>"))]
+    try:
+        dataset = get_dataset(manifest["dataset"])
+        for name, root in manifest.get("sources", {}).items():
+            parts += [dataset.source(name).option, str(root)]
+    except (KeyError, TypeError):
+        parts.append("<the same source options>")
+    parts += ["--target-dir", str(path)]
+    shard = manifest.get("shard")
+    if isinstance(shard, dict) and {"index", "count"} <= set(shard):
+        parts.append(f"--shard {shard['index']}/{shard['count']}")
+    return " ".join(parts)
+
+
+def check_complete(path: Path, manifest: dict | None) -> None:
+    """Refuse an LMDB whose encode did not finish (its manifest says ``complete: false``)."""
+    if manifest is not None and manifest.get("complete") is False:
+        raise IncompleteDatasetError(
+            f"{path}: the encode into this LMDB did not finish (manifest.json: complete false); finish it with "
+            f"`{finish_command(path, manifest)}`, or pass allow_incomplete=True to read what is committed"
+        )
+
+
+def file_identity(path: Path) -> Identity:
+    try:
+        st = os.stat(Path(path) / "data.mdb")
+    except FileNotFoundError:
+        _require_lmdb(Path(path))
+        raise
+    return st.st_dev, st.st_ino
+
+
+def _open(real: str, readahead: bool) -> lmdb.Environment:
+    try:
+        return lmdb.open(real, readonly=True, lock=False, readahead=readahead, max_readers=2048, subdir=True,
+                         max_dbs=0)
+    except lmdb.Error as e:
+        if "already open" in str(e):
+            raise ConfigError(
+                f"{real}: this LMDB is already open in this process (your own lmdb.open; py-lmdb allows one "
+                "handle per file): pass that environment instead of the path, LMDBPatchDataset(env, ...), "
+                "or close it first"
+            ) from None
+        raise FormatError(f"{real}: LMDB cannot open data.mdb ({type(e).__name__}: {e})") from None
+
+
+def _current(real: str) -> _Handle | None:
+    """This process's handle on ``real``; one inherited through fork is closed, never read through."""
+    handle = _HANDLES.get(real)
+    if handle is not None and handle.pid != os.getpid():
+        handle.env.close()  # a forked child's copy: releasing it lifts py-lmdb's one-handle refusal
+        del _HANDLES[real]
+        return None
+    return handle
+
+
+def adopt_environment(env: lmdb.Environment) -> Path:
+    """Register the user's own open environment as this process's handle on its LMDB; its path."""
+    try:
+        real = os.path.realpath(env.path())
+    except lmdb.Error:
+        raise StaleDatasetError("the lmdb.Environment passed in is closed; pass an open one or the path") from None
+    handle = _current(real)
+    if handle is not None and handle.env is not env:
+        raise ConfigError(f"{real}: this LMDB is already open in this process through another handle")
+    if handle is None:
+        _HANDLES[real] = _Handle(os.getpid(), file_identity(Path(real)), env, owned=False)
+    return Path(real)
+
+
+def open_environment(path: Path, readahead: bool = False, identity: Identity | None = None) -> lmdb.Environment:
     """This process's read-only handle on an LMDB, shared by every dataset reading it.
 
-    py-lmdb allows one handle per file and process, so the first opener's ``readahead`` holds
-    for all. ``lock=False``: readers write nothing (works on read-only storage); the encoder
-    never writes to a finished dataset, so no reader/writer coordination is needed.
+    The first opener's ``readahead`` holds for all. ``lock=False``: readers write nothing (works
+    on read-only storage); the encoder never writes into a finished dataset in place (``--overwrite``
+    swaps in a new ``data.mdb``, which is noticed here and reopened).
+
+    Args:
+        identity: the ``data.mdb`` the caller was built over; a different file there now raises
+            :class:`StaleDatasetError` instead of mixing two datasets.
     """
     real = os.path.realpath(path)
-    pid, env = _ENVIRONMENTS.get(real, (-1, None))
-    if env is None or pid != os.getpid():
-        if env is not None:  # inherited through fork: release the copy, never read through it
-            env.close()
-        env = lmdb.open(real, readonly=True, lock=False, readahead=readahead, max_readers=2048, subdir=True,
-                        max_dbs=0)
-        _ENVIRONMENTS[real] = (os.getpid(), env)
-    return env
+    current = file_identity(Path(real))
+    if identity is not None and current != identity:
+        raise StaleDatasetError(f"{path}: the LMDB was replaced (re-encoded) after this dataset was created; "
+                                "create the dataset again to read the new data")
+    handle = _current(real)
+    if handle is not None and handle.identity != current:  # replaced since it was opened
+        if not handle.owned:
+            raise StaleDatasetError(f"{path}: data.mdb was replaced after the environment passed in was opened; "
+                                    "open it again")
+        handle.env.close()  # datasets still holding it get a StaleDatasetError on their next read
+        del _HANDLES[real]
+        handle = None
+    if handle is None:
+        handle = _HANDLES[real] = _Handle(os.getpid(), current, _open(real, readahead), owned=True)
+    handle.holders += 1
+    return handle.env
+
+
+def release_environment(path: Path) -> None:
+    """Drop one holder of this process's handle; the last one closes it (unless it is the user's)."""
+    real = os.path.realpath(path)
+    handle = _current(real)
+    if handle is None:
+        return
+    handle.holders -= 1
+    if handle.holders <= 0:
+        if handle.owned:
+            handle.env.close()
+        del _HANDLES[real]  # the user's own environment: theirs to close; a new dataset re-adopts it
 
 
 class Store:
-    """One dataset in one or more LMDB directories, opened lazily in the reading process."""
+    """One dataset in one or more LMDB directories, opened lazily in the reading process.
 
-    def __init__(self, paths: str | Path | list[str | Path], readahead: bool = False) -> None:
-        self.paths = [Path(p) for p in (paths if isinstance(paths, (list, tuple)) else [paths])]
-        if not self.paths:
-            raise ValueError("no LMDB path given")
-        for path in self.paths:
-            if not (path / "data.mdb").exists():
-                raise DatasetNotFoundError(
-                    f"{path}: no encoded dataset here (data.mdb missing); create it with "
-                    f"`python -m rico_torch.encode <dataset> ... --target-dir {path}`"
-                )
+    Args:
+        paths: LMDB directories, or an open ``lmdb.Environment`` (or a list mixing both): an
+            environment is used as this process's handle on its LMDB (py-lmdb allows only one);
+            other processes open their own.
+        allow_incomplete: read an LMDB whose encode has not finished.
+    """
+
+    def __init__(self, paths, readahead: bool = False, allow_incomplete: bool = False) -> None:
+        given = list(paths) if isinstance(paths, (list, tuple)) else [paths]
+        if not given:
+            raise ConfigError("no LMDB path given")
+        self.paths = [adopt_environment(p) if isinstance(p, lmdb.Environment) else Path(p) for p in given]
+        # the user's environments, used again in this process after a close() (never pickled)
+        self._given = (os.getpid(), [p for p in given if isinstance(p, lmdb.Environment)])
         self.readahead = readahead
+        manifests = [read_manifest(p) for p in self.paths]  # also: each path holds an LMDB
+        if not allow_incomplete:
+            for path, manifest in zip(self.paths, manifests):
+                check_complete(path, manifest)
+        self._identities = [file_identity(p) for p in self.paths]
         self.shard_count = 0
         self._position: list[int] = []
         if len(self.paths) > 1:
-            self._route([read_manifest(p) for p in self.paths])
+            self._route(manifests)
+        self._read_manifests: list | None = manifests  # handed to the first manifest() call, not kept
 
     def _route(self, manifests: list[dict | None]) -> None:
         """Route keys by the shard rule when the paths are exactly the shards of one set."""
@@ -85,42 +239,74 @@ class Store:
         return str(self.paths[0]) if len(self.paths) == 1 else f"{len(self.paths)} shards ({self.paths[0]}, ...)"
 
     def manifest(self) -> dict | None:
-        """The manifests, read now and merged over shards: keys, labels and bands (None if any
-        path lacks one, e.g. rico-hdl output).
+        """The manifests, merged over shards: keys, labels and bands (None if any path lacks one,
+        e.g. rico-hdl output).
 
         Read on demand and not kept: with every key listed it can take tens of MB, which the
         store (carried into every DataLoader worker) must not hold.
         """
-        manifests = [read_manifest(p) for p in self.paths]
+        manifests, self._read_manifests = self._read_manifests, None
+        if manifests is None:
+            manifests = [read_manifest(p) for p in self.paths]
         if any(m is None for m in manifests):
             return None
         if len(manifests) == 1:
             return manifests[0]
-        merged: dict = {"classes": manifests[0].get("classes", []), "keys": {}, "labels": {}, "bands": {}}
+        merged: dict = {"classes": manifests[0].get("classes", []), "keys": {}, "labels": {}, "bands": {},
+                        "complete": all(m.get("complete") is not False for m in manifests)}
         for m in manifests:
             for source, keys in m.get("keys", {}).items():
                 merged["keys"].setdefault(source, []).extend(keys)
             merged["labels"].update(m.get("labels", {}))
             for source, table in m.get("bands", {}).items():
-                merged["bands"].setdefault(source, {}).update(table)
+                into = merged["bands"].setdefault(source, {})
+                for band, entry in table.items():
+                    into[band] = _merge_band(into[band], entry) if band in into else entry
         return merged
 
     def environments(self) -> list[lmdb.Environment]:
         """This process's handles (looked up once per process, not per read)."""
         pid = os.getpid()
         if getattr(self, "_pid", None) != pid:
-            self._envs = [open_environment(p, self.readahead) for p in self.paths]
+            if self._given[0] == pid:
+                for env in self._given[1]:
+                    adopt_environment(env)
+            self._envs = [open_environment(p, self.readahead, i) for p, i in zip(self.paths, self._identities)]
             self._pid = pid
         return self._envs
+
+    def close(self) -> None:
+        """Release this process's handles (the last holder closes them); a later read reopens."""
+        if getattr(self, "_pid", None) == os.getpid():
+            for path in self.paths:
+                release_environment(path)
+        self._envs, self._pid = [], None
 
     def __getstate__(self) -> dict:
         state = self.__dict__.copy()
         state.pop("_envs", None)
         state.pop("_pid", None)
+        state["_read_manifests"], state["_given"] = None, (-1, [])
         return state
 
     def reader(self) -> "_Reader":
         return _Reader(self)
+
+
+def _shapes(entry: dict) -> dict[str, int]:
+    if entry.get("shape"):
+        return {"x".join(map(str, entry["shape"])): 1}
+    return dict(entry.get("shapes", {}))
+
+
+def _merge_band(a: dict, b: dict) -> dict:
+    """One band's manifest entry over two shards: shapes that differ are kept, with their counts."""
+    if a.get("shape") and a.get("shape") == b.get("shape"):
+        return a
+    shapes = _shapes(a)
+    for shape, n in _shapes(b).items():
+        shapes[shape] = shapes.get(shape, 0) + n
+    return {"dtype": a.get("dtype"), "shape": None, "shapes": shapes}
 
 
 class _Reader:
@@ -130,7 +316,11 @@ class _Reader:
         self.store = store
 
     def __enter__(self) -> "_Reader":
-        self.txns = [env.begin(buffers=True) for env in self.store.environments()]
+        try:
+            self.txns = [env.begin(buffers=True) for env in self.store.environments()]
+        except lmdb.Error as e:  # a handle closed under us: the LMDB was swapped by a newer dataset's open
+            raise StaleDatasetError(f"{self.store}: this dataset's LMDB handle was closed because data.mdb was "
+                                    f"replaced (re-encoded) since; create the dataset again ({e})") from None
         self._single = self.txns[0] if len(self.txns) == 1 else None
         return self
 
@@ -146,8 +336,15 @@ class _Reader:
         else:
             value = next((v for v in (t.get(key) for t in self.txns) if v is not None), None)
         if value is None:
-            raise KeyError(f"key {key.decode()!r} is not in the LMDB at {self.store}")
+            from ..errors import UnknownKeyError
+
+            raise UnknownKeyError(f"key {key.decode(errors='replace')!r} is not in the LMDB at {self.store}")
         return value
 
     def keys(self) -> list[str]:
         return [bytes(k).decode() for t in self.txns for k in t.cursor().iternext(keys=True, values=False)]
+
+    def items(self):
+        """(key bytes, value) of every LMDB in order: a cursor walk, no lookups."""
+        for txn in self.txns:
+            yield from txn.cursor().iternext(keys=True, values=True)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import tempfile
@@ -11,7 +10,7 @@ from pathlib import Path
 
 from ..catalog import DATASETS, Dataset, get_dataset
 from ..cli_errors import report
-from ..errors import UserError
+from ..errors import ConfigError, UserError
 from .discover import discover, select_shard
 from .writer import EncodeResult, encode_dataset
 
@@ -103,18 +102,20 @@ def build_parser(prog: str = "python -m rico_torch.encode") -> argparse.Argument
         help="check an encoded dataset: every value decodes and matches the manifest (and the sources, if given)",
         description="Check that every value decodes and matches the manifest's dtype, shape, per-key digest, "
         "key set, patch count and content hash. With source directories (the options the encode took), "
-        "re-read the sources in parallel and compare every value. Lists every mismatch; exit code 1 if any.",
+        "re-read the sources in parallel and compare every value. An LMDB without manifest.json (rico-hdl's "
+        "output) has every value decoded, and compared with its sources if given. Lists every mismatch; "
+        "exit code 1 if any.",
         epilog="examples:\n  python -m rico_torch.encode verify --target-dir encoded-bigearthnet\n"
-        "  python -m rico_torch.encode verify --target-dir encoded-eurosat --dataset-dir EuroSAT_MS",
+        "  python -m rico_torch.encode verify --target-dir encoded-eurosat --dataset-dir EuroSAT_MS\n"
+        "  python -m rico_torch.encode verify --target-dir rico-hdl-eurosat --dataset eurosat-ms --dataset-dir EuroSAT_MS",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    seen: set[str] = set()
-    for dataset in DATASETS.values():
-        for source in dataset.sources:
-            if source.option not in seen:
-                seen.add(source.option)
-                verify.add_argument(source.option, *source.aliases, dest=f"verify_{source.option[2:].replace('-', '_')}",
-                                    type=Path, metavar="DIR", help=f"compare with the sources ({source.help})")
+    for option, (aliases, helps) in _verify_options().items():
+        verify.add_argument(option, *aliases, dest=_verify_dest(option), type=Path, metavar="DIR",
+                            help=f"compare with the sources ({' / '.join(helps)})")
+    verify.add_argument("--dataset", dest="verify_dataset", metavar="NAME",
+                        help="the dataset of an LMDB without manifest.json (rico-hdl's output), needed to compare "
+                        f"it with sources where the options do not tell ({', '.join(DATASETS)})")
     _common(verify)
     verify.set_defaults(dataset="verify")
     from .info import add_info_parser
@@ -123,18 +124,61 @@ def build_parser(prog: str = "python -m rico_torch.encode") -> argparse.Argument
     return parser
 
 
-def run_verify(args: argparse.Namespace) -> int:
-    from .verify import print_report, verify
-
-    manifest_path = args.target_dir / "manifest.json"
-    roots = {}
-    if manifest_path.exists():
-        dataset = get_dataset(json.loads(manifest_path.read_text())["dataset"])
+def _verify_options() -> dict[str, tuple[tuple[str, ...], list[str]]]:
+    """Every source option of every dataset (verify takes them all): option -> (aliases, helps)."""
+    options: dict[str, tuple[tuple[str, ...], list[str]]] = {}
+    for dataset in DATASETS.values():
         for source in dataset.sources:
-            root = getattr(args, f"verify_{source.option[2:].replace('-', '_')}", None)
-            if root is not None:
-                roots[source.name] = root
-    report = verify(args.target_dir, roots, num_workers=args.num_workers, quiet=args.quiet)
+            options.setdefault(source.option, (source.aliases, []))[1].append(source.help)
+    return options
+
+
+def _verify_dest(option: str) -> str:
+    return f"verify_{option[2:].replace('-', '_')}"
+
+
+def verify_dataset(args: argparse.Namespace, manifest: dict | None) -> tuple[Dataset | None, dict[str, Path]]:
+    """The dataset being verified and its source roots from the given source options.
+
+    Raises:
+        ConfigError: a source option that is not one of the dataset's, ``--dataset`` naming
+            another dataset than the manifest, or sources for an LMDB without a manifest whose
+            dataset the options do not tell.
+    """
+    given = {o: getattr(args, _verify_dest(o)) for o in _verify_options() if getattr(args, _verify_dest(o)) is not None}
+    name = args.verify_dataset
+    try:
+        named = get_dataset(name) if name is not None else None
+    except KeyError:
+        raise ConfigError(f"--dataset {name}: unknown dataset; known: {', '.join(DATASETS)}") from None
+    if manifest is not None:
+        dataset = get_dataset(manifest["dataset"])
+        if named is not None and named.name != dataset.name:
+            raise ConfigError(f"--dataset {name}: the manifest says this is {dataset.name}")
+    elif named is not None or not given:
+        dataset = named
+    else:
+        fits = [d for d in DATASETS.values() if set(given) <= {s.option for s in d.sources}]
+        if len(fits) != 1:
+            which = " or ".join(d.name for d in fits) or "no single dataset"
+            raise ConfigError(f"{args.target_dir}: no manifest.json, and {', '.join(given)} fit {which}; "
+                              "give --dataset NAME")
+        dataset = fits[0]
+    if dataset is None:
+        return None, {}
+    options = {s.option: s.name for s in dataset.sources}
+    for option in given:
+        if option not in options:
+            raise ConfigError(f"{option} is not a source option of {dataset.name} (its options: {', '.join(options)})")
+    return dataset, {options[o]: root for o, root in given.items()}
+
+
+def run_verify(args: argparse.Namespace) -> int:
+    from .verify import print_report, read_manifest, verify
+
+    dataset, roots = verify_dataset(args, read_manifest(args.target_dir))
+    report = verify(args.target_dir, roots, num_workers=args.num_workers, quiet=args.quiet,
+                    dataset=dataset.name if dataset is not None else None)
     print_report(report)
     return 0 if report.ok else 1
 
@@ -217,10 +261,15 @@ def main(argv: list[str] | None = None, prog: str = "python -m rico_torch.encode
                 print(f"error: {dataset.name}: give at least one of {options}", file=sys.stderr)
                 return 2
             result = run_encode(dataset, roots, args)
+    except ConfigError as e:  # a wrong argument: exit code 2, as argparse's own errors
+        return 2 * report(e)
     except UserError as e:
         return report(e)
     except KeyboardInterrupt:
-        print("\ninterrupted: committed patches are kept; re-run the same command to resume", file=sys.stderr)
+        if args.dataset == "verify":
+            print("\nverify interrupted: nothing was changed; run it again to check the whole dataset", file=sys.stderr)
+        else:
+            print("\ninterrupted: committed patches are kept; re-run the same command to resume", file=sys.stderr)
         return 130
     if not args.quiet:
         print(result.summary(), file=sys.stderr)

@@ -25,32 +25,59 @@ class SourcePatches:
     patches: list[Patch]
 
 
+def printable(path: object) -> str:
+    """A path as text that prints anywhere: bytes that are not UTF-8 appear as ``\\xNN``."""
+    return os.fsencode(path).decode("utf-8", "backslashreplace")
+
+
+def _enter(dirpath: str, name: str, chain: tuple[str, ...], chains: dict[str, tuple[str, ...]]) -> bool:
+    """Whether the walk enters ``dirpath/name``: yes, also through a symlink, unless its real
+    path is that of a folder it is already inside (a link loop)."""
+    real = os.path.realpath(os.path.join(dirpath, name))
+    if real in chain:
+        return False
+    chains[os.path.join(dirpath, name)] = (*chain, real)
+    return True
+
+
 def find_patches(source: Source, root: Path) -> list[Patch]:
     """Every patch of ``source`` below ``root``, in plain string order of their paths.
 
     A matching directory is a patch and is not searched further; a matching file is a patch.
+    Symlinked folders are followed like real ones (datasets are often assembled from links);
+    a link back into a folder it is inside of is not. A patch's label is the name of its
+    parent folder as found under ``root`` (a link's own name).
     """
     if not root.exists():
-        raise InputError(root, "input directory does not exist")
+        raise InputError(printable(root), "input directory does not exist")
     if not root.is_dir():
-        raise InputError(root, "input is not a directory")
+        raise InputError(printable(root), "input is not a directory")
     found: list[str] = []
-    for dirpath, dirnames, filenames in os.walk(root):
+    chains = {os.fspath(root): (os.path.realpath(root),)}  # folder -> real paths of it and its ancestors
+    for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
+        chain = chains.pop(dirpath)
         if source.is_dir:
             found.extend(os.path.join(dirpath, d) for d in dirnames if source.matches(d))
             dirnames[:] = [d for d in dirnames if not source.matches(d)]  # a patch is not searched
         else:
             found.extend(os.path.join(dirpath, f) for f in filenames if source.matches(f))
+        dirnames[:] = [d for d in dirnames if _enter(dirpath, d, chain, chains)]
     if not found:
         if not any(root.iterdir()):
-            raise InputError(root, "input directory is empty")
+            raise InputError(printable(root), "input directory is empty")
         kind = "directories" if source.is_dir else "files"
-        raise InputError(root, f"no {source.name} patches found ({kind} matching {source.pattern!r})")
+        raise InputError(printable(root), f"no {source.noun} found ({kind} matching {source.pattern!r} below it)")
     found.sort()
     patches = []
     for p in map(Path, found):
+        key = source.key_of(p)
+        try:
+            key.encode("utf-8")
+        except UnicodeEncodeError:
+            raise InputError(printable(p), "name is not valid UTF-8 (LMDB keys are UTF-8, as rico-hdl's); "
+                             "rename it") from None
         label = p.parent.name if source.label_from_parent else None
-        patches.append(Patch(source.key_of(p), p, label))
+        patches.append(Patch(key, p, label))
     return patches
 
 
@@ -69,12 +96,12 @@ def discover(dataset: Dataset, roots: dict[str, Path]) -> list[SourcePatches]:
         patches = find_patches(source, roots[source.name])
         for patch in patches:
             if patch.key in seen:
-                raise InputError(patch.path, f"duplicate key {patch.key!r} (also {seen[patch.key]})")
+                also = printable(seen[patch.key])
+                raise InputError(printable(patch.path), f"duplicate key {patch.key!r} (also {also})")
             seen[patch.key] = patch.path
             if source.label_from_parent and dataset.classes and patch.label not in dataset.classes:
-                raise InputError(
-                    patch.path, f"class folder {patch.label!r} is not one of {dataset.title}'s classes"
-                )
+                folder = printable(patch.label)
+                raise InputError(printable(patch.path), f"class folder {folder!r} is not one of {dataset.title}'s classes")
         result.append(SourcePatches(source, roots[source.name], patches))
     return result
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -57,11 +58,15 @@ def _read_tifffile(path: Path, indices: list[int]) -> list[np.ndarray] | None:
 def read_rasterio(path: Path, indices: list[int]) -> list[np.ndarray]:
     """Read bands with rasterio: the reference every value must equal."""
     import rasterio
+    from rasterio.errors import NotGeoreferencedWarning
 
-    with rasterio.open(path) as src:
-        if max(indices) > src.count:
-            raise InputError(path, f"has {src.count} bands, expected at least {max(indices)}")
-        return [src.read(i) for i in indices]
+    with warnings.catch_warnings():
+        # UC Merced has no georeference by design; the warning would break one-line errors
+        warnings.simplefilter("ignore", NotGeoreferencedWarning)
+        with rasterio.open(path) as src:
+            if max(indices) > src.count:
+                raise InputError(path, f"has {src.count} bands, expected at least {max(indices)}")
+            return [src.read(i) for i in indices]
 
 
 def read_bands(path: Path, indices: list[int]) -> list[np.ndarray]:
@@ -79,11 +84,25 @@ def read_bands(path: Path, indices: list[int]) -> list[np.ndarray]:
     except InputError:
         raise
     except Exception as e:
-        raise InputError(path, f"not a readable TIFF ({type(e).__name__}: {_first_line(e)})") from None
+        raise InputError(path, f"not a readable TIFF ({_gdal_reason(e, path)})") from None
 
 
-def _first_line(e: Exception) -> str:
-    return (str(e).strip().splitlines() or [""])[0]
+def _gdal_reason(e: BaseException, path: Path) -> str:
+    """GDAL's own reason for a failed read, one line.
+
+    rasterio raises "Read failed. See previous exception for details."; the GDAL errors that
+    led to it (e.g. "TIFFFillStrip:Read error at scanline 0; got 3409 bytes, expected 7045")
+    are chained below it, the first one signalled deepest.
+    """
+    seen = []
+    while e is not None and e not in seen:
+        seen.append(e)
+        e = e.__cause__ or e.__context__
+    root = seen[-1]
+    text = (str(root).strip().splitlines() or [""])[0]
+    for prefix in (f"{path}: ", f"{path.name}: "):
+        text = text.removeprefix(prefix)
+    return f"{type(seen[0]).__name__}: {text}" if len(seen) == 1 else text
 
 
 def _check(source: Source, band: Band, path: Path, array: np.ndarray) -> None:

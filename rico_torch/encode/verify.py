@@ -3,16 +3,17 @@
 Without sources: every value must decode, match the manifest's dtype and shape for its band,
 match its recorded per-key digest, and the keys, patch count and order-independent content
 hash must equal the manifest's. With sources: the sources are re-read in parallel and every
-value must equal what encoding them gives now (which the tests tie to rasterio's read).
+value must equal what encoding them gives now (which the tests tie to rasterio's read); a
+shard is compared with its part of the sources, and patches the manifest lists as skipped
+are expected absent. An LMDB without a manifest (rico-hdl's output) is decoded value by value
+and, given the dataset and its sources, compared with them. A corrupt LMDB (a page LMDB
+cannot read) is a problem naming data.mdb, not a crash.
 """
 
 from __future__ import annotations
 
-import json
 import sys
-from concurrent.futures import ProcessPoolExecutor
-from dataclasses import dataclass, field
-from multiprocessing import get_context
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import lmdb
@@ -20,9 +21,9 @@ import lmdb
 from ..catalog import get_dataset
 from ..errors import InputError, TargetError
 from ..format import parse_header
-from .discover import discover
+from .discover import discover, select_shard
 from .read import short_digest, value_digest
-from .writer import MANIFEST, TASK_SIZE, encode_task, progress_bar
+from .writer import MANIFEST, TASK_SIZE, encode_task, progress_bar, read_manifest, worker_pool
 
 
 @dataclass
@@ -32,6 +33,8 @@ class VerifyReport:
     problems: list[str] = field(default_factory=list)
     content_hash: str = ""
     sources_compared: int = 0
+    skipped_at_encode: int = 0  # source patches the manifest lists as skipped: expected absent
+    has_manifest: bool = True
 
     @property
     def ok(self) -> bool:
@@ -41,32 +44,76 @@ class VerifyReport:
         what = f"{self.checked:,} values checked"
         if self.sources_compared:
             what += f", {self.sources_compared:,} compared with their sources"
+        if self.skipped_at_encode:
+            what += f", {self.skipped_at_encode:,} skipped at encode time (listed in {MANIFEST})"
+        if not self.has_manifest:
+            what += f"; no {MANIFEST} (as rico-hdl writes), so no recorded digests, key list or count to check"
         if self.ok:
             return f"{self.target}: OK ({what}; content hash {self.content_hash})"
         return f"{self.target}: {len(self.problems)} problem(s) ({what})"
 
 
-def verify(target: Path, roots: dict[str, Path] | None = None, num_workers: int = 0, quiet: bool = False) -> VerifyReport:
-    """Verify ``target``; ``roots`` (source name -> directory) adds the comparison with sources."""
+def verify(
+    target: Path,
+    roots: dict[str, Path] | None = None,
+    num_workers: int = 0,
+    quiet: bool = False,
+    dataset: str | None = None,
+) -> VerifyReport:
+    """Verify ``target``; ``roots`` (source name -> directory) adds the comparison with sources.
+
+    ``dataset`` names the dataset of an LMDB without a manifest (rico-hdl's output); it is
+    needed only with ``roots``. Without a manifest every value is decoded and, with ``roots``,
+    compared with its source, but there are no recorded digests, keys or counts to check.
+    """
     target = Path(target)
-    manifest_path = target / MANIFEST
     if not (target / "data.mdb").exists():
         raise TargetError(f"{target}: no data.mdb here")
-    if not manifest_path.exists():
-        raise TargetError(f"{target}: no {MANIFEST}; verify checks datasets written by rico_torch")
-    manifest = json.loads(manifest_path.read_text())
-    if not manifest.get("complete"):
+    manifest = read_manifest(target)
+    if manifest is not None and not manifest.get("complete"):
         raise TargetError(f"{target}: the encode is not complete; re-run the encode command to finish it")
-    report = VerifyReport(target)
-    source_of = {k: s for s, keys in manifest["keys"].items() for k in keys}
-    digest_of = {k: d for s, keys in manifest["keys"].items() for k, d in zip(keys, manifest.get("digests", {}).get(s, []))}
+    if manifest is not None:
+        dataset = manifest["dataset"]
+    elif roots and dataset is None:
+        raise TargetError(f"{target}: no {MANIFEST}; name the dataset to compare with its sources")
+    report = VerifyReport(target, has_manifest=manifest is not None)
+    stored_digests = _check_values(target, manifest, report, quiet)
+    if stored_digests is None:  # the LMDB itself is corrupt: nothing past that can be checked
+        return report
+    if manifest is not None:
+        source_of = {k for keys in manifest["keys"].values() for k in keys}
+        missing = sorted(source_of - set(stored_digests))
+        report.problems.extend(f"{k}: key listed in the manifest is missing" for k in missing)
+        if report.checked != manifest.get("patches"):
+            report.problems.append(f"{report.checked} patches stored, manifest says {manifest.get('patches')}")
+        if manifest.get("content_hash") and report.content_hash != manifest["content_hash"]:
+            report.problems.append(
+                f"content hash {report.content_hash} differs from the manifest's {manifest['content_hash']}")
+    if roots:
+        _compare_sources(get_dataset(dataset), manifest, roots, stored_digests, report, num_workers, quiet)
+    return report
+
+
+def _check_values(target: Path, manifest: dict | None, report: VerifyReport, quiet: bool) -> dict[str, int] | None:
+    """Decode every value (and check it against the manifest): key -> digest, or None where
+    LMDB itself fails (a corrupt page), which is reported as a problem naming data.mdb."""
+    data = target / "data.mdb"
+    manifest = manifest or {}
+    source_of = {k: s for s, keys in manifest.get("keys", {}).items() for k in keys}
+    digest_of = {k: d for s, keys in manifest.get("keys", {}).items()
+                 for k, d in zip(keys, manifest.get("digests", {}).get(s, []))}
     bands = manifest.get("bands", {})
     stored_digests: dict[str, int] = {}
     total = 0
-    env = lmdb.open(str(target), readonly=True, lock=False, subdir=True, max_dbs=0)
+    key = None
+    try:
+        env = lmdb.open(str(target), readonly=True, lock=False, subdir=True, max_dbs=0)
+    except lmdb.Error as e:
+        report.problems.append(f"{data}: not a readable LMDB ({type(e).__name__}: {e})")
+        return None
+    bar = progress_bar(manifest.get("patches", 0), quiet)
     try:
         with env.begin(buffers=True) as txn:
-            bar = progress_bar(manifest.get("patches", 0), quiet)
             for raw_key, value in txn.cursor():
                 key = bytes(raw_key).decode("utf-8", "replace")
                 report.checked += 1
@@ -74,7 +121,7 @@ def verify(target: Path, roots: dict[str, Path] | None = None, num_workers: int 
                 digest = value_digest(bytes(raw_key), bytes(value))
                 total = (total + digest) % (1 << 256)
                 stored_digests[key] = digest
-                if key not in source_of:
+                if manifest and key not in source_of:
                     report.problems.append(f"{key}: key is not in the manifest")
                     continue
                 try:
@@ -82,41 +129,48 @@ def verify(target: Path, roots: dict[str, Path] | None = None, num_workers: int 
                 except ValueError as e:
                     report.problems.append(f"{key}: {e}")
                     continue
-                expected = bands.get(source_of[key], {})
-                if set(header) != set(expected):
-                    report.problems.append(f"{key}: bands {sorted(header)} differ from the manifest's {sorted(expected)}")
-                for name, info in header.items():
-                    want = expected.get(name)
-                    if want is None:
-                        continue
-                    shape_ok = list(info.shape) == want["shape"] if want.get("shape") is not None else (
-                        "x".join(map(str, info.shape)) in want.get("shapes", {}))
-                    if info.dtype.name != want["dtype"] or not shape_ok:
-                        report.problems.append(f"{key}: band {name} is {info.dtype.name} {list(info.shape)}, "
-                                               f"manifest says {want['dtype']} {want.get('shape') or want.get('shapes')}")
+                if manifest:
+                    _check_header(key, header, bands.get(source_of[key], {}), report)
                 if key in digest_of and short_digest(digest) != digest_of[key]:
                     report.problems.append(f"{key}: value differs from the one written (digest mismatch)")
-            bar.close()
+    except lmdb.Error as e:
+        where = f" after key {key!r}" if key is not None else ""
+        report.problems.append(f"{data}: corrupt LMDB{where} ({type(e).__name__}: {e}); "
+                               "the values past this point cannot be read")
+        return None
     finally:
+        bar.close()
         env.close()
-    missing = sorted(set(source_of) - set(stored_digests))
-    report.problems.extend(f"{k}: key listed in the manifest is missing" for k in missing)
-    if report.checked != manifest.get("patches"):
-        report.problems.append(f"{report.checked} patches stored, manifest says {manifest.get('patches')}")
     report.content_hash = f"{total:064x}"
-    if manifest.get("content_hash") and report.content_hash != manifest["content_hash"]:
-        report.problems.append(f"content hash {report.content_hash} differs from the manifest's {manifest['content_hash']}")
-    if roots:
-        _compare_sources(manifest, roots, stored_digests, report, num_workers, quiet)
-    return report
+    return stored_digests
 
 
-def _compare_sources(manifest, roots, stored_digests, report, num_workers, quiet) -> None:
-    dataset = get_dataset(manifest["dataset"])
+def _check_header(key: str, header: dict, expected: dict, report: VerifyReport) -> None:
+    """A value's bands, dtypes and shapes against the manifest's table for its source."""
+    if set(header) != set(expected):
+        report.problems.append(f"{key}: bands {sorted(header)} differ from the manifest's {sorted(expected)}")
+    for name, info in header.items():
+        want = expected.get(name)
+        if want is None:
+            continue
+        shape_ok = list(info.shape) == want["shape"] if want.get("shape") is not None else (
+            "x".join(map(str, info.shape)) in want.get("shapes", {}))
+        if info.dtype.name != want["dtype"] or not shape_ok:
+            report.problems.append(f"{key}: band {name} is {info.dtype.name} {list(info.shape)}, "
+                                   f"manifest says {want['dtype']} {want.get('shape') or want.get('shapes')}")
+
+
+def _compare_sources(dataset, manifest, roots, stored_digests, report, num_workers, quiet) -> None:
     unknown = [name for name in roots if name not in {s.name for s in dataset.sources}]
     if unknown:
         raise InputError(unknown[0], f"is not a source of {dataset.name}")
     discovered = discover(dataset, roots)
+    manifest = manifest or {}
+    if manifest.get("shard"):  # a shard holds only its part of the sources
+        discovered = select_shard(discovered, manifest["shard"]["index"], manifest["shard"]["count"])
+    skipped = {s["key"] for s in manifest.get("skipped", [])}
+    report.skipped_at_encode = sum(p.key in skipped for sp in discovered for p in sp.patches)
+    discovered = [replace(sp, patches=[p for p in sp.patches if p.key not in skipped]) for sp in discovered]
     tasks = [
         (dataset.name, sp.source.name, sp.patches[i : i + TASK_SIZE], True)
         for sp in discovered
@@ -124,7 +178,7 @@ def _compare_sources(manifest, roots, stored_digests, report, num_workers, quiet
     ]
     bar = progress_bar(sum(len(t[2]) for t in tasks), quiet)
     if num_workers > 0:
-        pool = ProcessPoolExecutor(num_workers, mp_context=get_context("spawn"))
+        pool = worker_pool(num_workers)
         results = pool.map(_digests_task, tasks)
     else:
         pool, results = None, map(_digests_task, tasks)
@@ -145,10 +199,11 @@ def _compare_sources(manifest, roots, stored_digests, report, num_workers, quiet
         bar.close()
         if pool is not None:
             pool.shutdown()
-    compared_sources = set(roots)
-    for source, keys in manifest["keys"].items():
-        if source in compared_sources:
-            report.problems.extend(f"{k}: in the LMDB but not in the sources" for k in keys if k not in seen)
+    if manifest:
+        expected = [k for source, keys in manifest["keys"].items() if source in roots for k in keys]
+    else:  # no record of which source a key came from: every key must be in the given sources
+        expected = list(stored_digests)
+    report.problems.extend(f"{k}: in the LMDB but not in the sources" for k in expected if k not in seen)
 
 
 def _digests_task(args) -> list[tuple[str, int, str | None]]:

@@ -14,11 +14,14 @@ which dataset and inputs the target belongs to.
 
 from __future__ import annotations
 
+import ctypes
 import fcntl
 import json
 import os
 import shutil
+import signal
 import sys
+import threading
 import time
 from collections import Counter
 from concurrent.futures import Future, ProcessPoolExecutor
@@ -55,25 +58,27 @@ class Chunk:
 @dataclass
 class EncodeResult:
     target: Path
-    written: int
+    written: int  # patches in the LMDB now, committed by this run or an earlier one
     skipped: list[dict]
     seconds: float
     bytes: int
     counts: dict[str, int]
     already_complete: bool = False
-    resumed_chunks: int = 0
+    resumed: int = 0  # of ``written``, patches an earlier, interrupted run had committed
 
     def summary(self) -> str:
         if self.already_complete:
             return f"{self.target}: already complete ({self.written:,} patches); nothing to do"
         per_source = ", ".join(f"{k} {v:,}" for k, v in self.counts.items())
-        rate = self.written / self.seconds if self.seconds > 0 else 0.0
+        new = self.written - self.resumed
+        rate = new / self.seconds if self.seconds > 0 else 0.0
+        what = f"{new:,} patches"
+        if self.resumed:
+            what = f"{new:,} new patches, {self.resumed:,} already committed (resumed)"
         line = (
-            f"wrote {self.written:,} patches ({per_source}) to {self.target} in {self.seconds:.1f} s "
+            f"wrote {what} ({per_source}) to {self.target} in {self.seconds:.1f} s "
             f"({rate:,.0f} patches/s, {self.bytes / 1e6:,.1f} MB)"
         )
-        if self.resumed_chunks:
-            line += f", resumed after {self.resumed_chunks} committed transactions"
         if self.skipped:
             line += f"; skipped {len(self.skipped)} invalid: " + ", ".join(s["key"] for s in self.skipped[:5])
             line += " ..." if len(self.skipped) > 5 else ""
@@ -106,6 +111,37 @@ def encode_task(dataset_name: str, source_name: str, patches: list[Patch], skip_
     return out
 
 
+def worker_pool(num_workers: int) -> ProcessPoolExecutor:
+    """A process pool whose workers exit when this process dies, even by ``kill -9``.
+
+    Workers hold their task queue's write end, so they would wait on it forever, and keep the
+    multiprocessing resource tracker (which exits once nobody holds its pipe) alive with them.
+    """
+    # spawn: GDAL and LMDB state must not be inherited through fork
+    return ProcessPoolExecutor(num_workers, mp_context=get_context("spawn"),
+                               initializer=_die_with_parent, initargs=(os.getpid(),))
+
+
+PR_SET_PDEATHSIG = 1  # linux/prctl.h
+
+
+def _die_with_parent(parent: int) -> None:
+    """Worker initializer: on Linux the kernel kills the worker when its parent dies; elsewhere
+    (and should that fail) a thread polls for the parent and ends the worker."""
+    if sys.platform.startswith("linux"):
+        try:
+            ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+        except (OSError, AttributeError):
+            pass
+    threading.Thread(target=_watch_parent, args=(parent,), name="watch-parent", daemon=True).start()
+
+
+def _watch_parent(parent: int) -> None:
+    while os.getppid() == parent:  # also catches a parent that died before prctl took effect
+        time.sleep(0.5)
+    os._exit(1)
+
+
 # --- target handling ------------------------------------------------------------------
 
 
@@ -118,17 +154,22 @@ def _fingerprint(dataset: Dataset, discovered: list[SourcePatches]) -> str:
     return h.hexdigest()
 
 
-def _read_manifest(target: Path) -> dict | None:
-    path = target / MANIFEST
+def read_manifest(target: Path, fix: str = "") -> dict | None:
+    """The target's manifest, None where there is none (an LMDB rico-hdl wrote); ``fix`` ends
+    the error message of an unreadable one (what to do about it)."""
+    path = Path(target) / MANIFEST
     if not path.exists():
         return None
     try:
         manifest = json.loads(path.read_text())
     except (OSError, ValueError) as e:
-        raise TargetError(f"{path}: unreadable manifest ({e}); pass --overwrite to start afresh") from None
-    if not isinstance(manifest, dict) or "fingerprint" not in manifest:
-        raise TargetError(f"{path}: not a rico_torch manifest; pass --overwrite to start afresh")
+        raise TargetError(f"{path}: unreadable manifest ({e}){fix}") from None
+    if not isinstance(manifest, dict) or not {"fingerprint", "dataset"} <= set(manifest):
+        raise TargetError(f"{path}: not a rico_torch manifest{fix}")
     return manifest
+
+
+OVERWRITE_FIX = "; pass --overwrite to start afresh"
 
 
 def _write_json_atomic(path: Path, obj: dict) -> None:
@@ -263,7 +304,10 @@ def encode_dataset(
     """Write the discovered patches into ``target`` (see the module docstring for guarantees).
 
     With ``overwrite``, the new LMDB is built in ``target/.overwrite`` and moved over the old
-    one only once complete, so a failed or interrupted overwrite leaves the old data intact.
+    one only once complete, so a failed or interrupted overwrite leaves the old data intact;
+    re-running it with the same inputs resumes in ``.overwrite``. A target whose manifest says
+    complete but whose ``data.mdb`` is missing or holds another number of keys is encoded
+    again the same way (the user is told what was found).
     """
     start = time.perf_counter()
     target = Path(target)
@@ -272,23 +316,9 @@ def encode_dataset(
     extra = {"shard": {"index": shard[0], "count": shard[1], "rule": "zlib.crc32(key) % count"}} if shard else {}
     with TargetLock(target):
         existing = any((target / name).exists() for name in (*LMDB_FILES, MANIFEST))
-        if overwrite and existing:
-            staging = target / STAGING
-            shutil.rmtree(staging, ignore_errors=True)
-            staging.mkdir()
-            manifest, stats, skipped, resumed = _encode_into(
-                dataset, discovered, staging, fingerprint, num_workers, skip_invalid, quiet, sources_info, extra)
-            (target / MANIFEST).unlink(missing_ok=True)  # never leave a manifest describing other data
-            for name in LMDB_FILES:
-                (target / name).unlink(missing_ok=True)
-                if (staging / name).exists():
-                    os.replace(staging / name, target / name)
-            os.replace(staging / MANIFEST, target / MANIFEST)
-            for stale in target.glob("stats-*.json"):  # statistics of the data just replaced
-                stale.unlink()
-            shutil.rmtree(staging, ignore_errors=True)
-        else:
-            previous = _read_manifest(target)
+        rebuild = overwrite and existing
+        if not overwrite:
+            previous = read_manifest(target, OVERWRITE_FIX)
             if previous is not None and previous["fingerprint"] != fingerprint:
                 what = f"{previous.get('dataset')} ({previous.get('patches', 'an unfinished set of')} patches)"
                 raise TargetError(
@@ -296,12 +326,67 @@ def encode_dataset(
                     "pass --overwrite to replace it or choose another directory"
                 )
             if previous is not None and previous.get("complete"):
-                return EncodeResult(target, previous["patches"], previous.get("skipped", []), 0.0,
-                                    previous.get("bytes", 0), previous.get("counts", {}), already_complete=True)
-            manifest, stats, skipped, resumed = _encode_into(
+                problem = _disagreement(target, previous)
+                if problem is None:
+                    return EncodeResult(target, previous["patches"], previous.get("skipped", []), 0.0,
+                                        previous.get("bytes", 0), previous.get("counts", {}), already_complete=True)
+                print(f"{target}: {problem}; encoding again (the old files are replaced once the new encode "
+                      "is complete)", file=sys.stderr)
+                rebuild = True
+        if rebuild:
+            result = _encode_into(dataset, discovered, _staging(target, fingerprint), fingerprint, num_workers,
+                                  skip_invalid, quiet, sources_info, extra)
+            _swap_in(target)
+        else:
+            result = _encode_into(
                 dataset, discovered, target, fingerprint, num_workers, skip_invalid, quiet, sources_info, extra)
+    manifest, stats, skipped, resumed = result
     return EncodeResult(target, manifest["patches"], skipped, time.perf_counter() - start, stats.bytes,
-                        dict(stats.counts), resumed_chunks=resumed)
+                        dict(stats.counts), resumed=resumed)
+
+
+def _disagreement(target: Path, manifest: dict) -> str | None:
+    """Why a target whose manifest says complete is not (data.mdb gone or holding other keys), or None."""
+    if not (target / "data.mdb").exists():
+        return f"{MANIFEST} says complete, but there is no data.mdb"
+    try:
+        env = lmdb.open(str(target), readonly=True, lock=False, subdir=True, max_dbs=0)
+        try:
+            entries = env.stat()["entries"]
+        finally:
+            env.close()
+    except lmdb.Error as e:
+        return f"data.mdb is unreadable ({type(e).__name__}: {e})"
+    if entries != manifest.get("patches"):
+        return f"data.mdb holds {entries:,} patches, {MANIFEST} says {manifest.get('patches', 0):,}"
+    return None
+
+
+def _staging(target: Path, fingerprint: str) -> Path:
+    """``target/.overwrite``, kept where an interrupted rebuild of the same inputs left it (to resume)."""
+    staging = target / STAGING
+    try:
+        started = read_manifest(staging) if staging.is_dir() else None
+    except TargetError:
+        started = None
+    if started is None or started["fingerprint"] != fingerprint:
+        shutil.rmtree(staging, ignore_errors=True)
+        staging.mkdir()
+    return staging
+
+
+def _swap_in(target: Path) -> None:
+    """Replace the target's LMDB and manifest by the complete encode in its staging directory."""
+    staging = target / STAGING
+    (target / MANIFEST).unlink(missing_ok=True)  # never leave a manifest describing other data
+    for name in LMDB_FILES:
+        (target / name).unlink(missing_ok=True)
+        if (staging / name).exists():
+            os.replace(staging / name, target / name)
+    os.replace(staging / MANIFEST, target / MANIFEST)
+    for stale in target.glob("stats-*.json"):  # statistics of the data just replaced
+        stale.unlink()
+    shutil.rmtree(staging, ignore_errors=True)
 
 
 def _encode_into(dataset, discovered, directory, fingerprint, num_workers, skip_invalid, quiet, sources_info, extra):
@@ -374,7 +459,7 @@ def _write(dataset, discovered, target, num_workers, skip_invalid, quiet):
             )
     finally:
         env.close()
-    resumed = len(chunks) - len(pending)
+    resumed = sum(stats.counts.values())
     bar = progress_bar(total, quiet)
     bar.update(total - sum(len(c.patches) for c in pending))
     with _Runner(dataset.name, pending, num_workers, skip_invalid) as runner:
@@ -427,8 +512,7 @@ class _Runner:
 
     def __enter__(self) -> "_Runner":
         if self.num_workers > 0 and self.chunks:
-            # spawn: GDAL and LMDB state must not be inherited through fork
-            self.pool = ProcessPoolExecutor(self.num_workers, mp_context=get_context("spawn"))
+            self.pool = worker_pool(self.num_workers)
         return self
 
     def __exit__(self, *exc) -> None:

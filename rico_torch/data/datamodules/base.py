@@ -182,11 +182,22 @@ class LMDBDataModule(L.LightningDataModule):
             raise ConfigError(f"{self.lmdb_path}: the {split} split is empty; "
                               "check that the split files or metadata belong to this LMDB")
         return LMDBPatchDataset(
-            self.lmdb_paths, self.bands, keys=items, labels=labels, size=self.size,
+            self.lmdb_paths, self.bands, keys=items, labels=labels, size=self.output_size,
             interpolation=self.interpolation, align_corners=self.align_corners, native=self.loads_native,
             readahead=self.readahead,
             **self.dataset_kwargs(),
         )
+
+    @property
+    def output_size(self) -> int | tuple[int, int] | None:
+        """``size``, or the largest selected band's shape where the catalog fixes it (so that no
+        split's dataset has to survey its items for it); None leaves it to the dataset."""
+        if self.size is not None:
+            return self.size
+        from ...catalog import DATASETS
+
+        dataset = DATASETS.get(self.name)
+        return dataset.largest_shape(self.bands) if dataset else None
 
     @property
     def loads_native(self) -> bool:
@@ -264,7 +275,7 @@ class LMDBDataModule(L.LightningDataModule):
         if cache.exists():
             stats = json.loads(cache.read_text())
             return torch.tensor(stats["mean"]), torch.tensor(stats["std"])
-        stats_ds = LMDBPatchDataset(self.lmdb_paths, self.bands, keys=train._keys, size=self.size,
+        stats_ds = LMDBPatchDataset(self.lmdb_paths, self.bands, keys=train._keys, size=train.size,
                                     interpolation=self.interpolation, align_corners=self.align_corners)
         rng = np.random.default_rng(self.seed)
         n = min(len(stats_ds), self.stats_samples)
@@ -290,14 +301,19 @@ class LMDBDataModule(L.LightningDataModule):
     # --- plotting -------------------------------------------------------------------------
 
     def plot(self, sample: dict[str, Any], title: str | None = None):
-        """An RGB composite (2-98 percentile stretch) with the label names and mask.
+        """An RGB composite (2-98 percentile stretch) with the label names and mask, of a sample
+        or a batch (float or native; before normalisation).
 
         Returns:
-            a matplotlib Figure.
+            a matplotlib Figure (made without pyplot: the backend is left as it is).
         """
         from ..plot import plot_sample
 
-        return plot_sample(sample, self.bands, self.rgb_bands, self.classes, multilabel=self.multilabel, title=title)
+        assembler = self.assembler
+        if assembler is None and "image" not in sample and self.datasets:
+            assembler = next(iter(self.datasets.values())).native_assembler()
+        return plot_sample(sample, self.bands, self.rgb_bands, self.classes, multilabel=self.multilabel, title=title,
+                           assembler=assembler)
 
 
 def stratified_split(labels: np.ndarray, fractions: tuple[float, float, float], seed: int) -> dict[str, np.ndarray]:
