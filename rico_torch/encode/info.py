@@ -10,7 +10,6 @@ value is decoded except the one ``--key`` or ``--plot`` names.
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import os
 import sys
@@ -27,6 +26,7 @@ from ..catalog import Dataset, Source, get_dataset
 from ..contents import header, recognise, recognise_patch
 from ..errors import DatasetNotFoundError, TargetError, UnknownKeyError, UserError
 from ..format import load_value
+from .writer import read_manifest
 
 #: Values whose headers are read per key group when there is no manifest.
 SAMPLES = 16
@@ -87,17 +87,6 @@ def open_lmdb(path: Path) -> Iterator[lmdb.Environment]:
     finally:
         if store is None:
             env.close()
-
-
-def read_manifest(path: Path) -> dict | None:
-    file = path / "manifest.json"
-    if not file.exists():
-        return None
-    try:
-        manifest = json.loads(file.read_text())
-    except (OSError, ValueError) as e:
-        raise TargetError(f"{file}: unreadable manifest ({e})") from None
-    return manifest if isinstance(manifest, dict) else None
 
 
 def groups_from_manifest(manifest: dict) -> list[Group]:
