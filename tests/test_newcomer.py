@@ -186,16 +186,16 @@ def test_missing_lmdb(demo, capsys, monkeypatch, tmp_path):
                                f"`python -m rico_torch.encode eurosat-ms --dataset-dir EuroSAT_MS --target-dir {tmp_path}`")
 
 
-def test_missing_metadata(demo, capsys, monkeypatch):
+def test_missing_metadata(demo, capsys, monkeypatch, bigearthnet_lmdb):
     """The issue's first failure: the BigEarthNet config on the demo, without metadata_dir."""
     assert fit_error(capsys, "bigearthnet.yaml", "--data.init_args.lmdb_path=demo-lmdb", cwd=demo,
                      monkeypatch=monkeypatch) == (
         "BigEarthNet-v2/metadata/metadata.parquet: BigEarthNet v2 metadata not found (no such folder); set "
-        "metadata_dir to the folder holding the official metadata.parquet (the demo writes one beside its data.mdb)")
+        "metadata_dir to demo-lmdb, where a metadata.parquet lies beside data.mdb (as the demo writes it)")
     with pytest.raises(FileNotFoundError) as info:
-        BigEarthNetDataModule(str(demo / "demo-lmdb"), str(demo), num_workers=0).setup("fit")
-    assert str(info.value).startswith(f"{demo / 'metadata.parquet'}: BigEarthNet v2 metadata not found (not in that "
-                                      "folder); ")
+        BigEarthNetDataModule(str(bigearthnet_lmdb), str(demo), num_workers=0).setup("fit")
+    assert str(info.value) == (f"{demo / 'metadata.parquet'}: BigEarthNet v2 metadata not found (not in that "
+                               "folder); set metadata_dir to the folder holding the official metadata.parquet")
 
 
 def test_metadata_file_errors_print_their_message(tmp_path):

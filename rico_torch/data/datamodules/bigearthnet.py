@@ -113,10 +113,10 @@ class BigEarthNetDataModule(LMDBDataModule):
         super().check_lmdb()
         if not self.metadata_file.is_file():
             where = "no such folder" if not self.metadata_dir.is_dir() else "not in that folder"
-            raise DatasetNotFoundError(
-                f"{self.metadata_file}: BigEarthNet v2 metadata not found ({where}); set metadata_dir to the "
-                "folder holding the official metadata.parquet (the demo writes one beside its data.mdb)"
-            )
+            beside = [p for p in self.lmdb_paths if (p / "metadata.parquet").is_file()]
+            fix = (f"set metadata_dir to {beside[0]}, where a metadata.parquet lies beside data.mdb (as the demo "
+                   "writes it)" if beside else "set metadata_dir to the folder holding the official metadata.parquet")
+            raise DatasetNotFoundError(f"{self.metadata_file}: BigEarthNet v2 metadata not found ({where}); {fix}")
 
     def dataset_kwargs(self):
         if not self.mask:
