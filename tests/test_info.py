@@ -74,7 +74,8 @@ def test_info_describes_every_dataset(dataset, with_manifest, request, tmp_path)
     assert f"; {sum(n for n, _ in expected.values()):,} keys; data.mdb " in text
     groups = band_lines(text)
     for source, (count, bands) in expected.items():
-        assert f"  {catalog.title} {source}: {count:,} keys, {len(bands)} bands, e.g. " in text
+        plural = "" if len(bands) == 1 else "s"
+        assert f"  {catalog.title} {source}: {count:,} keys, {len(bands)} band{plural}, e.g. " in text
         kinds = {}  # band -> "dtype shape[, shape]" of the line listing it
         for line in groups[f"{catalog.title} {source}"]:
             kind, names = line.split(": ", 1)
@@ -114,7 +115,7 @@ def test_info_reads_only_a_few_headers_and_is_fast(tmp_path, monkeypatch):
     text = info.describe(path)
     seconds = time.perf_counter() - start
     assert "BigEarthNet v2 s1: 20,000 keys, 2 bands" in text and "BigEarthNet v2 s2: 20,000 keys, 12 bands" in text
-    assert "unrecognised: 1 keys, 0 bands, e.g. not-a-patch" in text
+    assert "unrecognised: 1 key, 0 bands, e.g. not-a-patch" in text
     assert len(calls) <= 3 * info.SAMPLES
     assert seconds < 5, seconds
 
@@ -125,7 +126,7 @@ def test_unknown_lmdb_has_no_fit_line(tmp_path):
         txn.put(b"patch_1", safetensors.numpy.save({"red": np.zeros((2, 2), np.uint8)}))
     env.close()
     text = info.describe(tmp_path / "x")
-    assert text.startswith(f"{tmp_path / 'x'}: no dataset the catalog knows; 1 keys")
+    assert text.startswith(f"{tmp_path / 'x'}: no dataset the catalog knows; 1 key;")
     assert "    uint8 2x2: red" in text and "fits:" not in text
 
 

@@ -344,3 +344,18 @@ def test_plot_without_matplotlib_says_what_to_install(eurosat_lmdb, tmp_path, mo
     monkeypatch.setitem(sys.modules, "matplotlib.backends.backend_agg", None)
     assert encode_main(["info", str(eurosat_lmdb), "--plot", "AnnualCrop_1", str(tmp_path / "x.png")]) == 1
     assert capsys.readouterr().err == "error: --plot needs matplotlib: pip install 'rico-torch[plot]'\n"
+
+
+def test_malformed_metadata_files(tmp_path):
+    import pyarrow as pa
+
+    row = {"patch_id": None, "s1_name": "S1A_x_1_2", "split": "train", "labels": ["Pastures"]}
+    pq.write_table(pa.Table.from_pylist([row]), tmp_path / "nulls.parquet")
+    with pytest.raises(ConfigError) as info:
+        load_bigearthnet_index(tmp_path / "nulls.parquet")
+    assert str(info.value) == "column 'patch_id' has 1 missing value(s)"
+    pq.write_table(pa.Table.from_pylist([{**row, "patch_id": "S2A_x_1_2", "labels": "Pastures"}]),
+                   tmp_path / "flat.parquet")
+    with pytest.raises(ConfigError) as info:
+        load_bigearthnet_index(tmp_path / "flat.parquet")
+    assert str(info.value) == f"{tmp_path / 'flat.parquet'}: column 'labels' must be a list of class names, is string"

@@ -154,6 +154,10 @@ def _size(n: float) -> str:
     return ""
 
 
+def _count(n: int, noun: str) -> str:
+    return f"{n:,} {noun}{'' if n == 1 else 's'}"
+
+
 def _names(names: list[str]) -> str:
     if len(names) <= NAMES_SHOWN:
         return " ".join(names)
@@ -197,7 +201,7 @@ def describe(path: Path, samples: int = SAMPLES) -> str:
         groups = groups_from_manifest(manifest) if manifest and manifest.get("counts") else groups_from_keys(env, samples)
     what = f"{found.dataset.title} (by its {found.how})" if found else "no dataset the catalog knows"
     data = path / "data.mdb"
-    lines = [f"{path}: {what}; {entries:,} keys; data.mdb {_size(_disk_bytes(data))} on disk"]
+    lines = [f"{path}: {what}; {_count(entries, 'key')}; data.mdb {_size(_disk_bytes(data))} on disk"]
     if manifest:
         state = "complete" if manifest.get("complete") else "INCOMPLETE: re-run the encode command to finish it"
         lines.append(f"manifest: {manifest.get('encoder', '?')} {manifest.get('encoder_version', '?')}, "
@@ -214,7 +218,7 @@ def describe(path: Path, samples: int = SAMPLES) -> str:
     lines.append("key groups:")
     for group in groups:
         title = f"{group.dataset.title} {group.name}" if group.dataset else group.name
-        lines.append(f"  {title}: {group.count:,} keys, {len(group.bands)} bands, e.g. {group.example}")
+        lines.append(f"  {title}: {_count(group.count, 'key')}, {_count(len(group.bands), 'band')}, e.g. {group.example}")
         lines.extend(_band_lines(group))
     if found is not None and found.dataset.datamodule:
         lines.append(fit_line(path, found.dataset, manifest))
