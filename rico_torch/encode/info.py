@@ -23,7 +23,7 @@ import lmdb
 import numpy as np
 
 from ..catalog import Dataset, Source, get_dataset
-from ..contents import header, recognise, recognise_patch
+from ..contents import Recognised, header, recognise, recognise_patch
 from ..errors import DatasetNotFoundError, TargetError, UnknownKeyError, UserError
 from ..format import load_value
 from .writer import read_manifest
@@ -199,6 +199,9 @@ def describe(path: Path, samples: int = SAMPLES) -> str:
         entries = env.stat()["entries"]
         found = recognise(env, manifest)
         groups = groups_from_manifest(manifest) if manifest and manifest.get("counts") else groups_from_keys(env, samples)
+    datasets = {g.dataset.name: g.dataset for g in groups if g.dataset}
+    if found is None and len(datasets) == 1:  # the first key was of no known form, the others tell
+        found = Recognised(next(iter(datasets.values())), "keys and bands")
     what = f"{found.dataset.title} (by its {found.how})" if found else "no dataset the catalog knows"
     data = path / "data.mdb"
     lines = [f"{path}: {what}; {_count(entries, 'key')}; data.mdb {_size(_disk_bytes(data))} on disk"]
