@@ -21,7 +21,8 @@ CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 
 def fit(config: str, tmp_path: Path, **data_args) -> None:
     args = ["fit", "--config", str(CONFIGS / config), "--trainer.fast_dev_run=2", "--trainer.accelerator=cpu",
-            "--trainer.precision=32", f"--trainer.default_root_dir={tmp_path}", "--data.init_args.num_workers=0"]
+            "--trainer.precision=32", f"--trainer.default_root_dir={tmp_path}", "--data.init_args.num_workers=0",
+            f"--trainer.logger.init_args.save_dir={tmp_path}"]
     args += [f"--data.init_args.{k}={v}" for k, v in data_args.items()]
     cli_main(args)
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+
 from . import bigearthnet, eurosat, hyspecnet, ucmerced
 from .base import Band, Dataset, Source
 
@@ -18,4 +20,15 @@ def get_dataset(name: str) -> Dataset:
     raise KeyError(f"unknown dataset {name!r}; known: {sorted(DATASETS)}")
 
 
-__all__ = ["Band", "Dataset", "Source", "DATASETS", "get_dataset"]
+def identify(key: str, bands: Iterable[str]) -> tuple[Dataset, Source] | None:
+    """The dataset and source a stored patch belongs to: its key has the source's key form and
+    its band keys are exactly the source's (e.g. for an LMDB rico-hdl wrote, without manifest)."""
+    bands = set(bands)
+    for dataset in DATASETS.values():
+        for source in dataset.sources:
+            if set(source.band_names) == bands and source.matches_key(key):
+                return dataset, source
+    return None
+
+
+__all__ = ["Band", "Dataset", "Source", "DATASETS", "get_dataset", "identify"]

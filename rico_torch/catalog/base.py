@@ -45,6 +45,7 @@ class Source:
         bands: the band keys, in the order they are read.
         dtype: the numpy dtype name every band must have.
         label_from_parent: the parent directory's name is the patch's class label.
+        rgb_bands: the bands of an RGB composite (for plots), if the source has them.
         same_shape: all bands of a patch must share one shape (checked when ``shape`` is
             ``None``).
         noun: what messages call its patches (``"BigEarthNet-S1 patches"``); default
@@ -59,17 +60,25 @@ class Source:
     dtype: str
     aliases: tuple[str, ...] = ()
     label_from_parent: bool = False
+    rgb_bands: tuple[str, ...] = ()
     same_shape: bool = False
     help: str = ""
     noun: str = ""
 
     def __post_init__(self) -> None:
+        # a file patch's key is its stem: the pattern without its escaped extension (``\.tif``)
+        key_pattern = self.pattern if self.is_dir else re.sub(r"\\\.\w+$", "", self.pattern)
+        object.__setattr__(self, "_key_regex", re.compile(key_pattern))
         object.__setattr__(self, "_regex", re.compile(self.pattern))
         if not self.noun:
             object.__setattr__(self, "noun", f"{self.name} patches")
 
     def matches(self, name: str) -> bool:
         return self._regex.fullmatch(name) is not None  # type: ignore[attr-defined]
+
+    def matches_key(self, key: str) -> bool:
+        """Whether ``key`` has the form of this source's LMDB keys (what :meth:`key_of` gives)."""
+        return self._key_regex.fullmatch(key) is not None  # type: ignore[attr-defined]
 
     def key_of(self, patch: Path) -> str:
         """LMDB key of a patch: its directory name or its file stem (rico-hdl's rule)."""
@@ -100,6 +109,9 @@ class Dataset:
         aliases: other spellings of the subcommand (rico-hdl's).
         classes: class names where the layout gives labels.
         example: an example command line for ``--help``.
+        datamodule: class path of the DataModule that trains on the encoded dataset.
+        config: the training config for it (relative to the repository).
+        fit_options: what else the config needs beyond ``lmdb_path`` (command-line overrides).
     """
 
     name: str
@@ -109,6 +121,9 @@ class Dataset:
     classes: tuple[str, ...] = ()
     description: str = ""
     example: str = ""
+    datamodule: str = ""
+    config: str = ""
+    fit_options: str = ""
 
     def source(self, name: str) -> Source:
         for s in self.sources:
@@ -119,6 +134,11 @@ class Dataset:
     @property
     def band_names(self) -> tuple[str, ...]:
         return tuple(b for s in self.sources for b in s.band_names)
+
+    def fit_command(self, lmdb_path: object) -> str:
+        """The command that trains the baseline model on an encoded copy at ``lmdb_path``."""
+        options = f" {self.fit_options}" if self.fit_options else ""
+        return f"python -m rico_torch fit --config {self.config} --data.init_args.lmdb_path {lmdb_path}{options}"
 
     def largest_shape(self, bands) -> tuple[int, int] | None:
         """The largest (by area) shape among ``bands`` where the dataset fixes each one's shape;

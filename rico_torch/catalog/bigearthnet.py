@@ -39,6 +39,7 @@ S2 = Source(
     dtype="uint16",
     noun="BigEarthNet-S2 patches",
     help="BigEarthNet-S2 root (holds S2[AB]_MSIL2A_*_<x>_<y>/ patch directories)",
+    rgb_bands=("B04", "B03", "B02"),
 )
 REFERENCE_MAPS = Source(
     name="reference_maps",
@@ -111,4 +112,7 @@ DATASET = Dataset(
     "(written S1, then S2, then reference maps). Give any non-empty subset of the three inputs.",
     example="python -m rico_torch.encode bigearthnet --s1-dir BigEarthNet-S1 --s2-dir BigEarthNet-S2 "
     "--reference-maps-dir Reference_Maps --target-dir encoded-bigearthnet",
+    datamodule="rico_torch.data.BigEarthNetDataModule",
+    config="configs/bigearthnet.yaml",
+    fit_options="--data.init_args.metadata_dir <folder with the official metadata.parquet>",
 )

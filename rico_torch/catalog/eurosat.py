@@ -28,6 +28,7 @@ IMAGES = Source(
     label_from_parent=True,
     noun="EuroSAT-MS patches",
     help="EuroSAT-MS root (holds <Class>/<Class>_<n>.tif)",
+    rgb_bands=("B04", "B03", "B02"),
 )
 
 DATASET = Dataset(
@@ -38,4 +39,6 @@ DATASET = Dataset(
     classes=CLASSES,
     description="EuroSAT multi-spectral patches: bands B01..B12 and B08A; class from the folder name.",
     example="python -m rico_torch.encode eurosat-ms --dataset-dir EuroSAT_MS --target-dir encoded-eurosat",
+    datamodule="rico_torch.data.EuroSATDataModule",
+    config="configs/eurosat.yaml",
 )

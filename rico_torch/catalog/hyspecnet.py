@@ -30,6 +30,7 @@ PATCHES = Source(
     dtype="int16",
     noun="HySpecNet-11k patches",
     help="HySpecNet-11k root (holds ENMAP*_L2A*-Y<row>_X<col>/ patch directories)",
+    rgb_bands=("B43", "B28", "B10"),  # ~650, ~550, ~460 nm
 )
 
 DATASET = Dataset(
@@ -39,4 +40,7 @@ DATASET = Dataset(
     description="HySpecNet-11k EnMAP patches: 224 bands B1..B224 (only -SPECTRAL_IMAGE.TIF is encoded).",
     example="python -m rico_torch.encode hyspecnet-11k --dataset-dir hyspecnet-11k/patches "
     "--target-dir encoded-hyspecnet",
+    datamodule="rico_torch.data.HySpecNetDataModule",
+    config="configs/hyspecnet.yaml",
+    fit_options="--data.init_args.split_dir <the dataset's splits/ folder>",
 )

@@ -29,6 +29,7 @@ IMAGES = Source(
     same_shape=True,
     noun="UC Merced Land Use patches",
     help="UC Merced root (holds Images/<class>/<class>NN.tif)",
+    rgb_bands=BANDS,
 )
 
 DATASET = Dataset(
@@ -38,4 +39,6 @@ DATASET = Dataset(
     classes=CLASSES,
     description="UC Merced Land Use RGB images: bands Red, Green, Blue; class from the folder name.",
     example="python -m rico_torch.encode uc-merced --dataset-dir UCMerced_LandUse --target-dir encoded-uc-merced",
+    datamodule="rico_torch.data.UCMercedDataModule",
+    config="configs/ucmerced.yaml",
 )

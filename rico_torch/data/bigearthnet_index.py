@@ -28,6 +28,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from rico_torch.catalog.bigearthnet import CLASS_CLC_CODES, CLASSES_ALPHABETICAL, CLASSES_PAPER
+from rico_torch.errors import ConfigError, DatasetNotFoundError
 
 __all__ = [
     "CLASS_ORDERS",
@@ -69,7 +70,7 @@ def bigearthnet_classes(class_order: str = "alphabetical") -> tuple[str, ...]:
         return CLASS_ORDERS[class_order]
     except (KeyError, TypeError):
         valid = ", ".join(repr(o) for o in CLASS_ORDERS)
-        raise ValueError(f"class_order must be one of {valid}, got {class_order!r}") from None
+        raise ConfigError(f"class_order must be one of {valid}, got {class_order!r}") from None
 
 
 @dataclass(frozen=True, eq=False, repr=False)
@@ -165,7 +166,7 @@ def clc_to_class_lut(class_order: str = "alphabetical", ignore_index: int = 255)
     classes = bigearthnet_classes(class_order)
     ignore_index = int(ignore_index)
     if 0 <= ignore_index < len(classes):
-        raise ValueError(
+        raise ConfigError(
             f"ignore_index must not be a class index (0-{len(classes) - 1}), got {ignore_index}"
         )
     dtype = np.uint8 if 0 <= ignore_index <= 255 else np.int64
@@ -213,7 +214,7 @@ def load_bigearthnet_index(
     """
     if split is not None and split not in SPLITS:
         valid = ", ".join(repr(s) for s in SPLITS)
-        raise ValueError(f"split must be one of {valid} or None, got {split!r}")
+        raise ConfigError(f"split must be one of {valid} or None, got {split!r}")
     classes = bigearthnet_classes(class_order)
 
     paths = [_existing_file(metadata, "BigEarthNet v2 metadata file not found")]
@@ -249,23 +250,26 @@ def load_bigearthnet_index(
 def _existing_file(path: str | Path, problem: str) -> Path:
     path = Path(path)
     if not path.is_file():
-        err = FileNotFoundError(f"{path}: {problem}")
-        err.filename = str(path)
+        err = DatasetNotFoundError(f"{path}: {problem}")
+        err.filename = str(path)  # str() stays the message (a plain FileNotFoundError would print neither)
         raise err
     return path
 
 
 def _read_metadata(path: Path) -> pa.Table:
     """Read the needed columns; split and label names come back dictionary-encoded (fast)."""
-    schema = pq.read_schema(path)
+    try:
+        schema = pq.read_schema(path)
+    except (pa.ArrowInvalid, OSError) as e:
+        raise ConfigError(f"{path}: not a readable parquet file ({e})") from None
     missing = [c for c in _COLUMNS if c not in schema.names]
     if missing:
-        raise ValueError(
+        raise ConfigError(
             f"{path}: not a BigEarthNet v2 metadata file, missing column(s) {', '.join(missing)}"
         )
     labels_type = schema.field("labels").type
     if not (pa.types.is_list(labels_type) or pa.types.is_large_list(labels_type)):
-        raise ValueError(f"{path}: column 'labels' must be a list of class names, is {labels_type}")
+        raise ConfigError(f"{path}: column 'labels' must be a list of class names, is {labels_type}")
     read_dictionary = ["labels.list.element"] if pa.types.is_string(labels_type.value_type) else []
     return pq.read_table(path, columns=list(_COLUMNS), read_dictionary=read_dictionary)
 
@@ -299,7 +303,7 @@ def _multi_hot(table: pa.Table, class_of: dict[str, int], path: Path) -> np.ndar
 def _bad_label(table: pa.Table, row: int, label: str | None, path: Path) -> None:
     patch_id = table.column("patch_id")[int(row)].as_py()
     what = "a missing (null) label" if label is None else f"label {label!r}"
-    raise ValueError(
+    raise ConfigError(
         f"{path}: patch {patch_id} has {what}, which is not one of the 19 BigEarthNet v2 classes"
     )
 
@@ -314,7 +318,7 @@ def _concat(parts: list[pa.ChunkedArray]) -> pa.Array:
 def _fixed_width_bytes(arr: pa.Array, column: str) -> np.ndarray:
     """Copy a string array into a numpy ``S<n>`` array straight from its Arrow buffers."""
     if arr.null_count:
-        raise ValueError(f"column {column!r} has {arr.null_count} missing value(s)")
+        raise ConfigError(f"column {column!r} has {arr.null_count} missing value(s)")
     if not (pa.types.is_string(arr.type) or pa.types.is_large_string(arr.type)):
         arr = arr.cast(pa.large_string())
     n = len(arr)

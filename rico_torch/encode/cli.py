@@ -9,7 +9,8 @@ import tempfile
 from pathlib import Path
 
 from ..catalog import DATASETS, Dataset, get_dataset
-from ..errors import ConfigError, InputError, TargetError
+from ..cli_errors import report
+from ..errors import ConfigError, UserError
 from .discover import discover, select_shard
 from .writer import EncodeResult, encode_dataset
 
@@ -69,9 +70,13 @@ def _add_dataset(sub, dataset: Dataset) -> None:
     p.set_defaults(dataset=dataset.name)
 
 
-def build_parser() -> argparse.ArgumentParser:
+DEMO_TMP_PREFIX = "rico_torch-demo-"  # the demo's sources live in such a temporary folder
+DEMO_CONFIG = "configs/demo.yaml"
+
+
+def build_parser(prog: str = "python -m rico_torch.encode") -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="python -m rico_torch.encode",
+        prog=prog,
         description=DESCRIPTION,
         epilog="examples:\n" + "\n".join(f"  {d.example}" for d in DATASETS.values())
         + "\n  python -m rico_torch.encode demo --target-dir demo-lmdb",
@@ -113,6 +118,9 @@ def build_parser() -> argparse.ArgumentParser:
                         f"it with sources where the options do not tell ({', '.join(DATASETS)})")
     _common(verify)
     verify.set_defaults(dataset="verify")
+    from .info import add_info_parser
+
+    add_info_parser(sub)
     return parser
 
 
@@ -197,17 +205,45 @@ def run_demo(args: argparse.Namespace) -> EncodeResult:
     from ..synthetic import make_bigearthnet
 
     dataset = get_dataset("bigearthnet")
-    with tempfile.TemporaryDirectory(prefix="rico_torch-demo-") as tmp:
+    with tempfile.TemporaryDirectory(prefix=DEMO_TMP_PREFIX) as tmp:
         files = make_bigearthnet(Path(tmp), patches=args.patches)
         roots = {"s1": files.s1_dir, "s2": files.s2_dir, "reference_maps": files.reference_maps_dir}
         if not args.quiet:
             print(f"generated {args.patches} synthetic BigEarthNet S1/S2 pairs with reference maps in {tmp}",
                   file=sys.stderr)
-        return run_encode(dataset, roots, args)
+        result = run_encode(dataset, roots, args)
+    write_demo_metadata(args.target_dir, files.pairs, files.labels)
+    return result
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+def write_demo_metadata(target: Path, pairs, labels) -> Path:
+    """The demo's ``metadata.parquet`` beside its ``data.mdb``: the official BigEarthNet v2 schema,
+    each patch's labels the classes of its reference map, splits dealt train/validation/test."""
+    from ..synthetic import make_bigearthnet_metadata
+
+    path = target / "metadata.parquet"
+    tmp = target / "metadata.parquet.tmp"
+    make_bigearthnet_metadata(tmp, pairs, labels=labels)
+    os.replace(tmp, path)  # a reader never sees half a file
+    return path
+
+
+def next_steps(target: Path, dataset_name: str) -> str:
+    """The line after the summary: what to run next on the LMDB just written."""
+    fit = f"python -m rico_torch fit --config {DEMO_CONFIG}" if dataset_name == "demo" else \
+        get_dataset(dataset_name).fit_command(target)
+    return f"next: `python -m rico_torch.encode info {target}` describes it; `{fit}` trains on it"
+
+
+def main(argv: list[str] | None = None, prog: str = "python -m rico_torch.encode") -> int:
+    args = build_parser(prog).parse_args(argv)
+    if args.dataset == "info":
+        from .info import run_info
+
+        try:
+            return run_info(args)
+        except UserError as e:
+            return report(e)
     if args.num_workers < 0:
         print("error: --num-workers must be >= 0", file=sys.stderr)
         return 2
@@ -225,12 +261,10 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"error: {dataset.name}: give at least one of {options}", file=sys.stderr)
                 return 2
             result = run_encode(dataset, roots, args)
-    except ConfigError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except (InputError, TargetError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
+    except ConfigError as e:  # a wrong argument: exit code 2, as argparse's own errors
+        return 2 * report(e)
+    except UserError as e:
+        return report(e)
     except KeyboardInterrupt:
         if args.dataset == "verify":
             print("\nverify interrupted: nothing was changed; run it again to check the whole dataset", file=sys.stderr)
@@ -239,6 +273,7 @@ def main(argv: list[str] | None = None) -> int:
         return 130
     if not args.quiet:
         print(result.summary(), file=sys.stderr)
+        print(next_steps(args.target_dir, args.dataset), file=sys.stderr)
     if result.skipped:
         print(f"skipped {len(result.skipped)} invalid patches (listed in manifest.json):", file=sys.stderr)
         for s in result.skipped[:20]:

@@ -45,7 +45,7 @@ MANIFEST = "manifest.json"
 LOCK = "encode.lock"
 LMDB_FILES = ("data.mdb", "lock.mdb")
 STAGING = ".overwrite"  # where --overwrite builds the replacement
-OUR_FILES = (*LMDB_FILES, MANIFEST, LOCK, STAGING)
+OUR_FILES = (*LMDB_FILES, MANIFEST, LOCK, STAGING, "metadata.parquet")  # the last: the demo's metadata
 MIN_MAP_SIZE = 64 << 20
 
 

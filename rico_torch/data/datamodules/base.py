@@ -14,8 +14,11 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
+from ...catalog import Dataset
+from ...contents import recognise
+from ...errors import ConfigError, DatasetNotFoundError
 from ..dataset import LMDBPatchDataset, NativeAssembler, collate
-from ..store import Store
+from ..store import Store, open_environment, read_manifest
 
 log = logging.getLogger(__name__)
 SPLITS = ("train", "val", "test")
@@ -50,6 +53,8 @@ class LMDBDataModule(L.LightningDataModule):
 
     #: Dataset name, for messages and the statistics cache.
     name = "dataset"
+    #: The catalog's description of the dataset (bands, encode and fit commands).
+    catalog: Dataset | None = None
     #: Band names for an RGB composite in :meth:`plot`.
     rgb_bands: tuple[str, ...] = ()
     #: Whether labels are multi-hot (BCE) rather than one class index (cross-entropy).
@@ -82,15 +87,52 @@ class LMDBDataModule(L.LightningDataModule):
         self.flips, self.native, self.size, self.interpolation = flips, native, size, interpolation
         self.align_corners = align_corners
         self.readahead, self.stats_samples, self.seed = readahead, stats_samples, seed
+        self._check_bands()
         if (mean is None) != (std is None):
-            raise ValueError("give both mean and std, or neither")
+            raise ConfigError("give both mean and std, or neither")
         for stat in (mean, std):
             if stat is not None and len(stat) != len(self.bands):
-                raise ValueError(f"{len(stat)} statistics for {len(self.bands)} bands")
+                raise ConfigError(f"{len(stat)} mean/std values for {len(self.bands)} bands {self.bands}")
         self.mean = None if mean is None else torch.tensor(mean, dtype=torch.float32)
         self.std = None if std is None else torch.tensor(std, dtype=torch.float32)
         self.datasets: dict[str, LMDBPatchDataset] = {}
         self.assembler: NativeAssembler | None = None
+        self._stored: set[bytes] | None = None
+
+    # --- checks with messages that say what to change --------------------------------------
+
+    def _check_bands(self) -> None:
+        if self.catalog is None:
+            return
+        valid = self.catalog.band_names
+        unknown = [b for b in self.bands if b not in valid]
+        if unknown:
+            raise ConfigError(f"unknown {self.catalog.title} band(s) {unknown}; valid: {list(valid)}")
+
+    def encode_hint(self, path: Path) -> str:
+        """The command that creates the LMDB at ``path``."""
+        command = f"python -m rico_torch.encode {self.catalog.name if self.catalog else '<dataset>'} ..."
+        if self.catalog is not None:
+            command = self.catalog.example.rsplit(" --target-dir ", 1)[0]
+        return f"`{command} --target-dir {path}`"
+
+    def check_lmdb(self) -> None:
+        """Each LMDB path exists and holds this DataModule's dataset (by its manifest, or for
+        rico-hdl output by its first patch's key and bands)."""
+        for path in self.lmdb_paths:
+            if not (path / "data.mdb").exists():
+                what = "no encoded dataset here" if path.is_dir() else "no such directory"
+                raise DatasetNotFoundError(f"{path}: {what} (data.mdb missing); create it with {self.encode_hint(path)}")
+            if self.catalog is None:
+                continue
+            found = recognise(open_environment(path, self.readahead), read_manifest(path))
+            if found is not None and found.dataset.name != self.catalog.name:
+                held = found.dataset
+                raise ConfigError(
+                    f"{path} holds {held.title} (by its {found.how}), but {type(self).__name__} reads "
+                    f"{self.catalog.title}; train on it with `{held.fit_command(path)}`, or point lmdb_path "
+                    f"at an LMDB of {self.catalog.title}"
+                )
 
     # --- what subclasses provide --------------------------------------------------------
 
@@ -99,6 +141,18 @@ class LMDBDataModule(L.LightningDataModule):
         if not hasattr(self, "_manifest"):
             self._manifest = Store(self.lmdb_paths).manifest()
         return self._manifest
+
+    def stored_keys(self) -> set[bytes]:
+        """Every key in the LMDB(s): the manifest's, else one pass over the keys (values unread)."""
+        if self._stored is None:  # a set: np.isin on 1M bytes keys takes seconds, this a fraction
+            manifest = self.manifest()
+            if manifest and manifest.get("keys"):
+                keys = [k for source_keys in manifest["keys"].values() for k in source_keys]
+            else:
+                with Store(self.lmdb_paths, self.readahead).reader() as reader:
+                    keys = reader.keys()
+            self._stored = {k.encode() for k in keys}
+        return self._stored
 
     def split_items(self, split: str) -> tuple[np.ndarray | list, np.ndarray | None]:
         """The items (keys or key tuples) and labels of ``split`` (one of train, val, test)."""
@@ -124,6 +178,9 @@ class LMDBDataModule(L.LightningDataModule):
 
     def make_dataset(self, split: str) -> LMDBPatchDataset:
         items, labels = self.split_items(split)
+        if len(items) == 0:
+            raise ConfigError(f"{self.lmdb_path}: the {split} split is empty; "
+                              "check that the split files or metadata belong to this LMDB")
         return LMDBPatchDataset(
             self.lmdb_paths, self.bands, keys=items, labels=labels, size=self.output_size,
             interpolation=self.interpolation, align_corners=self.align_corners, native=self.loads_native,
@@ -151,6 +208,8 @@ class LMDBDataModule(L.LightningDataModule):
         return trainer is not None and trainer.strategy.root_device.type == "cuda"
 
     def setup(self, stage: str | None = None) -> None:
+        if not self.datasets:
+            self.check_lmdb()
         wanted = {"fit": ("train", "val"), "validate": ("val",), "test": ("test",), "predict": ("test",)}
         for split in wanted.get(stage, SPLITS) if stage else SPLITS:
             if split not in self.datasets:

@@ -9,6 +9,7 @@ from typing import Literal
 import numpy as np
 
 from ...catalog import bigearthnet
+from ...errors import ConfigError, DatasetNotFoundError
 from ..bigearthnet_index import clc_to_class_lut, load_bigearthnet_index
 from .base import LMDBDataModule
 
@@ -23,7 +24,8 @@ def resolve_bands(bands: list[str] | int | str) -> list[str]:
     (S1, S2, ALL, RGB, 10m, 20m, 60m, 10m_20m, S1_10m_20m)."""
     if isinstance(bands, int):
         if bands not in bigearthnet.CHANNEL_SETS:
-            raise ValueError(f"no channel set of {bands} bands; valid: {sorted(bigearthnet.CHANNEL_SETS)}")
+            raise ConfigError(f"no BigEarthNet channel set of {bands} bands; valid sizes: "
+                              f"{sorted(bigearthnet.CHANNEL_SETS)}, names: {list(bigearthnet.NAMED_CHANNEL_SETS)}")
         return list(bigearthnet.CHANNEL_SETS[bands])
     if isinstance(bands, str):
         if bands in bigearthnet.NAMED_CHANNEL_SETS:
@@ -32,7 +34,8 @@ def resolve_bands(bands: list[str] | int | str) -> list[str]:
     valid = (*bigearthnet.S1.band_names, *bigearthnet.S2.band_names)
     unknown = [b for b in bands if b not in valid]
     if unknown:
-        raise ValueError(f"unknown BigEarthNet band(s) {unknown}; valid: {list(valid)}")
+        raise ConfigError(f"unknown BigEarthNet band(s) {unknown}; valid: {list(valid)}, or a channel set: "
+                          f"{sorted(bigearthnet.CHANNEL_SETS)} or {list(bigearthnet.NAMED_CHANNEL_SETS)}")
     return list(bands)
 
 
@@ -57,7 +60,8 @@ class BigEarthNetDataModule(LMDBDataModule):
     """
 
     name = "bigearthnet"
-    rgb_bands = ("B04", "B03", "B02")
+    catalog = bigearthnet.DATASET
+    rgb_bands = bigearthnet.S2.rgb_bands
     multilabel = True
 
     def __init__(
@@ -87,17 +91,32 @@ class BigEarthNetDataModule(LMDBDataModule):
                          interpolation=interpolation, align_corners=align_corners, readahead=readahead, stats_samples=stats_samples, seed=seed)
         self.metadata_dir = Path(metadata_dir)
         self.include_snow_cloud, self.class_order, self.mask = include_snow_cloud, class_order, mask
-        self._stored: set[bytes] | None = None
         self.uses_s1 = any(b in bigearthnet.S1.band_names for b in self.bands)
         self.uses_s2 = any(b in bigearthnet.S2.band_names for b in self.bands)
+        if class_order not in ("alphabetical", "paper"):
+            raise ConfigError(f"class_order {class_order!r} is not 'alphabetical' or 'paper'")
         self._classes = tuple(bigearthnet.CLASSES_ALPHABETICAL if class_order == "alphabetical"
                               else bigearthnet.CLASSES_PAPER)
-        if class_order not in ("alphabetical", "paper"):
-            raise ValueError(f"class_order {class_order!r} is not 'alphabetical' or 'paper'")
 
     @property
     def classes(self) -> tuple[str, ...]:
         return self._classes
+
+    def encode_hint(self, path: Path) -> str:
+        return f"{super().encode_hint(path)} (or, for the demo, `python -m rico_torch.encode demo --target-dir {path}`)"
+
+    @property
+    def metadata_file(self) -> Path:
+        return self.metadata_dir / "metadata.parquet"
+
+    def check_lmdb(self) -> None:
+        super().check_lmdb()
+        if not self.metadata_file.is_file():
+            where = "no such folder" if not self.metadata_dir.is_dir() else "not in that folder"
+            beside = [p for p in self.lmdb_paths if (p / "metadata.parquet").is_file()]
+            fix = (f"set metadata_dir to {beside[0]}, where a metadata.parquet lies beside data.mdb (as the demo "
+                   "writes it)" if beside else "set metadata_dir to the folder holding the official metadata.parquet")
+            raise DatasetNotFoundError(f"{self.metadata_file}: BigEarthNet v2 metadata not found ({where}); {fix}")
 
     def dataset_kwargs(self):
         if not self.mask:
@@ -106,7 +125,7 @@ class BigEarthNetDataModule(LMDBDataModule):
 
     def split_items(self, split: str):
         index = load_bigearthnet_index(
-            self.metadata_dir / "metadata.parquet",
+            self.metadata_file,
             split=METADATA_SPLITS[split],
             include_snow_cloud=self.include_snow_cloud,
             class_order=self.class_order,
@@ -122,21 +141,25 @@ class BigEarthNetDataModule(LMDBDataModule):
         items = np.stack([c.astype(f"S{width}") for c in columns], axis=1) if len(columns) > 1 else columns[0]
         labels = index.labels
         keep = self._present(items)
-        if keep is not None:
-            items, labels = items[keep], labels[keep]
-        return items, labels
+        if len(items) and not keep.any():
+            raise ConfigError(
+                f"{self.lmdb_path}: none of the {len(items)} {METADATA_SPLITS[split]} patches of "
+                f"{self.metadata_file} (with the {self._sensors()} keys the bands need) are in the LMDB; "
+                "point metadata_dir at this LMDB's metadata, or choose bands the LMDB holds"
+            )
+        return items[keep], labels[keep]
 
-    def _present(self, items: np.ndarray) -> np.ndarray | None:
-        """Rows whose keys are all in the LMDB (per its manifest), logging what is missing."""
-        manifest = self.manifest()
-        if not manifest or not manifest.get("keys"):
-            return None
-        if self._stored is None:  # a set: np.isin on 1M bytes keys takes seconds, this a fraction
-            self._stored = {k.encode() for keys in manifest["keys"].values() for k in keys}
+    def _sensors(self) -> str:
+        return " and ".join(n for n, used in (("S2", self.uses_s2 or not self.uses_s1), ("S1", self.uses_s1),
+                                              ("reference map", self.mask)) if used)
+
+    def _present(self, items: np.ndarray) -> np.ndarray:
+        """Rows whose keys are all in the LMDB, logging what is missing."""
+        stored = self.stored_keys()
         columns = items.T if items.ndim == 2 else items[None]
         keep = np.ones(len(items), dtype=bool)
         for column in columns:  # a column at a time: 5x faster than row tuples on the full dataset
-            keep &= np.fromiter(map(self._stored.__contains__, column.tolist()), dtype=bool, count=len(column))
+            keep &= np.fromiter(map(stored.__contains__, column.tolist()), dtype=bool, count=len(column))
         if not keep.all():
             log.warning("%s: %d of %d patches of the split are not in the LMDB and are left out",
                         self.lmdb_path, int((~keep).sum()), len(keep))

@@ -16,4 +16,4 @@ class EuroSATDataModule(ClassFolderDataModule):
     name = "eurosat-ms"
     catalog = eurosat.DATASET
     split_prefix = "eurosat"
-    rgb_bands = ("B04", "B03", "B02")
+    rgb_bands = eurosat.IMAGES.rgb_bands

@@ -8,6 +8,7 @@ from typing import Literal
 import numpy as np
 
 from ...catalog import hyspecnet
+from ...errors import ConfigError, DatasetNotFoundError, UnknownKeyError
 from .base import LMDBDataModule
 
 
@@ -26,7 +27,8 @@ class HySpecNetDataModule(LMDBDataModule):
     """
 
     name = "hyspecnet-11k"
-    rgb_bands = ("B43", "B28", "B10")  # ~650, ~550, ~460 nm
+    catalog = hyspecnet.DATASET
+    rgb_bands = hyspecnet.PATCHES.rgb_bands
 
     def __init__(
         self,
@@ -49,13 +51,20 @@ class HySpecNetDataModule(LMDBDataModule):
                          num_workers=num_workers, pin_memory=pin_memory, mean=mean, std=std, flips=flips,
                          native=native, readahead=readahead, stats_samples=stats_samples, seed=seed)
         if difficulty not in ("easy", "hard"):
-            raise ValueError(f"difficulty {difficulty!r} is not 'easy' or 'hard'")
+            raise ConfigError(f"difficulty {difficulty!r} is not 'easy' or 'hard'")
         self.split_dir, self.difficulty = Path(split_dir), difficulty
 
     def split_items(self, split: str):
         path = self.split_dir / self.difficulty / f"{split}.csv"
         if not path.exists():
-            raise FileNotFoundError(f"{path}: HySpecNet-11k split file missing (expected in <dataset>/splits/)")
+            raise DatasetNotFoundError(f"{path}: HySpecNet-11k split file missing; set split_dir to the dataset's "
+                                       "splits/ folder (holding easy/ and hard/)")
         # <tile>/<patch>/<patch>-DATA.npy -> the patch directory name, which is the key
-        keys = [Path(line.strip()).parent.name for line in path.read_text().splitlines() if line.strip()]
-        return np.array(keys, dtype=np.bytes_), None
+        keys = np.array([Path(line.strip()).parent.name for line in path.read_text().splitlines() if line.strip()],
+                        dtype=np.bytes_)
+        stored = self.stored_keys()
+        missing = [k.decode() for k in keys.tolist() if k not in stored]
+        if missing:
+            raise UnknownKeyError(f"{path}: {len(missing)} of its {len(keys)} patches are not in {self.lmdb_path}, "
+                                  f"e.g. {missing[0]!r}; is split_dir this LMDB's dataset?")
+        return keys, None

@@ -15,7 +15,7 @@ class UCMercedDataModule(ClassFolderDataModule):
     name = "uc-merced"
     catalog = ucmerced.DATASET
     split_prefix = "uc_merced"
-    rgb_bands = ("Red", "Green", "Blue")
+    rgb_bands = ucmerced.IMAGES.rgb_bands
 
     def __init__(self, lmdb_path: str | list[str], size: int = ucmerced.IMAGE_SIZE, interpolation: str = "bilinear", **kwargs):
         super().__init__(lmdb_path, size=size, interpolation=interpolation, **kwargs)
