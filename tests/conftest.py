@@ -16,6 +16,13 @@ SHARED = Path(__file__).resolve().parents[2] / "shared"
 BIGEARTHNET_METADATA = SHARED / "data" / "bigearthnet-v2"
 
 
+@pytest.fixture(autouse=True)
+def _no_pytest_argv(monkeypatch):
+    """The CLIs under test get their arguments as ``args``; pytest's own ``sys.argv`` would make
+    LightningCLI warn that both were given."""
+    monkeypatch.setattr(sys, "argv", sys.argv[:1])
+
+
 def encode_cli(*args: str, check: bool = True) -> subprocess.CompletedProcess:
     """Run ``python -m rico_torch.encode`` as a user would."""
     proc = subprocess.run([sys.executable, "-m", "rico_torch.encode", *args], capture_output=True, text=True)
