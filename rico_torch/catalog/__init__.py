@@ -31,4 +31,20 @@ def identify(key: str, bands: Iterable[str]) -> tuple[Dataset, Source] | None:
     return None
 
 
-__all__ = ["Band", "Dataset", "Source", "DATASETS", "get_dataset", "identify"]
+def encode_command(manifest: dict, target: object) -> str:
+    """The encode command line ``manifest`` records: re-running it resumes an unfinished encode."""
+    parts = ["python -m rico_torch.encode", str(manifest.get("dataset", "<dataset>"))]
+    try:
+        dataset = get_dataset(manifest["dataset"])
+        for name, root in manifest.get("sources", {}).items():
+            parts += [dataset.source(name).option, str(root)]
+    except (KeyError, TypeError, AttributeError):
+        parts.append("<the same source options>")
+    parts += ["--target-dir", str(target)]
+    shard = manifest.get("shard")
+    if isinstance(shard, dict) and {"index", "count"} <= set(shard):
+        parts.append(f"--shard {shard['index']}/{shard['count']}")
+    return " ".join(parts)
+
+
+__all__ = ["Band", "Dataset", "Source", "DATASETS", "get_dataset", "identify", "encode_command"]

@@ -20,6 +20,7 @@ from pathlib import Path
 
 import lmdb
 
+from ..catalog import encode_command
 from ..errors import ConfigError, DatasetNotFoundError, FormatError, IncompleteDatasetError, StaleDatasetError
 
 Identity = tuple[int, int]  # (st_dev, st_ino) of data.mdb
@@ -77,30 +78,12 @@ def read_manifest(path: str | Path) -> dict | None:
     return manifest
 
 
-def finish_command(path: Path, manifest: dict) -> str:
-    """The encode command line that finishes (resumes) the interrupted encode recorded in ``manifest``."""
-    from ..catalog import get_dataset
-
-    parts = ["python -m rico_torch.encode", str(manifest.get("dataset", "<dataset>"))]
-    try:
-        dataset = get_dataset(manifest["dataset"])
-        for name, root in manifest.get("sources", {}).items():
-            parts += [dataset.source(name).option, str(root)]
-    except (KeyError, TypeError):
-        parts.append("<the same source options>")
-    parts += ["--target-dir", str(path)]
-    shard = manifest.get("shard")
-    if isinstance(shard, dict) and {"index", "count"} <= set(shard):
-        parts.append(f"--shard {shard['index']}/{shard['count']}")
-    return " ".join(parts)
-
-
 def check_complete(path: Path, manifest: dict | None) -> None:
     """Refuse an LMDB whose encode did not finish (its manifest says ``complete: false``)."""
     if manifest is not None and manifest.get("complete") is False:
         raise IncompleteDatasetError(
             f"{path}: the encode into this LMDB did not finish (manifest.json: complete false); finish it with "
-            f"`{finish_command(path, manifest)}`, or pass allow_incomplete=True to read what is committed"
+            f"`{encode_command(manifest, path)}`, or pass allow_incomplete=True to read what is committed"
         )
 
 

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import lmdb
 
-from ..catalog import get_dataset
+from ..catalog import encode_command, get_dataset
 from ..errors import InputError, TargetError
 from ..format import parse_header
 from .discover import discover, select_shard
@@ -71,7 +71,8 @@ def verify(
         raise TargetError(f"{target}: no data.mdb here")
     manifest = read_manifest(target)
     if manifest is not None and not manifest.get("complete"):
-        raise TargetError(f"{target}: the encode is not complete; re-run the encode command to finish it")
+        raise TargetError(f"{target}: the encode is not complete; finish it with `{encode_command(manifest, target)}`, "
+                          "then verify")
     if manifest is not None:
         dataset = manifest["dataset"]
     elif roots and dataset is None:
