@@ -205,7 +205,7 @@ def test_worker_exception_is_raised_with_traceback_and_key(eurosat_lmdb, clean):
             list(loader)
         message = str(error.value)
         assert "PatchLoader worker 1" in message and "key 'no_such_key' (item 5)" in message
-        assert "Traceback (most recent call last)" in message and "read_batch" in message
+        assert "Traceback (most recent call last)" in message and ", in _read\n" in message  # the worker's
         pids = loader.worker_pids
         assert len(pids) == 2  # the workers carry on
         keys = [k for b in PatchLoader(ds, batch_size=3, num_workers=0, sampler=[0, 1, 2, 6, 7, 8])
@@ -340,3 +340,51 @@ def test_pickled_loader_starts_its_own_workers(eurosat_lmdb, clean):
         keys = [b["key"] for b in loader]
         with pickle.loads(pickle.dumps(loader)) as copy:
             assert copy.worker_pids == [] and [b["key"] for b in copy] == keys
+
+
+class KeysPerEpoch(__import__("lightning").LightningModule):
+    """Records the keys of every training and validation batch, per epoch."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.layer = torch.nn.Linear(13, 3)
+        self.seen: dict[tuple[str, int], list[str]] = {}
+
+    def _step(self, stage: str, batch: dict) -> torch.Tensor:
+        self.seen.setdefault((stage, self.current_epoch), []).extend(batch["key"])
+        return torch.nn.functional.cross_entropy(self.layer(batch["image"].mean(dim=(2, 3))), batch["label"])
+
+    def training_step(self, batch, batch_idx):
+        return self._step("train", batch)
+
+    def validation_step(self, batch, batch_idx):
+        self._step("val", batch)
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.01)
+
+
+def test_datamodule_fits_through_patch_loader_and_keeps_torch_on_request(eurosat_lmdb, clean):
+    import lightning as L
+    from torch.utils.data import DataLoader
+
+    from rico_torch.data import EuroSATDataModule
+
+    dm = EuroSATDataModule(str(eurosat_lmdb), batch_size=4, num_workers=2, mean=[0.0] * 13, std=[1.0] * 13)
+    model = KeysPerEpoch()
+    trainer = L.Trainer(max_epochs=2, accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0)
+    trainer.fit(model, datamodule=dm)
+    for stage in ("train", "val"):
+        everything = sorted(dm.datasets[stage].key(i) for i in range(len(dm.datasets[stage])))
+        orders = [model.seen[(stage, epoch)] for epoch in range(2)]
+        assert [sorted(o) for o in orders] == [everything] * 2  # every sample once per epoch
+        assert (orders[0] != orders[1]) == (stage == "train")  # the train split is reshuffled
+    assert dm._patch_loaders == {}  # teardown closed them (the clean fixture: no worker left)
+
+    torch_dm = EuroSATDataModule(str(eurosat_lmdb), batch_size=4, num_workers=0, loader="torch", mean=[0.0] * 13,
+                                 std=[1.0] * 13)
+    torch_dm.setup("fit")
+    assert isinstance(torch_dm.train_dataloader(), DataLoader)
+    with pytest.raises(ValueError, match="loader='dali'"):
+        EuroSATDataModule(str(eurosat_lmdb), loader="dali")

@@ -145,7 +145,7 @@ def _work(conn, dataset: LMDBPatchDataset, batch_size: int, slots: int, parent: 
                 conn.send(("ring", entries, slot_bytes))
                 send_handle(conn, fd, parent)
                 os.close(fd)
-            dataset.read_batch(indices, into=_rows(ring[slot], len(indices)))
+            dataset._read(indices, into=_rows(ring[slot], len(indices)), fields=False)  # keys: made in main
             conn.send(("done", seq))
         except Exception as e:  # noqa: BLE001  (re-raised in the main process)
             kind = type(e)
@@ -441,6 +441,9 @@ class PatchLoader:
     raised here with its traceback and key; a worker that dies (SIGKILL, out of memory) raises
     :class:`WorkerError` at once and stops the others.
     """
+
+    #: DataLoader-like: Lightning looks here and at ``sampler`` (for ``set_epoch``)
+    batch_sampler = None
 
     def __init__(
         self,
