@@ -42,7 +42,6 @@ import torch.nn.functional as F
 from torch.utils.data import DistributedSampler
 
 from rico_torch.data import EuroSATDataModule, store
-from rico_torch.synthetic import make_eurosat
 
 SEED = 17
 EPOCHS = 2
@@ -128,13 +127,9 @@ print(f"parent={parent}")
 
 @pytest.fixture(scope="module")
 def lmdb_30(tmp_path_factory):
-    from .conftest import encode_cli
+    from .conftest import encoded_eurosat
 
-    files = make_eurosat(tmp_path_factory.mktemp("ddp-src"), per_class=11)
-    target = tmp_path_factory.mktemp("ddp-lmdb") / "lmdb"
-    encode_cli("eurosat-ms", "--dataset-dir", str(files.root), "--target-dir", str(target), "--num-workers", "0",
-               "--quiet")
-    return target
+    return encoded_eurosat(tmp_path_factory, per_class=11)
 
 
 def expected_keys(dataset, shuffle: bool, epoch: int) -> list[list[str]]:

@@ -29,15 +29,9 @@ BANDS = ["B02", "B03", "B04", "B01"]  # 64 px and 20 px: replication in float mo
 @pytest.fixture(scope="module")
 def eurosat_lmdb(tmp_path_factory):
     """30 EuroSAT patches (3 classes x 10): 13 bands of 64 px, B01 B09 B10 at 20 px."""
-    from rico_torch.synthetic import make_eurosat
+    from .conftest import encoded_eurosat
 
-    from .conftest import encode_cli
-
-    files = make_eurosat(tmp_path_factory.mktemp("loader-src"), per_class=10)
-    target = tmp_path_factory.mktemp("loader-lmdb") / "lmdb"
-    encode_cli("eurosat-ms", "--dataset-dir", str(files.root), "--target-dir", str(target), "--num-workers", "0",
-               "--quiet")
-    return target
+    return encoded_eurosat(tmp_path_factory, per_class=10)
 
 
 def shm_entries() -> set[str]:
