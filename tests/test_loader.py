@@ -260,6 +260,23 @@ def test_del_gc_and_close_stop_workers_and_free_the_rings(eurosat_lmdb, clean):
     loader.close()
 
 
+def test_ctrl_c_in_a_loop_then_iterating_again_reads_correctly(eurosat_lmdb, clean):
+    """A notebook's interrupted loop: the next iteration reads every batch right (a message cut in
+    half by Ctrl-C stops the workers; new ones start)."""
+    import threading
+
+    ds = LMDBPatchDataset(eurosat_lmdb, bands=BANDS)
+    loader = PatchLoader(ds, batch_size=1, num_workers=2, sampler=list(range(len(ds))) * 1000)
+    threading.Timer(0.3, os.kill, (os.getpid(), signal.SIGINT)).start()
+    with pytest.raises(KeyboardInterrupt):
+        for _ in loader:
+            pass
+    loader.sampler = list(range(len(ds)))
+    for i, batch in enumerate(loader):
+        assert_same(batch, expected(ds, [i]))
+    loader.close()
+
+
 SCRIPT = """
 import os, signal, sys, time
 from rico_torch.data import LMDBPatchDataset, PatchLoader

@@ -296,11 +296,14 @@ class _Workers:
                 self._lost(w)
             try:
                 message = conn.recv()
+                if message[0] == "ring":
+                    self._map_ring(w, message[1], message[2])
+                    continue
             except (EOFError, OSError):
                 self._lost(w)
-            if message[0] == "ring":
-                self._map_ring(w, message[1], message[2])
-                continue
+            except BaseException:  # Ctrl-C in the middle of a message: the pipe is no longer in step
+                self.close()
+                raise
             done_seq, slot = self.pending[w].popleft()
             if message[1] != done_seq or done_seq != seq:
                 raise WorkerError(f"PatchLoader worker {w} answered task {message[1]}, expected {done_seq}")
