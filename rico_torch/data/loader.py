@@ -425,7 +425,8 @@ class PatchLoader:
         num_workers: worker processes; 0 reads in this process into one reused batch.
         drop_last: leave out a last, shorter batch.
         pin_memory: page-lock the slots for fast, asynchronous copies to a CUDA device (move batches
-            with ``.to(device, non_blocking=True)``); a no-op, said once, without CUDA.
+            with ``.to(device, non_blocking=True)``); with ``num_workers=0`` each batch is copied into
+            pinned memory; a no-op, said once, without CUDA.
         seed: shuffling seed (reproducible epochs); ``None``: torch's default generator.
         slots: batch slots per worker (2: one the main process holds, one being filled).
         timeout: seconds to wait for one batch before raising (0: no limit; a dead worker is
@@ -442,7 +443,7 @@ class PatchLoader:
     worker ``i % num_workers``). Workers start at the first iteration and stay until
     :meth:`close` (or ``del``, garbage collection, interpreter exit); an exception in a worker is
     raised here with its traceback and key; a worker that dies (SIGKILL, out of memory) raises
-    :class:`WorkerError` at once and stops the others.
+    :class:`WorkerLostError` at once and stops the others.
     """
 
     #: DataLoader-like: Lightning looks here and at ``sampler`` (for ``set_epoch``)
