@@ -58,14 +58,16 @@ from _common import (  # noqa: E402
     table,
 )
 
-from rico_torch.data import LMDBPatchDataset, collate  # noqa: E402
+from rico_torch.data import LMDBPatchDataset, PatchLoader, collate  # noqa: E402
 
 BANDS = ("VV", "VH", "B01", "B02", "B03", "B04", "B05", "B06", "B07", "B08", "B8A", "B09", "B11", "B12")
 S1_BANDS = {"VV", "VH"}
 SIZE = (120, 120)
 BATCH = 256
 NUM_CLASSES = 19
-TARGETS = {"float": 5.0, "native": 15.0, "loader": 3.0, "memory_mb": 20.0}
+TARGETS = {"float": 5.0, "native": 15.0, "loader": 3.0, "memory_mb": 20.0,
+           # PatchLoader, 2 workers: float32 vs our DataLoader / ConfigILM's / the 2-process floor; native vs ConfigILM
+           "patch_vs_ours": 4.0, "patch_vs_baseline": 8.0, "patch_vs_floor": 0.8, "patch_native": 15.0}
 
 
 # --- the baseline: ConfigILM's BENv2 reader ------------------------------------------------
@@ -205,6 +207,63 @@ def run_loader(ds, collate_fn, epochs: int) -> dict:
     del dl
     gc.collect()
     return result
+
+
+def run_patch_loader(ds, workers: int, pin_memory: bool, epochs: int) -> dict:
+    """``PatchLoader`` (shuffle, seed 0): as :func:`run_loader`, plus each worker's USS after each epoch
+    (workers idle) and the bytes of its ring of batch slots (shared memory, outside USS)."""
+    loader = PatchLoader(ds, batch_size=BATCH, num_workers=workers, shuffle=True, seed=0, pin_memory=pin_memory)
+    result: dict = {"epochs": [], "uss": []}
+    start = time.perf_counter()
+    for epoch in range(epochs):
+        n = 0
+        for i, batch in enumerate(loader):
+            if epoch == 0 and i == 0:
+                result["first_batch"] = time.perf_counter() - start
+                tensors = [batch["image"]] if "image" in batch else list(batch["native"].values())
+                result["ring_bytes"] = loader.slots * sum(t.nbytes for t in tensors)
+            n += len(batch["key"])
+            del batch
+        result["epochs"].append(n / (time.perf_counter() - start))
+        result["uss"].append([psutil.Process(pid).memory_full_info().uss for pid in loader.worker_pids])
+        start = time.perf_counter()
+    result["steady"] = max(result["epochs"][1:] or result["epochs"])
+    loader.close()
+    return result
+
+
+def _floor_process(path, pairs, native: bool, epochs: int, seed: int, barrier, results) -> None:
+    torch.set_num_threads(1)
+    read = _reusing(_rico(path, pairs, native=native))
+    rng = random.Random(seed)
+    times = []
+    for _ in range(epochs):
+        order = rng.sample(range(len(pairs)), len(pairs))
+        barrier.wait()
+        start = time.perf_counter()
+        for i in range(0, len(order) - BATCH + 1, BATCH):  # whole batches: the reused one has BATCH rows
+            read(order[i : i + BATCH])
+        times.append(time.perf_counter() - start)
+    results.put(times)
+
+
+def run_floor(path, pairs, processes: int, native: bool, epochs: int) -> dict:
+    """The floor for any loader: ``processes`` forked processes side by side, each reading its share of
+    the epoch with ``read_batch(into=its previous batch)``, handing nothing over; an epoch ends when
+    the slowest ends (each epoch starts together)."""
+    ctx = get_context("fork")
+    barrier, results = ctx.Barrier(processes), ctx.Queue()
+    shares = [pairs[i::processes] for i in range(processes)]
+    procs = [ctx.Process(target=_floor_process, args=(path, share, native, epochs, i, barrier, results))
+             for i, share in enumerate(shares)]
+    for proc in procs:
+        proc.start()
+    times = [results.get() for _ in procs]
+    for proc in procs:
+        proc.join()
+    read = sum(len(share) // BATCH * BATCH for share in shares)
+    rates = [read / max(t[epoch] for t in times) for epoch in range(epochs)]
+    return {"epochs": rates, "steady": max(rates[1:] or rates)}
 
 
 def in_fresh_process(fn, *args):
@@ -376,6 +435,8 @@ def main(argv: list[str] | None = None) -> int:
                    help="samples per DataLoader epoch (the LMDB's pairs repeated; default 10,240, --quick 4,096)")
     p.add_argument("--loader-epochs", type=int, default=3,
                    help="DataLoader epochs (default 3); the best after the first is the steady rate")
+    p.add_argument("--loader-rounds", type=int, default=1,
+                   help="run every loader row this many times, interleaved; the best steady rate counts")
     p.add_argument("--memory-keys", type=int, default=0,
                    help="build an LMDB of this many pairs for the memory epochs (284 KB a pair: 30000 is "
                         "~8.5 GB; 100000 is ~28 GB and is read from disk where it exceeds RAM, which takes long); "
@@ -488,20 +549,67 @@ def main(argv: list[str] | None = None) -> int:
     reps = -(-loader_samples // n)
     dl_pairs = (pairs * reps)[:loader_samples]
     dl_labels = labels.repeat(reps, 1)[:loader_samples]
-    results = {
-        "baseline: ConfigILM reader, default collate": run_loader(
-            ConfigILMReader(base_path, dl_pairs, labels=dl_labels), None, args.loader_epochs),
-        "rico_torch float32, collate_fn=rico_torch.data.collate": run_loader(
-            _rico(path, dl_pairs, labels=dl_labels), collate, args.loader_epochs),
-        "rico_torch native, collate_fn=rico_torch.data.collate (assembly not included)": run_loader(
-            _rico(path, dl_pairs, labels=dl_labels, native=True), collate, args.loader_epochs),
+    float_ds = _rico(path, dl_pairs, labels=dl_labels)
+    native_ds = _rico(path, dl_pairs, labels=dl_labels, native=True)
+    trials = {  # name -> (kind, run); kind: what the row is compared with
+        "baseline": ("ConfigILM reader in a DataLoader, default collate",
+                     lambda: run_loader(ConfigILMReader(base_path, dl_pairs, labels=dl_labels), None,
+                                        args.loader_epochs)),
+        "ours": ("rico_torch float32 in a DataLoader, collate_fn=rico_torch.data.collate",
+                 lambda: run_loader(float_ds, collate, args.loader_epochs)),
+        "ours_native": ("rico_torch native in a DataLoader, collate (assembly not included)",
+                        lambda: run_loader(native_ds, collate, args.loader_epochs)),
     }
-    lb = next(iter(results.values()))
-    loader_rows = []
-    for i, (name, r) in enumerate(results.items()):
-        speed = r["steady"] / lb["steady"]
-        loader_rows.append([name, f"{r['first_batch']:.2f}", f"{r['epochs'][0]:,.0f}", f"{r['steady']:,.0f}",
-                            f"{speed:.2f}x", _verdict(speed, TARGETS["loader"]) if i == 1 else ""])
+    for native in (False, True):
+        mode = "native" if native else "float32"
+        for workers in (1, 2):
+            for pin in (False, True):
+                trials[f"patch_{mode}_{workers}{'_pin' if pin else ''}"] = (
+                    f"PatchLoader {mode}, {workers} worker{'s' * (workers > 1)}{', pin_memory' if pin else ''}",
+                    lambda ds=native_ds if native else float_ds, w=workers, p=pin: run_patch_loader(
+                        ds, w, p, args.loader_epochs))
+        for procs in (1, 2):
+            trials[f"floor_{mode}_{procs}"] = (
+                f"floor: {procs} process{'es' * (procs > 1)} side by side, read_batch(into=) {mode}, no hand-off",
+                lambda p=procs, nat=native: run_floor(path, dl_pairs, p, nat, args.loader_epochs))
+    results: dict[str, dict] = {}
+    for round_ in range(args.loader_rounds):
+        for key, (name, run) in trials.items():
+            log(f"  round {round_ + 1}: {name} ...")
+            r = run()
+            if key not in results or r["steady"] > results[key]["steady"]:
+                results[key] = r
+    steady = {k: r["steady"] for k, r in results.items()}
+
+    def floor_of(key: str) -> str:
+        mode = "native" if "native" in key else "float32"
+        return f"floor_{mode}_{2 if '_2' in key else 1}"
+
+    loader_rows, verdicts = [], []
+    for key, (name, _) in trials.items():
+        r = results[key]
+        vs_base, vs_ours = r["steady"] / steady["baseline"], r["steady"] / steady["ours"]
+        vs_floor = r["steady"] / steady[floor_of(key)] if key.startswith("patch") else None
+        target = ""
+        if key == "ours":
+            target = _verdict(vs_base, TARGETS["loader"])
+        elif key.startswith("patch_float32_2"):
+            checks = [(vs_ours, TARGETS["patch_vs_ours"], "ours"), (vs_base, TARGETS["patch_vs_baseline"], "ConfigILM"),
+                      (vs_floor, TARGETS["patch_vs_floor"], "floor")]
+            target = "; ".join(f"{what} {_verdict(v, t)}" for v, t, what in checks)
+        elif key.startswith("patch_native_2"):
+            target = f"ConfigILM {_verdict(vs_base, TARGETS['patch_native'])}"
+        first = f"{r['first_batch']:.2f}" if "first_batch" in r else ""
+        loader_rows.append([name, first, f"{r['epochs'][0]:,.0f}", f"{r['steady']:,.0f}", f"{vs_base:.2f}x",
+                            f"{vs_ours:.2f}x", f"{vs_floor:.0%}" if vs_floor is not None else "", target])
+    memory_rows = []
+    for key, (name, _) in trials.items():
+        r = results[key]
+        if "uss" in r:
+            for w, _ in enumerate(r["uss"][0]):
+                uss = [epoch[w] for epoch in r["uss"]]
+                memory_rows.append([name if w == 0 else "", f"worker {w}", _mb(r["ring_bytes"])]
+                                   + [_mb(u) for u in uss] + [_mb(uss[-1] - uss[0])])
 
     # --- readahead
     ra_rows = []
@@ -534,11 +642,23 @@ def main(argv: list[str] | None = None) -> int:
           "allocates its outputs outside workers with numpy, which asks for transparent huge pages for large "
           "arrays; its native groups are <= 30 MB each, which glibc may serve from reused heap memory. "
           "DataLoader workers write every batch into fresh shared memory)")
-    print(f"\nDataLoader: batch {BATCH}, 2 workers, persistent, shuffle; {loader_samples:,} samples per epoch "
-          f"(the {n:,} pairs repeated), {args.loader_epochs} epochs; first batch timed from iter(); "
-          "steady = best epoch after the first\n")
-    print(table(["reader", "first batch s", "samples/s epoch 1", "samples/s steady", "vs baseline", "target"],
-                loader_rows))
+    print(f"\nLoaders: batch {BATCH}; DataLoader: 2 workers, persistent, shuffle; {loader_samples:,} samples per "
+          f"epoch (the {n:,} pairs repeated), {args.loader_epochs} epochs; first batch timed from creating the "
+          "loader (PatchLoader: includes starting its workers); steady = best epoch after the first\n")
+    print(table(["loader", "first batch s", "samples/s epoch 1", "samples/s steady", "vs ConfigILM DataLoader",
+                 "vs our DataLoader", "vs floor (same process count)", "target"], loader_rows))
+    print(f"(best of {args.loader_rounds} round(s) per row; PatchLoader: shuffle, seed 0, 2 slots per worker; the "
+          "floor's first batch is not timed" + ("; pin_memory: no CUDA here, so no pinning: the same path as "
+                                                 "without" if not torch.cuda.is_available() else "") + ")")
+    print(f"\nPatchLoader worker memory, MB: the ring of batch slots (shared memory created once, mapped by the "
+          f"worker and the main process) and the worker's USS after each of {args.loader_epochs} epochs (workers "
+          "idle). USS includes the ring here: the benchmark never reads the batches, so only the worker has faulted "
+          "their pages in (a training loop reading them makes them shared)\n")
+    epochs_h = [f"USS after epoch {e + 1}" for e in range(args.loader_epochs)]
+    print(table(["loader", "worker", "ring (slots x batch)", *epochs_h, "growth"], memory_rows))
+    growth = max(float(r[-1].replace(",", "")) for r in memory_rows)
+    print(f"worst USS growth epoch 1 -> {args.loader_epochs}: {growth:,.1f} MB  "
+          f"{_verdict(growth, TARGETS['memory_mb'], higher=False)}")
     if ra_rows:
         print(f"\nReadahead (rico_torch float32): cold = one DataLoader epoch over the {n:,} pairs with data.mdb "
               "evicted from the page cache first\n")

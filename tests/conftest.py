@@ -38,6 +38,15 @@ def encoded(tmp_path_factory, dataset: str, *args) -> Path:
     return target
 
 
+def encoded_eurosat(tmp_path_factory, per_class: int) -> Path:
+    """A synthetic EuroSAT-MS set (3 classes x ``per_class`` patches) encoded through the CLI."""
+    files = make_eurosat(tmp_path_factory.mktemp("eurosat-src"), per_class=per_class)
+    target = tmp_path_factory.mktemp("eurosat-lmdb") / "lmdb"
+    encode_cli("eurosat-ms", "--dataset-dir", str(files.root), "--target-dir", str(target), "--num-workers", "0",
+               "--quiet")
+    return target
+
+
 def read_lmdb(path: Path) -> dict[bytes, bytes]:
     """Every key -> value of an LMDB (opened read-only, without a lock file)."""
     try:

@@ -17,9 +17,10 @@ Launcher: ``strategy="ddp_fork"``, run by a fresh Python interpreter that the te
 Forking also makes the handle check meaningful: the parent opens the LMDB before ``fit``, so
 each rank inherits an open environment and must open its own instead of reading through it.
 
-What holds (Lightning 2.x, default ``use_distributed_sampler=True``): each loader gets a
+What holds (Lightning 2.x, default ``use_distributed_sampler=True``): each loader reads through a
 ``torch.utils.data.DistributedSampler(shuffle=<train loader>, seed=$PL_GLOBAL_SEED,
-drop_last=False)``, ``set_epoch(epoch)`` before each epoch. With ``n`` items each rank reads
+drop_last=False)``, ``set_epoch(epoch)`` before each epoch: the DataModule builds it for its
+PatchLoader (Lightning injects one only into torch DataLoaders), as Lightning would. With ``n`` items each rank reads
 ``ceil(n/2)``: for even ``n`` (train, 24) every item exactly once per epoch; for odd ``n``
 (val, 3) the sampler pads by repeating the first index of the epoch's order, so every item is
 read once except exactly one read twice (``n + 1`` reads). The test asserts exactly that, and
@@ -42,7 +43,6 @@ import torch.nn.functional as F
 from torch.utils.data import DistributedSampler
 
 from rico_torch.data import EuroSATDataModule, store
-from rico_torch.synthetic import make_eurosat
 
 SEED = 17
 EPOCHS = 2
@@ -62,7 +62,8 @@ class KeyRecorder(L.LightningModule):
     """A linear classifier on band means that writes down every key it is fed.
 
     One file per stage, rank and epoch; one line per sample: key, pid of the rank, the
-    dataset's reading pid, and the pid that opened the LMDB environment it reads through.
+    dataset's reading pid, the pid that opened the LMDB environment it reads through, and the
+    pids of the PatchLoader's workers (none when the rank reads itself).
     """
 
     def __init__(self, out_dir: str) -> None:
@@ -77,10 +78,11 @@ class KeyRecorder(L.LightningModule):
         datamodule = self.trainer.datamodule
         dataset = datamodule.datasets[stage]
         opened_by = environment_opener(datamodule.lmdb_path)
+        workers = ",".join(map(str, datamodule._patch_loaders[stage].worker_pids))
         file = self.out_dir / f"{stage}_rank{self.global_rank}_epoch{self.current_epoch}.txt"
         with open(file, "a") as f:
             for key in batch["key"]:
-                f.write(f"{key}\t{os.getpid()}\t{dataset._pid}\t{opened_by}\n")
+                f.write(f"{key}\t{os.getpid()}\t{dataset._pid}\t{opened_by}\t{workers}\n")
 
     def _loss(self, batch: dict) -> torch.Tensor:
         return F.cross_entropy(self.layer(batch["image"].mean(dim=(2, 3))), batch["label"])
@@ -97,15 +99,15 @@ class KeyRecorder(L.LightningModule):
         return torch.optim.SGD(self.parameters(), lr=0.01)
 
 
-def datamodule(lmdb_path: Path) -> EuroSATDataModule:
+def datamodule(lmdb_path: Path, num_workers: int = 0) -> EuroSATDataModule:
     """33 patches, stratified per class 8 / 1 / 2: 24 train (even), 3 val (odd: padding), 6 test."""
-    return EuroSATDataModule(str(lmdb_path), batch_size=4, num_workers=0, mean=[0.0] * 13, std=[1.0] * 13,
+    return EuroSATDataModule(str(lmdb_path), batch_size=4, num_workers=num_workers, mean=[0.0] * 13, std=[1.0] * 13,
                              val_fraction=0.1, test_fraction=0.2, seed=0)
 
 
-def fit(lmdb_path: Path, out_dir: Path) -> None:
+def fit(lmdb_path: Path, out_dir: Path, num_workers: int) -> None:
     """The training run (executed by the fresh interpreter, see FIT)."""
-    dm = datamodule(lmdb_path)
+    dm = datamodule(lmdb_path, num_workers)
     dm.setup("fit")
     assert dm.datasets["train"][0]["image"].shape == (13, 64, 64)  # the parent holds the LMDB open
     trainer = L.Trainer(strategy="ddp_fork", devices=2, accelerator="cpu", max_epochs=EPOCHS,
@@ -120,7 +122,7 @@ import os, sys
 from pathlib import Path
 from tests.test_ddp import fit
 parent = os.getpid()
-fit(Path(sys.argv[1]), Path(sys.argv[2]))
+fit(Path(sys.argv[1]), Path(sys.argv[2]), int(sys.argv[3]))
 assert os.getpid() == parent  # forked ranks never come back here
 print(f"parent={parent}")
 """
@@ -128,13 +130,9 @@ print(f"parent={parent}")
 
 @pytest.fixture(scope="module")
 def lmdb_30(tmp_path_factory):
-    from .conftest import encode_cli
+    from .conftest import encoded_eurosat
 
-    files = make_eurosat(tmp_path_factory.mktemp("ddp-src"), per_class=11)
-    target = tmp_path_factory.mktemp("ddp-lmdb") / "lmdb"
-    encode_cli("eurosat-ms", "--dataset-dir", str(files.root), "--target-dir", str(target), "--num-workers", "0",
-               "--quiet")
-    return target
+    return encoded_eurosat(tmp_path_factory, per_class=11)
 
 
 def expected_keys(dataset, shuffle: bool, epoch: int) -> list[list[str]]:
@@ -147,9 +145,12 @@ def expected_keys(dataset, shuffle: bool, epoch: int) -> list[list[str]]:
     return out
 
 
-def test_ddp_two_ranks_read_their_distributed_sampler_shares(lmdb_30, tmp_path):
+@pytest.mark.parametrize("num_workers", [0, 2])
+def test_ddp_two_ranks_read_their_distributed_sampler_shares(lmdb_30, tmp_path, num_workers):
+    """Through the DataModules' PatchLoader, which splits by rank itself: read in each rank's own
+    process (0 workers: the handle checks below), or by 2 PatchLoader workers per rank."""
     env = {**os.environ, "PL_GLOBAL_SEED": str(SEED), "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
-    proc = subprocess.run([sys.executable, "-c", FIT, str(lmdb_30), str(tmp_path)], capture_output=True, text=True,
+    proc = subprocess.run([sys.executable, "-c", FIT, str(lmdb_30), str(tmp_path), str(num_workers)], capture_output=True, text=True,
                           env=env, timeout=180)
     assert proc.returncode == 0, proc.stderr[-4000:]
     parent = proc.stdout.strip().splitlines()[-1].removeprefix("parent=")
@@ -183,8 +184,12 @@ def test_ddp_two_ranks_read_their_distributed_sampler_shares(lmdb_30, tmp_path):
                 # the rank read in its own process, through an environment that process opened,
                 # not the one it inherited from the parent
                 (pid,) = {r[1] for r in rank_records}
-                assert {r[2] for r in rank_records} == {pid}
-                assert {r[3] for r in rank_records} == {pid}
+                if not num_workers:
+                    assert {r[2] for r in rank_records} == {pid}
+                    assert {r[3] for r in rank_records} == {pid}
+                else:  # the rank's own PatchLoader workers read
+                    (workers,) = {r[4] for r in rank_records}
+                    assert len(set(workers.split(",")) - {pid}) == num_workers
                 rank_pids[rank].add(pid)
         if shuffle:
             assert orders[0] != orders[1]  # set_epoch reshuffles the train split

@@ -21,6 +21,11 @@ def test_quick_start_demo_then_loading_example(tmp_path, monkeypatch):
     exec(compile(example, "README.md", "exec"), namespace)
     assert namespace["sample"]["image"].shape == (3, 120, 120)
     assert namespace["sample"]["key"].startswith("S2")
+    batches = re.search(r"Batches, read by worker processes into reused shared memory:\n\n```python\n(.*?)```", text,
+                        re.S).group(1)
+    exec(compile(batches, "README.md", "exec"), namespace)
+    assert namespace["kept"].shape == (1, 3, 120, 120)  # 3 patches in batches of 2: the last has one
+    namespace["loader"].close()
 
 
 def test_readme_test_command_is_what_ci_runs():

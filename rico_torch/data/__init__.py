@@ -1,6 +1,7 @@
 """The training half: datasets and LightningDataModules over encoded LMDBs."""
 
 from .dataset import LMDBPatchDataset, NativeAssembler, collate, read_manifest
+from .loader import EpochSampler, PatchLoader, WorkerError, WorkerLostError
 from .datamodules import (
     BigEarthNetDataModule,
     EuroSATDataModule,
@@ -10,6 +11,7 @@ from .datamodules import (
 )
 
 __all__ = [
-    "LMDBPatchDataset", "NativeAssembler", "collate", "read_manifest", "LMDBDataModule",
+    "LMDBPatchDataset", "NativeAssembler", "collate", "read_manifest", "PatchLoader", "EpochSampler", "WorkerError",
+    "WorkerLostError", "LMDBDataModule",
     "BigEarthNetDataModule", "EuroSATDataModule", "HySpecNetDataModule", "UCMercedDataModule",
 ]

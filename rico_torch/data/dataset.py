@@ -395,8 +395,10 @@ class LMDBPatchDataset(Dataset):
         """
         return self._read(list(indices), into=into)
 
-    def _read(self, indices: list[int], batched: bool = True, into: dict[str, Any] | None = None) -> dict[str, Any]:
-        """Read ``indices`` into one output (``batched=False``: one sample, no batch dimension)."""
+    def _read(self, indices: list[int], batched: bool = True, into: dict[str, Any] | None = None,
+              fields: bool = True) -> dict[str, Any]:
+        """Read ``indices`` into one output (``batched=False``: one sample, no batch dimension;
+        ``fields=False``: the tensors only, no key and label, as a PatchLoader worker reads)."""
         out: dict[str, Any] = {}
         arrays: dict[str, np.ndarray] = {}  # numpy views (N, ...) of the outputs: cheap to slice per row
         with self._reader() as reader:
@@ -420,6 +422,8 @@ class LMDBPatchDataset(Dataset):
                     self._fill_image(arrays["image"][row], values, plan.runs)
                 if plan.mask is not None:
                     arrays["mask"][row] = self._mask(values, plan.mask)
+        if not fields:
+            return out
         if batched:
             out["key"] = [self.key(i) for i in indices]
             if self.labels is not None:

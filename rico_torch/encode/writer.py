@@ -14,14 +14,11 @@ which dataset and inputs the target belongs to.
 
 from __future__ import annotations
 
-import ctypes
 import fcntl
 import json
 import os
 import shutil
-import signal
 import sys
-import threading
 import time
 from collections import Counter
 from concurrent.futures import Future, ProcessPoolExecutor
@@ -33,6 +30,7 @@ from pathlib import Path
 import lmdb
 
 from .. import __version__
+from .._process import die_with_parent
 from ..catalog import Dataset, Source, get_dataset
 from ..errors import InputError, TargetError
 from ..format import parse_header
@@ -119,27 +117,7 @@ def worker_pool(num_workers: int) -> ProcessPoolExecutor:
     """
     # spawn: GDAL and LMDB state must not be inherited through fork
     return ProcessPoolExecutor(num_workers, mp_context=get_context("spawn"),
-                               initializer=_die_with_parent, initargs=(os.getpid(),))
-
-
-PR_SET_PDEATHSIG = 1  # linux/prctl.h
-
-
-def _die_with_parent(parent: int) -> None:
-    """Worker initializer: on Linux the kernel kills the worker when its parent dies; elsewhere
-    (and should that fail) a thread polls for the parent and ends the worker."""
-    if sys.platform.startswith("linux"):
-        try:
-            ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
-        except (OSError, AttributeError):
-            pass
-    threading.Thread(target=_watch_parent, args=(parent,), name="watch-parent", daemon=True).start()
-
-
-def _watch_parent(parent: int) -> None:
-    while os.getppid() == parent:  # also catches a parent that died before prctl took effect
-        time.sleep(0.5)
-    os._exit(1)
+                               initializer=die_with_parent, initargs=(os.getpid(),))
 
 
 # --- target handling ------------------------------------------------------------------

@@ -12,12 +12,13 @@ from typing import Any, Literal
 import lightning as L
 import numpy as np
 import torch
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, DistributedSampler
 
 from ...catalog import Dataset
 from ...contents import recognise
 from ...errors import ConfigError, DatasetNotFoundError
 from ..dataset import LMDBPatchDataset, NativeAssembler, collate
+from ..loader import PatchLoader
 from ..store import Store, open_environment, read_manifest
 
 log = logging.getLogger(__name__)
@@ -35,8 +36,11 @@ class LMDBDataModule(L.LightningDataModule):
         lmdb_path: the encoded dataset (``python -m rico_torch.encode ...``), or the list of
             its shard directories.
         bands: band keys in the order wanted.
-        batch_size, num_workers, pin_memory: DataLoader settings; workers are persistent
-            when ``num_workers > 0``.
+        batch_size, num_workers, pin_memory: loader settings; workers stay for the whole fit.
+        loader: ``patch``: :class:`~rico_torch.data.PatchLoader` (worker processes fill reused
+            shared-memory batches; a batch is valid until the next one is asked for; split by rank
+            here under DDP, as Lightning only does that for torch DataLoaders); ``torch``: a torch
+            ``DataLoader`` with persistent workers (Lightning adds its ``DistributedSampler``).
         mean, std: per-band statistics; ``None``: computed from the train split (up to
             ``stats_samples`` patches) and cached beside the LMDB.
         flips: random horizontal/vertical flips of training batches.
@@ -77,8 +81,13 @@ class LMDBDataModule(L.LightningDataModule):
         readahead: bool = False,
         stats_samples: int = 1000,
         seed: int = 0,
+        loader: Literal["patch", "torch"] = "patch",
     ) -> None:
         super().__init__()
+        if loader not in ("patch", "torch"):
+            raise ValueError(f"loader={loader!r}: give 'patch' (rico_torch's PatchLoader) or 'torch' (a DataLoader)")
+        self.loader = loader
+        self._patch_loaders: dict[str, PatchLoader] = {}  # by hook, closed in teardown
         # several paths: the shards of one dataset (encoded with --shard I/N)
         self.lmdb_paths = [Path(p) for p in (lmdb_path if isinstance(lmdb_path, (list, tuple)) else [lmdb_path])]
         self.lmdb_path = self.lmdb_paths[0]
@@ -219,28 +228,55 @@ class LMDBDataModule(L.LightningDataModule):
         if self.mean is None:
             self.mean, self.std = self.statistics()
 
-    def _loader(self, split: str, shuffle: bool) -> DataLoader:
-        return DataLoader(
-            self.datasets[split],
-            batch_size=self.batch_size,
-            shuffle=shuffle,
-            num_workers=self.num_workers,
-            pin_memory=self.pin_memory,
-            persistent_workers=self.num_workers > 0,
-            collate_fn=collate,
-        )
+    def _loader(self, split: str, shuffle: bool, hook: str) -> PatchLoader | DataLoader:
+        dataset = self.datasets[split]
+        if self.loader == "torch":
+            return DataLoader(dataset, batch_size=self.batch_size, shuffle=shuffle, num_workers=self.num_workers,
+                              pin_memory=self.pin_memory, persistent_workers=self.num_workers > 0, collate_fn=collate)
+        old = self._patch_loaders.pop(hook, None)
+        if old is not None:  # asked again (reload_dataloaders_every_n_epochs, a later trainer.validate)
+            old.close()
+        sampler = self._rank_sampler(dataset, shuffle, hook)
+        loader = PatchLoader(dataset, batch_size=self.batch_size, shuffle=shuffle and sampler is None,
+                             sampler=sampler, num_workers=self.num_workers, pin_memory=self.pin_memory)
+        self._patch_loaders[hook] = loader
+        return loader
 
-    def train_dataloader(self) -> DataLoader:
-        return self._loader("train", shuffle=True)
+    def _rank_sampler(self, dataset: LMDBPatchDataset, shuffle: bool, hook: str):
+        """This rank's share under a distributed strategy, as Lightning would inject it into a torch
+        DataLoader: ``DistributedSampler(shuffle, seed=$PL_GLOBAL_SEED)``, without padding for predict."""
+        trainer = self.trainer
+        connector = getattr(trainer, "_accelerator_connector", None)
+        if trainer is None or trainer.world_size <= 1 or not getattr(connector, "use_distributed_sampler", True):
+            return None
+        kwargs = dict(trainer.distributed_sampler_kwargs or {})
+        if not kwargs:
+            return None
+        kwargs["shuffle"] = shuffle and not trainer.overfit_batches
+        kwargs.setdefault("seed", int(os.getenv("PL_GLOBAL_SEED", 0)))
+        if hook == "predict":
+            from lightning.pytorch.overrides.distributed import UnrepeatedDistributedSamplerWrapper
 
-    def val_dataloader(self) -> DataLoader:
-        return self._loader("val", shuffle=False)
+            return UnrepeatedDistributedSamplerWrapper(range(len(dataset)), **kwargs)
+        return DistributedSampler(range(len(dataset)), **kwargs)
 
-    def test_dataloader(self) -> DataLoader:
-        return self._loader("test", shuffle=False)
+    def train_dataloader(self) -> PatchLoader | DataLoader:
+        return self._loader("train", shuffle=True, hook="train")
 
-    def predict_dataloader(self) -> DataLoader:
-        return self._loader("test", shuffle=False)
+    def val_dataloader(self) -> PatchLoader | DataLoader:
+        return self._loader("val", shuffle=False, hook="val")
+
+    def test_dataloader(self) -> PatchLoader | DataLoader:
+        return self._loader("test", shuffle=False, hook="test")
+
+    def predict_dataloader(self) -> PatchLoader | DataLoader:
+        return self._loader("test", shuffle=False, hook="predict")
+
+    def teardown(self, stage: str | None = None) -> None:
+        """Stop the PatchLoaders' workers (Lightning calls this at the end of fit, validate, test, predict)."""
+        for loader in self._patch_loaders.values():
+            loader.close()
+        self._patch_loaders.clear()
 
     def on_after_batch_transfer(self, batch: dict[str, Any], dataloader_idx: int) -> dict[str, Any]:
         if "native" in batch:
