@@ -333,10 +333,14 @@ def test_pin_memory_without_cuda_says_so_once(eurosat_lmdb, clean, recwarn):
 
 def test_arguments_are_checked(eurosat_lmdb):
     ds = LMDBPatchDataset(eurosat_lmdb, bands=BANDS)
-    with pytest.raises(ConfigError, match="not both"):
+    with pytest.raises(ConfigError) as caught:
         PatchLoader(ds, shuffle=True, sampler=[0])
-    with pytest.raises(ConfigError, match="batch_size=0"):
+    assert str(caught.value) == "give shuffle=True or a sampler, not both (the sampler decides the order)"
+    with pytest.raises(ConfigError) as caught:
         PatchLoader(ds, batch_size=0)
+    assert str(caught.value) == "batch_size=0: give an int >= 1"
+    with pytest.raises(ConfigError, match="slots=0: give an int >= 1"):
+        PatchLoader(ds, slots=0)
     with pytest.raises(TypeError, match="LMDBPatchDataset"):
         PatchLoader(list(range(3)))
     with pytest.raises(ConfigError, match="transforms"):
