@@ -118,8 +118,10 @@ def build_parser(prog: str = "python -m rico_torch.encode") -> argparse.Argument
                         f"it with sources where the options do not tell ({', '.join(DATASETS)})")
     _common(verify)
     verify.set_defaults(dataset="verify")
+    from ..scenes.chipper import add_parser as add_scenes_parser
     from .info import add_info_parser
 
+    add_scenes_parser(sub, _common)
     add_info_parser(sub)
     return parser
 
@@ -230,8 +232,12 @@ def write_demo_metadata(target: Path, pairs, labels) -> Path:
 
 def next_steps(target: Path, dataset_name: str) -> str:
     """The line after the summary: what to run next on the LMDB just written."""
-    fit = f"python -m rico_torch fit --config {DEMO_CONFIG}" if dataset_name == "demo" else \
-        get_dataset(dataset_name).fit_command(target)
+    if dataset_name == "scenes":
+        fit = f"python -m rico_torch fit --config configs/scenes.yaml --data.init_args.lmdb_path {target}"
+    elif dataset_name == "demo":
+        fit = f"python -m rico_torch fit --config {DEMO_CONFIG}"
+    else:
+        fit = get_dataset(dataset_name).fit_command(target)
     return f"next: `python -m rico_torch.encode info {target}` describes it; `{fit}` trains on it"
 
 
@@ -252,6 +258,10 @@ def main(argv: list[str] | None = None, prog: str = "python -m rico_torch.encode
             return run_verify(args)
         if args.dataset == "demo":
             result = run_demo(args)
+        elif args.dataset == "scenes":
+            from ..scenes.chipper import run as run_scenes
+
+            result = run_scenes(args)
         else:
             dataset = get_dataset(args.dataset)
             roots = {s.name: getattr(args, f"source_{s.name}") for s in dataset.sources}
