@@ -13,3 +13,7 @@ __all__ = [
     "LMDBPatchDataset", "NativeAssembler", "collate", "read_manifest", "LMDBDataModule",
     "BigEarthNetDataModule", "EuroSATDataModule", "HySpecNetDataModule", "UCMercedDataModule",
 ]
+
+from .datamodules import GeoPatchDataModule  # noqa: E402
+
+__all__ += ["GeoPatchDataModule"]
