@@ -99,9 +99,26 @@ def test_manifest_records_georeference_and_statistics(chipped, scene_files):
     assert math.isclose(stats["std"], valid.std(), rel_tol=1e-9)
 
 
-def test_verify_passes(chipped):
+def test_verify_passes(chipped, scene_files, capsys):
     report = verify(chipped)
     assert report.ok, report.problems
+    code = main(["verify", "--target-dir", str(chipped), "--dataset-dir", str(scene_files.dataset_dir),
+                 "--num-workers", "0", "--quiet"])
+    assert code == 0 and "49 compared with their sources" in capsys.readouterr().err
+
+
+def test_verify_finds_a_changed_scene(mosaic_dir, tmp_path):
+    from rico_torch.scenes.chipper import verify_scenes
+
+    folder = tmp_path / "scenes"
+    folder.mkdir()
+    (folder / "mosaic.tif").write_bytes((mosaic_dir / "mosaic.tif").read_bytes())
+    chip(folder, tmp_path / "t", 120, 120, bands=["B1"])
+    assert verify_scenes(tmp_path / "t", folder).ok
+    with rasterio.open(folder / "mosaic.tif", "r+") as dst:
+        dst.write(np.zeros((300, 400), np.int16) + 7, 1)
+    problems = verify_scenes(tmp_path / "t", folder).problems
+    assert problems and all("stored value differs from its source" in p for p in problems)
 
 
 @pytest.fixture(scope="module")

@@ -178,7 +178,14 @@ def verify_dataset(args: argparse.Namespace, manifest: dict | None) -> tuple[Dat
 def run_verify(args: argparse.Namespace) -> int:
     from .verify import print_report, read_manifest, verify
 
-    dataset, roots = verify_dataset(args, read_manifest(args.target_dir))
+    manifest = read_manifest(args.target_dir)
+    if manifest is not None and manifest.get("dataset") == "scenes":  # windows of scenes: not in the catalog
+        from ..scenes.chipper import verify_scenes
+
+        report = verify_scenes(args.target_dir, args.verify_dataset_dir, args.num_workers, args.quiet)
+        print_report(report)
+        return 0 if report.ok else 1
+    dataset, roots = verify_dataset(args, manifest)
     report = verify(args.target_dir, roots, num_workers=args.num_workers, quiet=args.quiet,
                     dataset=dataset.name if dataset is not None else None)
     print_report(report)

@@ -130,7 +130,7 @@ class SceneManifest:
         return {
             "chip": {"patch_size": size, "stride": self.options.stride, "edge": self.options.edge,
                      "min_valid": self.options.min_valid,
-                     "bands": list(self.options.bands or next(iter(self.scenes.values())).band_names)},
+                     "bands": list(self.options.bands) if self.options.bands else None},
             "scenes": {name: scene.info() for name, scene in self.scenes.items()},
             "windows": keys,
             "statistics": {band: m.summary() for band, m in sorted(self.moments.items())},
@@ -180,6 +180,36 @@ def chip(
                               extension=extension)
     finally:
         close_rasters()
+
+
+def verify_scenes(target_dir: str | Path, dataset_dir: str | Path | None = None, num_workers: int = 0,
+                  quiet: bool = True):
+    """``verify`` of a chipped LMDB; with ``dataset_dir``, every window is read again from the
+    scenes (with the options and label rasters the manifest records) and compared."""
+    from ..encode.verify import verify
+    from ..encode.writer import read_manifest
+    from .discover import attach_labels
+
+    target = Path(target_dir)
+    if dataset_dir is None:
+        return verify(target, num_workers=num_workers, quiet=quiet)
+    manifest = read_manifest(target) or {}
+    chip_options = manifest.get("chip", {})
+    options = ChipOptions(chip_options["patch_size"], chip_options["stride"], chip_options["edge"],
+                          chip_options["min_valid"], tuple(chip_options["bands"]) if chip_options.get("bands") else None)
+    try:
+        scenes = [s for s in find_scenes(Path(dataset_dir), options.bands) if s.name in manifest.get("scenes", {})]
+        scenes = [attach_labels(s, Path(manifest["scenes"][s.name]["labels"])) if manifest["scenes"][s.name].get("labels")
+                  else s for s in scenes]
+        _, discovered = plan(scenes, options)
+    finally:
+        close_rasters()
+    report = verify(target, {s.name: Path(s.path) for s in scenes}, num_workers=num_workers, quiet=quiet,
+                    dataset=NAME, discovered=discovered)
+    found = {s.name for s in scenes}
+    report.problems.extend(f"{name}: scene in {target / 'manifest.json'} is not in {dataset_dir}"
+                           for name in manifest.get("scenes", {}) if name not in found)
+    return report
 
 
 # --- the command line (``python -m rico_torch.encode scenes``) ------------------------------

@@ -28,6 +28,7 @@ from ..errors import ConfigError, DatasetNotFoundError, FormatError, UnknownKeyE
 BLENDS = ("cosine", "mean")
 TILE = 256
 DEFAULT_MEMORY = 512 << 20  # bytes for one band of rows (accumulators and output)
+GDAL_CACHE_MB = 64
 
 
 def scene_manifest(target_dir) -> dict:
@@ -158,7 +159,8 @@ class Stitcher:
         placed = sorted(self._placed.values())
         step = self.rows_per_band()
         self.output.parent.mkdir(parents=True, exist_ok=True)
-        with rasterio.open(self.output, "w", **profile) as dst:
+        # GDAL caches written blocks up to 5 % of RAM by default: bound it, the rows are written in order
+        with rasterio.Env(GDAL_CACHEMAX=GDAL_CACHE_MB), rasterio.open(self.output, "w", **profile) as dst:
             first = 0  # placed[first:] may still overlap the band
             for r0 in range(0, height, step):
                 r1 = min(r0 + step, height)
