@@ -107,6 +107,14 @@ def test_verify_passes(chipped, scene_files, capsys):
     assert code == 0 and "49 compared with their sources" in capsys.readouterr().err
 
 
+def test_info_names_the_scenes_and_the_config(chipped):
+    from rico_torch.encode.info import describe
+
+    text = describe(chipped)
+    assert "windows of 2 scenes (T32TQM_20200101, mosaic), chipped by `encode scenes`; 49 keys" in text
+    assert "configs/scenes.yaml" in text and "uint16 20x20: B01" in text
+
+
 def test_verify_finds_a_changed_scene(mosaic_dir, tmp_path):
     from rico_torch.scenes.chipper import verify_scenes
 
