@@ -298,3 +298,21 @@ def test_library_errors_are_typed(tmp_path):
         chip(tmp_path / "missing", tmp_path / "t", 60)
     with pytest.raises(ConfigError, match="--edge 'wrap'"):
         chip(tmp_path, tmp_path / "t", 60, edge="wrap")
+
+
+def test_band_descriptions_name_the_bands_and_an_internal_mask_gives_validity(tmp_path):
+    folder = tmp_path / "scenes"
+    data = np.arange(3 * 120 * 180, dtype=np.float32).reshape(3, 120, 180)
+    path = write_geotiff(folder / "scene.tif", data, crs="EPSG:3857", transform=rasterio.Affine(5.0, 0, 0, 0, -5.0, 0))
+    with rasterio.open(path, "r+") as dst:
+        for i, name in enumerate(("red", "green", "nir"), start=1):
+            dst.set_band_description(i, name)
+        mask = np.full((120, 180), 255, np.uint8)
+        mask[:, :60] = 0  # the left third: no data, by the internal mask (no nodata value)
+        dst.write_mask(mask)
+    result = chip(folder, tmp_path / "t", 60, 60)
+    stored = read_lmdb(tmp_path / "t")
+    assert sorted(stored) == [b"scene_0_120", b"scene_0_60", b"scene_60_120", b"scene_60_60"]
+    assert len(result.skipped) == 2
+    bands = load_value(stored[b"scene_0_60"])
+    assert set(bands) == {"red", "green", "nir"} and np.array_equal(bands["nir"], data[2, :60, 60:120])
