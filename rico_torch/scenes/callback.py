@@ -46,6 +46,9 @@ class GeoTIFFPredictionWriter(BasePredictionWriter):
         return [str(p) for p in paths]
 
     def on_predict_start(self, trainer, pl_module) -> None:
+        if trainer.world_size > 1:  # each rank would stitch only its share of the windows
+            raise ConfigError("GeoTIFFPredictionWriter: predict on one device (--trainer.devices 1); "
+                              f"this run has {trainer.world_size} processes")
         self._stitchers, self.written = {}, []
         self._manifest = _merged(self._target(trainer))
 
