@@ -316,3 +316,21 @@ def test_band_descriptions_name_the_bands_and_an_internal_mask_gives_validity(tm
     assert len(result.skipped) == 2
     bands = load_value(stored[b"scene_0_60"])
     assert set(bands) == {"red", "green", "nir"} and np.array_equal(bands["nir"], data[2, :60, 60:120])
+
+
+def test_stitching_padded_windows_crops_them_to_the_scene(mosaic_dir, tmp_path):
+    chip(mosaic_dir, tmp_path / "t", 120, 120, edge="pad", bands=["B2"])
+    out = stitch(tmp_path / "t", "mosaic", own_values(tmp_path / "t", "mosaic", ["B2"]), tmp_path / "m.tif", blend="mean")
+    with rasterio.open(out) as got, rasterio.open(mosaic_dir / "mosaic.tif") as src:
+        assert (got.width, got.height) == (400, 300)
+        assert np.array_equal(got.read(1), src.read(2).astype(np.float32))
+
+
+def test_a_damaged_band_file_stops_or_is_skipped(tmp_path):
+    scene = make_s2_scene(tmp_path / "scenes" / "T32", pixels=360, tiled_block=128)
+    data = (scene / "B02.tif").read_bytes()
+    (scene / "B02.tif").write_bytes(data[: len(data) // 2])  # the last tiles are cut off
+    with pytest.raises(InputError, match=r"B02\.tif: reading band B02 failed"):
+        chip(tmp_path / "scenes", tmp_path / "t", 120)
+    result = chip(tmp_path / "scenes", tmp_path / "t2", 120, skip_invalid=True)
+    assert 0 < len(result.skipped) < 9 and all("B02.tif" in s["reason"] for s in result.skipped)
