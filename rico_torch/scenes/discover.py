@@ -251,7 +251,9 @@ def find_scenes(dataset_dir: Path, bands: Sequence[str] | None = None, labels: P
         raise InputError(printable(root), "input directory does not exist" if not root.exists() else
                          "input is not a directory")
     entries = [p for p in sorted(root.iterdir(), key=lambda p: p.name) if not p.name.startswith(".")]
-    candidates = [p for p in entries if p.is_dir()] + _rasters_in(root)
+    skip = Path(labels).resolve() if labels is not None else None  # a labels folder kept among the scenes
+    candidates = [p for p in entries if p.is_dir() and p.resolve() != skip]
+    candidates += [p for p in _rasters_in(root) if p.resolve() != skip]
     if not candidates:
         raise InputError(printable(root), "no scenes found (raster files, or folders of single-band rasters)")
     scenes, seen = [], {}
