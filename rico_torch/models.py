@@ -94,3 +94,34 @@ class ConvAutoencoder(_Baseline):
         loss = F.mse_loss(self(batch["image"]), batch["image"])
         self.log(f"{stage}_loss", loss, prog_bar=True, batch_size=len(batch["image"]))
         return loss
+
+
+class SegmentationCNN(_Baseline):
+    """A small fully convolutional network for per-pixel classes (scenes chipped with ``--labels``).
+
+    Args:
+        num_classes: classes of the ``mask`` target (values 0 .. num_classes - 1).
+        width: channels of each block.
+        ignore_index: mask value left out of the loss.
+        lr: AdamW learning rate.
+
+    ``predict_step`` returns per-pixel class probabilities (``N x num_classes x H x W``), which
+    :class:`rico_torch.scenes.callback.GeoTIFFPredictionWriter` stitches into GeoTIFFs.
+    """
+
+    def __init__(self, num_classes: int, width: int = 32, ignore_index: int = -100, lr: float = 1e-3) -> None:
+        super().__init__()
+        self.save_hyperparameters()
+        self.body = nn.Sequential(_block(width), _block(width), nn.LazyConv2d(num_classes, 1))
+
+    def forward(self, image: torch.Tensor) -> torch.Tensor:
+        return self.body(image)
+
+    def _step(self, batch: dict, stage: str) -> torch.Tensor:
+        logits = self(batch["image"])
+        loss = F.cross_entropy(logits, batch["mask"].long(), ignore_index=self.hparams.ignore_index)
+        self.log(f"{stage}_loss", loss, prog_bar=True, batch_size=len(logits))
+        return loss
+
+    def predict_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+        return self(batch["image"]).softmax(1)

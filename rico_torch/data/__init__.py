@@ -15,3 +15,7 @@ __all__ = [
     "WorkerLostError", "LMDBDataModule",
     "BigEarthNetDataModule", "EuroSATDataModule", "HySpecNetDataModule", "UCMercedDataModule",
 ]
+
+from .datamodules import GeoPatchDataModule  # noqa: E402
+
+__all__ += ["GeoPatchDataModule"]

@@ -118,8 +118,10 @@ def build_parser(prog: str = "python -m rico_torch.encode") -> argparse.Argument
                         f"it with sources where the options do not tell ({', '.join(DATASETS)})")
     _common(verify)
     verify.set_defaults(dataset="verify")
+    from ..scenes.chipper import add_parser as add_scenes_parser
     from .info import add_info_parser
 
+    add_scenes_parser(sub, _common)
     add_info_parser(sub)
     return parser
 
@@ -176,7 +178,14 @@ def verify_dataset(args: argparse.Namespace, manifest: dict | None) -> tuple[Dat
 def run_verify(args: argparse.Namespace) -> int:
     from .verify import print_report, read_manifest, verify
 
-    dataset, roots = verify_dataset(args, read_manifest(args.target_dir))
+    manifest = read_manifest(args.target_dir)
+    if manifest is not None and manifest.get("dataset") == "scenes":  # windows of scenes: not in the catalog
+        from ..scenes.chipper import verify_scenes
+
+        report = verify_scenes(args.target_dir, args.verify_dataset_dir, args.num_workers, args.quiet)
+        print_report(report)
+        return 0 if report.ok else 1
+    dataset, roots = verify_dataset(args, manifest)
     report = verify(args.target_dir, roots, num_workers=args.num_workers, quiet=args.quiet,
                     dataset=dataset.name if dataset is not None else None)
     print_report(report)
@@ -230,8 +239,12 @@ def write_demo_metadata(target: Path, pairs, labels) -> Path:
 
 def next_steps(target: Path, dataset_name: str) -> str:
     """The line after the summary: what to run next on the LMDB just written."""
-    fit = f"python -m rico_torch fit --config {DEMO_CONFIG}" if dataset_name == "demo" else \
-        get_dataset(dataset_name).fit_command(target)
+    if dataset_name == "scenes":
+        fit = f"python -m rico_torch fit --config configs/scenes.yaml --data.init_args.lmdb_path {target}"
+    elif dataset_name == "demo":
+        fit = f"python -m rico_torch fit --config {DEMO_CONFIG}"
+    else:
+        fit = get_dataset(dataset_name).fit_command(target)
     return f"next: `python -m rico_torch.encode info {target}` describes it; `{fit}` trains on it"
 
 
@@ -252,6 +265,10 @@ def main(argv: list[str] | None = None, prog: str = "python -m rico_torch.encode
             return run_verify(args)
         if args.dataset == "demo":
             result = run_demo(args)
+        elif args.dataset == "scenes":
+            from ..scenes.chipper import run as run_scenes
+
+            result = run_scenes(args)
         else:
             dataset = get_dataset(args.dataset)
             roots = {s.name: getattr(args, f"source_{s.name}") for s in dataset.sources}

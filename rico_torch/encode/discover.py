@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import zlib
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -13,9 +14,22 @@ from ..errors import InputError
 
 @dataclass(frozen=True)
 class Patch:
+    """One value to write: its key, the file or folder it comes from, its class label.
+
+    ``reader``, where set, reads the patch itself (a picklable callable returning the band
+    dict, e.g. a window of a scene: ``rico_torch.scenes``); else the source's band files are
+    read. It may raise :class:`SkipPatch` to leave the patch out (listed in the manifest).
+    """
+
     key: str
     path: Path
     label: str | None = None
+    reader: Callable[[], dict] | None = None
+
+
+class SkipPatch(Exception):
+    """Raised by a patch's reader for a patch that is not to be written (e.g. all nodata);
+    the message is the reason the manifest lists."""
 
 
 @dataclass(frozen=True)

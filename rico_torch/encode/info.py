@@ -203,6 +203,9 @@ def describe(path: Path, samples: int = SAMPLES) -> str:
     if found is None and len(datasets) == 1:  # the first key was of no known form, the others tell
         found = Recognised(next(iter(datasets.values())), "keys and bands")
     what = f"{found.dataset.title} (by its {found.how})" if found else "no dataset the catalog knows"
+    scenes = (manifest or {}).get("scenes")
+    if found is None and scenes:  # python -m rico_torch.encode scenes: windows of the user's own scenes
+        what = f"windows of {_count(len(scenes), 'scene')} ({', '.join(list(scenes)[:3])}{' ...' if len(scenes) > 3 else ''}), chipped by `encode scenes`"
     data = path / "data.mdb"
     lines = [f"{path}: {what}; {_count(entries, 'key')}; data.mdb {_size(_disk_bytes(data))} on disk"]
     if manifest:
@@ -225,6 +228,9 @@ def describe(path: Path, samples: int = SAMPLES) -> str:
         lines.extend(_band_lines(group))
     if found is not None and found.dataset.datamodule:
         lines.append(fit_line(path, found.dataset, manifest))
+    elif found is None and scenes:
+        lines.append("fits: rico_torch.data.GeoPatchDataModule (configs/scenes.yaml); train: python -m rico_torch fit "
+                     f"--config configs/scenes.yaml --data.init_args.lmdb_path {path}")
     return "\n".join(lines)
 
 

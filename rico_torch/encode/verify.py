@@ -59,12 +59,15 @@ def verify(
     num_workers: int = 0,
     quiet: bool = False,
     dataset: str | None = None,
+    discovered: list | None = None,
 ) -> VerifyReport:
     """Verify ``target``; ``roots`` (source name -> directory) adds the comparison with sources.
 
     ``dataset`` names the dataset of an LMDB without a manifest (rico-hdl's output); it is
     needed only with ``roots``. Without a manifest every value is decoded and, with ``roots``,
     compared with its source, but there are no recorded digests, keys or counts to check.
+    ``discovered`` (patches found by the caller, e.g. scene windows) replaces the catalog's
+    discovery of ``roots``: values are compared with what encoding those patches gives.
     """
     target = Path(target)
     if not (target / "data.mdb").exists():
@@ -90,7 +93,10 @@ def verify(
         if manifest.get("content_hash") and report.content_hash != manifest["content_hash"]:
             report.problems.append(
                 f"content hash {report.content_hash} differs from the manifest's {manifest['content_hash']}")
-    if roots:
+    if discovered is not None:
+        _compare_discovered(dataset, discovered, manifest, set(roots or ()), stored_digests, report, num_workers,
+                            quiet)
+    elif roots:
         _compare_sources(get_dataset(dataset), manifest, roots, stored_digests, report, num_workers, quiet)
     return report
 
@@ -165,7 +171,11 @@ def _compare_sources(dataset, manifest, roots, stored_digests, report, num_worke
     unknown = [name for name in roots if name not in {s.name for s in dataset.sources}]
     if unknown:
         raise InputError(unknown[0], f"is not a source of {dataset.name}")
-    discovered = discover(dataset, roots)
+    _compare_discovered(dataset.name, discover(dataset, roots), manifest, set(roots), stored_digests, report,
+                        num_workers, quiet)
+
+
+def _compare_discovered(dataset_name, discovered, manifest, roots, stored_digests, report, num_workers, quiet) -> None:
     manifest = manifest or {}
     if manifest.get("shard"):  # a shard holds only its part of the sources
         discovered = select_shard(discovered, manifest["shard"]["index"], manifest["shard"]["count"])
@@ -173,7 +183,7 @@ def _compare_sources(dataset, manifest, roots, stored_digests, report, num_worke
     report.skipped_at_encode = sum(p.key in skipped for sp in discovered for p in sp.patches)
     discovered = [replace(sp, patches=[p for p in sp.patches if p.key not in skipped]) for sp in discovered]
     tasks = [
-        (dataset.name, sp.source.name, sp.patches[i : i + TASK_SIZE], True)
+        (dataset_name, sp.source.name, sp.patches[i : i + TASK_SIZE], True)
         for sp in discovered
         for i in range(0, len(sp.patches), TASK_SIZE)
     ]

@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 from hashlib import sha256
 from multiprocessing import get_context
 from pathlib import Path
+from typing import Protocol
 
 import lmdb
 
@@ -34,7 +35,7 @@ from .._process import die_with_parent
 from ..catalog import Dataset, Source, get_dataset
 from ..errors import InputError, TargetError
 from ..format import parse_header
-from .discover import Patch, SourcePatches
+from .discover import Patch, SkipPatch, SourcePatches
 from .read import encode_value, read_patch, short_digest, value_digest
 
 TXN_SIZE = 512  # puts per write transaction, as rico-hdl
@@ -45,6 +46,21 @@ LMDB_FILES = ("data.mdb", "lock.mdb")
 STAGING = ".overwrite"  # where --overwrite builds the replacement
 OUR_FILES = (*LMDB_FILES, MANIFEST, LOCK, STAGING, "metadata.parquet")  # the last: the demo's metadata
 MIN_MAP_SIZE = 64 << 20
+
+
+class Extension(Protocol):
+    """What a caller adds to an encode (``rico_torch.scenes``: windows, statistics).
+
+    ``identity`` (the options that shape the values) enters the fingerprint; ``observe`` sees
+    every value in the LMDB once, in write order, on a resumed run too (committed values are
+    observed as they are found); ``manifest`` returns entries added to the final manifest.
+    """
+
+    identity: str
+
+    def observe(self, source: str, key: str, value: bytes) -> None: ...
+
+    def manifest(self, written: set[str]) -> dict: ...
 
 
 @dataclass
@@ -96,12 +112,19 @@ def map_size_for(used: int, incoming: int) -> int:
 
 def encode_task(dataset_name: str, source_name: str, patches: list[Patch], skip_invalid: bool):
     """Read and encode patches: (key, value, digest, None) or, if skipped, (key, None, 0, error)."""
-    source = get_dataset(dataset_name).source(source_name)
+    source = None  # looked up only for patches read from the source's band files
     out = []
     for patch in patches:
         try:
-            value = encode_value(read_patch(source, patch.path))
+            if patch.reader is not None:
+                bands = patch.reader()
+            else:
+                source = source or get_dataset(dataset_name).source(source_name)
+                bands = read_patch(source, patch.path)
+            value = encode_value(bands)
             out.append((patch.key, value, value_digest(patch.key.encode(), value), None))
+        except SkipPatch as e:  # the reader's own decision, whatever skip_invalid says
+            out.append((patch.key, None, 0, str(e)))
         except InputError as e:
             if not skip_invalid:
                 raise
@@ -123,8 +146,10 @@ def worker_pool(num_workers: int) -> ProcessPoolExecutor:
 # --- target handling ------------------------------------------------------------------
 
 
-def _fingerprint(dataset: Dataset, discovered: list[SourcePatches]) -> str:
+def _fingerprint(dataset: Dataset, discovered: list[SourcePatches], identity: str = "") -> str:
     h = sha256(dataset.name.encode())
+    if identity:
+        h.update(b"\0options\0" + identity.encode())
     for sp in discovered:
         h.update(b"\0source\0" + sp.source.name.encode())
         for p in sp.patches:
@@ -225,8 +250,11 @@ class _Stats:
     digests: dict = field(default_factory=dict)  # source -> [short digest of each key's value]
     content_hash: int = 0
     bytes: int = 0
+    observe: object = None  # an Extension's observe, called with every value added
 
     def add(self, source: str, key: str, value: bytes, digest: int | None = None) -> None:
+        if self.observe is not None:
+            self.observe(source, key, value)
         self.counts[source] += 1
         self.keys.setdefault(source, []).append(key)
         self.bytes += len(value)
@@ -278,6 +306,7 @@ def encode_dataset(
     quiet: bool = False,
     sources_info: dict[str, str] | None = None,
     shard: tuple[int, int] | None = None,
+    extension: Extension | None = None,
 ) -> EncodeResult:
     """Write the discovered patches into ``target`` (see the module docstring for guarantees).
 
@@ -290,7 +319,7 @@ def encode_dataset(
     start = time.perf_counter()
     target = Path(target)
     _prepare_target(target, overwrite)
-    fingerprint = _fingerprint(dataset, discovered)
+    fingerprint = _fingerprint(dataset, discovered, extension.identity if extension else "")
     extra = {"shard": {"index": shard[0], "count": shard[1], "rule": "zlib.crc32(key) % count"}} if shard else {}
     with TargetLock(target):
         existing = any((target / name).exists() for name in (*LMDB_FILES, MANIFEST))
@@ -313,11 +342,12 @@ def encode_dataset(
                 rebuild = True
         if rebuild:
             result = _encode_into(dataset, discovered, _staging(target, fingerprint), fingerprint, num_workers,
-                                  skip_invalid, quiet, sources_info, extra)
+                                  skip_invalid, quiet, sources_info, extra, extension)
             _swap_in(target)
         else:
             result = _encode_into(
-                dataset, discovered, target, fingerprint, num_workers, skip_invalid, quiet, sources_info, extra)
+                dataset, discovered, target, fingerprint, num_workers, skip_invalid, quiet, sources_info, extra,
+                extension)
     manifest, stats, skipped, resumed = result
     return EncodeResult(target, manifest["patches"], skipped, time.perf_counter() - start, stats.bytes,
                         dict(stats.counts), resumed=resumed)
@@ -368,7 +398,8 @@ def _swap_in(target: Path) -> None:
     shutil.rmtree(staging, ignore_errors=True)
 
 
-def _encode_into(dataset, discovered, directory, fingerprint, num_workers, skip_invalid, quiet, sources_info, extra):
+def _encode_into(dataset, discovered, directory, fingerprint, num_workers, skip_invalid, quiet, sources_info, extra,
+                 extension=None):
     base = {
         "format": "rico-hdl: LMDB of safetensors (band name -> array)",
         "encoder": "rico_torch",
@@ -380,7 +411,8 @@ def _encode_into(dataset, discovered, directory, fingerprint, num_workers, skip_
         **extra,
     }
     _write_json_atomic(directory / MANIFEST, base)
-    stats, skipped, resumed = _write(dataset, discovered, directory, num_workers, skip_invalid, quiet)
+    observe = extension.observe if extension else None
+    stats, skipped, resumed = _write(dataset, discovered, directory, num_workers, skip_invalid, quiet, observe)
     labels = {p.key: p.label for sp in discovered for p in sp.patches if p.label is not None}
     written_keys = {k for keys in stats.keys.values() for k in keys}
     manifest = {
@@ -396,6 +428,7 @@ def _encode_into(dataset, discovered, directory, fingerprint, num_workers, skip_
         "skipped": skipped,
         "keys": stats.keys,
         "digests": stats.digests,
+        **(extension.manifest(written_keys) if extension else {}),
     }
     _write_json_atomic(directory / MANIFEST, manifest)
     return manifest, stats, skipped, resumed
@@ -417,10 +450,10 @@ def _open(target: Path) -> lmdb.Environment:
     return env
 
 
-def _write(dataset, discovered, target, num_workers, skip_invalid, quiet):
+def _write(dataset, discovered, target, num_workers, skip_invalid, quiet, observe=None):
     chunks = _chunks(discovered)
     total = sum(len(c.patches) for c in chunks)
-    stats, skipped = _Stats(), []
+    stats, skipped = _Stats(observe=observe), []
     pending: list[Chunk] = []
     env = _open(target)
     try:

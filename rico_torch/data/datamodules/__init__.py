@@ -7,3 +7,7 @@ from .hyspecnet import HySpecNetDataModule
 from .ucmerced import UCMercedDataModule
 
 __all__ = ["LMDBDataModule", "BigEarthNetDataModule", "EuroSATDataModule", "HySpecNetDataModule", "UCMercedDataModule"]
+
+from .scenes import GeoPatchDataModule  # noqa: E402
+
+__all__ += ["GeoPatchDataModule"]

@@ -1,0 +1,229 @@
+"""Scenes: reading chipped patches from the LMDB vs windowed GeoTIFF reads on the fly; chipping
+speed; stitching speed and peak memory.
+
+* Data: a synthetic Sentinel-2 L2A product written like the real COGs (one uint16 deflate file
+  per band, tiled 1024, nodata 0; B02/B03/B04/B08 at 10 m, B05/B8A/B11 at 20 m, B01 at 60 m),
+  ``--pixels`` px at 10 m (default 3,600: 900 windows of 120 px), generated once (cached).
+* Chipping: ``rico_torch.scenes.chip`` with ``--workers`` processes, patches/s.
+* Training-loop reads, same patches, same order (the grid, row by row), same process, same
+  output (float32 8 x 120 x 120, coarser bands upsampled by nearest replication):
+  - LMDB: ``LMDBPatchDataset.read_batch`` in batches of 64 (into a reused batch);
+  - on the fly: per sample and band file, a rasterio windowed read of the sample's bounds
+    resampled (nearest) to the sample's grid, from files kept open between samples;
+  - on the fly, TorchGeo's own path (RasterDataset with a GridGeoSampler): per sample and band
+    file ``rasterio.merge.merge`` of the sample's bounds at the sample's resolution;
+  - LMDB in native mode (stored dtypes and sizes, as the DataModules load for a GPU): for
+    information, its output differs.
+  Best of ``--repeats`` passes, so the GeoTIFF reads run from a warm GDAL block cache (the
+  kindest case for them). Values of the float32 paths are compared.
+* Stitching: a 10,980 x 10,980 scene (a Sentinel-2 tile), 10 output channels, 256 px windows at
+  stride 192, cosine blend, in a child process whose peak RSS (``ru_maxrss``) is reported.
+
+    python benchmarks/scenes.py              # everything
+    python benchmarks/scenes.py --no-stitch  # skip the 10,980^2 x 10 stitch (minutes, ~10 GB of disk)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import BENCH_ROOT, MARKER, load, log, machine, table  # noqa: E402
+
+BANDS = ["B01", "B02", "B03", "B04", "B05", "B08", "B11", "B8A"]
+PATCH = 120
+
+
+def scene_set(pixels: int) -> Path:
+    """The cached synthetic Sentinel-2 product (a folder holding one folder: the scene)."""
+    root = BENCH_ROOT / f"scenes-{pixels}"
+    if (root / MARKER).exists():
+        return root / "scenes"
+    shutil.rmtree(root, ignore_errors=True)
+    from rico_torch.synthetic.scenes import make_s2_scene
+
+    log(f"generating a {pixels} x {pixels} px Sentinel-2 product into {root} ...")
+    make_s2_scene(root / "scenes" / "T32TQM_20200101", pixels, tiled_block=1024, corner=0)
+    (root / MARKER).write_text(json.dumps({"pixels": pixels}))
+    return root / "scenes"
+
+
+class OnTheFly:
+    """TorchGeo-style reads: every band file's window of the sample's bounds, at the sample's grid."""
+
+    def __init__(self, scene_dir: Path, bands: list[str]) -> None:
+        import rasterio
+
+        self.files = [rasterio.open(scene_dir / f"{b}.tif") for b in bands]
+
+    def sample(self, bounds: tuple[float, float, float, float], size: int) -> np.ndarray:
+        from rasterio.enums import Resampling
+        from rasterio.windows import from_bounds
+
+        out = np.empty((len(self.files), size, size), np.float32)
+        for i, src in enumerate(self.files):
+            window = from_bounds(*bounds, transform=src.transform)
+            out[i] = src.read(1, window=window, out_shape=(size, size), resampling=Resampling.nearest)
+        return out
+
+    def merged(self, bounds: tuple[float, float, float, float], size: int) -> np.ndarray:
+        """TorchGeo's own path (RasterDataset._merge_files): ``rasterio.merge.merge`` per file."""
+        from rasterio.enums import Resampling
+        from rasterio.merge import merge
+
+        res = (bounds[2] - bounds[0]) / size
+        out = np.empty((len(self.files), size, size), np.float32)
+        for i, src in enumerate(self.files):
+            out[i] = merge([src], bounds=bounds, res=(res, res), resampling=Resampling.nearest)[0][0]
+        return out
+
+    def close(self) -> None:
+        for src in self.files:
+            src.close()
+
+
+def bench_reads(target: Path, scene_dir: Path, repeats: int) -> tuple[list, int]:
+    from rico_torch.data import LMDBPatchDataset
+    from rico_torch.data.datamodules.scenes import window_bounds
+
+    manifest = json.loads((target / "manifest.json").read_text())
+    windows = manifest["windows"]
+    keys = sorted(windows, key=lambda k: windows[k]["window"][:2])
+    ds = LMDBPatchDataset(target, BANDS, keys=keys)
+    n, batch = len(keys), 64
+    best_lmdb, full = float("inf"), None
+    for _ in range(repeats):
+        start = time.perf_counter()
+        for i in range(0, n, batch):
+            if i + batch <= n:  # full batches reuse one output, as a training loop's loader would
+                full = ds.read_batch(list(range(i, i + batch)), into=full)
+            else:
+                ds.read_batch(list(range(i, n)))
+        best_lmdb = min(best_lmdb, time.perf_counter() - start)
+    fly = OnTheFly(scene_dir / "T32TQM_20200101", BANDS)
+    bounds = [window_bounds(windows[k]["window"], windows[k]["transform"]) for k in keys]
+    native = LMDBPatchDataset(target, BANDS, keys=keys, native=True)
+    best_native, full = float("inf"), None
+    for _ in range(repeats):
+        start = time.perf_counter()
+        for i in range(0, n - batch + 1, batch):
+            full = native.read_batch(list(range(i, i + batch)), into=full)
+        best_native = min(best_native, (time.perf_counter() - start) / (n - n % batch) * n)
+    native.close()
+    fly = OnTheFly(scene_dir / "T32TQM_20200101", BANDS)
+    bounds = [window_bounds(windows[k]["window"], windows[k]["transform"]) for k in keys]
+    best = {}
+    for name, read in (("window", fly.sample), ("merge", fly.merged)):
+        best[name] = float("inf")
+        for _ in range(repeats):
+            start = time.perf_counter()
+            for b in bounds:
+                read(b, PATCH)
+            best[name] = min(best[name], time.perf_counter() - start)
+    # the same values: check a sample of patches
+    for i in range(0, n, max(1, n // 20)):
+        image = ds[i]["image"].numpy()
+        if not (np.array_equal(image, fly.sample(bounds[i], PATCH)) and np.array_equal(image, fly.merged(bounds[i], PATCH))):
+            raise SystemExit(f"{keys[i]}: LMDB and on-the-fly values differ")
+    fly.close()
+    ds.close()
+    base, torchgeo = best["window"], best["merge"]
+    timings = [
+        ("on the fly: rasterio windowed read per sample and band (files kept open)", base),
+        ("on the fly: TorchGeo's path (rasterio.merge.merge per sample and band file)", torchgeo),
+        ("LMDB: LMDBPatchDataset.read_batch (float32, upsampled), batch 64", best_lmdb),
+        ("LMDB: native=True (stored dtype and sizes; the GPU path), batch 64", best_native),
+    ]
+    rows = [[name, f"{n / t:,.0f}", f"{base / t:,.1f}x", f"{torchgeo / t:,.1f}x"] for name, t in timings]
+    return rows, n
+
+
+STITCH_CHILD = """
+import json, resource, sys, time
+import numpy as np
+from rico_torch.scenes import Stitcher
+from rico_torch.scenes.discover import offsets
+size, channels, patch, stride, out = int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4]), sys.argv[5]
+a = 10.0
+scene = {"path": "", "crs": "EPSG:32632", "transform": [a, 0.0, 600000.0, 0.0, -a, 5000040.0], "width": size,
+         "height": size, "bands": {}, "labels": None}
+starts = offsets(size, patch, stride, "shift")
+windows = {f"T_{r}_{c}": {"scene": "T", "window": [r, c, patch, patch]} for r in starts for c in starts}
+from rasterio.crs import CRS
+scene["crs"] = CRS.from_epsg(32632).to_wkt()
+rng = np.random.default_rng(0)
+pred = (rng.integers(0, 64, (channels, patch, patch)) / 64).astype(np.float32)  # probability-like values
+start = time.perf_counter()
+stitcher = Stitcher(None, "T", out, "cosine", manifest={"scenes": {"T": scene}, "windows": windows})
+for key in sorted(windows, key=lambda k: hash(k)):  # any order
+    stitcher.add(key, pred)
+added = time.perf_counter()
+stitcher.write()
+done = time.perf_counter()
+print(json.dumps({"windows": len(windows), "add_s": added - start, "write_s": done - added,
+                  "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
+"""
+
+
+def bench_stitch(out_dir: Path, size: int = 10980, channels: int = 10, patch: int = 256, stride: int = 192) -> dict:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    out = out_dir / "stitched.tif"
+    proc = subprocess.run([sys.executable, "-c", STITCH_CHILD, str(size), str(channels), str(patch), str(stride),
+                           str(out)], capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise SystemExit(f"stitch failed: {proc.stderr}")
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    result["output_mb"] = out.stat().st_size / 1e6
+    out.unlink()
+    return result
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--pixels", type=int, default=3600, help="10 m pixels per side of the scene (multiple of 120)")
+    p.add_argument("--workers", type=int, default=2, help="chipping worker processes (default 2)")
+    p.add_argument("--repeats", type=int, default=3, help="passes over the patches; the best counts")
+    p.add_argument("--no-stitch", action="store_true", help="skip the 10,980^2 x 10 stitch")
+    args = p.parse_args(argv)
+    from rico_torch.scenes import chip
+
+    load_start = load()
+    scene_dir = scene_set(args.pixels)
+    target = BENCH_ROOT / f"scenes-{args.pixels}-lmdb"
+    shutil.rmtree(target, ignore_errors=True)
+    log("chipping ...")
+    start = time.perf_counter()
+    result = chip(scene_dir, target, PATCH, num_workers=args.workers)
+    chip_s = time.perf_counter() - start
+    log("reading ...")
+    rows, n = bench_reads(target, scene_dir, args.repeats)
+    print(f"\nScenes: a {args.pixels:,} x {args.pixels:,} px Sentinel-2 product (8 bands at 10/20/60 m, uint16 "
+          f"deflate tiled COG-like files), {n:,} windows of {PATCH} px; {machine()}; load average {load_start} "
+          f"at start\n")
+    print(table(["training-loop reads, same patches, same process", "patches/s", "vs windowed read",
+                 "vs TorchGeo's path"], rows))
+    print(f"\nchipping: {result.written:,} patches in {chip_s:.1f} s = {result.written / chip_s:,.0f} patches/s "
+          f"({args.workers} workers, including discovery and process start)")
+    if not args.no_stitch:
+        log("stitching 10,980 x 10,980 x 10 ...")
+        s = bench_stitch(BENCH_ROOT / "scenes-stitch")
+        print(f"stitching 10,980 x 10,980 px x 10 channels (cosine, {s['windows']:,} windows of 256 px at stride "
+              f"192, any order): {s['add_s'] + s['write_s']:.1f} s ({s['add_s']:.1f} s taking the predictions, "
+              f"{s['write_s']:.1f} s blending and writing a {s['output_mb']:,.0f} MB deflate GeoTIFF), peak memory "
+              f"{s['peak_rss_mb']:,.0f} MB (ru_maxrss)")
+    print(f"load average at end: {load()}")
+    shutil.rmtree(target, ignore_errors=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,426 @@
+"""Finding scenes, checking their grids, laying windows over them and reading one window.
+
+A scene is a raster file (every band of it, keys ``B1``..``Bn`` or the band descriptions when
+every band has a distinct one) or a folder of single-band rasters (key = file stem), whose
+bands may differ in resolution by integer factors (Sentinel-2: 10, 20, 60 m). Windows count
+pixels of the finest band; each band is read at its own resolution, so a 120 px window gives
+B02 120x120, B05 60x60 and B01 20x20, values exactly as rasterio's windowed read gives them.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import warnings
+from collections import OrderedDict
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from ..encode.discover import SkipPatch, printable
+from ..errors import ConfigError, InputError
+
+EDGES = ("shift", "pad", "drop")
+#: files that are rasters by their name; other files are tried with GDAL unless they are sidecars
+RASTER_SUFFIXES = {".tif", ".tiff", ".jp2", ".vrt", ".img", ".nc", ".hdf", ".h5", ".png", ".jpg", ".jpeg"}
+SIDECAR_SUFFIXES = {".xml", ".ovr", ".msk", ".aux", ".json", ".txt", ".md", ".prj", ".tfw", ".wld", ".hdr", ".csv",
+                    ".yaml", ".yml", ".html", ".pdf", ".py", ".zip", ".gz", ".mdb"}
+MAX_PIXELS = 1 << 40  # a size beyond this is a damaged header, not a scene
+
+
+@dataclass(frozen=True)
+class BandFile:
+    """One band of a scene: where it is and its grid relative to the scene's finest band.
+
+    ``ratio``: its pixel size over the finest band's (1, 2, 6 for Sentinel-2 10/20/60 m);
+    ``masked``: validity comes from the file's mask (no nodata value, but an internal mask or
+    alpha band); without either every pixel is valid.
+    """
+
+    name: str
+    path: str
+    index: int
+    ratio: int
+    width: int
+    height: int
+    dtype: str
+    nodata: float | None
+    masked: bool
+    resolution: tuple[float, float]
+
+
+@dataclass(frozen=True)
+class Scene:
+    """A scene: its name (the key prefix), bands, finest grid and optional label raster."""
+
+    name: str
+    path: str
+    bands: tuple[BandFile, ...]
+    width: int
+    height: int
+    crs: str  # WKT; "" for a raster without georeference
+    transform: tuple[float, ...]  # the finest grid's 6 affine coefficients (a, b, c, d, e, f)
+    labels: BandFile | None = None
+
+    @property
+    def band_names(self) -> tuple[str, ...]:
+        return tuple(b.name for b in self.bands)
+
+    @property
+    def ratios(self) -> set[int]:
+        return {b.ratio for b in self.bands}
+
+    def info(self) -> dict:
+        """The scene's entry in manifest.json."""
+        return {
+            "path": self.path,
+            "crs": self.crs,
+            "transform": list(self.transform),
+            "width": self.width,
+            "height": self.height,
+            "bands": {b.name: {"resolution": list(b.resolution), "ratio": b.ratio, "nodata": b.nodata,
+                               "dtype": b.dtype, "width": b.width, "height": b.height} for b in self.bands},
+            "labels": None if self.labels is None else self.labels.path,
+        }
+
+
+# --- opening rasters ------------------------------------------------------------------------
+
+_OPEN: OrderedDict[str, object] = OrderedDict()  # path -> open rasterio dataset, per process
+_OPEN_LIMIT = 64
+
+
+def open_raster(path: str):
+    """A rasterio dataset for ``path``, kept open for the next window of the same scene."""
+    import rasterio
+    from rasterio.errors import NotGeoreferencedWarning
+
+    src = _OPEN.get(path)
+    if src is not None:
+        _OPEN.move_to_end(path)
+        return src
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", NotGeoreferencedWarning)
+            src = rasterio.open(path)
+    except Exception as e:
+        raise InputError(printable(path), f"not a raster GDAL can open ({_first_line(e)})") from None
+    _OPEN[path] = src
+    if len(_OPEN) > _OPEN_LIMIT:
+        _OPEN.popitem(last=False)[1].close()
+    return src
+
+
+def close_rasters() -> None:
+    """Close the rasters :func:`open_raster` keeps open in this process."""
+    while _OPEN:
+        _OPEN.popitem()[1].close()
+
+
+def _first_line(e: BaseException) -> str:
+    return (str(e).strip().splitlines() or [type(e).__name__])[0]
+
+
+def _band_files(path: str, names: Sequence[str] | None, ratio_of=None) -> list[BandFile]:
+    """The bands of one raster file (all of them, or ``names`` as keys for a 1-band file)."""
+    src = open_raster(path)
+    width, height, count = int(src.width), int(src.height), int(src.count)
+    if not (0 < width and 0 < height and width * height < MAX_PIXELS and 0 < count < 1 << 16):
+        raise InputError(printable(path), f"implausible raster size {width}x{height} px, {count} bands")
+    a, b, _, d, e, _ = tuple(src.transform)[:6]
+    if b != 0 or d != 0:
+        raise InputError(printable(path), "has a rotated or sheared grid; only north-up grids can be chipped")
+    descriptions = list(src.descriptions or [])
+    if names is not None:
+        keys = list(names)
+    elif len(descriptions) == count and all(descriptions) and len(set(descriptions)) == count:
+        keys = descriptions
+    else:
+        keys = [f"B{i}" for i in range(1, count + 1)]
+    flags = src.mask_flag_enums
+    out = []
+    for i, key in enumerate(keys, start=1):
+        nodata = src.nodatavals[i - 1]
+        masked = nodata is None and any(f.name in ("per_dataset", "alpha") for f in flags[i - 1])
+        out.append(BandFile(key, path, i, 1, width, height, src.dtypes[i - 1],
+                            None if nodata is None else float(nodata), masked, (abs(a), abs(e))))
+    return out
+
+
+def _grid(path: str) -> tuple[object, tuple[float, ...]]:
+    src = open_raster(path)
+    return src.crs, tuple(src.transform)[:6]
+
+
+def _relate(scene_path: str, bands: list[BandFile]) -> tuple[list[BandFile], int, int, object, tuple]:
+    """Each band's ratio to the finest; the finest grid. Errors name the file that does not fit."""
+    finest = min(bands, key=lambda b: (b.resolution[0], b.resolution[1]))
+    crs, transform = _grid(finest.path)
+    related = []
+    for band in bands:
+        band_crs, band_transform = _grid(band.path)
+        if band_crs != crs:
+            raise InputError(printable(band.path), f"band {band.name} is in another CRS than {Path(finest.path).name} "
+                             f"({band_crs} vs {crs}); a scene's bands must share one CRS")
+        rx, ry = band.resolution[0] / finest.resolution[0], band.resolution[1] / finest.resolution[1]
+        ratio = round(rx)
+        if ratio < 1 or abs(rx - ratio) > 1e-6 * ratio or abs(ry - ratio) > 1e-6 * ratio:
+            raise InputError(printable(band.path), f"band {band.name}'s pixel size {band.resolution} is not an integer "
+                             f"multiple of the finest band's {finest.resolution} ({Path(finest.path).name})")
+        tol = 1e-6 * finest.resolution[0]
+        if abs(band_transform[2] - transform[2]) > tol or abs(band_transform[5] - transform[5]) > tol or \
+                (band_transform[4] > 0) != (transform[4] > 0):
+            raise InputError(printable(band.path), f"band {band.name}'s origin differs from "
+                             f"{Path(finest.path).name}'s; a scene's bands must share one origin")
+        if band.width * ratio != finest.width or band.height * ratio != finest.height:
+            raise InputError(printable(band.path), f"band {band.name} is {band.width}x{band.height} px at {ratio}x the "
+                             f"finest pixel size, so it does not cover the extent of {Path(finest.path).name} "
+                             f"({finest.width}x{finest.height} px)")
+        related.append(BandFile(band.name, band.path, band.index, ratio, band.width, band.height, band.dtype,
+                                band.nodata, band.masked, band.resolution))
+    return related, finest.width, finest.height, crs, transform
+
+
+def is_raster_name(path: Path) -> bool | None:
+    """True: a raster by its name; False: a sidecar or hidden file; None: ask GDAL."""
+    if path.name.startswith(".") or path.name.endswith(".aux.xml"):
+        return False
+    suffix = path.suffix.lower()
+    if suffix in RASTER_SUFFIXES:
+        return True
+    return False if suffix in SIDECAR_SUFFIXES else None
+
+
+def _rasters_in(folder: Path) -> list[Path]:
+    found = []
+    for path in sorted(folder.iterdir(), key=lambda p: p.name):
+        if not path.is_file():
+            continue
+        kind = is_raster_name(path)
+        if kind is None:  # an unusual name: a raster if GDAL opens it
+            try:
+                open_raster(os.fspath(path))
+                kind = True
+            except InputError:
+                kind = False
+        if kind:
+            found.append(path)
+    return found
+
+
+def read_scene(path: Path, bands: Sequence[str] | None = None) -> Scene:
+    """The scene at ``path`` (a raster file or a folder of single-band rasters), checked."""
+    spath = os.fspath(path)
+    if path.is_dir():
+        files = _rasters_in(path)
+        if not files:
+            raise InputError(printable(spath), "scene folder holds no rasters (one single-band raster per band)")
+        found: list[BandFile] = []
+        seen: dict[str, Path] = {}
+        for file in files:
+            if file.stem in seen:
+                raise InputError(printable(file), f"band {file.stem!r} twice in the scene folder (also {seen[file.stem].name})")
+            seen[file.stem] = file
+            count = open_raster(os.fspath(file)).count
+            if count != 1:
+                raise InputError(printable(file), f"has {count} bands; a scene folder holds one single-band raster per "
+                                 "band (the file stem is the band key)")
+            found.extend(_band_files(os.fspath(file), [file.stem]))
+        name = path.name
+    else:
+        found = _band_files(spath, None)
+        name = path.stem
+    if bands is not None:
+        by_name = {b.name: b for b in found}
+        missing = [b for b in bands if b not in by_name]
+        if missing:
+            raise InputError(printable(spath), f"has no band {missing[0]!r} (its bands: {', '.join(by_name)})")
+        found = [by_name[b] for b in bands]
+    related, width, height, crs, transform = _relate(spath, found)
+    return Scene(name, spath, tuple(related), width, height, crs.to_wkt() if crs else "", transform)
+
+
+def find_scenes(dataset_dir: Path, bands: Sequence[str] | None = None, labels: Path | None = None) -> list[Scene]:
+    """Every scene in ``dataset_dir`` (raster files and sub-folders of rasters), in name order,
+    each with its label raster where ``labels`` is given (a file for a single scene, or a
+    folder holding ``<scene name>.<ext>`` per scene)."""
+    root = Path(dataset_dir)
+    if not root.is_dir():
+        raise InputError(printable(root), "input directory does not exist" if not root.exists() else
+                         "input is not a directory")
+    entries = [p for p in sorted(root.iterdir(), key=lambda p: p.name) if not p.name.startswith(".")]
+    skip = Path(labels).resolve() if labels is not None else None  # a labels folder kept among the scenes
+    candidates = [p for p in entries if p.is_dir() and p.resolve() != skip]
+    candidates += [p for p in _rasters_in(root) if p.resolve() != skip]
+    if not candidates:
+        raise InputError(printable(root), "no scenes found (raster files, or folders of single-band rasters)")
+    scenes, seen = [], {}
+    for path in sorted(candidates, key=lambda p: p.name):
+        scene = read_scene(path, bands)
+        if scene.name in seen:
+            raise InputError(printable(path), f"scene name {scene.name!r} twice (also {seen[scene.name].name})")
+        seen[scene.name] = path
+        scenes.append(scene)
+    if labels is not None:
+        scenes = [attach_labels(s, _labels_for(s, Path(labels), len(scenes))) for s in scenes]
+    return scenes
+
+
+def _labels_for(scene: Scene, labels: Path, count: int) -> Path:
+    if labels.is_file():
+        if count != 1:
+            raise InputError(printable(labels), f"one label file for {count} scenes; give a folder holding "
+                             "<scene name>.tif per scene")
+        return labels
+    if not labels.is_dir():
+        raise InputError(printable(labels), "labels: no such file or directory")
+    matches = [p for p in _rasters_in(labels) if p.stem == scene.name]
+    if len(matches) != 1:
+        what = "no" if not matches else "more than one"
+        raise InputError(printable(labels), f"{what} label raster named {scene.name}.* for scene {scene.name}")
+    return matches[0]
+
+
+def attach_labels(scene: Scene, path: Path) -> Scene:
+    """``scene`` with the label raster at ``path``, which must lie on its finest grid."""
+    src = open_raster(os.fspath(path))
+    if src.count != 1:
+        raise InputError(printable(path), f"label raster has {src.count} bands, expected 1")
+    crs, transform = _grid(os.fspath(path))
+    same_crs = (crs.to_wkt() if crs else "") == scene.crs or (crs is not None and scene.crs and
+                                                              crs == _crs(scene.crs))
+    tol = 1e-6 * abs(scene.transform[0])
+    if not same_crs or (src.width, src.height) != (scene.width, scene.height) or \
+            any(abs(x - y) > tol for x, y in zip(transform, scene.transform)):
+        raise InputError(printable(path), f"label raster is not on scene {scene.name}'s finest grid "
+                         f"({src.width}x{src.height} px vs {scene.width}x{scene.height} px, or another CRS or transform)")
+    band = _band_files(os.fspath(path), ["mask"])[0]
+    return Scene(scene.name, scene.path, scene.bands, scene.width, scene.height, scene.crs, scene.transform, band)
+
+
+def _crs(wkt: str):
+    from rasterio.crs import CRS
+
+    return CRS.from_wkt(wkt)
+
+
+# --- windows --------------------------------------------------------------------------------
+
+
+def offsets(size: int, patch: int, stride: int, edge: str) -> list[int]:
+    """Window starts along one axis of ``size`` px (see ``--edge``)."""
+    full = list(range(0, size - patch + 1, stride)) if size >= patch else []
+    if edge == "drop":
+        return full
+    if edge == "shift":
+        if full and full[-1] + patch < size:
+            full.append(size - patch)  # moved inward: full size, real pixels only
+        return full
+    starts = [0]
+    while starts[-1] + patch < size:
+        starts.append(starts[-1] + stride)
+    return starts
+
+
+def check_sizes(scene: Scene, patch: int, stride: int, edge: str) -> None:
+    """Patch size and stride fit every band's grid, and the scene is large enough for ``edge``."""
+    for band in scene.bands:
+        for what, n in (("--patch-size", patch), ("--stride", stride)):
+            if n % band.ratio:
+                raise InputError(printable(scene.path), f"{what} {n} is not a multiple of {band.ratio}, band "
+                                 f"{band.name}'s pixel size over the finest band's, so windows would not start on "
+                                 "its pixels")
+    if edge == "shift" and (scene.width < patch or scene.height < patch):
+        raise InputError(printable(scene.path), f"scene is {scene.width}x{scene.height} px, smaller than --patch-size "
+                         f"{patch}; use --edge pad")
+
+
+def windows(scene: Scene, patch: int, stride: int, edge: str) -> list[tuple[int, int]]:
+    """(row_off, col_off) of every window, row by row."""
+    return [(r, c) for r in offsets(scene.height, patch, stride, edge) for c in offsets(scene.width, patch, stride, edge)]
+
+
+def window_transform(scene: Scene, row: int, col: int) -> list[float]:
+    """The window's own affine coefficients: ``rasterio.windows.transform`` of it."""
+    a, b, c, d, e, f = scene.transform
+    return [a, b, c + a * col + b * row, d, e, f + d * col + e * row]
+
+
+# --- reading one window ---------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class SceneWindow:
+    """The reader of one window: a :class:`~rico_torch.encode.discover.Patch`'s ``reader``.
+
+    Every band is read at its own resolution; pixels outside the scene (``--edge pad``) are the
+    band's nodata (0 without one). Fewer than ``min_valid`` valid finest-grid pixels (a pixel is
+    valid where every band's covering pixel is) raises :class:`SkipPatch`.
+    """
+
+    scene: Scene
+    row: int
+    col: int
+    size: int
+    min_valid: int
+
+    def __call__(self) -> dict[str, np.ndarray]:
+        valid = np.ones((self.size, self.size), bool)
+        out: dict[str, np.ndarray] = {}
+        for band in self.scene.bands:
+            data, mask = self._read(band)
+            out[band.name] = data
+            if band.ratio > 1:
+                mask = mask.repeat(band.ratio, 0).repeat(band.ratio, 1)
+            valid &= mask
+        count = int(valid.sum())
+        if count < self.min_valid:
+            raise SkipPatch(f"{self.scene.path}: window at row {self.row}, col {self.col} has {count} valid "
+                            f"pixels, fewer than --min-valid {self.min_valid}")
+        if self.scene.labels is not None:
+            out["mask"] = self._read(self.scene.labels)[0]
+        return out
+
+    def _read(self, band: BandFile) -> tuple[np.ndarray, np.ndarray]:
+        from rasterio.windows import Window
+
+        r = band.ratio
+        row, col, n = self.row // r, self.col // r, self.size // r
+        r0, c0 = max(row, 0), max(col, 0)
+        r1, c1 = min(row + n, band.height), min(col + n, band.width)
+        src = open_raster(band.path)
+        try:
+            inner = src.read(band.index, window=Window(c0, r0, c1 - c0, r1 - r0))
+            if band.masked:
+                inner_mask = src.read_masks(band.index, window=Window(c0, r0, c1 - c0, r1 - r0)) != 0
+            elif band.nodata is None:
+                inner_mask = np.ones(inner.shape, bool)
+            elif math.isnan(band.nodata):
+                inner_mask = ~np.isnan(inner)
+            else:
+                inner_mask = inner != np.array(band.nodata).astype(inner.dtype)
+        except InputError:
+            raise
+        except Exception as e:
+            raise InputError(printable(band.path), f"reading band {band.name} failed ({_first_line(e)})") from None
+        if (r0, c0, r1, c1) == (row, col, row + n, col + n):
+            return np.ascontiguousarray(inner), inner_mask
+        fill = 0 if band.nodata is None else band.nodata
+        data = np.full((n, n), fill, dtype=inner.dtype)
+        mask = np.zeros((n, n), bool)
+        data[r0 - row : r1 - row, c0 - col : c1 - col] = inner
+        mask[r0 - row : r1 - row, c0 - col : c1 - col] = inner_mask
+        return data, mask
+
+
+def check_options(patch: int, stride: int, edge: str, min_valid: int) -> None:
+    if patch < 1:
+        raise ConfigError(f"--patch-size {patch}: must be at least 1")
+    if not 1 <= stride <= patch:
+        raise ConfigError(f"--stride {stride}: must be between 1 and the patch size {patch} (windows cover the scene)")
+    if edge not in EDGES:
+        raise ConfigError(f"--edge {edge!r}: one of {', '.join(EDGES)}")
+    if min_valid < 0:
+        raise ConfigError(f"--min-valid {min_valid}: must be >= 0")
