@@ -106,7 +106,7 @@ def _gdal_reason(e: BaseException, path: Path) -> str:
 
 
 def _check(source: Source, band: Band, path: Path, array: np.ndarray) -> None:
-    if array.dtype != np.dtype(source.dtype):
+    if source.dtype is not None and array.dtype != np.dtype(source.dtype):
         raise InputError(path, f"band {band.name} has dtype {array.dtype}, expected {source.dtype}")
     if band.shape is not None and array.shape != band.shape:
         got, want = "x".join(map(str, array.shape)), "x".join(map(str, band.shape))
@@ -124,6 +124,14 @@ def read_patch(source: Source, patch: Path) -> dict[str, np.ndarray]:
     if source.same_shape and len({a.shape for a in bands.values()}) > 1:
         shapes = ", ".join(f"{k} {'x'.join(map(str, a.shape))}" for k, a in bands.items())
         raise InputError(patch, f"bands differ in size ({shapes})")
+    by_resolution: dict[int, list[str]] = {}
+    for band in source.bands:
+        if band.resolution is not None:
+            by_resolution.setdefault(band.resolution, []).append(band.name)
+    for metres, names in by_resolution.items():
+        if len({bands[n].shape for n in names}) > 1:
+            shapes = ", ".join(f"{n} {'x'.join(map(str, bands[n].shape))}" for n in names)
+            raise InputError(patch, f"{metres} m bands differ in size ({shapes})")
     return bands
 
 
