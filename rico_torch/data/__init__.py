@@ -8,8 +8,10 @@ from .datamodules import (
     LMDBDataModule,
     UCMercedDataModule,
 )
+from .datamodules import HydroDataModule, MajorTOMDataModule, SpectralEarthDataModule, SSL4EODataModule
 
 __all__ = [
     "LMDBPatchDataset", "NativeAssembler", "collate", "read_manifest", "LMDBDataModule",
     "BigEarthNetDataModule", "EuroSATDataModule", "HySpecNetDataModule", "UCMercedDataModule",
+    "SSL4EODataModule", "MajorTOMDataModule", "HydroDataModule", "SpectralEarthDataModule",
 ]

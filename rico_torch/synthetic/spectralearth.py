@@ -40,12 +40,12 @@ class SpectralEarthFiles:
 def make_spectralearth(
     root: Path, patches: int = 3, seed: int = 0, *, pixels: int = PATCH_PIXELS, dtype: str = "int16",
 ) -> SpectralEarthFiles:
-    """Write ``patches`` patches spread over two tile folders under ``root/enmap``."""
+    """Write ``patches`` patches spread over three tile folders under ``root/enmap``."""
     root = Path(root)
     enmap = root / "enmap"
     tiles: dict[str, str] = {}
     for n in range(patches):
-        tile = f"{19_000 + n % 2}"
+        tile = f"{19_000 + n % 3}"
         transform = square_transform(400_000.0 + n * pixels * 30, 5_000_000.0, pixels * 30, pixels)
         cube = distinct_bands(rng_for(seed, n), NUM_BANDS, (pixels, pixels), dtype=dtype, **_VALUES)
         write_geotiff(enmap / tile / f"{n}.tif", cube, compress="deflate", interleave="band",

@@ -7,6 +7,7 @@ import json
 import logging
 import os
 from pathlib import Path
+from collections.abc import Sequence
 from typing import Any, Literal
 
 import lightning as L
@@ -49,6 +50,8 @@ class LMDBDataModule(L.LightningDataModule):
         align_corners: for bilinear/bicubic (ConfigILM uses True; torch's default is False).
         readahead: OS readahead on the LMDB file (helps when it fits in memory).
         seed: seed of generated splits and the statistics sample.
+        crop_size: read a window of this size of each patch (random in training, centred in
+            validation and test) instead of the whole; loads float32 (not ``native``).
     """
 
     #: Dataset name, for messages and the statistics cache.
@@ -77,8 +80,10 @@ class LMDBDataModule(L.LightningDataModule):
         readahead: bool = False,
         stats_samples: int = 1000,
         seed: int = 0,
+        crop_size: int | None = None,
     ) -> None:
         super().__init__()
+        self.crop_size = crop_size
         # several paths: the shards of one dataset (encoded with --shard I/N)
         self.lmdb_paths = [Path(p) for p in (lmdb_path if isinstance(lmdb_path, (list, tuple)) else [lmdb_path])]
         self.lmdb_path = self.lmdb_paths[0]
@@ -154,6 +159,35 @@ class LMDBDataModule(L.LightningDataModule):
             self._stored = {k.encode() for k in keys}
         return self._stored
 
+    def keys_by_source(self) -> dict[str, list[str]]:
+        """The stored keys of each of the catalog's sources, sorted: the manifest's, else by the
+        sources' key forms (keys of several sources' form, e.g. SSL4EO's L1C and L2A: by the band
+        keys of one value per root folder named in them)."""
+        manifest = self.manifest()
+        if manifest and manifest.get("keys"):
+            return {name: sorted(keys) for name, keys in manifest["keys"].items()}
+        from ...catalog import identify
+
+        sources = self.catalog.sources if self.catalog else ()
+        out: dict[str, list[str]] = {s.name: [] for s in sources}
+        undecided: dict[str, list[str]] = {}  # a key of the first form -> keys like it
+        for key in sorted(k.decode() for k in self.stored_keys()):
+            fits = [s for s in sources if s.matches_key(key)]
+            if len(fits) == 1:
+                out[fits[0].name].append(key)
+            elif fits:
+                like = next((k for k in undecided if fits[0].matches_key(key, like=k)), key)
+                undecided.setdefault(like, []).append(key)
+        if undecided:
+            from ...format import parse_header
+
+            with Store(self.lmdb_paths, self.readahead).reader() as reader:
+                for first, keys in undecided.items():
+                    found = identify(first, parse_header(reader.get(first.encode()), first))
+                    if found is not None and found[1].name in out:
+                        out[found[1].name].extend(keys)
+        return out
+
     def split_items(self, split: str) -> tuple[np.ndarray | list, np.ndarray | None]:
         """The items (keys or key tuples) and labels of ``split`` (one of train, val, test)."""
         raise NotImplementedError
@@ -181,10 +215,13 @@ class LMDBDataModule(L.LightningDataModule):
         if len(items) == 0:
             raise ConfigError(f"{self.lmdb_path}: the {split} split is empty; "
                               "check that the split files or metadata belong to this LMDB")
+        crop = {} if self.crop_size is None else {"crop": self.crop_size,
+                                                  "crop_mode": "random" if split == "train" else "center"}
         return LMDBPatchDataset(
-            self.lmdb_paths, self.bands, keys=items, labels=labels, size=self.output_size,
+            self.lmdb_paths, self.bands, keys=items, labels=labels, size=self.size if crop else self.output_size,
             interpolation=self.interpolation, align_corners=self.align_corners, native=self.loads_native,
             readahead=self.readahead,
+            **crop,
             **self.dataset_kwargs(),
         )
 
@@ -202,6 +239,8 @@ class LMDBDataModule(L.LightningDataModule):
     @property
     def loads_native(self) -> bool:
         """``native``, with ``auto`` resolved from the attached trainer's device."""
+        if self.crop_size is not None:  # crops are cut on the CPU
+            return False
         if self.native != "auto":
             return bool(self.native)
         trainer = self.trainer
@@ -275,8 +314,10 @@ class LMDBDataModule(L.LightningDataModule):
         if cache.exists():
             stats = json.loads(cache.read_text())
             return torch.tensor(stats["mean"]), torch.tensor(stats["std"])
-        stats_ds = LMDBPatchDataset(self.lmdb_paths, self.bands, keys=train._keys, size=train.size,
-                                    interpolation=self.interpolation, align_corners=self.align_corners)
+        crop = {} if getattr(train, "crop", None) is None else {"crop": train.crop, "crop_mode": "center"}
+        stats_ds = LMDBPatchDataset(self.lmdb_paths, self.bands, keys=train._keys,
+                                    size=train.grid if crop else train.size, interpolation=self.interpolation,
+                                    align_corners=self.align_corners, **crop)
         rng = np.random.default_rng(self.seed)
         n = min(len(stats_ds), self.stats_samples)
         indices = np.sort(rng.choice(len(stats_ds), size=n, replace=False))
@@ -328,3 +369,18 @@ def stratified_split(labels: np.ndarray, fractions: tuple[float, float, float], 
         parts["test"].append(members[n_val : n_val + n_test])
         parts["train"].append(members[n_val + n_test :])
     return {s: np.sort(np.concatenate(p)) if p else np.array([], dtype=int) for s, p in parts.items()}
+
+
+def group_split(groups: Sequence[str], fractions: tuple[float, float, float], seed: int) -> dict[str, np.ndarray]:
+    """Indices of a seeded split that deals whole groups (e.g. locations, tiles) to train, val
+    and test in about ``fractions`` of the groups, so no group straddles two splits."""
+    names = sorted(set(groups))
+    order = np.random.default_rng(seed).permutation(len(names))
+    n_val, n_test = (int(round(len(names) * f)) for f in fractions[1:])
+    if len(names) >= 3:  # every split non-empty where there are enough groups
+        n_val, n_test = max(n_val, 1), max(n_test, 1)
+    split_of = {}
+    for rank, i in enumerate(order):
+        split_of[names[i]] = "val" if rank < n_val else "test" if rank < n_val + n_test else "train"
+    where = np.array([split_of[g] for g in groups])
+    return {s: np.flatnonzero(where == s) for s in SPLITS}
