@@ -9,7 +9,6 @@ import re
 from pathlib import Path
 
 import numpy as np
-import pytest
 import rasterio
 from safetensors.numpy import load, save
 

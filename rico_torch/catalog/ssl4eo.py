@@ -9,6 +9,8 @@ Multi-Temporal Dataset for Self-Supervised Learning in Earth Observation", IEEE 
 
 from __future__ import annotations
 
+import re
+
 from .base import Band, Dataset, Source
 
 S1_BANDS = ("VH", "VV")
@@ -21,6 +23,8 @@ S2_L1C_RESOLUTIONS = {
 S2_L2A_RESOLUTIONS = {b: m for b, m in S2_L1C_RESOLUTIONS.items() if b != "B10"}
 #: the four seasons of a location are four acquisition folders under it
 SEASONS = 4
+#: an acquisition's (first) date and time in its folder name: seasons sort by it
+ACQUIRED = re.compile(r"\d{8}T\d{6}")
 
 # Patches are the folders exactly two levels below a root, whatever their name (rico-hdl lists
 # them by depth; like its file finder, hidden entries are skipped). Key: root_location_acquisition.
@@ -35,7 +39,7 @@ def _source(name: str, option: str, resolutions: dict[str, int], dtype: str, wha
         dtype=dtype,
         noun=f"SSL4EO-S12 {what} patches",
         help=f"SSL4EO-S12 {what} root (holds <location>/<acquisition>/<band>.tif)",
-        key_pattern=rf"(?P<root>[^/]+?)_\d+_{key_tail}",
+        key_pattern=rf"(?P<root>[^/]+?)_(?P<location>\d+)_(?P<acquisition>{key_tail})",
         **_LAYOUT,
         **extra,
     )

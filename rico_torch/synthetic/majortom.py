@@ -14,12 +14,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
-
 from ..catalog.base import Band
 from ..catalog.majortom import CELL_PIXELS, S1, S2
 from ._common import rng_for
-from ._geotiff import utm_crs, write_band_files, write_geotiff
+from ._geotiff import utm_crs, write_band_files
 
 S1_DIRNAME, S2_DIRNAME = "Core-S1RTC", "Core-S2L2A"
 _LAYOUT = {"compress": "lzw", "tiled": True, "blocksize": 1024}

@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import logging
+import re
 from datetime import date
-
-import numpy as np
 
 from ...catalog import majortom
 from ...errors import ConfigError
+from ._modalities import modality_bands
 from .base import SPLITS, LMDBDataModule, group_split
 
 log = logging.getLogger(__name__)
@@ -17,8 +17,6 @@ MODALITIES = ("s1", "s2")
 
 def cell_position(cell: str) -> tuple[int, int]:
     """A grid cell's (row, column): ``U``p and ``R``ight positive, ``D``own and ``L``eft negative."""
-    import re
-
     row, ud, col, lr = re.fullmatch(majortom.GRID_CELL, cell).groups()  # type: ignore[union-attr]
     return int(row) * (1 if ud == "U" else -1), int(col) * (1 if lr == "R" else -1)
 
@@ -67,17 +65,10 @@ class MajorTOMDataModule(LMDBDataModule):
         stats_samples: int = 200,
         seed: int = 0,
     ) -> None:
-        self.modalities = [m for m in MODALITIES if m in modalities]
-        unknown = [m for m in modalities if m not in MODALITIES]
-        if unknown or not self.modalities:
-            raise ConfigError(f"modalities {list(modalities)}: give one or both of {list(MODALITIES)}")
-        default = [b for m in ("s2", "s1") if m in self.modalities for b in self.catalog.source(m).band_names]
-        super().__init__(lmdb_path, list(bands or default), batch_size=batch_size, num_workers=num_workers,
+        self.modalities, chosen = modality_bands(self.catalog, modalities, MODALITIES, ("s2", "s1"), bands)
+        super().__init__(lmdb_path, chosen, batch_size=batch_size, num_workers=num_workers,
                          pin_memory=pin_memory, mean=mean, std=std, flips=flips, native=False, readahead=readahead,
                          stats_samples=stats_samples, seed=seed, crop_size=crop_size)
-        held = {b for m in self.modalities for b in self.catalog.source(m).band_names}
-        if not set(self.bands) <= held:
-            raise ConfigError(f"bands {sorted(set(self.bands) - held)} are not in modalities {self.modalities}")
         self.max_days, self.block_size, self.fractions = max_days, block_size, tuple(fractions)
         self._splits: dict[str, list] | None = None
 

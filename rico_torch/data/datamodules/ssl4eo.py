@@ -13,6 +13,7 @@ from torch.utils.data import Dataset
 from ...catalog import ssl4eo
 from ...errors import ConfigError
 from ..dataset import LMDBPatchDataset, SampleList, _unbatch
+from ._modalities import modality_bands
 from .base import LMDBDataModule, group_split
 
 log = logging.getLogger(__name__)
@@ -96,22 +97,16 @@ class SSL4EODataModule(LMDBDataModule):
         stats_samples: int = 500,
         seed: int = 0,
     ) -> None:
-        self.modalities = [m for m in MODALITIES if m in modalities]
-        unknown = [m for m in modalities if m not in MODALITIES]
-        if unknown or not self.modalities:
-            raise ConfigError(f"modalities {list(modalities)}: give some of {list(MODALITIES)}")
+        order = ("s2_l1c", "s2_l2a", "s1")
+        self.modalities, chosen = modality_bands(self.catalog, modalities, MODALITIES, order, bands)
         if {"s2_l1c", "s2_l2a"} <= set(self.modalities):
             raise ConfigError("modalities s2_l1c and s2_l2a share band names (B1 ... B12); combine one of them with s1")
         if not 1 <= views <= ssl4eo.SEASONS:
             raise ConfigError(f"views={views}: a location has {ssl4eo.SEASONS} seasons; give 1 to {ssl4eo.SEASONS}")
-        order = [m for m in ("s2_l1c", "s2_l2a", "s1") if m in self.modalities]
-        default = [b for m in order for b in self.catalog.source(m).band_names]
-        super().__init__(lmdb_path, list(bands or default), batch_size=batch_size, num_workers=num_workers,
+        super().__init__(lmdb_path, chosen, batch_size=batch_size, num_workers=num_workers,
                          pin_memory=pin_memory, mean=mean, std=std, flips=flips, native=False, readahead=readahead,
                          stats_samples=stats_samples, seed=seed, crop_size=crop_size)
-        held = {b for m in self.modalities for b in self.catalog.source(m).band_names}
-        if not set(self.bands) <= held:
-            raise ConfigError(f"bands {sorted(set(self.bands) - held)} are not in modalities {self.modalities}")
+        order = [m for m in order if m in self.modalities]
         self.order, self.views, self.fractions = order, views, tuple(fractions)
         self._locations: dict[str, list[tuple[str, ...]]] | None = None
 
