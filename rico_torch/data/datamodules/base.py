@@ -6,8 +6,8 @@ import hashlib
 import json
 import logging
 import os
-from pathlib import Path
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any, Literal
 
 import lightning as L
@@ -15,9 +15,10 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
-from ...catalog import Dataset
+from ...catalog import Dataset, identify
 from ...contents import recognise
 from ...errors import ConfigError, DatasetNotFoundError
+from ...format import parse_header
 from ..dataset import LMDBPatchDataset, NativeAssembler, collate
 from ..store import Store, open_environment, read_manifest
 
@@ -166,8 +167,6 @@ class LMDBDataModule(L.LightningDataModule):
         manifest = self.manifest()
         if manifest and manifest.get("keys"):
             return {name: sorted(keys) for name, keys in manifest["keys"].items()}
-        from ...catalog import identify
-
         sources = self.catalog.sources if self.catalog else ()
         out: dict[str, list[str]] = {s.name: [] for s in sources}
         undecided: dict[str, list[str]] = {}  # a key of the first form -> keys like it
@@ -179,8 +178,6 @@ class LMDBDataModule(L.LightningDataModule):
                 like = next((k for k in undecided if fits[0].matches_key(key, like=k)), key)
                 undecided.setdefault(like, []).append(key)
         if undecided:
-            from ...format import parse_header
-
             with Store(self.lmdb_paths, self.readahead).reader() as reader:
                 for first, keys in undecided.items():
                     found = identify(first, parse_header(reader.get(first.encode()), first))
