@@ -175,6 +175,7 @@ class LMDBPatchDataset(Dataset):
         self._pid = -1
         self._plans: dict[tuple[bytes, ...], _Plan] = {}
         self._last_plan: tuple[tuple[bytes, ...], _Plan | None] = ((), None)
+        self._scratch: dict = {}  # crop windows' reused buffers
         self.interpolation, self.align_corners, self.native = interpolation, align_corners, native
         self.mask_band, self.transforms, self.readahead = mask_band, transforms, readahead
         self.mask_lut = None if mask_lut is None else torch.as_tensor(np.asarray(mask_lut), dtype=torch.int64)
@@ -311,7 +312,7 @@ class LMDBPatchDataset(Dataset):
 
     def __getstate__(self) -> dict:
         state = self.__dict__.copy()
-        state["_pid"], state["_plans"], state["_last_plan"] = -1, {}, ((), None)
+        state["_pid"], state["_plans"], state["_last_plan"], state["_scratch"] = -1, {}, ((), None), {}
         return state
 
     # --- planning ---------------------------------------------------------------------
@@ -502,7 +503,8 @@ class LMDBPatchDataset(Dataset):
         """Like :meth:`_fill_image` for the crop at ``window`` of ``grid``, touching only its pixels."""
         for _, channels, shape, strides, dtype, part, begin, factor in runs:
             src = np.ndarray(shape, dtype, values[part], begin, strides)  # a view: nothing read yet
-            crop_window(src, grid, window, factor, self.interpolation, self.align_corners, image[channels])
+            crop_window(src, grid, window, factor, self.interpolation, self.align_corners, image[channels],
+                        self._scratch)
 
     def _mask(self, values: list[memoryview], mask: tuple[int, TensorInfo], grid=None, window=None) -> torch.Tensor:
         part, info = mask
@@ -659,13 +661,15 @@ def _run(run: list[_Step], channel: Callable[[_Step], int]) -> _Run:
 
 
 def crop_window(src: np.ndarray, grid: tuple[int, int], window: tuple[int, int], factor: int, interpolation: str,
-                align_corners: bool, dst: np.ndarray) -> None:
+                align_corners: bool, dst: np.ndarray, scratch: dict | None = None) -> None:
     """The ``dst.shape[1:]`` window at ``window`` (top, left) of bands ``src`` (c, h, w) resampled
     onto ``grid``, cast into ``dst``: what cropping a whole read gives, from the window's pixels only.
 
     Integer nearest factors replicate the covering source rows and columns; other nearest sizes
     take source pixel ``floor(i * h / grid_h)`` (``F.interpolate``'s rule) of each output pixel;
-    bilinear and bicubic resample the whole band (exact, not cheap) and crop.
+    bilinear and bicubic resample the whole band (exact, not cheap) and crop. ``scratch`` keeps
+    the buffer of a window that does not start on the source grid for the next call (fresh
+    memory costs more to page in than to fill).
     """
     (top, left), (ch, cw) = window, dst.shape[1:]
     if factor:
@@ -676,7 +680,12 @@ def crop_window(src: np.ndarray, grid: tuple[int, int], window: tuple[int, int],
         if dy == dx == 0 and (r1 - r0) * factor == ch and (c1 - c0) * factor == cw:
             replicate(part, factor, dst)
         else:
-            wide = np.empty((src.shape[0], (r1 - r0) * factor, (c1 - c0) * factor), dst.dtype)
+            shape = (src.shape[0], (r1 - r0) * factor, (c1 - c0) * factor)
+            wide = None if scratch is None else scratch.get((shape, dst.dtype.str))
+            if wide is None:
+                wide = np.empty(shape, dst.dtype)
+                if scratch is not None:
+                    scratch[(shape, dst.dtype.str)] = wide
             replicate(part, factor, wide)
             dst[...] = wide[:, dy : dy + ch, dx : dx + cw]
     elif interpolation == "nearest":
