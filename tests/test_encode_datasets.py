@@ -213,3 +213,21 @@ def test_rico_hdl_names_and_options():
     assert "--s2-l1c-dir" in encode_cli("ssl4eo-s12", "--help").stdout
     proc = encode_cli("major-tom-core", "--target-dir", "x", check=False)
     assert proc.returncode == 2 and "--s1-dir" in proc.stderr
+
+
+def test_ssl4eo_resume_after_kill_equals_clean_run(ssl4eo_lmdb, ssl4eo_files, tmp_path):
+    """Killed as the second source's transaction commits (each source has its own), then re-run."""
+    import subprocess
+    import sys
+
+    from .test_crash import KILLER
+
+    d = ssl4eo_files.dirs
+    args = ["ssl4eo-s12", "--s1-dir", str(d["s1"]), "--s2-l1c-dir", str(d["s2_l1c"]), "--s2-l2a-dir",
+            str(d["s2_l2a"]), "--target-dir", str(tmp_path / "t"), "--num-workers", "0", "--quiet"]
+    killed = subprocess.run([sys.executable, "-c", KILLER, "1", "0.0", *args], capture_output=True)
+    assert killed.returncode == -9
+    assert 0 < len(read_lmdb(tmp_path / "t")) < len(read_lmdb(ssl4eo_lmdb))
+    proc = encode_cli(*args[:-1])
+    assert "resumed" in proc.stderr
+    assert sha256(tmp_path / "t" / "data.mdb") == sha256(ssl4eo_lmdb / "data.mdb")
