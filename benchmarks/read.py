@@ -21,7 +21,9 @@ B12) into float32 14x120x120 with nearest upsampling, and measures on one core
    shuffle=True)``: time to the first batch and samples/s;
 6. memory: USS of the DataLoader workers after one batch each and after each of two full
    epochs over the LMDB, in a fresh process (``--memory-keys N`` builds a bigger LMDB);
-7. ``--readahead``: rico_torch with LMDB readahead off and on, warm and cold page cache.
+7. ``--readahead``: rico_torch with LMDB readahead off and on, warm and cold page cache;
+8. ``--crop`` (alone): a random 256 px crop of a 1068 px Major-TOM cell against the whole cell
+   and a whole 258 px cell (``LMDBPatchDataset(crop=256)`` reads only the window).
 
 Times are the best of several rounds (other load on a shared machine only adds time).
 
@@ -426,6 +428,44 @@ def _mb(x: int) -> str:
     return f"{x / 1e6:,.1f}"
 
 
+def crop_benchmark(cells: int, seed: int = 0) -> int:
+    """``--crop``: a random 256 px crop of a 1068 px Major-TOM cell (12 S2 bands at 10/20/60 m to
+    float32 12x256x256) against reading the whole cell and against reading a whole 258 px cell
+    (about the crop's pixels). The crop reads only its window from the zero-copy value."""
+    from rico_torch.encode.cli import main as encode_main
+    from rico_torch.synthetic import make_majortom
+
+    bands = ["B01", "B02", "B03", "B04", "B05", "B06", "B07", "B08", "B8A", "B09", "B11", "B12"]
+    paths = {}
+    for pixels in (1068, 258):
+        path = BENCH_ROOT / f"majortom-{cells}-{pixels}" / "lmdb"
+        if not (path / "manifest.json").exists():
+            log(f"generating and encoding {cells} Major-TOM S2 cells of {pixels} px ...")
+            shutil.rmtree(path.parent, ignore_errors=True)
+            grid = tuple((r, c) for r in range(cells) for c in range(1))
+            files = make_majortom(path.parent / "src", cells=grid, pixels=pixels, s1=False, seed=seed)
+            encode_main(["major-tom-core", "--s2-dir", str(files.s2_dir), "--target-dir", str(path), "--quiet"])
+            shutil.rmtree(path.parent / "src")
+        paths[pixels] = path
+    crop = LMDBPatchDataset(paths[1068], bands, crop=256)
+    whole = LMDBPatchDataset(paths[1068], bands)
+    small = LMDBPatchDataset(paths[258], bands)
+    check = crop[0]
+    top, left = check["crop"].tolist()
+    same = torch.equal(check["image"], whole[0]["image"][:, top : top + 256, left : left + 256])
+    rng = random.Random(seed)
+    rows = []
+    for label, ds in (("crop 256 of a 1068 px cell", crop), ("whole 1068 px cell", whole),
+                      ("whole 258 px cell", small)):
+        t = per_call(lambda ds=ds: ds[rng.randrange(len(ds))])
+        pixels = ds.size[0] * ds.size[1]
+        rows.append([label, f"{ds.size[0]}x{ds.size[1]}", f"{t * 1e6:,.0f}", f"{t * 1e9 / pixels:.2f}"])
+    print(f"\nCrop read (Major-TOM S2, 12 bands to float32, one core, ds[i] over {cells} cells, warm page cache)\n")
+    print(table(["read", "output", "us/sample", "ns/output pixel"], rows))
+    print(f"\ncrop equals the same window of the whole read: {'yes' if same else 'NO'}")
+    return 0 if same else 1
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="500 pairs, shorter DataLoader runs")
@@ -444,9 +484,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--memory-baseline", action="store_true", help="also measure the baseline's worker memory")
     p.add_argument("--readahead", action="store_true", help="also compare LMDB readahead on/off (warm and cold cache)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--crop", action="store_true", help="only the crop benchmark (Major-TOM: 256 px crops of 1068 px cells)")
     args = p.parse_args(argv)
 
     torch.set_num_threads(1)
+    if args.crop:
+        return crop_benchmark(cells=8 if args.quick else 24, seed=args.seed)
     load_start = load_average()
     pairs_n = args.pairs or (500 if args.quick else 2000)
     loader_samples = args.loader_samples or (4096 if args.quick else 10240)

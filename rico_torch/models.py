@@ -91,8 +91,11 @@ class ConvAutoencoder(_Baseline):
         return self.decoder(self.encoder(image))
 
     def _step(self, batch: dict, stage: str) -> torch.Tensor:
-        loss = F.mse_loss(self(batch["image"]), batch["image"])
-        self.log(f"{stage}_loss", loss, prog_bar=True, batch_size=len(batch["image"]))
+        image = batch["image"]
+        if image.ndim == 5:  # several views of each sample (N, V, C, H, W): each view is an input
+            image = image.flatten(0, 1)
+        loss = F.mse_loss(self(image), image)
+        self.log(f"{stage}_loss", loss, prog_bar=True, batch_size=len(image))
         return loss
 
 

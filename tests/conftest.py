@@ -10,7 +10,16 @@ import lmdb
 import pytest
 import rasterio
 
-from rico_torch.synthetic import make_bigearthnet, make_eurosat, make_hyspecnet, make_ucmerced
+from rico_torch.synthetic import (
+    make_bigearthnet,
+    make_eurosat,
+    make_hydro,
+    make_hyspecnet,
+    make_majortom,
+    make_spectralearth,
+    make_ssl4eo,
+    make_ucmerced,
+)
 
 SHARED = Path(__file__).resolve().parents[2] / "shared"
 BIGEARTHNET_METADATA = SHARED / "data" / "bigearthnet-v2"
@@ -107,3 +116,52 @@ def hyspecnet_files(tmp_path_factory):
 @pytest.fixture(scope="session")
 def hyspecnet_lmdb(hyspecnet_files, tmp_path_factory):
     return encoded(tmp_path_factory, "hyspecnet-11k", "--dataset-dir", hyspecnet_files.root, "--num-workers", "1")
+
+
+# The datasets below are small in files and pixels (size is not the point here; one test of
+# test_encode_datasets.py encodes a real 1068-px Major-TOM cell).
+
+
+@pytest.fixture(scope="session")
+def ssl4eo_files(tmp_path_factory):
+    return make_ssl4eo(tmp_path_factory.mktemp("ssl4eo-src"), locations=3, pixels=24)
+
+
+@pytest.fixture(scope="session")
+def ssl4eo_lmdb(ssl4eo_files, tmp_path_factory):
+    d = ssl4eo_files.dirs
+    return encoded(tmp_path_factory, "ssl4eo-s12", "--s1-dir", d["s1"], "--s2-l1c-dir", d["s2_l1c"],
+                   "--s2-l2a-dir", d["s2_l2a"], "--num-workers", "1")
+
+
+@pytest.fixture(scope="session")
+def majortom_files(tmp_path_factory):
+    cells = ((10, 20), (10, 21), (10, 24), (11, 20), (13, 22), (14, 23), (14, 24), (16, 20))
+    return make_majortom(tmp_path_factory.mktemp("majortom-src"), cells=cells, pixels=36, s1_missing=(7,))
+
+
+@pytest.fixture(scope="session")
+def majortom_lmdb(majortom_files, tmp_path_factory):
+    f = majortom_files
+    return encoded(tmp_path_factory, "major-tom-core", "--s1-dir", f.s1_dir, "--s2-dir", f.s2_dir, "--num-workers", "1")
+
+
+@pytest.fixture(scope="session")
+def hydro_files(tmp_path_factory):
+    return make_hydro(tmp_path_factory.mktemp("hydro-src"), patches=6, pixels=32)
+
+
+@pytest.fixture(scope="session")
+def hydro_lmdb(hydro_files, tmp_path_factory):
+    return encoded(tmp_path_factory, "hydro", "--dataset-dir", hydro_files.root, "--num-workers", "0")
+
+
+@pytest.fixture(scope="session")
+def spectralearth_files(tmp_path_factory):
+    return make_spectralearth(tmp_path_factory.mktemp("spectralearth-src"), patches=6, pixels=16)
+
+
+@pytest.fixture(scope="session")
+def spectralearth_lmdb(spectralearth_files, tmp_path_factory):
+    return encoded(tmp_path_factory, "spectral-earth-enmap", "--dataset-dir", spectralearth_files.enmap_dir,
+                   "--num-workers", "0")

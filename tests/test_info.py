@@ -21,7 +21,8 @@ from rico_torch.format import load_value
 from .conftest import encode_cli, read_lmdb
 
 FIXTURES = {"bigearthnet": "bigearthnet_lmdb", "eurosat-ms": "eurosat_lmdb", "uc-merced": "ucmerced_lmdb",
-            "hyspecnet-11k": "hyspecnet_lmdb"}
+            "hyspecnet-11k": "hyspecnet_lmdb", "ssl4eo-s12": "ssl4eo_lmdb", "major-tom-core": "majortom_lmdb",
+            "hydro": "hydro_lmdb", "spectral-earth-enmap": "spectralearth_lmdb"}
 
 
 def rico_hdl_copy(lmdb_dir: Path, tmp_path: Path) -> Path:

@@ -403,3 +403,25 @@ def test_datamodule_fits_through_patch_loader_and_keeps_torch_on_request(eurosat
     assert isinstance(torch_dm.train_dataloader(), DataLoader)
     with pytest.raises(ValueError, match="loader='dali'"):
         EuroSATDataModule(str(eurosat_lmdb), loader="dali")
+
+
+def test_workers_draw_different_random_crops_and_fill_every_output(tmp_path, clean):
+    """Random crops (drawn in the workers) differ between workers, as with DataLoader's per-worker
+    seeds, and every output a dataset fills (here ``crop``) travels through the ring."""
+    from rico_torch.synthetic import make_eurosat
+
+    files = make_eurosat(tmp_path / "src", per_class=2)
+    from .conftest import encode_cli
+
+    encode_cli("eurosat-ms", "--dataset-dir", str(files.root), "--target-dir", str(tmp_path / "lmdb"),
+               "--num-workers", "0")
+    key = sorted(files.labels)[0]
+    ds = LMDBPatchDataset(tmp_path / "lmdb", bands=["B02"], keys=[key] * 8, crop=16)
+    whole = LMDBPatchDataset(tmp_path / "lmdb", bands=["B02"], keys=[key])[0]["image"]
+    with PatchLoader(ds, batch_size=4, num_workers=2) as loader:
+        batches = [{k: v.clone() for k, v in b.items() if k in ("image", "crop")} for b in loader]
+    corners = [tuple(c.tolist()) for b in batches for c in b["crop"]]
+    assert corners[:4] != corners[4:]  # worker 0 and worker 1 drew their own windows
+    for b in batches:
+        for image, (top, left) in zip(b["image"], b["crop"].tolist()):
+            assert torch.equal(image, whole[:, top : top + 16, left : left + 16])

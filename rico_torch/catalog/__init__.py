@@ -4,12 +4,16 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
-from . import bigearthnet, eurosat, hyspecnet, ucmerced
+from . import bigearthnet, eurosat, hydro, hyspecnet, majortom, spectralearth, ssl4eo, ucmerced
 from .base import Band, Dataset, Source
 
 DATASETS: dict[str, Dataset] = {
-    d.name: d for d in (bigearthnet.DATASET, hyspecnet.DATASET, ucmerced.DATASET, eurosat.DATASET)
-}
+    d.name: d
+    for d in (
+        bigearthnet.DATASET, hyspecnet.DATASET, ucmerced.DATASET, eurosat.DATASET,
+        ssl4eo.DATASET, majortom.DATASET, hydro.DATASET, spectralearth.DATASET,
+    )
+}  # fmt: skip
 
 
 def get_dataset(name: str) -> Dataset:

@@ -24,12 +24,15 @@ class Band:
             single file.
         index: the 1-based band index inside that file (``rasterio``'s ``read(index)``).
         shape: the expected ``(height, width)``; ``None`` where the dataset does not fix it.
+        resolution: ground sampling distance in metres, where known; bands of one resolution
+            must agree in shape within a patch (checked where ``shape`` is ``None``).
     """
 
     name: str
     file: str | None = None
     index: int = 1
     shape: tuple[int, int] | None = None
+    resolution: int | None = None
 
 
 @dataclass(frozen=True)
@@ -43,13 +46,22 @@ class Source:
         pattern: regular expression the patch's directory or file name must match in full.
         is_dir: whether a patch is a directory (holding band files) or a single file.
         bands: the band keys, in the order they are read.
-        dtype: the numpy dtype name every band must have.
+        dtype: the numpy dtype name every band must have; ``None`` where the dataset does not
+            fix it (the file's own dtype is stored).
         label_from_parent: the parent directory's name is the patch's class label.
         rgb_bands: the bands of an RGB composite (for plots), if the source has them.
         same_shape: all bands of a patch must share one shape (checked when ``shape`` is
             ``None``).
         noun: what messages call its patches (``"BigEarthNet-S1 patches"``); default
             ``"<name> patches"``.
+        depth: a patch lies exactly this many levels below the root (1: directly in it);
+            ``None``: at any depth (a matching directory is not searched further).
+        key: the LMDB key as a template over the patch's path relative to the root:
+            ``{name}`` (its directory or file name), ``{stem}`` (file name without extension),
+            ``{parent}`` (the folder holding it) and ``{root}`` (the root folder's own name);
+            default ``{name}`` for a directory patch, ``{stem}`` for a file patch.
+        key_pattern: regular expression every key of the source matches in full (recognises
+            the source's keys in an LMDB); default: derived from ``pattern``.
     """
 
     name: str
@@ -57,17 +69,22 @@ class Source:
     pattern: str
     is_dir: bool
     bands: tuple[Band, ...]
-    dtype: str
+    dtype: str | None
     aliases: tuple[str, ...] = ()
     label_from_parent: bool = False
     rgb_bands: tuple[str, ...] = ()
     same_shape: bool = False
     help: str = ""
     noun: str = ""
+    depth: int | None = None
+    key: str = ""
+    key_pattern: str = ""
 
     def __post_init__(self) -> None:
         # a file patch's key is its stem: the pattern without its escaped extension (``\.tif``)
-        key_pattern = self.pattern if self.is_dir else re.sub(r"\\\.\w+$", "", self.pattern)
+        key_pattern = self.key_pattern or (self.pattern if self.is_dir else re.sub(r"\\\.\w+$", "", self.pattern))
+        if not self.key:
+            object.__setattr__(self, "key", "{name}" if self.is_dir else "{stem}")
         object.__setattr__(self, "_key_regex", re.compile(key_pattern))
         object.__setattr__(self, "_regex", re.compile(self.pattern))
         if not self.noun:
@@ -76,18 +93,31 @@ class Source:
     def matches(self, name: str) -> bool:
         return self._regex.fullmatch(name) is not None  # type: ignore[attr-defined]
 
-    def matches_key(self, key: str) -> bool:
-        """Whether ``key`` has the form of this source's LMDB keys (what :meth:`key_of` gives)."""
-        return self._key_regex.fullmatch(key) is not None  # type: ignore[attr-defined]
+    def matches_key(self, key: str, like: str | None = None) -> bool:
+        """Whether ``key`` has the form of this source's LMDB keys (what :meth:`key_of` gives);
+        with ``like`` (a key of this source), also whether both name the same root folder where
+        ``key_pattern`` captures it as ``(?P<root>...)`` (SSL4EO's L1C and L2A keys differ only there)."""
+        m = self._key_regex.fullmatch(key)  # type: ignore[attr-defined]
+        if m is None or like is None or "root" not in m.re.groupindex:
+            return m is not None
+        other = m.re.fullmatch(like)
+        return other is not None and other.group("root") == m.group("root")
 
-    def key_of(self, patch: Path) -> str:
-        """LMDB key of a patch: its directory name or its file stem (rico-hdl's rule)."""
-        return patch.name if self.is_dir else patch.stem
+    def key_of(self, patch: Path, root: Path | None = None) -> str:
+        """LMDB key of a patch by the source's key template (rico-hdl's rule); ``root``, the
+        resolved directory it was found under (rico-hdl resolves its inputs), is needed where
+        the template names ``{root}``."""
+        fields = {"name": patch.name, "stem": patch.stem, "parent": patch.parent.name}
+        if "{root}" in self.key:
+            if root is None:
+                raise ValueError(f"the key of {self.noun} names the root folder; give root=")
+            fields["root"] = Path(root).name
+        return self.key.format(**fields)
 
     def band_files(self, patch: Path) -> dict[Path, list[Band]]:
         """The files to open for a patch and the bands to read from each, in band order."""
         files: dict[Path, list[Band]] = {}
-        stem = self.key_of(patch)
+        stem = patch.name if self.is_dir else patch.stem
         for band in self.bands:
             path = patch if band.file is None else patch / band.file.format(name=stem)
             files.setdefault(path, []).append(band)

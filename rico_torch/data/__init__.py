@@ -9,11 +9,13 @@ from .datamodules import (
     LMDBDataModule,
     UCMercedDataModule,
 )
+from .datamodules import HydroDataModule, MajorTOMDataModule, SpectralEarthDataModule, SSL4EODataModule
 
 __all__ = [
     "LMDBPatchDataset", "NativeAssembler", "collate", "read_manifest", "PatchLoader", "EpochSampler", "WorkerError",
     "WorkerLostError", "LMDBDataModule",
     "BigEarthNetDataModule", "EuroSATDataModule", "HySpecNetDataModule", "UCMercedDataModule",
+    "SSL4EODataModule", "MajorTOMDataModule", "HydroDataModule", "SpectralEarthDataModule",
 ]
 
 from .datamodules import GeoPatchDataModule  # noqa: E402

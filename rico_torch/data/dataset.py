@@ -32,6 +32,7 @@ from ..format import TensorInfo, parse_header, view
 from .store import Store, open_environment, read_manifest  # noqa: F401  (re-exported)
 
 INTERPOLATIONS = ("nearest", "bilinear", "bicubic")
+CROP_MODES = ("random", "center")
 Item = str | tuple[str, ...]
 _HEADER_CACHE_LIMIT = 256
 _FLOAT32, _INT64 = np.dtype(np.float32), np.dtype(np.int64)
@@ -86,6 +87,7 @@ class _Plan(NamedTuple):
     mask: tuple[int, TensorInfo] | None  # where the mask band lives
     lengths: tuple[int, ...]  # the value lengths the headers describe
     runs: list["_Run"]  # the copies that fill one item's outputs (see _runs)
+    grid: tuple[int, int] | None = None  # crop mode: the item's full output grid the crop is cut from
 
 
 @dataclass(frozen=True)
@@ -122,6 +124,14 @@ class LMDBPatchDataset(Dataset):
         transforms: callable applied to each sample dict.
         readahead: let the OS read ahead in the LMDB file (helps when it fits in the page
             cache, hurts for random access over a larger file).
+        crop: return a window of this size (int or ``(height, width)``) of each item instead of
+            the whole: cut from the item's grid (``size``, or where ``size`` is None the item's
+            largest selected band, so items may differ in size) with every band resampled onto
+            it as a whole read would, but only the window's pixels are read, cast and replicated
+            (numpy views of the stored values: a 256 px crop of a 1068 px band costs about a
+            256 px read). Not with ``native``.
+        crop_mode: ``random`` (a window drawn with torch's generator per read, so per DataLoader
+            worker seed) or ``center``. Samples carry ``crop``: the window's (top, left) on the grid.
 
     Samples are dicts: ``image`` (float32 C x H x W), ``key`` (str, or tuple of str), and
     ``label`` and ``mask`` where known. A DataLoader reads whole batches through
@@ -144,18 +154,28 @@ class LMDBPatchDataset(Dataset):
         transforms: Callable[[dict], dict] | None = None,
         readahead: bool = False,
         allow_incomplete: bool = False,
+        crop: int | tuple[int, int] | None = None,
+        crop_mode: str = "random",
     ) -> None:
         if interpolation not in INTERPOLATIONS:
             raise ConfigError(f"interpolation {interpolation!r} is not one of {INTERPOLATIONS}")
         self.bands = _check_band_names(bands)
         if mask_band is not None and not isinstance(mask_band, str):
             raise ArgumentTypeError(f"mask_band={mask_band!r}: give one band name (a str)")
-        self.size = _check_size(size)
+        self.crop, self.crop_mode = _check_size(crop), crop_mode
+        if crop_mode not in CROP_MODES:
+            raise ConfigError(f"crop_mode {crop_mode!r} is not one of {CROP_MODES}")
+        if self.crop is not None and native:
+            raise ConfigError("crop is read on the CPU into float32; give native=False with crop")
+        # with crop: ``grid`` is what the crop is cut from (None: each item's largest band)
+        self.grid = _check_size(size) if self.crop is not None else None
+        self.size = self.crop if self.crop is not None else _check_size(size)
         self.store = Store(path, readahead, allow_incomplete)
         self.path = self.store.paths[0] if len(self.store.paths) == 1 else self.store.paths
         self._pid = -1
         self._plans: dict[tuple[bytes, ...], _Plan] = {}
         self._last_plan: tuple[tuple[bytes, ...], _Plan | None] = ((), None)
+        self._scratch: dict = {}  # crop windows' reused buffers
         self.interpolation, self.align_corners, self.native = interpolation, align_corners, native
         self.mask_band, self.transforms, self.readahead = mask_band, transforms, readahead
         self.mask_lut = None if mask_lut is None else torch.as_tensor(np.asarray(mask_lut), dtype=torch.int64)
@@ -292,7 +312,7 @@ class LMDBPatchDataset(Dataset):
 
     def __getstate__(self) -> dict:
         state = self.__dict__.copy()
-        state["_pid"], state["_plans"], state["_last_plan"] = -1, {}, ((), None)
+        state["_pid"], state["_plans"], state["_last_plan"], state["_scratch"] = -1, {}, ((), None), {}
         return state
 
     # --- planning ---------------------------------------------------------------------
@@ -353,10 +373,15 @@ class LMDBPatchDataset(Dataset):
             info = where[name][1]
             groups.setdefault((info.dtype.str, info.shape), []).append(name)
         group_keys = list(groups)
+        grid = None
+        if self.crop is not None:
+            grid = self.grid or max((where[b][1].shape for b in self.bands), key=lambda s: (s[0] * s[1], s))
+            if grid[0] < self.crop[0] or grid[1] < self.crop[1]:
+                raise ConfigError(f"crop {self.crop} is larger than patch {_patch_name(keys)!r} ({grid[0]}x{grid[1]})")
         steps = []
         for channel, name in enumerate(self.bands):
             part, info = where[name]
-            factor = nearest_factor(self.size, info.shape, self.interpolation)
+            factor = nearest_factor(grid or self.size, info.shape, self.interpolation)
             gkey = (info.dtype.str, info.shape)
             in_group = groups[gkey].index(name)
             steps.append(_Step(part, info, channel, group_keys.index(gkey), in_group, factor))
@@ -365,7 +390,7 @@ class LMDBPatchDataset(Dataset):
         )
         mask = where[self.mask_band] if self.mask_band else None
         lengths = tuple(len(v) for v in values)
-        return _Plan(steps, native_groups, mask, lengths, _runs(steps, self.native))
+        return _Plan(steps, native_groups, mask, lengths, _runs(steps, self.native), grid)
 
     # --- reading ----------------------------------------------------------------------
 
@@ -418,20 +443,25 @@ class LMDBPatchDataset(Dataset):
                     for run in plan.runs:
                         dst = arrays[plan.groups[run.group].name][row, run.channels]
                         dst[...] = np.ndarray(run.shape, run.dtype, values[run.part], run.begin, run.strides)
+                elif plan.grid is not None:
+                    window = self._window(plan.grid)
+                    arrays["crop"][row] = window
+                    self._fill_window(arrays["image"][row], values, plan.runs, plan.grid, window)
                 else:
                     self._fill_image(arrays["image"][row], values, plan.runs)
                 if plan.mask is not None:
-                    arrays["mask"][row] = self._mask(values, plan.mask)
-        if not fields:
-            return out
-        if batched:
-            out["key"] = [self.key(i) for i in indices]
-            if self.labels is not None:
-                out["label"] = self.labels[indices]
-        else:
-            out["key"] = self._item(keys)
-            if self.labels is not None:
-                out["label"] = self.labels[indices[0]]
+                    arrays["mask"][row] = self._mask(values, plan.mask, plan.grid, window if plan.grid else None)
+        if fields:
+            small = self.fields(indices)
+            out.update(small if batched else {name: value[0] for name, value in small.items()})
+        return out
+
+    def fields(self, indices: Sequence[int]) -> dict[str, Any]:
+        """A batch's small per-item fields (``key``, ``label``): made where the batch is handed over
+        (a PatchLoader's main process), not copied through shared memory. Subclasses add their own."""
+        out: dict[str, Any] = {"key": [self.key(i) for i in indices]}
+        if self.labels is not None:
+            out["label"] = self.labels[list(indices)]
         return out
 
     def _allocate(self, out: dict, arrays: dict, n: int | None, groups: tuple[NativeGroup, ...],
@@ -448,6 +478,8 @@ class LMDBPatchDataset(Dataset):
                                                                g.name)
         else:
             out["image"], arrays["image"] = output((*lead, len(self.bands), h, w), _FLOAT32, "image")
+        if self.crop is not None:
+            out["crop"], arrays["crop"] = output((*lead, 2), _INT64, "crop")
         if with_mask:
             out["mask"], arrays["mask"] = output((*lead, h, w), _INT64, "mask")
         if n is None:  # one sample: the loop indexes row 0 of a batch of one
@@ -464,8 +496,29 @@ class LMDBPatchDataset(Dataset):
             else:
                 dst[...] = self._resize(torch.from_numpy(src.astype(np.float32)), self.interpolation).numpy()
 
-    def _mask(self, values: list[memoryview], mask: tuple[int, TensorInfo]) -> torch.Tensor:
+    def _window(self, grid: tuple[int, int]) -> tuple[int, int]:
+        """The crop's (top, left) on ``grid``: drawn with torch's generator, or centred."""
+        (gh, gw), (ch, cw) = grid, self.crop  # type: ignore[misc]
+        if self.crop_mode == "center":
+            return (gh - ch) // 2, (gw - cw) // 2
+        return int(torch.randint(gh - ch + 1, ())), int(torch.randint(gw - cw + 1, ()))
+
+    def _fill_window(self, image: np.ndarray, values: list[memoryview], runs: list[_Run], grid: tuple[int, int],
+                     window: tuple[int, int]) -> None:
+        """Like :meth:`_fill_image` for the crop at ``window`` of ``grid``, touching only its pixels."""
+        for _, channels, shape, strides, dtype, part, begin, factor in runs:
+            src = np.ndarray(shape, dtype, values[part], begin, strides)  # a view: nothing read yet
+            crop_window(src, grid, window, factor, self.interpolation, self.align_corners, image[channels],
+                        self._scratch)
+
+    def _mask(self, values: list[memoryview], mask: tuple[int, TensorInfo], grid=None, window=None) -> torch.Tensor:
         part, info = mask
+        if grid is not None:
+            band = view(values[part], info)[None]
+            out = np.empty((1, *self.size), np.int64)  # type: ignore[misc]
+            crop_window(band, grid, window, nearest_factor(grid, band.shape[1:], "nearest"), "nearest", False, out)
+            m = torch.from_numpy(out[0])
+            return self.mask_lut[m] if self.mask_lut is not None else m
         m = torch.from_numpy(view(values[part], info).astype(np.int64))
         if m.shape != tuple(self.size):
             m = F.interpolate(m[None, None].float(), size=self.size, mode="nearest")[0, 0].long()
@@ -610,6 +663,45 @@ def _run(run: list[_Step], channel: Callable[[_Step], int]) -> _Run:
     band_stride = run[1].info.begin - first.info.begin if len(run) > 1 else h * w * dtype.itemsize
     return _Run(first.group, slice(channel(first), channel(last) + 1, channel_step), (len(run), h, w),
                 (band_stride, w * dtype.itemsize, dtype.itemsize), dtype, first.part, first.info.begin, first.factor)
+
+
+def crop_window(src: np.ndarray, grid: tuple[int, int], window: tuple[int, int], factor: int, interpolation: str,
+                align_corners: bool, dst: np.ndarray, scratch: dict | None = None) -> None:
+    """The ``dst.shape[1:]`` window at ``window`` (top, left) of bands ``src`` (c, h, w) resampled
+    onto ``grid``, cast into ``dst``: what cropping a whole read gives, from the window's pixels only.
+
+    Integer nearest factors replicate the covering source rows and columns; other nearest sizes
+    take source pixel ``floor(i * h / grid_h)`` (``F.interpolate``'s rule) of each output pixel;
+    bilinear and bicubic resample the whole band (exact, not cheap) and crop. ``scratch`` keeps
+    the buffer of a window that does not start on the source grid for the next call (fresh
+    memory costs more to page in than to fill).
+    """
+    (top, left), (ch, cw) = window, dst.shape[1:]
+    if factor:
+        r0, c0 = top // factor, left // factor
+        r1, c1 = -(-(top + ch) // factor), -(-(left + cw) // factor)
+        part = src[:, r0:r1, c0:c1]
+        dy, dx = top - r0 * factor, left - c0 * factor
+        if dy == dx == 0 and (r1 - r0) * factor == ch and (c1 - c0) * factor == cw:
+            replicate(part, factor, dst)
+        else:
+            shape = (src.shape[0], (r1 - r0) * factor, (c1 - c0) * factor)
+            wide = None if scratch is None else scratch.get((shape, dst.dtype.str))
+            if wide is None:
+                wide = np.empty(shape, dst.dtype)
+                if scratch is not None:
+                    scratch[(shape, dst.dtype.str)] = wide
+            replicate(part, factor, wide)
+            dst[...] = wide[:, dy : dy + ch, dx : dx + cw]
+    elif interpolation == "nearest":
+        (gh, gw), (h, w) = grid, src.shape[1:]
+        rows = (np.arange(top, top + ch) * h) // gh
+        cols = (np.arange(left, left + cw) * w) // gw
+        dst[...] = src[:, rows[:, None], cols[None, :]]
+    else:
+        kwargs = {"align_corners": align_corners}
+        full = F.interpolate(torch.from_numpy(src.astype(np.float32))[None], size=grid, mode=interpolation, **kwargs)
+        dst[...] = full[0, :, top : top + ch, left : left + cw].numpy()
 
 
 def nearest_factor(size: tuple[int, int], shape: tuple[int, ...], interpolation: str) -> int:

@@ -23,6 +23,7 @@ import mmap
 import multiprocessing
 import os
 import pickle
+import random
 import signal
 import traceback
 import warnings
@@ -67,12 +68,14 @@ class _Entry:
 
 
 def _layout(probe: dict[str, Any], rows: int) -> tuple[tuple[_Entry, ...], int]:
-    """Where the tensors of a ``read_batch`` output of ``rows`` items go in a slot; the slot's bytes
-    (whole pages)."""
-    tensors = [(("image",), probe["image"])] if "image" in probe else [
-        (("native", name), t) for name, t in probe["native"].items()]
-    if "mask" in probe:
-        tensors.append((("mask",), probe["mask"]))
+    """Where the tensors of a ``_read(fields=False)`` output of ``rows`` items go in a slot; the
+    slot's bytes (whole pages)."""
+    tensors = []  # every output the dataset fills (image or native groups, mask, crop), never the fields
+    for name, value in probe.items():
+        if isinstance(value, dict):
+            tensors += [((name, group), t) for group, t in value.items()]
+        elif isinstance(value, torch.Tensor):
+            tensors.append(((name,), value))
     entries, at = [], 0
     for where, tensor in tensors:
         dtype = tensor.numpy().dtype
@@ -88,8 +91,8 @@ def _slot_views(buffer: mmap.mmap, entries: tuple[_Entry, ...], slot_bytes: int,
     for e in entries:
         array = np.frombuffer(buffer, np.dtype(e.dtype), math.prod(e.shape), slot * slot_bytes + e.offset)
         tensor = torch.from_numpy(array.reshape(e.shape))
-        if e.where[0] == "native":
-            out.setdefault("native", {})[e.where[1]] = tensor
+        if len(e.where) == 2:  # a native group
+            out.setdefault(e.where[0], {})[e.where[1]] = tensor
         else:
             out[e.where[0]] = tensor
     return out
@@ -97,7 +100,7 @@ def _slot_views(buffer: mmap.mmap, entries: tuple[_Entry, ...], slot_bytes: int,
 
 def _rows(batch: dict[str, Any], n: int) -> dict[str, Any]:
     """The first ``n`` rows of a slot (a last, shorter batch); contiguous views."""
-    return {k: ({g: t[:n] for g, t in v.items()} if k == "native" else v[:n]) for k, v in batch.items()}
+    return {k: ({g: t[:n] for g, t in v.items()} if isinstance(v, dict) else v[:n]) for k, v in batch.items()}
 
 
 def _shared_memory(size: int) -> int:
@@ -118,13 +121,17 @@ def _shared_memory(size: int) -> int:
 # --- the worker process ---------------------------------------------------------------------
 
 
-def _work(conn, dataset: LMDBPatchDataset, batch_size: int, slots: int, parent: int) -> None:
+def _work(conn, dataset: LMDBPatchDataset, batch_size: int, slots: int, parent: int, seed: int) -> None:
     """A worker's loop: fill the slot each task names, answer ``("done", seq)`` or ``("error", ...)``.
 
     The ring is created at the first task, shaped like that task's first item (native groups
-    depend on the stored layout), and its descriptor sent to the main process once.
+    depend on the stored layout), and its descriptor sent to the main process once. ``seed``
+    differs per worker (random crops and views must not repeat across workers), as DataLoader's.
     """
     die_with_parent(parent)
+    torch.manual_seed(seed)
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the main process's to handle
     torch.set_num_threads(1)
     ring: list[dict[str, Any]] | None = None
@@ -138,7 +145,7 @@ def _work(conn, dataset: LMDBPatchDataset, batch_size: int, slots: int, parent: 
         seq, slot, indices = task
         try:
             if ring is None:
-                entries, slot_bytes = _layout(dataset.read_batch(indices[:1]), batch_size)
+                entries, slot_bytes = _layout(dataset._read(indices[:1], fields=False), batch_size)
                 fd = _shared_memory(slots * slot_bytes)
                 buffer = mmap.mmap(fd, slots * slot_bytes)
                 ring = [_slot_views(buffer, entries, slot_bytes, s) for s in range(slots)]
@@ -233,11 +240,12 @@ class _Workers:
         self.held: tuple[int, int] | None = None  # (worker, slot) of the batch last yielded
         self.closed = False
         parent = os.getpid()
+        base_seed = int(torch.empty((), dtype=torch.int64).random_().item())  # as DataLoader: per start
         try:
-            for _ in range(count):
+            for worker in range(count):
                 ours, theirs = context.Pipe(duplex=True)
-                proc = context.Process(target=_work, args=(theirs, dataset, batch_size, slots, parent), daemon=True,
-                                       name="PatchLoader worker")
+                proc = context.Process(target=_work, args=(theirs, dataset, batch_size, slots, parent,
+                                                           base_seed + worker), daemon=True, name="PatchLoader worker")
                 proc.start()
                 theirs.close()
                 self.procs.append(proc)
@@ -528,9 +536,7 @@ class PatchLoader:
 
     def _finish(self, batch: dict[str, Any], indices: list[int]) -> dict[str, Any]:
         """The small fields, made here: the same as ``read_batch`` makes them."""
-        batch["key"] = [self.dataset.key(i) for i in indices]
-        if self.dataset.labels is not None:
-            batch["label"] = self.dataset.labels[indices]
+        batch.update(self.dataset.fields(indices))
         return batch
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
@@ -544,12 +550,11 @@ class PatchLoader:
         for indices in self._index_batches():
             if iteration != self._iteration:
                 raise RuntimeError("this PatchLoader iterator was replaced by a newer one (one at a time)")
-            if buffer is None:
-                batch = self.dataset.read_batch(indices)
-                if len(indices) == self.batch_size:
-                    buffer = {k: v for k, v in batch.items() if k not in ("key", "label")}
-            else:
-                batch = self.dataset.read_batch(indices, into=_rows(buffer, len(indices)))
+            into = None if buffer is None else _rows(buffer, len(indices))
+            tensors = self.dataset._read(indices, into=into, fields=False)
+            if buffer is None and len(indices) == self.batch_size:
+                buffer = dict(tensors)  # the outputs to fill again; the fields are made per batch
+            batch = self._finish(tensors, indices)
             yield _pinned_copy(batch) if self._pinning.mode else batch
 
     def _start(self) -> _Workers:

@@ -70,21 +70,29 @@ def find_patches(source: Source, root: Path) -> list[Patch]:
     chains = {os.fspath(root): (os.path.realpath(root),)}  # folder -> real paths of it and its ancestors
     for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
         chain = chains.pop(dirpath)
+        level = len(chain)  # how far below the root this folder's entries are
+        if source.depth is not None and level != source.depth:  # patches lie exactly depth levels down
+            dirnames[:] = [d for d in dirnames if level < source.depth and _enter(dirpath, d, chain, chains)]
+            continue
         if source.is_dir:
             found.extend(os.path.join(dirpath, d) for d in dirnames if source.matches(d))
             dirnames[:] = [d for d in dirnames if not source.matches(d)]  # a patch is not searched
         else:
             found.extend(os.path.join(dirpath, f) for f in filenames if source.matches(f))
+        if source.depth is not None:
+            dirnames[:] = []
         dirnames[:] = [d for d in dirnames if _enter(dirpath, d, chain, chains)]
     if not found:
         if not any(root.iterdir()):
             raise InputError(printable(root), "input directory is empty")
         kind = "directories" if source.is_dir else "files"
-        raise InputError(printable(root), f"no {source.noun} found ({kind} matching {source.pattern!r} below it)")
+        where = "below it" if source.depth is None else f"exactly {source.depth} levels below it"
+        raise InputError(printable(root), f"no {source.noun} found ({kind} matching {source.pattern!r} {where})")
     found.sort()
     patches = []
+    real_root = root.resolve() if "{root}" in source.key else None
     for p in map(Path, found):
-        key = source.key_of(p)
+        key = source.key_of(p, real_root)
         try:
             key.encode("utf-8")
         except UnicodeEncodeError:

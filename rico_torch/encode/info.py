@@ -116,7 +116,7 @@ def groups_from_keys(env: lmdb.Environment, samples: int = SAMPLES) -> list[Grou
         for raw in txn.cursor().iternext(keys=True, values=False):
             key = bytes(raw)
             text = key.decode(errors="replace")
-            index = next((i for i, g in enumerate(groups) if g.source.matches_key(text)), None)
+            index = next((i for i, g in enumerate(groups) if g.source.matches_key(text, like=g.example)), None)
             if index is None and looks < MAX_UNRECOGNISED_LOOKS:
                 found = recognise_patch(txn, key)
                 if found is None:

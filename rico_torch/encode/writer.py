@@ -532,7 +532,10 @@ class _Runner:
             self.pool.shutdown(wait=True, cancel_futures=True)
 
     def _submit(self, chunk: Chunk) -> list[Future] | list:
-        tasks = [chunk.patches[i : i + TASK_SIZE] for i in range(0, len(chunk.patches), TASK_SIZE)]
+        # up to TASK_SIZE patches a task, fewer where a chunk is small (large patches such as
+        # Major-TOM's 22 MB cells come few to a chunk): every worker gets work
+        size = max(1, min(TASK_SIZE, -(-len(chunk.patches) // (2 * max(1, self.num_workers)))))
+        tasks = [chunk.patches[i : i + size] for i in range(0, len(chunk.patches), size)]
         args = [(self.dataset_name, chunk.source.name, t, self.skip_invalid) for t in tasks]
         if self.pool is None:
             return [encode_task(*a) for a in args]

@@ -12,21 +12,33 @@ from ._common import SplitFiles
 from ._geotiff import write_geotiff
 from .bigearthnet import BigEarthNetFiles, BigEarthNetMetadata, make_bigearthnet, make_bigearthnet_metadata
 from .eurosat import EuroSATFiles, make_eurosat, make_eurosat_splits
+from .hydro import HydroFiles, make_hydro
 from .hyspecnet import HySpecNetFiles, make_hyspecnet
+from .majortom import MajorTOMFiles, make_majortom
+from .spectralearth import SpectralEarthFiles, make_spectralearth
+from .ssl4eo import SSL4EOFiles, make_ssl4eo
 from .ucmerced import UCMercedFiles, make_ucmerced, make_ucmerced_splits
 
 __all__ = [
     "BigEarthNetFiles",
     "BigEarthNetMetadata",
     "EuroSATFiles",
+    "HydroFiles",
     "HySpecNetFiles",
+    "MajorTOMFiles",
+    "SpectralEarthFiles",
+    "SSL4EOFiles",
     "SplitFiles",
     "UCMercedFiles",
     "make_bigearthnet",
     "make_bigearthnet_metadata",
     "make_eurosat",
     "make_eurosat_splits",
+    "make_hydro",
     "make_hyspecnet",
+    "make_majortom",
+    "make_spectralearth",
+    "make_ssl4eo",
     "make_ucmerced",
     "make_ucmerced_splits",
     "write_geotiff",

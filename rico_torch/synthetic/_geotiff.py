@@ -9,14 +9,18 @@ from __future__ import annotations
 
 import re
 import warnings
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 import numpy as np
 import rasterio
 from affine import Affine
 from rasterio.crs import CRS
 from rasterio.errors import NotGeoreferencedWarning
+
+if TYPE_CHECKING:
+    from ..catalog.base import Band
 
 Compression = Literal["deflate", "lzw"] | None
 Interleave = Literal["pixel", "band"]
@@ -166,3 +170,39 @@ def distinct_bands(
     return np.stack(
         [distinct_band(rng, i, shape, base=base, step=step, spread=spread, dtype=dtype) for i in range(count)]
     )
+
+
+def write_band_files(
+    folder: Path,
+    bands: Sequence[Band],
+    dtype: str,
+    pixels: int,
+    rng: np.random.Generator,
+    values: dict,
+    *,
+    crs: CRS | None = None,
+    x_min: float = 0.0,
+    y_max: float = 0.0,
+    extent: float | None = None,
+    **layout,
+) -> list[Path]:
+    """One single-band GeoTIFF per band into ``folder`` (``<band.file>``, over ``{name}`` = the
+    folder's name), each of the size its resolution gives over one footprint.
+
+    Args:
+        bands: the bands (``file`` and ``resolution`` set; the finest resolution gets ``pixels``).
+        pixels: edge of the finest bands; a band of resolution r gets ``round(pixels * finest / r)``.
+        values: :func:`distinct_band` ranges (``base``, ``step``, ``spread``).
+        crs, x_min, y_max, extent: georeference of the footprint (``extent`` in metres; default
+            ``pixels`` x the finest resolution); no georeference when ``crs`` is None.
+        layout: :func:`write_geotiff` layout options (``compress``, ``tiled``, ``blocksize``).
+    """
+    finest = min(b.resolution for b in bands)
+    extent = extent or pixels * finest
+    written = []
+    for i, band in enumerate(bands):
+        n = round(pixels * finest / band.resolution)
+        data = distinct_band(rng, i, (n, n), dtype=dtype, **values)
+        georef = {} if crs is None else {"crs": crs, "transform": square_transform(x_min, y_max, extent, n)}
+        written.append(write_geotiff(folder / band.file.format(name=folder.name), data, **georef, **layout))
+    return written

@@ -4,10 +4,15 @@ from .base import LMDBDataModule
 from .bigearthnet import BigEarthNetDataModule
 from .eurosat import EuroSATDataModule
 from .hyspecnet import HySpecNetDataModule
+from .majortom import MajorTOMDataModule
+from .pretraining import HydroDataModule, SpectralEarthDataModule
+from .ssl4eo import SSL4EODataModule
 from .ucmerced import UCMercedDataModule
 
-__all__ = ["LMDBDataModule", "BigEarthNetDataModule", "EuroSATDataModule", "HySpecNetDataModule", "UCMercedDataModule"]
+__all__ = [
+    "LMDBDataModule", "BigEarthNetDataModule", "EuroSATDataModule", "HySpecNetDataModule", "UCMercedDataModule",
+    "SSL4EODataModule", "MajorTOMDataModule", "HydroDataModule", "SpectralEarthDataModule",
+    "GeoPatchDataModule",
+]
 
 from .scenes import GeoPatchDataModule  # noqa: E402
-
-__all__ += ["GeoPatchDataModule"]

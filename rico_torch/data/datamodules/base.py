@@ -6,6 +6,7 @@ import hashlib
 import json
 import logging
 import os
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Literal
 
@@ -14,9 +15,10 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, DistributedSampler
 
-from ...catalog import Dataset
+from ...catalog import Dataset, identify
 from ...contents import recognise
 from ...errors import ConfigError, DatasetNotFoundError
+from ...format import parse_header
 from ..dataset import LMDBPatchDataset, NativeAssembler, collate
 from ..loader import PatchLoader
 from ..store import Store, open_environment, read_manifest
@@ -40,7 +42,8 @@ class LMDBDataModule(L.LightningDataModule):
         loader: ``patch``: :class:`~rico_torch.data.PatchLoader` (worker processes fill reused
             shared-memory batches; a batch is valid until the next one is asked for; split by rank
             here under DDP, as Lightning only does that for torch DataLoaders); ``torch``: a torch
-            ``DataLoader`` with persistent workers (Lightning adds its ``DistributedSampler``).
+            ``DataLoader`` with persistent workers (Lightning adds its ``DistributedSampler``), also
+            used for datasets that wrap an LMDBPatchDataset (SSL4EO's season views).
         mean, std: per-band statistics; ``None``: computed from the train split (up to
             ``stats_samples`` patches) and cached beside the LMDB.
         flips: random horizontal/vertical flips of training batches.
@@ -53,6 +56,8 @@ class LMDBDataModule(L.LightningDataModule):
         align_corners: for bilinear/bicubic (ConfigILM uses True; torch's default is False).
         readahead: OS readahead on the LMDB file (helps when it fits in memory).
         seed: seed of generated splits and the statistics sample.
+        crop_size: read a window of this size of each patch (random in training, centred in
+            validation and test) instead of the whole; loads float32 (not ``native``).
     """
 
     #: Dataset name, for messages and the statistics cache.
@@ -81,13 +86,15 @@ class LMDBDataModule(L.LightningDataModule):
         readahead: bool = False,
         stats_samples: int = 1000,
         seed: int = 0,
+        crop_size: int | None = None,
         loader: Literal["patch", "torch"] = "patch",
     ) -> None:
         super().__init__()
         if loader not in ("patch", "torch"):
-            raise ValueError(f"loader={loader!r}: give 'patch' (rico_torch's PatchLoader) or 'torch' (a DataLoader)")
+            raise ConfigError(f"loader={loader!r}: give 'patch' (rico_torch's PatchLoader) or 'torch' (a DataLoader)")
         self.loader = loader
         self._patch_loaders: dict[str, PatchLoader] = {}  # by hook, closed in teardown
+        self.crop_size = crop_size
         # several paths: the shards of one dataset (encoded with --shard I/N)
         self.lmdb_paths = [Path(p) for p in (lmdb_path if isinstance(lmdb_path, (list, tuple)) else [lmdb_path])]
         self.lmdb_path = self.lmdb_paths[0]
@@ -163,6 +170,31 @@ class LMDBDataModule(L.LightningDataModule):
             self._stored = {k.encode() for k in keys}
         return self._stored
 
+    def keys_by_source(self) -> dict[str, list[str]]:
+        """The stored keys of each of the catalog's sources, sorted: the manifest's, else by the
+        sources' key forms (keys of several sources' form, e.g. SSL4EO's L1C and L2A: by the band
+        keys of one value per root folder named in them)."""
+        manifest = self.manifest()
+        if manifest and manifest.get("keys"):
+            return {name: sorted(keys) for name, keys in manifest["keys"].items()}
+        sources = self.catalog.sources if self.catalog else ()
+        out: dict[str, list[str]] = {s.name: [] for s in sources}
+        undecided: dict[str, list[str]] = {}  # a key of the first form -> keys like it
+        for key in sorted(k.decode() for k in self.stored_keys()):
+            fits = [s for s in sources if s.matches_key(key)]
+            if len(fits) == 1:
+                out[fits[0].name].append(key)
+            elif fits:
+                like = next((k for k in undecided if fits[0].matches_key(key, like=k)), key)
+                undecided.setdefault(like, []).append(key)
+        if undecided:
+            with Store(self.lmdb_paths, self.readahead).reader() as reader:
+                for first, keys in undecided.items():
+                    found = identify(first, parse_header(reader.get(first.encode()), first))
+                    if found is not None and found[1].name in out:
+                        out[found[1].name].extend(keys)
+        return out
+
     def split_items(self, split: str) -> tuple[np.ndarray | list, np.ndarray | None]:
         """The items (keys or key tuples) and labels of ``split`` (one of train, val, test)."""
         raise NotImplementedError
@@ -190,10 +222,13 @@ class LMDBDataModule(L.LightningDataModule):
         if len(items) == 0:
             raise ConfigError(f"{self.lmdb_path}: the {split} split is empty; "
                               "check that the split files or metadata belong to this LMDB")
+        crop = {} if self.crop_size is None else {"crop": self.crop_size,
+                                                  "crop_mode": "random" if split == "train" else "center"}
         return LMDBPatchDataset(
-            self.lmdb_paths, self.bands, keys=items, labels=labels, size=self.output_size,
+            self.lmdb_paths, self.bands, keys=items, labels=labels, size=self.size if crop else self.output_size,
             interpolation=self.interpolation, align_corners=self.align_corners, native=self.loads_native,
             readahead=self.readahead,
+            **crop,
             **self.dataset_kwargs(),
         )
 
@@ -211,6 +246,8 @@ class LMDBDataModule(L.LightningDataModule):
     @property
     def loads_native(self) -> bool:
         """``native``, with ``auto`` resolved from the attached trainer's device."""
+        if self.crop_size is not None:  # crops are cut on the CPU
+            return False
         if self.native != "auto":
             return bool(self.native)
         trainer = self.trainer
@@ -230,7 +267,7 @@ class LMDBDataModule(L.LightningDataModule):
 
     def _loader(self, split: str, shuffle: bool, hook: str) -> PatchLoader | DataLoader:
         dataset = self.datasets[split]
-        if self.loader == "torch":
+        if self.loader == "torch" or not isinstance(dataset, LMDBPatchDataset):  # e.g. SSL4EO's season views
             return DataLoader(dataset, batch_size=self.batch_size, shuffle=shuffle, num_workers=self.num_workers,
                               pin_memory=self.pin_memory, persistent_workers=self.num_workers > 0, collate_fn=collate)
         old = self._patch_loaders.pop(hook, None)
@@ -311,8 +348,10 @@ class LMDBDataModule(L.LightningDataModule):
         if cache.exists():
             stats = json.loads(cache.read_text())
             return torch.tensor(stats["mean"]), torch.tensor(stats["std"])
-        stats_ds = LMDBPatchDataset(self.lmdb_paths, self.bands, keys=train._keys, size=train.size,
-                                    interpolation=self.interpolation, align_corners=self.align_corners)
+        crop = {} if getattr(train, "crop", None) is None else {"crop": train.crop, "crop_mode": "center"}
+        stats_ds = LMDBPatchDataset(self.lmdb_paths, self.bands, keys=train._keys,
+                                    size=train.grid if crop else train.size, interpolation=self.interpolation,
+                                    align_corners=self.align_corners, **crop)
         rng = np.random.default_rng(self.seed)
         n = min(len(stats_ds), self.stats_samples)
         indices = np.sort(rng.choice(len(stats_ds), size=n, replace=False))
@@ -364,3 +403,18 @@ def stratified_split(labels: np.ndarray, fractions: tuple[float, float, float], 
         parts["test"].append(members[n_val : n_val + n_test])
         parts["train"].append(members[n_val + n_test :])
     return {s: np.sort(np.concatenate(p)) if p else np.array([], dtype=int) for s, p in parts.items()}
+
+
+def group_split(groups: Sequence[str], fractions: tuple[float, float, float], seed: int) -> dict[str, np.ndarray]:
+    """Indices of a seeded split that deals whole groups (e.g. locations, tiles) to train, val
+    and test in about ``fractions`` of the groups, so no group straddles two splits."""
+    names = sorted(set(groups))
+    order = np.random.default_rng(seed).permutation(len(names))
+    n_val, n_test = (int(round(len(names) * f)) for f in fractions[1:])
+    if len(names) >= 3:  # every split non-empty where there are enough groups
+        n_val, n_test = max(n_val, 1), max(n_test, 1)
+    split_of = {}
+    for rank, i in enumerate(order):
+        split_of[names[i]] = "val" if rank < n_val else "test" if rank < n_val + n_test else "train"
+    where = np.array([split_of[g] for g in groups])
+    return {s: np.flatnonzero(where == s) for s in SPLITS}

@@ -27,12 +27,10 @@ class GeoPatchDataset(LMDBPatchDataset):
         super().__init__(*args, **kwargs)
         self.geo = geo
 
-    def _read(self, indices, batched: bool = True, into=None) -> dict[str, Any]:
-        out = super()._read(indices, batched=batched, into=into)
-        keys = out["key"] if batched else [out["key"]]
-        bounds = torch.tensor([self.geo[k][0] for k in keys], dtype=torch.float64)
-        crs = [self.geo[k][1] for k in keys]
-        out["bounds"], out["crs"] = (bounds, crs) if batched else (bounds[0], crs[0])
+    def fields(self, indices) -> dict[str, Any]:
+        out = super().fields(indices)
+        out["bounds"] = torch.tensor([self.geo[k][0] for k in out["key"]], dtype=torch.float64)
+        out["crs"] = [self.geo[k][1] for k in out["key"]]
         return out
 
 
@@ -253,4 +251,4 @@ class GeoPatchDataModule(LMDBDataModule):
             self.mean, self.std = self.statistics()
 
     def predict_dataloader(self):
-        return self._loader("predict", shuffle=False)
+        return self._loader("predict", shuffle=False, hook="predict")

@@ -1,0 +1,80 @@
+"""Self-supervised pretraining sets without labels or split files: Hydro and SpectralEarth."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import numpy as np
+
+from ...catalog import hydro, spectralearth
+from .base import LMDBDataModule, group_split
+
+
+class PretrainingDataModule(LMDBDataModule):
+    """Every patch of the LMDB, dealt to train/val/test by a seeded split of whole groups
+    (:meth:`group_of`); samples carry ``image`` and ``key``, no label (masked-autoencoder
+    style pretraining, e.g. ``rico_torch.models.ConvAutoencoder``).
+
+    Args:
+        lmdb_path: the encoded dataset.
+        bands: band keys; default: all of the dataset's.
+        fractions: (train, val, test) shares of the groups.
+        crop_size: train on random crops of this size (centred in val/test); None: whole patches.
+        (the rest: see :class:`LMDBDataModule`)
+    """
+
+    default_bands: tuple[str, ...] = ()
+
+    def __init__(
+        self,
+        lmdb_path: str | list[str],
+        bands: list[str] | None = None,
+        fractions: tuple[float, float, float] = (0.8, 0.1, 0.1),
+        batch_size: int = 32,
+        num_workers: int = 2,
+        pin_memory: bool = False,
+        mean: list[float] | None = None,
+        std: list[float] | None = None,
+        flips: bool = True,
+        native: bool | Literal["auto"] = "auto",
+        crop_size: int | None = None,
+        readahead: bool = False,
+        stats_samples: int = 500,
+        seed: int = 0,
+    ) -> None:
+        super().__init__(lmdb_path, list(bands or self.default_bands), batch_size=batch_size, num_workers=num_workers,
+                         pin_memory=pin_memory, mean=mean, std=std, flips=flips, native=native, readahead=readahead,
+                         stats_samples=stats_samples, seed=seed, crop_size=crop_size)
+        self.fractions = tuple(fractions)
+
+    def group_of(self, key: str) -> str:
+        """The group a patch is split with (its own key: patches split at random)."""
+        return key
+
+    def split_items(self, split: str):
+        keys = sorted(k.decode() for k in self.stored_keys())
+        parts = group_split([self.group_of(k) for k in keys], self.fractions, self.seed)  # type: ignore[arg-type]
+        return np.array([keys[i] for i in parts[split]], dtype=np.bytes_), None
+
+
+class HydroDataModule(PretrainingDataModule):
+    """Hydro: 12-band Sentinel-2 256x256 water patches (``B01``..``B12`` with ``B8A``, no B10),
+    split at random by patch."""
+
+    name = "hydro"
+    catalog = hydro.DATASET
+    rgb_bands = hydro.PATCHES.rgb_bands
+    default_bands = hydro.BANDS
+
+
+class SpectralEarthDataModule(PretrainingDataModule):
+    """SpectralEarth (EnMAP): 202-band hyperspectral 128x128 patches (``B1``..``B202``), split by
+    tile folder so that patches of one tile stay in one split."""
+
+    name = "spectral-earth-enmap"
+    catalog = spectralearth.DATASET
+    rgb_bands = spectralearth.PATCHES.rgb_bands
+    default_bands = spectralearth.BANDS
+
+    def group_of(self, key: str) -> str:
+        return key.rsplit("_", 1)[0]  # <tile>_<n>.tif -> <tile>
