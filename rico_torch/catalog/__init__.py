@@ -4,11 +4,11 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
-from . import bigearthnet, eurosat, hyspecnet, ucmerced
+from . import bigearthnet, eurosat, hyspecnet, satlas, ucmerced
 from .base import Band, Dataset, Source
 
 DATASETS: dict[str, Dataset] = {
-    d.name: d for d in (bigearthnet.DATASET, hyspecnet.DATASET, ucmerced.DATASET, eurosat.DATASET)
+    d.name: d for d in (bigearthnet.DATASET, hyspecnet.DATASET, ucmerced.DATASET, eurosat.DATASET, satlas.DATASET)
 }
 
 
@@ -26,7 +26,7 @@ def identify(key: str, bands: Iterable[str]) -> tuple[Dataset, Source] | None:
     bands = set(bands)
     for dataset in DATASETS.values():
         for source in dataset.sources:
-            if set(source.band_names) == bands and source.matches_key(key):
+            if source.holds(key, bands):
                 return dataset, source
     return None
 

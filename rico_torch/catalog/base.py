@@ -9,6 +9,7 @@ descriptions generically; the readers use the same band names, shapes and classe
 from __future__ import annotations
 
 import re
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -24,12 +25,15 @@ class Band:
             single file.
         index: the 1-based band index inside that file (``rasterio``'s ``read(index)``).
         shape: the expected ``(height, width)``; ``None`` where the dataset does not fix it.
+        raw: the file's bytes kept verbatim as a 1-D uint8 band (e.g. SatlasPretrain's
+            ``vector.json``) instead of decoded pixels.
     """
 
     name: str
     file: str | None = None
     index: int = 1
     shape: tuple[int, int] | None = None
+    raw: bool = False
 
 
 @dataclass(frozen=True)
@@ -50,6 +54,23 @@ class Source:
             ``None``).
         noun: what messages call its patches (``"BigEarthNet-S1 patches"``); default
             ``"<name> patches"``.
+        subdir: the folder below the option's directory that holds this source (several
+            sources of one dataset may share one option, e.g. SatlasPretrain's root).
+        group: the selector option that picks this source among others sharing the option
+            (``"modalities"`` -> ``--modalities sentinel2 ...``); empty: always encoded.
+        layout: a regular expression over file paths relative to the source root (``/``
+            separated) whose named groups identify a patch: files with equal groups (besides
+            ``band`` and ``file``) are one patch, whose bands may lie in several folders. Its
+            key is ``key_template`` formatted with the groups, ``pattern`` is then the regular
+            expression of those keys, and band ``file`` templates are relative to
+            ``patch_dir`` (formatted likewise). Empty: a patch is one directory or file.
+        key_template: the key of a ``layout`` patch (``"sentinel2/{image}/{tile}"``).
+        patch_dir: a ``layout`` patch's folder relative to the root (``"{image}"``).
+        open_bands: the bands are the files found, not a fixed list: a file's band is its stem
+            (``land_cover.png`` -> ``land_cover``); ``raw_files`` are kept verbatim under their
+            full name.
+        raw_files: file names of an ``open_bands`` patch stored as raw bytes (``vector.json``).
+        dtypes: further dtypes a band may have besides ``dtype``.
     """
 
     name: str
@@ -64,10 +85,19 @@ class Source:
     same_shape: bool = False
     help: str = ""
     noun: str = ""
+    subdir: str = ""
+    group: str = ""
+    layout: str = ""
+    key_template: str = ""
+    patch_dir: str = ""
+    open_bands: bool = False
+    raw_files: tuple[str, ...] = ()
+    dtypes: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         # a file patch's key is its stem: the pattern without its escaped extension (``\.tif``)
-        key_pattern = self.pattern if self.is_dir else re.sub(r"\\\.\w+$", "", self.pattern)
+        key_pattern = self.pattern if self.is_dir or self.layout else re.sub(r"\\\.\w+$", "", self.pattern)
+        object.__setattr__(self, "_layout_regex", re.compile(self.layout) if self.layout else None)
         object.__setattr__(self, "_key_regex", re.compile(key_pattern))
         object.__setattr__(self, "_regex", re.compile(self.pattern))
         if not self.noun:
@@ -84,18 +114,38 @@ class Source:
         """LMDB key of a patch: its directory name or its file stem (rico-hdl's rule)."""
         return patch.name if self.is_dir else patch.stem
 
-    def band_files(self, patch: Path) -> dict[Path, list[Band]]:
-        """The files to open for a patch and the bands to read from each, in band order."""
+    def match_layout(self, relative: str) -> dict[str, str] | None:
+        """The named groups of a ``layout`` match of a root-relative path, else None."""
+        m = self._layout_regex.fullmatch(relative)  # type: ignore[attr-defined]
+        return None if m is None else m.groupdict()
+
+    def band_files(self, patch: Path, fields: Mapping[str, str] | None = None,
+                   found: Sequence[Path] = ()) -> dict[Path, list[Band]]:
+        """The files to open for a patch and the bands to read from each, in band order.
+
+        ``fields``: a ``layout`` patch's named groups (formatted into the band file templates);
+        ``found``: an ``open_bands`` patch's files, whose bands they are.
+        """
         files: dict[Path, list[Band]] = {}
+        if self.open_bands:
+            for path in sorted(found):
+                raw = path.name in self.raw_files
+                files[path] = [Band(path.name if raw else path.stem, file=path.name, raw=raw)]
+            return files
         stem = self.key_of(patch)
         for band in self.bands:
-            path = patch if band.file is None else patch / band.file.format(name=stem)
+            path = patch if band.file is None else patch / band.file.format(name=stem, **(fields or {}))
             files.setdefault(path, []).append(band)
         return files
 
     @property
     def band_names(self) -> tuple[str, ...]:
         return tuple(b.name for b in self.bands)
+
+    def holds(self, key: str, bands: set[str]) -> bool:
+        """Whether a stored patch with these band keys is one of this source's: its key has the
+        source's form and its bands are the source's (any, for ``open_bands``)."""
+        return self.matches_key(key) and (self.open_bands or set(self.band_names) == bands)
 
 
 @dataclass(frozen=True)
@@ -112,6 +162,11 @@ class Dataset:
         datamodule: class path of the DataModule that trains on the encoded dataset.
         config: the training config for it (relative to the repository).
         fit_options: what else the config needs beyond ``lmdb_path`` (command-line overrides).
+        side_files: glob patterns, relative to the directory of the sources' shared option, of
+            files copied into the target beside ``data.mdb`` (same relative path), e.g.
+            SatlasPretrain's ``metadata/*.json``.
+        manifest_extra: a function ``(discovered patches, source roots) -> dict`` whose entries
+            are added to the manifest (e.g. each image's time and tiles).
     """
 
     name: str
@@ -124,6 +179,8 @@ class Dataset:
     datamodule: str = ""
     config: str = ""
     fit_options: str = ""
+    side_files: tuple[str, ...] = ()
+    manifest_extra: object = None
 
     def source(self, name: str) -> Source:
         for s in self.sources:

@@ -4,6 +4,11 @@ GDAL's per-open overhead (~540 us for a small GeoTIFF) dominates encoding, so pl
 layouts (uncompressed, LZW or deflate; grey or RGB; 8-64 bit integer or float samples) are
 decoded with tifffile, which returns the same stored sample values. Anything else falls back
 to rasterio. Both paths are checked against rasterio's ``read(i)`` by the tests and benchmarks.
+
+PNGs (SatlasPretrain) are decoded with imagecodecs' libpng decoder, the fastest of those
+measured (``benchmarks/satlas.py``: imagecodecs, Pillow, rasterio, spng) and identical to Pillow
+and rasterio; a palette PNG gives its indices (as Pillow and rasterio do), through Pillow. A raw
+band (:attr:`Band.raw`) is the file's bytes as a 1-D uint8 array.
 """
 
 from __future__ import annotations
@@ -69,10 +74,62 @@ def read_rasterio(path: Path, indices: list[int]) -> list[np.ndarray]:
             return [src.read(i) for i in indices]
 
 
+#: Largest PNG side accepted: the header's size is checked before anything is allocated.
+MAX_PNG_SIDE = 1 << 14
+_PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+_PNG_CHANNELS = {0: 1, 2: 3, 3: 1, 4: 2, 6: 4}  # colour type -> samples per pixel
+
+
+def read_png(path: Path, indices: list[int]) -> list[np.ndarray]:
+    """The 1-based channels ``indices`` of a PNG (grey: 1; RGB(A): 1-3(4)), as Pillow decodes it."""
+    import imagecodecs
+
+    data = path.read_bytes()
+    if len(data) < 33 or not data.startswith(_PNG_SIGNATURE) or data[12:16] != b"IHDR":
+        raise InputError(path, "not a PNG (no PNG signature and header)")
+    width, height = int.from_bytes(data[16:20], "big"), int.from_bytes(data[20:24], "big")
+    colour = data[25]
+    if colour not in _PNG_CHANNELS:
+        raise InputError(path, f"not a readable PNG (colour type {colour})")
+    if not (0 < width <= MAX_PNG_SIDE and 0 < height <= MAX_PNG_SIDE):
+        raise InputError(path, f"PNG header says {width}x{height} px, more than {MAX_PNG_SIDE} a side allowed")
+    channels = _PNG_CHANNELS[colour]
+    if max(indices) > channels:
+        raise InputError(path, f"has {channels} bands, expected at least {max(indices)}")
+    try:
+        if colour == 3:  # palette: the indices, as Pillow and rasterio give them
+            from PIL import Image
+
+            with Image.open(path) as image:
+                array = np.asarray(image)
+        else:
+            array = imagecodecs.png_decode(data)
+    except InputError:
+        raise
+    except Exception as e:
+        text = (str(e).strip().splitlines() or [""])[0]
+        raise InputError(path, f"not a readable PNG ({type(e).__name__}: {text})") from None
+    if array.ndim == 2:
+        array = array[..., None]
+    if array.shape != (height, width, channels):
+        raise InputError(path, f"PNG decodes to {array.shape}, its header says {height}x{width}x{channels}")
+    native = array.dtype.newbyteorder("=")
+    return [np.ascontiguousarray(array[..., i - 1], dtype=native) for i in indices]
+
+
+def read_raw(path: Path) -> np.ndarray:
+    """A file's bytes verbatim, as a 1-D uint8 band."""
+    if not path.is_file():
+        raise InputError(path, "file is missing")
+    return np.frombuffer(path.read_bytes(), dtype=np.uint8).copy()
+
+
 def read_bands(path: Path, indices: list[int]) -> list[np.ndarray]:
-    """Read the 1-based band ``indices`` of a GeoTIFF, values identical to rasterio's read."""
+    """Read the 1-based band ``indices`` of a GeoTIFF or PNG, values identical to rasterio's read."""
     if not path.is_file():
         raise InputError(path, "band file is missing")
+    if path.suffix.lower() == ".png":
+        return read_png(path, indices)
     try:
         arrays = _read_tifffile(path, indices)
     except Exception:  # not a TIFF tifffile understands: let GDAL decide
@@ -106,18 +163,24 @@ def _gdal_reason(e: BaseException, path: Path) -> str:
 
 
 def _check(source: Source, band: Band, path: Path, array: np.ndarray) -> None:
-    if array.dtype != np.dtype(source.dtype):
+    if band.raw:
+        return
+    if array.dtype != np.dtype(source.dtype) and array.dtype.name not in source.dtypes:
         raise InputError(path, f"band {band.name} has dtype {array.dtype}, expected {source.dtype}")
     if band.shape is not None and array.shape != band.shape:
         got, want = "x".join(map(str, array.shape)), "x".join(map(str, band.shape))
         raise InputError(path, f"band {band.name} is {got} px, expected {want}")
 
 
-def read_patch(source: Source, patch: Path) -> dict[str, np.ndarray]:
-    """All bands of one patch, checked against the source's dtype and shapes."""
+def read_patch(source: Source, patch: Path, files: dict[Path, list[Band]] | None = None) -> dict[str, np.ndarray]:
+    """All bands of one patch, checked against the source's dtype and shapes; ``files``: the
+    patch's files and their bands where the path alone does not tell (``Patch.band_files``)."""
     bands: dict[str, np.ndarray] = {}
-    for path, file_bands in source.band_files(patch).items():
-        arrays = read_bands(path, [b.index for b in file_bands])
+    for path, file_bands in (source.band_files(patch) if files is None else files).items():
+        if file_bands[0].raw:
+            arrays = [read_raw(path)]
+        else:
+            arrays = read_bands(path, [b.index for b in file_bands])
         for band, array in zip(file_bands, arrays):
             _check(source, band, path, array)
             bands[band.name] = array

@@ -13,6 +13,7 @@ from ._geotiff import write_geotiff
 from .bigearthnet import BigEarthNetFiles, BigEarthNetMetadata, make_bigearthnet, make_bigearthnet_metadata
 from .eurosat import EuroSATFiles, make_eurosat, make_eurosat_splits
 from .hyspecnet import HySpecNetFiles, make_hyspecnet
+from .satlas import SatlasFiles, make_satlas
 from .ucmerced import UCMercedFiles, make_ucmerced, make_ucmerced_splits
 
 __all__ = [
@@ -20,6 +21,7 @@ __all__ = [
     "BigEarthNetMetadata",
     "EuroSATFiles",
     "HySpecNetFiles",
+    "SatlasFiles",
     "SplitFiles",
     "UCMercedFiles",
     "make_bigearthnet",
@@ -27,6 +29,7 @@ __all__ = [
     "make_eurosat",
     "make_eurosat_splits",
     "make_hyspecnet",
+    "make_satlas",
     "make_ucmerced",
     "make_ucmerced_splits",
     "write_geotiff",
