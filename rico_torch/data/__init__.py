@@ -6,10 +6,12 @@ from .datamodules import (
     EuroSATDataModule,
     HySpecNetDataModule,
     LMDBDataModule,
+    SatlasDataModule,
     UCMercedDataModule,
 )
 
 __all__ = [
     "LMDBPatchDataset", "NativeAssembler", "collate", "read_manifest", "LMDBDataModule",
-    "BigEarthNetDataModule", "EuroSATDataModule", "HySpecNetDataModule", "UCMercedDataModule",
+    "BigEarthNetDataModule", "EuroSATDataModule", "HySpecNetDataModule", "SatlasDataModule",
+    "UCMercedDataModule",
 ]

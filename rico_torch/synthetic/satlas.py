@@ -146,10 +146,10 @@ def make_satlas(root: Path, seed: int = 0, landsat: bool = False, naip: bool = F
         image_keys["landsat"] = []
         for i, (name, tiles) in enumerate(LANDSAT_IMAGES):
             _image(root, "landsat", name, tiles, i, seed, pngs, image_keys["landsat"], LANDSAT_SIZES, 256)
-    if naip:  # zoom 17: the first 16x16 children's corner of TILES[0]: two of them
+    if naip:  # zoom 17: two of the 16x16 children of each of TILES[0] and TILES[1]
         image_keys["naip"] = []
         for i, (name, time) in enumerate(NAIP_IMAGES):
-            children = [(TILES[0][0] * 16, TILES[0][1] * 16), (TILES[0][0] * 16 + 1, TILES[0][1] * 16)]
+            children = [(c * 16 + dc, r * 16 + 3) for c, r in TILES[:2] for dc in (0, 5)]
             _image(root, "naip", name, children, i, seed, pngs, image_keys["naip"], {})
             times[name] = time
     static_keys, dynamic_keys, dynamic_images = [], [], {}
@@ -191,7 +191,7 @@ def make_satlas(root: Path, seed: int = 0, landsat: bool = False, naip: bool = F
     good_lowres = [[*tile, name] for name, _, tiles in S2_IMAGES for tile in tiles if (tile, name) != BAD]
     good_lowres += [[*tile, name] for name, tiles in S1_IMAGES for tile in tiles]
     (metadata / "good_images_lowres_all.json").write_text(json.dumps(good_lowres))
-    (metadata / "good_images_highres_all.json").write_text(json.dumps([[*TILES[0], n] for n, _ in NAIP_IMAGES]))
+    (metadata / "good_images_highres_all.json").write_text(json.dumps([[*t, n] for t in TILES[:2] for n, _ in NAIP_IMAGES]))
     (metadata / "wind_turbine_properties.json").write_text(json.dumps({"wind_turbine_rotor": [f"{tile_name(TILES[0])}_0"]}))
     for keys in image_keys.values():
         keys.sort()

@@ -4,6 +4,8 @@ from .base import LMDBDataModule
 from .bigearthnet import BigEarthNetDataModule
 from .eurosat import EuroSATDataModule
 from .hyspecnet import HySpecNetDataModule
+from .satlas import SatlasDataModule
 from .ucmerced import UCMercedDataModule
 
-__all__ = ["LMDBDataModule", "BigEarthNetDataModule", "EuroSATDataModule", "HySpecNetDataModule", "UCMercedDataModule"]
+__all__ = ["LMDBDataModule", "BigEarthNetDataModule", "EuroSATDataModule", "HySpecNetDataModule", "SatlasDataModule",
+           "UCMercedDataModule"]

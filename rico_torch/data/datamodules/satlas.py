@@ -1,0 +1,341 @@
+"""SatlasPretrain DataModule: image time series of a tile with its raster labels."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch.utils.data import Dataset
+
+from ...catalog import satlas
+from ...errors import ConfigError, DatasetNotFoundError, FormatError
+from ...format import parse_header, view
+from ..dataset import LMDBPatchDataset, SampleList, _unbatch
+from .base import SPLITS, LMDBDataModule
+
+#: Zoom levels between a NAIP tile (zoom 17) and its label tile (zoom 13).
+NAIP_LEVELS = 4
+
+
+@dataclass(frozen=True)
+class SatlasItem:
+    """One sample: a tile's images (oldest first, at most ``num_images``) and its label key.
+
+    ``window``: for a tile finer than its label tile (NAIP), the label pixels it covers
+    ``(row, col, height, width)``.
+    """
+
+    name: str
+    images: tuple[str, ...]
+    label: str | None
+    window: tuple[int, int, int, int] | None = None
+
+
+class SatlasTiles(Dataset):
+    """Samples of :class:`SatlasItem`: ``image`` T x C x H x W (C x H x W for ``num_images=1``),
+    float32 stored values, the most recent image last and zero images in front where fewer
+    exist; one target per task (int64 for segmentation, float32 for regression, 0 = invalid,
+    all 0 where the label is missing); ``key``: the item's name.
+    """
+
+    def __init__(self, lmdb_paths: Sequence[Path], bands: Sequence[str], items: Sequence[SatlasItem],
+                 tasks: Sequence[str], num_images: int, readahead: bool = False) -> None:
+        self.items, self.tasks, self.num_images = list(items), list(tasks), num_images
+        keys = sorted({k for item in self.items for k in item.images})
+        self.index = {k: i for i, k in enumerate(keys)}
+        self.images = LMDBPatchDataset(list(lmdb_paths), list(bands), keys=keys, readahead=readahead)
+        self.size = self.images.size
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        return _unbatch(self.read_batch([index]), 0)
+
+    def __getitems__(self, indices: Sequence[int]) -> SampleList:
+        batch = self.read_batch(list(indices))
+        return SampleList([_unbatch(batch, row) for row in range(len(indices))], batch=batch)
+
+    def read_batch(self, indices: list[int]) -> dict[str, Any]:
+        items = [self.items[i] for i in indices]
+        wanted = sorted({self.index[k] for item in items for k in item.images})
+        read = self.images.read_batch(wanted)["image"] if wanted else None
+        at = {index: row for row, index in enumerate(wanted)}
+        n, t = len(items), self.num_images
+        image = torch.zeros((n, t, len(self.images.bands), *self.size), dtype=torch.float32)
+        for row, item in enumerate(items):
+            for j, key in enumerate(item.images):
+                image[row, t - len(item.images) + j] = read[at[self.index[key]]]
+        batch: dict[str, Any] = {"image": image[:, 0] if t == 1 else image, "key": [item.name for item in items]}
+        for task in self.tasks:
+            kind = satlas.TASKS[task][0]
+            batch[task] = torch.zeros((n, *self.size), dtype=torch.float32 if kind == "regression" else torch.int64)
+        with self.images.store.reader() as reader:
+            for row, item in enumerate(items):
+                if item.label is None:
+                    continue
+                value = reader.get(item.label.encode())
+                header = parse_header(value, item.label)
+                for task in self.tasks:
+                    if task in header:
+                        batch[task][row] = self._label(view(value, header[task]), item.window)
+        return batch
+
+    def _label(self, array: np.ndarray, window: tuple[int, int, int, int] | None) -> torch.Tensor:
+        """A label band as a tensor of the output size (a NAIP tile's window of it, nearest)."""
+        if window is not None:
+            r, c, h, w = window
+            array = array[r : r + h, c : c + w]
+        label = torch.from_numpy(np.array(array))
+        if tuple(label.shape) != tuple(self.size):
+            label = F.interpolate(label[None, None].float(), size=self.size, mode="nearest")[0, 0]
+        return label
+
+
+def _load_json(path: Path, what: str):
+    if not path.is_file():
+        raise DatasetNotFoundError(f"{path}: SatlasPretrain {what} missing; set metadata_dir to the dataset's metadata/ "
+                                   "folder (the encoder copies it beside data.mdb)")
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise FormatError(f"{path}: unreadable JSON ({e})") from None
+
+
+def _tile(col_row: Sequence[Any], path: Path) -> str:
+    try:
+        col, row = col_row[:2]
+        return f"{int(col)}_{int(row)}"
+    except (TypeError, ValueError):
+        raise FormatError(f"{path}: entry {col_row!r} is not [col, row]") from None
+
+
+class SatlasDataModule(LMDBDataModule):
+    """SatlasPretrain: time series of a modality's images per tile, with raster label tasks.
+
+    Args:
+        lmdb_path: the encoded dataset (``python -m rico_torch.encode satlas ...``), or its shards.
+        metadata_dir: the dataset's ``metadata/`` folder; default: the copy beside ``data.mdb``.
+        modality: ``sentinel2``, ``sentinel1``, ``landsat`` or ``naip``.
+        bands: band keys in order; default the modality's usual set (Sentinel-2: the 9 bands
+            R, G, B, b05, b06, b07, b08, b11, b12 of the released models).
+        tasks: raster label tasks (``land_cover``, ``crop_type``, ``tree_cover``, ``dem`` are
+            static; ``water_event``, ``water``, ``cloud``, ``wildfire`` dynamic; not mixed).
+        split: which split files: ``lowres`` (``train_lowres.json`` / ``test_lowres.json``),
+            ``highres`` or ``event``.
+        val_fraction: share of the train split's tiles held out for validation (seeded; at
+            least one tile when above 0, at least one left for training).
+        good_images: keep only images ``good_images_{lowres,highres}_all.json`` lists for the
+            tile (fewer than 20% black or white pixels), as the released code does.
+        num_images: images per sample, sorted by time, most recent last (for a dynamic label, the
+            image its ``vector.json`` names is the last); zero images in front where fewer exist.
+            ``image`` is T x C x H x W, or C x H x W for 1.
+        normalise: the released weights' normalisation on the device (tci and other Sentinel-2
+            bands / 255, Sentinel-1 / 255, NAIP / 255, Landsat clip((v - 4000) / 16320, 0, 1)).
+
+    Samples: ``image``, one target per task (segmentation int64 H x W, regression float32
+    H x W; 0 = invalid; all 0 where the label file is missing) and ``key``.
+    """
+
+    name = "satlas"
+    catalog = satlas.DATASET
+    rgb_bands = ("tci_r", "tci_g", "tci_b")
+
+    def __init__(
+        self,
+        lmdb_path: str | list[str],
+        metadata_dir: str | None = None,
+        modality: str = "sentinel2",
+        bands: list[str] | None = None,
+        tasks: list[str] | None = None,
+        split: str = "lowres",
+        val_fraction: float = 0.1,
+        good_images: bool = True,
+        num_images: int = 1,
+        normalise: bool = True,
+        batch_size: int = 16,
+        num_workers: int = 2,
+        pin_memory: bool = False,
+        flips: bool = False,
+        readahead: bool = False,
+        seed: int = 0,
+    ) -> None:
+        if modality not in satlas.MODALITIES:
+            raise ConfigError(f"modality {modality!r} is not one of {list(satlas.MODALITIES)}")
+        bands = list(bands or satlas.DEFAULT_BANDS[modality])
+        valid = satlas.DATASET.source(modality).band_names
+        unknown = [b for b in bands if b not in valid]
+        if unknown:
+            raise ConfigError(f"unknown SatlasPretrain {modality} band(s) {unknown}; valid: {list(valid)}")
+        super().__init__(lmdb_path, bands, batch_size=batch_size, num_workers=num_workers, pin_memory=pin_memory,
+                         mean=[0.0] * len(bands), std=[1.0] * len(bands), flips=flips, native=False,
+                         readahead=readahead, seed=seed)
+        self.tasks = list(tasks if tasks is not None else ["land_cover"])
+        bad = [t for t in self.tasks if t not in satlas.TASKS]
+        if bad:
+            raise ConfigError(f"unknown SatlasPretrain task(s) {bad}; valid: {list(satlas.TASKS)}")
+        folders = {satlas.TASKS[t][1] for t in self.tasks}
+        if len(folders) > 1:
+            raise ConfigError(f"tasks {self.tasks} mix static and dynamic labels; train them separately")
+        self.label_folder = folders.pop() if folders else "static"
+        if split not in satlas.SPLITS:
+            raise ConfigError(f"split {split!r} is not one of {list(satlas.SPLITS)}")
+        if not 0 <= val_fraction < 1:
+            raise ConfigError(f"val_fraction {val_fraction} is not in [0, 1)")
+        if num_images < 1:
+            raise ConfigError(f"num_images {num_images} is not >= 1")
+        self.metadata_dir = Path(metadata_dir) if metadata_dir is not None else self.lmdb_path / "metadata"
+        self.modality, self.split, self.val_fraction = modality, split, val_fraction
+        self.good_images, self.num_images, self.normalise = good_images, num_images, normalise
+        self._items: dict[str, list[SatlasItem]] | None = None
+
+    @property
+    def classes(self) -> tuple[str, ...]:
+        first = self.tasks[0] if self.tasks else None
+        return satlas.TASKS[first][2] if first and satlas.TASKS[first][0] == "segmentation" else ()
+
+    # --- items ----------------------------------------------------------------------------
+
+    def split_tiles(self) -> dict[str, list[str]]:
+        """Tiles (``<col>_<row>``, zoom 13) of train, val and test: val is ``val_fraction`` of
+        the train file's tiles, drawn with ``seed``."""
+        tiles = {}
+        for part in ("train", "test"):
+            path = self.metadata_dir / f"{part}_{self.split}.json"
+            entries = _load_json(path, "split file")
+            tiles[part] = sorted({_tile(e, path) for e in entries})
+        order = np.random.default_rng(self.seed).permutation(len(tiles["train"]))
+        n_val = int(round(len(order) * self.val_fraction))
+        if self.val_fraction > 0 and len(order) > 1:
+            n_val = min(max(n_val, 1), len(order) - 1)  # a few tiles: still one for val, one for train
+        val = {tiles["train"][i] for i in order[:n_val]}
+        return {"train": [t for t in tiles["train"] if t not in val], "val": sorted(val), "test": tiles["test"]}
+
+    def _good(self) -> set[tuple[str, str]] | None:
+        if not self.good_images:
+            return None
+        kind = "highres" if self.modality == "naip" else "lowres"
+        path = self.metadata_dir / f"good_images_{kind}_all.json"
+        entries = _load_json(path, "good-images file (or set good_images: false)")
+        good = set()
+        for e in entries:
+            if not isinstance(e, list) or len(e) != 3:
+                raise FormatError(f"{path}: entry {e!r} is not [col, row, image name]")
+            good.add((_tile(e, path), str(e[2])))
+        return good
+
+    def _label_tile(self, tile: str) -> tuple[str, tuple[int, int, int, int] | None]:
+        """The zoom-13 label tile of an image tile, and the window of it the image covers."""
+        if self.modality != "naip":
+            return tile, None
+        col, row = map(int, tile.split("_"))
+        f = 1 << NAIP_LEVELS
+        side = 512 // f
+        return f"{col // f}_{row // f}", ((row % f) * side, (col % f) * side, side, side)
+
+    def build_items(self) -> dict[str, list[SatlasItem]]:
+        """Every split's items (see the class docstring)."""
+        stored = {k.decode() for k in self.stored_keys()}
+        times = satlas.image_times(self.metadata_dir)
+        good = self._good()
+        prefix = f"{self.modality}/"
+        by_tile: dict[str, list[tuple[str, str, str]]] = {}  # label tile -> (time, image, key)
+        windows: dict[str, dict[str, Any]] = {}
+        for key in stored:
+            if not key.startswith(prefix):
+                continue
+            _, image, tile = key.split("/")
+            label_tile, window = self._label_tile(tile)
+            if good is not None and (tile, image) not in good and (label_tile, image) not in good:
+                continue
+            by_tile.setdefault(label_tile, []).append((str(times.get(image, image)), image, key))
+            windows.setdefault(label_tile, {})[key] = (tile, window)
+        for entries in by_tile.values():
+            entries.sort()
+        dynamic = self._dynamic_labels(stored) if self.label_folder == "dynamic" else {}
+        items: dict[str, list[SatlasItem]] = {}
+        for split, tiles in self.split_tiles().items():
+            items[split] = []
+            for label_tile in tiles:
+                entries = by_tile.get(label_tile, [])
+                if self.label_folder == "static":
+                    label = f"static/{label_tile}"
+                    label = label if label in stored else None
+                    for tile in sorted({windows[label_tile][k][0] for _, _, k in entries}):
+                        series = [k for _, _, k in entries if windows[label_tile][k][0] == tile]
+                        window = windows[label_tile][series[0]][1]
+                        items[split].append(SatlasItem(f"{self.modality}/{tile}", tuple(series[-self.num_images:]), label, window))
+                else:
+                    for label, image in dynamic.get(label_tile, []):
+                        key = f"{self.modality}/{image}/{label_tile}"
+                        if key not in stored:
+                            continue  # its image is of another modality, or a mosaic ("fake")
+                        time = str(times.get(image, image))
+                        before = [k for t, _, k in entries if t <= time and k != key]
+                        series = (*before[-(self.num_images - 1):], key) if self.num_images > 1 else (key,)
+                        items[split].append(SatlasItem(label, tuple(series), label))
+        return items
+
+    def _dynamic_labels(self, stored: set[str]) -> dict[str, list[tuple[str, str]]]:
+        """Label tile -> (dynamic label key, the image its vector.json names) for the keys that
+        hold one of the tasks."""
+        found: dict[str, list[tuple[str, str]]] = {}
+        keys = sorted(k for k in stored if k.startswith("dynamic/"))
+        from ..store import Store
+
+        with Store(self.lmdb_paths, self.readahead).reader() as reader:
+            for key in keys:
+                value = reader.get(key.encode())
+                header = parse_header(value, key)
+                if not any(t in header for t in self.tasks) or satlas.VECTOR not in header:
+                    continue
+                try:
+                    vector = json.loads(bytes(view(value, header[satlas.VECTOR])))
+                    image = vector["metadata"]["ImageName"]
+                except (ValueError, KeyError, TypeError):
+                    continue  # no image named: nothing to pair the label with
+                found.setdefault(key.split("/")[1], []).append((key, str(image)))
+        return found
+
+    def split_items(self, split: str):
+        if self._items is None:
+            self._items = self.build_items()
+        return self._items[split], None
+
+    def make_dataset(self, split: str) -> SatlasTiles:
+        items, _ = self.split_items(split)
+        if not items:
+            raise ConfigError(f"{self.lmdb_path}: the {split} split has no {self.modality} images "
+                              f"{'with ' + ', '.join(self.tasks) + ' labels ' if self.label_folder == 'dynamic' else ''}"
+                              "; check split, modality and metadata_dir")
+        return SatlasTiles(self.lmdb_paths, self.bands, items, self.tasks, self.num_images, self.readahead)
+
+    def setup(self, stage: str | None = None) -> None:
+        if not self.datasets:
+            self.check_lmdb()
+        wanted = {"fit": ("train", "val"), "validate": ("val",), "test": ("test",), "predict": ("test",)}
+        for split in wanted.get(stage, SPLITS) if stage else SPLITS:
+            if split not in self.datasets and not (split == "val" and self.val_fraction == 0):
+                self.datasets[split] = self.make_dataset(split)
+
+    def val_dataloader(self):
+        """No validation with ``val_fraction=0``."""
+        return super().val_dataloader() if "val" in self.datasets else []
+
+    def on_after_batch_transfer(self, batch: dict[str, Any], dataloader_idx: int) -> dict[str, Any]:
+        if self.normalise:
+            offset, scale = satlas.NORMALISATION[self.modality]
+            batch["image"] = ((batch["image"] - offset) / scale).clamp_(0, 1)
+        if self.flips and self.trainer is not None and self.trainer.training:
+            for dim in (-1, -2):
+                if torch.rand(()) < 0.5:
+                    batch["image"] = batch["image"].flip(dim)
+                    for task in self.tasks:
+                        batch[task] = batch[task].flip(dim)
+        return batch
