@@ -98,10 +98,10 @@ class SatlasTiles(Dataset):
         return label
 
 
-def _load_json(path: Path, what: str):
+def _load_json(path: Path, what: str, fix: str = ""):
     if not path.is_file():
         raise DatasetNotFoundError(f"{path}: SatlasPretrain {what} missing; set metadata_dir to the dataset's metadata/ "
-                                   "folder (the encoder copies it beside data.mdb)")
+                                   f"folder (the encoder copies it beside data.mdb){fix}")
     try:
         return json.loads(path.read_text())
     except (OSError, ValueError) as e:
@@ -222,7 +222,7 @@ class SatlasDataModule(LMDBDataModule):
             return None
         kind = "highres" if self.modality == "naip" else "lowres"
         path = self.metadata_dir / f"good_images_{kind}_all.json"
-        entries = _load_json(path, "good-images file (or set good_images: false)")
+        entries = _load_json(path, "good-images file", ", or set good_images: false")
         good = set()
         for e in entries:
             if not isinstance(e, list) or len(e) != 3:
@@ -241,6 +241,7 @@ class SatlasDataModule(LMDBDataModule):
 
     def build_items(self) -> dict[str, list[SatlasItem]]:
         """Every split's items (see the class docstring)."""
+        split_tiles = self.split_tiles()
         stored = {k.decode() for k in self.stored_keys()}
         times = satlas.image_times(self.metadata_dir)
         good = self._good()
@@ -260,7 +261,7 @@ class SatlasDataModule(LMDBDataModule):
             entries.sort()
         dynamic = self._dynamic_labels(stored) if self.label_folder == "dynamic" else {}
         items: dict[str, list[SatlasItem]] = {}
-        for split, tiles in self.split_tiles().items():
+        for split, tiles in split_tiles.items():
             items[split] = []
             for label_tile in tiles:
                 entries = by_tile.get(label_tile, [])
@@ -311,9 +312,9 @@ class SatlasDataModule(LMDBDataModule):
     def make_dataset(self, split: str) -> SatlasTiles:
         items, _ = self.split_items(split)
         if not items:
-            raise ConfigError(f"{self.lmdb_path}: the {split} split has no {self.modality} images "
-                              f"{'with ' + ', '.join(self.tasks) + ' labels ' if self.label_folder == 'dynamic' else ''}"
-                              "; check split, modality and metadata_dir")
+            labelled = f" with {', '.join(self.tasks)} labels" if self.label_folder == "dynamic" else ""
+            raise ConfigError(f"{self.lmdb_path}: the {split} split ({self.split}) has no {self.modality} images"
+                              f"{labelled}; check split, modality, metadata_dir and val_fraction")
         return SatlasTiles(self.lmdb_paths, self.bands, items, self.tasks, self.num_images, self.readahead)
 
     def setup(self, stage: str | None = None) -> None:

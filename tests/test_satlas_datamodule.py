@@ -1,0 +1,181 @@
+"""SatlasDataModule: time series, good images, labels (static, dynamic, missing), normalisation, CLI."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from safetensors.numpy import load
+
+from rico_torch.catalog.satlas import S2_BANDS
+from rico_torch.data import SatlasDataModule
+from rico_torch.errors import ConfigError, DatasetNotFoundError
+from rico_torch.synthetic import make_satlas
+from rico_torch.synthetic.satlas import BAD, NO_STATIC, NO_TREE_COVER, S2_IMAGES, tile_name
+
+from .conftest import encoded, read_lmdb
+from .test_datamodules import fit
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory):
+    return make_satlas(tmp_path_factory.mktemp("satlas-dm") / "satlas", landsat=True, naip=True)
+
+
+@pytest.fixture(scope="module")
+def lmdb(files, tmp_path_factory):
+    return encoded(tmp_path_factory, "satlas", "--dataset-dir", files.root, "--num-workers", "2")
+
+
+@pytest.fixture(scope="module")
+def values(lmdb):
+    return {k.decode(): load(v) for k, v in read_lmdb(lmdb).items()}
+
+
+def stacked(value: dict, bands=S2_BANDS, size: int = 512) -> torch.Tensor:
+    """The bands of a stored value at ``size`` by pixel replication, as float32."""
+    out = []
+    for b in bands:
+        a = value[b]
+        f = size // a.shape[0]
+        out.append(a.repeat(f, 0).repeat(f, 1).astype(np.float32))
+    return torch.from_numpy(np.stack(out))
+
+
+def module(lmdb, stage: str | None = None, **kwargs) -> SatlasDataModule:
+    kwargs.setdefault("num_workers", 0)
+    dm = SatlasDataModule(str(lmdb), **kwargs)
+    dm.setup(stage)
+    return dm
+
+
+def sample(dm: SatlasDataModule, name: str) -> dict:
+    for split, ds in dm.datasets.items():
+        for i, item in enumerate(ds.items):
+            if item.name == name:
+                return ds[i]
+    raise KeyError(name)
+
+
+def png(path: Path) -> np.ndarray:
+    with Image.open(path) as image:
+        return np.asarray(image)
+
+
+def s2_key(image: int, tile) -> str:
+    return f"sentinel2/{S2_IMAGES[image][0]}/{tile_name(tile)}"
+
+
+def test_time_series_sorted_most_recent_last_zero_padded_in_front(lmdb, values):
+    dm = module(lmdb, num_images=3)
+    full = sample(dm, "sentinel2/4100_2701")  # covered by all three images
+    assert full["image"].shape == (3, 9, 512, 512)
+    for t in range(3):
+        assert torch.equal(full["image"][t], stacked(values[s2_key(t, (4100, 2701))])), t
+    # 4100_2700: image 1 is not good there and image 2 does not cover it: one image, two zero ones
+    padded = sample(dm, "sentinel2/4100_2700")
+    assert torch.equal(padded["image"][:2], torch.zeros(2, 9, 512, 512))
+    assert torch.equal(padded["image"][2], stacked(values[s2_key(0, (4100, 2700))]))
+
+
+def test_one_image_gives_c_h_w_and_good_images_filter(lmdb, values):
+    tile = BAD[0]
+    filtered = sample(module(lmdb), f"sentinel2/{tile_name(tile)}")
+    assert filtered["image"].shape == (9, 512, 512)
+    assert torch.equal(filtered["image"], stacked(values[s2_key(0, tile)]))  # the bad (newer) image is left out
+    unfiltered = sample(module(lmdb, good_images=False), f"sentinel2/{tile_name(tile)}")
+    assert torch.equal(unfiltered["image"], stacked(values[s2_key(1, tile)]))
+
+
+def test_static_labels_and_missing_ones(lmdb, files):
+    dm = module(lmdb, tasks=["land_cover", "tree_cover"])
+    s = sample(dm, "sentinel2/4100_2700")
+    assert s["land_cover"].dtype == torch.int64 and s["tree_cover"].dtype == torch.float32
+    assert np.array_equal(s["land_cover"].numpy(), png(files.pngs["static/4100_2700"]["land_cover"][0]))
+    assert np.array_equal(s["tree_cover"].numpy(), png(files.pngs["static/4100_2700"]["tree_cover"][0]))
+    no_tree = sample(dm, f"sentinel2/{tile_name(NO_TREE_COVER)}")  # the PNG is absent: all invalid
+    assert no_tree["land_cover"].any() and not no_tree["tree_cover"].any()
+    no_static = sample(dm, f"sentinel2/{tile_name(NO_STATIC)}")  # no label folder at all
+    assert not no_static["land_cover"].any() and not no_static["tree_cover"].any()
+    assert dm.classes[0] == "invalid" and len(dm.classes) == 12
+
+
+def test_dynamic_labels_pair_with_their_image(lmdb, files, values):
+    dm = module(lmdb, tasks=["water_event"], split="event", num_images=2)
+    items = [i for ds in dm.datasets.values() for i in ds.items]
+    assert sorted(i.label for i in items) == files.dynamic_keys
+    for item in items:
+        tile = item.label.split("/")[1]
+        named = files.dynamic_images[item.label]
+        assert item.images[-1] == f"sentinel2/{named}/{tile}"
+        s = sample(dm, item.name)
+        assert torch.equal(s["image"][-1], stacked(values[item.images[-1]]))
+        assert np.array_equal(s["water_event"].numpy(), png(files.pngs[item.label]["water_event"][0]))
+        if len(item.images) == 1:
+            assert not s["image"][0].any()
+
+
+def test_val_is_a_seeded_share_of_train_tiles(lmdb, files):
+    dm = SatlasDataModule(str(lmdb), val_fraction=0.34, seed=3, num_workers=0)
+    tiles = dm.split_tiles()
+    train = {tile_name(t) for t in files.splits["train_lowres"]}
+    assert set(tiles["train"]) | set(tiles["val"]) == train and not set(tiles["train"]) & set(tiles["val"])
+    assert len(tiles["val"]) == 1 and tiles == SatlasDataModule(str(lmdb), val_fraction=0.34, seed=3).split_tiles()
+    assert tiles["test"] == [tile_name(t) for t in files.splits["test_lowres"]]
+    no_val = module(lmdb, val_fraction=0)
+    assert "val" not in no_val.datasets and no_val.val_dataloader() == []
+
+
+@pytest.mark.parametrize("modality, offset, scale", [("sentinel2", 0, 255), ("sentinel1", 0, 255),
+                                                     ("landsat", 4000, 16320)])
+def test_normalisation_of_the_released_weights(lmdb, modality, offset, scale):
+    dm = module(lmdb, "fit", modality=modality, good_images=False, val_fraction=0)
+    batch = dm.datasets["train"].read_batch([0])
+    raw = batch["image"].clone()
+    out = dm.on_after_batch_transfer(batch, 0)["image"]
+    assert torch.allclose(out, ((raw - offset) / scale).clamp(0, 1))
+    if modality == "sentinel2":
+        assert out.max() <= 1 and out.max() > 0.3
+
+
+def test_naip_tiles_take_their_window_of_the_zoom13_label(lmdb, files):
+    dm = module(lmdb, modality="naip", split="highres", val_fraction=0)
+    ds = dm.datasets["train"]
+    assert [i.name for i in ds.items] == ["naip/65600_43203", "naip/65605_43203"]
+    s = ds[1]
+    assert s["image"].shape == (3, 512, 512)
+    label = png(files.pngs["static/4100_2700"]["land_cover"][0])
+    window = label[3 * 32 : 4 * 32, 5 * 32 : 6 * 32].repeat(16, 0).repeat(16, 1)
+    assert np.array_equal(s["land_cover"].numpy(), window)
+
+
+def test_loader_batches_with_workers(lmdb):
+    dm = module(lmdb, num_images=2, batch_size=2, num_workers=1)
+    batch = next(iter(dm.train_dataloader()))
+    assert batch["image"].shape == (2, 2, 9, 512, 512) and batch["land_cover"].shape == (2, 512, 512)
+
+
+def test_option_errors(lmdb, tmp_path):
+    with pytest.raises(ConfigError, match="unknown SatlasPretrain sentinel2 band"):
+        SatlasDataModule(str(lmdb), bands=["B04"])
+    with pytest.raises(ConfigError, match="unknown SatlasPretrain task"):
+        SatlasDataModule(str(lmdb), tasks=["roads"])
+    with pytest.raises(ConfigError, match="mix static and dynamic"):
+        SatlasDataModule(str(lmdb), tasks=["land_cover", "water_event"])
+    with pytest.raises(ConfigError, match="modality"):
+        SatlasDataModule(str(lmdb), modality="sentinel3")
+    with pytest.raises(DatasetNotFoundError, match="train_lowres.json: SatlasPretrain split file missing"):
+        module(lmdb, metadata_dir=str(tmp_path))
+    (tmp_path / "train_lowres.json").write_text(json.dumps([[4100, 2700]]))
+    (tmp_path / "test_lowres.json").write_text(json.dumps([[4100, 2701]]))
+    with pytest.raises(DatasetNotFoundError, match="good_images_lowres_all.json"):
+        module(lmdb, metadata_dir=str(tmp_path))
+
+
+def test_cli_fit(lmdb, tmp_path):
+    fit("satlas.yaml", tmp_path, lmdb_path=lmdb, batch_size=2)
+    fit("satlas.yaml", tmp_path, lmdb_path=lmdb, batch_size=2, num_images=2)
