@@ -179,3 +179,16 @@ def test_option_errors(lmdb, tmp_path):
 def test_cli_fit(lmdb, tmp_path):
     fit("satlas.yaml", tmp_path, lmdb_path=lmdb, batch_size=2)
     fit("satlas.yaml", tmp_path, lmdb_path=lmdb, batch_size=2, num_images=2)
+
+
+@pytest.mark.parametrize("num_images", [1, 3])
+def test_native_batches_assemble_to_the_float_ones(lmdb, num_images):
+    """native: uint8 band groups unresampled, cast and replicated in on_after_batch_transfer."""
+    plain = module(lmdb, "fit", native=False, num_images=num_images, batch_size=3)
+    native = module(lmdb, "fit", native=True, num_images=num_images, batch_size=3)
+    a = plain.datasets["train"].read_batch([0, 1])
+    b = native.datasets["train"].read_batch([0, 1])
+    assert "image" not in b and {v.dtype for v in b["native"].values()} == {torch.uint8}
+    assert {tuple(v.shape[-2:]) for v in b["native"].values()} == {(256, 256), (512, 512)}
+    a, b = plain.on_after_batch_transfer(a, 0), native.on_after_batch_transfer(b, 0)
+    assert torch.equal(a["image"], b["image"]) and torch.equal(a["land_cover"], b["land_cover"])

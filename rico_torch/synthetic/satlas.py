@@ -97,8 +97,10 @@ def _smooth(rng: np.random.Generator, size: int, low: int, spread: int, channels
     return np.clip(values, 0, 255).astype(np.uint8)
 
 
-def _image(root: Path, modality: str, image: str, tiles, index: int, seed: int, pngs: dict, keys: list,
-           sizes: dict[str, int], default: int = 512, tile_of=tile_name) -> None:
+def write_image_tiles(root: Path, modality: str, image: str, tiles, index: int, seed: int, pngs: dict,
+                      keys: list, sizes: dict[str, int], default: int = 512, tile_of=tile_name) -> None:
+    """Write one image's band PNGs for ``tiles`` (512 px, or ``sizes[band]``/``default``), and
+    record each key's bands in ``pngs`` and the keys in ``keys``."""
     for t, tile in enumerate(tiles):
         key = f"{modality}/{image}/{tile_of(tile)}"
         keys.append(key)
@@ -138,19 +140,19 @@ def make_satlas(root: Path, seed: int = 0, landsat: bool = False, naip: bool = F
     image_keys: dict[str, list[str]] = {"sentinel2": [], "sentinel1": []}
     times: dict[str, str] = {}
     for i, (name, time, tiles) in enumerate(S2_IMAGES):
-        _image(root, "sentinel2", name, tiles, i, seed, pngs, image_keys["sentinel2"], SIZES)
+        write_image_tiles(root, "sentinel2", name, tiles, i, seed, pngs, image_keys["sentinel2"], SIZES)
         times[name] = time
     for i, (name, tiles) in enumerate(S1_IMAGES):
-        _image(root, "sentinel1", name, tiles, i, seed, pngs, image_keys["sentinel1"], {})
+        write_image_tiles(root, "sentinel1", name, tiles, i, seed, pngs, image_keys["sentinel1"], {})
     if landsat:
         image_keys["landsat"] = []
         for i, (name, tiles) in enumerate(LANDSAT_IMAGES):
-            _image(root, "landsat", name, tiles, i, seed, pngs, image_keys["landsat"], LANDSAT_SIZES, 256)
+            write_image_tiles(root, "landsat", name, tiles, i, seed, pngs, image_keys["landsat"], LANDSAT_SIZES, 256)
     if naip:  # zoom 17: two of the 16x16 children of each of TILES[0] and TILES[1]
         image_keys["naip"] = []
         for i, (name, time) in enumerate(NAIP_IMAGES):
             children = [(c * 16 + dc, r * 16 + 3) for c, r in TILES[:2] for dc in (0, 5)]
-            _image(root, "naip", name, children, i, seed, pngs, image_keys["naip"], {})
+            write_image_tiles(root, "naip", name, children, i, seed, pngs, image_keys["naip"], {})
             times[name] = time
     static_keys, dynamic_keys, dynamic_images = [], [], {}
     for t, tile in enumerate(TILES):

@@ -6,7 +6,7 @@ import json
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import torch
@@ -16,7 +16,7 @@ from torch.utils.data import Dataset
 from ...catalog import satlas
 from ...errors import ConfigError, DatasetNotFoundError, FormatError
 from ...format import parse_header, view
-from ..dataset import LMDBPatchDataset, SampleList, _unbatch
+from ..dataset import LMDBPatchDataset, SampleList, _empty, _unbatch
 from .base import SPLITS, LMDBDataModule
 
 #: Zoom levels between a NAIP tile (zoom 17) and its label tile (zoom 13).
@@ -42,14 +42,18 @@ class SatlasTiles(Dataset):
     float32 stored values, the most recent image last and zero images in front where fewer
     exist; one target per task (int64 for segmentation, float32 for regression, 0 = invalid,
     all 0 where the label is missing); ``key``: the item's name.
+
+    ``native``: instead of ``image``, ``native`` holds each (dtype, size) group of bands
+    unresampled, (T x) C_g x h x w, for :class:`~rico_torch.data.NativeAssembler` to finish on
+    the device (as :class:`~rico_torch.data.LMDBPatchDataset` does).
     """
 
     def __init__(self, lmdb_paths: Sequence[Path], bands: Sequence[str], items: Sequence[SatlasItem],
-                 tasks: Sequence[str], num_images: int, readahead: bool = False) -> None:
-        self.items, self.tasks, self.num_images = list(items), list(tasks), num_images
+                 tasks: Sequence[str], num_images: int, readahead: bool = False, native: bool = False) -> None:
+        self.items, self.tasks, self.num_images, self.native = list(items), list(tasks), num_images, native
         keys = sorted({k for item in self.items for k in item.images})
         self.index = {k: i for i, k in enumerate(keys)}
-        self.images = LMDBPatchDataset(list(lmdb_paths), list(bands), keys=keys, readahead=readahead)
+        self.images = LMDBPatchDataset(list(lmdb_paths), list(bands), keys=keys, readahead=readahead, native=native)
         self.size = self.images.size
 
     def __len__(self) -> int:
@@ -64,18 +68,17 @@ class SatlasTiles(Dataset):
 
     def read_batch(self, indices: list[int]) -> dict[str, Any]:
         items = [self.items[i] for i in indices]
-        wanted = sorted({self.index[k] for item in items for k in item.images})
-        read = self.images.read_batch(wanted)["image"] if wanted else None
-        at = {index: row for row, index in enumerate(wanted)}
         n, t = len(items), self.num_images
-        image = torch.zeros((n, t, len(self.images.bands), *self.size), dtype=torch.float32)
-        for row, item in enumerate(items):
-            for j, key in enumerate(item.images):
-                image[row, t - len(item.images) + j] = read[at[self.index[key]]]
-        batch: dict[str, Any] = {"image": image[:, 0] if t == 1 else image, "key": [item.name for item in items]}
+        if t == 1:  # one image per item: read straight into the batch
+            read = self.images.read_batch([self.index[item.images[0]] for item in items])
+            batch: dict[str, Any] = {"native": read["native"]} if self.native else {"image": read["image"]}
+        else:
+            batch = self._series(items)
+        batch["key"] = [item.name for item in items]
         for task in self.tasks:
-            kind = satlas.TASKS[task][0]
-            batch[task] = torch.zeros((n, *self.size), dtype=torch.float32 if kind == "regression" else torch.int64)
+            dtype = np.float32 if satlas.TASKS[task][0] == "regression" else np.int64
+            batch[task], array = _empty((n, *self.size), np.dtype(dtype))
+            array.fill(0)
         with self.images.store.reader() as reader:
             for row, item in enumerate(items):
                 if item.label is None:
@@ -86,6 +89,23 @@ class SatlasTiles(Dataset):
                     if task in header:
                         batch[task][row] = self._label(view(value, header[task]), item.window)
         return batch
+
+    def _series(self, items: list[SatlasItem]) -> dict[str, Any]:
+        """T images per item, zero images in front where an item has fewer."""
+        n, t = len(items), self.num_images
+        wanted = sorted({self.index[k] for item in items for k in item.images})
+        at = {index: row for row, index in enumerate(wanted)}
+        read = self.images.read_batch(wanted)
+        parts = read["native"] if self.native else {"image": read["image"]}
+        out: dict[str, torch.Tensor] = {}
+        for name, part in parts.items():
+            tensor, array = _empty((n, t, *part.shape[1:]), part.numpy().dtype)
+            for row, item in enumerate(items):
+                pad = t - len(item.images)
+                array[row, :pad] = 0
+                array[row, pad:] = part.numpy()[[at[self.index[k]] for k in item.images]]
+            out[name] = tensor
+        return {"native": out} if self.native else out
 
     def _label(self, array: np.ndarray, window: tuple[int, int, int, int] | None) -> torch.Tensor:
         """A label band as a tensor of the output size (a NAIP tile's window of it, nearest)."""
@@ -138,6 +158,8 @@ class SatlasDataModule(LMDBDataModule):
             ``image`` is T x C x H x W, or C x H x W for 1.
         normalise: the released weights' normalisation on the device (tci and other Sentinel-2
             bands / 255, Sentinel-1 / 255, NAIP / 255, Landsat clip((v - 4000) / 16320, 0, 1)).
+        native: load bands in their dtype and size and cast, upsample (nearest) and normalise
+            them batched on the device; ``auto``: when the trainer runs on a CUDA GPU.
 
     Samples: ``image``, one target per task (segmentation int64 H x W, regression float32
     H x W; 0 = invalid; all 0 where the label file is missing) and ``key``.
@@ -159,6 +181,7 @@ class SatlasDataModule(LMDBDataModule):
         good_images: bool = True,
         num_images: int = 1,
         normalise: bool = True,
+        native: bool | Literal["auto"] = "auto",
         batch_size: int = 16,
         num_workers: int = 2,
         pin_memory: bool = False,
@@ -174,7 +197,7 @@ class SatlasDataModule(LMDBDataModule):
         if unknown:
             raise ConfigError(f"unknown SatlasPretrain {modality} band(s) {unknown}; valid: {list(valid)}")
         super().__init__(lmdb_path, bands, batch_size=batch_size, num_workers=num_workers, pin_memory=pin_memory,
-                         mean=[0.0] * len(bands), std=[1.0] * len(bands), flips=flips, native=False,
+                         mean=[0.0] * len(bands), std=[1.0] * len(bands), flips=flips, native=native,
                          readahead=readahead, seed=seed)
         self.tasks = list(tasks if tasks is not None else ["land_cover"])
         bad = [t for t in self.tasks if t not in satlas.TASKS]
@@ -315,7 +338,8 @@ class SatlasDataModule(LMDBDataModule):
             labelled = f" with {', '.join(self.tasks)} labels" if self.label_folder == "dynamic" else ""
             raise ConfigError(f"{self.lmdb_path}: the {split} split ({self.split}) has no {self.modality} images"
                               f"{labelled}; check split, modality, metadata_dir and val_fraction")
-        return SatlasTiles(self.lmdb_paths, self.bands, items, self.tasks, self.num_images, self.readahead)
+        return SatlasTiles(self.lmdb_paths, self.bands, items, self.tasks, self.num_images, self.readahead,
+                           native=self.loads_native)
 
     def setup(self, stage: str | None = None) -> None:
         if not self.datasets:
@@ -324,15 +348,30 @@ class SatlasDataModule(LMDBDataModule):
         for split in wanted.get(stage, SPLITS) if stage else SPLITS:
             if split not in self.datasets and not (split == "val" and self.val_fraction == 0):
                 self.datasets[split] = self.make_dataset(split)
+        if self.loads_native and self.assembler is None and self.datasets:
+            self.assembler = next(iter(self.datasets.values())).images.native_assembler()
 
     def val_dataloader(self):
         """No validation with ``val_fraction=0``."""
         return super().val_dataloader() if "val" in self.datasets else []
 
     def on_after_batch_transfer(self, batch: dict[str, Any], dataloader_idx: int) -> dict[str, Any]:
+        if "native" in batch:
+            groups = batch.pop("native")
+            first = next(iter(groups.values()))
+            self.assembler = self.assembler.to(first.device)
+            if self.num_images > 1:  # N x T x C_g x h x w: assemble the N*T images, then unfold
+                n, t = first.shape[:2]
+                image = self.assembler({k: v.flatten(0, 1) for k, v in groups.items()})
+                batch["image"] = image.unflatten(0, (n, t))
+            else:
+                batch["image"] = self.assembler(groups)
         if self.normalise:
             offset, scale = satlas.NORMALISATION[self.modality]
-            batch["image"] = ((batch["image"] - offset) / scale).clamp_(0, 1)
+            image = batch["image"]  # this batch's own tensor: normalised in place (no temporaries)
+            if offset:
+                image.sub_(offset)
+            image.div_(scale).clamp_(0, 1)
         if self.flips and self.trainer is not None and self.trainer.training:
             for dim in (-1, -2):
                 if torch.rand(()) < 0.5:
