@@ -10,7 +10,7 @@ import lmdb
 import pytest
 import rasterio
 
-from rico_torch.synthetic import make_bigearthnet, make_eurosat, make_hyspecnet, make_ucmerced
+from rico_torch.synthetic import make_bigearthnet, make_eurosat, make_hyspecnet, make_satlas, make_ucmerced
 
 SHARED = Path(__file__).resolve().parents[2] / "shared"
 BIGEARTHNET_METADATA = SHARED / "data" / "bigearthnet-v2"
@@ -91,3 +91,13 @@ def hyspecnet_files(tmp_path_factory):
 @pytest.fixture(scope="session")
 def hyspecnet_lmdb(hyspecnet_files, tmp_path_factory):
     return encoded(tmp_path_factory, "hyspecnet-11k", "--dataset-dir", hyspecnet_files.root, "--num-workers", "1")
+
+
+@pytest.fixture(scope="session")
+def satlas_files(tmp_path_factory):
+    return make_satlas(tmp_path_factory.mktemp("satlas-src") / "satlas", landsat=True, naip=True)
+
+
+@pytest.fixture(scope="session")
+def satlas_lmdb(satlas_files, tmp_path_factory):
+    return encoded(tmp_path_factory, "satlas", "--dataset-dir", satlas_files.root, "--num-workers", "2")

@@ -20,19 +20,8 @@ from rico_torch.catalog.satlas import S2_BANDS
 from rico_torch.data import LMDBPatchDataset
 from rico_torch.encode.read import read_png
 from rico_torch.errors import InputError
-from rico_torch.synthetic import make_satlas
 
-from .conftest import encode_cli, encoded, read_lmdb
-
-
-@pytest.fixture(scope="module")
-def satlas_files(tmp_path_factory):
-    return make_satlas(tmp_path_factory.mktemp("satlas-src") / "satlas", landsat=True, naip=True)
-
-
-@pytest.fixture(scope="module")
-def satlas_lmdb(satlas_files, tmp_path_factory):
-    return encoded(tmp_path_factory, "satlas", "--dataset-dir", satlas_files.root, "--num-workers", "2")
+from .conftest import encode_cli, read_lmdb
 
 
 def pillow(path: Path, channel: int) -> np.ndarray:

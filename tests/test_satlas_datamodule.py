@@ -14,21 +14,20 @@ from safetensors.numpy import load
 from rico_torch.catalog.satlas import S2_BANDS
 from rico_torch.data import SatlasDataModule
 from rico_torch.errors import ConfigError, DatasetNotFoundError
-from rico_torch.synthetic import make_satlas
 from rico_torch.synthetic.satlas import BAD, NO_STATIC, NO_TREE_COVER, S2_IMAGES, tile_name
 
-from .conftest import encoded, read_lmdb
+from .conftest import read_lmdb
 from .test_datamodules import fit
 
 
 @pytest.fixture(scope="module")
-def files(tmp_path_factory):
-    return make_satlas(tmp_path_factory.mktemp("satlas-dm") / "satlas", landsat=True, naip=True)
+def files(satlas_files):
+    return satlas_files
 
 
 @pytest.fixture(scope="module")
-def lmdb(files, tmp_path_factory):
-    return encoded(tmp_path_factory, "satlas", "--dataset-dir", files.root, "--num-workers", "2")
+def lmdb(satlas_lmdb):
+    return satlas_lmdb
 
 
 @pytest.fixture(scope="module")

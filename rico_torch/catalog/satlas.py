@@ -59,62 +59,48 @@ def _bands(folder: str) -> tuple[Band, ...]:
     return (Band(folder, file=f"{folder}/{{tile}}.png"),)
 
 
+def _source(name: str, group: str, **fields) -> Source:
+    """A source in folder ``name/`` of the root that ``--dataset-dir`` names, picked by ``--<group>``."""
+    return Source(name=name, option="--dataset-dir", subdir=name, group=group, is_dir=False, dtype="uint8",
+                  help="SatlasPretrain root (holds <modality>/<image>/<band>/<col>_<row>.png, static/, dynamic/, "
+                  "metadata/)", **fields)
+
+
 def _image_source(modality: str) -> Source:
     folders = BAND_FOLDERS[modality]
-    return Source(
-        name=modality,
-        option="--dataset-dir",
-        subdir=modality,
-        group="modalities",
+    return _source(
+        modality, "modalities",
         pattern=rf"{modality}/[^/]+/{TILE}",
-        is_dir=False,
         layout=rf"(?P<image>[^/]+)/(?P<band>{'|'.join(folders)})/(?P<tile>{TILE})\.png",
         key_template=f"{modality}/{{image}}/{{tile}}",
         patch_dir="{image}",
         bands=tuple(b for folder in folders for b in _bands(folder)),
-        dtype="uint8",
         dtypes=("uint16",) if modality == "landsat" else (),
         rgb_bands=("tci_r", "tci_g", "tci_b") if "tci" in folders else (),
         noun=f"SatlasPretrain {modality} image tiles",
-        help=f"SatlasPretrain root (holds {modality}/<image>/<band>/<col>_<row>.png, ...)",
     )
 
 
 IMAGES = tuple(_image_source(m) for m in MODALITIES)
-STATIC = Source(
-    name="static",
-    option="--dataset-dir",
-    subdir="static",
-    group="labels",
-    pattern=rf"static/{TILE}",
-    is_dir=False,
-    layout=rf"(?P<tile>{TILE})/(?P<file>[^/]+\.png|vector\.json)",
-    key_template="static/{tile}",
-    patch_dir="{tile}",
-    bands=(),
-    open_bands=True,
-    raw_files=("vector.json",),
-    dtype="uint8",
-    noun="SatlasPretrain static label folders",
-    help="SatlasPretrain root",
-)
-DYNAMIC = Source(
-    name="dynamic",
-    option="--dataset-dir",
-    subdir="dynamic",
-    group="labels",
-    pattern=rf"dynamic/{TILE}/[^/]+",
-    is_dir=False,
-    layout=rf"(?P<tile>{TILE})/(?P<folder>[^/]+)/(?P<file>[^/]+\.png|vector\.json)",
-    key_template="dynamic/{tile}/{folder}",
-    patch_dir="{tile}/{folder}",
-    bands=(),
-    open_bands=True,
-    raw_files=("vector.json",),
-    dtype="uint8",
-    noun="SatlasPretrain dynamic label folders",
-    help="SatlasPretrain root",
-)
+
+
+def _label_source(kind: str, folder: str, folder_key: str) -> Source:
+    """A label folder source: any PNGs (a band each, by stem) and vector.json (verbatim)."""
+    return _source(
+        kind, "labels",
+        pattern=rf"{kind}/{TILE}{folder}",
+        layout=rf"(?P<tile>{TILE}){folder_key}/(?P<file>[^/]+\.png|vector\.json)",
+        key_template=f"{kind}/{{tile}}" + ("/{folder}" if folder else ""),
+        patch_dir="{tile}" + ("/{folder}" if folder else ""),
+        bands=(),
+        open_bands=True,
+        raw_files=("vector.json",),
+        noun=f"SatlasPretrain {kind} label folders",
+    )
+
+
+STATIC = _label_source("static", "", "")
+DYNAMIC = _label_source("dynamic", "/[^/]+", "/(?P<folder>[^/]+)")
 VECTOR = "vector.json"
 
 #: Raster label tasks: file stem -> (kind, label folder, class names; index 0 = invalid).
