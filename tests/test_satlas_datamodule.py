@@ -17,7 +17,7 @@ from rico_torch.errors import ConfigError, DatasetNotFoundError
 from rico_torch.synthetic.satlas import BAD, NO_STATIC, NO_TREE_COVER, S2_IMAGES, tile_name
 
 from .conftest import read_lmdb
-from .test_datamodules import fit
+from .test_datamodules import CONFIGS
 
 
 @pytest.fixture(scope="module")
@@ -176,8 +176,15 @@ def test_option_errors(lmdb, tmp_path):
 
 
 def test_cli_fit(lmdb, tmp_path):
-    fit("satlas.yaml", tmp_path, lmdb_path=lmdb, batch_size=2)
-    fit("satlas.yaml", tmp_path, lmdb_path=lmdb, batch_size=2, num_images=2)
+    """configs/satlas.yaml trains (a narrow model, to be quick): one image, then a series of two."""
+    from rico_torch.cli import main as cli_main
+
+    for num_images in (1, 2):
+        cli_main(["fit", "--config", str(CONFIGS / "satlas.yaml"), "--trainer.fast_dev_run=2",
+                  "--trainer.accelerator=cpu", "--trainer.precision=32", f"--trainer.default_root_dir={tmp_path}",
+                  f"--trainer.logger.init_args.save_dir={tmp_path}", "--model.init_args.width=4",
+                  f"--data.init_args.lmdb_path={lmdb}", "--data.init_args.num_workers=0",
+                  "--data.init_args.batch_size=1", f"--data.init_args.num_images={num_images}"])
 
 
 @pytest.mark.parametrize("num_images", [1, 3])
@@ -191,3 +198,11 @@ def test_native_batches_assemble_to_the_float_ones(lmdb, num_images):
     assert {tuple(v.shape[-2:]) for v in b["native"].values()} == {(256, 256), (512, 512)}
     a, b = plain.on_after_batch_transfer(a, 0), native.on_after_batch_transfer(b, 0)
     assert torch.equal(a["image"], b["image"]) and torch.equal(a["land_cover"], b["land_cover"])
+
+
+def test_image_time_falls_back_to_the_product_name():
+    from rico_torch.catalog.satlas import image_time
+
+    name = S2_IMAGES[1][0]
+    assert image_time(name, {}) == "2020-02-14T10:00:39Z" == image_time(name, {name: "2020-02-14T10:00:39Z"})
+    assert image_time("2022-01", {}) == "2022-01"

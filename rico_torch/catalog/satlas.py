@@ -18,6 +18,7 @@ and ``vector.json`` verbatim as a 1-D uint8 band. ``metadata/*.json`` is copied 
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 from .base import Band, Dataset, Source
@@ -142,9 +143,24 @@ def image_times(metadata_dir: Path) -> dict[str, str]:
     return times
 
 
+_PRODUCT_TIME = re.compile(r"_(\d{4})(\d{2})(\d{2})T(\d{2})(\d{2})(\d{2})_")
+
+
+def image_time(image: str, times: dict[str, str]) -> str:
+    """An image's time: ``image_times.json``'s, else the sensing time in a product name
+    (``S2A_MSIL1C_20200105T100401_...`` -> ``2020-01-05T10:04:01Z``), else the name itself
+    (Sentinel-1 and Landsat monthly images are named ``2022-01``)."""
+    if image in times:
+        return str(times[image])
+    m = _PRODUCT_TIME.search(image)
+    if m:
+        y, mo, d, h, mi, sec = m.groups()
+        return f"{y}-{mo}-{d}T{h}:{mi}:{sec}Z"
+    return image
+
+
 def image_manifest(discovered, dataset_dir: Path) -> dict:
-    """The manifest's ``images``: each image's modality, time (``image_times.json``, else the
-    name itself, as Sentinel-1 and Landsat monthly images are named) and tiles."""
+    """The manifest's ``images``: each image's modality, time (:func:`image_time`) and tiles."""
     times = image_times(Path(dataset_dir) / "metadata")
     images: dict[str, dict] = {}
     for sp in discovered:
@@ -153,7 +169,7 @@ def image_manifest(discovered, dataset_dir: Path) -> dict:
         for patch in sp.patches:
             _, image, tile = patch.key.split("/")
             entry = images.setdefault(f"{sp.source.name}/{image}", {
-                "modality": sp.source.name, "image": image, "time": times.get(image, image), "tiles": []})
+                "modality": sp.source.name, "image": image, "time": image_time(image, times), "tiles": []})
             entry["tiles"].append(tile)
     return {"images": images}
 

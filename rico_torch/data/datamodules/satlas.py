@@ -278,7 +278,7 @@ class SatlasDataModule(LMDBDataModule):
             label_tile, window = self._label_tile(tile)
             if good is not None and (tile, image) not in good and (label_tile, image) not in good:
                 continue
-            by_tile.setdefault(label_tile, []).append((str(times.get(image, image)), image, key))
+            by_tile.setdefault(label_tile, []).append((satlas.image_time(image, times), image, key))
             windows.setdefault(label_tile, {})[key] = (tile, window)
         for entries in by_tile.values():
             entries.sort()
@@ -300,7 +300,7 @@ class SatlasDataModule(LMDBDataModule):
                         key = f"{self.modality}/{image}/{label_tile}"
                         if key not in stored:
                             continue  # its image is of another modality, or a mosaic ("fake")
-                        time = str(times.get(image, image))
+                        time = satlas.image_time(image, times)
                         before = [k for t, _, k in entries if t <= time and k != key]
                         series = (*before[-(self.num_images - 1):], key) if self.num_images > 1 else (key,)
                         items[split].append(SatlasItem(label, tuple(series), label))
