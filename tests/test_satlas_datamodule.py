@@ -206,3 +206,40 @@ def test_image_time_falls_back_to_the_product_name():
     name = S2_IMAGES[1][0]
     assert image_time(name, {}) == "2020-02-14T10:00:39Z" == image_time(name, {name: "2020-02-14T10:00:39Z"})
     assert image_time("2022-01", {}) == "2022-01"
+
+
+def test_training_flips_move_image_and_targets_together(lmdb):
+    from types import SimpleNamespace
+
+    dm = module(lmdb, "fit", tasks=["land_cover", "tree_cover"], flips=True, normalise=False, val_fraction=0)
+    plain = dm.datasets["train"].read_batch([0])
+    dm.trainer = SimpleNamespace(training=True)
+    torch.manual_seed(0)
+    flipped = dm.on_after_batch_transfer(dm.datasets["train"].read_batch([0]), 0)
+    # whatever flips were drawn, the same ones apply to the image and every target
+    for flip in ([], [-1], [-2], [-1, -2]):
+        if torch.equal(flipped["image"], plain["image"].flip(flip) if flip else plain["image"]):
+            for task in ("land_cover", "tree_cover"):
+                assert torch.equal(flipped[task], plain[task].flip(flip) if flip else plain[task])
+            break
+    else:
+        raise AssertionError("the image is not a flip of the unflipped one")
+
+
+@pytest.mark.parametrize("regression", [False, True])
+def test_segmentation_baseline_takes_images_and_series(regression):
+    from rico_torch.models import SegmentationBaseline
+
+    def make():
+        return SegmentationBaseline("tree_cover" if regression else "land_cover", 1 if regression else 12,
+                                    regression=regression, width=4)
+
+    for image in (torch.rand(2, 3, 9, 32, 32), torch.rand(2, 9, 32, 32)):  # a series; one image
+        model = make()  # the first layer takes its channel count from the first input
+        assert model(image).shape == (2, 1 if regression else 12, 32, 32)
+    target = torch.randint(0, 12, (2, 32, 32))
+    batch = {"image": torch.rand(2, 9, 32, 32), model.hparams.task: target.float() if regression else target}
+    loss = model._step(batch, "train")
+    assert loss.ndim == 0 and torch.isfinite(loss)
+    batch[model.hparams.task] = torch.zeros_like(batch[model.hparams.task])  # all invalid: loss 0, no NaN
+    assert model._step(batch, "train").item() == 0
