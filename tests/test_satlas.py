@@ -106,6 +106,13 @@ def test_deterministic_across_worker_counts_and_verify(satlas_files, satlas_lmdb
     assert f"{satlas_lmdb}: OK ({len(satlas_files.keys)} values checked, {len(satlas_files.keys)} compared with their sources" in proc.stderr
 
 
+def test_info_plots_image_and_label_keys(satlas_lmdb, satlas_files, tmp_path):
+    for key in (satlas_files.image_keys["sentinel2"][0], "static/4100_2700"):  # the label's vector.json is 1-D
+        out = tmp_path / "plot.png"
+        assert f"wrote {out}" in encode_cli("info", str(satlas_lmdb), "--plot", key, str(out)).stdout
+        assert out.stat().st_size > 0
+
+
 def test_info_recognises_satlas_keys_without_manifest(satlas_lmdb, tmp_path):
     bare = tmp_path / "bare"
     bare.mkdir()
