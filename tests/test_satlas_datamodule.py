@@ -243,3 +243,11 @@ def test_segmentation_baseline_takes_images_and_series(regression):
     assert loss.ndim == 0 and torch.isfinite(loss)
     batch[model.hparams.task] = torch.zeros_like(batch[model.hparams.task])  # all invalid: loss 0, no NaN
     assert model._step(batch, "train").item() == 0
+
+
+def test_plot_a_series_sample_and_batch(lmdb):
+    dm = module(lmdb, "fit", num_images=2, val_fraction=0)
+    ds = dm.datasets["train"]
+    for shown in (ds[0], ds.read_batch([0, 1])):
+        fig = dm.plot(shown)
+        assert len(fig.axes) >= 2  # the RGB composite and the land cover target

@@ -355,6 +355,20 @@ class SatlasDataModule(LMDBDataModule):
         """No validation with ``val_fraction=0``."""
         return super().val_dataloader() if "val" in self.datasets else []
 
+    def plot(self, sample: dict[str, Any], title: str | None = None):
+        """An RGB composite of a sample or batch (a series: its most recent image) beside its first
+        task's target, as ``mask`` (before normalisation; float, not native)."""
+        from ..plot import plot_sample
+
+        image = sample["image"]
+        batched = isinstance(sample.get("key"), list)
+        if image.ndim == (5 if batched else 4):  # a series: the most recent image
+            image = image[:, -1] if batched else image[-1]
+        shown = {"image": image, "key": sample.get("key")}
+        if self.tasks and self.tasks[0] in sample:
+            shown["mask"] = sample[self.tasks[0]]
+        return plot_sample(shown, self.bands, self.rgb_bands, self.classes, title=title)
+
     def on_after_batch_transfer(self, batch: dict[str, Any], dataloader_idx: int) -> dict[str, Any]:
         if "native" in batch:
             groups = batch.pop("native")
