@@ -103,7 +103,8 @@ def test_deterministic_across_worker_counts_and_verify(satlas_files, satlas_lmdb
     assert digest[0] == digest[1]
     proc = encode_cli("verify", "--target-dir", str(satlas_lmdb), "--dataset-dir", str(satlas_files.root),
                       "--num-workers", "0", "--quiet")
-    assert f"{satlas_lmdb}: OK ({len(satlas_files.keys)} values checked, {len(satlas_files.keys)} compared with their sources" in proc.stderr
+    n = len(satlas_files.keys)
+    assert f"{satlas_lmdb}: OK ({n} values checked, {n} compared with their sources" in proc.stderr
 
 
 def test_info_plots_image_and_label_keys(satlas_lmdb, satlas_files, tmp_path):

@@ -205,9 +205,10 @@ class TargetLock:
 
 
 def _ours(name: str) -> bool:
-    """Files rico_torch puts in a target: the LMDB, manifest, lock, staging, temporary files and
-    the DataModules' cached statistics (``stats-*.json``)."""
-    return name in OUR_FILES or name in SIDE_FILE_ROOTS or name.endswith(".tmp") or (name.startswith("stats-") and name.endswith(".json"))
+    """Files rico_torch puts in a target: the LMDB, manifest, lock, staging, temporary files, the
+    catalog's side files (``metadata/``) and the DataModules' cached statistics (``stats-*.json``)."""
+    return (name in OUR_FILES or name in SIDE_FILE_ROOTS or name.endswith(".tmp")
+            or (name.startswith("stats-") and name.endswith(".json")))
 
 
 def _prepare_target(target: Path, overwrite: bool) -> None:

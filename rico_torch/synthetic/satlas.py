@@ -193,7 +193,8 @@ def make_satlas(root: Path, seed: int = 0, landsat: bool = False, naip: bool = F
     good_lowres = [[*tile, name] for name, _, tiles in S2_IMAGES for tile in tiles if (tile, name) != BAD]
     good_lowres += [[*tile, name] for name, tiles in S1_IMAGES for tile in tiles]
     (metadata / "good_images_lowres_all.json").write_text(json.dumps(good_lowres))
-    (metadata / "good_images_highres_all.json").write_text(json.dumps([[*t, n] for t in TILES[:2] for n, _ in NAIP_IMAGES]))
+    good_highres = [[*t, n] for t in TILES[:2] for n, _ in NAIP_IMAGES]
+    (metadata / "good_images_highres_all.json").write_text(json.dumps(good_highres))
     (metadata / "wind_turbine_properties.json").write_text(json.dumps({"wind_turbine_rotor": [f"{tile_name(TILES[0])}_0"]}))
     for keys in image_keys.values():
         keys.sort()

@@ -120,8 +120,8 @@ class SatlasTiles(Dataset):
 
 def _load_json(path: Path, what: str, fix: str = ""):
     if not path.is_file():
-        raise DatasetNotFoundError(f"{path}: SatlasPretrain {what} missing; set metadata_dir to the dataset's metadata/ "
-                                   f"folder (the encoder copies it beside data.mdb){fix}")
+        raise DatasetNotFoundError(f"{path}: SatlasPretrain {what} missing; set metadata_dir to the dataset's "
+                                   f"metadata/ folder (the encoder copies it beside data.mdb){fix}")
     try:
         return json.loads(path.read_text())
     except (OSError, ValueError) as e:
@@ -294,7 +294,8 @@ class SatlasDataModule(LMDBDataModule):
                     for tile in sorted({windows[label_tile][k][0] for _, _, k in entries}):
                         series = [k for _, _, k in entries if windows[label_tile][k][0] == tile]
                         window = windows[label_tile][series[0]][1]
-                        items[split].append(SatlasItem(f"{self.modality}/{tile}", tuple(series[-self.num_images:]), label, window))
+                        items[split].append(SatlasItem(f"{self.modality}/{tile}", tuple(series[-self.num_images:]),
+                                                       label, window))
                 else:
                     for label, image in dynamic.get(label_tile, []):
                         key = f"{self.modality}/{image}/{label_tile}"
