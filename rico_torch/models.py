@@ -128,3 +128,53 @@ class SegmentationCNN(_Baseline):
 
     def predict_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         return self(batch["image"]).softmax(1)
+
+
+class SegmentationBaseline(_Baseline):
+    """A small fully convolutional network for per-pixel targets (SatlasPretrain's raster tasks).
+
+    Takes ``image`` B x C x H x W, or a time series B x T x C x H x W (the T images are stacked
+    as channels; lazy first layer), and predicts at full resolution (two poolings, two
+    upsamplings, a skip connection).
+
+    Args:
+        task: the batch key of the target (``land_cover``, ``tree_cover`` ...).
+        num_classes: classes of a segmentation task, index 0 = invalid (ignored by the loss);
+            1 for a regression task (MSE over pixels whose target is not 0 = invalid).
+        regression: whether the task is a regression.
+        width: channels of the first block.
+        lr: AdamW learning rate.
+    """
+
+    def __init__(self, task: str = "land_cover", num_classes: int = 12, regression: bool = False, width: int = 32,
+                 lr: float = 1e-3) -> None:
+        super().__init__()
+        self.save_hyperparameters()
+        self.down1, self.down2 = _block(width), nn.Sequential(nn.MaxPool2d(2), _block(2 * width))
+        self.bottom = nn.Sequential(nn.MaxPool2d(2), _block(4 * width), nn.Upsample(scale_factor=2))
+        self.up = nn.Sequential(_block(2 * width), nn.Upsample(scale_factor=2))
+        self.head = nn.Sequential(_block(width), nn.LazyConv2d(1 if regression else num_classes, 1))
+
+    def forward(self, image: torch.Tensor) -> torch.Tensor:
+        if image.ndim == 5:  # B x T x C x H x W: the images as channels
+            image = image.flatten(1, 2)
+        first = self.down1(image)
+        second = self.down2(first)
+        up = self.up(torch.cat([self.bottom(second), second], 1))
+        return self.head(torch.cat([up, first], 1))
+
+    def _step(self, batch: dict, stage: str) -> torch.Tensor:
+        out = self(batch["image"])
+        target = batch[self.hparams.task]
+        n = len(out)
+        if self.hparams.regression:
+            valid = target > 0
+            error = (out[:, 0] - target.float()) ** 2
+            loss = (error * valid).sum() / valid.sum().clamp_min(1)
+        else:
+            valid = target > 0
+            loss = F.cross_entropy(out, target.long(), ignore_index=0) if valid.any() else out.sum() * 0
+            accuracy = ((out.argmax(1) == target) & valid).sum() / valid.sum().clamp_min(1)
+            self.log(f"{stage}_acc", accuracy.float(), prog_bar=True, batch_size=n)
+        self.log(f"{stage}_loss", loss, prog_bar=True, batch_size=n)
+        return loss

@@ -16,6 +16,7 @@ from rico_torch.synthetic import (
     make_hydro,
     make_hyspecnet,
     make_majortom,
+    make_satlas,
     make_spectralearth,
     make_ssl4eo,
     make_ucmerced,
@@ -165,3 +166,13 @@ def spectralearth_files(tmp_path_factory):
 def spectralearth_lmdb(spectralearth_files, tmp_path_factory):
     return encoded(tmp_path_factory, "spectral-earth-enmap", "--dataset-dir", spectralearth_files.enmap_dir,
                    "--num-workers", "0")
+
+
+@pytest.fixture(scope="session")
+def satlas_files(tmp_path_factory):
+    return make_satlas(tmp_path_factory.mktemp("satlas-src") / "satlas", landsat=True, naip=True)
+
+
+@pytest.fixture(scope="session")
+def satlas_lmdb(satlas_files, tmp_path_factory):
+    return encoded(tmp_path_factory, "satlas", "--dataset-dir", satlas_files.root, "--num-workers", "2")

@@ -4,14 +4,14 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
-from . import bigearthnet, eurosat, hydro, hyspecnet, majortom, spectralearth, ssl4eo, ucmerced
+from . import bigearthnet, eurosat, hydro, hyspecnet, majortom, satlas, spectralearth, ssl4eo, ucmerced
 from .base import Band, Dataset, Source
 
 DATASETS: dict[str, Dataset] = {
     d.name: d
     for d in (
         bigearthnet.DATASET, hyspecnet.DATASET, ucmerced.DATASET, eurosat.DATASET,
-        ssl4eo.DATASET, majortom.DATASET, hydro.DATASET, spectralearth.DATASET,
+        ssl4eo.DATASET, majortom.DATASET, hydro.DATASET, spectralearth.DATASET, satlas.DATASET,
     )
 }  # fmt: skip
 
@@ -30,7 +30,7 @@ def identify(key: str, bands: Iterable[str]) -> tuple[Dataset, Source] | None:
     bands = set(bands)
     for dataset in DATASETS.values():
         for source in dataset.sources:
-            if set(source.band_names) == bands and source.matches_key(key):
+            if source.holds(key, bands):
                 return dataset, source
     return None
 

@@ -9,6 +9,7 @@ descriptions generically; the readers use the same band names, shapes and classe
 from __future__ import annotations
 
 import re
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -26,6 +27,8 @@ class Band:
         shape: the expected ``(height, width)``; ``None`` where the dataset does not fix it.
         resolution: ground sampling distance in metres, where known; bands of one resolution
             must agree in shape within a patch (checked where ``shape`` is ``None``).
+        raw: the file's bytes kept verbatim as a 1-D uint8 band (e.g. SatlasPretrain's
+            ``vector.json``) instead of decoded pixels.
     """
 
     name: str
@@ -33,6 +36,7 @@ class Band:
     index: int = 1
     shape: tuple[int, int] | None = None
     resolution: int | None = None
+    raw: bool = False
 
 
 @dataclass(frozen=True)
@@ -62,6 +66,23 @@ class Source:
             default ``{name}`` for a directory patch, ``{stem}`` for a file patch.
         key_pattern: regular expression every key of the source matches in full (recognises
             the source's keys in an LMDB); default: derived from ``pattern``.
+        subdir: the folder below the option's directory that holds this source (several
+            sources of one dataset may share one option, e.g. SatlasPretrain's root).
+        group: the selector option that picks this source among others sharing the option
+            (``"modalities"`` -> ``--modalities sentinel2 ...``); empty: always encoded.
+        layout: a regular expression over file paths relative to the source root (``/``
+            separated) whose named groups identify a patch: files with equal groups (besides
+            ``band`` and ``file``) are one patch, whose bands may lie in several folders. Its
+            key is ``key_template`` formatted with the groups, ``pattern`` is then the regular
+            expression of those keys, and band ``file`` templates are relative to
+            ``patch_dir`` (formatted likewise). Empty: a patch is one directory or file.
+        key_template: the key of a ``layout`` patch (``"sentinel2/{image}/{tile}"``).
+        patch_dir: a ``layout`` patch's folder relative to the root (``"{image}"``).
+        open_bands: the bands are the files found, not a fixed list: a file's band is its stem
+            (``land_cover.png`` -> ``land_cover``); ``raw_files`` are kept verbatim under their
+            full name.
+        raw_files: file names of an ``open_bands`` patch stored as raw bytes (``vector.json``).
+        dtypes: further dtypes a band may have besides ``dtype``.
     """
 
     name: str
@@ -79,12 +100,22 @@ class Source:
     depth: int | None = None
     key: str = ""
     key_pattern: str = ""
+    subdir: str = ""
+    group: str = ""
+    layout: str = ""
+    key_template: str = ""
+    patch_dir: str = ""
+    open_bands: bool = False
+    raw_files: tuple[str, ...] = ()
+    dtypes: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         # a file patch's key is its stem: the pattern without its escaped extension (``\.tif``)
-        key_pattern = self.key_pattern or (self.pattern if self.is_dir else re.sub(r"\\\.\w+$", "", self.pattern))
+        key_pattern = self.key_pattern or (
+            self.pattern if self.is_dir or self.layout else re.sub(r"\\\.\w+$", "", self.pattern))
         if not self.key:
             object.__setattr__(self, "key", "{name}" if self.is_dir else "{stem}")
+        object.__setattr__(self, "_layout_regex", re.compile(self.layout) if self.layout else None)
         object.__setattr__(self, "_key_regex", re.compile(key_pattern))
         object.__setattr__(self, "_regex", re.compile(self.pattern))
         if not self.noun:
@@ -114,18 +145,38 @@ class Source:
             fields["root"] = Path(root).name
         return self.key.format(**fields)
 
-    def band_files(self, patch: Path) -> dict[Path, list[Band]]:
-        """The files to open for a patch and the bands to read from each, in band order."""
+    def match_layout(self, relative: str) -> dict[str, str] | None:
+        """The named groups of a ``layout`` match of a root-relative path, else None."""
+        m = self._layout_regex.fullmatch(relative)  # type: ignore[attr-defined]
+        return None if m is None else m.groupdict()
+
+    def band_files(self, patch: Path, fields: Mapping[str, str] | None = None,
+                   found: Sequence[Path] = ()) -> dict[Path, list[Band]]:
+        """The files to open for a patch and the bands to read from each, in band order.
+
+        ``fields``: a ``layout`` patch's named groups (formatted into the band file templates);
+        ``found``: an ``open_bands`` patch's files, whose bands they are.
+        """
         files: dict[Path, list[Band]] = {}
+        if self.open_bands:
+            for path in sorted(found):
+                raw = path.name in self.raw_files
+                files[path] = [Band(path.name if raw else path.stem, file=path.name, raw=raw)]
+            return files
         stem = patch.name if self.is_dir else patch.stem
         for band in self.bands:
-            path = patch if band.file is None else patch / band.file.format(name=stem)
+            path = patch if band.file is None else patch / band.file.format(name=stem, **(fields or {}))
             files.setdefault(path, []).append(band)
         return files
 
     @property
     def band_names(self) -> tuple[str, ...]:
         return tuple(b.name for b in self.bands)
+
+    def holds(self, key: str, bands: set[str]) -> bool:
+        """Whether a stored patch with these band keys is one of this source's: its key has the
+        source's form and its bands are the source's (any, for ``open_bands``)."""
+        return self.matches_key(key) and (self.open_bands or set(self.band_names) == bands)
 
 
 @dataclass(frozen=True)
@@ -142,6 +193,11 @@ class Dataset:
         datamodule: class path of the DataModule that trains on the encoded dataset.
         config: the training config for it (relative to the repository).
         fit_options: what else the config needs beyond ``lmdb_path`` (command-line overrides).
+        side_files: glob patterns, relative to the directory of the sources' shared option, of
+            files copied into the target beside ``data.mdb`` (same relative path), e.g.
+            SatlasPretrain's ``metadata/*.json``.
+        manifest_extra: a function ``(discovered patches, source roots) -> dict`` whose entries
+            are added to the manifest (e.g. each image's time and tiles).
     """
 
     name: str
@@ -154,6 +210,8 @@ class Dataset:
     datamodule: str = ""
     config: str = ""
     fit_options: str = ""
+    side_files: tuple[str, ...] = ()
+    manifest_extra: object = None
 
     def source(self, name: str) -> Source:
         for s in self.sources:

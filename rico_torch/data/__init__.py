@@ -7,6 +7,7 @@ from .datamodules import (
     EuroSATDataModule,
     HySpecNetDataModule,
     LMDBDataModule,
+    SatlasDataModule,
     UCMercedDataModule,
 )
 from .datamodules import HydroDataModule, MajorTOMDataModule, SpectralEarthDataModule, SSL4EODataModule
@@ -16,6 +17,7 @@ __all__ = [
     "WorkerLostError", "LMDBDataModule",
     "BigEarthNetDataModule", "EuroSATDataModule", "HySpecNetDataModule", "UCMercedDataModule",
     "SSL4EODataModule", "MajorTOMDataModule", "HydroDataModule", "SpectralEarthDataModule",
+    "SatlasDataModule",
 ]
 
 from .datamodules import GeoPatchDataModule  # noqa: E402

@@ -4,14 +4,15 @@ from __future__ import annotations
 
 import argparse
 import os
+import shutil
 import sys
 import tempfile
 from pathlib import Path
 
 from ..catalog import DATASETS, Dataset, get_dataset
 from ..cli_errors import report
-from ..errors import ConfigError, UserError
-from .discover import discover, select_shard
+from ..errors import ConfigError, InputError, UserError
+from .discover import discover, printable, select_shard
 from .writer import EncodeResult, encode_dataset
 
 DESCRIPTION = """\
@@ -54,10 +55,17 @@ def _add_dataset(sub, dataset: Dataset) -> None:
         epilog=f"example:\n  {dataset.example}",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    single = len(dataset.sources) == 1
+    options = _options(dataset)
+    for option, sources in options.items():
+        p.add_argument(option, *sources[0].aliases, dest=_option_dest(dataset, option), type=Path,
+                       required=len(options) == 1, metavar="DIR", help=sources[0].help)
+    groups: dict[str, list[str]] = {}
     for source in dataset.sources:
-        p.add_argument(source.option, *source.aliases, dest=f"source_{source.name}", type=Path,
-                       required=single, metavar="DIR", help=source.help)
+        if source.group:
+            groups.setdefault(source.group, []).append(source.name)
+    for group, names in groups.items():
+        p.add_argument(f"--{group}", dest=f"group_{group}", nargs="+", choices=names, metavar=group.upper(),
+                       help=f"which of {', '.join(names)} to encode (default: each whose folder is there)")
     _common(p)
     p.add_argument("--overwrite", action="store_true",
                    help="replace an LMDB already in the target instead of resuming or refusing")
@@ -68,6 +76,75 @@ def _add_dataset(sub, dataset: Dataset) -> None:
                    help="skip patches with missing or invalid bands (listed in the manifest and summary) "
                         "instead of stopping at the first")
     p.set_defaults(dataset=dataset.name)
+
+
+def _options(dataset: Dataset) -> dict[str, list]:
+    """The dataset's source options and the sources each one gives (several may share one)."""
+    options: dict[str, list] = {}
+    for source in dataset.sources:
+        options.setdefault(source.option, []).append(source)
+    return options
+
+
+def _option_dest(dataset: Dataset, option: str) -> str:
+    sources = _options(dataset)[option]
+    return f"source_{sources[0].name}" if len(sources) == 1 else f"dir_{option[2:].replace('-', '_')}"
+
+
+def expand_root(dataset: Dataset, option: str, root: Path, chosen: set[str] | None = None) -> dict[str, Path]:
+    """Source name -> root for a directory given to ``option``: the option's one source, or for
+    sources that share it (each in its ``subdir``) those ``chosen`` (default: those present).
+
+    Raises:
+        InputError: none of the sharing sources' folders is there.
+    """
+    sources = _options(dataset)[option]
+    if len(sources) == 1 and not sources[0].subdir:
+        return {sources[0].name: root}
+    if chosen is not None:
+        return {s.name: root / s.subdir for s in sources if s.name in chosen}
+    roots = {s.name: root / s.subdir for s in sources if (root / s.subdir).is_dir()}
+    if not roots:
+        folders = ", ".join(f"{s.subdir}/" for s in sources)
+        raise InputError(printable(root), f"holds none of {dataset.title}'s folders ({folders})")
+    return roots
+
+
+def source_roots(dataset: Dataset, args: argparse.Namespace) -> dict[str, Path]:
+    """Source name -> input directory, from the encode subcommand's options (and selectors)."""
+    roots: dict[str, Path] = {}
+    for option, sources in _options(dataset).items():
+        given = getattr(args, _option_dest(dataset, option))
+        if given is None:
+            continue
+        chosen = None
+        for group in {s.group for s in sources if s.group}:
+            picked = getattr(args, f"group_{group}", None)
+            if picked is not None:  # a group not picked from keeps its default: those present
+                chosen = (chosen or set()) | set(picked)
+        if chosen is not None:  # sources of groups left at their default: those present
+            for s in sources:
+                if s.group and getattr(args, f"group_{s.group}", None) is None and (given / s.subdir).is_dir():
+                    chosen.add(s.name)
+        roots.update(expand_root(dataset, option, given, chosen))
+    return roots
+
+
+def copy_side_files(dataset: Dataset, base: Path, target: Path) -> list[Path]:
+    """Copy the dataset's side files (``Dataset.side_files`` globs below ``base``) into ``target``
+    at the same relative paths, each replaced atomically."""
+    copied = []
+    for pattern in dataset.side_files:
+        for path in sorted(base.glob(pattern)):
+            if not path.is_file():
+                continue
+            dest = target / path.relative_to(base)
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            tmp = dest.with_name(dest.name + ".tmp")
+            shutil.copyfile(path, tmp)
+            os.replace(tmp, dest)
+            copied.append(dest)
+    return copied
 
 
 DEMO_TMP_PREFIX = "rico_torch-demo-"  # the demo's sources live in such a temporary folder
@@ -131,7 +208,9 @@ def _verify_options() -> dict[str, tuple[tuple[str, ...], list[str]]]:
     options: dict[str, tuple[tuple[str, ...], list[str]]] = {}
     for dataset in DATASETS.values():
         for source in dataset.sources:
-            options.setdefault(source.option, (source.aliases, []))[1].append(source.help)
+            helps = options.setdefault(source.option, (source.aliases, []))[1]
+            if source.help not in helps:
+                helps.append(source.help)
     return options
 
 
@@ -168,11 +247,14 @@ def verify_dataset(args: argparse.Namespace, manifest: dict | None) -> tuple[Dat
         dataset = fits[0]
     if dataset is None:
         return None, {}
-    options = {s.option: s.name for s in dataset.sources}
-    for option in given:
+    options = _options(dataset)
+    roots: dict[str, Path] = {}
+    for option, root in given.items():
         if option not in options:
             raise ConfigError(f"{option} is not a source option of {dataset.name} (its options: {', '.join(options)})")
-    return dataset, {options[o]: root for o, root in given.items()}
+        encoded = set((manifest or {}).get("counts", {})) if manifest is not None else None
+        roots.update(expand_root(dataset, option, root, encoded))
+    return dataset, roots
 
 
 def run_verify(args: argparse.Namespace) -> int:
@@ -192,12 +274,15 @@ def run_verify(args: argparse.Namespace) -> int:
     return 0 if report.ok else 1
 
 
-def run_encode(dataset: Dataset, roots: dict[str, Path], args: argparse.Namespace) -> EncodeResult:
+def run_encode(dataset: Dataset, roots: dict[str, Path], args: argparse.Namespace,
+               base: Path | None = None) -> EncodeResult:
+    """Encode ``roots``; ``base``: the directory the sources share (side files, manifest extras)."""
     discovered = discover(dataset, roots)
     shard = getattr(args, "shard", None)
     if shard is not None:
         discovered = select_shard(discovered, *shard)
-    return encode_dataset(
+    extra = dataset.manifest_extra(discovered, base) if dataset.manifest_extra and base is not None else None
+    result = encode_dataset(
         dataset,
         discovered,
         args.target_dir,
@@ -207,7 +292,11 @@ def run_encode(dataset: Dataset, roots: dict[str, Path], args: argparse.Namespac
         quiet=args.quiet,
         sources_info={k: str(v.resolve()) for k, v in roots.items()},
         shard=shard,
+        manifest_extra=extra,
     )
+    if base is not None:
+        copy_side_files(dataset, base, args.target_dir)
+    return result
 
 
 def run_demo(args: argparse.Namespace) -> EncodeResult:
@@ -271,13 +360,13 @@ def main(argv: list[str] | None = None, prog: str = "python -m rico_torch.encode
             result = run_scenes(args)
         else:
             dataset = get_dataset(args.dataset)
-            roots = {s.name: getattr(args, f"source_{s.name}") for s in dataset.sources}
-            roots = {k: v for k, v in roots.items() if v is not None}
+            roots = source_roots(dataset, args)
             if not roots:
-                options = ", ".join(s.option for s in dataset.sources)
+                options = ", ".join(_options(dataset))
                 print(f"error: {dataset.name}: give at least one of {options}", file=sys.stderr)
                 return 2
-            result = run_encode(dataset, roots, args)
+            shared = [getattr(args, _option_dest(dataset, o)) for o, ss in _options(dataset).items() if len(ss) > 1]
+            result = run_encode(dataset, roots, args, base=next((b for b in shared if b is not None), None))
     except ConfigError as e:  # a wrong argument: exit code 2, as argparse's own errors
         return 2 * report(e)
     except UserError as e:

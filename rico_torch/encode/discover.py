@@ -14,7 +14,9 @@ from ..errors import InputError
 
 @dataclass(frozen=True)
 class Patch:
-    """One value to write: its key, the file or folder it comes from, its class label.
+    """One value to write: its key, the file or folder it comes from, its class label; for a
+    ``layout`` source also its named groups (``fields``) and, for an ``open_bands`` one, the files
+    that are its bands.
 
     ``reader``, where set, reads the patch itself (a picklable callable returning the band
     dict, e.g. a window of a scene: ``rico_torch.scenes``); else the source's band files are
@@ -24,7 +26,13 @@ class Patch:
     key: str
     path: Path
     label: str | None = None
+    fields: tuple[tuple[str, str], ...] = ()
+    files: tuple[Path, ...] = ()
     reader: Callable[[], dict] | None = None
+
+    def band_files(self, source: Source):
+        """The patch's files and the bands each holds (:meth:`Source.band_files`)."""
+        return source.band_files(self.path, dict(self.fields), self.files)
 
 
 class SkipPatch(Exception):
@@ -66,6 +74,8 @@ def find_patches(source: Source, root: Path) -> list[Patch]:
         raise InputError(printable(root), "input directory does not exist")
     if not root.is_dir():
         raise InputError(printable(root), "input is not a directory")
+    if source.layout:
+        return _find_layout_patches(source, root)
     found: list[str] = []
     chains = {os.fspath(root): (os.path.realpath(root),)}  # folder -> real paths of it and its ancestors
     for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
@@ -100,6 +110,47 @@ def find_patches(source: Source, root: Path) -> list[Patch]:
                              "rename it") from None
         label = p.parent.name if source.label_from_parent else None
         patches.append(Patch(key, p, label))
+    return patches
+
+
+def _walk_files(root: Path):
+    """Every file below ``root`` as (path, root-relative posix path), symlinked folders followed
+    (not into a folder they are inside of)."""
+    chains = {os.fspath(root): (os.path.realpath(root),)}
+    for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
+        chain = chains.pop(dirpath)
+        dirnames[:] = [d for d in dirnames if _enter(dirpath, d, chain, chains)]
+        relative = os.path.relpath(dirpath, root)
+        for f in filenames:
+            yield os.path.join(dirpath, f), f if relative == "." else f"{relative}/{f}".replace(os.sep, "/")
+
+
+def _find_layout_patches(source: Source, root: Path) -> list[Patch]:
+    """A ``layout`` source's patches: files whose relative paths match it, grouped by their
+    named groups (besides ``band`` and ``file``), in plain string order of their keys."""
+    by_key: dict[str, tuple[dict[str, str], list[Path]]] = {}
+    for path, relative in _walk_files(root):
+        groups = source.match_layout(relative)
+        if groups is None:
+            continue
+        fields = {k: v for k, v in groups.items() if k not in ("band", "file") and v is not None}
+        key = source.key_template.format(**fields)
+        by_key.setdefault(key, (fields, []))[1].append(Path(path))
+    if not by_key:
+        if not any(root.iterdir()):
+            raise InputError(printable(root), "input directory is empty")
+        raise InputError(printable(root), f"no {source.noun} found (files matching {source.layout!r} below it)")
+    patches = []
+    for key in sorted(by_key):
+        fields, files = by_key[key]
+        path = root / source.patch_dir.format(**fields)
+        try:
+            key.encode("utf-8")
+        except UnicodeEncodeError:
+            raise InputError(printable(path), "name is not valid UTF-8 (LMDB keys are UTF-8, as rico-hdl's); "
+                             "rename it") from None
+        patches.append(Patch(key, path, fields=tuple(sorted(fields.items())),
+                             files=tuple(sorted(files)) if source.open_bands else ()))
     return patches
 
 

@@ -272,7 +272,7 @@ def plot_value(path: Path, key: str, out: Path) -> Path:
     panels: list[tuple[str, np.ndarray]] = []
     if rgb and len({bands[b].shape for b in rgb}) == 1:
         panels.append(("RGB " + " ".join(rgb), stretch(np.stack([bands[b] for b in rgb]).astype(np.float32))))
-    for name, band in list(bands.items())[:12]:
+    for name, band in [(n, b) for n, b in bands.items() if b.ndim == 2][:12]:  # not 1-D raw bands (vector.json)
         panels.append((f"{name} {band.dtype.name} {'x'.join(map(str, band.shape))}",
                        stretch(band[None].astype(np.float32))[..., 0]))
     cols = min(len(panels), 4)

@@ -3,7 +3,14 @@
 GDAL's per-open overhead (~540 us for a small GeoTIFF) dominates encoding, so plain TIFF
 layouts (uncompressed, LZW or deflate; grey or RGB; 8-64 bit integer or float samples) are
 decoded with tifffile, which returns the same stored sample values. Anything else falls back
-to rasterio, and so do bands spread over several compressed tiles, which GDAL decodes faster. Both paths are checked against rasterio's ``read(i)`` by the tests and benchmarks.
+to rasterio, and so do bands spread over several compressed tiles, which GDAL decodes faster.
+Both paths are checked against rasterio's ``read(i)`` by the tests and benchmarks.
+
+PNGs (SatlasPretrain) are decoded, once their header's size is checked, by imagecodecs' libpng
+(grey) or GDAL's PNG driver (RGB(A), palette): of the decoders measured (``benchmarks/satlas.py``:
+GDAL, imagecodecs' libpng and spng, Pillow) these took the least CPU time for each kind, and all
+give identical values (a palette PNG: its indices). A raw band (:attr:`Band.raw`) is the file's
+bytes as a 1-D uint8 array.
 """
 
 from __future__ import annotations
@@ -11,6 +18,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import warnings
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -80,10 +88,102 @@ def read_rasterio(path: Path, indices: list[int]) -> list[np.ndarray]:
             return [src.read(i) for i in indices]
 
 
+#: Largest PNG side accepted: the header's size is checked before anything is allocated.
+MAX_PNG_SIDE = 1 << 14
+_PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+_PNG_CHANNELS = {0: 1, 2: 3, 3: 1, 4: 2, 6: 4}  # colour type -> samples per pixel
+_GREY = (0, 4)  # grey, grey + alpha: decoded by imagecodecs; RGB(A) and palette by GDAL
+
+
+def read_png(path: Path, indices: list[int]) -> list[np.ndarray]:
+    """The 1-based channels ``indices`` of a PNG (grey: 1; RGB(A): 1-3(4); palette: the indices),
+    once the header's size has been checked: grey PNGs through imagecodecs' libpng, RGB(A) and
+    palette ones through GDAL's PNG driver (after checking every chunk: GDAL does not refuse a
+    truncated file), the faster of the two for each (``benchmarks/satlas.py``)."""
+    from rasterio.io import MemoryFile
+
+    data = path.read_bytes()
+    if len(data) < 33 or not data.startswith(_PNG_SIGNATURE) or data[12:16] != b"IHDR":
+        raise InputError(path, "not a PNG (no PNG signature and header)")
+    width, height = int.from_bytes(data[16:20], "big"), int.from_bytes(data[20:24], "big")
+    colour = data[25]
+    if colour not in _PNG_CHANNELS:
+        raise InputError(path, f"not a readable PNG (colour type {colour})")
+    if not (0 < width <= MAX_PNG_SIDE and 0 < height <= MAX_PNG_SIDE):
+        raise InputError(path, f"PNG header says {width}x{height} px, more than {MAX_PNG_SIDE} a side allowed")
+    channels = _PNG_CHANNELS[colour]
+    if max(indices) > channels:
+        raise InputError(path, f"has {channels} bands, expected at least {max(indices)}")
+    if colour in _GREY:
+        return _read_grey_png(path, data, (height, width, channels), indices)
+    _check_chunks(path, data)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # NotGeoreferencedWarning: PNGs have no georeference
+            with MemoryFile(data) as memory, memory.open(driver="PNG") as src:
+                if (src.count, src.height, src.width) != (channels, height, width):
+                    raise InputError(path, f"PNG decodes to {src.count}x{src.height}x{src.width}, its header "
+                                     f"says {channels}x{height}x{width}")
+                array = src.read(indices)
+    except InputError:
+        raise
+    except Exception as e:
+        raise InputError(path, f"not a readable PNG ({_gdal_reason(e, path)})") from None
+    return [np.ascontiguousarray(a, dtype=a.dtype.newbyteorder("=")) for a in array]
+
+
+def _read_grey_png(path: Path, data: bytes, shape: tuple[int, int, int], indices: list[int]) -> list[np.ndarray]:
+    """A grey(+alpha) PNG through imagecodecs' libpng (faster than GDAL there; libpng itself
+    refuses a truncated or damaged file)."""
+    import imagecodecs
+
+    try:
+        array = imagecodecs.png_decode(data)
+    except Exception as e:
+        text = (str(e).strip().splitlines() or [""])[0]
+        raise InputError(path, f"not a readable PNG ({type(e).__name__}: {text})") from None
+    array = array.reshape(*array.shape[:2], -1)
+    if array.shape != shape:
+        raise InputError(path, f"PNG decodes to {array.shape}, its header says {shape}")
+    native = array.dtype.newbyteorder("=")
+    return [np.ascontiguousarray(array[..., i - 1], dtype=native) for i in indices]
+
+
+def _check_chunks(path: Path, data: bytes) -> None:
+    """Every chunk of a PNG whole and intact (its CRC), image data present, IEND last: GDAL
+    decodes a truncated or damaged PNG without an error, filling in what it could not read."""
+    at, seen_data = 8, False
+    while True:
+        if at + 12 > len(data):
+            raise InputError(path, "not a readable PNG (truncated: the file ends inside a chunk, before IEND)")
+        length = int.from_bytes(data[at : at + 4], "big")
+        kind = data[at + 4 : at + 8]
+        end = at + 12 + length
+        if end > len(data):
+            raise InputError(path, f"not a readable PNG (truncated: chunk {kind!r} runs past the end of the file)")
+        if zlib.crc32(data[at + 4 : end - 4]) != int.from_bytes(data[end - 4 : end], "big"):
+            raise InputError(path, f"not a readable PNG (chunk {kind!r} is damaged: its CRC does not match)")
+        seen_data = seen_data or kind == b"IDAT"
+        if kind == b"IEND":
+            break
+        at = end
+    if not seen_data:
+        raise InputError(path, "not a readable PNG (no image data)")
+
+
+def read_raw(path: Path) -> np.ndarray:
+    """A file's bytes verbatim, as a 1-D uint8 band."""
+    if not path.is_file():
+        raise InputError(path, "file is missing")
+    return np.frombuffer(path.read_bytes(), dtype=np.uint8).copy()
+
+
 def read_bands(path: Path, indices: list[int]) -> list[np.ndarray]:
-    """Read the 1-based band ``indices`` of a GeoTIFF, values identical to rasterio's read."""
+    """Read the 1-based band ``indices`` of a GeoTIFF or PNG, values identical to rasterio's read."""
     if not path.is_file():
         raise InputError(path, "band file is missing")
+    if path.suffix.lower() == ".png":
+        return read_png(path, indices)
     try:
         arrays = _read_tifffile(path, indices)
     except Exception:  # not a TIFF tifffile understands: let GDAL decide
@@ -117,18 +217,24 @@ def _gdal_reason(e: BaseException, path: Path) -> str:
 
 
 def _check(source: Source, band: Band, path: Path, array: np.ndarray) -> None:
-    if source.dtype is not None and array.dtype != np.dtype(source.dtype):
+    if band.raw:
+        return
+    if source.dtype is not None and array.dtype != np.dtype(source.dtype) and array.dtype.name not in source.dtypes:
         raise InputError(path, f"band {band.name} has dtype {array.dtype}, expected {source.dtype}")
     if band.shape is not None and array.shape != band.shape:
         got, want = "x".join(map(str, array.shape)), "x".join(map(str, band.shape))
         raise InputError(path, f"band {band.name} is {got} px, expected {want}")
 
 
-def read_patch(source: Source, patch: Path) -> dict[str, np.ndarray]:
-    """All bands of one patch, checked against the source's dtype and shapes."""
+def read_patch(source: Source, patch: Path, files: dict[Path, list[Band]] | None = None) -> dict[str, np.ndarray]:
+    """All bands of one patch, checked against the source's dtype and shapes; ``files``: the
+    patch's files and their bands where the path alone does not tell (``Patch.band_files``)."""
     bands: dict[str, np.ndarray] = {}
-    for path, file_bands in source.band_files(patch).items():
-        arrays = read_bands(path, [b.index for b in file_bands])
+    for path, file_bands in (source.band_files(patch) if files is None else files).items():
+        if file_bands[0].raw:
+            arrays = [read_raw(path)]
+        else:
+            arrays = read_bands(path, [b.index for b in file_bands])
         for band, array in zip(file_bands, arrays):
             _check(source, band, path, array)
             bands[band.name] = array

@@ -110,6 +110,7 @@ def _check_values(target: Path, manifest: dict | None, report: VerifyReport, qui
     digest_of = {k: d for s, keys in manifest.get("keys", {}).items()
                  for k, d in zip(keys, manifest.get("digests", {}).get(s, []))}
     bands = manifest.get("bands", {})
+    open_sources = _open_sources(manifest.get("dataset"))
     stored_digests: dict[str, int] = {}
     total = 0
     key = None
@@ -137,7 +138,8 @@ def _check_values(target: Path, manifest: dict | None, report: VerifyReport, qui
                     report.problems.append(f"{key}: {e}")
                     continue
                 if manifest:
-                    _check_header(key, header, bands.get(source_of[key], {}), report)
+                    _check_header(key, header, bands.get(source_of[key], {}), report,
+                                  exact=source_of[key] not in open_sources)
                 if key in digest_of and short_digest(digest) != digest_of[key]:
                     report.problems.append(f"{key}: value differs from the one written (digest mismatch)")
     except lmdb.Error as e:
@@ -152,9 +154,18 @@ def _check_values(target: Path, manifest: dict | None, report: VerifyReport, qui
     return stored_digests
 
 
-def _check_header(key: str, header: dict, expected: dict, report: VerifyReport) -> None:
-    """A value's bands, dtypes and shapes against the manifest's table for its source."""
-    if set(header) != set(expected):
+def _open_sources(dataset: str | None) -> set[str]:
+    """The dataset's sources whose patches hold any of their bands (``Source.open_bands``)."""
+    try:
+        return {s.name for s in get_dataset(dataset).sources if s.open_bands} if dataset else set()
+    except KeyError:
+        return set()
+
+
+def _check_header(key: str, header: dict, expected: dict, report: VerifyReport, exact: bool = True) -> None:
+    """A value's bands, dtypes and shapes against the manifest's table for its source (with
+    ``exact=False``, a subset of its bands: an ``open_bands`` source's patches differ)."""
+    if set(header) != set(expected) if exact else not set(header) <= set(expected):
         report.problems.append(f"{key}: bands {sorted(header)} differ from the manifest's {sorted(expected)}")
     for name, info in header.items():
         want = expected.get(name)

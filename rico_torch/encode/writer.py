@@ -32,7 +32,7 @@ import lmdb
 
 from .. import __version__
 from .._process import die_with_parent
-from ..catalog import Dataset, Source, get_dataset
+from ..catalog import DATASETS, Dataset, Source, get_dataset
 from ..errors import InputError, TargetError
 from ..format import parse_header
 from .discover import Patch, SkipPatch, SourcePatches
@@ -45,6 +45,8 @@ LOCK = "encode.lock"
 LMDB_FILES = ("data.mdb", "lock.mdb")
 STAGING = ".overwrite"  # where --overwrite builds the replacement
 OUR_FILES = (*LMDB_FILES, MANIFEST, LOCK, STAGING, "metadata.parquet")  # the last: the demo's metadata
+#: Where the catalog's side files are copied (e.g. SatlasPretrain's metadata/): ours too.
+SIDE_FILE_ROOTS = tuple(sorted({Path(g).parts[0] for d in DATASETS.values() for g in d.side_files}))
 MIN_MAP_SIZE = 64 << 20
 
 
@@ -120,7 +122,7 @@ def encode_task(dataset_name: str, source_name: str, patches: list[Patch], skip_
                 bands = patch.reader()
             else:
                 source = source or get_dataset(dataset_name).source(source_name)
-                bands = read_patch(source, patch.path)
+                bands = read_patch(source, patch.path, patch.band_files(source))
             value = encode_value(bands)
             out.append((patch.key, value, value_digest(patch.key.encode(), value), None))
         except SkipPatch as e:  # the reader's own decision, whatever skip_invalid says
@@ -206,9 +208,10 @@ class TargetLock:
 
 
 def _ours(name: str) -> bool:
-    """Files rico_torch puts in a target: the LMDB, manifest, lock, staging, temporary files and
-    the DataModules' cached statistics (``stats-*.json``)."""
-    return name in OUR_FILES or name.endswith(".tmp") or (name.startswith("stats-") and name.endswith(".json"))
+    """Files rico_torch puts in a target: the LMDB, manifest, lock, staging, temporary files, the
+    catalog's side files (``metadata/``) and the DataModules' cached statistics (``stats-*.json``)."""
+    return (name in OUR_FILES or name in SIDE_FILE_ROOTS or name.endswith(".tmp")
+            or (name.startswith("stats-") and name.endswith(".json")))
 
 
 def _prepare_target(target: Path, overwrite: bool) -> None:
@@ -307,6 +310,7 @@ def encode_dataset(
     sources_info: dict[str, str] | None = None,
     shard: tuple[int, int] | None = None,
     extension: Extension | None = None,
+    manifest_extra: dict | None = None,
 ) -> EncodeResult:
     """Write the discovered patches into ``target`` (see the module docstring for guarantees).
 
@@ -314,13 +318,15 @@ def encode_dataset(
     one only once complete, so a failed or interrupted overwrite leaves the old data intact;
     re-running it with the same inputs resumes in ``.overwrite``. A target whose manifest says
     complete but whose ``data.mdb`` is missing or holds another number of keys is encoded
-    again the same way (the user is told what was found).
+    again the same way (the user is told what was found). ``manifest_extra``: entries added
+    to the manifest.
     """
     start = time.perf_counter()
     target = Path(target)
     _prepare_target(target, overwrite)
     fingerprint = _fingerprint(dataset, discovered, extension.identity if extension else "")
     extra = {"shard": {"index": shard[0], "count": shard[1], "rule": "zlib.crc32(key) % count"}} if shard else {}
+    extra.update(manifest_extra or {})  # e.g. the catalog's Dataset.manifest_extra
     with TargetLock(target):
         existing = any((target / name).exists() for name in (*LMDB_FILES, MANIFEST))
         rebuild = overwrite and existing

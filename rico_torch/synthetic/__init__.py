@@ -17,6 +17,7 @@ from .hyspecnet import HySpecNetFiles, make_hyspecnet
 from .majortom import MajorTOMFiles, make_majortom
 from .spectralearth import SpectralEarthFiles, make_spectralearth
 from .ssl4eo import SSL4EOFiles, make_ssl4eo
+from .satlas import SatlasFiles, make_satlas
 from .ucmerced import UCMercedFiles, make_ucmerced, make_ucmerced_splits
 
 __all__ = [
@@ -28,6 +29,7 @@ __all__ = [
     "MajorTOMFiles",
     "SpectralEarthFiles",
     "SSL4EOFiles",
+    "SatlasFiles",
     "SplitFiles",
     "UCMercedFiles",
     "make_bigearthnet",
@@ -39,6 +41,7 @@ __all__ = [
     "make_majortom",
     "make_spectralearth",
     "make_ssl4eo",
+    "make_satlas",
     "make_ucmerced",
     "make_ucmerced_splits",
     "write_geotiff",

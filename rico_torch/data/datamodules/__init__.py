@@ -5,6 +5,7 @@ from .bigearthnet import BigEarthNetDataModule
 from .eurosat import EuroSATDataModule
 from .hyspecnet import HySpecNetDataModule
 from .majortom import MajorTOMDataModule
+from .satlas import SatlasDataModule
 from .pretraining import HydroDataModule, SpectralEarthDataModule
 from .ssl4eo import SSL4EODataModule
 from .ucmerced import UCMercedDataModule
@@ -12,7 +13,7 @@ from .ucmerced import UCMercedDataModule
 __all__ = [
     "LMDBDataModule", "BigEarthNetDataModule", "EuroSATDataModule", "HySpecNetDataModule", "UCMercedDataModule",
     "SSL4EODataModule", "MajorTOMDataModule", "HydroDataModule", "SpectralEarthDataModule",
-    "GeoPatchDataModule",
+    "GeoPatchDataModule", "SatlasDataModule",
 ]
 
 from .scenes import GeoPatchDataModule  # noqa: E402
