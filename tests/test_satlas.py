@@ -166,7 +166,8 @@ def test_undecodable_png_is_one_line_naming_it(small, tmp_path, damage, folder):
     line = proc.stderr.strip().splitlines()[-1]
     assert line.startswith(f"error: {png}: ") and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
     if folder == "tci" or damage in ("not_png", "huge_header"):  # libpng words the others its own way
-        assert {"truncated": "truncated", "not_png": "not a PNG", "huge_header": "100000x100000 px",
+        assert {"truncated": "truncated", "not_png": "not a PNG (no PNG signature and header)",
+                "huge_header": "PNG header says 100000x100000 px, more than 16384 a side allowed",
                 "flipped_byte": "CRC does not match"}[damage] in line
     else:
         assert "not a readable PNG" in line
@@ -245,3 +246,25 @@ def test_png_decoders_agree_on_palette_grey_alpha_and_16_bit(tmp_path):
             assert np.array_equal(got[c], rasterio_read(path, c + 1)), (mode, c)
     with pytest.raises(InputError, match="has 1 bands, expected at least 3"):
         read_png(tmp_path / "P.png", [1, 2, 3])
+
+
+def test_png_that_decodes_to_another_size_than_its_header(small, monkeypatch):
+    import imagecodecs
+
+    from rico_torch.encode.read import read_png
+    from rico_torch.errors import InputError
+
+    png = _first_png(small)
+    monkeypatch.setattr(imagecodecs, "png_decode", lambda data: np.zeros((3, 3), np.uint8))
+    with pytest.raises(InputError) as caught:
+        read_png(png, [1])
+    assert str(caught.value).startswith(f"{png}: PNG decodes to (3, 3, 1), its header says (")
+
+
+def test_no_image_tiles_found_names_the_layout(tmp_path):
+    (tmp_path / "src" / "sentinel2" / "S2A_X").mkdir(parents=True)
+    (tmp_path / "src" / "sentinel2" / "S2A_X" / "notes.txt").write_text("")
+    proc = encode_cli("satlas", "--dataset-dir", str(tmp_path / "src"), "--target-dir", str(tmp_path / "t"),
+                      check=False)
+    assert proc.returncode == 1
+    assert f"error: {tmp_path / 'src' / 'sentinel2'}: no SatlasPretrain sentinel2 image tiles found (files matching " in proc.stderr

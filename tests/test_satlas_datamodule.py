@@ -251,3 +251,30 @@ def test_plot_a_series_sample_and_batch(lmdb):
     for shown in (ds[0], ds.read_batch([0, 1])):
         fig = dm.plot(shown)
         assert len(fig.axes) >= 2  # the RGB composite and the land cover target
+
+
+def test_metadata_file_messages_in_full(lmdb, tmp_path):
+    from rico_torch.catalog.satlas import image_times
+    from rico_torch.errors import FormatError, InputError
+
+    (tmp_path / "image_times.json").write_text("[1]")
+    with pytest.raises(InputError) as caught:
+        image_times(tmp_path)
+    assert str(caught.value) == f"{tmp_path / 'image_times.json'}: not a JSON object of image name -> time"
+    (tmp_path / "image_times.json").write_text("{")
+    with pytest.raises(InputError, match=f"{tmp_path / 'image_times.json'}: unreadable JSON \\("):
+        image_times(tmp_path)
+    (tmp_path / "image_times.json").unlink()
+    (tmp_path / "train_lowres.json").write_text("{")
+    with pytest.raises(FormatError, match=f"{tmp_path / 'train_lowres.json'}: unreadable JSON \\("):
+        module(lmdb, metadata_dir=str(tmp_path))
+    (tmp_path / "train_lowres.json").write_text(json.dumps([["a", "b"]]))
+    with pytest.raises(FormatError) as caught:
+        module(lmdb, metadata_dir=str(tmp_path))
+    assert str(caught.value) == f"{tmp_path / 'train_lowres.json'}: entry ['a', 'b'] is not [col, row]"
+    (tmp_path / "train_lowres.json").write_text(json.dumps([[4100, 2700]]))
+    (tmp_path / "test_lowres.json").write_text(json.dumps([[4100, 2701]]))
+    (tmp_path / "good_images_lowres_all.json").write_text(json.dumps([[4100, 2700]]))
+    with pytest.raises(FormatError) as caught:
+        module(lmdb, metadata_dir=str(tmp_path))
+    assert str(caught.value) == f"{tmp_path / 'good_images_lowres_all.json'}: entry [4100, 2700] is not [col, row, image name]"
