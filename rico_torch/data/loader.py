@@ -568,13 +568,13 @@ class PatchLoader:
 
     def _read_in_workers(self, iteration: int) -> Iterator[dict[str, Any]]:
         workers = self._start()
-        workers.settle()  # the slots of an abandoned iteration
         count = self.num_workers
         batches = self._index_batches()
         queue: deque[list[int]] = deque()  # index batches sent, not yet yielded
         sent = received = 0
         exhausted = False
         try:
+            workers.settle()  # the slots of an abandoned iteration
             while True:
                 if iteration != self._iteration:
                     raise RuntimeError("this PatchLoader iterator was replaced by a newer one (one at a time)")
@@ -599,6 +599,12 @@ class PatchLoader:
                     batch = _pinned_copy(batch)
                     workers.release_held()
                 yield batch
+        except KeyboardInterrupt:
+            # Ctrl-C while this code ran (not while the caller's loop body did) may have cut a send
+            # or a receive short: which tasks are in flight is no longer known, so stop the workers
+            # (the next iteration starts new ones) rather than misread a late answer
+            workers.close()
+            raise
         finally:
             if iteration == self._iteration:
                 workers.release_held()
