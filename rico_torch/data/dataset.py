@@ -29,7 +29,7 @@ from torch.utils.data._utils.collate import default_collate_fn_map
 
 from ..errors import ArgumentTypeError, ConfigError, FormatError, MissingBandError
 from ..format import TensorInfo, parse_header, view
-from .store import Store, open_environment, read_manifest  # noqa: F401  (re-exported)
+from .store import Store, entry_shapes, open_environment, read_manifest  # noqa: F401  (re-exported)
 
 INTERPOLATIONS = ("nearest", "bilinear", "bicubic")
 CROP_MODES = ("random", "center")
@@ -275,12 +275,8 @@ class LMDBPatchDataset(Dataset):
         if layouts is not None:
             shapes = {layout[b].shape for layout in layouts for b in self.bands if b in layout}
         elif manifest:
-            for table in manifest["bands"].values():
-                for band in self.bands:
-                    entry = table.get(band)
-                    if entry:
-                        found = [entry["shape"]] if entry.get("shape") else [s.split("x") for s in entry.get("shapes", {})]
-                        shapes.update(tuple(int(d) for d in shape) for shape in found)
+            shapes = {tuple(int(d) for d in shape.split("x")) for table in manifest["bands"].values()
+                      for band in self.bands if band in table for shape in entry_shapes(table[band])}
         if not shapes:  # e.g. a manifest without shapes
             shapes = {info.shape for headers in self._headers_of(0) for b, info in headers.items() if b in self.bands}
         return max(shapes, key=lambda s: (s[0] * s[1], s))  # type: ignore[return-value]
@@ -358,7 +354,7 @@ class LMDBPatchDataset(Dataset):
         for part, header in enumerate(headers):
             for name, info in header.items():
                 where.setdefault(name, (part, info))
-        for name in self.bands + ((self.mask_band,) if self.mask_band else ()):
+        for name in self._wanted:
             if name not in where:
                 raise MissingBandError(f"band {name!r} is not in patch {_patch_name(keys)!r} "
                                f"(it has {sorted(where)})")

@@ -160,8 +160,15 @@ def open_environment(path: Path, readahead: bool = False, identity: Identity | N
         handle = None
     if handle is None:
         handle = _HANDLES[real] = _Handle(os.getpid(), current, _open(real, readahead), owned=True)
-    handle.holders += 1
     return handle.env
+
+
+def acquire_environment(path: Path, readahead: bool = False, identity: Identity | None = None) -> lmdb.Environment:
+    """:func:`open_environment` for a reader that keeps the handle: one more holder, until its
+    :func:`release_environment` (a one-off look, e.g. ``info``, holds nothing)."""
+    env = open_environment(path, readahead, identity)
+    _HANDLES[os.path.realpath(path)].holders += 1
+    return env
 
 
 def release_environment(path: Path) -> None:
@@ -254,7 +261,7 @@ class Store:
             if self._given[0] == pid:
                 for env in self._given[1]:
                     adopt_environment(env)
-            self._envs = [open_environment(p, self.readahead, i) for p, i in zip(self.paths, self._identities)]
+            self._envs = [acquire_environment(p, self.readahead, i) for p, i in zip(self.paths, self._identities)]
             self._pid = pid
         return self._envs
 
@@ -276,7 +283,8 @@ class Store:
         return _Reader(self)
 
 
-def _shapes(entry: dict) -> dict[str, int]:
+def entry_shapes(entry: dict) -> dict[str, int]:
+    """A manifest band entry's shapes as ``"HxW"`` -> count (count 1 where one shape is recorded)."""
     if entry.get("shape"):
         return {"x".join(map(str, entry["shape"])): 1}
     return dict(entry.get("shapes", {}))
@@ -286,8 +294,8 @@ def _merge_band(a: dict, b: dict) -> dict:
     """One band's manifest entry over two shards: shapes that differ are kept, with their counts."""
     if a.get("shape") and a.get("shape") == b.get("shape"):
         return a
-    shapes = _shapes(a)
-    for shape, n in _shapes(b).items():
+    shapes = entry_shapes(a)
+    for shape, n in entry_shapes(b).items():
         shapes[shape] = shapes.get(shape, 0) + n
     return {"dtype": a.get("dtype"), "shape": None, "shapes": shapes}
 

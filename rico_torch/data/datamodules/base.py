@@ -141,7 +141,8 @@ class LMDBDataModule(L.LightningDataModule):
                 raise DatasetNotFoundError(f"{path}: {what} (data.mdb missing); create it with {self.encode_hint(path)}")
             if self.catalog is None:
                 continue
-            found = recognise(open_environment(path, self.readahead), read_manifest(path))
+            manifest = self.manifest() if len(self.lmdb_paths) == 1 else read_manifest(path)  # read once
+            found = recognise(open_environment(path, self.readahead), manifest)
             if found is not None and found.dataset.name != self.catalog.name:
                 held = found.dataset
                 raise ConfigError(
@@ -238,10 +239,7 @@ class LMDBDataModule(L.LightningDataModule):
         split's dataset has to survey its items for it); None leaves it to the dataset."""
         if self.size is not None:
             return self.size
-        from ...catalog import DATASETS
-
-        dataset = DATASETS.get(self.name)
-        return dataset.largest_shape(self.bands) if dataset else None
+        return self.catalog.largest_shape(self.bands) if self.catalog else None
 
     @property
     def loads_native(self) -> bool:
