@@ -140,8 +140,7 @@ def _read_grey_png(path: Path, data: bytes, shape: tuple[int, int, int], indices
     try:
         array = imagecodecs.png_decode(data)
     except Exception as e:
-        text = (str(e).strip().splitlines() or [""])[0]
-        raise InputError(path, f"not a readable PNG ({type(e).__name__}: {text})") from None
+        raise InputError(path, f"not a readable PNG ({type(e).__name__}: {first_line(e)})") from None
     array = array.reshape(*array.shape[:2], -1)
     if array.shape != shape:
         raise InputError(path, f"PNG decodes to {array.shape}, its header says {shape}")
@@ -198,6 +197,11 @@ def read_bands(path: Path, indices: list[int]) -> list[np.ndarray]:
         raise InputError(path, f"not a readable TIFF ({_gdal_reason(e, path)})") from None
 
 
+def first_line(e: BaseException, empty: str = "") -> str:
+    """An exception's message as one line (its first), ``empty`` where it has none."""
+    return (str(e).strip().splitlines() or [empty])[0]
+
+
 def _gdal_reason(e: BaseException, path: Path) -> str:
     """GDAL's own reason for a failed read, one line.
 
@@ -210,7 +214,7 @@ def _gdal_reason(e: BaseException, path: Path) -> str:
         seen.append(e)
         e = e.__cause__ or e.__context__
     root = seen[-1]
-    text = (str(root).strip().splitlines() or [""])[0]
+    text = first_line(root)
     for prefix in (f"{path}: ", f"{path.name}: "):
         text = text.removeprefix(prefix)
     return f"{type(seen[0]).__name__}: {text}" if len(seen) == 1 else text

@@ -20,6 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from ..encode.discover import SkipPatch, printable
+from ..encode.read import first_line
 from ..errors import ConfigError, InputError
 
 EDGES = ("shift", "pad", "drop")
@@ -106,7 +107,7 @@ def open_raster(path: str):
             warnings.simplefilter("ignore", NotGeoreferencedWarning)
             src = rasterio.open(path)
     except Exception as e:
-        raise InputError(printable(path), f"not a raster GDAL can open ({_first_line(e)})") from None
+        raise InputError(printable(path), f"not a raster GDAL can open ({first_line(e, type(e).__name__)})") from None
     _OPEN[path] = src
     if len(_OPEN) > _OPEN_LIMIT:
         _OPEN.popitem(last=False)[1].close()
@@ -117,10 +118,6 @@ def close_rasters() -> None:
     """Close the rasters :func:`open_raster` keeps open in this process."""
     while _OPEN:
         _OPEN.popitem()[1].close()
-
-
-def _first_line(e: BaseException) -> str:
-    return (str(e).strip().splitlines() or [type(e).__name__])[0]
 
 
 def _band_files(path: str, names: Sequence[str] | None, ratio_of=None) -> list[BandFile]:
@@ -404,7 +401,8 @@ class SceneWindow:
         except InputError:
             raise
         except Exception as e:
-            raise InputError(printable(band.path), f"reading band {band.name} failed ({_first_line(e)})") from None
+            reason = first_line(e, type(e).__name__)
+            raise InputError(printable(band.path), f"reading band {band.name} failed ({reason})") from None
         if (r0, c0, r1, c1) == (row, col, row + n, col + n):
             return np.ascontiguousarray(inner), inner_mask
         fill = 0 if band.nodata is None else band.nodata
