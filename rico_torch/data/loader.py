@@ -98,9 +98,15 @@ def _slot_views(buffer: mmap.mmap, entries: tuple[_Entry, ...], slot_bytes: int,
     return out
 
 
+def _each_tensor(batch: dict[str, Any], fn) -> dict[str, Any]:
+    """``batch`` with ``fn`` applied to every tensor (also a native group's); other fields as they are."""
+    return {k: ({g: fn(t) for g, t in v.items()} if isinstance(v, dict) else fn(v) if isinstance(v, torch.Tensor)
+                else v) for k, v in batch.items()}
+
+
 def _rows(batch: dict[str, Any], n: int) -> dict[str, Any]:
     """The first ``n`` rows of a slot (a last, shorter batch); contiguous views."""
-    return {k: ({g: t[:n] for g, t in v.items()} if isinstance(v, dict) else v[:n]) for k, v in batch.items()}
+    return _each_tensor(batch, lambda t: t[:n])
 
 
 def _shared_memory(size: int) -> int:
@@ -218,8 +224,7 @@ class _Pinning:
 
 
 def _pinned_copy(batch: dict[str, Any]) -> dict[str, Any]:
-    return {k: ({g: t.pin_memory() for g, t in v.items()} if k == "native" else
-                v.pin_memory() if isinstance(v, torch.Tensor) else v) for k, v in batch.items()}
+    return _each_tensor(batch, torch.Tensor.pin_memory)
 
 
 # --- the workers, seen from the main process -------------------------------------------------
