@@ -90,13 +90,17 @@ def test_manifest_records_georeference_and_statistics(chipped, scene_files):
         assert mosaic["bands"]["B1"]["nodata"] == src.nodata
     s2 = manifest["scenes"]["T32TQM_20200101"]["bands"]
     assert s2["B01"]["resolution"] == [60.0, 60.0] and s2["B01"]["ratio"] == 6 and s2["B01"]["nodata"] == 0
-    # statistics over the valid pixels of the stored values (nodata excluded)
-    arrays = [load_value(v)["B1"] for k, v in read_lmdb(chipped).items() if k.startswith(b"mosaic")]
-    valid = np.concatenate([a[a != -9999].ravel() for a in arrays]).astype(np.float64)
-    stats = manifest["statistics"]["B1"]
-    assert stats["count"] == valid.size and stats["min"] == valid.min() and stats["max"] == valid.max()
-    assert math.isclose(stats["mean"], valid.mean(), rel_tol=1e-12)
-    assert math.isclose(stats["std"], valid.std(), rel_tol=1e-9)
+    # statistics over the scene's valid pixels, each counted once though windows overlap (stride 60)
+    with rasterio.open(scene_files.mosaic) as src:
+        b1 = src.read(1)
+    valid = b1[b1 != -9999].astype(np.float64)
+    for stats in (manifest["statistics"]["B1"], manifest["scenes"]["mosaic"]["statistics"]["B1"]):
+        assert stats["count"] == valid.size == 260 * 360 and stats["min"] == valid.min() and stats["max"] == valid.max()
+        assert math.isclose(stats["mean"], valid.mean(), rel_tol=1e-12)
+        assert math.isclose(stats["std"], valid.std(), rel_tol=1e-9)
+    with rasterio.open(Path(manifest["scenes"]["T32TQM_20200101"]["path"]) / "B01.tif") as src:
+        b01 = src.read(1)  # 60 m: each 60 m pixel once, not 36 times
+    assert manifest["scenes"]["T32TQM_20200101"]["statistics"]["B01"]["count"] == (b01 != 0).sum()
 
 
 def test_verify_passes(chipped, scene_files, capsys):
@@ -158,7 +162,7 @@ def test_min_valid_skips_and_counts_nodata_windows(mosaic_dir, tmp_path):
     assert set(manifest["keys"]["mosaic"]) == {f"mosaic_{r}_{c}" for r in (60, 120, 180)
                                                for c in (60, 120, 180, 240, 300)}
     assert manifest["skipped_nodata"] == 15 and len(result.skipped) == 15
-    assert "fewer than --min-valid 3240" in result.skipped[0]["reason"]
+    assert "window mosaic_0_0 (row 0, col 0) has 1,600 valid pixels, fewer than --min-valid 3,240" in result.skipped[0]["reason"]
 
 
 def own_values(target: Path, scene: str, bands: list[str]):
@@ -330,7 +334,10 @@ def test_a_damaged_band_file_stops_or_is_skipped(tmp_path):
     scene = make_s2_scene(tmp_path / "scenes" / "T32", pixels=360, tiled_block=128)
     data = (scene / "B02.tif").read_bytes()
     (scene / "B02.tif").write_bytes(data[: len(data) // 2])  # the last tiles are cut off
-    with pytest.raises(InputError, match=r"B02\.tif: reading band B02 failed"):
+    # GDAL's own reason (chained below rasterio's "Read failed"), and the window
+    with pytest.raises(InputError, match=r"B02\.tif: reading band B02 of window T32_\d+_\d+ failed "
+                       r"\(TIFFFillTile:Read error at row"):
         chip(tmp_path / "scenes", tmp_path / "t", 120)
     result = chip(tmp_path / "scenes", tmp_path / "t2", 120, skip_invalid=True)
     assert 0 < len(result.skipped) < 9 and all("B02.tif" in s["reason"] for s in result.skipped)
+    assert all(f"window {s['key']} failed (TIFFFillTile" in s["reason"] for s in result.skipped)

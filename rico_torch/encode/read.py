@@ -128,7 +128,7 @@ def read_png(path: Path, indices: list[int]) -> list[np.ndarray]:
     except InputError:
         raise
     except Exception as e:
-        raise InputError(path, f"not a readable PNG ({_gdal_reason(e, path)})") from None
+        raise InputError(path, f"not a readable PNG ({gdal_reason(e, path)})") from None
     return [np.ascontiguousarray(a, dtype=a.dtype.newbyteorder("=")) for a in array]
 
 
@@ -194,7 +194,7 @@ def read_bands(path: Path, indices: list[int]) -> list[np.ndarray]:
     except InputError:
         raise
     except Exception as e:
-        raise InputError(path, f"not a readable TIFF ({_gdal_reason(e, path)})") from None
+        raise InputError(path, f"not a readable TIFF ({gdal_reason(e, path)})") from None
 
 
 def first_line(e: BaseException, empty: str = "") -> str:
@@ -202,7 +202,7 @@ def first_line(e: BaseException, empty: str = "") -> str:
     return (str(e).strip().splitlines() or [empty])[0]
 
 
-def _gdal_reason(e: BaseException, path: Path) -> str:
+def gdal_reason(e: BaseException, path: Path) -> str:
     """GDAL's own reason for a failed read, one line.
 
     rasterio raises "Read failed. See previous exception for details."; the GDAL errors that

@@ -15,18 +15,22 @@ import argparse
 import json
 import math
 import re
+import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
+from hashlib import sha256
 from pathlib import Path
 
 import numpy as np
 
 from ..catalog import Band, Dataset, Source
-from ..encode.discover import Patch, SourcePatches, select_shard
+from ..errors import InputError
+from ..encode.discover import Patch, SourcePatches, printable, select_shard
 from ..encode.writer import EncodeResult, encode_dataset
 from ..format import load_value
-from .discover import EDGES, Scene, SceneWindow, check_options, check_sizes, close_rasters, find_scenes, \
-    window_transform, windows
+from .discover import ALLOW_UNGEOREFERENCED, EDGES, Scene, SceneWindow, check_options, check_sizes, close_rasters, \
+    find_scenes, offsets, valid_pixels, window_transform, windows
+from .statistics import Moments, merge, pool
 
 NAME = "scenes"
 EXAMPLE = "python -m rico_torch.encode scenes --dataset-dir scenes/ --target-dir encoded-scenes --patch-size 120"
@@ -66,59 +70,41 @@ def plan(scenes: Sequence[Scene], options: ChipOptions) -> tuple[Dataset, list[S
     return dataset, discovered
 
 
-class _Moments:
-    """Count, mean, M2 (Chan et al.'s parallel update), min and max of a band's valid pixels."""
-
-    def __init__(self) -> None:
-        self.count, self.mean, self.m2 = 0, 0.0, 0.0
-        self.min, self.max = math.inf, -math.inf
-
-    def add(self, values: np.ndarray) -> None:
-        n = int(values.size)
-        if n == 0:
-            return
-        values = values.astype(np.float64, copy=False)
-        mean = float(values.mean())
-        m2 = float(((values - mean) ** 2).sum())
-        total = self.count + n
-        delta = mean - self.mean
-        self.mean += delta * n / total
-        self.m2 += m2 + delta * delta * self.count * n / total
-        self.count = total
-        self.min, self.max = min(self.min, float(values.min())), max(self.max, float(values.max()))
-
-    def summary(self) -> dict:
-        if self.count == 0:
-            return {"count": 0, "mean": None, "std": None, "min": None, "max": None}
-        return {"count": self.count, "mean": self.mean, "std": math.sqrt(self.m2 / self.count),
-                "min": self.min, "max": self.max}
-
-
 class SceneManifest:
-    """The writer :class:`~rico_torch.encode.writer.Extension` of a chip run."""
+    """The writer :class:`~rico_torch.encode.writer.Extension` of a chip run.
 
-    def __init__(self, scenes: Sequence[Scene], discovered: list[SourcePatches], options: ChipOptions) -> None:
+    Statistics: each source pixel of a scene belongs to one window, the last one starting at or
+    before it on each axis (so overlapping windows, ``--stride`` < ``--patch-size``, count it once,
+    and windows of different shards never share one); :meth:`observe` adds the valid pixels
+    (:func:`~rico_torch.scenes.discover.valid_pixels`, as ``--min-valid`` counts them) a window
+    owns inside the scene (padding never counts), per band of each scene. A resumed run observes
+    the committed values first, in the same order, so its statistics equal an uninterrupted run's.
+    """
+
+    def __init__(self, scenes: Sequence[Scene], discovered: list[SourcePatches], options: ChipOptions,
+                 labels: str = "") -> None:
         self.scenes = {s.name: s for s in scenes}
         self.options = options
-        self.identity = options.identity()
+        # labels enter the identity only where given, so encodes without them keep their fingerprint
+        self.identity = options.identity() + labels
         self.windows = {p.key: (p.reader.scene.name, p.reader.row, p.reader.col)
                         for sp in discovered for p in sp.patches}
-        self.nodata = {s.name: {b.name: b.nodata for b in s.bands} for s in scenes}
-        self.moments: dict[str, _Moments] = {}
+        self.owned = {s.name: (_owned(s.height, options), _owned(s.width, options)) for s in scenes}
+        self.moments: dict[str, dict[str, Moments]] = {}
+        self.label_nodata = next((s.labels.nodata for s in scenes if s.labels is not None), None)
+        self.refused: dict[str, str] = {}  # band -> why it is not pooled over the scenes
 
     def observe(self, source: str, key: str, value: bytes) -> None:
-        nodata = self.nodata.get(source, {})
-        for band, array in load_value(value, key).items():
-            if band not in nodata:  # the label mask
-                continue
-            fill = nodata[band]
-            if fill is None:
-                valid = array.ravel()
-            elif math.isnan(fill):
-                valid = array[~np.isnan(array)]
-            else:
-                valid = array[array != np.array(fill).astype(array.dtype)]
-            self.moments.setdefault(band, _Moments()).add(valid)
+        name, row, col = self.windows[key]
+        scene, (rows, cols) = self.scenes[name], self.owned[name]
+        (r0, r1), (c0, c1) = rows[row], cols[col]
+        arrays = load_value(value, key)
+        into = self.moments.setdefault(name, {})
+        for band in scene.bands:
+            r = band.ratio
+            part = arrays[band.name][(r0 - row) // r : (r1 - row) // r, (c0 - col) // r : (c1 - col) // r]
+            valid = valid_pixels(band, part, (r0 // r, c0 // r, r1 // r, c1 // r))
+            into[band.name] = merge(into.get(band.name, Moments()), Moments.of(part[valid]))
 
     def manifest(self, written: set[str]) -> dict:
         size = self.options.patch_size
@@ -127,15 +113,51 @@ class SceneManifest:
             if key in written:
                 keys[key] = {"scene": scene, "window": [row, col, size, size],
                              "transform": window_transform(self.scenes[scene], row, col)}
+        scenes = {}
+        for name, scene in self.scenes.items():
+            moments = self.moments.get(name, {})
+            scenes[name] = {**scene.info(), "statistics": {b: moments.get(b, Moments()).entry()
+                                                           for b in scene.band_names}}
+        pooled, self.refused = pool(scenes)
         return {
             "chip": {"patch_size": size, "stride": self.options.stride, "edge": self.options.edge,
                      "min_valid": self.options.min_valid,
-                     "bands": list(self.options.bands) if self.options.bands else None},
-            "scenes": {name: scene.info() for name, scene in self.scenes.items()},
+                     "bands": list(self.options.bands) if self.options.bands else None,
+                     "label_nodata": self.label_nodata},
+            "scenes": scenes,
             "windows": keys,
-            "statistics": {band: m.summary() for band, m in sorted(self.moments.items())},
+            "statistics": pooled,
+            "statistics_not_pooled": self.refused,
             "skipped_nodata": sum(1 for k, (s, _, _) in self.windows.items() if k not in written),
         }
+
+
+def _owned(size: int, options: ChipOptions) -> dict[int, tuple[int, int]]:
+    """Window start -> the pixels [start, end) it owns along one axis of ``size`` px: up to the
+    next window's start (or its own end for the last), never beyond the scene."""
+    starts = offsets(size, options.patch_size, options.stride, options.edge)
+    ends = starts[1:] + [starts[-1] + options.patch_size] if starts else []
+    return {s: (s, min(e, size)) for s, e in zip(starts, ends)}
+
+
+def file_fingerprint(path: str | Path) -> list:
+    """A file's name, size and SHA-256: what a label raster adds to an encode's identity."""
+    path = Path(path)
+    h = sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return [path.name, path.stat().st_size, h.hexdigest()]
+
+
+def labels_identity(scenes: Sequence[Scene]) -> str:
+    """The label rasters' part of an encode's identity ("" without labels): every scene's label
+    file (name, size, content hash) and the label nodata value."""
+    labelled = [s for s in scenes if s.labels is not None]
+    if not labelled:
+        return ""
+    return json.dumps({"labels": {s.name: file_fingerprint(s.labels.path) for s in labelled},
+                       "label_nodata": labelled[0].labels.nodata})
 
 
 def chip(
@@ -148,6 +170,8 @@ def chip(
     edge: str = "shift",
     min_valid: float = 1,
     labels: str | Path | None = None,
+    label_nodata: float | None = None,
+    allow_ungeoreferenced: bool = False,
     num_workers: int = 0,
     overwrite: bool = False,
     skip_invalid: bool = False,
@@ -157,7 +181,13 @@ def chip(
     """Chip every scene in ``dataset_dir`` into the LMDB at ``target_dir`` (see the module doc).
 
     ``min_valid``: the fewest valid finest-grid pixels a kept window has; a value below 1 is a
-    fraction of the window's pixels.
+    fraction of the window's pixels. ``label_nodata``: the label value that means "no label"
+    (default: the label rasters' nodata); ``--edge pad`` fills label pixels outside the scene
+    with it, so labels without one are refused with pad. ``allow_ungeoreferenced``: chip
+    rasters without a geotransform (refused otherwise).
+
+    Warns (stderr) for every scene that yields no window and for bands that are not pooled
+    into dataset-level statistics; raises :class:`InputError` when no window at all is written.
     """
     stride = patch_size if stride is None else stride
     if 0 < min_valid < 1:
@@ -165,27 +195,92 @@ def chip(
     min_valid = int(min_valid)
     check_options(patch_size, stride, edge, min_valid)
     options = ChipOptions(patch_size, stride, edge, min_valid, tuple(bands) if bands else None)
+    root = Path(dataset_dir)
     try:
-        scenes = find_scenes(Path(dataset_dir), options.bands, None if labels is None else Path(labels))
+        scenes = find_scenes(root, options.bands, None if labels is None else Path(labels), label_nodata,
+                             allow_ungeoreferenced)
+        check_labels(scenes, edge)
         dataset, discovered = plan(scenes, options)
+        warn_band_files_as_scenes(root, scenes)
+        identity = labels_identity(scenes)
     finally:
         close_rasters()
+    for scene, found in zip(scenes, discovered):
+        if not found.patches:
+            warn(f"{scene.path}: scene yields no window: it is {scene.width}x{scene.height} px, smaller than "
+                 f"--patch-size {patch_size}, and --edge drop leaves out partial windows")
+    if not any(sp.patches for sp in discovered):
+        raise InputError(printable(root), f"no scene yields a window of --patch-size {patch_size} with --edge drop; "
+                         "use --edge pad or a smaller --patch-size")
     if shard is not None:
         discovered = select_shard(discovered, *shard)
-    extension = SceneManifest(scenes, discovered, options)
+    extension = SceneManifest(scenes, discovered, options, identity)
     try:
-        return encode_dataset(dataset, discovered, Path(target_dir), num_workers=num_workers, overwrite=overwrite,
-                              skip_invalid=skip_invalid, quiet=quiet,
-                              sources_info={s.name: str(Path(s.path).resolve()) for s in scenes}, shard=shard,
-                              extension=extension)
+        result = encode_dataset(dataset, discovered, Path(target_dir), num_workers=num_workers, overwrite=overwrite,
+                                skip_invalid=skip_invalid, quiet=quiet,
+                                sources_info={s.name: str(Path(s.path).resolve()) for s in scenes}, shard=shard,
+                                extension=extension)
     finally:
         close_rasters()
+    for band, why in extension.refused.items():
+        warn(f"band {band} is not in the dataset-level statistics: {why}; its statistics are per scene "
+             "(manifest.json: scenes.<name>.statistics)")
+    for sp in discovered:
+        if sp.patches and not result.counts.get(sp.source.name):
+            warn(f"{sp.source.name}: none of its {len(sp.patches):,} windows was written (each has fewer than "
+                 f"--min-valid {min_valid:,} valid pixels, or could not be read)")
+    if result.written == 0 and any(sp.patches for sp in discovered):
+        raise InputError(printable(Path(target_dir)), f"no window was written: all {len(result.skipped):,} "
+                         "were skipped (see the warnings); lower --min-valid or check the scenes' nodata")
+    return result
+
+
+def warn(message: str) -> None:
+    print(f"warning: {message}", file=sys.stderr)
+
+
+def check_labels(scenes: Sequence[Scene], edge: str) -> None:
+    """Labels fit ``--edge``: pad fills label pixels outside the scene with the label nodata, so
+    there must be one (else they would read as class 0); the value must fit the label dtype."""
+    labelled = [s for s in scenes if s.labels is not None]
+    if not labelled:
+        return
+    nodata = labelled[0].labels.nodata
+    if nodata is None and edge == "pad":
+        raise InputError(printable(labelled[0].labels.path), "label raster has no nodata value, so --edge pad would "
+                         "fill label pixels outside the scene with class 0; give --label-nodata (e.g. 255)")
+    for scene in labelled:
+        dtype = np.dtype(scene.labels.dtype)
+        if nodata is not None and dtype.kind in "iu" and not (
+                nodata == int(nodata) and np.iinfo(dtype).min <= nodata <= np.iinfo(dtype).max):
+            raise InputError(printable(scene.labels.path), f"label nodata {nodata:g} does not fit the label "
+                             f"raster's dtype {dtype}")
+
+
+BAND_LIKE = re.compile(r"(^|_)(B\d{1,2}A?|VV|VH|HH|HV)(_|$)", re.IGNORECASE)
+
+
+def warn_band_files_as_scenes(root: Path, scenes: Sequence[Scene]) -> None:
+    """Warn when ``--dataset-dir`` looks like one product's folder: every scene a single-band
+    file named like a band (``B02``, ``..._B8A_20m``, ``VV``), all over one extent."""
+    if len(scenes) < 2 or any(len(s.bands) != 1 or Path(s.path).is_dir() for s in scenes):
+        return
+    if not all(BAND_LIKE.search(s.name) for s in scenes):
+        return
+    extents = {(s.crs, round(s.transform[2], 6), round(s.transform[5], 6), round(s.transform[0] * s.width, 6),
+                round(s.transform[4] * s.height, 6)) for s in scenes}
+    if len(extents) == 1:
+        warn(f"{root}: every scene is one single-band file named like a band ({', '.join(s.name for s in scenes[:4])}"
+             f"{' ...' if len(scenes) > 4 else ''}) over one extent, so each band becomes its own scene; if they "
+             f"are the bands of one product, give the folder above it (--dataset-dir {root.parent})")
 
 
 def verify_scenes(target_dir: str | Path, dataset_dir: str | Path | None = None, num_workers: int = 0,
                   quiet: bool = True):
     """``verify`` of a chipped LMDB; with ``dataset_dir``, every window is read again from the
     scenes (with the options and label rasters the manifest records) and compared."""
+    from dataclasses import replace
+
     from ..encode.verify import verify
     from ..encode.writer import read_manifest
     from .discover import attach_labels
@@ -198,9 +293,12 @@ def verify_scenes(target_dir: str | Path, dataset_dir: str | Path | None = None,
     options = ChipOptions(chip_options["patch_size"], chip_options["stride"], chip_options["edge"],
                           chip_options["min_valid"], tuple(chip_options["bands"]) if chip_options.get("bands") else None)
     try:
-        scenes = [s for s in find_scenes(Path(dataset_dir), options.bands) if s.name in manifest.get("scenes", {})]
-        scenes = [attach_labels(s, Path(manifest["scenes"][s.name]["labels"])) if manifest["scenes"][s.name].get("labels")
-                  else s for s in scenes]
+        scenes = [s for s in find_scenes(Path(dataset_dir), options.bands, allow_ungeoreferenced=True)
+                  if s.name in manifest.get("scenes", {})]
+        scenes = [attach_labels(s, Path(manifest["scenes"][s.name]["labels"]), True)
+                  if manifest["scenes"][s.name].get("labels") else s for s in scenes]
+        scenes = [replace(s, labels=replace(s.labels, nodata=chip_options.get("label_nodata")))
+                  if s.labels is not None else s for s in scenes]
         _, discovered = plan(scenes, options)
     finally:
         close_rasters()
@@ -241,6 +339,12 @@ def add_parser(sub, common) -> None:
                    "default 1")
     p.add_argument("--labels", type=Path, metavar="L",
                    help="label raster on the finest grid (a file, or a folder of <scene name>.tif), stored as 'mask'")
+    p.add_argument("--label-nodata", type=float, metavar="V",
+                   help="the label value meaning 'no label' (default: the label rasters' nodata); --edge pad fills "
+                   "label pixels outside the scene with it, and training ignores it")
+    p.add_argument(ALLOW_UNGEOREFERENCED, action="store_true",
+                   help="chip rasters without a geotransform (plain images, GCP/RPC-only rasters) in pixel "
+                   "coordinates; refused by default")
     common(p)
     p.add_argument("--overwrite", action="store_true", help="replace an LMDB already in the target")
     p.add_argument("--shard", type=_shard, metavar="I/N", help="write only shard I of N (crc32(key) %% N == I)")
@@ -251,5 +355,6 @@ def add_parser(sub, common) -> None:
 
 def run(args: argparse.Namespace) -> EncodeResult:
     return chip(args.dataset_dir, args.target_dir, args.patch_size, args.stride, bands=args.bands, edge=args.edge,
-                min_valid=args.min_valid, labels=args.labels, num_workers=args.num_workers,
+                min_valid=args.min_valid, labels=args.labels, label_nodata=args.label_nodata,
+                allow_ungeoreferenced=args.allow_ungeoreferenced, num_workers=args.num_workers,
                 overwrite=args.overwrite, skip_invalid=args.skip_invalid, quiet=args.quiet, shard=args.shard)

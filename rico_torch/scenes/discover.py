@@ -14,13 +14,13 @@ import os
 import warnings
 from collections import OrderedDict
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
 
 from ..encode.discover import SkipPatch, printable
-from ..encode.read import first_line
+from ..encode.read import first_line, gdal_reason
 from ..errors import ConfigError, InputError
 
 EDGES = ("shift", "pad", "drop")
@@ -29,6 +29,7 @@ RASTER_SUFFIXES = {".tif", ".tiff", ".jp2", ".vrt", ".img", ".nc", ".hdf", ".h5"
 SIDECAR_SUFFIXES = {".xml", ".ovr", ".msk", ".aux", ".json", ".txt", ".md", ".prj", ".tfw", ".wld", ".hdr", ".csv",
                     ".yaml", ".yml", ".html", ".pdf", ".py", ".zip", ".gz", ".mdb"}
 MAX_PIXELS = 1 << 40  # a size beyond this is a damaged header, not a scene
+ALLOW_UNGEOREFERENCED = "--allow-ungeoreferenced"
 
 
 @dataclass(frozen=True)
@@ -54,7 +55,11 @@ class BandFile:
 
 @dataclass(frozen=True)
 class Scene:
-    """A scene: its name (the key prefix), bands, finest grid and optional label raster."""
+    """A scene: its name (the key prefix), bands, finest grid and optional label raster.
+
+    ``naming``: where the band keys come from: ``"index"`` (``B1``..``Bn``, the band's number),
+    ``"description"`` (the raster's band descriptions) or ``"file"`` (file stems of a folder).
+    """
 
     name: str
     path: str
@@ -64,6 +69,7 @@ class Scene:
     crs: str  # WKT; "" for a raster without georeference
     transform: tuple[float, ...]  # the finest grid's 6 affine coefficients (a, b, c, d, e, f)
     labels: BandFile | None = None
+    naming: str = "index"
 
     @property
     def band_names(self) -> tuple[str, ...]:
@@ -83,6 +89,7 @@ class Scene:
             "height": self.height,
             "bands": {b.name: {"resolution": list(b.resolution), "ratio": b.ratio, "nodata": b.nodata,
                                "dtype": b.dtype, "width": b.width, "height": b.height} for b in self.bands},
+            "band_names": self.naming,
             "labels": None if self.labels is None else self.labels.path,
         }
 
@@ -120,12 +127,31 @@ def close_rasters() -> None:
         _OPEN.popitem()[1].close()
 
 
-def _band_files(path: str, names: Sequence[str] | None, ratio_of=None) -> list[BandFile]:
+def check_georeference(path: str, src) -> None:
+    """Refuse a raster without a geotransform (a plain TIFF, or one georeferenced only by GCPs
+    or RPCs such as Sentinel-1 GRD): its windows would get an identity transform and no CRS."""
+    from affine import Affine
+
+    if src.crs is not None or tuple(src.transform)[:6] != tuple(Affine.identity())[:6]:
+        return
+    if src.gcps[0]:
+        what, fix = "is georeferenced only by GCPs", "warp it onto a grid first: gdalwarp -t_srs <CRS> in.tif out.tif"
+    elif src.rpcs is not None:
+        what, fix = "is georeferenced only by RPCs", "orthorectify it first: gdalwarp -rpc -t_srs <CRS> in.tif out.tif"
+    else:
+        what, fix = "has no georeference (no CRS, no geotransform)", "georeference it first"
+    raise InputError(printable(path), f"{what}, so its windows would have no georeference; {fix}, or pass "
+                     f"{ALLOW_UNGEOREFERENCED} to chip it in pixel coordinates")
+
+
+def _band_files(path: str, names: Sequence[str] | None, allow_ungeoreferenced: bool = False) -> list[BandFile]:
     """The bands of one raster file (all of them, or ``names`` as keys for a 1-band file)."""
     src = open_raster(path)
     width, height, count = int(src.width), int(src.height), int(src.count)
     if not (0 < width and 0 < height and width * height < MAX_PIXELS and 0 < count < 1 << 16):
         raise InputError(printable(path), f"implausible raster size {width}x{height} px, {count} bands")
+    if not allow_ungeoreferenced:
+        check_georeference(path, src)
     a, b, _, d, e, _ = tuple(src.transform)[:6]
     if b != 0 or d != 0:
         raise InputError(printable(path), "has a rotated or sheared grid; only north-up grids can be chipped")
@@ -207,7 +233,7 @@ def _rasters_in(folder: Path) -> list[Path]:
     return found
 
 
-def read_scene(path: Path, bands: Sequence[str] | None = None) -> Scene:
+def read_scene(path: Path, bands: Sequence[str] | None = None, allow_ungeoreferenced: bool = False) -> Scene:
     """The scene at ``path`` (a raster file or a folder of single-band rasters), checked."""
     spath = os.fspath(path)
     if path.is_dir():
@@ -224,11 +250,13 @@ def read_scene(path: Path, bands: Sequence[str] | None = None) -> Scene:
             if count != 1:
                 raise InputError(printable(file), f"has {count} bands; a scene folder holds one single-band raster per "
                                  "band (the file stem is the band key)")
-            found.extend(_band_files(os.fspath(file), [file.stem]))
-        name = path.name
+            found.extend(_band_files(os.fspath(file), [file.stem], allow_ungeoreferenced))
+        name, naming = path.name, "file"
     else:
-        found = _band_files(spath, None)
+        found = _band_files(spath, None, allow_ungeoreferenced)
         name = path.stem
+        descriptions = open_raster(spath).descriptions or ()
+        naming = "description" if tuple(descriptions[:1]) == (found[0].name,) else "index"
     if bands is not None:
         by_name = {b.name: b for b in found}
         missing = [b for b in bands if b not in by_name]
@@ -236,13 +264,15 @@ def read_scene(path: Path, bands: Sequence[str] | None = None) -> Scene:
             raise InputError(printable(spath), f"has no band {missing[0]!r} (its bands: {', '.join(by_name)})")
         found = [by_name[b] for b in bands]
     related, width, height, crs, transform = _relate(spath, found)
-    return Scene(name, spath, tuple(related), width, height, crs.to_wkt() if crs else "", transform)
+    return Scene(name, spath, tuple(related), width, height, crs.to_wkt() if crs else "", transform, naming=naming)
 
 
-def find_scenes(dataset_dir: Path, bands: Sequence[str] | None = None, labels: Path | None = None) -> list[Scene]:
+def find_scenes(dataset_dir: Path, bands: Sequence[str] | None = None, labels: Path | None = None,
+                label_nodata: float | None = None, allow_ungeoreferenced: bool = False) -> list[Scene]:
     """Every scene in ``dataset_dir`` (raster files and sub-folders of rasters), in name order,
     each with its label raster where ``labels`` is given (a file for a single scene, or a
-    folder holding ``<scene name>.<ext>`` per scene)."""
+    folder holding ``<scene name>.<ext>`` per scene); ``label_nodata`` overrides the label
+    rasters' own nodata (see :func:`label_nodata`)."""
     root = Path(dataset_dir)
     if not root.is_dir():
         raise InputError(printable(root), "input directory does not exist" if not root.exists() else
@@ -255,14 +285,38 @@ def find_scenes(dataset_dir: Path, bands: Sequence[str] | None = None, labels: P
         raise InputError(printable(root), "no scenes found (raster files, or folders of single-band rasters)")
     scenes, seen = [], {}
     for path in sorted(candidates, key=lambda p: p.name):
-        scene = read_scene(path, bands)
+        scene = read_scene(path, bands, allow_ungeoreferenced)
         if scene.name in seen:
             raise InputError(printable(path), f"scene name {scene.name!r} twice (also {seen[scene.name].name})")
         seen[scene.name] = path
         scenes.append(scene)
     if labels is not None:
-        scenes = [attach_labels(s, _labels_for(s, Path(labels), len(scenes))) for s in scenes]
+        scenes = [attach_labels(s, _labels_for(s, Path(labels), len(scenes)), allow_ungeoreferenced)
+                  for s in scenes]
+        nodata = label_nodata_of(scenes, label_nodata)
+        scenes = [replace(s, labels=replace(s.labels, nodata=nodata)) for s in scenes]
     return scenes
+
+
+def label_nodata_of(scenes: Sequence[Scene], given: float | None = None) -> float | None:
+    """The one label value that marks "no label" (pixels outside the scene with ``--edge pad``,
+    the label rasters' own nodata): ``given`` (``--label-nodata``), else the label rasters'
+    nodata, which must then agree; None where neither says.
+
+    Raises:
+        InputError: two label rasters with different nodata values.
+    """
+    if given is not None:
+        return float(given)
+    found = {}
+    for scene in scenes:
+        if scene.labels is not None and scene.labels.nodata is not None:
+            found.setdefault(scene.labels.nodata, scene.labels.path)
+    if len(found) > 1:
+        (a, pa), (b, pb) = sorted(found.items())[:2]
+        raise InputError(printable(pb), f"label nodata {b:g} differs from {a:g} of {Path(pa).name}; give one "
+                         "value for all with --label-nodata")
+    return next(iter(found), None)
 
 
 def _labels_for(scene: Scene, labels: Path, count: int) -> Path:
@@ -280,7 +334,7 @@ def _labels_for(scene: Scene, labels: Path, count: int) -> Path:
     return matches[0]
 
 
-def attach_labels(scene: Scene, path: Path) -> Scene:
+def attach_labels(scene: Scene, path: Path, allow_ungeoreferenced: bool = False) -> Scene:
     """``scene`` with the label raster at ``path``, which must lie on its finest grid."""
     src = open_raster(os.fspath(path))
     if src.count != 1:
@@ -293,8 +347,8 @@ def attach_labels(scene: Scene, path: Path) -> Scene:
             any(abs(x - y) > tol for x, y in zip(transform, scene.transform)):
         raise InputError(printable(path), f"label raster is not on scene {scene.name}'s finest grid "
                          f"({src.width}x{src.height} px vs {scene.width}x{scene.height} px, or another CRS or transform)")
-    band = _band_files(os.fspath(path), ["mask"])[0]
-    return Scene(scene.name, scene.path, scene.bands, scene.width, scene.height, scene.crs, scene.transform, band)
+    band = _band_files(os.fspath(path), ["mask"], allow_ungeoreferenced)[0]
+    return replace(scene, labels=band)
 
 
 def _crs(wkt: str):
@@ -374,35 +428,29 @@ class SceneWindow:
             valid &= mask
         count = int(valid.sum())
         if count < self.min_valid:
-            raise SkipPatch(f"{self.scene.path}: window at row {self.row}, col {self.col} has {count} valid "
-                            f"pixels, fewer than --min-valid {self.min_valid}")
+            raise SkipPatch(f"{self.scene.path}: window {self.key} (row {self.row}, col {self.col}) has {count:,} "
+                            f"valid pixels, fewer than --min-valid {self.min_valid:,}")
         if self.scene.labels is not None:
             out["mask"] = self._read(self.scene.labels)[0]
         return out
 
-    def _read(self, band: BandFile) -> tuple[np.ndarray, np.ndarray]:
-        from rasterio.windows import Window
+    @property
+    def key(self) -> str:
+        return f"{self.scene.name}_{self.row}_{self.col}"
 
+    def _read(self, band: BandFile) -> tuple[np.ndarray, np.ndarray]:
         r = band.ratio
         row, col, n = self.row // r, self.col // r, self.size // r
         r0, c0 = max(row, 0), max(col, 0)
         r1, c1 = min(row + n, band.height), min(col + n, band.width)
-        src = open_raster(band.path)
         try:
-            inner = src.read(band.index, window=Window(c0, r0, c1 - c0, r1 - r0))
-            if band.masked:
-                inner_mask = src.read_masks(band.index, window=Window(c0, r0, c1 - c0, r1 - r0)) != 0
-            elif band.nodata is None:
-                inner_mask = np.ones(inner.shape, bool)
-            elif math.isnan(band.nodata):
-                inner_mask = ~np.isnan(inner)
-            else:
-                inner_mask = inner != np.array(band.nodata).astype(inner.dtype)
+            inner = open_raster(band.path).read(band.index, window=_window(r0, c0, r1, c1))
+            inner_mask = valid_pixels(band, inner, (r0, c0, r1, c1))
         except InputError:
             raise
         except Exception as e:
-            reason = first_line(e, type(e).__name__)
-            raise InputError(printable(band.path), f"reading band {band.name} failed ({reason})") from None
+            raise InputError(printable(band.path), f"reading band {band.name} of window {self.key} failed "
+                             f"({gdal_reason(e, Path(band.path))})") from None
         if (r0, c0, r1, c1) == (row, col, row + n, col + n):
             return np.ascontiguousarray(inner), inner_mask
         fill = 0 if band.nodata is None else band.nodata
@@ -411,6 +459,25 @@ class SceneWindow:
         data[r0 - row : r1 - row, c0 - col : c1 - col] = inner
         mask[r0 - row : r1 - row, c0 - col : c1 - col] = inner_mask
         return data, mask
+
+
+def _window(r0: int, c0: int, r1: int, c1: int):
+    from rasterio.windows import Window
+
+    return Window(c0, r0, c1 - c0, r1 - r0)
+
+
+def valid_pixels(band: BandFile, data: np.ndarray, box: tuple[int, int, int, int]) -> np.ndarray:
+    """Where ``data``, the band's pixels in ``box`` (row0, col0, row1, col1 of its own grid), is
+    valid: by the file's internal mask or alpha band, else by its nodata value (every pixel
+    where it has neither). ``--min-valid`` and the statistics both ask this."""
+    if band.masked:
+        return open_raster(band.path).read_masks(band.index, window=_window(*box)) != 0
+    if band.nodata is None:
+        return np.ones(data.shape, bool)
+    if math.isnan(band.nodata):
+        return ~np.isnan(data)
+    return data != np.array(band.nodata).astype(data.dtype)
 
 
 def check_options(patch: int, stride: int, edge: str, min_valid: int) -> None:
@@ -422,3 +489,6 @@ def check_options(patch: int, stride: int, edge: str, min_valid: int) -> None:
         raise ConfigError(f"--edge {edge!r}: one of {', '.join(EDGES)}")
     if min_valid < 0:
         raise ConfigError(f"--min-valid {min_valid}: must be >= 0")
+    if min_valid > patch * patch:
+        raise ConfigError(f"--min-valid {min_valid:,}: more than the {patch * patch:,} pixels of a window "
+                          f"(--patch-size {patch}), so no window could be kept")
