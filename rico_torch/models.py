@@ -7,6 +7,8 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from .errors import ConfigError
+
 
 def _block(out_channels: int) -> nn.Sequential:
     return nn.Sequential(nn.LazyConv2d(out_channels, 3, padding=1), nn.LazyBatchNorm2d(), nn.ReLU(inplace=True))
@@ -99,13 +101,25 @@ class ConvAutoencoder(_Baseline):
         return loss
 
 
+def check_classes(target: torch.Tensor, num_classes: int, ignore_index: int) -> None:
+    """Every target value is a class index below ``num_classes``; else one line that says so
+    (instead of cross-entropy's ``IndexError: Target 255 is out of bounds``)."""
+    if target.numel() and (bool((target < 0).any()) or bool((target >= num_classes).any())):
+        bad = int(target[(target < 0) | (target >= num_classes)][0])
+        raise ConfigError(f"mask value {bad} is not a class of num_classes={num_classes} (0 .. {num_classes - 1}) "
+                          f"nor the ignore_index {ignore_index}; set model.init_args.num_classes, or chip the labels "
+                          "with --label-nodata for their no-label value")
+
+
 class SegmentationCNN(_Baseline):
     """A small fully convolutional network for per-pixel classes (scenes chipped with ``--labels``).
 
     Args:
-        num_classes: classes of the ``mask`` target (values 0 .. num_classes - 1).
+        num_classes: classes of the ``mask`` target (values 0 .. num_classes - 1; any other
+            value stops training with a one-line error).
         width: channels of each block.
-        ignore_index: mask value left out of the loss.
+        ignore_index: mask value left out of the loss and the accuracy (GeoPatchDataModule turns
+            the label nodata into it; -100 there too by default).
         lr: AdamW learning rate.
 
     ``predict_step`` returns per-pixel class probabilities (``N x num_classes x H x W``), which
@@ -122,7 +136,13 @@ class SegmentationCNN(_Baseline):
 
     def _step(self, batch: dict, stage: str) -> torch.Tensor:
         logits = self(batch["image"])
-        loss = F.cross_entropy(logits, batch["mask"].long(), ignore_index=self.hparams.ignore_index)
+        target = batch["mask"].long()
+        valid = target != self.hparams.ignore_index
+        check_classes(target[valid], self.hparams.num_classes, self.hparams.ignore_index)
+        loss = F.cross_entropy(logits, target, ignore_index=self.hparams.ignore_index) if valid.any() \
+            else logits.sum() * 0
+        accuracy = ((logits.argmax(1) == target) & valid).sum() / valid.sum().clamp_min(1)
+        self.log(f"{stage}_acc", accuracy.float(), prog_bar=True, batch_size=len(logits))
         self.log(f"{stage}_loss", loss, prog_bar=True, batch_size=len(logits))
         return loss
 

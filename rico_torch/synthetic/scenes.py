@@ -73,3 +73,66 @@ def make_scenes(root: Path, seed: int = 0, mosaic_size: tuple[int, int] = (300, 
     write_geotiff(labels_dir / "T32TQM_20200101.tif", rng.integers(0, 5, (n, n), dtype=np.uint8), compress="deflate",
                   crs=crs_of_mgrs_tile("T32TQM"), transform=square_transform(600000.0, 5000040.0, n * 10.0, n))
     return SceneFiles(dataset_dir, labels_dir, mosaic, s2, border)
+
+
+def make_rgb_scene(path: Path, size: tuple[int, int] = (240, 360), validity: str = "mask", seed: int = 0,
+                   border: int = 40) -> Path:
+    """A Landsat-derived RGB GeoTIFF (uint8, pixel-interleaved, deflate, tiled, UTM) whose
+    validity is not a nodata value but an internal mask (``validity="mask"``, GDAL's
+    per-dataset ``.msk`` inside the TIFF) or a fourth, alpha band (``"alpha"``): a ``border``
+    of pixels around the footprint holds dark fill values (1..20) marked invalid only there.
+    """
+    import rasterio
+
+    h, w = size
+    rng = rng_for(seed, 200)
+    rgb = np.stack([rng.integers(30 + 20 * i, 80 + 20 * i, (h, w), dtype=np.int64) for i in range(3)]).astype(np.uint8)
+    valid = np.zeros((h, w), bool)
+    valid[border:-border, border:-border] = True
+    rgb[:, ~valid] = rng.integers(1, 20, (3, int((~valid).sum())), dtype=np.int64).astype(np.uint8)
+    transform = Affine(30.0, 0.0, 399960.0, 0.0, -30.0, 5000040.0)
+    if validity == "alpha":
+        data = np.concatenate([rgb, (valid * 255).astype(np.uint8)[None]])
+        write_geotiff(path, data, compress="deflate", interleave="pixel", tiled=True, crs=crs_of_mgrs_tile("T32TQM"),
+                      transform=transform, photometric="RGB")
+        with rasterio.open(path, "r+") as dst:
+            dst.colorinterp = [*dst.colorinterp[:3], rasterio.enums.ColorInterp.alpha]
+        return path
+    if validity != "mask":
+        raise ValueError(f"validity={validity!r}: 'mask' or 'alpha'")
+    write_geotiff(path, rgb, compress="deflate", interleave="pixel", tiled=True, crs=crs_of_mgrs_tile("T32TQM"),
+                  transform=transform, photometric="RGB")
+    with rasterio.Env(GDAL_TIFF_INTERNAL_MASK=True), rasterio.open(path, "r+") as dst:
+        dst.write_mask((valid * 255).astype(np.uint8))
+    return path
+
+
+def make_label_raster(path: Path, like: Path, classes: int = 5, nodata: int | None = 255, seed: int = 0,
+                      border: int = 0) -> Path:
+    """A uint8 class raster (deflate) on the grid of the raster ``like`` (its first band), values
+    0 .. classes-1, with ``nodata`` (255 as most land-cover products) on a ``border`` of pixels."""
+    import rasterio
+
+    with rasterio.open(like) as src:
+        h, w, crs, transform = src.height, src.width, src.crs, src.transform
+    data = rng_for(seed, 300).integers(0, classes, (h, w), dtype=np.int64).astype(np.uint8)
+    if border:
+        data[:border], data[-border:], data[:, :border], data[:, -border:] = (nodata,) * 4
+    return write_geotiff(path, data, compress="deflate", crs=crs, transform=transform, nodata=nodata)
+
+
+def make_gcp_raster(path: Path, size: tuple[int, int] = (200, 300)) -> Path:
+    """A Sentinel-1 GRD-like raster: uint16 amplitude, georeferenced only by ground control
+    points (no geotransform, no CRS on the grid)."""
+    import rasterio
+    from rasterio.control import GroundControlPoint
+    from rasterio.crs import CRS
+
+    h, w = size
+    data = rng_for(0, 400).integers(0, 600, (h, w), dtype=np.int64).astype(np.uint16)
+    write_geotiff(path, data)
+    gcps = [GroundControlPoint(row, col, 8.0 + col * 1e-4, 46.0 - row * 1e-4, 0.0)
+            for row in (0, h - 1) for col in (0, w - 1)]
+    with rasterio.open(path, "r+") as dst:
+        dst.gcps = (gcps, CRS.from_epsg(4326))
+    return path

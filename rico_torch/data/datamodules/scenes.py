@@ -9,6 +9,7 @@ import numpy as np
 import torch
 
 from ...errors import ConfigError, DatasetNotFoundError
+from ...scenes.statistics import merge_entries, pool
 from ..dataset import LMDBPatchDataset
 from ..store import Store
 from .base import SPLITS, LMDBDataModule
@@ -64,6 +65,10 @@ class GeoPatchDataModule(LMDBDataModule):
             ``block_size`` counts finest-grid pixels (default: 4 patch sizes).
         predict_scenes: scenes to predict; ``None``: all.
         mask: use band ``mask`` as the target (when the scenes were chipped with ``--labels``).
+        ignore_index: what label pixels equal to the chipper's label nodata (``--label-nodata``,
+            or the label rasters' own nodata; pixels ``--edge pad`` added) become in the batch's
+            ``mask``: the models' ``ignore_index`` (torch's default -100), so loss and metrics
+            leave them out.
         batch_size, num_workers, pin_memory, mean, std, flips, native, size, interpolation,
             readahead, seed: as :class:`~rico_torch.data.LMDBDataModule`.
     """
@@ -93,6 +98,7 @@ class GeoPatchDataModule(LMDBDataModule):
         interpolation: str = "nearest",
         readahead: bool = False,
         seed: int = 0,
+        ignore_index: int = -100,
     ) -> None:
         paths = [Path(p) for p in (lmdb_path if isinstance(lmdb_path, (list, tuple)) else [lmdb_path])]
         manifest = self._scene_manifest(paths)
@@ -125,6 +131,7 @@ class GeoPatchDataModule(LMDBDataModule):
         self.val_scenes, self.test_scenes, self.predict_scenes = val_scenes, test_scenes, predict_scenes
         self.block_size = block_size or 4 * manifest["chip"]["patch_size"]
         self.use_mask = mask and all(s.get("labels") for s in scenes.values())
+        self.ignore_index = ignore_index
         self._splits: dict[str, np.ndarray] | None = None
 
     @staticmethod
@@ -140,8 +147,12 @@ class GeoPatchDataModule(LMDBDataModule):
                                   f"chip scenes with {CHIP_HINT.format(path=path)}")
             if not merged:
                 merged = {**manifest, "scenes": dict(manifest["scenes"]), "windows": dict(manifest["windows"])}
-            else:
-                merged["scenes"].update(manifest["scenes"])
+            else:  # another shard: the same scenes, other windows; statistics merged exactly
+                for name, scene in manifest["scenes"].items():
+                    if name in merged["scenes"] and "statistics" in scene:
+                        scene = {**scene, "statistics": merge_entries(merged["scenes"][name].get("statistics", {}),
+                                                                      scene["statistics"])}
+                    merged["scenes"][name] = scene
                 merged["windows"].update(manifest["windows"])
         return merged
 
@@ -231,13 +242,38 @@ class GeoPatchDataModule(LMDBDataModule):
                                native=self.loads_native, readahead=self.readahead, geo=geo, **self.dataset_kwargs())
 
     def statistics(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """Mean and std per band from the chipper's statistics (valid pixels of every window)."""
-        stats = self._manifest.get("statistics", {})
+        """Mean and std per band from the chipper's statistics: each scene's moments over its
+        valid pixels, merged exactly over the scenes (and shards) read.
+
+        Raises:
+            ConfigError: a band whose scenes are unrelated (``B1`` of an RGB image and of a
+                hillshade), which one mean and std cannot describe; give ``mean`` and ``std``.
+        """
+        scenes = self._manifest["scenes"]
+        if not all("statistics" in s for s in scenes.values()):  # chipped before per-scene statistics
+            stats = self._manifest.get("statistics", {})
+        else:
+            stats, refused = pool(scenes, self.bands)
+            for band in self.bands:
+                if band in refused:
+                    raise ConfigError(f"{self.lmdb_path}: cannot normalise {refused[band]}; give mean and std "
+                                      "(data.init_args.mean/std) or chip unrelated scenes into separate targets")
         if not all(stats.get(b, {}).get("count") for b in self.bands):
             return super().statistics()
         mean = torch.tensor([stats[b]["mean"] for b in self.bands], dtype=torch.float32)
         std = torch.tensor([max(stats[b]["std"], 1e-6) for b in self.bands], dtype=torch.float32)
         return mean, std
+
+    @property
+    def label_nodata(self) -> float | None:
+        """The label value that means "no label" (the chipper's ``--label-nodata``), if any."""
+        return self._manifest.get("chip", {}).get("label_nodata")
+
+    def on_after_batch_transfer(self, batch: dict[str, Any], dataloader_idx: int) -> dict[str, Any]:
+        batch = super().on_after_batch_transfer(batch, dataloader_idx)
+        if "mask" in batch and self.label_nodata is not None:  # unlabelled pixels: left out of loss and metrics
+            batch["mask"] = batch["mask"].masked_fill(batch["mask"] == self.label_nodata, self.ignore_index)
+        return batch
 
     def setup(self, stage: str | None = None) -> None:
         if stage != "predict":
