@@ -27,3 +27,28 @@ def _watch_parent(parent: int) -> None:
     while os.getppid() == parent:  # also catches a parent that died before prctl took effect
         time.sleep(0.5)
     os._exit(1)
+
+
+#: the notice the resource tracker prints when its parent was killed (``kill -9``): it then
+#: removes the pool's semaphores itself, as it should, so the notice only alarms
+TRACKER_NOTICE = "ignore:resource_tracker:UserWarning"
+
+
+def quiet_resource_tracker() -> None:
+    """Start multiprocessing's resource tracker (if not running yet) without its "leaked
+    semaphore" notice after a ``kill -9`` of this process; the tracker still cleans up.
+
+    The tracker is a separate interpreter that takes its warning filters from
+    ``PYTHONWARNINGS``; only it sees the changed variable.
+    """
+    from multiprocessing import resource_tracker
+
+    old = os.environ.get("PYTHONWARNINGS")
+    os.environ["PYTHONWARNINGS"] = TRACKER_NOTICE if not old else f"{old},{TRACKER_NOTICE}"
+    try:
+        resource_tracker.ensure_running()
+    finally:
+        if old is None:
+            del os.environ["PYTHONWARNINGS"]
+        else:
+            os.environ["PYTHONWARNINGS"] = old

@@ -222,7 +222,8 @@ class Store:
             index = {s["index"]: i for i, s in enumerate(shards)}
             missing = sorted(set(range(self.shard_count)) - set(index))
             if missing:
-                raise DatasetNotFoundError(f"shards {missing} of {self.shard_count} are missing from {self.paths}")
+                raise DatasetNotFoundError(f"shards {', '.join(map(str, missing))} of {self.shard_count} are missing "
+                                           f"from {', '.join(map(str, self.paths))}")
             self._position = [index[i] for i in range(self.shard_count)]
 
     def __str__(self) -> str:

@@ -13,7 +13,7 @@ from ..catalog import DATASETS, Dataset, get_dataset
 from ..cli_errors import report
 from ..errors import ConfigError, InputError, UserError
 from .discover import discover, printable, select_shard
-from .writer import EncodeResult, encode_dataset
+from .writer import EncodeResult, encode_dataset, split_skipped
 
 DESCRIPTION = """\
 Convert a remote-sensing patch dataset into one LMDB whose values are safetensors dicts
@@ -307,8 +307,8 @@ def run_demo(args: argparse.Namespace) -> EncodeResult:
         files = make_bigearthnet(Path(tmp), patches=args.patches)
         roots = {"s1": files.s1_dir, "s2": files.s2_dir, "reference_maps": files.reference_maps_dir}
         if not args.quiet:
-            print(f"generated {args.patches} synthetic BigEarthNet S1/S2 pairs with reference maps in {tmp}",
-                  file=sys.stderr)
+            print(f"generated {args.patches:,} synthetic BigEarthNet S1/S2 pairs with reference maps in a temporary "
+                  "folder (removed once encoded)", file=sys.stderr)
         result = run_encode(dataset, roots, args)
     write_demo_metadata(args.target_dir, files.pairs, files.labels)
     return result
@@ -326,12 +326,20 @@ def write_demo_metadata(target: Path, pairs, labels) -> Path:
     return path
 
 
+def demo_fit_command(target: Path) -> str:
+    """The command that trains on the demo's LMDB at ``target`` (configs/demo.yaml reads demo-lmdb)."""
+    command = f"python -m rico_torch fit --config {DEMO_CONFIG}"
+    if Path(target) != Path("demo-lmdb"):
+        command += f" --data.init_args.lmdb_path {target} --data.init_args.metadata_dir {target}"
+    return command
+
+
 def next_steps(target: Path, dataset_name: str) -> str:
     """The line after the summary: what to run next on the LMDB just written."""
     if dataset_name == "scenes":
         fit = f"python -m rico_torch fit --config configs/scenes.yaml --data.init_args.lmdb_path {target}"
     elif dataset_name == "demo":
-        fit = f"python -m rico_torch fit --config {DEMO_CONFIG}"
+        fit = demo_fit_command(target)
     else:
         fit = get_dataset(dataset_name).fit_command(target)
     return f"next: `python -m rico_torch.encode info {target}` describes it; `{fit}` trains on it"
@@ -380,8 +388,12 @@ def main(argv: list[str] | None = None, prog: str = "python -m rico_torch.encode
     if not args.quiet:
         print(result.summary(), file=sys.stderr)
         print(next_steps(args.target_dir, args.dataset), file=sys.stderr)
-    if result.skipped:
-        print(f"skipped {len(result.skipped)} invalid patches (listed in manifest.json):", file=sys.stderr)
-        for s in result.skipped[:20]:
+    nodata, invalid = split_skipped(result.skipped)
+    if nodata and not args.quiet:
+        print(f"skipped {len(nodata):,} patches as nodata, with fewer valid pixels than asked (listed in "
+              "manifest.json)", file=sys.stderr)
+    if invalid:
+        print(f"skipped {len(invalid):,} invalid patches (listed in manifest.json):", file=sys.stderr)
+        for s in invalid[:20]:
             print(f"  {s['reason']}", file=sys.stderr)
     return 0

@@ -178,15 +178,12 @@ def _band_lines(group: Group) -> list[str]:
 
 def fit_line(path: Path, dataset: Dataset, manifest: dict | None) -> str:
     """The DataModule and config that train on the LMDB, and the command."""
-    from .cli import DEMO_CONFIG, DEMO_TMP_PREFIX
+    from .cli import DEMO_CONFIG, DEMO_TMP_PREFIX, demo_fit_command
 
     sources = (manifest or {}).get("sources", {})
     is_demo = bool(sources) and all(DEMO_TMP_PREFIX in str(s) for s in sources.values())
     if is_demo and (path / "metadata.parquet").exists():
-        command = f"python -m rico_torch fit --config {DEMO_CONFIG}"
-        if path != Path("demo-lmdb"):
-            command += f" --data.init_args.lmdb_path {path} --data.init_args.metadata_dir {path}"
-        config = DEMO_CONFIG
+        command, config = demo_fit_command(path), DEMO_CONFIG
     else:
         command, config = dataset.fit_command(path), dataset.config
     return f"fits: {dataset.datamodule} ({config}); train: {command}"

@@ -31,7 +31,7 @@ from typing import Protocol
 import lmdb
 
 from .. import __version__
-from .._process import die_with_parent
+from .._process import die_with_parent, quiet_resource_tracker
 from ..catalog import DATASETS, Dataset, Source, get_dataset
 from ..errors import InputError, TargetError
 from ..format import parse_header
@@ -95,10 +95,24 @@ class EncodeResult:
             f"wrote {what} ({per_source}) to {self.target} in {self.seconds:.1f} s "
             f"({rate:,.0f} patches/s, {self.bytes / 1e6:,.1f} MB)"
         )
-        if self.skipped:
-            line += f"; skipped {len(self.skipped)} invalid: " + ", ".join(s["key"] for s in self.skipped[:5])
-            line += " ..." if len(self.skipped) > 5 else ""
+        nodata, invalid = split_skipped(self.skipped)
+        if nodata:
+            line += f"; skipped {len(nodata):,} as nodata (too few valid pixels)"
+        if invalid:
+            line += f"; skipped {len(invalid):,} invalid: " + ", ".join(s["key"] for s in invalid[:5])
+            line += " ..." if len(invalid) > 5 else ""
         return line
+
+
+class SkipReason(str):
+    """The reason a reader gave for leaving a patch out (:class:`SkipPatch`, e.g. nodata), as
+    opposed to a patch that could not be read (``--skip-invalid``)."""
+
+
+def split_skipped(skipped: list[dict]) -> tuple[list[dict], list[dict]]:
+    """Skipped patches: those the reader left out as nodata, and those that were invalid."""
+    nodata = [s for s in skipped if s.get("kind") == "nodata"]
+    return nodata, [s for s in skipped if s.get("kind") != "nodata"]
 
 
 def map_size_for(used: int, incoming: int) -> int:
@@ -126,7 +140,7 @@ def encode_task(dataset_name: str, source_name: str, patches: list[Patch], skip_
             value = encode_value(bands)
             out.append((patch.key, value, value_digest(patch.key.encode(), value), None))
         except SkipPatch as e:  # the reader's own decision, whatever skip_invalid says
-            out.append((patch.key, None, 0, str(e)))
+            out.append((patch.key, None, 0, SkipReason(e)))
         except InputError as e:
             if not skip_invalid:
                 raise
@@ -140,6 +154,7 @@ def worker_pool(num_workers: int) -> ProcessPoolExecutor:
     Workers hold their task queue's write end, so they would wait on it forever, and keep the
     multiprocessing resource tracker (which exits once nobody holds its pipe) alive with them.
     """
+    quiet_resource_tracker()  # a kill -9 of the encoder: no "leaked semaphore" notice
     # spawn: GDAL and LMDB state must not be inherited through fork
     return ProcessPoolExecutor(num_workers, mp_context=get_context("spawn"),
                                initializer=die_with_parent, initargs=(os.getpid(),))
@@ -484,7 +499,8 @@ def _write(dataset, discovered, target, num_workers, skip_invalid, quiet, observ
         for chunk, results in zip(pending, runner):
             for key, value, _, error in results:
                 if error is not None:
-                    skipped.append({"key": key, "source": chunk.source.name, "reason": error})
+                    kind = "nodata" if isinstance(error, SkipReason) else "invalid"
+                    skipped.append({"key": key, "source": chunk.source.name, "reason": str(error), "kind": kind})
             if any(value is not None for _, value, _, _ in results):
                 _commit(target, results)
             for key, value, digest, _ in results:
