@@ -28,6 +28,7 @@ from rico_torch.scenes.statistics import Moments, merge, merge_all, pool
 from rico_torch.synthetic.scenes import make_gcp_raster, make_label_raster, make_rgb_scene, make_s2_scene
 
 from .conftest import read_lmdb
+from .test_scenes import KILLED  # the encoder, killed -9 at its n-th commit
 
 
 def manifest_of(target: Path) -> dict:
@@ -156,22 +157,6 @@ def test_shards_read_together_normalise_with_the_whole_encode(s2_two, tmp_path):
     assert sum(counts) == manifest_of(tmp_path / "whole")["scenes"]["T32TQM_20200111"]["statistics"]["B01"]["count"]
 
 
-KILLED = """
-import os, signal, sys
-from rico_torch.encode import writer
-from rico_torch.encode.cli import main
-writer.TXN_SIZE = 8
-kill_at, original, calls = int(sys.argv[1]), writer._commit, [0]
-def commit(*args):
-    if calls[0] == kill_at:
-        os.kill(os.getpid(), signal.SIGKILL)
-    calls[0] += 1
-    return original(*args)
-writer._commit = commit
-sys.exit(main(sys.argv[2:]))
-"""
-
-
 def run_killable(kill_at: int, *args: str, workers: int = 0) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-c", KILLED, str(kill_at), "scenes", *args, "--num-workers",
                            str(workers), "--quiet"], capture_output=True, text=True)
@@ -210,6 +195,17 @@ def test_pad_refuses_labels_without_nodata_and_fills_the_label_nodata(tmp_path, 
         chip(tmp_path / "scenes", tmp_path / "u", 60, labels=tmp_path / "labels", label_nodata=300)
 
 
+def test_label_rasters_must_agree_on_their_nodata(tmp_path):
+    for name, nodata in (("a", 255), ("b", 0)):
+        scene = make_rgb_scene(tmp_path / "scenes" / f"{name}.tif", size=(60, 60), border=5)
+        make_label_raster(tmp_path / "labels" / f"{name}.tif", scene, nodata=nodata)
+    with pytest.raises(InputError, match=r"a\.tif: label nodata 255 differs from 0 of b\.tif; give one value for "
+                       "all with --label-nodata"):
+        chip(tmp_path / "scenes", tmp_path / "t", 60, labels=tmp_path / "labels")
+    chip(tmp_path / "scenes", tmp_path / "t", 60, labels=tmp_path / "labels", label_nodata=255)
+    assert manifest_of(tmp_path / "t")["chip"]["label_nodata"] == 255
+
+
 @pytest.fixture(scope="module")
 def labelled(tmp_path_factory):
     """An RGB scene with an internal mask and a land-cover raster with nodata 255 on its border."""
@@ -223,7 +219,11 @@ def labelled(tmp_path_factory):
 def test_label_nodata_becomes_the_ignore_index_and_training_runs(labelled, tmp_path, monkeypatch):
     from rico_torch.cli import main as cli_main
 
+    from rico_torch.scenes.chipper import verify_scenes
+
     assert manifest_of(labelled / "lmdb")["chip"]["label_nodata"] == 255  # the raster's own nodata
+    report = verify_scenes(labelled / "lmdb", labelled / "scenes")  # the padded labels read back as stored
+    assert report.ok and report.sources_compared == 6, report.problems
     dm = GeoPatchDataModule(str(labelled / "lmdb"), num_workers=0, batch_size=6, split="random", val_fraction=0.2,
                             test_fraction=0, native=False)
     dm.setup("fit")
@@ -309,6 +309,10 @@ def test_rasters_without_a_geotransform_are_refused_unless_allowed(tmp_path, cap
         chip(plain, tmp_path / "u", 60)
     assert main([*args, "--target-dir", str(tmp_path / "t"), "--allow-ungeoreferenced"]) == 0
     assert len(read_lmdb(tmp_path / "t")) == 4 * 5
+    make_gcp_raster(tmp_path / "rpc" / "L1B.tif", by="rpcs")
+    with pytest.raises(InputError, match=r"L1B\.tif: is georeferenced only by RPCs, so its windows would have no "
+                       "georeference; orthorectify it first: gdalwarp -rpc"):
+        chip(tmp_path / "rpc", tmp_path / "v", 60)
 
 
 # --- 7. encodes that would write nothing ----------------------------------------------------

@@ -121,18 +121,28 @@ def make_label_raster(path: Path, like: Path, classes: int = 5, nodata: int | No
     return write_geotiff(path, data, compress="deflate", crs=crs, transform=transform, nodata=nodata)
 
 
-def make_gcp_raster(path: Path, size: tuple[int, int] = (200, 300)) -> Path:
+def make_gcp_raster(path: Path, size: tuple[int, int] = (200, 300), by: str = "gcps") -> Path:
     """A Sentinel-1 GRD-like raster: uint16 amplitude, georeferenced only by ground control
-    points (no geotransform, no CRS on the grid)."""
+    points (``by="gcps"``, as GRD products) or by rational polynomial coefficients (``"rpcs"``,
+    as un-orthorectified optical products): no geotransform, no CRS on the grid."""
     import rasterio
     from rasterio.control import GroundControlPoint
     from rasterio.crs import CRS
+    from rasterio.rpc import RPC
 
     h, w = size
     data = rng_for(0, 400).integers(0, 600, (h, w), dtype=np.int64).astype(np.uint16)
     write_geotiff(path, data)
-    gcps = [GroundControlPoint(row, col, 8.0 + col * 1e-4, 46.0 - row * 1e-4, 0.0)
-            for row in (0, h - 1) for col in (0, w - 1)]
     with rasterio.open(path, "r+") as dst:
-        dst.gcps = (gcps, CRS.from_epsg(4326))
+        if by == "gcps":
+            dst.gcps = ([GroundControlPoint(row, col, 8.0 + col * 1e-4, 46.0 - row * 1e-4, 0.0)
+                         for row in (0, h - 1) for col in (0, w - 1)], CRS.from_epsg(4326))
+        elif by == "rpcs":
+            unit = [1.0] + [0.0] * 19
+            dst.rpcs = RPC(height_off=0.0, height_scale=500.0, lat_off=46.0, lat_scale=0.1, line_den_coeff=unit,
+                           line_num_coeff=[0.0, 0.0, -1.0] + [0.0] * 17, line_off=h / 2, line_scale=h / 2,
+                           long_off=8.0, long_scale=0.1, samp_den_coeff=unit,
+                           samp_num_coeff=[0.0, 1.0] + [0.0] * 18, samp_off=w / 2, samp_scale=w / 2)
+        else:
+            raise ValueError(f"by={by!r}: 'gcps' or 'rpcs'")
     return path
