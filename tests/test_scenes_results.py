@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import shutil
 import subprocess
 import sys
@@ -216,7 +217,7 @@ def labelled(tmp_path_factory):
     return root
 
 
-def test_label_nodata_becomes_the_ignore_index_and_training_runs(labelled, tmp_path, monkeypatch):
+def test_label_nodata_becomes_the_ignore_index_and_training_runs(labelled, tmp_path, monkeypatch, capsys):
     from rico_torch.cli import main as cli_main
 
     from rico_torch.scenes.chipper import verify_scenes
@@ -236,9 +237,12 @@ def test_label_nodata_becomes_the_ignore_index_and_training_runs(labelled, tmp_p
               "--trainer.max_epochs", "1", "--trainer.limit_train_batches", "1", "--trainer.limit_val_batches", "1",
               "--model.init_args.width", "4", "--trainer.enable_progress_bar", "false"]
     cli_main(common)  # nodata 255 would be "IndexError: Target 255 is out of bounds"
+    capsys.readouterr()
     with pytest.raises(SystemExit) as exit_info:
         cli_main([*common, "--model.init_args.num_classes", "3"])
     assert exit_info.value.code == 1
+    assert re.search(r"error: mask value [34] is not a class of num_classes=3 \(0 \.\. 2\) nor the ignore_index -100",
+                     capsys.readouterr().err)
 
 
 def test_segmentation_loss_and_accuracy_ignore_the_ignore_index():
