@@ -5,8 +5,8 @@ each window is a :class:`~rico_torch.encode.discover.Patch` whose reader is a
 :class:`~rico_torch.scenes.discover.SceneWindow`. So the writer's guarantees hold unchanged:
 deterministic ``data.mdb`` across worker counts, resume after a kill, ``--shard``,
 ``--skip-invalid``, ``verify``. :class:`SceneManifest` adds the scenes' georeference, each
-key's window and transform, and per-band statistics over valid pixels, gathered from the
-values as they are written.
+key's window and transform, and per-band statistics of each scene over its valid pixels (each
+counted once; :mod:`rico_torch.scenes.statistics`), gathered from the values as they are written.
 """
 
 from __future__ import annotations
