@@ -224,6 +224,7 @@ def run_patch_loader(ds, workers: int, pin_memory: bool, epochs: int) -> dict:
                 result["first_batch"] = time.perf_counter() - start
                 tensors = [batch["image"]] if "image" in batch else list(batch["native"].values())
                 result["ring_bytes"] = loader.slots * sum(t.nbytes for t in tensors)
+                del tensors  # a batch kept past the next one would get new memory (its slot is not reused)
             n += len(batch["key"])
             del batch
         result["epochs"].append(n / (time.perf_counter() - start))

@@ -91,3 +91,46 @@ def test_fit_then_predict_writes_a_geotiff_per_scene(mosaic_lmdb, tmp_path, monk
         assert out.crs == src.crs and out.transform == src.transform and out.count == 5
         probabilities = out.read()
     assert torch.allclose(torch.from_numpy(probabilities.sum(0)), torch.ones(300, 400), atol=1e-4)
+
+
+@pytest.fixture(scope="module")
+def unlabelled_lmdb(mosaic_lmdb, tmp_path_factory):
+    """The mosaic chipped the way the chipper's own example does, without --labels."""
+    from .conftest import encode_cli
+
+    _, files = mosaic_lmdb
+    folder = tmp_path_factory.mktemp("mosaic-unlabelled")
+    (folder / "mosaic.tif").write_bytes(files.mosaic.read_bytes())
+    target = tmp_path_factory.mktemp("unlabelled-lmdb") / "lmdb"
+    proc = encode_cli("scenes", "--dataset-dir", str(folder), "--target-dir", str(target), "--patch-size", "60")
+    return target, proc.stdout + proc.stderr
+
+
+def test_scenes_without_labels_suggest_no_fit_and_fit_says_so_in_one_line(unlabelled_lmdb, tmp_path, monkeypatch,
+                                                                          capsys):
+    """The chipper's next: line and info name no training command; fit stops in setup with one line
+    (not a KeyError in the model's first step); predict and mask=False still work."""
+    from rico_torch.cli import main
+
+    from .conftest import encode_cli
+
+    target, output = unlabelled_lmdb
+    next_line = next(line for line in output.splitlines() if line.startswith("next:"))
+    assert "fit --config" not in next_line and "chipped without --labels: no target to train" in next_line
+    info = encode_cli("info", str(target)).stdout
+    assert "fit --config" not in info and "chipped without --labels" in info
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) as exit_info:
+        main(["fit", "--config", str(CONFIG), "--data.init_args.lmdb_path", str(target), "--trainer.accelerator=cpu",
+              "--trainer.fast_dev_run=1", "--data.init_args.num_workers=0", "--trainer.logger=false"])
+    assert exit_info.value.code == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1] == (f"error: {target}: scene 'mosaic' chipped without --labels: no mask to train or test on; chip "
+                       "with `--labels <label rasters>`, or set data.init_args.mask false for a model that needs no "
+                       "target") and "Traceback" not in "\n".join(err)
+    dm = GeoPatchDataModule(str(target), num_workers=0, mask=False, block_size=120)
+    dm.setup("fit")
+    assert "mask" not in next(iter(dm.train_dataloader()))
+    dm = GeoPatchDataModule(str(target), num_workers=0)
+    dm.setup("predict")
+    assert len(next(iter(dm.predict_dataloader()))["key"]) == 32

@@ -9,6 +9,7 @@ import numpy as np
 import torch
 
 from ...errors import ConfigError, DatasetNotFoundError
+from ...scenes.chipper import unlabelled_scenes
 from ..dataset import LMDBPatchDataset
 from ..store import Store
 from .base import SPLITS, LMDBDataModule
@@ -124,7 +125,8 @@ class GeoPatchDataModule(LMDBDataModule):
         self.split, self.val_fraction, self.test_fraction = split, val_fraction, test_fraction
         self.val_scenes, self.test_scenes, self.predict_scenes = val_scenes, test_scenes, predict_scenes
         self.block_size = block_size or 4 * manifest["chip"]["patch_size"]
-        self.use_mask = mask and all(s.get("labels") for s in scenes.values())
+        self.mask = mask
+        self.use_mask = mask and not unlabelled_scenes(manifest)
         self._splits: dict[str, np.ndarray] | None = None
 
     @staticmethod
@@ -241,6 +243,7 @@ class GeoPatchDataModule(LMDBDataModule):
 
     def setup(self, stage: str | None = None) -> None:
         if stage != "predict":
+            self._check_targets()
             return super().setup(stage)
         if "predict" not in self.datasets:
             self.check_lmdb()
@@ -249,6 +252,16 @@ class GeoPatchDataModule(LMDBDataModule):
             self.assembler = self.datasets["predict"].native_assembler()
         if self.mean is None:
             self.mean, self.std = self.statistics()
+
+    def _check_targets(self) -> None:
+        """Training and testing need the ``mask`` target on every window: say so up front rather
+        than fail in the model's first step."""
+        unlabelled = unlabelled_scenes(self._manifest)
+        if self.mask and unlabelled:
+            some = f"scene {unlabelled[0]!r}" if len(unlabelled) == 1 else f"{len(unlabelled)} scenes ({', '.join(unlabelled[:3])}{', ...' * (len(unlabelled) > 3)})"
+            raise ConfigError(f"{self.lmdb_path}: {some} chipped without --labels: no mask to train or test on; "
+                              "chip with `--labels <label rasters>`, or set data.init_args.mask false for a model "
+                              "that needs no target")
 
     def predict_dataloader(self):
         return self._loader("predict", shuffle=False, hook="predict")
