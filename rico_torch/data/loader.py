@@ -28,11 +28,13 @@ import os
 import pickle
 import random
 import signal
+import threading
 import traceback
 import warnings
 import weakref
 from collections import deque
 from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from multiprocessing.connection import wait
 from multiprocessing.reduction import recv_handle, send_handle
@@ -153,7 +155,6 @@ def _work(conn, dataset: LMDBPatchDataset, batch_size: int, slots: int, parent: 
     random.seed(seed)
     np.random.seed(seed % 2**32)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the main process's to handle
-    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})  # blocked while the parent forked
     torch.set_num_threads(1)
     ring: list[dict[str, Any]] | None = None
     while True:
@@ -251,6 +252,28 @@ def _pinned_copy(batch: dict[str, Any]) -> dict[str, Any]:
 # --- the workers, seen from the main process -------------------------------------------------
 
 
+@contextmanager
+def _ctrl_c_after() -> Iterator[None]:
+    """A Ctrl-C during the block takes effect after it. A KeyboardInterrupt raised while
+    ``os.fork`` runs CPython's at-fork hooks (logging's, for one) is printed and dropped, so a
+    Ctrl-C landing there would be lost and a whole epoch would run. Blocking the signal
+    (``pthread_sigmask``) does not do: it is per thread, and the signal then goes to another
+    thread (torch's) while the Python handler still runs in this one. So the handler only notes
+    it during the block, and the signal is raised again afterwards under the previous handler
+    (a KeyboardInterrupt here, or whatever the program set)."""
+    if threading.current_thread() is not threading.main_thread():  # only the main thread gets signals
+        yield
+        return
+    caught: list[int] = []
+    previous = signal.signal(signal.SIGINT, lambda signum, frame: caught.append(signum))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+        if caught:
+            signal.raise_signal(signal.SIGINT)
+
+
 @dataclass
 class _Held:
     """A slot whose batch was yielded and may still be referenced."""
@@ -286,21 +309,18 @@ class _Workers:
         self.closed = False
         parent = os.getpid()
         base_seed = int(torch.empty((), dtype=torch.int64).random_().item())  # as DataLoader: per start
-        # a Ctrl-C during a fork would land in CPython's at-fork hooks, which swallow exceptions:
-        # hold it back until the workers are started, then it is raised here
-        blocked = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
         try:
-            for worker in range(count):
-                ours, theirs = context.Pipe(duplex=True)
-                proc = context.Process(target=_work, args=(theirs, dataset, batch_size, slots, parent,
-                                                           base_seed + worker), daemon=True, name="PatchLoader worker")
-                proc.start()
-                theirs.close()
-                self.procs.append(proc)
-                self.conns.append(ours)
-            signal.pthread_sigmask(signal.SIG_SETMASK, blocked)  # a pending Ctrl-C is raised now
+            with _ctrl_c_after():
+                for worker in range(count):
+                    ours, theirs = context.Pipe(duplex=True)
+                    proc = context.Process(target=_work, args=(theirs, dataset, batch_size, slots, parent,
+                                                               base_seed + worker), daemon=True,
+                                           name="PatchLoader worker")
+                    proc.start()
+                    theirs.close()
+                    self.procs.append(proc)
+                    self.conns.append(ours)
         except BaseException:
-            signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
             self.close()
             raise
 
@@ -515,22 +535,25 @@ class PatchLoader:
         shuffle: a new order each epoch (see :class:`EpochSampler`); not with ``sampler``.
         sampler: the indices of an epoch, in order (e.g. ``DistributedSampler``); its
             ``set_epoch`` is called by :meth:`set_epoch`.
-        num_workers: worker processes; 0 reads in this process into one reused batch.
+        num_workers: worker processes; 0 reads in this process into two batches used in turn.
         drop_last: leave out a last, shorter batch.
         pin_memory: page-lock the slots for fast, asynchronous copies to a CUDA device (move batches
             with ``.to(device, non_blocking=True)``); with ``num_workers=0`` each batch is copied into
             pinned memory; a no-op, said once, without CUDA.
         seed: shuffling seed (reproducible epochs); ``None``: torch's default generator.
-        slots: batch slots per worker (2: one the main process holds, one being filled).
+        slots: batch slots per worker (2: one the caller's loop holds, one being filled; the slot
+            of the batch before comes back when the next is asked for, so with one worker 3 keeps
+            a batch read ahead while the caller's step runs).
         timeout: seconds to wait for one batch before raising (0: no limit; a dead worker is
             noticed at once either way).
         multiprocessing_context: how workers start: ``"fork"`` (default where available: no
             interpreter start, no re-import of ``__main__``), ``"spawn"`` or ``"forkserver"``.
 
     A batch is the dict ``read_batch`` returns (``image`` or ``native``, ``mask``, ``key``,
-    ``label``). Its tensors view a slot that is written again once the next batch is asked for:
-    a batch is valid until then (FFCV's contract). ``clone()`` what you keep longer. Lightning
-    asks for the next batch only after the step on this one, since the loader has a ``len()``.
+    ``label``). Its tensors view a slot, which is written again only once no tensor views it (its
+    storage's use count, checked when a batch is asked for). A batch still referenced a batch
+    later (``list(loader)``, ``torch.cat`` over batches, a row kept) keeps its memory, and its
+    slot gets new shared memory: every batch keeps its own pixels however long it is kept.
 
     Batches come in the sampler's order whatever the worker count (batch ``i`` is read by
     worker ``i % num_workers``). Workers start at the first iteration and stay until

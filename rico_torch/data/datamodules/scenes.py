@@ -12,7 +12,7 @@ from ...errors import ConfigError, DatasetNotFoundError
 from ...scenes.chipper import unlabelled_scenes
 from ..dataset import LMDBPatchDataset
 from ..store import Store
-from .base import SPLITS, LMDBDataModule
+from .base import SPLITS, LMDBDataModule, LoaderKind
 
 CHIP_HINT = "`python -m rico_torch.encode scenes --dataset-dir <scenes> --target-dir {path} --patch-size 256`"
 
@@ -66,7 +66,7 @@ class GeoPatchDataModule(LMDBDataModule):
         predict_scenes: scenes to predict; ``None``: all.
         mask: use band ``mask`` as the target (when the scenes were chipped with ``--labels``).
         batch_size, num_workers, pin_memory, mean, std, flips, native, size, interpolation,
-            readahead, seed: as :class:`~rico_torch.data.LMDBDataModule`.
+            readahead, seed, loader: as :class:`~rico_torch.data.LMDBDataModule`.
     """
 
     name = "scenes"
@@ -94,6 +94,7 @@ class GeoPatchDataModule(LMDBDataModule):
         interpolation: str = "nearest",
         readahead: bool = False,
         seed: int = 0,
+        loader: LoaderKind = "patch",
     ) -> None:
         paths = [Path(p) for p in (lmdb_path if isinstance(lmdb_path, (list, tuple)) else [lmdb_path])]
         manifest = self._scene_manifest(paths)
@@ -106,7 +107,7 @@ class GeoPatchDataModule(LMDBDataModule):
                                   "(data.init_args.bands)")
         super().__init__(lmdb_path, list(bands), batch_size=batch_size, num_workers=num_workers,
                          pin_memory=pin_memory, mean=mean, std=std, flips=flips, native=native, size=size,
-                         interpolation=interpolation, readahead=readahead, seed=seed)
+                         interpolation=interpolation, readahead=readahead, seed=seed, loader=loader)
         self._manifest = manifest
         for band in self.bands:
             lacking = [n for n, s in scenes.items() if band not in s["bands"]]
