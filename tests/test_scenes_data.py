@@ -134,3 +134,62 @@ def test_scenes_without_labels_suggest_no_fit_and_fit_says_so_in_one_line(unlabe
     dm = GeoPatchDataModule(str(target), num_workers=0)
     dm.setup("predict")
     assert len(next(iter(dm.predict_dataloader()))["key"]) == 32
+
+
+@pytest.fixture(scope="module")
+def mixed_lmdb(tmp_path_factory):
+    """The mosaic (B1-B4) and the Sentinel-2 product (B01-B12 at 10/20/60 m) chipped into one LMDB."""
+    files = make_scenes(tmp_path_factory.mktemp("scenes-mixed-src"))
+    target = tmp_path_factory.mktemp("mixed-lmdb") / "lmdb"
+    chip(files.dataset_dir, target, 60, 60, labels=files.labels_dir)
+    return target, files
+
+
+def test_scenes_with_different_bands_in_one_lmdb(mixed_lmdb):
+    """Only the scenes in use must have the bands: each scene trains on its own bands."""
+    target, files = mixed_lmdb
+    s2 = files.s2_dir.name
+    with pytest.raises(ConfigError, match="share no band; name the bands .*pick scenes"):
+        GeoPatchDataModule(str(target), num_workers=0)
+    with pytest.raises(ConfigError, match=f"band 'B02' is not in scene 'mosaic' of .*pick the scenes that have it"):
+        GeoPatchDataModule(str(target), bands=["B02"], num_workers=0)
+    mosaic = GeoPatchDataModule(str(target), scenes=["mosaic"], num_workers=0, block_size=120, batch_size=4)
+    assert mosaic.bands == ["B1", "B2", "B3", "B4"]
+    mosaic.setup("fit")
+    windows = json.loads((target / "manifest.json").read_text())["windows"]
+    train = mosaic.datasets["train"]
+    assert {windows[train.key(i)]["scene"] for i in range(len(train))} == {"mosaic"}
+    sentinel = GeoPatchDataModule(str(target), scenes=[s2], bands=["B04", "B03", "B02"], num_workers=0,
+                                  block_size=120, batch_size=4)
+    sentinel.setup("fit")
+    assert next(iter(sentinel.train_dataloader()))["image"].shape == (4, 3, 60, 60)
+    with pytest.raises(ConfigError, match="of val_scenes/test_scenes is not one of scenes"):
+        GeoPatchDataModule(str(target), scenes=["mosaic"], split="scene", val_scenes=[s2], num_workers=0)
+
+
+def test_coarse_bands_only_predict_at_the_finest_grid(mixed_lmdb):
+    """A 20 m band alone is read at the chip's finest grid (its windows' size), so predictions stitch;
+    a size that does not cover the windows is refused before the first batch, naming the fix."""
+    from types import SimpleNamespace
+
+    from rico_torch.scenes import Stitcher
+    from rico_torch.scenes.callback import GeoTIFFPredictionWriter
+
+    target, files = mixed_lmdb
+    s2 = files.s2_dir.name
+    dm = GeoPatchDataModule(str(target), scenes=[s2], bands=["B05", "B11"], num_workers=0, batch_size=8, mask=False)
+    dm.setup("predict")
+    stitcher = Stitcher(target, s2, target.parent / "coarse.tif", "mean")
+    for batch in dm.predict_dataloader():
+        assert batch["image"].shape[-2:] == (60, 60)
+        for key, image in zip(batch["key"], batch["image"]):
+            stitcher.add(key, image[:1])
+    with rasterio.open(stitcher.write()) as out, rasterio.open(files.s2_dir / "B05.tif") as src:
+        assert out.shape == (360, 360)
+        assert np.array_equal(out.read(1)[::2, ::2][src.read(1) != 0], src.read(1)[src.read(1) != 0].astype(np.float32))
+    writer = GeoTIFFPredictionWriter(output_dir=str(target.parent / "predictions"))
+    dm.size = 30
+    trainer = SimpleNamespace(world_size=1, datamodule=dm)
+    with pytest.raises(ConfigError, match=r"reads 30 x 30 px patches, the windows are 60 x 60 finest-grid px; "
+                                          r"predict at the windows' size \(`--data.init_args.size 60`"):
+        writer.on_predict_start(trainer, None)

@@ -51,6 +51,19 @@ class GeoTIFFPredictionWriter(BasePredictionWriter):
                               f"this run has {trainer.world_size} processes")
         self._stitchers, self.written = {}, []
         self._manifest = _merged(self._target(trainer))
+        self._check_size(getattr(trainer.datamodule, "output_size", None))
+
+    def _check_size(self, size) -> None:
+        """Say before the first batch (and the progress bar) when the DataModule's patches would not
+        cover the windows: each prediction must be the window's size in finest-grid pixels."""
+        if size is None or not self._manifest["windows"]:
+            return
+        _, _, h, w = next(iter(self._manifest["windows"].values()))["window"]
+        got = tuple(size) if isinstance(size, (tuple, list)) else (size, size)
+        if got != (h, w):
+            raise ConfigError(f"GeoTIFFPredictionWriter: the DataModule reads {got[0]} x {got[1]} px patches, the "
+                              f"windows are {h} x {w} finest-grid px; predict at the windows' size "
+                              f"(`--data.init_args.size {h}`, or leave size unset)")
 
     def write_on_batch_end(self, trainer, pl_module, prediction, batch_indices, batch, batch_idx,
                            dataloader_idx=0) -> None:
