@@ -193,3 +193,20 @@ def test_coarse_bands_only_predict_at_the_finest_grid(mixed_lmdb):
     with pytest.raises(ConfigError, match=r"reads 30 x 30 px patches, the windows are 60 x 60 finest-grid px; "
                                           r"predict at the windows' size \(`--data.init_args.size 60`"):
         writer.on_predict_start(trainer, None)
+
+
+def test_scenes_with_b04_b03_b02_plot_in_rgb(mixed_lmdb):
+    pytest.importorskip("matplotlib")
+    target, files = mixed_lmdb
+    dm = GeoPatchDataModule(str(target), scenes=[files.s2_dir.name], bands=["B02", "B03", "B04", "B08"],
+                            num_workers=0, block_size=120)
+    dm.setup("fit")
+    sample = dm.datasets["train"][0]
+    figure = dm.plot(sample)
+    assert figure.axes[0].get_title() == "RGB"
+    shown = figure.axes[0].get_images()[0].get_array()
+    assert shown.shape == (60, 60, 3)
+    from rico_torch.data.plot import stretch
+
+    want = stretch(sample["image"][[2, 1, 0]].numpy())  # B04 B03 B02 as R G B
+    assert np.allclose(np.asarray(shown), want if want.shape[-1] == 3 else want.transpose(1, 2, 0))
