@@ -226,6 +226,11 @@ class LMDBDataModule(L.LightningDataModule):
     def num_classes(self) -> int:
         return len(self.classes)
 
+    def example_input(self, size: int = 8) -> torch.Tensor:
+        """A zero batch of one ``image`` as the model sees it (channels as loaded, ``size`` px): what a
+        model's lazy layers need to take their shapes before the summary and the optimiser."""
+        return torch.zeros(1, self.num_channels, size, size)
+
     def make_dataset(self, split: str) -> LMDBPatchDataset:
         items, labels = self.split_items(split)
         if len(items) == 0:

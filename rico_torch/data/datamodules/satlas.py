@@ -361,6 +361,11 @@ class SatlasDataModule(LMDBDataModule):
         if self.loads_native and self.assembler is None and self.datasets:
             self.assembler = next(iter(self.datasets.values())).images.native_assembler()
 
+    def example_input(self, size: int = 8) -> torch.Tensor:
+        """As the base's; a series (``num_images`` > 1) is 1 x T x C x H x W."""
+        image = super().example_input(size)
+        return image[:, None].expand(1, self.num_images, *image.shape[1:]) if self.num_images > 1 else image
+
     def val_dataloader(self):
         """No validation with ``val_fraction=0``."""
         return super().val_dataloader() if "val" in self.datasets else []
