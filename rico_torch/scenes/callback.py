@@ -7,7 +7,7 @@ from pathlib import Path
 from lightning.pytorch.callbacks import BasePredictionWriter
 
 from ..errors import ConfigError, UnknownKeyError
-from .stitcher import BLENDS, DEFAULT_MEMORY, Stitcher, _merged
+from .stitcher import BLENDS, DEFAULT_MEMORY, Stitcher, _merged, output_dtype
 
 
 class GeoTIFFPredictionWriter(BasePredictionWriter):
@@ -21,17 +21,24 @@ class GeoTIFFPredictionWriter(BasePredictionWriter):
     Args:
         output_dir: where the GeoTIFFs go.
         blend: ``cosine`` or ``mean`` (see :mod:`rico_torch.scenes.stitcher`).
-        dtype: the GeoTIFFs' dtype (float32: NaN where nothing was predicted).
+        dtype: the GeoTIFFs' dtype (default float32, NaN where nothing was predicted; a class map:
+            uint8, or uint16 beyond 255 classes); an integer dtype rounds and clips the scores.
+        nodata: the value where nothing was predicted (needed for integer scores; a class map's
+            default is its dtype's largest value).
+        argmax: write a class map (one band: the index of each pixel's highest blended score)
+            instead of the scores, band of rows by band of rows (memory stays bounded).
         lmdb_path: the chipped LMDB; default: the DataModule's ``lmdb_paths``.
         memory: bytes for one band of rows while writing.
     """
 
-    def __init__(self, output_dir: str = "predictions", blend: str = "cosine", dtype: str = "float32",
-                 lmdb_path: str | list[str] | None = None, memory: int = DEFAULT_MEMORY) -> None:
+    def __init__(self, output_dir: str = "predictions", blend: str = "cosine", dtype: str | None = None,
+                 nodata: float | None = None, argmax: bool = False, lmdb_path: str | list[str] | None = None,
+                 memory: int = DEFAULT_MEMORY) -> None:
         super().__init__(write_interval="batch")
         if blend not in BLENDS:
             raise ConfigError(f"blend={blend!r}: one of {', '.join(BLENDS)}")
-        self.output_dir, self.blend, self.dtype = Path(output_dir), blend, dtype
+        output_dtype(dtype, nodata, argmax)  # checked now, not at the first batch
+        self.output_dir, self.blend, self.dtype, self.nodata, self.argmax = Path(output_dir), blend, dtype, nodata, argmax
         self.lmdb_path, self.memory = lmdb_path, memory
         self.written: list[Path] = []
         self._stitchers: dict[str, Stitcher] = {}
@@ -75,8 +82,8 @@ class GeoTIFFPredictionWriter(BasePredictionWriter):
             if scene not in self._stitchers:
                 self.output_dir.mkdir(parents=True, exist_ok=True)
                 self._stitchers[scene] = Stitcher(self._target(trainer), scene, self.output_dir / f"{scene}.tif",
-                                                  self.blend, dtype=self.dtype, memory=self.memory,
-                                                  manifest=self._manifest)
+                                                  self.blend, dtype=self.dtype, nodata=self.nodata,
+                                                  memory=self.memory, manifest=self._manifest, argmax=self.argmax)
             self._stitchers[scene].add(key, pred.float())
 
     def on_predict_end(self, trainer, pl_module) -> None:
