@@ -191,8 +191,9 @@ def test_batches_kept_past_the_next_one_keep_their_pixels(eurosat_lmdb, clean, n
 
     want = [expected(ds, list(range(4 * i, min(4 * i + 4, len(ds))))) for i in range(8)]
     with PatchLoader(ds, batch_size=4, num_workers=num_workers) as loader:
-        for i, batch in enumerate(loader):  # the usual loop: nothing kept
-            assert_same(batch, want[i])
+        for _ in range(2):  # the usual loop, epoch after epoch (the loop variable outlives the loop): nothing kept
+            for i, batch in enumerate(loader):
+                assert_same(batch, want[i])
         if num_workers:
             assert loader._workers.kept == 0
         for _ in range(2):

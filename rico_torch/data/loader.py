@@ -280,7 +280,7 @@ class _Held:
 
     worker: int
     slot: int
-    batch: int  # its number in the iteration
+    batch: int  # its number among the batches these workers yielded
 
 
 class _Workers:
@@ -306,6 +306,7 @@ class _Workers:
         self.pending: list[deque] = [deque() for _ in range(count)]  # (seq, slot) sent, not answered
         self.held: list[_Held] = []  # yielded batches' slots, oldest first
         self.kept = 0  # batches kept past the next one (their slots got new memory)
+        self.yielded = 0  # batches yielded, over every iteration
         self.closed = False
         parent = os.getpid()
         base_seed = int(torch.empty((), dtype=torch.int64).random_().item())  # as DataLoader: per start
@@ -341,18 +342,20 @@ class _Workers:
             self._lost(w)
         self.pending[w].append((seq, slot))
 
-    def hold(self, w: int, slot: int, batch: int) -> None:
-        """Slot ``slot`` of worker ``w`` holds yielded batch ``batch``."""
-        self.held.append(_Held(w, slot, batch))
+    def hold(self, w: int, slot: int) -> None:
+        """Slot ``slot`` of worker ``w`` holds the batch being yielded."""
+        self.held.append(_Held(w, slot, self.yielded))
+        self.yielded += 1
 
     def release(self, held: _Held) -> None:
         """Give back a slot whose batch nothing views (once its copy to the GPU is done)."""
         event = self.pinning.event() if self.registered and self.pinning.mode == "register" else None
         self.free[held.worker].append((held.slot, event, False))
 
-    def recycle(self, before: int | None = None) -> None:
+    def recycle(self) -> None:
         """Give back the held slots that no tensor views any more; a slot whose batch is still
-        referenced and older than batch ``before`` (None: any) gets new memory instead."""
+        referenced though a later batch was yielded since gets new memory instead (the caller's
+        loop variable holds only the last one, also across iterations)."""
         if self.closed:
             self.held = []
             return
@@ -360,7 +363,7 @@ class _Workers:
         for held in self.held:
             if _uses(self.rings[held.worker][held.slot]) == self.idle[held.worker][held.slot]:
                 self.release(held)
-            elif before is None or held.batch < before:
+            elif held.batch < self.yielded - 1:
                 self.kept += 1
                 self.free[held.worker].append((held.slot, None, True))
             else:
@@ -692,7 +695,7 @@ class PatchLoader:
             while True:
                 if iteration != self._iteration:
                     raise RuntimeError("this PatchLoader iterator was replaced by a newer one (one at a time)")
-                workers.recycle(before=received - 1)  # the caller's loop variable still holds the last one
+                workers.recycle()
                 while not exhausted and workers.has_free(sent % count):  # read ahead as far as slots allow
                     indices = next(batches, None)
                     if indices is None:
@@ -712,7 +715,7 @@ class PatchLoader:
                     batch = _pinned_copy(batch)
                     workers.free[w].append((slot, None, False))
                 else:
-                    workers.hold(w, slot, received - 1)
+                    workers.hold(w, slot)
                 yield batch
                 del batch  # only the caller's references count when the slot comes round again
         except KeyboardInterrupt:
