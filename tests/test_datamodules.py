@@ -233,3 +233,14 @@ def test_loader_torch_and_timeout_on_the_datamodules(bigearthnet_lmdb, ben_metad
     dm.teardown("fit")
     with pytest.raises(ConfigError, match="cannot read SatlasPretrain's series and label tiles"):
         SatlasDataModule(str(bigearthnet_lmdb), loader="patch")
+
+
+def test_configs_ask_for_no_more_workers_than_the_two_core_ci_machine():
+    """Every config's ``num_workers`` fits the 2-core machine the suite and benchmarks run on (4
+    workers there compete with the training for the cores); ``loader`` given, if at all, as typed."""
+    import yaml
+
+    for config in sorted(CONFIGS.glob("*.yaml")):
+        data = yaml.safe_load(config.read_text())["data"]["init_args"]
+        assert data.get("num_workers", 2) <= 2, config.name
+        assert data.get("loader", "patch") in ("patch", "torch"), config.name
