@@ -106,8 +106,8 @@ def unlabelled_lmdb(mosaic_lmdb, tmp_path_factory):
     return target, proc.stdout + proc.stderr
 
 
-def test_scenes_without_labels_suggest_no_fit_and_fit_says_so_in_one_line(unlabelled_lmdb, tmp_path, monkeypatch,
-                                                                          capsys):
+def test_scenes_without_labels_suggest_no_fit_and_fit_says_so_in_one_line(unlabelled_lmdb, mosaic_lmdb, tmp_path,
+                                                                          monkeypatch, capsys):
     """The chipper's next: line and info name no training command; fit stops in setup with one line
     (not a KeyError in the model's first step); predict and mask=False still work."""
     from rico_torch.cli import main
@@ -119,6 +119,9 @@ def test_scenes_without_labels_suggest_no_fit_and_fit_says_so_in_one_line(unlabe
     assert "fit --config" not in next_line and "chipped without --labels: no target to train" in next_line
     info = encode_cli("info", str(target)).stdout
     assert "fit --config" not in info and "chipped without --labels" in info
+    labelled = str(mosaic_lmdb[0])
+    assert (f"fits: rico_torch.data.GeoPatchDataModule; `python -m rico_torch fit --config configs/scenes.yaml "
+            f"--data.init_args.lmdb_path {labelled}` trains on it") in encode_cli("info", labelled).stdout
     monkeypatch.chdir(tmp_path)
     with pytest.raises(SystemExit) as exit_info:
         main(["fit", "--config", str(CONFIG), "--data.init_args.lmdb_path", str(target), "--trainer.accelerator=cpu",
