@@ -544,9 +544,9 @@ class PatchLoader:
             with ``.to(device, non_blocking=True)``); with ``num_workers=0`` each batch is copied into
             pinned memory; a no-op, said once, without CUDA.
         seed: shuffling seed (reproducible epochs); ``None``: torch's default generator.
-        slots: batch slots per worker (2: one the caller's loop holds, one being filled; the slot
-            of the batch before comes back when the next is asked for, so with one worker 3 keeps
-            a batch read ahead while the caller's step runs).
+        slots: batch slots per worker; ``None``: 2, or 3 with one worker. A slot comes back a batch
+            late (the caller's loop variable still holds the last batch when the next is asked
+            for), so one worker needs 3 to fill one batch while the caller's step runs on another.
         timeout: seconds to wait for one batch before raising (0: no limit; a dead worker is
             noticed at once either way).
         multiprocessing_context: how workers start: ``"fork"`` (default where available: no
@@ -578,7 +578,7 @@ class PatchLoader:
         drop_last: bool = False,
         pin_memory: bool = False,
         seed: int | None = None,
-        slots: int = 2,
+        slots: int | None = None,
         timeout: float = 0.0,
         multiprocessing_context: str | None = None,
     ) -> None:
@@ -588,6 +588,8 @@ class PatchLoader:
         if dataset.transforms is not None:
             raise ConfigError("PatchLoader does not apply per-sample transforms (dataset.transforms); transform "
                               "batches on the device, or use a torch DataLoader")
+        if slots is None:
+            slots = 3 if num_workers == 1 else 2
         for name, value, least in (("batch_size", batch_size, 1), ("num_workers", num_workers, 0),
                                    ("slots", slots, 1)):
             if not isinstance(value, int) or isinstance(value, bool) or value < least:
