@@ -439,17 +439,26 @@ class KeysPerEpoch(__import__("lightning").LightningModule):
         return torch.optim.SGD(self.parameters(), lr=0.01)
 
 
-def test_datamodule_fits_through_patch_loader_and_keeps_torch_on_request(eurosat_lmdb, clean):
+def test_datamodule_fits_through_patch_loader_and_keeps_torch_on_request(eurosat_lmdb, clean, monkeypatch):
     import lightning as L
     from torch.utils.data import DataLoader
 
     from rico_torch.data import EuroSATDataModule
 
+    kept, close = [], PatchLoader.close
+
+    def counting_close(loader):  # Lightning's loop keeps no batch past the next: every slot is reused
+        if loader._workers is not None:
+            kept.append(loader._workers.kept)
+        close(loader)
+
+    monkeypatch.setattr(PatchLoader, "close", counting_close)
     dm = EuroSATDataModule(str(eurosat_lmdb), batch_size=4, num_workers=2, mean=[0.0] * 13, std=[1.0] * 13)
     model = KeysPerEpoch()
     trainer = L.Trainer(max_epochs=2, accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
                         enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0)
     trainer.fit(model, datamodule=dm)
+    assert kept == [0, 0]  # train and val
     for stage in ("train", "val"):
         everything = sorted(dm.datasets[stage].key(i) for i in range(len(dm.datasets[stage])))
         orders = [model.seen[(stage, epoch)] for epoch in range(2)]
