@@ -224,6 +224,7 @@ def run_patch_loader(ds, workers: int, pin_memory: bool, epochs: int) -> dict:
                 result["first_batch"] = time.perf_counter() - start
                 tensors = [batch["image"]] if "image" in batch else list(batch["native"].values())
                 result["ring_bytes"] = loader.slots * sum(t.nbytes for t in tensors)
+                del tensors  # a batch kept past the next one would get new memory (its slot is not reused)
             n += len(batch["key"])
             del batch
         result["epochs"].append(n / (time.perf_counter() - start))
@@ -690,7 +691,7 @@ def main(argv: list[str] | None = None) -> int:
           "loader (PatchLoader: includes starting its workers); steady = best epoch after the first\n")
     print(table(["loader", "first batch s", "samples/s epoch 1", "samples/s steady", "vs ConfigILM DataLoader",
                  "vs our DataLoader", "vs floor (same process count)", "target"], loader_rows))
-    print(f"(best of {args.loader_rounds} round(s) per row; PatchLoader: shuffle, seed 0, 2 slots per worker; the "
+    print(f"(best of {args.loader_rounds} round(s) per row; PatchLoader: shuffle, seed 0, its default slots (3 with 1 worker, else 2 per worker); the "
           "floor's first batch is not timed" + ("; pin_memory: no CUDA here, so no pinning: the same path as "
                                                  "without" if not torch.cuda.is_available() else "") + ")")
     print(f"\nPatchLoader worker memory, MB: the ring of batch slots (shared memory created once, mapped by the "

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import logging
 import sys
+import warnings
 
 import torch
 from lightning.pytorch.cli import LightningCLI
@@ -63,7 +64,10 @@ def main(args: list[str] | None = None) -> None:
     for logger in loggers:  # rank_zero_info logs there (a filter on a parent logger would not apply)
         logger.addFilter(tips)
     try:
-        with user_errors():
+        with user_errors(), warnings.catch_warnings():
+            # Lightning 2.6 builds torch's LeafSpec, which torch 2.13 deprecated: nothing the user can change
+            warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated",
+                                    category=FutureWarning)
             RicoCLI(subclass_mode_model=True, subclass_mode_data=True, args=args,
                     save_config_kwargs={"overwrite": True}, parser_kwargs={"prog": prog})
     finally:

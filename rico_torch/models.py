@@ -15,7 +15,19 @@ def _block(out_channels: int) -> nn.Sequential:
 
 
 class _Baseline(L.LightningModule):
-    """Shared hooks: each stage runs ``_step``; AdamW at ``hparams.lr``."""
+    """Shared hooks: each stage runs ``_step``; AdamW at ``hparams.lr``; lazy layers take their
+    shapes in :meth:`setup` from the DataModule's ``example_input`` (so the model summary counts
+    their parameters and the optimiser gets materialised ones)."""
+
+    def setup(self, stage: str) -> None:
+        lazy = any(isinstance(p, nn.parameter.UninitializedParameter) for p in self.parameters())
+        example = getattr(getattr(self.trainer, "datamodule", None), "example_input", None)
+        if lazy and callable(example):
+            training = self.training
+            self.eval()  # no batch-norm statistics from a zero batch
+            with torch.no_grad():
+                self(example().to(self.device))
+            self.train(training)
 
     def _step(self, batch: dict, stage: str) -> torch.Tensor:
         raise NotImplementedError

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -31,6 +32,14 @@ def _no_pytest_argv(monkeypatch):
     """The CLIs under test get their arguments as ``args``; pytest's own ``sys.argv`` would make
     LightningCLI warn that both were given."""
     monkeypatch.setattr(sys, "argv", sys.argv[:1])
+
+
+@pytest.fixture
+def default_sigint():
+    """Python's own Ctrl-C handler for the test (a suite run as a background job inherits SIGINT ignored)."""
+    before = signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, before)
 
 
 def encode_cli(*args: str, check: bool = True) -> subprocess.CompletedProcess:

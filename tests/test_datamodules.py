@@ -178,3 +178,69 @@ def test_patches_missing_from_the_lmdb_are_left_out(bigearthnet_lmdb, bigearthne
     kept = [dm.datasets[split].item_keys(i) for split in ("train", "val", "test") for i in range(len(dm.datasets[split]))]
     assert sorted(kept) == stored
     assert "are not in the LMDB and are left out" in caplog.text
+
+
+@pytest.mark.parametrize("name", [n for n in __import__("rico_torch.data.datamodules", fromlist=["x"]).__all__
+                                  if n != "LMDBDataModule"])
+def test_every_datamodule_takes_loader_typed(name):
+    """``loader`` (patch/torch) on every DataModule as LightningCLI sees it, typed (a wrong value is
+    refused by the parser); Satlas takes only torch (its items are assembled per sample)."""
+    from jsonargparse import ArgumentParser
+
+    import rico_torch.data as data
+
+    parser = ArgumentParser(exit_on_error=False)
+    parser.add_class_arguments(getattr(data, name), "data")
+    action = next(a for a in parser._actions if a.dest == "data.loader")
+    assert action.default == ("torch" if name == "SatlasDataModule" else "patch")
+    assert set(getattr(action, "_typehint").__args__) == {"patch", "torch"}
+
+
+def test_loader_torch_and_timeout_on_the_datamodules(bigearthnet_lmdb, ben_metadata, monkeypatch):
+    """``loader='torch'`` gives a DataLoader; both loaders get a finite timeout, and a hung worker
+    raises within it instead of blocking for ever."""
+    import os
+    import time
+
+    from torch.utils.data import DataLoader
+
+    from rico_torch.data import LMDBDataModule, LMDBPatchDataset, PatchLoader, SatlasDataModule, WorkerLostError
+    from rico_torch.errors import ConfigError
+
+    kwargs = dict(lmdb_path=str(bigearthnet_lmdb), metadata_dir=str(ben_metadata), batch_size=2, num_workers=1)
+    torch_dm = BigEarthNetDataModule(**kwargs, loader="torch")
+    torch_dm.setup("fit")
+    loader = torch_dm.train_dataloader()
+    assert isinstance(loader, DataLoader) and loader.timeout == LMDBDataModule.loader_timeout
+    assert len(next(iter(loader))["key"]) == 2
+    dm = BigEarthNetDataModule(**kwargs)
+    dm.setup("fit")
+    assert isinstance(dm.train_dataloader(), PatchLoader)
+    assert dm.train_dataloader().timeout == LMDBDataModule.loader_timeout and 0 < LMDBDataModule.loader_timeout < 3600
+    main, read = os.getpid(), LMDBPatchDataset._read
+
+    def hung_in_a_worker(self, *args, **kw):
+        if os.getpid() != main:
+            time.sleep(3600)
+        return read(self, *args, **kw)
+
+    monkeypatch.setattr(LMDBPatchDataset, "_read", hung_in_a_worker)
+    dm.loader_timeout = 1.0
+    start = time.monotonic()
+    with pytest.raises(WorkerLostError, match="sent no batch within timeout=1 s"):
+        next(iter(dm.train_dataloader()))
+    assert time.monotonic() - start < 10
+    dm.teardown("fit")
+    with pytest.raises(ConfigError, match="cannot read SatlasPretrain's series and label tiles"):
+        SatlasDataModule(str(bigearthnet_lmdb), loader="patch")
+
+
+def test_configs_ask_for_no_more_workers_than_the_two_core_ci_machine():
+    """Every config's ``num_workers`` fits the 2-core machine the suite and benchmarks run on (4
+    workers there compete with the training for the cores); ``loader`` given, if at all, as typed."""
+    import yaml
+
+    for config in sorted(CONFIGS.glob("*.yaml")):
+        data = yaml.safe_load(config.read_text())["data"]["init_args"]
+        assert data.get("num_workers", 2) <= 2, config.name
+        assert data.get("loader", "patch") in ("patch", "torch"), config.name

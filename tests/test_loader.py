@@ -177,6 +177,38 @@ def test_distributed_sampler_gives_each_rank_its_share(eurosat_lmdb, clean):
     assert sorted(keys) == sorted(ds.key(i) for i in range(len(ds)))  # 30 / 2: every sample once
 
 
+@pytest.mark.parametrize("native", [False, True])
+@pytest.mark.parametrize("num_workers", [0, 1, 2])
+def test_batches_kept_past_the_next_one_keep_their_pixels(eurosat_lmdb, clean, num_workers, native):
+    """``list(loader)``, ``torch.cat`` over batches, views kept from each batch, a batch held across
+    two iterations: every batch keeps its own pixels (its slot gets new memory, no error), while
+    a plain loop reuses the slots (no batch counted as kept)."""
+    ds = LMDBPatchDataset(eurosat_lmdb, bands=BANDS, native=native)
+    image = "native" if native else "image"
+
+    def pixels(batch):
+        return batch[image][next(iter(batch[image]))] if native else batch[image]
+
+    want = [expected(ds, list(range(4 * i, min(4 * i + 4, len(ds))))) for i in range(8)]
+    with PatchLoader(ds, batch_size=4, num_workers=num_workers) as loader:
+        for _ in range(2):  # the usual loop, epoch after epoch (the loop variable outlives the loop): nothing kept
+            for i, batch in enumerate(loader):
+                assert_same(batch, want[i])
+        if num_workers:
+            assert loader._workers.kept == 0
+        for _ in range(2):
+            batches = list(loader)
+            for got, w in zip(batches, want, strict=True):
+                assert_same(got, w)
+        assert torch.equal(torch.cat([pixels(b) for b in loader]), torch.cat([pixels(w) for w in want]))
+        firsts = [pixels(b)[0] for b in loader]  # a view of one row of each batch
+        assert all(torch.equal(f, pixels(w)[0]) for f, w in zip(firsts, want, strict=True))
+        held = next(iter(loader))  # an abandoned iteration's batch, then a whole new epoch
+        for batch in loader:
+            pass
+        assert_same(held, want[0])
+
+
 def test_break_then_next_epoch_is_complete(eurosat_lmdb, clean):
     ds = LMDBPatchDataset(eurosat_lmdb, bands=BANDS)
     with PatchLoader(ds, batch_size=3, num_workers=2) as loader:
@@ -260,7 +292,7 @@ def test_del_gc_and_close_stop_workers_and_free_the_rings(eurosat_lmdb, clean):
     loader.close()
 
 
-def test_ctrl_c_in_a_loop_then_iterating_again_reads_correctly(eurosat_lmdb, clean):
+def test_ctrl_c_in_a_loop_then_iterating_again_reads_correctly(eurosat_lmdb, clean, default_sigint):
     """A notebook's interrupted loop: the next iteration reads every batch right (a message cut in
     half by Ctrl-C stops the workers; new ones start)."""
     import threading
@@ -277,8 +309,36 @@ def test_ctrl_c_in_a_loop_then_iterating_again_reads_correctly(eurosat_lmdb, cle
     loader.close()
 
 
+_INTERRUPT_AT_FORK: list[bool] = []  # armed: the next fork gets a Ctrl-C
+
+
+def _interrupt_at_fork() -> None:
+    if _INTERRUPT_AT_FORK:
+        _INTERRUPT_AT_FORK.clear()
+        os.kill(os.getpid(), signal.SIGINT)
+
+
+os.register_at_fork(before=_interrupt_at_fork)
+
+
+def test_ctrl_c_while_the_workers_fork_is_raised(eurosat_lmdb, clean, default_sigint):
+    """CPython's at-fork hooks swallow a KeyboardInterrupt raised in them: a Ctrl-C landing while a
+    worker forks is held back until the workers are started, then raised (not a whole epoch later)."""
+    ds = LMDBPatchDataset(eurosat_lmdb, bands=BANDS)
+    loader = PatchLoader(ds, batch_size=1, num_workers=2)
+    _INTERRUPT_AT_FORK.append(True)
+    read = []
+    with pytest.raises(KeyboardInterrupt):
+        for batch in loader:
+            read.append(batch["key"])
+    assert read == [] and loader.worker_pids == []
+    assert [k for b in loader for k in b["key"]] == [ds.key(i) for i in range(len(ds))]  # starts again
+    loader.close()
+
+
 SCRIPT = """
 import os, signal, sys, time
+signal.signal(signal.SIGINT, signal.default_int_handler)  # also when started with SIGINT ignored (a background job)
 from rico_torch.data import LMDBPatchDataset, PatchLoader
 ds = LMDBPatchDataset(sys.argv[1], bands=["B02", "B03"])
 loader = PatchLoader(ds, batch_size=1, num_workers=2, sampler=list(range(len(ds))) * 1000)
@@ -379,17 +439,26 @@ class KeysPerEpoch(__import__("lightning").LightningModule):
         return torch.optim.SGD(self.parameters(), lr=0.01)
 
 
-def test_datamodule_fits_through_patch_loader_and_keeps_torch_on_request(eurosat_lmdb, clean):
+def test_datamodule_fits_through_patch_loader_and_keeps_torch_on_request(eurosat_lmdb, clean, monkeypatch):
     import lightning as L
     from torch.utils.data import DataLoader
 
     from rico_torch.data import EuroSATDataModule
 
+    kept, close = [], PatchLoader.close
+
+    def counting_close(loader):  # Lightning's loop keeps no batch past the next: every slot is reused
+        if loader._workers is not None:
+            kept.append(loader._workers.kept)
+        close(loader)
+
+    monkeypatch.setattr(PatchLoader, "close", counting_close)
     dm = EuroSATDataModule(str(eurosat_lmdb), batch_size=4, num_workers=2, mean=[0.0] * 13, std=[1.0] * 13)
     model = KeysPerEpoch()
     trainer = L.Trainer(max_epochs=2, accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
                         enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0)
     trainer.fit(model, datamodule=dm)
+    assert kept == [0, 0]  # train and val
     for stage in ("train", "val"):
         everything = sorted(dm.datasets[stage].key(i) for i in range(len(dm.datasets[stage])))
         orders = [model.seen[(stage, epoch)] for epoch in range(2)]

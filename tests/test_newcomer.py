@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
+import torch
 
 from rico_torch.catalog.bigearthnet import CLASS_CLC_CODES
 from rico_torch.cli import RicoCLI, auto_precision
@@ -91,8 +92,9 @@ def test_readme_quick_start_encodes_the_demo_then_trains_on_it(tmp_path):
     proc = run(*fit.split()[1:], cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr
     output = proc.stdout + proc.stderr
-    for noise in ("Traceback", "tensorboard", "💡", "Error"):
+    for noise in ("Traceback", "tensorboard", "💡", "Error", "UninitializedParameter", "deprecated", "Warning"):
         assert noise not in output
+    assert re.search(r"\| features \| Sequential \| [1-9][0-9.]* K ", output), output  # lazy layers materialised
     assert "`Trainer.fit` stopped: `max_epochs=5` reached." in output
     metrics = (tmp_path / "lightning_logs" / "version_0" / "metrics.csv").read_text().splitlines()
     assert metrics[0].split(",")[:2] == ["epoch", "step"] and len(metrics) > 10
@@ -359,3 +361,24 @@ def test_malformed_metadata_files(tmp_path):
     with pytest.raises(ConfigError) as info:
         load_bigearthnet_index(tmp_path / "flat.parquet")
     assert str(info.value) == f"{tmp_path / 'flat.parquet'}: column 'labels' must be a list of class names, is string"
+
+
+@pytest.mark.parametrize(("model", "example"), [
+    ("CNNClassifier", (1, 12, 8, 8)), ("SegmentationCNN", (1, 4, 8, 8)), ("SegmentationBaseline", (1, 3, 9, 8, 8))])
+def test_lazy_models_take_their_shapes_in_setup(model, example):
+    """Before the summary and the optimiser: no UninitializedParameter left (a series' T x C channels
+    for the Satlas model), the same parameters a forward would have made, batch norm untouched."""
+    from types import SimpleNamespace
+
+    from torch import nn
+
+    import rico_torch.models as models
+
+    net = getattr(models, model)(num_classes=5) if model != "SegmentationBaseline" else models.SegmentationBaseline()
+    net._trainer = SimpleNamespace(datamodule=SimpleNamespace(example_input=lambda: torch.zeros(example)))
+    net.setup("fit")
+    assert not any(isinstance(p, nn.parameter.UninitializedParameter) for p in net.parameters())
+    first = next(m for m in net.modules() if isinstance(m, nn.Conv2d))
+    assert first.in_channels == (example[1] * example[2] if len(example) == 5 else example[1])
+    assert net.training and all(float(m.running_mean.abs().sum()) == 0 for m in net.modules()
+                                if isinstance(m, nn.BatchNorm2d))

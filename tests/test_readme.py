@@ -5,6 +5,8 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
+import torch
+
 from .conftest import encode_cli
 
 README = Path(__file__).resolve().parents[1] / "README.md"
@@ -24,7 +26,11 @@ def test_quick_start_demo_then_loading_example(tmp_path, monkeypatch):
     batches = re.search(r"Batches, read by worker processes into reused shared memory:\n\n```python\n(.*?)```", text,
                         re.S).group(1)
     exec(compile(batches, "README.md", "exec"), namespace)
-    assert namespace["kept"].shape == (1, 3, 120, 120)  # 3 patches in batches of 2: the last has one
+    assert namespace["last"].shape == (1, 3, 120, 120)  # 3 patches in batches of 2: the last has one
+    ds = namespace["ds"]
+    index = {ds.key(i): i for i in range(len(ds))}
+    for kept in namespace["batches"]:  # each keeps its own pixels
+        assert torch.equal(kept["image"], ds.read_batch([index[k] for k in kept["key"]])["image"])
     namespace["loader"].close()
 
 

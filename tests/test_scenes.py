@@ -341,3 +341,52 @@ def test_a_damaged_band_file_stops_or_is_skipped(tmp_path):
     result = chip(tmp_path / "scenes", tmp_path / "t2", 120, skip_invalid=True)
     assert 0 < len(result.skipped) < 9 and all("B02.tif" in s["reason"] for s in result.skipped)
     assert all(f"window {s['key']} failed (TIFFFillTile" in s["reason"] for s in result.skipped)
+
+
+@pytest.mark.parametrize("blend", ["mean", "cosine"])
+def test_stitching_a_class_map_and_integer_scores(chipped, scene_files, tmp_path, blend):
+    """argmax=True: one uint8 band, each pixel the class with the highest blended score (the label
+    raster again, from noisy one-hot scores of overlapping windows), 255 where nothing was
+    predicted; bounded memory (256-row bands). Integer scores: rounded, clipped, with nodata."""
+    from rico_torch.scenes import Stitcher
+    from rico_torch.scenes.callback import GeoTIFFPredictionWriter
+
+    rng = np.random.default_rng(0)
+    windows = manifest_of(chipped)["windows"]
+    masks = dict((k, m[0]) for k, m in own_values(chipped, "mosaic", ["mask"]))
+    skipped = sorted(masks)[0]  # one window left out: nodata where no other covers it
+    scores = [(k, np.eye(5, dtype=np.float32)[m.astype(int)].transpose(2, 0, 1) + rng.random((5, *m.shape)) * 0.4)
+              for k, m in masks.items() if k != skipped]
+    out = stitch(chipped, "mosaic", scores, tmp_path / "classes.tif", blend=blend, memory=1, argmax=True)
+    covered = np.zeros((300, 400), bool)
+    for key in masks:
+        if key != skipped:
+            row, col, h, w = windows[key]["window"]
+            covered[max(row, 0) : row + h, max(col, 0) : col + w] = True
+    with rasterio.open(out) as got, rasterio.open(scene_files.labels_dir / "mosaic.tif") as labels:
+        assert got.count == 1 and got.dtypes == ("uint8",) and got.nodata == 255
+        assert got.crs == labels.crs and got.transform == labels.transform
+        data, want = got.read(1), labels.read(1)
+    assert not covered.all() and (data[~covered] == 255).all()
+    assert np.array_equal(data[covered], want[covered])
+
+    integers = [(k, np.stack([m * 1000.4, -m - 1.0, m * 10000.0])) for k, m in masks.items()]
+    out = stitch(chipped, "mosaic", integers, tmp_path / "scores.tif", blend="mean", dtype="int16", nodata=-32768)
+    with rasterio.open(out) as got:
+        assert got.dtypes == ("int16",) * 3 and got.nodata == -32768
+        data = got.read()
+    want = want.astype(np.int64)
+    assert np.array_equal(data[0], np.rint(want * 1000.4)) and np.array_equal(data[1], -want - 1)
+    assert np.array_equal(data[2], np.minimum(want * 10000, 32767))  # clipped to the dtype's range
+    assert Stitcher(chipped, "mosaic", tmp_path / "x.tif", argmax=True).rows_per_band() == 300  # 1 band of uint8 out
+    for kwargs, message in (({"dtype": "uint8"}, "give a nodata value for an integer output"),
+                            ({"dtype": "float32", "argmax": True}, "a class map \\(argmax\\) is written as integers"),
+                            ({"dtype": "uint8", "nodata": 300}, "nodata=300: not a uint8 value"),
+                            ({"dtype": "complex64"}, "give a float or integer dtype"),
+                            ({"dtype": "uint8", "nodata": 3, "argmax": True}, None)):
+        if message is None:  # nodata 3 is a class index: refused once the classes are known
+            with pytest.raises(ConfigError, match="nodata must not be a class index"):
+                stitch(chipped, "mosaic", scores[:1], tmp_path / "y.tif", **kwargs)
+            continue
+        with pytest.raises(ConfigError, match=message):
+            GeoTIFFPredictionWriter(**kwargs)  # before anything is predicted

@@ -36,7 +36,6 @@ CROP_MODES = ("random", "center")
 Item = str | tuple[str, ...]
 _HEADER_CACHE_LIMIT = 256
 _FLOAT32, _INT64 = np.dtype(np.float32), np.dtype(np.int64)
-_RGB_CANDIDATES = (("B04", "B03", "B02"), ("Red", "Green", "Blue"), ("B43", "B28", "B10"))
 
 
 def _empty(shape: tuple[int, ...], dtype: np.dtype, *_names: str) -> tuple[torch.Tensor, np.ndarray]:
@@ -534,11 +533,9 @@ class LMDBPatchDataset(Dataset):
         """
         from .plot import plot_sample
 
-        if rgb_bands is None:
-            rgb_bands = next((c for c in _RGB_CANDIDATES if all(b in self.bands for b in c)), ())
         multilabel = self.labels is not None and self.labels.ndim == 2
         assembler = self.native_assembler() if "image" not in sample and "native" in sample else None
-        return plot_sample(sample, self.bands, rgb_bands, self.classes, multilabel=multilabel, title=title,
+        return plot_sample(sample, self.bands, rgb_bands or (), self.classes, multilabel=multilabel, title=title,
                            assembler=assembler)
 
     # --- native mode ------------------------------------------------------------------

@@ -6,7 +6,10 @@ of 256 costs more to page in than to fill. Here each worker process owns a ring 
 in shared memory, created once and mapped by the main process once. The main process sends
 index batches from the sampler; a worker fills the slot it is told to in place
 (``read_batch(into=)``) and answers with one small message; the main process yields tensors
-that view the slot and gives the slot back when the next batch is asked for.
+that view the slot and gives the slot back once nothing views it any more (checked by the
+slot's storage use counts when the next batch is asked for). A batch still referenced a
+batch later (``list(loader)``, ``torch.cat`` over batches) keeps its memory: its slot gets new
+shared memory, so no batch ever shows another batch's pixels.
 
 The shared memory is a ``memfd`` (anonymous: nothing in ``/dev/shm``, nothing to unlink; the
 kernel frees it once the last process mapping it is gone, however that process ends) that the
@@ -25,11 +28,13 @@ import os
 import pickle
 import random
 import signal
+import threading
 import traceback
 import warnings
 import weakref
 from collections import deque
 from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from multiprocessing.connection import wait
 from multiprocessing.reduction import recv_handle, send_handle
@@ -104,6 +109,17 @@ def _each_tensor(batch: dict[str, Any], fn) -> dict[str, Any]:
                 else v) for k, v in batch.items()}
 
 
+def _uses(tensors: dict[str, Any]) -> int:
+    """How many tensors view the storages of a slot's (or a reused batch's) tensors, summed: more
+    than when the slot was made means a batch yielded from it is still referenced somewhere."""
+    count = 0
+    for value in tensors.values():
+        for t in value.values() if isinstance(value, dict) else (value,):
+            if isinstance(t, torch.Tensor):
+                count += torch._C._storage_Use_Count(t.untyped_storage()._cdata)
+    return count
+
+
 def _rows(batch: dict[str, Any], n: int) -> dict[str, Any]:
     """The first ``n`` rows of a slot (a last, shorter batch); contiguous views."""
     return _each_tensor(batch, lambda t: t[:n])
@@ -148,7 +164,7 @@ def _work(conn, dataset: LMDBPatchDataset, batch_size: int, slots: int, parent: 
             return
         if task is None:
             return
-        seq, slot, indices = task
+        seq, slot, indices, fresh = task
         try:
             if ring is None:
                 entries, slot_bytes = _layout(dataset._read(indices[:1], fields=False), batch_size)
@@ -156,6 +172,12 @@ def _work(conn, dataset: LMDBPatchDataset, batch_size: int, slots: int, parent: 
                 buffer = mmap.mmap(fd, slots * slot_bytes)
                 ring = [_slot_views(buffer, entries, slot_bytes, s) for s in range(slots)]
                 conn.send(("ring", entries, slot_bytes))
+                send_handle(conn, fd, parent)
+                os.close(fd)
+            elif fresh:  # the main process's batch of this slot is kept: new memory for the slot
+                fd = _shared_memory(slot_bytes)
+                ring[slot] = _slot_views(mmap.mmap(fd, slot_bytes), entries, slot_bytes, 0)
+                conn.send(("slot", slot))
                 send_handle(conn, fd, parent)
                 os.close(fd)
             dataset._read(indices, into=_rows(ring[slot], len(indices)), fields=False)  # keys: made in main
@@ -230,8 +252,45 @@ def _pinned_copy(batch: dict[str, Any]) -> dict[str, Any]:
 # --- the workers, seen from the main process -------------------------------------------------
 
 
+@contextmanager
+def _ctrl_c_after() -> Iterator[None]:
+    """A Ctrl-C during the block takes effect after it. A KeyboardInterrupt raised while
+    ``os.fork`` runs CPython's at-fork hooks (logging's, for one) is printed and dropped, so a
+    Ctrl-C landing there would be lost and a whole epoch would run. Blocking the signal
+    (``pthread_sigmask``) does not do: it is per thread, and the signal then goes to another
+    thread (torch's) while the Python handler still runs in this one. So the handler only notes
+    it during the block, and the signal is raised again afterwards under the previous handler
+    (a KeyboardInterrupt here, or whatever the program set)."""
+    if threading.current_thread() is not threading.main_thread():  # only the main thread gets signals
+        yield
+        return
+    caught: list[int] = []
+    previous = signal.signal(signal.SIGINT, lambda signum, frame: caught.append(signum))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+        if caught:
+            signal.raise_signal(signal.SIGINT)
+
+
+@dataclass
+class _Held:
+    """A slot whose batch was yielded and may still be referenced."""
+
+    worker: int
+    slot: int
+    batch: int  # its number among the batches these workers yielded
+
+
 class _Workers:
-    """The worker processes, their pipes and rings, and which slots are free."""
+    """The worker processes, their pipes and rings, and which slots are free.
+
+    A yielded batch's slot is held until nothing views it (:meth:`recycle`): the batch of the
+    caller's loop variable is still referenced when the next one is asked for, so a slot comes
+    back a batch later; one still referenced then is kept by the caller and the slot gets new
+    memory (``fresh``) instead of being written under the caller's tensors.
+    """
 
     def __init__(self, dataset: LMDBPatchDataset, count: int, batch_size: int, slots: int, context,
                  pinning: _Pinning, timeout: float) -> None:
@@ -240,21 +299,28 @@ class _Workers:
         self.conns: list = []
         self.rings: list[list[dict[str, Any]] | None] = [None] * count
         self.registered: list[int] = []  # addresses of page-locked rings
-        self.free: list[deque] = [deque((s, None) for s in range(slots)) for _ in range(count)]  # (slot, event)
+        self.layouts: list[tuple[tuple[_Entry, ...], int] | None] = [None] * count  # entries, slot bytes
+        self.idle: list[list[int]] = [[] for _ in range(count)]  # _uses of each slot with no batch out
+        # (slot, event, fresh): event, the last copy out of it; fresh, give it new memory first
+        self.free: list[deque] = [deque((s, None, False) for s in range(slots)) for _ in range(count)]
         self.pending: list[deque] = [deque() for _ in range(count)]  # (seq, slot) sent, not answered
-        self.held: tuple[int, int] | None = None  # (worker, slot) of the batch last yielded
+        self.held: list[_Held] = []  # yielded batches' slots, oldest first
+        self.kept = 0  # batches kept past the next one (their slots got new memory)
+        self.yielded = 0  # batches yielded, over every iteration
         self.closed = False
         parent = os.getpid()
         base_seed = int(torch.empty((), dtype=torch.int64).random_().item())  # as DataLoader: per start
         try:
-            for worker in range(count):
-                ours, theirs = context.Pipe(duplex=True)
-                proc = context.Process(target=_work, args=(theirs, dataset, batch_size, slots, parent,
-                                                           base_seed + worker), daemon=True, name="PatchLoader worker")
-                proc.start()
-                theirs.close()
-                self.procs.append(proc)
-                self.conns.append(ours)
+            with _ctrl_c_after():
+                for worker in range(count):
+                    ours, theirs = context.Pipe(duplex=True)
+                    proc = context.Process(target=_work, args=(theirs, dataset, batch_size, slots, parent,
+                                                               base_seed + worker), daemon=True,
+                                           name="PatchLoader worker")
+                    proc.start()
+                    theirs.close()
+                    self.procs.append(proc)
+                    self.conns.append(ours)
         except BaseException:
             self.close()
             raise
@@ -267,31 +333,51 @@ class _Workers:
         return bool(self.free[w])
 
     def submit(self, w: int, seq: int, indices: list[int]) -> None:
-        slot, event = self.free[w].popleft()
+        slot, event, fresh = self.free[w].popleft()
         if event is not None:
             event.synchronize()  # the last copy out of this slot has finished
         try:
-            self.conns[w].send((seq, slot, indices))
+            self.conns[w].send((seq, slot, indices, fresh))
         except (BrokenPipeError, ConnectionResetError):
             self._lost(w)
         self.pending[w].append((seq, slot))
 
-    def release_held(self) -> None:
-        """Give back the slot of the batch last yielded (once its copy to the GPU is done)."""
-        if self.held is not None and not self.closed:
-            w, slot = self.held
-            event = self.pinning.event() if self.registered and self.pinning.mode == "register" else None
-            self.free[w].append((slot, event))
-        self.held = None
+    def hold(self, w: int, slot: int) -> None:
+        """Slot ``slot`` of worker ``w`` holds the batch being yielded."""
+        self.held.append(_Held(w, slot, self.yielded))
+        self.yielded += 1
+
+    def release(self, held: _Held) -> None:
+        """Give back a slot whose batch nothing views (once its copy to the GPU is done)."""
+        event = self.pinning.event() if self.registered and self.pinning.mode == "register" else None
+        self.free[held.worker].append((held.slot, event, False))
+
+    def recycle(self) -> None:
+        """Give back the held slots that no tensor views any more; a slot whose batch is still
+        referenced though a later batch was yielded since gets new memory instead (the caller's
+        loop variable holds only the last one, also across iterations)."""
+        if self.closed:
+            self.held = []
+            return
+        still = []
+        for held in self.held:
+            if _uses(self.rings[held.worker][held.slot]) == self.idle[held.worker][held.slot]:
+                self.release(held)
+            elif held.batch < self.yielded - 1:
+                self.kept += 1
+                self.free[held.worker].append((held.slot, None, True))
+            else:
+                still.append(held)
+        self.held = still
 
     def settle(self) -> None:
-        """Give back the held slot, wait for every task still in flight (an abandoned iteration's)
+        """Give back the held slots, wait for every task still in flight (an abandoned iteration's)
         and free its slot; their errors no longer matter, a lost worker does."""
-        self.release_held()
+        self.recycle()
         for w in range(len(self.procs)):
             while self.pending[w]:
                 try:
-                    self.free[w].append((self.result(w, self.pending[w][0][0]), None))
+                    self.free[w].append((self.result(w, self.pending[w][0][0]), None, False))
                 except WorkerLostError:
                     raise
                 except Exception:  # noqa: BLE001  (a failed batch of an abandoned iteration)
@@ -312,6 +398,9 @@ class _Workers:
                 if message[0] == "ring":
                     self._map_ring(w, message[1], message[2])
                     continue
+                if message[0] == "slot":
+                    self._map_slot(w, message[1])
+                    continue
             except (EOFError, OSError):
                 self._lost(w)
             except BaseException:  # Ctrl-C in the middle of a message: the pipe is no longer in step
@@ -321,24 +410,38 @@ class _Workers:
             if message[1] != done_seq or done_seq != seq:
                 raise WorkerError(f"PatchLoader worker {w} answered task {message[1]}, expected {done_seq}")
             if message[0] == "error":
-                self.free[w].append((slot, None))
+                self.free[w].append((slot, None, False))
                 _, _, kind, text, where = message
                 raise _worker_exception(kind, f"PatchLoader worker {w} (pid {proc.pid}) failed reading {where}:\n"
                                               f"{text}")
             return slot
 
-    def _map_ring(self, w: int, entries: tuple[_Entry, ...], slot_bytes: int) -> None:
+    def _receive_map(self, w: int, size: int) -> mmap.mmap:
+        """The shared memory whose descriptor worker ``w`` sends next, mapped."""
         fd = recv_handle(self.conns[w])
         try:
-            buffer = mmap.mmap(fd, self.slots * slot_bytes)
+            buffer = mmap.mmap(fd, size)
         finally:
             os.close(fd)
         if hasattr(mmap, "MADV_DONTFORK"):
             buffer.madvise(mmap.MADV_DONTFORK)  # workers forked later (another loader's) do not map it
+        return buffer
+
+    def _map_ring(self, w: int, entries: tuple[_Entry, ...], slot_bytes: int) -> None:
+        buffer = self._receive_map(w, self.slots * slot_bytes)
         ptr = self.pinning.register(buffer, self.slots * slot_bytes)
         if ptr is not None:
             self.registered.append(ptr)
+        self.layouts[w] = (entries, slot_bytes)
         self.rings[w] = [_slot_views(buffer, entries, slot_bytes, s) for s in range(self.slots)]
+        self.idle[w] = [_uses(views) for views in self.rings[w]]
+
+    def _map_slot(self, w: int, slot: int) -> None:
+        """New memory for one slot (its old memory stays with the batch the caller kept); pageable
+        (page-locking each would cost more than the copy it saves)."""
+        entries, slot_bytes = self.layouts[w]
+        self.rings[w][slot] = _slot_views(self._receive_map(w, slot_bytes), entries, slot_bytes, 0)
+        self.idle[w][slot] = _uses(self.rings[w][slot])
 
     def _lost(self, w: int, how: str | None = None):
         proc = self.procs[w]
@@ -372,7 +475,7 @@ class _Workers:
             conn.close()
         for ptr in self.registered:
             _Pinning.unregister(ptr)
-        self.registered, self.held = [], None
+        self.registered, self.held = [], []
         # the maps themselves go when the last batch viewing them does (unmapping memory that a
         # tensor still views would crash); the kernel frees the memfds then
         self.rings = [None] * len(self.procs)
@@ -435,22 +538,25 @@ class PatchLoader:
         shuffle: a new order each epoch (see :class:`EpochSampler`); not with ``sampler``.
         sampler: the indices of an epoch, in order (e.g. ``DistributedSampler``); its
             ``set_epoch`` is called by :meth:`set_epoch`.
-        num_workers: worker processes; 0 reads in this process into one reused batch.
+        num_workers: worker processes; 0 reads in this process into two batches used in turn.
         drop_last: leave out a last, shorter batch.
         pin_memory: page-lock the slots for fast, asynchronous copies to a CUDA device (move batches
             with ``.to(device, non_blocking=True)``); with ``num_workers=0`` each batch is copied into
             pinned memory; a no-op, said once, without CUDA.
         seed: shuffling seed (reproducible epochs); ``None``: torch's default generator.
-        slots: batch slots per worker (2: one the main process holds, one being filled).
+        slots: batch slots per worker; ``None``: 2, or 3 with one worker. A slot comes back a batch
+            late (the caller's loop variable still holds the last batch when the next is asked
+            for), so one worker needs 3 to fill one batch while the caller's step runs on another.
         timeout: seconds to wait for one batch before raising (0: no limit; a dead worker is
             noticed at once either way).
         multiprocessing_context: how workers start: ``"fork"`` (default where available: no
             interpreter start, no re-import of ``__main__``), ``"spawn"`` or ``"forkserver"``.
 
     A batch is the dict ``read_batch`` returns (``image`` or ``native``, ``mask``, ``key``,
-    ``label``). Its tensors view a slot that is written again once the next batch is asked for:
-    a batch is valid until then (FFCV's contract). ``clone()`` what you keep longer. Lightning
-    asks for the next batch only after the step on this one, since the loader has a ``len()``.
+    ``label``). Its tensors view a slot, which is written again only once no tensor views it (its
+    storage's use count, checked when a batch is asked for). A batch still referenced a batch
+    later (``list(loader)``, ``torch.cat`` over batches, a row kept) keeps its memory, and its
+    slot gets new shared memory: every batch keeps its own pixels however long it is kept.
 
     Batches come in the sampler's order whatever the worker count (batch ``i`` is read by
     worker ``i % num_workers``). Workers start at the first iteration and stay until
@@ -472,7 +578,7 @@ class PatchLoader:
         drop_last: bool = False,
         pin_memory: bool = False,
         seed: int | None = None,
-        slots: int = 2,
+        slots: int | None = None,
         timeout: float = 0.0,
         multiprocessing_context: str | None = None,
     ) -> None:
@@ -482,6 +588,8 @@ class PatchLoader:
         if dataset.transforms is not None:
             raise ConfigError("PatchLoader does not apply per-sample transforms (dataset.transforms); transform "
                               "batches on the device, or use a torch DataLoader")
+        if slots is None:
+            slots = 3 if num_workers == 1 else 2
         for name, value, least in (("batch_size", batch_size, 1), ("num_workers", num_workers, 0),
                                    ("slots", slots, 1)):
             if not isinstance(value, int) or isinstance(value, bool) or value < least:
@@ -551,16 +659,22 @@ class PatchLoader:
         return self._read_in_workers(self._iteration)
 
     def _read_here(self, iteration: int) -> Iterator[dict[str, Any]]:
-        buffer: dict[str, Any] | None = None
+        # two full batches filled in turn (the caller's loop variable holds the last one), each
+        # again once nothing views it; while both are viewed (batches kept) a batch is read anew
+        buffers: list[tuple[dict[str, Any], int]] = []  # the outputs, their _uses with no batch out
         for indices in self._index_batches():
             if iteration != self._iteration:
                 raise RuntimeError("this PatchLoader iterator was replaced by a newer one (one at a time)")
-            into = None if buffer is None else _rows(buffer, len(indices))
-            tensors = self.dataset._read(indices, into=into, fields=False)
-            if buffer is None and len(indices) == self.batch_size:
-                buffer = dict(tensors)  # the outputs to fill again; the fields are made per batch
+            free = next((tensors for tensors, idle in buffers if _uses(tensors) == idle), None)
+            if free is None and len(buffers) < 2 and len(indices) == self.batch_size:
+                free = self.dataset._read(indices, fields=False)  # the fields are made per batch
+                buffers.append((free, _uses(free)))
+            elif free is not None:
+                self.dataset._read(indices, into=_rows(free, len(indices)), fields=False)
+            tensors = self.dataset._read(indices, fields=False) if free is None else _rows(free, len(indices))
             batch = self._finish(tensors, indices)
             yield _pinned_copy(batch) if self._pinning.mode else batch
+            del batch, tensors, free  # only the caller's references count
 
     def _start(self) -> _Workers:
         if self._workers is None or self._workers.closed:
@@ -583,7 +697,7 @@ class PatchLoader:
             while True:
                 if iteration != self._iteration:
                     raise RuntimeError("this PatchLoader iterator was replaced by a newer one (one at a time)")
-                workers.release_held()
+                workers.recycle()
                 while not exhausted and workers.has_free(sent % count):  # read ahead as far as slots allow
                     indices = next(batches, None)
                     if indices is None:
@@ -599,17 +713,16 @@ class PatchLoader:
                 indices = queue.popleft()
                 received += 1
                 batch = self._finish(_rows(workers.rings[w][slot], len(indices)), indices)
-                workers.held = (w, slot)
                 if self._pinning.mode == "copy":
                     batch = _pinned_copy(batch)
-                    workers.release_held()
+                    workers.free[w].append((slot, None, False))
+                else:
+                    workers.hold(w, slot)
                 yield batch
+                del batch  # only the caller's references count when the slot comes round again
         except KeyboardInterrupt:
             # Ctrl-C while this code ran (not while the caller's loop body did) may have cut a send
             # or a receive short: which tasks are in flight is no longer known, so stop the workers
             # (the next iteration starts new ones) rather than misread a late answer
             workers.close()
             raise
-        finally:
-            if iteration == self._iteration:
-                workers.release_held()

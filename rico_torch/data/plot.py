@@ -17,6 +17,17 @@ from ..errors import ConfigError
 
 MAX_ROWS = 8  # samples drawn from a batch
 UNLABELED = 255  # the ignore value of class-index masks (BigEarthNet's reference maps)
+#: RGB composites tried, in order, where none is named (a dataset's own, or the user's scenes)
+RGB_CANDIDATES = (("B04", "B03", "B02"), ("Red", "Green", "Blue"), ("B43", "B28", "B10"))
+
+
+def rgb_indices(bands: Sequence[str], rgb_bands: Sequence[str]) -> list[int]:
+    """The channels of an RGB composite: ``rgb_bands`` where all are selected, else the first of
+    :data:`RGB_CANDIDATES` that is; empty when none is (the first band is shown in grey)."""
+    for names in (tuple(rgb_bands), *RGB_CANDIDATES):
+        if names and all(b in bands for b in names):
+            return [list(bands).index(b) for b in names]
+    return []
 
 
 def stretch(rgb: np.ndarray, low: float = 2, high: float = 98) -> np.ndarray:
@@ -83,7 +94,7 @@ def plot_sample(sample: dict, bands: Sequence[str], rgb_bands: Sequence[str], cl
     from matplotlib.figure import Figure
 
     rows = _rows(with_image(sample, assembler))
-    picked = [bands.index(b) for b in rgb_bands if b in bands]
+    picked = rgb_indices(bands, rgb_bands)
     has_mask = "mask" in rows[0]
     columns = 2 if has_mask else 1
     fig = Figure(figsize=(4 * columns, 4.4 * len(rows)))

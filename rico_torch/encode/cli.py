@@ -337,12 +337,15 @@ def demo_fit_command(target: Path) -> str:
 def next_steps(target: Path, dataset_name: str) -> str:
     """The line after the summary: what to run next on the LMDB just written."""
     if dataset_name == "scenes":
-        fit = f"python -m rico_torch fit --config configs/scenes.yaml --data.init_args.lmdb_path {target}"
+        from ..data.store import Store
+        from ..scenes.chipper import fit_suggestion
+
+        fit = fit_suggestion(target, Store(target).manifest())
     elif dataset_name == "demo":
-        fit = demo_fit_command(target)
+        fit = f"`{demo_fit_command(target)}` trains on it"
     else:
-        fit = get_dataset(dataset_name).fit_command(target)
-    return f"next: `python -m rico_torch.encode info {target}` describes it; `{fit}` trains on it"
+        fit = f"`{get_dataset(dataset_name).fit_command(target)}` trains on it"
+    return f"next: `python -m rico_torch.encode info {target}` describes it; {fit}"
 
 
 def main(argv: list[str] | None = None, prog: str = "python -m rico_torch.encode") -> int:

@@ -226,8 +226,9 @@ def describe(path: Path, samples: int = SAMPLES) -> str:
     if found is not None and found.dataset.datamodule:
         lines.append(fit_line(path, found.dataset, manifest))
     elif found is None and scenes:
-        lines.append("fits: rico_torch.data.GeoPatchDataModule (configs/scenes.yaml); train: python -m rico_torch fit "
-                     f"--config configs/scenes.yaml --data.init_args.lmdb_path {path}")
+        from ..scenes.chipper import fit_suggestion
+
+        lines.append(f"fits: rico_torch.data.GeoPatchDataModule; {fit_suggestion(path, manifest)}")
     return "\n".join(lines)
 
 

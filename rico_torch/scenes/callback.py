@@ -7,7 +7,7 @@ from pathlib import Path
 from lightning.pytorch.callbacks import BasePredictionWriter
 
 from ..errors import ConfigError, UnknownKeyError
-from .stitcher import BLENDS, DEFAULT_MEMORY, Stitcher, _merged
+from .stitcher import BLENDS, DEFAULT_MEMORY, Stitcher, _merged, output_dtype
 
 
 class GeoTIFFPredictionWriter(BasePredictionWriter):
@@ -21,17 +21,24 @@ class GeoTIFFPredictionWriter(BasePredictionWriter):
     Args:
         output_dir: where the GeoTIFFs go.
         blend: ``cosine`` or ``mean`` (see :mod:`rico_torch.scenes.stitcher`).
-        dtype: the GeoTIFFs' dtype (float32: NaN where nothing was predicted).
+        dtype: the GeoTIFFs' dtype (default float32, NaN where nothing was predicted; a class map:
+            uint8, or uint16 beyond 255 classes); an integer dtype rounds and clips the scores.
+        nodata: the value where nothing was predicted (needed for integer scores; a class map's
+            default is its dtype's largest value).
+        argmax: write a class map (one band: the index of each pixel's highest blended score)
+            instead of the scores, band of rows by band of rows (memory stays bounded).
         lmdb_path: the chipped LMDB; default: the DataModule's ``lmdb_paths``.
         memory: bytes for one band of rows while writing.
     """
 
-    def __init__(self, output_dir: str = "predictions", blend: str = "cosine", dtype: str = "float32",
-                 lmdb_path: str | list[str] | None = None, memory: int = DEFAULT_MEMORY) -> None:
+    def __init__(self, output_dir: str = "predictions", blend: str = "cosine", dtype: str | None = None,
+                 nodata: float | None = None, argmax: bool = False, lmdb_path: str | list[str] | None = None,
+                 memory: int = DEFAULT_MEMORY) -> None:
         super().__init__(write_interval="batch")
         if blend not in BLENDS:
             raise ConfigError(f"blend={blend!r}: one of {', '.join(BLENDS)}")
-        self.output_dir, self.blend, self.dtype = Path(output_dir), blend, dtype
+        output_dtype(dtype, nodata, argmax)  # checked now, not at the first batch
+        self.output_dir, self.blend, self.dtype, self.nodata, self.argmax = Path(output_dir), blend, dtype, nodata, argmax
         self.lmdb_path, self.memory = lmdb_path, memory
         self.written: list[Path] = []
         self._stitchers: dict[str, Stitcher] = {}
@@ -51,6 +58,19 @@ class GeoTIFFPredictionWriter(BasePredictionWriter):
                               f"this run has {trainer.world_size} processes")
         self._stitchers, self.written = {}, []
         self._manifest = _merged(self._target(trainer))
+        self._check_size(getattr(trainer.datamodule, "output_size", None))
+
+    def _check_size(self, size) -> None:
+        """Say before the first batch (and the progress bar) when the DataModule's patches would not
+        cover the windows: each prediction must be the window's size in finest-grid pixels."""
+        if size is None or not self._manifest["windows"]:
+            return
+        _, _, h, w = next(iter(self._manifest["windows"].values()))["window"]
+        got = tuple(size) if isinstance(size, (tuple, list)) else (size, size)
+        if got != (h, w):
+            raise ConfigError(f"GeoTIFFPredictionWriter: the DataModule reads {got[0]} x {got[1]} px patches, the "
+                              f"windows are {h} x {w} finest-grid px; predict at the windows' size "
+                              f"(`--data.init_args.size {h}`, or leave size unset)")
 
     def write_on_batch_end(self, trainer, pl_module, prediction, batch_indices, batch, batch_idx,
                            dataloader_idx=0) -> None:
@@ -62,8 +82,8 @@ class GeoTIFFPredictionWriter(BasePredictionWriter):
             if scene not in self._stitchers:
                 self.output_dir.mkdir(parents=True, exist_ok=True)
                 self._stitchers[scene] = Stitcher(self._target(trainer), scene, self.output_dir / f"{scene}.tif",
-                                                  self.blend, dtype=self.dtype, memory=self.memory,
-                                                  manifest=self._manifest)
+                                                  self.blend, dtype=self.dtype, nodata=self.nodata,
+                                                  memory=self.memory, manifest=self._manifest, argmax=self.argmax)
             self._stitchers[scene].add(key, pred.float())
 
     def on_predict_end(self, trainer, pl_module) -> None:

@@ -33,6 +33,7 @@ from .discover import ALLOW_UNGEOREFERENCED, EDGES, Scene, SceneWindow, check_op
 from .statistics import Moments, merge, pool
 
 NAME = "scenes"
+EXAMPLE_CONFIG = "configs/scenes.yaml"
 EXAMPLE = "python -m rico_torch.encode scenes --dataset-dir scenes/ --target-dir encoded-scenes --patch-size 120"
 
 
@@ -66,7 +67,7 @@ def plan(scenes: Sequence[Scene], options: ChipOptions) -> tuple[Dataset, list[S
         sources.append(source)
         discovered.append(SourcePatches(source, Path(scene.path), patches))
     dataset = Dataset(NAME, "Scenes", tuple(sources), description="windows of GeoTIFF scenes", example=EXAMPLE,
-                      datamodule="rico_torch.data.GeoPatchDataModule", config="configs/scenes.yaml")
+                      datamodule="rico_torch.data.GeoPatchDataModule", config=EXAMPLE_CONFIG)
     return dataset, discovered
 
 
@@ -358,3 +359,19 @@ def run(args: argparse.Namespace) -> EncodeResult:
                 min_valid=args.min_valid, labels=args.labels, label_nodata=args.label_nodata,
                 allow_ungeoreferenced=args.allow_ungeoreferenced, num_workers=args.num_workers,
                 overwrite=args.overwrite, skip_invalid=args.skip_invalid, quiet=args.quiet, shard=args.shard)
+
+
+def unlabelled_scenes(manifest: dict) -> list[str]:
+    """The scenes of a chipped LMDB's manifest chipped without a label raster (no ``mask`` band)."""
+    return sorted(name for name, scene in manifest["scenes"].items() if not scene.get("labels"))
+
+
+def fit_suggestion(target, manifest: dict) -> str:
+    """What to train on a chipped LMDB with: the fit command where every scene has labels, else
+    why there is none (no target to train the segmentation config on)."""
+    unlabelled = unlabelled_scenes(manifest)
+    if not unlabelled:
+        return f"`python -m rico_torch fit --config {EXAMPLE_CONFIG} --data.init_args.lmdb_path {target}` trains on it"
+    which = "its scenes were" if len(unlabelled) == len(manifest["scenes"]) else \
+        f"{len(unlabelled)} of its {len(manifest['scenes'])} scenes were"
+    return f"{which} chipped without --labels: no target to train {EXAMPLE_CONFIG} on (chip with --labels to train)"

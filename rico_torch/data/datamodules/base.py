@@ -25,6 +25,8 @@ from ..store import Store, open_environment, read_manifest
 
 log = logging.getLogger(__name__)
 SPLITS = ("train", "val", "test")
+#: ``loader`` of every DataModule: rico_torch's PatchLoader or a torch DataLoader.
+LoaderKind = Literal["patch", "torch"]
 
 
 class LMDBDataModule(L.LightningDataModule):
@@ -38,12 +40,14 @@ class LMDBDataModule(L.LightningDataModule):
         lmdb_path: the encoded dataset (``python -m rico_torch.encode ...``), or the list of
             its shard directories.
         bands: band keys in the order wanted.
-        batch_size, num_workers, pin_memory: loader settings; workers stay for the whole fit.
+        batch_size, num_workers, pin_memory: loader settings; workers stay for the whole fit; a
+            worker that sends no batch within :attr:`loader_timeout` seconds raises.
         loader: ``patch``: :class:`~rico_torch.data.PatchLoader` (worker processes fill reused
-            shared-memory batches; a batch is valid until the next one is asked for; split by rank
-            here under DDP, as Lightning only does that for torch DataLoaders); ``torch``: a torch
-            ``DataLoader`` with persistent workers (Lightning adds its ``DistributedSampler``), also
-            used for datasets that wrap an LMDBPatchDataset (SSL4EO's season views).
+            shared-memory batches; split by rank here under DDP, as Lightning only does that for
+            torch DataLoaders); ``torch``: a torch ``DataLoader`` with persistent workers
+            (Lightning adds its ``DistributedSampler``), also used for datasets that wrap an
+            LMDBPatchDataset (SSL4EO's season views). Every DataModule takes it (Satlas: ``torch``
+            only).
         mean, std: per-band statistics; ``None``: computed from the train split (up to
             ``stats_samples`` patches) and cached beside the LMDB.
         flips: random horizontal/vertical flips of training batches.
@@ -68,6 +72,10 @@ class LMDBDataModule(L.LightningDataModule):
     rgb_bands: tuple[str, ...] = ()
     #: Whether labels are multi-hot (BCE) rather than one class index (cross-entropy).
     multilabel = False
+    #: Seconds a loader waits for one batch from its workers before raising (a hung worker: a
+    #: stalled network file system, a deadlock): far above a batch's usual milliseconds to
+    #: seconds, and above a first batch on cold storage. 0: wait for ever.
+    loader_timeout: float = 300.0
 
     def __init__(
         self,
@@ -87,7 +95,7 @@ class LMDBDataModule(L.LightningDataModule):
         stats_samples: int = 1000,
         seed: int = 0,
         crop_size: int | None = None,
-        loader: Literal["patch", "torch"] = "patch",
+        loader: LoaderKind = "patch",
     ) -> None:
         super().__init__()
         if loader not in ("patch", "torch"):
@@ -218,6 +226,11 @@ class LMDBDataModule(L.LightningDataModule):
     def num_classes(self) -> int:
         return len(self.classes)
 
+    def example_input(self, size: int = 8) -> torch.Tensor:
+        """A zero batch of one ``image`` as the model sees it (channels as loaded, ``size`` px): what a
+        model's lazy layers need to take their shapes before the summary and the optimiser."""
+        return torch.zeros(1, self.num_channels, size, size)
+
     def make_dataset(self, split: str) -> LMDBPatchDataset:
         items, labels = self.split_items(split)
         if len(items) == 0:
@@ -265,15 +278,18 @@ class LMDBDataModule(L.LightningDataModule):
 
     def _loader(self, split: str, shuffle: bool, hook: str) -> PatchLoader | DataLoader:
         dataset = self.datasets[split]
+        timeout = self.loader_timeout if self.num_workers > 0 else 0  # a DataLoader refuses one without workers
         if self.loader == "torch" or not isinstance(dataset, LMDBPatchDataset):  # e.g. SSL4EO's season views
             return DataLoader(dataset, batch_size=self.batch_size, shuffle=shuffle, num_workers=self.num_workers,
-                              pin_memory=self.pin_memory, persistent_workers=self.num_workers > 0, collate_fn=collate)
+                              pin_memory=self.pin_memory, persistent_workers=self.num_workers > 0, collate_fn=collate,
+                              timeout=timeout)
         old = self._patch_loaders.pop(hook, None)
         if old is not None:  # asked again (reload_dataloaders_every_n_epochs, a later trainer.validate)
             old.close()
         sampler = self._rank_sampler(dataset, shuffle, hook)
         loader = PatchLoader(dataset, batch_size=self.batch_size, shuffle=shuffle and sampler is None,
-                             sampler=sampler, num_workers=self.num_workers, pin_memory=self.pin_memory)
+                             sampler=sampler, num_workers=self.num_workers, pin_memory=self.pin_memory,
+                             timeout=timeout)
         self._patch_loaders[hook] = loader
         return loader
 

@@ -11,7 +11,7 @@ import numpy as np
 from ...catalog import bigearthnet
 from ...errors import ConfigError, DatasetNotFoundError
 from ..bigearthnet_index import clc_to_class_lut, load_bigearthnet_index
-from .base import LMDBDataModule
+from .base import LMDBDataModule, LoaderKind
 
 log = logging.getLogger(__name__)
 #: Our split names -> the metadata's.
@@ -85,10 +85,11 @@ class BigEarthNetDataModule(LMDBDataModule):
         readahead: bool = False,
         stats_samples: int = 1000,
         seed: int = 0,
+        loader: LoaderKind = "patch",
     ) -> None:
         super().__init__(lmdb_path, resolve_bands(bands), batch_size=batch_size, num_workers=num_workers,
                          pin_memory=pin_memory, mean=mean, std=std, flips=flips, native=native, size=size,
-                         interpolation=interpolation, align_corners=align_corners, readahead=readahead, stats_samples=stats_samples, seed=seed)
+                         interpolation=interpolation, align_corners=align_corners, readahead=readahead, stats_samples=stats_samples, seed=seed, loader=loader)
         self.metadata_dir = Path(metadata_dir)
         self.include_snow_cloud, self.class_order, self.mask = include_snow_cloud, class_order, mask
         self.uses_s1 = any(b in bigearthnet.S1.band_names for b in self.bands)

@@ -9,7 +9,7 @@ import numpy as np
 
 from ...catalog import hyspecnet
 from ...errors import ConfigError, DatasetNotFoundError, UnknownKeyError
-from .base import LMDBDataModule
+from .base import LMDBDataModule, LoaderKind
 
 
 class HySpecNetDataModule(LMDBDataModule):
@@ -46,10 +46,11 @@ class HySpecNetDataModule(LMDBDataModule):
         readahead: bool = False,
         stats_samples: int = 500,
         seed: int = 0,
+        loader: LoaderKind = "patch",
     ) -> None:
         super().__init__(lmdb_path, list(bands or hyspecnet.DEFAULT_BANDS), batch_size=batch_size,
                          num_workers=num_workers, pin_memory=pin_memory, mean=mean, std=std, flips=flips,
-                         native=native, readahead=readahead, stats_samples=stats_samples, seed=seed)
+                         native=native, readahead=readahead, stats_samples=stats_samples, seed=seed, loader=loader)
         if difficulty not in ("easy", "hard"):
             raise ConfigError(f"difficulty {difficulty!r} is not 'easy' or 'hard'")
         self.split_dir, self.difficulty = Path(split_dir), difficulty

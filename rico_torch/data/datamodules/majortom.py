@@ -9,7 +9,7 @@ from datetime import date
 from ...catalog import majortom
 from ...errors import ConfigError
 from ._modalities import modality_bands
-from .base import SPLITS, LMDBDataModule, group_split
+from .base import SPLITS, LMDBDataModule, LoaderKind, group_split
 
 log = logging.getLogger(__name__)
 MODALITIES = ("s1", "s2")
@@ -64,11 +64,12 @@ class MajorTOMDataModule(LMDBDataModule):
         readahead: bool = False,
         stats_samples: int = 200,
         seed: int = 0,
+        loader: LoaderKind = "patch",
     ) -> None:
         self.modalities, chosen = modality_bands(self.catalog, modalities, MODALITIES, ("s2", "s1"), bands)
         super().__init__(lmdb_path, chosen, batch_size=batch_size, num_workers=num_workers,
                          pin_memory=pin_memory, mean=mean, std=std, flips=flips, native=False, readahead=readahead,
-                         stats_samples=stats_samples, seed=seed, crop_size=crop_size)
+                         stats_samples=stats_samples, seed=seed, crop_size=crop_size, loader=loader)
         self.max_days, self.block_size, self.fractions = max_days, block_size, tuple(fractions)
         self._splits: dict[str, list] | None = None
 

@@ -7,7 +7,7 @@ from typing import Literal
 import numpy as np
 
 from ...catalog import hydro, spectralearth
-from .base import LMDBDataModule, group_split
+from .base import LMDBDataModule, LoaderKind, group_split
 
 
 class PretrainingDataModule(LMDBDataModule):
@@ -41,10 +41,11 @@ class PretrainingDataModule(LMDBDataModule):
         readahead: bool = False,
         stats_samples: int = 500,
         seed: int = 0,
+        loader: LoaderKind = "patch",
     ) -> None:
         super().__init__(lmdb_path, list(bands or self.default_bands), batch_size=batch_size, num_workers=num_workers,
                          pin_memory=pin_memory, mean=mean, std=std, flips=flips, native=native, readahead=readahead,
-                         stats_samples=stats_samples, seed=seed, crop_size=crop_size)
+                         stats_samples=stats_samples, seed=seed, crop_size=crop_size, loader=loader)
         self.fractions = tuple(fractions)
 
     def group_of(self, key: str) -> str:

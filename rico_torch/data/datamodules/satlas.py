@@ -17,7 +17,7 @@ from ...catalog import satlas
 from ...errors import ConfigError, DatasetNotFoundError, FormatError
 from ...format import parse_header, view
 from ..dataset import LMDBPatchDataset, SampleList, _empty, _unbatch
-from .base import SPLITS, LMDBDataModule
+from .base import SPLITS, LMDBDataModule, LoaderKind
 
 #: Zoom levels between a NAIP tile (zoom 17) and its label tile (zoom 13).
 NAIP_LEVELS = 4
@@ -160,6 +160,11 @@ class SatlasDataModule(LMDBDataModule):
             bands / 255, Sentinel-1 / 255, NAIP / 255, Landsat clip((v - 4000) / 16320, 0, 1)).
         native: load bands in their dtype and size and cast, upsample (nearest) and normalise
             them batched on the device; ``auto``: when the trainer runs on a CUDA GPU.
+        loader: ``torch`` only: an item is assembled per sample from several LMDB values (the
+            series' images, zero-padded in front, and one label tile per task, all 0 where
+            missing) by :class:`SatlasTiles`; PatchLoader's workers fill fixed batch slots with
+            :class:`LMDBPatchDataset`'s in-place reader, which reads one value (or one tuple of
+            values) per item into one image.
 
     Samples: ``image``, one target per task (segmentation int64 H x W, regression float32
     H x W; 0 = invalid; all 0 where the label file is missing) and ``key``.
@@ -188,7 +193,11 @@ class SatlasDataModule(LMDBDataModule):
         flips: bool = False,
         readahead: bool = False,
         seed: int = 0,
+        loader: LoaderKind = "torch",
     ) -> None:
+        if loader != "torch":
+            raise ConfigError(f"SatlasDataModule: loader={loader!r} cannot read SatlasPretrain's series and label "
+                              "tiles (assembled per sample); use loader: torch")
         if modality not in satlas.MODALITIES:
             raise ConfigError(f"modality {modality!r} is not one of {list(satlas.MODALITIES)}")
         bands = list(bands or satlas.DEFAULT_BANDS[modality])
@@ -198,7 +207,7 @@ class SatlasDataModule(LMDBDataModule):
             raise ConfigError(f"unknown SatlasPretrain {modality} band(s) {unknown}; valid: {list(valid)}")
         super().__init__(lmdb_path, bands, batch_size=batch_size, num_workers=num_workers, pin_memory=pin_memory,
                          mean=[0.0] * len(bands), std=[1.0] * len(bands), flips=flips, native=native,
-                         readahead=readahead, seed=seed)
+                         readahead=readahead, seed=seed, loader=loader)
         self.tasks = list(tasks if tasks is not None else ["land_cover"])
         bad = [t for t in self.tasks if t not in satlas.TASKS]
         if bad:
@@ -351,6 +360,11 @@ class SatlasDataModule(LMDBDataModule):
                 self.datasets[split] = self.make_dataset(split)
         if self.loads_native and self.assembler is None and self.datasets:
             self.assembler = next(iter(self.datasets.values())).images.native_assembler()
+
+    def example_input(self, size: int = 8) -> torch.Tensor:
+        """As the base's; a series (``num_images`` > 1) is 1 x T x C x H x W."""
+        image = super().example_input(size)
+        return image[:, None].expand(1, self.num_images, *image.shape[1:]) if self.num_images > 1 else image
 
     def val_dataloader(self):
         """No validation with ``val_fraction=0``."""

@@ -10,9 +10,10 @@ import torch
 
 from ...errors import ConfigError, DatasetNotFoundError
 from ...scenes.statistics import merge_entries, pool
+from ...scenes.chipper import unlabelled_scenes
 from ..dataset import LMDBPatchDataset
 from ..store import Store
-from .base import SPLITS, LMDBDataModule
+from .base import SPLITS, LMDBDataModule, LoaderKind
 
 CHIP_HINT = "`python -m rico_torch.encode scenes --dataset-dir <scenes> --target-dir {path} --patch-size 256`"
 
@@ -55,22 +56,27 @@ class GeoPatchDataModule(LMDBDataModule):
     * ``scene``: whole scenes (``val_scenes``/``test_scenes``, or dealt at random);
     * ``random``: windows dealt at random, only when asked (overlapping windows leak pixels).
 
-    ``predict`` reads every window of ``predict_scenes`` (default: all), for
+    ``predict`` reads every window of ``predict_scenes`` (default: ``scenes``), for
     :class:`rico_torch.scenes.callback.GeoTIFFPredictionWriter` to stitch into GeoTIFFs.
 
     Args:
         lmdb_path: the chipped LMDB (or its shard directories).
-        bands: bands in this order; ``None``: those every scene has, in the first scene's order.
+        scenes: the scenes to train, validate and test on; ``None``: all. Only the scenes in
+            use (these and ``predict_scenes``) must have the bands, so one LMDB may hold scenes
+            with different bands.
+        bands: bands in this order; ``None``: those every scene in use has, in the first one's order.
         split, val_fraction, test_fraction, val_scenes, test_scenes, block_size: see above;
             ``block_size`` counts finest-grid pixels (default: 4 patch sizes).
-        predict_scenes: scenes to predict; ``None``: all.
+        predict_scenes: scenes to predict; ``None``: ``scenes``.
         mask: use band ``mask`` as the target (when the scenes were chipped with ``--labels``).
         ignore_index: what label pixels equal to the chipper's label nodata (``--label-nodata``,
             or the label rasters' own nodata; pixels ``--edge pad`` added) become in the batch's
             ``mask``: the models' ``ignore_index`` (torch's default -100), so loss and metrics
             leave them out.
-        batch_size, num_workers, pin_memory, mean, std, flips, native, size, interpolation,
-            readahead, seed: as :class:`~rico_torch.data.LMDBDataModule`.
+        size: output size; ``None``: the chip's patch size (its finest grid), so that a window's
+            prediction covers the window whatever bands are selected (coarse bands are upsampled).
+        batch_size, num_workers, pin_memory, mean, std, flips, native, interpolation,
+            readahead, seed, loader: as :class:`~rico_torch.data.LMDBDataModule`.
     """
 
     name = "scenes"
@@ -79,6 +85,7 @@ class GeoPatchDataModule(LMDBDataModule):
         self,
         lmdb_path: str | list[str],
         bands: list[str] | None = None,
+        scenes: list[str] | None = None,
         split: Literal["block", "scene", "random"] = "block",
         val_fraction: float = 0.1,
         test_fraction: float = 0.1,
@@ -99,40 +106,63 @@ class GeoPatchDataModule(LMDBDataModule):
         readahead: bool = False,
         seed: int = 0,
         ignore_index: int = -100,
+        loader: LoaderKind = "patch",
     ) -> None:
         paths = [Path(p) for p in (lmdb_path if isinstance(lmdb_path, (list, tuple)) else [lmdb_path])]
         manifest = self._scene_manifest(paths)
-        scenes = manifest["scenes"]
+        stored = manifest["scenes"]
+        for name in (scenes or []) + (val_scenes or []) + (test_scenes or []) + (predict_scenes or []):
+            if name not in stored:
+                raise ConfigError(f"scene {name!r} is not in {paths[0]}; its scenes: {', '.join(stored)}")
+        used = list(scenes or stored)
+        for name in (val_scenes or []) + (test_scenes or []):
+            if name not in used:
+                raise ConfigError(f"scene {name!r} of val_scenes/test_scenes is not one of scenes: {', '.join(used)}")
+        in_use = {n: stored[n] for n in dict.fromkeys(used + list(predict_scenes or []))}  # the bands must be here
         if bands is None:
-            first = list(next(iter(scenes.values()))["bands"])
-            bands = [b for b in first if all(b in s["bands"] for s in scenes.values())]
+            first = list(next(iter(in_use.values()))["bands"])
+            bands = [b for b in first if all(b in s["bands"] for s in in_use.values())]
             if not bands:
-                raise ConfigError(f"{paths[0]}: its scenes ({', '.join(scenes)}) share no band; name the bands "
-                                  "(data.init_args.bands)")
+                raise ConfigError(f"{paths[0]}: its scenes ({', '.join(in_use)}) share no band; name the bands "
+                                  "(data.init_args.bands), or pick scenes (data.init_args.scenes)")
         super().__init__(lmdb_path, list(bands), batch_size=batch_size, num_workers=num_workers,
                          pin_memory=pin_memory, mean=mean, std=std, flips=flips, native=native, size=size,
-                         interpolation=interpolation, readahead=readahead, seed=seed)
+                         interpolation=interpolation, readahead=readahead, seed=seed, loader=loader)
         self._manifest = manifest
         for band in self.bands:
-            lacking = [n for n, s in scenes.items() if band not in s["bands"]]
+            lacking = [n for n, s in in_use.items() if band not in s["bands"]]
             if lacking:
                 raise ConfigError(f"band {band!r} is not in scene {lacking[0]!r} of {self.lmdb_path}; its bands: "
-                                  f"{', '.join(scenes[lacking[0]]['bands'])}")
+                                  f"{', '.join(stored[lacking[0]]['bands'])}; pick the scenes that have it "
+                                  "(data.init_args.scenes)")
         if split not in ("block", "scene", "random"):
             raise ConfigError(f"split={split!r}: one of block, scene, random")
         for fraction in (val_fraction, test_fraction):
             if not 0 <= fraction < 1 or val_fraction + test_fraction >= 1:
                 raise ConfigError(f"val_fraction {val_fraction} and test_fraction {test_fraction} must leave "
                                   "some windows for training")
-        for name in (val_scenes or []) + (test_scenes or []) + (predict_scenes or []):
-            if name not in scenes:
-                raise ConfigError(f"scene {name!r} is not in {self.lmdb_path}; its scenes: {', '.join(scenes)}")
+        self.scenes = used
         self.split, self.val_fraction, self.test_fraction = split, val_fraction, test_fraction
         self.val_scenes, self.test_scenes, self.predict_scenes = val_scenes, test_scenes, predict_scenes
-        self.block_size = block_size or 4 * manifest["chip"]["patch_size"]
-        self.use_mask = mask and all(s.get("labels") for s in scenes.values())
+        self.block_size = block_size or 4 * self.patch_size
+        self.mask = mask
+        self.use_mask = mask and not self.unlabelled()
         self.ignore_index = ignore_index
         self._splits: dict[str, np.ndarray] | None = None
+
+    @property
+    def patch_size(self) -> int:
+        """The chip's window size in finest-grid pixels (the manifest's)."""
+        return self.manifest()["chip"]["patch_size"]
+
+    @property
+    def output_size(self) -> int:
+        """``size``, else the chip's finest grid: a window's prediction covers the window."""
+        return self.size if self.size is not None else self.patch_size
+
+    def unlabelled(self) -> list[str]:
+        """The scenes in use (train/val/test) chipped without labels."""
+        return [n for n in unlabelled_scenes(self.manifest()) if n in self.scenes]
 
     @staticmethod
     def _scene_manifest(paths: list[Path]) -> dict:
@@ -161,10 +191,11 @@ class GeoPatchDataModule(LMDBDataModule):
 
     # --- splits -------------------------------------------------------------------------
 
-    def _keys(self) -> list[str]:
-        """Every stored window, scene by scene, row by row."""
-        windows = self._manifest["windows"]
-        return sorted(windows, key=lambda k: (windows[k]["scene"], windows[k]["window"][:2]))
+    def _keys(self, scenes: list[str] | None = None) -> list[str]:
+        """Every stored window of ``scenes`` (default: those in use), scene by scene, row by row."""
+        windows, used = self._manifest["windows"], set(scenes or self.scenes)
+        return sorted((k for k in windows if windows[k]["scene"] in used),
+                      key=lambda k: (windows[k]["scene"], windows[k]["window"][:2]))
 
     def _deal(self, items: list, rng: np.random.Generator) -> dict:
         """item -> split, at random with the configured fractions."""
@@ -188,7 +219,7 @@ class GeoPatchDataModule(LMDBDataModule):
             for key in keys:
                 parts[split_of[key]].append(key)
         elif self.split == "scene":
-            names = sorted(self._manifest["scenes"])
+            names = sorted(self.scenes)
             if self.val_scenes is not None or self.test_scenes is not None:
                 split_of = {n: "val" if n in (self.val_scenes or []) else "test" if n in (self.test_scenes or [])
                             else "train" for n in names}
@@ -216,9 +247,7 @@ class GeoPatchDataModule(LMDBDataModule):
                 (row + h - 1, col + w - 1)]
 
     def predict_keys(self) -> np.ndarray:
-        windows = self._manifest["windows"]
-        wanted = set(self.predict_scenes or self._manifest["scenes"])
-        return np.array([k for k in self._keys() if windows[k]["scene"] in wanted], dtype=np.bytes_)
+        return np.array(self._keys(self.predict_scenes), dtype=np.bytes_)
 
     def split_items(self, split: str):
         keys = self.predict_keys() if split == "predict" else self.splits()[split]
@@ -277,6 +306,7 @@ class GeoPatchDataModule(LMDBDataModule):
 
     def setup(self, stage: str | None = None) -> None:
         if stage != "predict":
+            self._check_targets()
             return super().setup(stage)
         if "predict" not in self.datasets:
             self.check_lmdb()
@@ -285,6 +315,16 @@ class GeoPatchDataModule(LMDBDataModule):
             self.assembler = self.datasets["predict"].native_assembler()
         if self.mean is None:
             self.mean, self.std = self.statistics()
+
+    def _check_targets(self) -> None:
+        """Training and testing need the ``mask`` target on every window: say so up front rather
+        than fail in the model's first step."""
+        unlabelled = self.unlabelled()
+        if self.mask and unlabelled:
+            some = f"scene {unlabelled[0]!r}" if len(unlabelled) == 1 else f"{len(unlabelled)} scenes ({', '.join(unlabelled[:3])}{', ...' * (len(unlabelled) > 3)})"
+            raise ConfigError(f"{self.lmdb_path}: {some} chipped without --labels: no mask to train or test on; "
+                              "chip with `--labels <label rasters>`, or set data.init_args.mask false for a model "
+                              "that needs no target")
 
     def predict_dataloader(self):
         return self._loader("predict", shuffle=False, hook="predict")

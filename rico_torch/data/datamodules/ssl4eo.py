@@ -14,7 +14,7 @@ from ...catalog import ssl4eo
 from ...errors import ConfigError
 from ..dataset import LMDBPatchDataset, SampleList, _unbatch
 from ._modalities import modality_bands
-from .base import LMDBDataModule, group_split
+from .base import LMDBDataModule, LoaderKind, group_split
 
 log = logging.getLogger(__name__)
 MODALITIES = ("s1", "s2_l1c", "s2_l2a")
@@ -96,6 +96,7 @@ class SSL4EODataModule(LMDBDataModule):
         readahead: bool = False,
         stats_samples: int = 500,
         seed: int = 0,
+        loader: LoaderKind = "patch",
     ) -> None:
         order = ("s2_l1c", "s2_l2a", "s1")
         self.modalities, chosen = modality_bands(self.catalog, modalities, MODALITIES, order, bands)
@@ -105,7 +106,7 @@ class SSL4EODataModule(LMDBDataModule):
             raise ConfigError(f"views={views}: a location has {ssl4eo.SEASONS} seasons; give 1 to {ssl4eo.SEASONS}")
         super().__init__(lmdb_path, chosen, batch_size=batch_size, num_workers=num_workers,
                          pin_memory=pin_memory, mean=mean, std=std, flips=flips, native=False, readahead=readahead,
-                         stats_samples=stats_samples, seed=seed, crop_size=crop_size)
+                         stats_samples=stats_samples, seed=seed, crop_size=crop_size, loader=loader)
         order = [m for m in order if m in self.modalities]
         self.order, self.views, self.fractions = order, views, tuple(fractions)
         self._locations: dict[str, list[tuple[str, ...]]] | None = None
