@@ -278,7 +278,7 @@ class GeoPatchDataModule(LMDBDataModule):
             ConfigError: a band whose scenes are unrelated (``B1`` of an RGB image and of a
                 hillshade), which one mean and std cannot describe; give ``mean`` and ``std``.
         """
-        scenes = self._manifest["scenes"]
+        scenes = {n: self._manifest["scenes"][n] for n in self.scenes}  # those trained on, not every stored one
         if not all("statistics" in s for s in scenes.values()):  # chipped before per-scene statistics
             stats = self._manifest.get("statistics", {})
         else:
