@@ -24,6 +24,7 @@ from rico_torch.encode.cli import main
 from rico_torch.encode.verify import verify
 from rico_torch.errors import ConfigError, InputError, UnknownKeyError
 from rico_torch.format import load_value
+from rico_torch.manifest import read as read_manifest
 from rico_torch.scenes import chip, stitch
 from rico_torch.synthetic._geotiff import write_geotiff
 from rico_torch.synthetic.scenes import make_s2_scene, make_scenes
@@ -46,7 +47,7 @@ def chipped(scene_files, tmp_path_factory):
 
 
 def manifest_of(target: Path) -> dict:
-    return json.loads((target / "manifest.json").read_text())
+    return read_manifest(target)
 
 
 def band_paths(scene_files) -> dict[str, dict[str, tuple[Path, int]]]:
@@ -63,7 +64,7 @@ def test_every_patch_equals_rasterio_window_reads(chipped, scene_files):
     assert shapes["B02"] == [120, 120] and shapes["B05"] == [60, 60] and shapes["B01"] == [20, 20]
     files = band_paths(scene_files)
     for key, value in values.items():
-        entry = manifest["windows"][key.decode()]
+        entry = manifest.windows[key.decode()]
         scene, (row, col, h, w) = entry["scene"], entry["window"]
         assert key.decode() == f"{scene}_{row}_{col}"
         bands = load_value(value)
@@ -155,7 +156,7 @@ def test_min_valid_skips_and_counts_nodata_windows(mosaic_dir, tmp_path):
     result = chip(mosaic_dir, tmp_path / "t", 60, 60, min_valid=0.9, edge="drop")
     manifest = manifest_of(tmp_path / "t")
     # 5x6 windows of 60 px; the 20 px nodata border leaves those off the border fully valid
-    assert set(manifest["keys"]["mosaic"]) == {f"mosaic_{r}_{c}" for r in (60, 120, 180)
+    assert set(manifest.keys_by_source()["mosaic"]) == {f"mosaic_{r}_{c}" for r in (60, 120, 180)
                                                for c in (60, 120, 180, 240, 300)}
     assert manifest["skipped_nodata"] == 15 and len(result.skipped) == 15
     assert "fewer than --min-valid 3240" in result.skipped[0]["reason"]
@@ -176,8 +177,8 @@ def test_stitching_own_values_gives_the_scene_back(scene_files, tmp_path, blend)
     predictions = list(own_values(target, "mosaic", ["B1", "B2", "B3", "B4"]))[::-1]  # any order
     out = stitch(target, "mosaic", predictions, tmp_path / "mosaic.tif", blend=blend, memory=1)  # 256-row bands
     covered = np.zeros((300, 400), bool)
-    for key in manifest["keys"]["mosaic"]:
-        row, col, h, w = manifest["windows"][key]["window"]
+    for key in manifest.keys_by_source()["mosaic"]:
+        row, col, h, w = manifest.windows[key]["window"]
         covered[row : row + h, col : col + w] = True
     assert covered.any() and not covered.all()
     with rasterio.open(scene_files.mosaic) as src, rasterio.open(out) as got:

@@ -12,7 +12,6 @@ by a dataset created after the swap.
 
 from __future__ import annotations
 
-import json
 import os
 import zlib
 from dataclasses import dataclass
@@ -21,6 +20,8 @@ from pathlib import Path
 import lmdb
 
 from ..catalog import encode_command
+from ..manifest import Manifest, entry_shapes, merge  # noqa: F401  (entry_shapes: re-exported)
+from ..manifest import read as read_any
 from ..errors import ConfigError, DatasetNotFoundError, FormatError, IncompleteDatasetError, StaleDatasetError
 
 Identity = tuple[int, int]  # (st_dev, st_ino) of data.mdb
@@ -52,8 +53,9 @@ def _require_lmdb(path: Path) -> None:
         )
 
 
-def read_manifest(path: str | Path) -> dict | None:
-    """The encoder's ``manifest.json`` beside ``data.mdb``; None for an LMDB without one (rico-hdl).
+def read_manifest(path: str | Path) -> Manifest | None:
+    """The encoder's manifest beside ``data.mdb`` (:func:`rico_torch.manifest.read`); None for an
+    LMDB without one (rico-hdl).
 
     Raises:
         DatasetNotFoundError: ``path`` holds no LMDB (a mistyped path).
@@ -61,21 +63,7 @@ def read_manifest(path: str | Path) -> dict | None:
     """
     path = Path(path)
     _require_lmdb(path)
-    file = path / "manifest.json"
-    try:
-        text = file.read_text()
-    except FileNotFoundError:
-        return None
-    except (OSError, UnicodeDecodeError) as e:
-        raise FormatError(f"{file}: unreadable manifest ({e})") from None
-    try:
-        manifest = json.loads(text)
-    except ValueError as e:
-        raise FormatError(f"{file}: corrupt manifest, not valid JSON ({e}); re-encode with --overwrite, "
-                          "or delete manifest.json to read the LMDB without it") from None
-    if not isinstance(manifest, dict):
-        raise FormatError(f"{file}: corrupt manifest (a JSON {type(manifest).__name__}, not an object)")
-    return manifest
+    return read_any(path)
 
 
 def check_complete(path: Path, manifest: dict | None) -> None:
@@ -228,31 +216,13 @@ class Store:
     def __str__(self) -> str:
         return str(self.paths[0]) if len(self.paths) == 1 else f"{len(self.paths)} shards ({self.paths[0]}, ...)"
 
-    def manifest(self) -> dict | None:
-        """The manifests, merged over shards: keys, labels and bands (None if any path lacks one,
-        e.g. rico-hdl output).
-
-        Read on demand and not kept: with every key listed it can take tens of MB, which the
-        store (carried into every DataLoader worker) must not hold.
-        """
+    def manifest(self) -> Manifest | None:
+        """The manifests, merged over shards (:func:`rico_torch.manifest.merge`; None if any path
+        lacks one, e.g. rico-hdl output). Per-key facts stay in the mapped sidecars."""
         manifests, self._read_manifests = self._read_manifests, None
         if manifests is None:
             manifests = [read_manifest(p) for p in self.paths]
-        if any(m is None for m in manifests):
-            return None
-        if len(manifests) == 1:
-            return manifests[0]
-        merged: dict = {"classes": manifests[0].get("classes", []), "keys": {}, "labels": {}, "bands": {},
-                        "complete": all(m.get("complete") is not False for m in manifests)}
-        for m in manifests:
-            for source, keys in m.get("keys", {}).items():
-                merged["keys"].setdefault(source, []).extend(keys)
-            merged["labels"].update(m.get("labels", {}))
-            for source, table in m.get("bands", {}).items():
-                into = merged["bands"].setdefault(source, {})
-                for band, entry in table.items():
-                    into[band] = _merge_band(into[band], entry) if band in into else entry
-        return merged
+        return merge(manifests)
 
     def environments(self) -> list[lmdb.Environment]:
         """This process's handles (looked up once per process, not per read)."""
@@ -281,23 +251,6 @@ class Store:
 
     def reader(self) -> "_Reader":
         return _Reader(self)
-
-
-def entry_shapes(entry: dict) -> dict[str, int]:
-    """A manifest band entry's shapes as ``"HxW"`` -> count (count 1 where one shape is recorded)."""
-    if entry.get("shape"):
-        return {"x".join(map(str, entry["shape"])): 1}
-    return dict(entry.get("shapes", {}))
-
-
-def _merge_band(a: dict, b: dict) -> dict:
-    """One band's manifest entry over two shards: shapes that differ are kept, with their counts."""
-    if a.get("shape") and a.get("shape") == b.get("shape"):
-        return a
-    shapes = entry_shapes(a)
-    for shape, n in entry_shapes(b).items():
-        shapes[shape] = shapes.get(shape, 0) + n
-    return {"dtype": a.get("dtype"), "shape": None, "shapes": shapes}
 
 
 class _Reader:

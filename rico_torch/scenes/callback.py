@@ -54,7 +54,7 @@ class GeoTIFFPredictionWriter(BasePredictionWriter):
 
     def write_on_batch_end(self, trainer, pl_module, prediction, batch_indices, batch, batch_idx,
                            dataloader_idx=0) -> None:
-        windows = self._manifest["windows"]
+        windows = self._manifest.windows
         for key, pred in zip(batch["key"], prediction):
             if key not in windows:
                 raise UnknownKeyError(f"prediction for key {key!r}: not a window of {self._target(trainer)}")

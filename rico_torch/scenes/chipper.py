@@ -5,8 +5,8 @@ each window is a :class:`~rico_torch.encode.discover.Patch` whose reader is a
 :class:`~rico_torch.scenes.discover.SceneWindow`. So the writer's guarantees hold unchanged:
 deterministic ``data.mdb`` across worker counts, resume after a kill, ``--shard``,
 ``--skip-invalid``, ``verify``. :class:`SceneManifest` adds the scenes' georeference, each
-key's window and transform, and per-band statistics over valid pixels, gathered from the
-values as they are written.
+key's window (offsets in ``keys.index``; its transform is derived from the scene's), and
+per-band statistics over valid pixels, gathered from the values as they are written.
 """
 
 from __future__ import annotations
@@ -23,10 +23,10 @@ import numpy as np
 
 from ..catalog import Band, Dataset, Source
 from ..encode.discover import Patch, SourcePatches, select_shard
+from ..encode.options import parse_shard
 from ..encode.writer import EncodeResult, encode_dataset
 from ..format import load_value
-from .discover import EDGES, Scene, SceneWindow, check_options, check_sizes, close_rasters, find_scenes, \
-    window_transform, windows
+from .discover import EDGES, Scene, SceneWindow, check_options, check_sizes, close_rasters, find_scenes, windows
 
 NAME = "scenes"
 EXAMPLE = "python -m rico_torch.encode scenes --dataset-dir scenes/ --target-dir encoded-scenes --patch-size 120"
@@ -95,7 +95,7 @@ class _Moments:
 
 
 class SceneManifest:
-    """The writer :class:`~rico_torch.encode.writer.Extension` of a chip run."""
+    """The :class:`~rico_torch.manifest.Extension` of a chip run."""
 
     def __init__(self, scenes: Sequence[Scene], discovered: list[SourcePatches], options: ChipOptions) -> None:
         self.scenes = {s.name: s for s in scenes}
@@ -120,22 +120,22 @@ class SceneManifest:
                 valid = array[array != np.array(fill).astype(array.dtype)]
             self.moments.setdefault(band, _Moments()).add(valid)
 
-    def manifest(self, written: set[str]) -> dict:
+    def manifest(self, written: np.ndarray) -> dict:
         size = self.options.patch_size
-        keys = {}
-        for key, (scene, row, col) in self.windows.items():
-            if key in written:
-                keys[key] = {"scene": scene, "window": [row, col, size, size],
-                             "transform": window_transform(self.scenes[scene], row, col)}
         return {
             "chip": {"patch_size": size, "stride": self.options.stride, "edge": self.options.edge,
                      "min_valid": self.options.min_valid,
                      "bands": list(self.options.bands) if self.options.bands else None},
             "scenes": {name: scene.info() for name, scene in self.scenes.items()},
-            "windows": keys,
             "statistics": {band: m.summary() for band, m in sorted(self.moments.items())},
-            "skipped_nodata": sum(1 for k, (s, _, _) in self.windows.items() if k not in written),
+            "skipped_nodata": len(self.windows) - len(written),
         }
+
+    def columns(self, written: np.ndarray) -> dict[str, np.ndarray]:
+        """Each written window's offsets in its scene (the row's source); its transform is derived
+        from the scene's (:func:`rico_torch.manifest.window_transform`)."""
+        where = [self.windows[k] for k in written.astype(str).tolist()]
+        return {"row": np.array([w[1] for w in where], "<i4"), "col": np.array([w[2] for w in where], "<i4")}
 
 
 def chip(
@@ -217,15 +217,13 @@ def verify_scenes(target_dir: str | Path, dataset_dir: str | Path | None = None,
 
 def add_parser(sub, common) -> None:
     """The ``scenes`` subcommand; ``common`` adds the options every subcommand shares."""
-    from ..encode.cli import _shard
-
     p = sub.add_parser(
         NAME,
         help="chip GeoTIFF/COG/JP2 scenes into patches that keep their georeference",
         description="Chip scenes (raster files, or folders of one single-band raster per band at resolutions "
         "that are integer multiples of the finest) into windows of --patch-size finest-grid pixels; every band "
         "is stored at its own resolution, values as rasterio's windowed read. manifest.json records each "
-        "scene's CRS and transform, each key's window and transform, and per-band statistics.",
+        "scene's CRS and transform and per-band statistics; keys.index each key's window.",
         epilog=f"example:\n  {EXAMPLE} --stride 60 --labels labels/",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
@@ -243,7 +241,7 @@ def add_parser(sub, common) -> None:
                    help="label raster on the finest grid (a file, or a folder of <scene name>.tif), stored as 'mask'")
     common(p)
     p.add_argument("--overwrite", action="store_true", help="replace an LMDB already in the target")
-    p.add_argument("--shard", type=_shard, metavar="I/N", help="write only shard I of N (crc32(key) %% N == I)")
+    p.add_argument("--shard", type=parse_shard, metavar="I/N", help="write only shard I of N (crc32(key) %% N == I)")
     p.add_argument("--skip-invalid", action="store_true",
                    help="skip windows that cannot be read (listed in the manifest) instead of stopping")
     p.set_defaults(dataset=NAME)

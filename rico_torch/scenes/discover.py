@@ -339,12 +339,6 @@ def windows(scene: Scene, patch: int, stride: int, edge: str) -> list[tuple[int,
     return [(r, c) for r in offsets(scene.height, patch, stride, edge) for c in offsets(scene.width, patch, stride, edge)]
 
 
-def window_transform(scene: Scene, row: int, col: int) -> list[float]:
-    """The window's own affine coefficients: ``rasterio.windows.transform`` of it."""
-    a, b, c, d, e, f = scene.transform
-    return [a, b, c + a * col + b * row, d, e, f + d * col + e * row]
-
-
 # --- reading one window ---------------------------------------------------------------------
 
 

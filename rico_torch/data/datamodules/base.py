@@ -21,6 +21,7 @@ from ...errors import ConfigError, DatasetNotFoundError
 from ...format import parse_header
 from ..dataset import LMDBPatchDataset, NativeAssembler, collate
 from ..loader import PatchLoader
+from ...manifest import Manifest
 from ..store import Store, open_environment, read_manifest
 
 log = logging.getLogger(__name__)
@@ -113,7 +114,7 @@ class LMDBDataModule(L.LightningDataModule):
         self.std = None if std is None else torch.tensor(std, dtype=torch.float32)
         self.datasets: dict[str, LMDBPatchDataset] = {}
         self.assembler: NativeAssembler | None = None
-        self._stored: set[bytes] | None = None
+        self._stored: np.ndarray | None = None
 
     # --- checks with messages that say what to change --------------------------------------
 
@@ -153,31 +154,45 @@ class LMDBDataModule(L.LightningDataModule):
 
     # --- what subclasses provide --------------------------------------------------------
 
-    def manifest(self) -> dict | None:
-        """The encoder's manifest (merged over shards), or None for rico-hdl output."""
+    def manifest(self) -> Manifest | None:
+        """The encoder's manifest (merged over shards; read once, its per-key facts mapped), or None
+        for rico-hdl output."""
         if not hasattr(self, "_manifest"):
             self._manifest = Store(self.lmdb_paths).manifest()
         return self._manifest
 
-    def stored_keys(self) -> set[bytes]:
-        """Every key in the LMDB(s): the manifest's, else one pass over the keys (values unread)."""
-        if self._stored is None:  # a set: np.isin on 1M bytes keys takes seconds, this a fraction
+    def stored_keys(self) -> np.ndarray:
+        """Every key in the LMDB(s), sorted (an ``S`` array): the manifest's, else one pass over the
+        keys (values unread)."""
+        if self._stored is None:
             manifest = self.manifest()
-            if manifest and manifest.get("keys"):
-                keys = [k for source_keys in manifest["keys"].values() for k in source_keys]
+            if manifest and manifest.has_keys:
+                self._stored = np.sort(manifest.keys())
             else:
                 with Store(self.lmdb_paths, self.readahead).reader() as reader:
                     keys = reader.keys()
-            self._stored = {k.encode() for k in keys}
+                self._stored = np.sort(np.array([k.encode() for k in keys], dtype=np.bytes_))
         return self._stored
+
+    def has_keys(self, keys: np.ndarray) -> np.ndarray:
+        """Which of ``keys`` (an ``S`` array) the LMDB(s) hold, vectorised (a binary search per key)."""
+        keys = np.asarray(keys, dtype=np.bytes_)
+        manifest = self.manifest()
+        if manifest and manifest.has_keys:
+            return manifest.contains(keys)
+        stored = self.stored_keys()
+        if len(stored) == 0:
+            return np.zeros(len(keys), dtype=bool)
+        at = np.minimum(np.searchsorted(stored, keys), len(stored) - 1)
+        return stored[at] == keys
 
     def keys_by_source(self) -> dict[str, list[str]]:
         """The stored keys of each of the catalog's sources, sorted: the manifest's, else by the
         sources' key forms (keys of several sources' form, e.g. SSL4EO's L1C and L2A: by the band
         keys of one value per root folder named in them)."""
         manifest = self.manifest()
-        if manifest and manifest.get("keys"):
-            return {name: sorted(keys) for name, keys in manifest["keys"].items()}
+        if manifest and manifest.has_keys:
+            return {name: sorted(keys) for name, keys in manifest.keys_by_source().items()}
         sources = self.catalog.sources if self.catalog else ()
         out: dict[str, list[str]] = {s.name: [] for s in sources}
         undecided: dict[str, list[str]] = {}  # a key of the first form -> keys like it

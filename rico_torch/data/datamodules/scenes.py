@@ -10,6 +10,7 @@ import torch
 
 from ...errors import ConfigError, DatasetNotFoundError
 from ..dataset import LMDBPatchDataset
+from ...manifest import Manifest, merge
 from ..store import Store
 from .base import SPLITS, LMDBDataModule
 
@@ -23,23 +24,27 @@ class GeoPatchDataset(LMDBPatchDataset):
     (rasterio's order); ``crs``: the scene's CRS as WKT.
     """
 
-    def __init__(self, *args, geo: dict[str, tuple[tuple[float, ...], str]], **kwargs) -> None:
+    def __init__(self, *args, bounds: np.ndarray, scene: np.ndarray, crs: list[str], **kwargs) -> None:
         super().__init__(*args, **kwargs)
-        self.geo = geo
+        # per item: bounds (N x 4 float64) and scene index (into crs): arrays, no per-key objects
+        self.bounds, self.scene, self.crs = torch.as_tensor(bounds), torch.as_tensor(scene), list(crs)
 
     def fields(self, indices) -> dict[str, Any]:
         out = super().fields(indices)
-        out["bounds"] = torch.tensor([self.geo[k][0] for k in out["key"]], dtype=torch.float64)
-        out["crs"] = [self.geo[k][1] for k in out["key"]]
+        rows = list(indices)
+        out["bounds"] = self.bounds[rows]
+        out["crs"] = [self.crs[i] for i in self.scene[rows].tolist()]
         return out
 
 
-def window_bounds(window: list[int], transform: list[float]) -> tuple[float, float, float, float]:
-    """(left, bottom, right, top) of a window from its own transform (north-up grids)."""
-    _, _, h, w = window
-    a, _, c, _, e, f = transform
-    xs, ys = (c, c + a * w), (f, f + e * h)
-    return min(xs), min(ys), max(xs), max(ys)
+def window_bounds(rows: np.ndarray, cols: np.ndarray, size: int, transform: list[float]) -> np.ndarray:
+    """(left, bottom, right, top) of windows (N x 4) from their offsets and their scene's
+    transform (north-up grids)."""
+    a, b, c, d, e, f = transform
+    left, top = c + a * cols + b * rows, f + d * cols + e * rows
+    right, bottom = left + a * size, top + e * size
+    return np.stack([np.minimum(left, right), np.minimum(top, bottom), np.maximum(left, right),
+                     np.maximum(top, bottom)], axis=1).astype(np.float64)
 
 
 class GeoPatchDataModule(LMDBDataModule):
@@ -126,10 +131,11 @@ class GeoPatchDataModule(LMDBDataModule):
         self.block_size = block_size or 4 * manifest["chip"]["patch_size"]
         self.use_mask = mask and all(s.get("labels") for s in scenes.values())
         self._splits: dict[str, np.ndarray] | None = None
+        self._windows: tuple | None = None
 
     @staticmethod
-    def _scene_manifest(paths: list[Path]) -> dict:
-        merged: dict = {}
+    def _scene_manifest(paths: list[Path]) -> Manifest:
+        manifests = []
         for path in paths:
             if not (path / "data.mdb").exists():
                 raise DatasetNotFoundError(f"{path}: no chipped scenes here (data.mdb missing); create it with "
@@ -138,80 +144,83 @@ class GeoPatchDataModule(LMDBDataModule):
             if not manifest or "scenes" not in manifest:
                 raise ConfigError(f"{path}: not an LMDB of chipped scenes (manifest.json has no scenes); "
                                   f"chip scenes with {CHIP_HINT.format(path=path)}")
-            if not merged:
-                merged = {**manifest, "scenes": dict(manifest["scenes"]), "windows": dict(manifest["windows"])}
-            else:
-                merged["scenes"].update(manifest["scenes"])
-                merged["windows"].update(manifest["windows"])
-        return merged
+            manifests.append(manifest)
+        return merge(manifests)
 
     def encode_hint(self, path: Path) -> str:
         return CHIP_HINT.format(path=path)
 
     # --- splits -------------------------------------------------------------------------
 
-    def _keys(self) -> list[str]:
-        """Every stored window, scene by scene, row by row."""
-        windows = self._manifest["windows"]
-        return sorted(windows, key=lambda k: (windows[k]["scene"], windows[k]["window"][:2]))
+    def _table(self) -> tuple[np.ndarray, list[str], np.ndarray, np.ndarray, np.ndarray]:
+        """Every stored window scene by scene (names sorted), row by row: (keys, scene names,
+        scene index, row, col), arrays from the sidecar (computed once)."""
+        if self._windows is None:
+            keys, names, scene, rows, cols = self._manifest.windows.table()
+            rank = np.argsort(np.argsort(np.array(names, dtype=object)))  # a scene's place by name
+            order = np.lexsort((cols, rows, rank[scene] if len(names) else scene))
+            ordered = sorted(names)
+            self._windows = (keys[order], ordered, rank[scene[order]].astype(np.int32) if len(names) else scene,
+                             rows[order], cols[order])
+        return self._windows
 
-    def _deal(self, items: list, rng: np.random.Generator) -> dict:
-        """item -> split, at random with the configured fractions."""
-        order = rng.permutation(len(items))
-        n_val = int(round(len(items) * self.val_fraction))
-        n_test = int(round(len(items) * self.test_fraction))
-        split_of = {}
-        for rank, i in enumerate(order):
-            split_of[items[i]] = "val" if rank < n_val else "test" if rank < n_val + n_test else "train"
-        return split_of
+    def _dealt(self, count: int, rng: np.random.Generator) -> np.ndarray:
+        order = rng.permutation(count)
+        n_val = int(round(count * self.val_fraction))
+        n_test = int(round(count * self.test_fraction))
+        split = np.zeros(count, np.int8)
+        split[order[:n_val]] = SPLITS.index("val")
+        split[order[n_val : n_val + n_test]] = SPLITS.index("test")
+        return split
 
     def splits(self) -> dict[str, np.ndarray]:
-        """The keys of train, val and test (computed once)."""
+        """The keys of train, val and test."""
+        keys = self._table()[0]
+        return {s: keys[rows] for s, rows in self.split_rows().items()}
+
+    def split_rows(self) -> dict[str, np.ndarray]:
+        """Each of train, val and test as an index array into :meth:`_table` (computed once)."""
         if self._splits is not None:
             return self._splits
-        windows, keys = self._manifest["windows"], self._keys()
+        keys, names, scene, rows, cols = self._table()
         rng = np.random.default_rng(self.seed)
-        parts: dict[str, list[str]] = {s: [] for s in SPLITS}
         if self.split == "random":
-            split_of = self._deal(keys, rng)
-            for key in keys:
-                parts[split_of[key]].append(key)
+            split = self._dealt(len(keys), rng)
         elif self.split == "scene":
-            names = sorted(self._manifest["scenes"])
             if self.val_scenes is not None or self.test_scenes is not None:
-                split_of = {n: "val" if n in (self.val_scenes or []) else "test" if n in (self.test_scenes or [])
-                            else "train" for n in names}
+                of_scene = np.array([SPLITS.index("val") if n in (self.val_scenes or []) else SPLITS.index("test")
+                                     if n in (self.test_scenes or []) else SPLITS.index("train") for n in names],
+                                    dtype=np.int8)
             else:
-                split_of = self._deal(names, rng)
-            for key in keys:
-                parts[split_of[windows[key]["scene"]]].append(key)
+                of_scene = self._dealt(len(names), rng)
+            split = of_scene[scene]
         else:
-            b = self.block_size
-            blocks = sorted({(windows[k]["scene"], r // b, c // b) for k in keys
-                             for r, c in self._corners(windows[k]["window"])})
-            split_of = self._deal(blocks, rng)
-            for key in keys:
-                scene = windows[key]["scene"]
-                touched = {split_of[(scene, r // b, c // b)] for r, c in self._corners(windows[key]["window"])}
-                if len(touched) == 1:  # else it would share pixels with another split
-                    parts[touched.pop()].append(key)
-        self._splits = {s: np.array(v, dtype=np.bytes_) for s, v in parts.items()}
+            b, size = self.block_size, int(self._manifest["chip"]["patch_size"])
+            corners = [(np.maximum(rows, 0), np.maximum(cols, 0)), (np.maximum(rows, 0), cols + size - 1),
+                       (rows + size - 1, np.maximum(cols, 0)), (rows + size - 1, cols + size - 1)]
+            span = int(max(rows.max(initial=0), cols.max(initial=0)) + size) // b + 2
+            ids = [(scene.astype(np.int64) * span + r // b) * span + c // b for r, c in corners]
+            blocks = np.unique(np.concatenate(ids))  # sorted as (scene, block row, block col)
+            of_block = self._dealt(len(blocks), rng)
+            touched = [of_block[np.searchsorted(blocks, i)] for i in ids]
+            split = touched[0].copy()
+            shared = (touched[1] != split) | (touched[2] != split) | (touched[3] != split)
+            split[shared] = -1  # it would share pixels with another split: left out
+        self._splits = {s: np.flatnonzero(split == i) for i, s in enumerate(SPLITS)}
         return self._splits
 
-    @staticmethod
-    def _corners(window: list[int]) -> list[tuple[int, int]]:
-        row, col, h, w = window
-        return [(max(row, 0), max(col, 0)), (max(row, 0), col + w - 1), (row + h - 1, max(col, 0)),
-                (row + h - 1, col + w - 1)]
+    def predict_rows(self) -> np.ndarray:
+        """The windows of ``predict_scenes`` (all: None), as an index array into :meth:`_table`."""
+        _, names, scene, _, _ = self._table()
+        wanted = set(self.predict_scenes or names)
+        return np.flatnonzero(np.isin(scene, [i for i, n in enumerate(names) if n in wanted]))
 
     def predict_keys(self) -> np.ndarray:
-        windows = self._manifest["windows"]
-        wanted = set(self.predict_scenes or self._manifest["scenes"])
-        return np.array([k for k in self._keys() if windows[k]["scene"] in wanted], dtype=np.bytes_)
+        return self._table()[0][self.predict_rows()]
 
     def split_items(self, split: str):
-        keys = self.predict_keys() if split == "predict" else self.splits()[split]
-        return keys, None
+        rows = self.predict_rows() if split == "predict" else self.split_rows()[split]
+        return self._table()[0][rows], None
 
     # --- datasets -----------------------------------------------------------------------
 
@@ -219,16 +228,22 @@ class GeoPatchDataModule(LMDBDataModule):
         return {"mask_band": "mask"} if self.use_mask else {}
 
     def make_dataset(self, split: str) -> LMDBPatchDataset:
-        items, _ = self.split_items(split)
+        rows = self.predict_rows() if split == "predict" else self.split_rows()[split]
+        keys, names, scene, row, col = self._table()
+        items = keys[rows]
         if len(items) == 0:
             raise ConfigError(f"{self.lmdb_path}: the {split} split is empty (split={self.split!r}); give more "
                               "scenes, a smaller block_size, or other fractions")
-        scenes, windows = self._manifest["scenes"], self._manifest["windows"]
-        geo = {k.decode(): (window_bounds(windows[k.decode()]["window"], windows[k.decode()]["transform"]),
-                            scenes[windows[k.decode()]["scene"]]["crs"]) for k in items.tolist()}
+        scenes, size = self._manifest["scenes"], int(self._manifest["chip"]["patch_size"])
+        bounds = np.zeros((len(rows), 4), np.float64)
+        for i, name in enumerate(names):
+            mine = scene[rows] == i
+            if mine.any():
+                bounds[mine] = window_bounds(row[rows][mine], col[rows][mine], size, scenes[name]["transform"])
         return GeoPatchDataset(self.lmdb_paths, self.bands, keys=items, size=self.output_size,
                                interpolation=self.interpolation, align_corners=self.align_corners,
-                               native=self.loads_native, readahead=self.readahead, geo=geo, **self.dataset_kwargs())
+                               native=self.loads_native, readahead=self.readahead, bounds=bounds,
+                               scene=scene[rows], crs=[scenes[n]["crs"] for n in names], **self.dataset_kwargs())
 
     def statistics(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Mean and std per band from the chipper's statistics (valid pixels of every window)."""
