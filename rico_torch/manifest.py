@@ -215,25 +215,26 @@ def build_columns(keys: np.ndarray, digests: np.ndarray | None = None, **more: n
 # --- manifest.json -------------------------------------------------------------------------------
 
 
-def read_json(directory: Path, fix: str | None = None) -> dict | None:
+def read_json(directory: Path, fix: str | None = None, error: type[Exception] = FormatError) -> dict | None:
     """The ``manifest.json`` in ``directory`` as written, None where there is none. With ``fix`` (what
-    to do, ending the message; the encoder's) any unparsable file is "unreadable"."""
+    to do, ending the message; the encoder's) any unparsable file is "unreadable"; ``error``: the
+    class raised (the encoder's :class:`~rico_torch.errors.TargetError`)."""
     file = Path(directory) / MANIFEST
     try:
         text = file.read_text()
     except FileNotFoundError:
         return None
     except (OSError, UnicodeDecodeError) as e:
-        raise FormatError(f"{file}: unreadable manifest ({e}){fix or ''}") from None
+        raise error(f"{file}: unreadable manifest ({e}){fix or ''}") from None
     try:
         manifest = json.loads(text)
     except ValueError as e:
         if fix is not None:
-            raise FormatError(f"{file}: unreadable manifest ({e}){fix}") from None
-        raise FormatError(f"{file}: corrupt manifest, not valid JSON ({e}); re-encode with --overwrite, "
+            raise error(f"{file}: unreadable manifest ({e}){fix}") from None
+        raise error(f"{file}: corrupt manifest, not valid JSON ({e}); re-encode with --overwrite, "
                           "or delete manifest.json to read the LMDB without it") from None
     if not isinstance(manifest, dict):
-        raise FormatError(f"{file}: corrupt manifest (a JSON {type(manifest).__name__}, not an object)")
+        raise error(f"{file}: corrupt manifest (a JSON {type(manifest).__name__}, not an object)")
     return manifest
 
 
@@ -464,14 +465,14 @@ def index_part(directory: Path, facts: dict) -> tuple[dict, KeyIndex] | None:
                           "re-encode with --overwrite") from None
 
 
-def read(directory: str | Path, fix: str | None = None) -> Manifest | None:
+def read(directory: str | Path, fix: str | None = None, error: type[Exception] = FormatError) -> Manifest | None:
     """The manifest of the LMDB in ``directory`` (None: no manifest.json, e.g. rico-hdl's output).
 
     An earlier layout's per-key fields are converted (in memory) into the same columns; the sidecar
     of the current layout is mapped on first use.
     """
     directory = Path(directory)
-    facts = read_json(directory, fix)
+    facts = read_json(directory, fix, error)
     if facts is None:
         return None
     if facts.get("layout", 1) > LAYOUT:

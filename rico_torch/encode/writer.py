@@ -33,7 +33,7 @@ import numpy as np
 from .. import __version__
 from .._process import die_with_parent
 from ..catalog import DATASETS, Dataset, Source, get_dataset
-from ..errors import FormatError, InputError, TargetError
+from ..errors import InputError, TargetError
 from ..format import parse_header
 from ..manifest import INDEX, MANIFEST, Entries, Extension, Manifest, build_columns, digest64, read, write
 from .discover import Patch, SkipPatch, SourcePatches
@@ -147,10 +147,7 @@ def _fingerprint(dataset: Dataset, discovered: list[SourcePatches], identity: st
 def read_manifest(target: Path, fix: str = "") -> Manifest | None:
     """The target's manifest (:func:`rico_torch.manifest.read`), None where there is none (an
     LMDB rico-hdl wrote); ``fix`` ends the error message of an unreadable one."""
-    try:
-        manifest = read(Path(target), fix)
-    except FormatError as e:
-        raise TargetError(str(e)) from None
+    manifest = read(Path(target), fix, TargetError)
     if manifest is not None and not {"fingerprint", "dataset"} <= set(manifest):
         raise TargetError(f"{Path(target) / MANIFEST}: not a rico_torch manifest{fix}")
     return manifest
