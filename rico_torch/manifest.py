@@ -35,6 +35,7 @@ import json
 import mmap
 import os
 import uuid
+import zlib
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Protocol
@@ -563,6 +564,11 @@ def upgrade(directory: str | Path) -> str:
     ranges, index = manifest.parts[0]
     write(directory, dict(manifest), ranges, dict(index.columns))
     return f"{directory}: upgraded {MANIFEST} ({len(index):,} keys now in {INDEX})"
+
+
+def shard_of(key: bytes, count: int) -> int:
+    """The shard a key belongs to (the encoder's ``--shard I/N`` rule: ``zlib.crc32(key) % N``)."""
+    return zlib.crc32(key) % count
 
 
 def digest64(digest: int) -> int:

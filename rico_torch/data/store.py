@@ -13,14 +13,13 @@ by a dataset created after the swap.
 from __future__ import annotations
 
 import os
-import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
 import lmdb
 
 from ..catalog import encode_command
-from ..manifest import Manifest, entry_shapes, merge  # noqa: F401  (entry_shapes: re-exported)
+from ..manifest import Manifest, entry_shapes, merge, shard_of  # noqa: F401  (re-exported)
 from ..manifest import read as read_any
 from ..errors import ConfigError, DatasetNotFoundError, FormatError, IncompleteDatasetError, StaleDatasetError
 
@@ -37,11 +36,6 @@ class _Handle:
 
 
 _HANDLES: dict[str, _Handle] = {}  # real path -> this process's handle
-
-
-def shard_of(key: bytes, count: int) -> int:
-    """The shard a key belongs to (the encoder's ``--shard`` rule)."""
-    return zlib.crc32(key) % count
 
 
 def _require_lmdb(path: Path) -> None:

@@ -3,16 +3,16 @@
 from __future__ import annotations
 
 import os
-import zlib
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
 
 from ..catalog import Dataset, Source
 from ..errors import InputError
+from ..manifest import shard_of
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)  # slots: a million scene windows are a million of these
 class Patch:
     """One value to write: its key, the file or folder it comes from, its class label; for a
     ``layout`` source also its named groups (``fields``) and, for an ``open_bands`` one, the files
@@ -185,7 +185,9 @@ def select_shard(discovered: list[SourcePatches], index: int, count: int) -> lis
     The rule needs no coordination between shard jobs, and a reader finds a key's shard from
     the key alone (``rico_torch.data.store.shard_of``).
     """
-    return [
-        replace(sp, patches=[p for p in sp.patches if zlib.crc32(p.key.encode()) % count == index])
-        for sp in discovered
-    ]
+    return [replace(sp, patches=[p for p in sp.patches if in_shard(p.key, index, count)]) for sp in discovered]
+
+
+def in_shard(key: str, index: int, count: int) -> bool:
+    """Whether ``key`` belongs to shard ``index`` of ``count`` (``--shard``'s rule)."""
+    return shard_of(key.encode(), count) == index

@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 
 from ..catalog import Band, Dataset, Source
-from ..encode.discover import Patch, SourcePatches, select_shard
+from ..encode.discover import Patch, SourcePatches, in_shard
 from ..encode.options import parse_shard
 from ..encode.writer import EncodeResult, encode_dataset
 from ..format import load_value
@@ -48,17 +48,24 @@ def key_of(scene: Scene, row: int, col: int) -> str:
     return f"{scene.name}_{row}_{col}"
 
 
-def plan(scenes: Sequence[Scene], options: ChipOptions) -> tuple[Dataset, list[SourcePatches]]:
-    """The ad-hoc dataset (one source per scene) and every window as a patch."""
+def plan(scenes: Sequence[Scene], options: ChipOptions,
+         shard: tuple[int, int] | None = None) -> tuple[Dataset, list[SourcePatches]]:
+    """The ad-hoc dataset (one source per scene) and every window as a patch; with ``shard`` only
+    the windows of that shard (``select_shard``'s rule), so a shard job holds only its share."""
     sources, discovered = [], []
     for scene in scenes:
         check_sizes(scene, options.patch_size, options.stride, options.edge)
         names = scene.band_names + (("mask",) if scene.labels is not None else ())
         source = Source(scene.name, "--dataset-dir", re.escape(Path(scene.path).name), Path(scene.path).is_dir(),
                         tuple(Band(n) for n in names), scene.bands[0].dtype, noun=f"windows of {scene.name}")
-        patches = [Patch(key_of(scene, r, c), Path(scene.path),
-                         reader=SceneWindow(scene, r, c, options.patch_size, options.min_valid))
-                   for r, c in windows(scene, options.patch_size, options.stride, options.edge)]
+        path, offsets = Path(scene.path), windows(scene, options.patch_size, options.stride, options.edge)
+        keys = [key_of(scene, r, c) for r, c in offsets]
+        if shard is not None:
+            mine = [in_shard(k, *shard) for k in keys]
+            keys, offsets = [k for k, m in zip(keys, mine) if m], [o for o, m in zip(offsets, mine) if m]
+        patches = [Patch(key, path, reader=SceneWindow(scene, r, c, options.patch_size, options.min_valid))
+                   for key, (r, c) in zip(keys, offsets)]
+        del keys, offsets
         sources.append(source)
         discovered.append(SourcePatches(source, Path(scene.path), patches))
     dataset = Dataset(NAME, "Scenes", tuple(sources), description="windows of GeoTIFF scenes", example=EXAMPLE,
@@ -101,8 +108,10 @@ class SceneManifest:
         self.scenes = {s.name: s for s in scenes}
         self.options = options
         self.identity = options.identity()
-        self.windows = {p.key: (p.reader.scene.name, p.reader.row, p.reader.col)
-                        for sp in discovered for p in sp.patches}
+        # every window's key and offsets, as arrays (a dict of a million windows costs ~200 MB)
+        self.windows = np.array([p.key.encode() for sp in discovered for p in sp.patches], dtype=np.bytes_)
+        self.offsets = np.array([(p.reader.row, p.reader.col) for sp in discovered for p in sp.patches],
+                                dtype="<i4").reshape(-1, 2)
         self.nodata = {s.name: {b.name: b.nodata for b in s.bands} for s in scenes}
         self.moments: dict[str, _Moments] = {}
 
@@ -134,8 +143,9 @@ class SceneManifest:
     def columns(self, written: np.ndarray) -> dict[str, np.ndarray]:
         """Each written window's offsets in its scene (the row's source); its transform is derived
         from the scene's (:func:`rico_torch.manifest.window_transform`)."""
-        where = [self.windows[k] for k in written.astype(str).tolist()]
-        return {"row": np.array([w[1] for w in where], "<i4"), "col": np.array([w[2] for w in where], "<i4")}
+        order = np.argsort(self.windows)
+        at = order[np.searchsorted(self.windows, written, sorter=order)]
+        return {"row": self.offsets[at, 0].copy(), "col": self.offsets[at, 1].copy()}
 
 
 def chip(
@@ -167,11 +177,9 @@ def chip(
     options = ChipOptions(patch_size, stride, edge, min_valid, tuple(bands) if bands else None)
     try:
         scenes = find_scenes(Path(dataset_dir), options.bands, None if labels is None else Path(labels))
-        dataset, discovered = plan(scenes, options)
+        dataset, discovered = plan(scenes, options, shard)
     finally:
         close_rasters()
-    if shard is not None:
-        discovered = select_shard(discovered, *shard)
     extension = SceneManifest(scenes, discovered, options)
     try:
         return encode_dataset(dataset, discovered, Path(target_dir), num_workers=num_workers, overwrite=overwrite,

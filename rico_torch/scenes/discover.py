@@ -342,7 +342,7 @@ def windows(scene: Scene, patch: int, stride: int, edge: str) -> list[tuple[int,
 # --- reading one window ---------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class SceneWindow:
     """The reader of one window: a :class:`~rico_torch.encode.discover.Patch`'s ``reader``.
 
