@@ -6,8 +6,9 @@ manifest and ``keys.index`` through ``rico_torch.manifest``, cached under
 
 * ``LMDBPatchDataset`` open (``keys=None``) and every DataModule's ``setup("fit")`` that reads
   per-key facts from the manifest (``GeoPatchDataModule`` over windows, ``EuroSATDataModule`` over
-  labelled keys): seconds, peak traced allocation growth (tracemalloc: Python and numpy) and peak
-  RSS growth (``ru_maxrss``; file pages mapped in count here too);
+  labelled keys): seconds, peak allocation growth (tracemalloc: Python objects and numpy arrays)
+  and anonymous memory still held after it (``/proc/self/smaps_rollup``; mapped file pages, shared
+  through the page cache, are not counted);
 * metadata bytes per key (``manifest.json`` + ``keys.index``);
 * a worker's private memory after reading 20 random batches of 256, for a dataset handed to a
   ``spawn`` worker (pickled) and to a ``fork`` worker: USS (psutil; includes clean pages of the
@@ -55,19 +56,18 @@ def dataset_dir(kind: str, count: int) -> Path:
 # --- measurements, each run in its own process --------------------------------------------------
 
 
-def _rss_peak() -> int:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+def _anonymous() -> int:
+    """This process's anonymous memory (its own heap, not mapped files), bytes."""
+    with open("/proc/self/smaps_rollup") as f:
+        return next(int(line.split()[1]) * 1024 for line in f if line.startswith("Anonymous:"))
 
 
 def _measure(what: str, path: str) -> dict:
     import tracemalloc
 
-    import psutil
-
     from rico_torch.data import EuroSATDataModule, GeoPatchDataModule, LMDBPatchDataset  # imports first
 
-    process = psutil.Process()
-    rss0, peak0 = process.memory_info().rss, _rss_peak()
+    anonymous = _anonymous()
     tracemalloc.start()
     start = time.perf_counter()
     if what == "open":
@@ -85,8 +85,7 @@ def _measure(what: str, path: str) -> dict:
     seconds = time.perf_counter() - start
     _, traced = tracemalloc.get_traced_memory()
     tracemalloc.stop()
-    return {"seconds": seconds, "traced_peak": traced, "rss_peak_growth": max(0, _rss_peak() - peak0),
-            "rss_held": process.memory_info().rss - rss0}
+    return {"seconds": seconds, "traced_peak": traced, "anonymous_held": _anonymous() - anonymous}
 
 
 def _worker(dataset, queue) -> None:
@@ -96,9 +95,7 @@ def _worker(dataset, queue) -> None:
     rng = np.random.default_rng(0)
     for _ in range(20):
         dataset.read_batch(rng.integers(0, len(dataset), 256).tolist())
-    anonymous = next(int(line.split()[1]) * 1024 for line in open("/proc/self/smaps_rollup")
-                     if line.startswith("Anonymous:"))
-    queue.put((psutil.Process().memory_full_info().uss, anonymous))
+    queue.put((psutil.Process().memory_full_info().uss, _anonymous()))
 
 
 def _worker_uss(path: str, method: str) -> dict:
@@ -197,8 +194,8 @@ def main() -> None:
             label = {"open": f"LMDBPatchDataset open ({kind})", "setup-scenes": "GeoPatchDataModule.setup('fit')",
                      "setup-eurosat": "EuroSATDataModule.setup('fit')"}[what]
             rows.append((count, label, f"{r['seconds']:.3f} s",
-                         f"traced peak {mb(r['traced_peak'])}, RSS peak +{mb(r['rss_peak_growth'])}, "
-                         f"held +{mb(r['rss_held'])}"))
+                         f"peak growth {mb(r['traced_peak'])} (tracemalloc), held +{mb(r['anonymous_held'])} "
+                         "(anonymous)"))
             log(rows[-1])
         for method in ("spawn", "fork"):
             r = run_child("--uss", str(paths["scenes"]), method)

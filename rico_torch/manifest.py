@@ -164,6 +164,8 @@ class KeyIndex:
             with open(path, "rb") as f:
                 size = os.fstat(f.fileno()).st_size
                 mapped = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) if size else b""
+            if size and hasattr(mapped, "madvise"):  # random lookups: no read-around into this process
+                mapped.madvise(mmap.MADV_RANDOM)
         except FileNotFoundError:
             raise FormatError(f"{path}: the per-key index is missing; manifest.json lists it (re-encode with "
                               "--overwrite, or restore the file)") from None

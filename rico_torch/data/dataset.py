@@ -189,7 +189,7 @@ class LMDBPatchDataset(Dataset):
         self._key_ref: tuple | None = None
         if keys is None:
             keys, layouts = self._keys_with_bands(manifest)
-        self._keys = _pack_keys(keys)
+        self._keys = keys if self._key_ref is not None else _pack_keys(keys)  # the sidecar's: checked at write
         if labels is None and manifest and self._keys.ndim == 1 and manifest.has_column("label"):
             found = (manifest.column("label", segments=self._key_ref[1]) if self._key_ref is not None
                      else manifest.lookup("label", self._keys))

@@ -24,16 +24,23 @@ class GeoPatchDataset(LMDBPatchDataset):
     (rasterio's order); ``crs``: the scene's CRS as WKT.
     """
 
-    def __init__(self, *args, bounds: np.ndarray, scene: np.ndarray, crs: list[str], **kwargs) -> None:
+    def __init__(self, *args, windows: np.ndarray, window_size: int, scenes: list[dict], **kwargs) -> None:
         super().__init__(*args, **kwargs)
-        # per item: bounds (N x 4 float64) and scene index (into crs): arrays, no per-key objects
-        self.bounds, self.scene, self.crs = torch.as_tensor(bounds), torch.as_tensor(scene), list(crs)
+        # per item its scene index and window offsets (N x 3 int32, no per-key objects); per scene
+        # its transform and CRS: bounds are derived per batch
+        self.windows, self.window_size = torch.as_tensor(windows), window_size
+        self.scene_transforms = [list(s["transform"]) for s in scenes]
+        self.crs = [s["crs"] for s in scenes]
 
     def fields(self, indices) -> dict[str, Any]:
         out = super().fields(indices)
-        rows = list(indices)
-        out["bounds"] = self.bounds[rows]
-        out["crs"] = [self.crs[i] for i in self.scene[rows].tolist()]
+        scene, row, col = self.windows[list(indices)].numpy().T
+        bounds = np.zeros((len(scene), 4), np.float64)
+        for i in np.unique(scene).tolist():
+            mine = scene == i
+            bounds[mine] = window_bounds(row[mine], col[mine], self.window_size, self.scene_transforms[i])
+        out["bounds"] = torch.from_numpy(bounds)
+        out["crs"] = [self.crs[i] for i in scene.tolist()]
         return out
 
 
@@ -196,16 +203,18 @@ class GeoPatchDataModule(LMDBDataModule):
             split = of_scene[scene]
         else:
             b, size = self.block_size, int(self._manifest["chip"]["patch_size"])
-            corners = [(np.maximum(rows, 0), np.maximum(cols, 0)), (np.maximum(rows, 0), cols + size - 1),
-                       (rows + size - 1, np.maximum(cols, 0)), (rows + size - 1, cols + size - 1)]
             span = int(max(rows.max(initial=0), cols.max(initial=0)) + size) // b + 2
-            ids = [(scene.astype(np.int64) * span + r // b) * span + c // b for r, c in corners]
-            blocks = np.unique(np.concatenate(ids))  # sorted as (scene, block row, block col)
+
+            def corner(k: int) -> np.ndarray:  # block of each window's k-th corner, one corner at a time
+                r = np.maximum(rows, 0) if k < 2 else rows + size - 1
+                c = np.maximum(cols, 0) if k % 2 == 0 else cols + size - 1
+                return (scene.astype(np.int64) * span + r // b) * span + c // b
+
+            blocks = np.unique(np.concatenate([np.unique(corner(k)) for k in range(4)]))  # (scene, row, col)
             of_block = self._dealt(len(blocks), rng)
-            touched = [of_block[np.searchsorted(blocks, i)] for i in ids]
-            split = touched[0].copy()
-            shared = (touched[1] != split) | (touched[2] != split) | (touched[3] != split)
-            split[shared] = -1  # it would share pixels with another split: left out
+            split = of_block[np.searchsorted(blocks, corner(0))]
+            for k in range(1, 4):
+                split[of_block[np.searchsorted(blocks, corner(k))] != split] = -1  # shares pixels: left out
         self._splits = {s: np.flatnonzero(split == i) for i, s in enumerate(SPLITS)}
         return self._splits
 
@@ -234,16 +243,12 @@ class GeoPatchDataModule(LMDBDataModule):
         if len(items) == 0:
             raise ConfigError(f"{self.lmdb_path}: the {split} split is empty (split={self.split!r}); give more "
                               "scenes, a smaller block_size, or other fractions")
-        scenes, size = self._manifest["scenes"], int(self._manifest["chip"]["patch_size"])
-        bounds = np.zeros((len(rows), 4), np.float64)
-        for i, name in enumerate(names):
-            mine = scene[rows] == i
-            if mine.any():
-                bounds[mine] = window_bounds(row[rows][mine], col[rows][mine], size, scenes[name]["transform"])
+        windows = np.stack([scene[rows], row[rows], col[rows]], axis=1).astype(np.int32)
         return GeoPatchDataset(self.lmdb_paths, self.bands, keys=items, size=self.output_size,
                                interpolation=self.interpolation, align_corners=self.align_corners,
-                               native=self.loads_native, readahead=self.readahead, bounds=bounds,
-                               scene=scene[rows], crs=[scenes[n]["crs"] for n in names], **self.dataset_kwargs())
+                               native=self.loads_native, readahead=self.readahead, windows=windows,
+                               window_size=int(self._manifest["chip"]["patch_size"]),
+                               scenes=[self._manifest["scenes"][n] for n in names], **self.dataset_kwargs())
 
     def statistics(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Mean and std per band from the chipper's statistics (valid pixels of every window)."""
