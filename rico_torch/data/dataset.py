@@ -132,6 +132,8 @@ class LMDBPatchDataset(Dataset):
             256 px read). Not with ``native``.
         crop_mode: ``random`` (a window drawn with torch's generator per read, so per DataLoader
             worker seed) or ``center``. Samples carry ``crop``: the window's (top, left) on the grid.
+        manifests: each path's manifest as ``read_manifest`` returns it, where already read (the
+            DataModules read them once and hand them to every dataset); ``None``: read here.
 
     Samples are dicts: ``image`` (float32 C x H x W), ``key`` (str, or tuple of str), and
     ``label`` and ``mask`` where known. A DataLoader reads whole batches through
@@ -156,6 +158,7 @@ class LMDBPatchDataset(Dataset):
         allow_incomplete: bool = False,
         crop: int | tuple[int, int] | None = None,
         crop_mode: str = "random",
+        manifests: Sequence | None = None,
     ) -> None:
         if interpolation not in INTERPOLATIONS:
             raise ConfigError(f"interpolation {interpolation!r} is not one of {INTERPOLATIONS}")
@@ -170,7 +173,7 @@ class LMDBPatchDataset(Dataset):
         # with crop: ``grid`` is what the crop is cut from (None: each item's largest band)
         self.grid = _check_size(size) if self.crop is not None else None
         self.size = self.crop if self.crop is not None else _check_size(size)
-        self.store = Store(path, readahead, allow_incomplete)
+        self.store = Store(path, readahead, allow_incomplete, manifests)
         self.path = self.store.paths[0] if len(self.store.paths) == 1 else self.store.paths
         self._pid = -1
         self._plans: dict[tuple[bytes, ...], _Plan] = {}

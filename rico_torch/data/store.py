@@ -174,9 +174,12 @@ class Store:
             environment is used as this process's handle on its LMDB (py-lmdb allows only one);
             other processes open their own.
         allow_incomplete: read an LMDB whose encode has not finished.
+        manifests: each path's manifest as :func:`read_manifest` returns it, where the caller
+            has read them (a DataModule reads them once for all its datasets).
     """
 
-    def __init__(self, paths, readahead: bool = False, allow_incomplete: bool = False) -> None:
+    def __init__(self, paths, readahead: bool = False, allow_incomplete: bool = False,
+                 manifests: list | None = None) -> None:
         given = list(paths) if isinstance(paths, (list, tuple)) else [paths]
         if not given:
             raise ConfigError("no LMDB path given")
@@ -184,7 +187,11 @@ class Store:
         # the user's environments, used again in this process after a close() (never pickled)
         self._given = (os.getpid(), [p for p in given if isinstance(p, lmdb.Environment)])
         self.readahead = readahead
-        manifests = [read_manifest(p) for p in self.paths]  # also: each path holds an LMDB
+        if manifests is None or len(manifests) != len(self.paths):
+            manifests = [read_manifest(p) for p in self.paths]  # also: each path holds an LMDB
+        else:
+            for path in self.paths:
+                _require_lmdb(path)
         if not allow_incomplete:
             for path, manifest in zip(self.paths, manifests):
                 check_complete(path, manifest)

@@ -21,7 +21,7 @@ from ...errors import ConfigError, DatasetNotFoundError
 from ...format import parse_header
 from ..dataset import LMDBPatchDataset, NativeAssembler, collate
 from ..loader import PatchLoader
-from ...manifest import Manifest
+from ...manifest import Manifest, merge
 from ..store import Store, open_environment, read_manifest
 
 log = logging.getLogger(__name__)
@@ -142,7 +142,7 @@ class LMDBDataModule(L.LightningDataModule):
                 raise DatasetNotFoundError(f"{path}: {what} (data.mdb missing); create it with {self.encode_hint(path)}")
             if self.catalog is None:
                 continue
-            manifest = self.manifest() if len(self.lmdb_paths) == 1 else read_manifest(path)  # read once
+            manifest = self.path_manifests()[self.lmdb_paths.index(path)]  # read once
             found = recognise(open_environment(path, self.readahead), manifest)
             if found is not None and found.dataset.name != self.catalog.name:
                 held = found.dataset
@@ -158,8 +158,15 @@ class LMDBDataModule(L.LightningDataModule):
         """The encoder's manifest (merged over shards; read once, its per-key facts mapped), or None
         for rico-hdl output."""
         if not hasattr(self, "_manifest"):
-            self._manifest = Store(self.lmdb_paths).manifest()
+            self._manifest = merge(self.path_manifests())
         return self._manifest
+
+    def path_manifests(self) -> list[Manifest | None]:
+        """Each LMDB path's manifest, read once for the DataModule and every dataset it makes (small:
+        per-key facts stay in the mapped ``keys.index``)."""
+        if not hasattr(self, "_path_manifests"):
+            self._path_manifests = [read_manifest(p) for p in self.lmdb_paths]
+        return self._path_manifests
 
     def stored_keys(self) -> np.ndarray:
         """Every key in the LMDB(s), sorted (an ``S`` array): the manifest's, else one pass over the
@@ -244,6 +251,7 @@ class LMDBDataModule(L.LightningDataModule):
             self.lmdb_paths, self.bands, keys=items, labels=labels, size=self.size if crop else self.output_size,
             interpolation=self.interpolation, align_corners=self.align_corners, native=self.loads_native,
             readahead=self.readahead,
+            manifests=self.path_manifests(),
             **crop,
             **self.dataset_kwargs(),
         )

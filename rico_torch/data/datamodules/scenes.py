@@ -11,7 +11,7 @@ import torch
 from ...errors import ConfigError, DatasetNotFoundError
 from ..dataset import LMDBPatchDataset
 from ...manifest import Manifest, merge
-from ..store import Store
+from ..store import read_manifest
 from .base import SPLITS, LMDBDataModule
 
 CHIP_HINT = "`python -m rico_torch.encode scenes --dataset-dir <scenes> --target-dir {path} --patch-size 256`"
@@ -107,7 +107,8 @@ class GeoPatchDataModule(LMDBDataModule):
         seed: int = 0,
     ) -> None:
         paths = [Path(p) for p in (lmdb_path if isinstance(lmdb_path, (list, tuple)) else [lmdb_path])]
-        manifest = self._scene_manifest(paths)
+        self._path_manifests = self._scene_manifests(paths)
+        manifest = merge(self._path_manifests)
         scenes = manifest["scenes"]
         if bands is None:
             first = list(next(iter(scenes.values()))["bands"])
@@ -141,18 +142,18 @@ class GeoPatchDataModule(LMDBDataModule):
         self._windows: tuple | None = None
 
     @staticmethod
-    def _scene_manifest(paths: list[Path]) -> Manifest:
+    def _scene_manifests(paths: list[Path]) -> list[Manifest]:
         manifests = []
         for path in paths:
             if not (path / "data.mdb").exists():
                 raise DatasetNotFoundError(f"{path}: no chipped scenes here (data.mdb missing); create it with "
                                            + CHIP_HINT.format(path=path))
-            manifest = Store(path).manifest()
+            manifest = read_manifest(path)
             if not manifest or "scenes" not in manifest:
                 raise ConfigError(f"{path}: not an LMDB of chipped scenes (manifest.json has no scenes); "
                                   f"chip scenes with {CHIP_HINT.format(path=path)}")
             manifests.append(manifest)
-        return merge(manifests)
+        return manifests
 
     def encode_hint(self, path: Path) -> str:
         return CHIP_HINT.format(path=path)
@@ -247,6 +248,7 @@ class GeoPatchDataModule(LMDBDataModule):
         return GeoPatchDataset(self.lmdb_paths, self.bands, keys=items, size=self.output_size,
                                interpolation=self.interpolation, align_corners=self.align_corners,
                                native=self.loads_native, readahead=self.readahead, windows=windows,
+                               manifests=self._path_manifests,
                                window_size=int(self._manifest["chip"]["patch_size"]),
                                scenes=[self._manifest["scenes"][n] for n in names], **self.dataset_kwargs())
 
