@@ -24,8 +24,11 @@ from rico_torch.encode.cli import main
 from rico_torch.encode.verify import verify
 from rico_torch.errors import ConfigError, InputError, UnknownKeyError
 from rico_torch.format import load_value
+from rico_torch.manifest import merge, shard_of
 from rico_torch.manifest import read as read_manifest
 from rico_torch.scenes import chip, stitch
+from rico_torch.scenes.chipper import ChipOptions, plan
+from rico_torch.scenes.discover import find_scenes
 from rico_torch.synthetic._geotiff import write_geotiff
 from rico_torch.synthetic.scenes import make_s2_scene, make_scenes
 
@@ -220,6 +223,20 @@ def test_deterministic_across_workers_and_shards(scene_files, tmp_path):
         chip(scene_files.dataset_dir, tmp_path / f"s{i}", P, S, shard=(i, 2))
     sharded = {**read_lmdb(tmp_path / "s0"), **read_lmdb(tmp_path / "s1")}
     assert sharded == read_lmdb(tmp_path / "w0")
+    whole, parts = manifest_of(tmp_path / "w0"), [manifest_of(tmp_path / f"s{i}") for i in range(2)]
+    assert parts[0]["skipped_nodata"] + parts[1]["skipped_nodata"] == whole["skipped_nodata"]  # its share only
+    merged = merge(parts)
+    assert {k: merged.windows[k] for k in merged.windows} == {k: whole.windows[k] for k in whole.windows}
+
+
+def test_a_shard_plans_only_its_share(scene_files):
+    scenes = find_scenes(scene_files.dataset_dir)
+    options = ChipOptions(P, S)
+    _, every = plan(scenes, options)
+    shares = [plan(scenes, options, (i, 3))[1] for i in range(3)]
+    keys = [{p.key for sp in share for p in sp.patches} for share in shares]
+    assert keys[0].isdisjoint(keys[1]) and keys[0] | keys[1] | keys[2] == {p.key for sp in every for p in sp.patches}
+    assert all(shard_of(k.encode(), 3) == i for i, share in enumerate(keys) for k in share)
 
 
 KILLED = """
