@@ -170,7 +170,7 @@ def mb(n: float) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--counts", type=int, nargs="+", default=[262_144, 3_000_000])
+    parser.add_argument("--counts", type=int, nargs="*", default=[262_144, 3_000_000])
     parser.add_argument("--encode", type=int, default=0, metavar="N", help="also encode N scene windows (0: skip)")
     parser.add_argument("--encode-workers", type=int, default=0)
     parser.add_argument("--measure", nargs=2, metavar=("WHAT", "PATH"), help=argparse.SUPPRESS)
