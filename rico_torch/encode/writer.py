@@ -219,7 +219,8 @@ class _Stats:
 
     counts: Counter = field(default_factory=Counter)
     bands: dict = field(default_factory=dict)  # source -> band -> Counter of (dtype, shape)
-    keys: dict = field(default_factory=dict)  # source -> [key bytes]
+    keys: dict = field(default_factory=dict)  # source -> its keys' bytes, one after another
+    lengths: dict = field(default_factory=dict)  # source -> array of each key's length
     digests: dict = field(default_factory=dict)  # source -> array of each key's 64-bit digest
     content_hash: int = 0
     bytes: int = 0
@@ -230,7 +231,8 @@ class _Stats:
             self.observe(source, key, value)
         self.counts[source] += 1
         raw = key.encode()
-        self.keys.setdefault(source, []).append(raw)
+        self.keys.setdefault(source, bytearray()).extend(raw)  # ~25 B a key, not a bytes object's ~60
+        self.lengths.setdefault(source, array("H")).append(len(raw))
         self.bytes += len(value)
         if digest is None:
             digest = value_digest(raw, value)
@@ -245,12 +247,16 @@ class _Stats:
         ranges, at = {}, 0
         sources = [s for s in order if s in self.keys] + [s for s in self.keys if s not in order]
         for source in sources:
-            ranges[source] = (at, at + len(self.keys[source]))
-            at += len(self.keys[source])
-        keys = [k for s in sources for k in self.keys[s]]
-        digests = np.concatenate([np.frombuffer(self.digests[s], np.uint64) for s in sources]) if sources else \
-            np.zeros(0, np.uint64)
-        return ranges, np.array(keys, dtype=np.bytes_) if keys else np.zeros(0, "S1"), digests
+            ranges[source] = (at, at + len(self.lengths[source]))
+            at += len(self.lengths[source])
+        if not sources:
+            return ranges, np.zeros(0, "S1"), np.zeros(0, np.uint64)
+        lengths = np.concatenate([np.frombuffer(self.lengths[s], np.uint16) for s in sources])
+        width = int(lengths.max())
+        keys = np.zeros((len(lengths), width), np.uint8)  # fixed-width rows, filled in one step
+        keys[np.arange(width) < lengths[:, None]] = np.frombuffer(b"".join(self.keys[s] for s in sources), np.uint8)
+        digests = np.concatenate([np.frombuffer(self.digests[s], np.uint64) for s in sources])
+        return ranges, keys.view(f"S{width}").ravel(), digests
 
     def band_table(self) -> dict:
         table = {}
@@ -406,7 +412,7 @@ def _encode_into(dataset, discovered, directory, fingerprint, num_workers, skip_
                (lambda *a: [o(*a) for o in observers]) if observers else None)
     stats, skipped, resumed = _write(dataset, discovered, directory, num_workers, skip_invalid, quiet, observe)
     ranges, keys, digests = stats.index([sp.source.name for sp in discovered])
-    del stats.keys, stats.digests  # the columns hold them now
+    del stats.keys, stats.lengths, stats.digests  # the columns hold them now
     columns = build_columns(keys, digests, label=_label_column(dataset, discovered, keys))
     facts = {
         **base,

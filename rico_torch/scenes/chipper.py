@@ -26,7 +26,7 @@ from ..encode.discover import Patch, SourcePatches, in_shard
 from ..encode.options import parse_shard
 from ..encode.writer import EncodeResult, encode_dataset
 from ..format import load_value
-from .discover import EDGES, Scene, SceneWindow, check_options, check_sizes, close_rasters, find_scenes, windows
+from .discover import EDGES, Scene, SceneWindow, check_options, check_sizes, close_rasters, find_scenes, offsets
 
 NAME = "scenes"
 EXAMPLE = "python -m rico_torch.encode scenes --dataset-dir scenes/ --target-dir encoded-scenes --patch-size 120"
@@ -58,14 +58,12 @@ def plan(scenes: Sequence[Scene], options: ChipOptions,
         names = scene.band_names + (("mask",) if scene.labels is not None else ())
         source = Source(scene.name, "--dataset-dir", re.escape(Path(scene.path).name), Path(scene.path).is_dir(),
                         tuple(Band(n) for n in names), scene.bands[0].dtype, noun=f"windows of {scene.name}")
-        path, offsets = Path(scene.path), windows(scene, options.patch_size, options.stride, options.edge)
-        keys = [key_of(scene, r, c) for r, c in offsets]
-        if shard is not None:
-            mine = [in_shard(k, *shard) for k in keys]
-            keys, offsets = [k for k, m in zip(keys, mine) if m], [o for o, m in zip(offsets, mine) if m]
+        path = Path(scene.path)
+        rows, cols = (offsets(n, options.patch_size, options.stride, options.edge) for n in (scene.height, scene.width))
+        # one pass, no list of every window between: a million windows are ~250 MB of patches already
         patches = [Patch(key, path, reader=SceneWindow(scene, r, c, options.patch_size, options.min_valid))
-                   for key, (r, c) in zip(keys, offsets)]
-        del keys, offsets
+                   for r in rows for c in cols for key in (key_of(scene, r, c),)
+                   if shard is None or in_shard(key, *shard)]
         sources.append(source)
         discovered.append(SourcePatches(source, Path(scene.path), patches))
     dataset = Dataset(NAME, "Scenes", tuple(sources), description="windows of GeoTIFF scenes", example=EXAMPLE,
@@ -108,10 +106,13 @@ class SceneManifest:
         self.scenes = {s.name: s for s in scenes}
         self.options = options
         self.identity = options.identity()
-        # every window's key and offsets, as arrays (a dict of a million windows costs ~200 MB)
-        self.windows = np.array([p.key.encode() for sp in discovered for p in sp.patches], dtype=np.bytes_)
-        self.offsets = np.array([(p.reader.row, p.reader.col) for sp in discovered for p in sp.patches],
-                                dtype="<i4").reshape(-1, 2)
+        # every window's key and offsets, as arrays filled without a list between (a dict of a
+        # million windows costs ~200 MB)
+        count = sum(len(sp.patches) for sp in discovered)
+        width = max((len(p.key.encode()) for sp in discovered for p in sp.patches), default=1)
+        self.windows = np.fromiter((p.key.encode() for sp in discovered for p in sp.patches), f"S{width}", count)
+        self.offsets = np.fromiter((v for sp in discovered for p in sp.patches for v in (p.reader.row, p.reader.col)),
+                                   "<i4", 2 * count).reshape(-1, 2)
         self.nodata = {s.name: {b.name: b.nodata for b in s.bands} for s in scenes}
         self.moments: dict[str, _Moments] = {}
 

@@ -334,11 +334,6 @@ def check_sizes(scene: Scene, patch: int, stride: int, edge: str) -> None:
                          f"{patch}; use --edge pad")
 
 
-def windows(scene: Scene, patch: int, stride: int, edge: str) -> list[tuple[int, int]]:
-    """(row_off, col_off) of every window, row by row."""
-    return [(r, c) for r in offsets(scene.height, patch, stride, edge) for c in offsets(scene.width, patch, stride, edge)]
-
-
 # --- reading one window ---------------------------------------------------------------------
 
 
