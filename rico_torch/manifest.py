@@ -31,10 +31,10 @@ untouched). This module imports no torch and nothing from the encoder's or the r
 
 from __future__ import annotations
 
+import hashlib
 import json
 import mmap
 import os
-import uuid
 import zlib
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
@@ -544,7 +544,7 @@ def write(directory: Path, facts: dict, ranges: dict[str, tuple[int, int]] | Non
     facts = {k: v for k, v in facts.items() if k not in LEGACY_FIELDS and k not in ("index", "layout")}
     facts["layout"] = LAYOUT
     if columns is not None:
-        index_id = uuid.uuid4().hex
+        index_id = _content_id(columns)
         _write_atomic(directory / INDEX, _sidecar_bytes(index_id, columns))
         facts["index"] = {"file": INDEX, "id": index_id, "rows": len(columns["key"]),
                           "columns": list(columns), "sources": {s: list(r) for s, r in (ranges or {}).items()}}
@@ -552,6 +552,15 @@ def write(directory: Path, facts: dict, ranges: dict[str, tuple[int, int]] | Non
         (directory / INDEX).unlink(missing_ok=True)
     write_json_atomic(directory / MANIFEST, facts)
     return facts
+
+
+def _content_id(columns: dict[str, np.ndarray]) -> str:
+    """The sidecar's id: a digest of its columns (the same encode gives the same manifest.json)."""
+    h = hashlib.blake2b(digest_size=16)
+    for name, array in columns.items():
+        h.update(name.encode() + b"\0" + np.dtype(array.dtype).str.encode() + b"\0")
+        h.update(np.ascontiguousarray(array).data)
+    return h.hexdigest()
 
 
 def upgrade(directory: str | Path) -> str:

@@ -34,3 +34,15 @@ def test_bad_shard_spec(eurosat_files, tmp_path):
     proc = encode_cli("eurosat-ms", "--dataset-dir", str(eurosat_files.root), "--target-dir", str(tmp_path / "t"),
                       "--shard", "3/3", check=False)
     assert proc.returncode == 2 and "I/N" in proc.stderr or "0 <= I < N" in proc.stderr
+
+
+def test_a_shard_job_discovers_only_its_share(eurosat_files):
+    from rico_torch.catalog import get_dataset
+    from rico_torch.encode.discover import discover
+    from rico_torch.manifest import shard_of
+
+    dataset, roots = get_dataset("eurosat-ms"), {"images": eurosat_files.root}
+    every = {p.key for sp in discover(dataset, roots) for p in sp.patches}
+    shares = [{p.key for sp in discover(dataset, roots, (i, 3)) for p in sp.patches} for i in range(3)]
+    assert set().union(*shares) == every and sum(map(len, shares)) == len(every)
+    assert all(shard_of(k.encode(), 3) == i for i, share in enumerate(shares) for k in share)

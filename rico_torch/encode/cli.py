@@ -13,7 +13,7 @@ from ..catalog import DATASETS, Dataset, get_dataset
 from ..cli_errors import report
 from ..errors import ConfigError, InputError, UserError
 from ..manifest import Entries, upgrade
-from .discover import discover, printable, select_shard
+from .discover import discover, printable
 from .options import DEMO_CONFIG, DEMO_TMP_PREFIX, parse_shard
 from .writer import EncodeResult, TargetLock, encode_dataset
 
@@ -278,10 +278,8 @@ def run_verify(args: argparse.Namespace) -> int:
 def run_encode(dataset: Dataset, roots: dict[str, Path], args: argparse.Namespace,
                base: Path | None = None) -> EncodeResult:
     """Encode ``roots``; ``base``: the directory the sources share (side files, manifest extras)."""
-    discovered = discover(dataset, roots)
     shard = getattr(args, "shard", None)
-    if shard is not None:
-        discovered = select_shard(discovered, *shard)
+    discovered = discover(dataset, roots, shard)
     extra = dataset.manifest_extra(discovered, base) if dataset.manifest_extra and base is not None else None
     result = encode_dataset(
         dataset,

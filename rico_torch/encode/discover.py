@@ -154,8 +154,10 @@ def _find_layout_patches(source: Source, root: Path) -> list[Patch]:
     return patches
 
 
-def discover(dataset: Dataset, roots: dict[str, Path]) -> list[SourcePatches]:
-    """Patches of each given source, in the dataset's fixed source order.
+def discover(dataset: Dataset, roots: dict[str, Path], shard: tuple[int, int] | None = None) -> list[SourcePatches]:
+    """Patches of each given source, in the dataset's fixed source order; with ``shard`` (I, N)
+    only shard I's (a key's duplicates share its shard, so the duplicate check holds), and only
+    they are kept past each source's listing.
 
     Raises:
         InputError: a root is missing or empty, holds no patches, a patch sits in a folder
@@ -167,6 +169,8 @@ def discover(dataset: Dataset, roots: dict[str, Path]) -> list[SourcePatches]:
         if source.name not in roots:
             continue
         patches = find_patches(source, roots[source.name])
+        if shard is not None:
+            patches = [p for p in patches if in_shard(p.key, *shard)]
         for patch in patches:
             if patch.key in seen:
                 also = printable(seen[patch.key])
