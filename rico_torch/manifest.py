@@ -290,8 +290,8 @@ class Manifest(dict):
             return np.zeros(0, dtype)
         return np.concatenate(pieces)
 
-    def keys(self, sources: Iterable[str] | None = None):  # type: ignore[override]
-        """Every key of ``sources`` (all: None) as an ``S`` array (not the dict's keys)."""
+    def key_array(self, sources: Iterable[str] | None = None) -> np.ndarray:
+        """Every key of ``sources`` (all: None) as an ``S`` array, source by source."""
         return self.column("key", sources)
 
     def key_count(self) -> int:
@@ -348,14 +348,14 @@ class Manifest(dict):
     def keys_by_source(self) -> dict[str, list[str]]:
         """source -> its keys as str, in index order (Python objects per key: for small datasets,
         tests and inspection; readers use the arrays)."""
-        return {s: self.keys([s]).astype(str).tolist() for s in self.sources()}
+        return {s: self.key_array([s]).astype(str).tolist() for s in self.sources()}
 
     def label_names(self) -> dict[str, str]:
         """key -> class name of every labelled key (Python objects per key, as :meth:`keys_by_source`)."""
         labels, classes = self.labels(), self.get("classes", [])
         if labels is None:
             return {}
-        return {k: classes[i] for k, i in zip(self.keys().astype(str).tolist(), labels.tolist()) if i >= 0}
+        return {k: classes[i] for k, i in zip(self.key_array().astype(str).tolist(), labels.tolist()) if i >= 0}
 
     # --- scene windows -------------------------------------------------------------------------
 
@@ -413,7 +413,7 @@ class Windows(Mapping):
             bool(self.manifest.contains(np.array([key.encode()]))[0])
 
     def __iter__(self) -> Iterator[str]:
-        return (k.decode() for k in self.manifest.keys().tolist())
+        return (k.decode() for k in self.manifest.key_array().tolist())
 
     def __len__(self) -> int:
         return self.manifest.key_count() if self.manifest.has_column("row") else 0

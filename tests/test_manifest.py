@@ -57,11 +57,11 @@ def test_manifest_json_holds_dataset_facts_and_keys_index_the_rest(eurosat_lmdb,
     assert facts["index"]["rows"] == facts["patches"] == len(eurosat_files.keys)
     m = read(eurosat_lmdb)
     stored = read_lmdb(eurosat_lmdb)
-    assert sorted(m.keys().tolist()) == sorted(stored)
-    for key, digest in zip(m.keys().tolist(), m.column("digest").tolist()):
+    assert sorted(m.key_array().tolist()) == sorted(stored)
+    for key, digest in zip(m.key_array().tolist(), m.column("digest").tolist()):
         assert digest == digest64(value_digest(key, stored[key]))
     assert m.label_names() == eurosat_files.labels
-    assert m.contains(np.array([b"nope", m.keys()[3]])).tolist() == [False, True]
+    assert m.contains(np.array([b"nope", m.key_array()[3]])).tolist() == [False, True]
 
 
 def test_earlier_layout_reads_the_same_and_upgrade_moves_it(eurosat_lmdb, tmp_path):
@@ -80,7 +80,7 @@ def test_earlier_layout_reads_the_same_and_upgrade_moves_it(eurosat_lmdb, tmp_pa
     proc = encode_cli("upgrade", str(old))
     assert f"{old}: upgraded manifest.json (" in proc.stderr and (old / INDEX).is_file()
     assert "keys" not in json.loads((old / "manifest.json").read_text()) and sha256(old / "data.mdb") == before
-    assert read(old).keys().tolist() == read(eurosat_lmdb).keys().tolist()
+    assert read(old).key_array().tolist() == read(eurosat_lmdb).key_array().tolist()
     assert read(old).label_names() == read(eurosat_lmdb).label_names()
     assert "is in the current layout already; nothing to do" in encode_cli("upgrade", str(old)).stderr
     assert encode_cli("verify", "--target-dir", str(old), check=False).returncode == 0
@@ -104,7 +104,7 @@ def test_a_rico_hdl_lmdb_has_nothing_to_upgrade_and_still_reads(eurosat_lmdb, tm
     with pytest.raises(TargetError, match="no manifest.json here .an LMDB rico-hdl wrote reads without one.; "
                                           "nothing to upgrade"):
         upgrade(target)
-    assert len(LMDBPatchDataset(target, bands=["B02"])) == len(read(eurosat_lmdb).keys())
+    assert len(LMDBPatchDataset(target, bands=["B02"])) == len(read(eurosat_lmdb).key_array())
 
 
 def test_sidecar_problems_are_one_line_errors_never_misreads(eurosat_lmdb, tmp_path):
@@ -150,7 +150,7 @@ def test_overwrite_swaps_manifest_and_index_together(eurosat_files, eurosat_lmdb
                "--num-workers", "0")
     assert not (target / ".overwrite").exists()
     m = read(target)
-    assert len(m.keys()) == m["patches"] == 1 == len(LMDBPatchDataset(target, bands=["B02"]))
+    assert len(m.key_array()) == m["patches"] == 1 == len(LMDBPatchDataset(target, bands=["B02"]))
 
 
 def _read_in_spawned_worker(dataset, queue) -> None:
@@ -190,11 +190,11 @@ def test_shards_merge_small_manifests_and_map_their_sidecars(eurosat_files, euro
                    "--shard", f"{i}/2", "--quiet", "--num-workers", "0")
     merged = Store([str(s) for s in shards]).manifest()
     whole = read(eurosat_lmdb)
-    assert len(merged.parts) == 2 and merged["patches"] == whole["patches"] == len(merged.keys())
+    assert len(merged.parts) == 2 and merged["patches"] == whole["patches"] == len(merged.key_array())
     assert merged["counts"] == whole["counts"] and "shard" not in merged
-    assert sorted(merged.keys().tolist()) == sorted(whole.keys().tolist())
+    assert sorted(merged.key_array().tolist()) == sorted(whole.key_array().tolist())
     assert merged.label_names() == whole.label_names()
     ds = LMDBPatchDataset([str(s) for s in shards], bands=["B02"])
-    assert sorted(ds.key(i) for i in range(len(ds))) == sorted(whole.keys().astype(str).tolist())
+    assert sorted(ds.key(i) for i in range(len(ds))) == sorted(whole.key_array().astype(str).tolist())
     back = pickle.loads(pickle.dumps(ds))
     assert back.key(len(ds) - 1) == ds.key(len(ds) - 1) and torch.equal(back.labels, ds.labels)

@@ -20,7 +20,7 @@ def test_shards_partition_and_read_as_one(eurosat_files, eurosat_lmdb, tmp_path)
     parts = [set(read_lmdb(t)) for t in shards]
     assert set().union(*parts) == set(read_lmdb(eurosat_lmdb)) and sum(map(len, parts)) == len(eurosat_files.keys)
     whole = LMDBPatchDataset(eurosat_lmdb, bands=["B04", "B08A"])
-    sharded = LMDBPatchDataset([str(s) for s in reversed(shards)], bands=["B04", "B08A"], keys=whole.store.manifest().keys(["images"]))
+    sharded = LMDBPatchDataset([str(s) for s in reversed(shards)], bands=["B04", "B08A"], keys=whole.store.manifest().key_array(["images"]))
     assert len(sharded) == len(whole)
     for i in range(len(whole)):
         assert sharded.key(i) == whole.key(i) and torch.equal(sharded[i]["image"], whole[i]["image"])

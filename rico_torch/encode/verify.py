@@ -263,7 +263,7 @@ def _compare_discovered(dataset_name, discovered, manifest, roots, stored_digest
         if pool is not None:
             pool.shutdown()
     if manifest:
-        expected = manifest.keys([s for s in manifest.sources() if s in roots]).astype(str).tolist()
+        expected = manifest.key_array([s for s in manifest.sources() if s in roots]).astype(str).tolist()
     else:  # no record of which source a key came from: every key must be in the given sources
         expected = list(stored_digests)
     report.problems.extend(f"{k}: in the LMDB but not in the sources" for k in expected if k not in seen)

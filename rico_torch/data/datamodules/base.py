@@ -174,7 +174,7 @@ class LMDBDataModule(L.LightningDataModule):
         if self._stored is None:
             manifest = self.manifest()
             if manifest and manifest.has_keys:
-                self._stored = np.sort(manifest.keys())
+                self._stored = np.sort(manifest.key_array())
             else:
                 with Store(self.lmdb_paths, self.readahead).reader() as reader:
                     keys = reader.keys()

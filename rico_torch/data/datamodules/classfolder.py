@@ -61,7 +61,7 @@ class ClassFolderDataModule(LMDBDataModule):
             index = {c: i for i, c in enumerate(self.classes)}
             keys = np.array(sorted(named), dtype=np.bytes_)
             return keys, np.array([index[named[k.decode()]] for k in keys.tolist()], dtype=np.int64)
-        keys, keep = manifest.keys(), labels >= 0
+        keys, keep = manifest.key_array(), labels >= 0
         keys, labels = keys[keep], labels[keep]
         order = np.argsort(keys, kind="stable")
         return keys[order], labels[order].astype(np.int64)
