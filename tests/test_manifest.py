@@ -198,3 +198,20 @@ def test_shards_merge_small_manifests_and_map_their_sidecars(eurosat_files, euro
     assert sorted(ds.key(i) for i in range(len(ds))) == sorted(whole.key_array().astype(str).tolist())
     back = pickle.loads(pickle.dumps(ds))
     assert back.key(len(ds) - 1) == ds.key(len(ds) - 1) and torch.equal(back.labels, ds.labels)
+
+
+def test_the_encode_half_imports_nothing_from_its_cli():
+    """``encode/info.py`` and ``scenes/chipper.py`` took constants and ``_shard`` from ``encode/cli.py``
+    (which imports them): the shared facts live in ``encode/options.py`` now."""
+    import ast
+
+    root = Path(__file__).resolve().parents[1] / "rico_torch"
+    offenders = []
+    for path in [*(root / "encode").glob("*.py"), *(root / "scenes").glob("*.py"), root / "manifest.py"]:
+        if path.name in ("cli.py", "__main__.py"):
+            continue
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and (node.module or "").split(".")[-1] == "cli" and \
+                    "encode" in f"{path.parent.name}.{node.module}":
+                offenders.append(f"{path.relative_to(root)}:{node.lineno}")
+    assert offenders == []
