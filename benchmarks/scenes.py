@@ -100,7 +100,7 @@ def bench_reads(target: Path, scene_dir: Path, repeats: int) -> tuple[list, int]
     manifest = read(target)
     table, names, scene, rows, cols = manifest.windows.table()
     order = np.lexsort((cols, rows))
-    keys = table[order].astype(str).tolist()
+    keys = [k.decode() for k in table[order].tolist()]
     size = manifest["chip"]["patch_size"]
     bounds = np.zeros((len(keys), 4))
     for i, name in enumerate(names):

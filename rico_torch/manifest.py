@@ -348,14 +348,14 @@ class Manifest(dict):
     def keys_by_source(self) -> dict[str, list[str]]:
         """source -> its keys as str, in index order (Python objects per key: for small datasets,
         tests and inspection; readers use the arrays)."""
-        return {s: self.key_array([s]).astype(str).tolist() for s in self.sources()}
+        return {s: decode_keys(self.key_array([s])) for s in self.sources()}
 
     def label_names(self) -> dict[str, str]:
         """key -> class name of every labelled key (Python objects per key, as :meth:`keys_by_source`)."""
         labels, classes = self.labels(), self.get("classes", [])
         if labels is None:
             return {}
-        return {k: classes[i] for k, i in zip(self.key_array().astype(str).tolist(), labels.tolist()) if i >= 0}
+        return {k: classes[i] for k, i in zip(decode_keys(self.key_array()), labels.tolist()) if i >= 0}
 
     # --- scene windows -------------------------------------------------------------------------
 
@@ -575,6 +575,11 @@ def upgrade(directory: str | Path) -> str:
     ranges, index = manifest.parts[0]
     write(directory, dict(manifest), ranges, dict(index.columns))
     return f"{directory}: upgraded {MANIFEST} ({len(index):,} keys now in {INDEX})"
+
+
+def decode_keys(keys: np.ndarray) -> list[str]:
+    """An ``S`` array of keys as str (UTF-8: numpy's ``astype(str)`` would take them as ASCII)."""
+    return [k.decode() for k in keys.tolist()]
 
 
 def shard_of(key: bytes, count: int) -> int:

@@ -215,3 +215,15 @@ def test_the_encode_half_imports_nothing_from_its_cli():
                     "encode" in f"{path.parent.name}.{node.module}":
                 offenders.append(f"{path.relative_to(root)}:{node.lineno}")
     assert offenders == []
+
+
+def test_keys_are_utf8_not_ascii(tmp_path):
+    from rico_torch.manifest import build_columns, write
+
+    keys = np.array(["Zürich_1".encode(), "Köln_2".encode()], dtype=np.bytes_)
+    write(tmp_path, {"dataset": "x", "classes": ["a", "b"]}, {"images": (0, 2)},
+          build_columns(keys, np.array([1, 2], np.uint64), label=np.array([1, 0], "<i4")))
+    m = read(tmp_path)
+    assert m.keys_by_source() == {"images": ["Zürich_1", "Köln_2"]}
+    assert m.label_names() == {"Zürich_1": "b", "Köln_2": "a"}
+    assert m.lookup("label", np.array(["Köln_2".encode(), b"Bonn"])).tolist() == [0, -1]

@@ -17,13 +17,12 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import lmdb
-import numpy as np
 
 from ..catalog import encode_command, get_dataset
 from ..errors import InputError, TargetError
 from ..format import parse_header
 from .discover import discover, select_shard
-from ..manifest import Manifest, digest64
+from ..manifest import Manifest, decode_keys, digest64
 from .read import value_digest
 from .writer import MANIFEST, TASK_SIZE, encode_task, progress_bar, read_manifest, worker_pool
 
@@ -263,7 +262,7 @@ def _compare_discovered(dataset_name, discovered, manifest, roots, stored_digest
         if pool is not None:
             pool.shutdown()
     if manifest:
-        expected = manifest.key_array([s for s in manifest.sources() if s in roots]).astype(str).tolist()
+        expected = decode_keys(manifest.key_array([s for s in manifest.sources() if s in roots]))
     else:  # no record of which source a key came from: every key must be in the given sources
         expected = list(stored_digests)
     report.problems.extend(f"{k}: in the LMDB but not in the sources" for k in expected if k not in seen)

@@ -426,16 +426,22 @@ def stratified_split(labels: np.ndarray, fractions: tuple[float, float, float], 
     return {s: np.sort(np.concatenate(p)) if p else np.array([], dtype=int) for s, p in parts.items()}
 
 
-def group_split(groups: Sequence[str], fractions: tuple[float, float, float], seed: int) -> dict[str, np.ndarray]:
+def group_split(groups: Sequence | np.ndarray, fractions: tuple[float, float, float], seed: int) -> dict[str, np.ndarray]:
     """Indices of a seeded split that deals whole groups (e.g. locations, tiles) to train, val
-    and test in about ``fractions`` of the groups, so no group straddles two splits."""
-    names = sorted(set(groups))
+    and test in about ``fractions`` of the groups, so no group straddles two splits. ``groups``:
+    one per item, a list or (vectorised, e.g. an ``S`` array of keys) a 1-D array."""
+    if isinstance(groups, np.ndarray):
+        names, inverse = np.unique(groups, return_inverse=True)  # sorted, as sorted(set(...))
+    else:
+        names = sorted(set(groups))
+        position = {g: i for i, g in enumerate(names)}
+        inverse = np.fromiter((position[g] for g in groups), np.int64, len(groups))
     order = np.random.default_rng(seed).permutation(len(names))
     n_val, n_test = (int(round(len(names) * f)) for f in fractions[1:])
     if len(names) >= 3:  # every split non-empty where there are enough groups
         n_val, n_test = max(n_val, 1), max(n_test, 1)
-    split_of = {}
-    for rank, i in enumerate(order):
-        split_of[names[i]] = "val" if rank < n_val else "test" if rank < n_val + n_test else "train"
-    where = np.array([split_of[g] for g in groups])
-    return {s: np.flatnonzero(where == s) for s in SPLITS}
+    split_of = np.zeros(len(names), np.int8)  # by rank in the permutation: val, test, then train
+    split_of[order[:n_val]] = SPLITS.index("val")
+    split_of[order[n_val : n_val + n_test]] = SPLITS.index("test")
+    where = split_of[inverse]
+    return {s: np.flatnonzero(where == i) for i, s in enumerate(SPLITS)}

@@ -9,6 +9,7 @@ import numpy as np
 
 from ...catalog import Dataset
 from ...errors import ConfigError, DatasetNotFoundError, UnknownKeyError
+from ...manifest import decode_keys
 from .base import SPLITS, LMDBDataModule, stratified_split
 
 
@@ -49,7 +50,7 @@ class ClassFolderDataModule(LMDBDataModule):
         """key -> class name: the manifest's labels, else (an LMDB rico-hdl wrote) the key without its
         trailing number, as both datasets name each file after its class (``AnnualCrop_12``, ``river07``)."""
         keys, labels = self._labelled()
-        return {k: self.classes[i] for k, i in zip(keys.astype(str).tolist(), labels.tolist())}
+        return {k: self.classes[i] for k, i in zip(decode_keys(keys), labels.tolist())}
 
     def _labelled(self) -> tuple[np.ndarray, np.ndarray]:
         """Every labelled key, sorted, and its class index: the manifest's label column (vectorised),
