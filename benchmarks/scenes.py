@@ -95,9 +95,18 @@ def bench_reads(target: Path, scene_dir: Path, repeats: int) -> tuple[list, int]
     from rico_torch.data import LMDBPatchDataset
     from rico_torch.data.datamodules.scenes import window_bounds
 
-    manifest = json.loads((target / "manifest.json").read_text())
-    windows = manifest["windows"]
-    keys = sorted(windows, key=lambda k: windows[k]["window"][:2])
+    from rico_torch.manifest import read
+
+    manifest = read(target)
+    table, names, scene, rows, cols = manifest.windows.table()
+    order = np.lexsort((cols, rows))
+    keys = [k.decode() for k in table[order].tolist()]
+    size = manifest["chip"]["patch_size"]
+    bounds = np.zeros((len(keys), 4))
+    for i, name in enumerate(names):
+        mine = scene[order] == i
+        bounds[mine] = window_bounds(rows[order][mine], cols[order][mine], size, manifest["scenes"][name]["transform"])
+    bounds = [tuple(b) for b in bounds.tolist()]
     ds = LMDBPatchDataset(target, BANDS, keys=keys)
     n, batch = len(keys), 64
     best_lmdb, full = float("inf"), None
@@ -110,7 +119,6 @@ def bench_reads(target: Path, scene_dir: Path, repeats: int) -> tuple[list, int]
                 ds.read_batch(list(range(i, n)))
         best_lmdb = min(best_lmdb, time.perf_counter() - start)
     fly = OnTheFly(scene_dir / "T32TQM_20200101", BANDS)
-    bounds = [window_bounds(windows[k]["window"], windows[k]["transform"]) for k in keys]
     native = LMDBPatchDataset(target, BANDS, keys=keys, native=True)
     best_native, full = float("inf"), None
     for _ in range(repeats):
@@ -120,7 +128,6 @@ def bench_reads(target: Path, scene_dir: Path, repeats: int) -> tuple[list, int]
         best_native = min(best_native, (time.perf_counter() - start) / (n - n % batch) * n)
     native.close()
     fly = OnTheFly(scene_dir / "T32TQM_20200101", BANDS)
-    bounds = [window_bounds(windows[k]["window"], windows[k]["transform"]) for k in keys]
     best = {}
     for name, read in (("window", fly.sample), ("merge", fly.merged)):
         best[name] = float("inf")
@@ -156,14 +163,19 @@ size, channels, patch, stride, out = int(sys.argv[1]), int(sys.argv[2]), int(sys
 a = 10.0
 scene = {"path": "", "crs": "EPSG:32632", "transform": [a, 0.0, 600000.0, 0.0, -a, 5000040.0], "width": size,
          "height": size, "bands": {}, "labels": None}
+from rico_torch.manifest import KeyIndex, Manifest, build_columns
 starts = offsets(size, patch, stride, "shift")
-windows = {f"T_{r}_{c}": {"scene": "T", "window": [r, c, patch, patch]} for r in starts for c in starts}
+rows, cols = (a.ravel().astype("<i4") for a in np.meshgrid(starts, starts, indexing="ij"))
+names = np.array([f"T_{r}_{c}".encode() for r, c in zip(rows.tolist(), cols.tolist())], dtype=np.bytes_)
 from rasterio.crs import CRS
 scene["crs"] = CRS.from_epsg(32632).to_wkt()
 rng = np.random.default_rng(0)
 pred = (rng.integers(0, 64, (channels, patch, patch)) / 64).astype(np.float32)  # probability-like values
 start = time.perf_counter()
-stitcher = Stitcher(None, "T", out, "cosine", manifest={"scenes": {"T": scene}, "windows": windows})
+index = KeyIndex(None, arrays=build_columns(names, None, row=rows, col=cols))
+manifest = Manifest({"scenes": {"T": scene}, "chip": {"patch_size": patch}}, [({"T": (0, len(names))}, index)])
+windows = names.astype(str).tolist()
+stitcher = Stitcher(None, "T", out, "cosine", manifest=manifest)
 for key in sorted(windows, key=lambda k: hash(k)):  # any order
     stitcher.add(key, pred)
 added = time.perf_counter()

@@ -6,12 +6,13 @@ warm-up one. Run it with two checkouts' PYTHONPATH, interleaved, to compare them
 
     python benchmarks/slot_reuse.py WORKERS SLOTS STEP_MS   # SLOTS 'd': the default; STEP_MS: a sleep per batch
 """
-import json, sys, time
+import sys, time
 import torch
 from rico_torch.data import LMDBPatchDataset, PatchLoader
+from rico_torch.data.store import read_manifest
 torch.set_num_threads(1)
 path = "/tmp/rico_torch-bench/ben-500-lmdb"
-keys = json.load(open(path + "/manifest.json"))["keys"]
+keys = read_manifest(path).keys_by_source()
 pairs = list(zip(sorted(keys["s2"]), sorted(keys["s1"])))
 BANDS = ["VV", "VH", "B01", "B02", "B03", "B04", "B05", "B06", "B07", "B08", "B8A", "B09", "B11", "B12"]
 ds = LMDBPatchDataset(path, bands=BANDS, keys=pairs * 4)

@@ -136,7 +136,7 @@ def test_read_only_directory(eurosat_lmdb, tmp_path):
     """
     copy = tmp_path / "read-only"
     copy.mkdir()
-    for name in ("data.mdb", "manifest.json"):
+    for name in ("data.mdb", "keys.index", "manifest.json"):
         shutil.copy(eurosat_lmdb / name, copy / name)
         (copy / name).chmod(0o444)
     copy.chmod(0o555)
@@ -153,11 +153,11 @@ def test_read_only_directory(eurosat_lmdb, tmp_path):
         assert batch["image"].equal(original.read_batch(list(range(len(ds))))["image"])
         assert digest_of_dataset(copy, num_workers=2) == digest_of_dataset(eurosat_lmdb, num_workers=0)
         assert snapshot(copy) == before
-        assert sorted(before) == ["data.mdb", "manifest.json"]
+        assert sorted(before) == ["data.mdb", "keys.index", "manifest.json"]
         assert stat.S_IMODE(copy.stat().st_mode) == 0o555
     finally:
         copy.chmod(0o755)
-        for name in ("data.mdb", "manifest.json"):
+        for name in ("data.mdb", "keys.index", "manifest.json"):
             (copy / name).chmod(0o644)
 
 

@@ -15,6 +15,7 @@ from safetensors.numpy import load, save
 
 from rico_torch.catalog import get_dataset
 from rico_torch.encode.discover import find_patches
+from rico_torch.manifest import read as read_manifest
 from rico_torch.synthetic import make_eurosat
 
 from .conftest import encode_cli, read_lmdb
@@ -81,8 +82,8 @@ def test_bigearthnet_values_equal_rasterio(bigearthnet_lmdb, bigearthnet_files):
 
 def test_eurosat_values_and_labels(eurosat_lmdb, eurosat_files):
     assert_identical_to_rasterio(eurosat_lmdb, "eurosat-ms", {"images": eurosat_files.root})
-    manifest = json.loads((eurosat_lmdb / "manifest.json").read_text())
-    assert manifest["labels"] == eurosat_files.labels
+    manifest = read_manifest(eurosat_lmdb)
+    assert manifest.label_names() == eurosat_files.labels
     assert manifest["bands"]["images"]["B08A"] == {"dtype": "uint16", "shape": [64, 64]}
     stored = read_lmdb(eurosat_lmdb)
     key = eurosat_files.keys[0]
@@ -92,8 +93,8 @@ def test_eurosat_values_and_labels(eurosat_lmdb, eurosat_files):
 
 def test_ucmerced_values_labels_and_odd_sizes(ucmerced_lmdb, ucmerced_files):
     assert_identical_to_rasterio(ucmerced_lmdb, "uc-merced", {"images": ucmerced_files.root})
-    manifest = json.loads((ucmerced_lmdb / "manifest.json").read_text())
-    assert manifest["labels"] == ucmerced_files.labels
+    manifest = read_manifest(ucmerced_lmdb)
+    assert manifest.label_names() == ucmerced_files.labels
     red = manifest["bands"]["images"]["Red"]
     assert red["dtype"] == "uint8"
     if len(set(ucmerced_files.shapes.values())) > 1:  # odd sizes are recorded, not hidden
@@ -110,14 +111,15 @@ def test_hyspecnet_values_and_decoys_skipped(hyspecnet_lmdb, hyspecnet_files):
 
 
 def test_manifest_describes_the_data(bigearthnet_lmdb, bigearthnet_files):
-    m = json.loads((bigearthnet_lmdb / "manifest.json").read_text())
+    m = read_manifest(bigearthnet_lmdb)
     f = bigearthnet_files
     assert m["complete"] and m["dataset"] == "bigearthnet" and m["encoder_version"]
     assert m["counts"] == {"s1": len(f.s1_keys), "s2": len(f.s2_keys), "reference_maps": len(f.reference_map_keys)}
     assert m["patches"] == sum(m["counts"].values())
     assert m["bands"]["s2"]["B09"] == {"dtype": "uint16", "shape": [20, 20]}
     assert m["bands"]["s1"]["VV"] == {"dtype": "float32", "shape": [120, 120]}
-    assert m["keys"]["s2"] == sorted(f.s2_keys)
+    assert m.keys_by_source()["s2"] == sorted(f.s2_keys)
+    assert len(json.dumps(dict(m))) < 8000  # dataset-level facts only: per-key facts are in keys.index
     assert len(m["content_hash"]) == 64 and m["skipped"] == []
 
 

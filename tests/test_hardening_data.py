@@ -33,6 +33,7 @@ def copy_lmdb(src: Path, dst: Path, manifest: bool = True) -> Path:
     shutil.copy(src / "data.mdb", dst / "data.mdb")
     if manifest:
         shutil.copy(src / "manifest.json", dst / "manifest.json")
+        shutil.copy(src / "keys.index", dst / "keys.index")
     return dst
 
 

@@ -17,6 +17,7 @@ from rico_torch.catalog import DATASETS, get_dataset
 from rico_torch.cli import main as rico_torch_main
 from rico_torch.encode import info
 from rico_torch.format import load_value
+from rico_torch.manifest import read as read_manifest
 
 from .conftest import encode_cli, read_lmdb
 
@@ -50,10 +51,10 @@ def band_lines(text: str) -> dict[str, list[str]]:
 
 def expected_groups(lmdb_dir: Path) -> dict[str, tuple[int, dict[str, tuple[str, set[str]]]]]:
     """source -> (count, band -> (dtype, shapes)) from the values themselves."""
-    manifest = json.loads((lmdb_dir / "manifest.json").read_text())
+    manifest = read_manifest(lmdb_dir)
     values = read_lmdb(lmdb_dir)
     out = {}
-    for source, keys in manifest["keys"].items():
+    for source, keys in manifest.keys_by_source().items():
         bands: dict[str, tuple[str, set[str]]] = {}
         for key in keys:
             for name, array in load_value(values[key.encode()]).items():
@@ -133,7 +134,7 @@ def test_unknown_lmdb_has_no_fit_line(tmp_path):
 
 
 def test_key_prints_bands_with_min_max_mean(eurosat_lmdb, capsys):
-    key = json.loads((eurosat_lmdb / "manifest.json").read_text())["keys"]["images"][0]
+    key = read_manifest(eurosat_lmdb).keys_by_source()["images"][0]
     assert encode_main(["info", str(eurosat_lmdb), "--key", key]) == 0
     out = capsys.readouterr().out.splitlines()
     bands = load_value(read_lmdb(eurosat_lmdb)[key.encode()])
@@ -147,7 +148,7 @@ def test_plot_draws_a_png_without_touching_the_backend(ucmerced_lmdb, tmp_path, 
     import matplotlib
 
     backend = matplotlib.rcParams._get_backend_or_none()  # noqa: SLF001 -- unresolved stays unresolved
-    key = json.loads((ucmerced_lmdb / "manifest.json").read_text())["keys"]["images"][0]
+    key = read_manifest(ucmerced_lmdb).keys_by_source()["images"][0]
     out = tmp_path / "patch.png"
     assert encode_main(["info", str(ucmerced_lmdb), "--plot", key, str(out)]) == 0
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and capsys.readouterr().out == f"wrote {out}\n"
@@ -173,7 +174,7 @@ def test_info_errors_are_one_line(eurosat_lmdb, tmp_path):
     proc = encode_cli("info", str(tmp_path), check=False)
     assert proc.returncode == 1 and proc.stderr.startswith(f"error: {tmp_path}: no data.mdb here; ")
     proc = encode_cli("info", str(eurosat_lmdb), "--key", "nope", check=False)
-    first = json.loads((eurosat_lmdb / "manifest.json").read_text())["keys"]["images"][0]
+    first = read_manifest(eurosat_lmdb).keys_by_source()["images"][0]
     assert proc.returncode == 1 and proc.stderr == (
         f"error: {eurosat_lmdb}: no key 'nope' in the LMDB (keys look like {first!r}; "
         f"`python -m rico_torch.encode info {eurosat_lmdb}` lists the groups)\n")

@@ -20,6 +20,7 @@ from rico_torch.catalog.satlas import S2_BANDS
 from rico_torch.data import LMDBPatchDataset
 from rico_torch.encode.read import read_png
 from rico_torch.errors import InputError
+from rico_torch.manifest import read as read_manifest
 
 from .conftest import encode_cli, read_lmdb
 
@@ -64,11 +65,13 @@ def test_band_shapes_are_the_pngs_own(satlas_lmdb, satlas_files):
 
 
 def test_manifest_lists_images_and_metadata_is_copied(satlas_files, satlas_lmdb):
-    manifest = json.loads((satlas_lmdb / "manifest.json").read_text())
+    manifest = read_manifest(satlas_lmdb)
     images = manifest["images"]
     name = "S2B_MSIL1C_20200214T100039_N0209_R122_T33UUP_20200214T121234"
     assert images[f"sentinel2/{name}"] == {"modality": "sentinel2", "image": name, "time": satlas_files.times[name],
-                                           "tiles": ["4100_2700", "4100_2701", "4101_2700"]}
+                                           "tiles": 3}
+    tiles = [k.rsplit("/", 1)[1] for k in manifest.keys_by_source()["sentinel2"] if k.startswith(f"sentinel2/{name}/")]
+    assert tiles == ["4100_2700", "4100_2701", "4101_2700"]
     assert images["sentinel1/2020-02"]["time"] == "2020-02"
     for src in (satlas_files.root / "metadata").glob("*.json"):
         assert (satlas_lmdb / "metadata" / src.name).read_bytes() == src.read_bytes()

@@ -24,7 +24,11 @@ from rico_torch.encode.cli import main
 from rico_torch.encode.verify import verify
 from rico_torch.errors import ConfigError, InputError, UnknownKeyError
 from rico_torch.format import load_value
+from rico_torch.manifest import merge, shard_of
+from rico_torch.manifest import read as read_manifest
 from rico_torch.scenes import chip, stitch
+from rico_torch.scenes.chipper import ChipOptions, plan
+from rico_torch.scenes.discover import find_scenes
 from rico_torch.synthetic._geotiff import write_geotiff
 from rico_torch.synthetic.scenes import make_s2_scene, make_scenes
 
@@ -46,7 +50,7 @@ def chipped(scene_files, tmp_path_factory):
 
 
 def manifest_of(target: Path) -> dict:
-    return json.loads((target / "manifest.json").read_text())
+    return read_manifest(target)
 
 
 def band_paths(scene_files) -> dict[str, dict[str, tuple[Path, int]]]:
@@ -63,7 +67,7 @@ def test_every_patch_equals_rasterio_window_reads(chipped, scene_files):
     assert shapes["B02"] == [120, 120] and shapes["B05"] == [60, 60] and shapes["B01"] == [20, 20]
     files = band_paths(scene_files)
     for key, value in values.items():
-        entry = manifest["windows"][key.decode()]
+        entry = manifest.windows[key.decode()]
         scene, (row, col, h, w) = entry["scene"], entry["window"]
         assert key.decode() == f"{scene}_{row}_{col}"
         bands = load_value(value)
@@ -159,7 +163,7 @@ def test_min_valid_skips_and_counts_nodata_windows(mosaic_dir, tmp_path):
     result = chip(mosaic_dir, tmp_path / "t", 60, 60, min_valid=0.9, edge="drop")
     manifest = manifest_of(tmp_path / "t")
     # 5x6 windows of 60 px; the 20 px nodata border leaves those off the border fully valid
-    assert set(manifest["keys"]["mosaic"]) == {f"mosaic_{r}_{c}" for r in (60, 120, 180)
+    assert set(manifest.keys_by_source()["mosaic"]) == {f"mosaic_{r}_{c}" for r in (60, 120, 180)
                                                for c in (60, 120, 180, 240, 300)}
     assert manifest["skipped_nodata"] == 15 and len(result.skipped) == 15
     assert "window mosaic_0_0 (row 0, col 0) has 1,600 valid pixels, fewer than --min-valid 3,240" in result.skipped[0]["reason"]
@@ -180,8 +184,8 @@ def test_stitching_own_values_gives_the_scene_back(scene_files, tmp_path, blend)
     predictions = list(own_values(target, "mosaic", ["B1", "B2", "B3", "B4"]))[::-1]  # any order
     out = stitch(target, "mosaic", predictions, tmp_path / "mosaic.tif", blend=blend, memory=1)  # 256-row bands
     covered = np.zeros((300, 400), bool)
-    for key in manifest["keys"]["mosaic"]:
-        row, col, h, w = manifest["windows"][key]["window"]
+    for key in manifest.keys_by_source()["mosaic"]:
+        row, col, h, w = manifest.windows[key]["window"]
         covered[row : row + h, col : col + w] = True
     assert covered.any() and not covered.all()
     with rasterio.open(scene_files.mosaic) as src, rasterio.open(out) as got:
@@ -223,6 +227,20 @@ def test_deterministic_across_workers_and_shards(scene_files, tmp_path):
         chip(scene_files.dataset_dir, tmp_path / f"s{i}", P, S, shard=(i, 2))
     sharded = {**read_lmdb(tmp_path / "s0"), **read_lmdb(tmp_path / "s1")}
     assert sharded == read_lmdb(tmp_path / "w0")
+    whole, parts = manifest_of(tmp_path / "w0"), [manifest_of(tmp_path / f"s{i}") for i in range(2)]
+    assert parts[0]["skipped_nodata"] + parts[1]["skipped_nodata"] == whole["skipped_nodata"]  # its share only
+    merged = merge(parts)
+    assert {k: merged.windows[k] for k in merged.windows} == {k: whole.windows[k] for k in whole.windows}
+
+
+def test_a_shard_plans_only_its_share(scene_files):
+    scenes = find_scenes(scene_files.dataset_dir)
+    options = ChipOptions(P, S)
+    _, every = plan(scenes, options)
+    shares = [plan(scenes, options, (i, 3))[1] for i in range(3)]
+    keys = [{p.key for sp in share for p in sp.patches} for share in shares]
+    assert keys[0].isdisjoint(keys[1]) and keys[0] | keys[1] | keys[2] == {p.key for sp in every for p in sp.patches}
+    assert all(shard_of(k.encode(), 3) == i for i, share in enumerate(keys) for k in share)
 
 
 KILLED = """
@@ -352,7 +370,7 @@ def test_stitching_a_class_map_and_integer_scores(chipped, scene_files, tmp_path
     from rico_torch.scenes.callback import GeoTIFFPredictionWriter
 
     rng = np.random.default_rng(0)
-    windows = manifest_of(chipped)["windows"]
+    windows = manifest_of(chipped).windows
     masks = dict((k, m[0]) for k, m in own_values(chipped, "mosaic", ["mask"]))
     skipped = sorted(masks)[0]  # one window left out: nodata where no other covers it
     scores = [(k, np.eye(5, dtype=np.float32)[m.astype(int)].transpose(2, 0, 1) + rng.random((5, *m.shape)) * 0.4)

@@ -13,6 +13,7 @@ from rasterio.windows import Window
 from rasterio.windows import bounds as window_bounds
 
 from rico_torch.data import GeoPatchDataModule
+from rico_torch.data.store import read_manifest
 from rico_torch.errors import ConfigError
 from rico_torch.scenes import chip
 from rico_torch.synthetic.scenes import make_scenes
@@ -41,7 +42,7 @@ def test_samples_carry_bounds_crs_mask_and_manifest_normalisation(mosaic_lmdb):
     assert batch["image"].shape == (4, 4, 60, 60) and batch["mask"].shape == (4, 60, 60)
     with rasterio.open(files.mosaic) as src:
         for key, bounds, crs in zip(batch["key"], batch["bounds"], batch["crs"]):
-            row, col, h, w = manifest["windows"][key]["window"]
+            row, col, h, w = dm.manifest().windows[key]["window"]
             assert tuple(bounds.tolist()) == pytest.approx(window_bounds(Window(col, row, w, h), src.transform))
             assert rasterio.crs.CRS.from_wkt(crs) == src.crs
     sample = dm.datasets["train"][0]
@@ -51,7 +52,7 @@ def test_samples_carry_bounds_crs_mask_and_manifest_normalisation(mosaic_lmdb):
 def _pixels(dm, split: str) -> np.ndarray:
     covered = np.zeros((300, 400), bool)
     for key in dm.splits()[split].tolist():
-        row, col, h, w = dm.manifest()["windows"][key.decode()]["window"]
+        row, col, h, w = dm.manifest().windows[key.decode()]["window"]
         covered[row : row + h, col : col + w] = True
     return covered
 
@@ -63,13 +64,13 @@ def test_block_split_shares_no_pixels(mosaic_lmdb):
     assert train.any() and val.any() and test.any()
     assert not (train & val).any() and not (train & test).any() and not (val & test).any()
     random = GeoPatchDataModule(str(target), split="random", num_workers=0)
-    assert sum(len(v) for v in random.splits().values()) == len(dm.manifest()["windows"])
+    assert sum(len(v) for v in random.splits().values()) == len(dm.manifest().windows)
 
 
 def test_scene_split_and_bad_arguments(mosaic_lmdb):
     target, _ = mosaic_lmdb
     dm = GeoPatchDataModule(str(target), split="scene", val_scenes=["mosaic"], num_workers=0)
-    assert len(dm.splits()["train"]) == 0 and len(dm.splits()["val"]) == len(dm.manifest()["windows"])
+    assert len(dm.splits()["train"]) == 0 and len(dm.splits()["val"]) == len(dm.manifest().windows)
     with pytest.raises(ConfigError, match="scene 'nope' is not in"):
         GeoPatchDataModule(str(target), split="scene", val_scenes=["nope"])
     with pytest.raises(ConfigError, match="band 'B02' is not in scene 'mosaic'"):
@@ -159,7 +160,7 @@ def test_scenes_with_different_bands_in_one_lmdb(mixed_lmdb):
     mosaic = GeoPatchDataModule(str(target), scenes=["mosaic"], num_workers=0, block_size=120, batch_size=4)
     assert mosaic.bands == ["B1", "B2", "B3", "B4"]
     mosaic.setup("fit")
-    windows = json.loads((target / "manifest.json").read_text())["windows"]
+    windows = read_manifest(target).windows
     train = mosaic.datasets["train"]
     assert {windows[train.key(i)]["scene"] for i in range(len(train))} == {"mosaic"}
     sentinel = GeoPatchDataModule(str(target), scenes=[s2], bands=["B04", "B03", "B02"], num_workers=0,

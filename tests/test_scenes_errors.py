@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import shutil
 
 import numpy as np
@@ -10,6 +9,7 @@ import pytest
 import rasterio
 
 from rico_torch.errors import ConfigError, DatasetNotFoundError, InputError, UnknownKeyError
+from rico_torch.manifest import read as read_manifest
 from rico_torch.scenes import chip
 from rico_torch.scenes.discover import find_scenes
 from rico_torch.scenes.stitcher import Stitcher
@@ -98,7 +98,7 @@ def test_prediction_writer_names_unknown_keys(chipped, tmp_path):
     from rico_torch.scenes.callback import GeoTIFFPredictionWriter
 
     writer = GeoTIFFPredictionWriter(tmp_path / "out", lmdb_path=str(chipped))
-    writer._manifest = json.loads((chipped / "manifest.json").read_text())
+    writer._manifest = read_manifest(chipped)
     writer._stitchers = {}
     assert message(lambda: writer.write_on_batch_end(None, None, [np.zeros((1, 60, 60))], [0], {"key": ["z_1_1"]}, 0)) \
         == f"prediction for key 'z_1_1': not a window of {chipped}"

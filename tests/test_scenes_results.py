@@ -128,6 +128,10 @@ def test_auto_named_bands_of_unrelated_scenes_are_not_pooled(unrelated, tmp_path
         "statistics"]["B1"]["mean"]
     with pytest.raises(ConfigError, match="cannot normalise band B1 is an auto name"):
         GeoPatchDataModule(str(tmp_path / "t"), num_workers=0, mask=False).statistics()
+    # scenes= normalises with the scenes in use only: the hillshade alone is its own statistics
+    mean, std = GeoPatchDataModule(str(tmp_path / "t"), num_workers=0, mask=False, scenes=["hillshade"]).statistics()
+    hill = manifest["scenes"]["hillshade"]["statistics"]["B1"]
+    assert mean.tolist() == pytest.approx([hill["mean"]]) and std.tolist() == pytest.approx([hill["std"]])
     # named bands (file stems of two Sentinel-2 products) pool: B02 is B02
     pooled, refused = pool({n: {"bands": {"B02": {"dtype": "uint16"}}, "band_names": "file",
                                 "statistics": {"B02": Moments.of(np.array([i, i + 2.0])).entry()}}

@@ -197,7 +197,9 @@ class Dataset:
             files copied into the target beside ``data.mdb`` (same relative path), e.g.
             SatlasPretrain's ``metadata/*.json``.
         manifest_extra: a function ``(discovered patches, source roots) -> dict`` whose entries
-            are added to the manifest (e.g. each image's time and tiles).
+            are added to ``manifest.json`` (dataset-level only, e.g. each image's time and tile
+            count), through the manifest's one extension mechanism
+            (:class:`rico_torch.manifest.Entries`).
     """
 
     name: str

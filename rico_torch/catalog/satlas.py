@@ -160,17 +160,18 @@ def image_time(image: str, times: dict[str, str]) -> str:
 
 
 def image_manifest(discovered, dataset_dir: Path) -> dict:
-    """The manifest's ``images``: each image's modality, time (:func:`image_time`) and tiles."""
+    """The manifest's ``images``: each image's modality, time (:func:`image_time`) and number of
+    tiles (which tiles: its keys ``<modality>/<image>/<tile>``, in ``keys.index``)."""
     times = image_times(Path(dataset_dir) / "metadata")
     images: dict[str, dict] = {}
     for sp in discovered:
         if sp.source.name not in MODALITIES:
             continue
         for patch in sp.patches:
-            _, image, tile = patch.key.split("/")
+            _, image, _ = patch.key.split("/")
             entry = images.setdefault(f"{sp.source.name}/{image}", {
-                "modality": sp.source.name, "image": image, "time": image_time(image, times), "tiles": []})
-            entry["tiles"].append(tile)
+                "modality": sp.source.name, "image": image, "time": image_time(image, times), "tiles": 0})
+            entry["tiles"] += 1
     return {"images": images}
 
 

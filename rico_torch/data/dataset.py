@@ -131,6 +131,8 @@ class LMDBPatchDataset(Dataset):
             256 px read). Not with ``native``.
         crop_mode: ``random`` (a window drawn with torch's generator per read, so per DataLoader
             worker seed) or ``center``. Samples carry ``crop``: the window's (top, left) on the grid.
+        manifests: each path's manifest as ``read_manifest`` returns it, where already read (the
+            DataModules read them once and hand them to every dataset); ``None``: read here.
 
     Samples are dicts: ``image`` (float32 C x H x W), ``key`` (str, or tuple of str), and
     ``label`` and ``mask`` where known. A DataLoader reads whole batches through
@@ -155,6 +157,7 @@ class LMDBPatchDataset(Dataset):
         allow_incomplete: bool = False,
         crop: int | tuple[int, int] | None = None,
         crop_mode: str = "random",
+        manifests: Sequence | None = None,
     ) -> None:
         if interpolation not in INTERPOLATIONS:
             raise ConfigError(f"interpolation {interpolation!r} is not one of {INTERPOLATIONS}")
@@ -169,7 +172,7 @@ class LMDBPatchDataset(Dataset):
         # with crop: ``grid`` is what the crop is cut from (None: each item's largest band)
         self.grid = _check_size(size) if self.crop is not None else None
         self.size = self.crop if self.crop is not None else _check_size(size)
-        self.store = Store(path, readahead, allow_incomplete)
+        self.store = Store(path, readahead, allow_incomplete, manifests)
         self.path = self.store.paths[0] if len(self.store.paths) == 1 else self.store.paths
         self._pid = -1
         self._plans: dict[tuple[bytes, ...], _Plan] = {}
@@ -183,13 +186,16 @@ class LMDBPatchDataset(Dataset):
             manifest = None  # an unfinished encode's manifest (allow_incomplete): the LMDB tells
         self.classes: tuple[str, ...] = tuple(manifest.get("classes", ())) if manifest else ()
         layouts = None  # the distinct band layouts of the items, where they were surveyed
+        # keys=None over a manifest: (manifest, row segments) the keys are a view of; a worker
+        # gets these (sidecar paths), not the keys, and maps the keys again
+        self._key_ref: tuple | None = None
         if keys is None:
             keys, layouts = self._keys_with_bands(manifest)
-        self._keys = _pack_keys(keys)
-        if labels is None and manifest and manifest.get("labels") and self._keys.ndim == 1:
-            index = {c: i for i, c in enumerate(self.classes)}
-            names = [manifest["labels"].get(k.decode()) for k in self._keys]
-            labels = None if None in names else np.array([index[n] for n in names], dtype=np.int64)
+        self._keys = keys if self._key_ref is not None else _pack_keys(keys)  # the sidecar's: checked at write
+        if labels is None and manifest and self._keys.ndim == 1 and manifest.has_column("label"):
+            found = (manifest.column("label", segments=self._key_ref[1]) if self._key_ref is not None
+                     else manifest.lookup("label", self._keys))
+            labels = None if (found < 0).any() else found.astype(np.int64)
         self.labels = None if labels is None else torch.as_tensor(np.asarray(labels))
         if self.labels is not None and len(self.labels) != len(self):
             raise ConfigError(f"{len(self.labels)} labels for {len(self)} items")
@@ -223,7 +229,7 @@ class LMDBPatchDataset(Dataset):
         sources, e.g. BigEarthNet's S1, S2 and reference maps), and, without a manifest, the
         band layouts seen (one walk over the LMDB; distinct headers are parsed once)."""
         wanted = set(self._wanted)
-        if manifest and manifest.get("keys"):
+        if manifest and manifest.has_keys:
             tables = manifest["bands"]
             matching = [s for s, table in tables.items() if wanted <= set(table)]
             if not matching:
@@ -231,7 +237,10 @@ class LMDBPatchDataset(Dataset):
                 held = "; ".join(f"{s}: {sorted(t)}" for s, t in tables.items())
                 raise ConfigError(f"no source in {self.store} holds all of bands {sorted(wanted)} ({held}); pass "
                                   "keys= as tuples to merge keys of several sources into one item")
-            return [k for s in matching for k in manifest["keys"].get(s, [])], None
+            segments = manifest.segments(matching)
+            if segments:
+                self._key_ref = (manifest, segments)
+            return manifest.column("key", segments=segments), None
         parsed: dict[bytes, dict[str, TensorInfo]] = {}
         keys, layouts = [], {}
         with self._reader() as reader:
@@ -308,7 +317,15 @@ class LMDBPatchDataset(Dataset):
     def __getstate__(self) -> dict:
         state = self.__dict__.copy()
         state["_pid"], state["_plans"], state["_last_plan"], state["_scratch"] = -1, {}, ((), None), {}
+        if self._key_ref is not None:  # mapped again from the sidecar: no per-key data in the pickle
+            state["_keys"] = None
         return state
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        if self._key_ref is not None:
+            manifest, segments = self._key_ref
+            self._keys = manifest.column("key", segments=segments)
 
     # --- planning ---------------------------------------------------------------------
 

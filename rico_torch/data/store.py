@@ -12,15 +12,15 @@ by a dataset created after the swap.
 
 from __future__ import annotations
 
-import json
 import os
-import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
 import lmdb
 
 from ..catalog import encode_command
+from ..manifest import Manifest, entry_shapes, merge, shard_of  # noqa: F401  (re-exported)
+from ..manifest import read as read_any
 from ..errors import ConfigError, DatasetNotFoundError, FormatError, IncompleteDatasetError, StaleDatasetError
 
 Identity = tuple[int, int]  # (st_dev, st_ino) of data.mdb
@@ -38,11 +38,6 @@ class _Handle:
 _HANDLES: dict[str, _Handle] = {}  # real path -> this process's handle
 
 
-def shard_of(key: bytes, count: int) -> int:
-    """The shard a key belongs to (the encoder's ``--shard`` rule)."""
-    return zlib.crc32(key) % count
-
-
 def _require_lmdb(path: Path) -> None:
     if not (path / "data.mdb").is_file():
         what = "directory does not exist" if not path.exists() else "no data.mdb here"
@@ -52,8 +47,9 @@ def _require_lmdb(path: Path) -> None:
         )
 
 
-def read_manifest(path: str | Path) -> dict | None:
-    """The encoder's ``manifest.json`` beside ``data.mdb``; None for an LMDB without one (rico-hdl).
+def read_manifest(path: str | Path) -> Manifest | None:
+    """The encoder's manifest beside ``data.mdb`` (:func:`rico_torch.manifest.read`); None for an
+    LMDB without one (rico-hdl).
 
     Raises:
         DatasetNotFoundError: ``path`` holds no LMDB (a mistyped path).
@@ -61,21 +57,7 @@ def read_manifest(path: str | Path) -> dict | None:
     """
     path = Path(path)
     _require_lmdb(path)
-    file = path / "manifest.json"
-    try:
-        text = file.read_text()
-    except FileNotFoundError:
-        return None
-    except (OSError, UnicodeDecodeError) as e:
-        raise FormatError(f"{file}: unreadable manifest ({e})") from None
-    try:
-        manifest = json.loads(text)
-    except ValueError as e:
-        raise FormatError(f"{file}: corrupt manifest, not valid JSON ({e}); re-encode with --overwrite, "
-                          "or delete manifest.json to read the LMDB without it") from None
-    if not isinstance(manifest, dict):
-        raise FormatError(f"{file}: corrupt manifest (a JSON {type(manifest).__name__}, not an object)")
-    return manifest
+    return read_any(path)
 
 
 def check_complete(path: Path, manifest: dict | None) -> None:
@@ -192,9 +174,12 @@ class Store:
             environment is used as this process's handle on its LMDB (py-lmdb allows only one);
             other processes open their own.
         allow_incomplete: read an LMDB whose encode has not finished.
+        manifests: each path's manifest as :func:`read_manifest` returns it, where the caller
+            has read them (a DataModule reads them once for all its datasets).
     """
 
-    def __init__(self, paths, readahead: bool = False, allow_incomplete: bool = False) -> None:
+    def __init__(self, paths, readahead: bool = False, allow_incomplete: bool = False,
+                 manifests: list | None = None) -> None:
         given = list(paths) if isinstance(paths, (list, tuple)) else [paths]
         if not given:
             raise ConfigError("no LMDB path given")
@@ -202,7 +187,11 @@ class Store:
         # the user's environments, used again in this process after a close() (never pickled)
         self._given = (os.getpid(), [p for p in given if isinstance(p, lmdb.Environment)])
         self.readahead = readahead
-        manifests = [read_manifest(p) for p in self.paths]  # also: each path holds an LMDB
+        if manifests is None or len(manifests) != len(self.paths):
+            manifests = [read_manifest(p) for p in self.paths]  # also: each path holds an LMDB
+        else:
+            for path in self.paths:
+                _require_lmdb(path)
         if not allow_incomplete:
             for path, manifest in zip(self.paths, manifests):
                 check_complete(path, manifest)
@@ -229,31 +218,13 @@ class Store:
     def __str__(self) -> str:
         return str(self.paths[0]) if len(self.paths) == 1 else f"{len(self.paths)} shards ({self.paths[0]}, ...)"
 
-    def manifest(self) -> dict | None:
-        """The manifests, merged over shards: keys, labels and bands (None if any path lacks one,
-        e.g. rico-hdl output).
-
-        Read on demand and not kept: with every key listed it can take tens of MB, which the
-        store (carried into every DataLoader worker) must not hold.
-        """
+    def manifest(self) -> Manifest | None:
+        """The manifests, merged over shards (:func:`rico_torch.manifest.merge`; None if any path
+        lacks one, e.g. rico-hdl output). Per-key facts stay in the mapped sidecars."""
         manifests, self._read_manifests = self._read_manifests, None
         if manifests is None:
             manifests = [read_manifest(p) for p in self.paths]
-        if any(m is None for m in manifests):
-            return None
-        if len(manifests) == 1:
-            return manifests[0]
-        merged: dict = {"classes": manifests[0].get("classes", []), "keys": {}, "labels": {}, "bands": {},
-                        "complete": all(m.get("complete") is not False for m in manifests)}
-        for m in manifests:
-            for source, keys in m.get("keys", {}).items():
-                merged["keys"].setdefault(source, []).extend(keys)
-            merged["labels"].update(m.get("labels", {}))
-            for source, table in m.get("bands", {}).items():
-                into = merged["bands"].setdefault(source, {})
-                for band, entry in table.items():
-                    into[band] = _merge_band(into[band], entry) if band in into else entry
-        return merged
+        return merge(manifests)
 
     def environments(self) -> list[lmdb.Environment]:
         """This process's handles (looked up once per process, not per read)."""
@@ -282,23 +253,6 @@ class Store:
 
     def reader(self) -> "_Reader":
         return _Reader(self)
-
-
-def entry_shapes(entry: dict) -> dict[str, int]:
-    """A manifest band entry's shapes as ``"HxW"`` -> count (count 1 where one shape is recorded)."""
-    if entry.get("shape"):
-        return {"x".join(map(str, entry["shape"])): 1}
-    return dict(entry.get("shapes", {}))
-
-
-def _merge_band(a: dict, b: dict) -> dict:
-    """One band's manifest entry over two shards: shapes that differ are kept, with their counts."""
-    if a.get("shape") and a.get("shape") == b.get("shape"):
-        return a
-    shapes = entry_shapes(a)
-    for shape, n in entry_shapes(b).items():
-        shapes[shape] = shapes.get(shape, 0) + n
-    return {"dtype": a.get("dtype"), "shape": None, "shapes": shapes}
 
 
 class _Reader:

@@ -12,8 +12,10 @@ from pathlib import Path
 from ..catalog import DATASETS, Dataset, get_dataset
 from ..cli_errors import report
 from ..errors import ConfigError, InputError, UserError
-from .discover import discover, printable, select_shard
-from .writer import EncodeResult, encode_dataset, split_skipped
+from ..manifest import Entries, upgrade
+from .discover import discover, printable
+from .options import DEMO_TMP_PREFIX, demo_fit_command, parse_shard
+from .writer import EncodeResult, TargetLock, encode_dataset, split_skipped
 
 DESCRIPTION = """\
 Convert a remote-sensing patch dataset into one LMDB whose values are safetensors dicts
@@ -34,16 +36,6 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--num-workers", type=int, default=default_workers(),
                    help="reader processes (default: all cores, %(default)s here); 0 reads in this process")
     p.add_argument("--quiet", action="store_true", help="no progress bar or summary (errors still go to stderr)")
-
-
-def _shard(text: str) -> tuple[int, int]:
-    try:
-        index, count = (int(x) for x in text.split("/"))
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not I/N (e.g. 0/4)") from None
-    if not 0 <= index < count:
-        raise argparse.ArgumentTypeError(f"shard {text!r}: need 0 <= I < N")
-    return index, count
 
 
 def _add_dataset(sub, dataset: Dataset) -> None:
@@ -69,7 +61,7 @@ def _add_dataset(sub, dataset: Dataset) -> None:
     _common(p)
     p.add_argument("--overwrite", action="store_true",
                    help="replace an LMDB already in the target instead of resuming or refusing")
-    p.add_argument("--shard", type=_shard, metavar="I/N",
+    p.add_argument("--shard", type=parse_shard, metavar="I/N",
                    help="write only shard I of N (0-based; keys with crc32(key) %% N == I), e.g. one job of "
                         "a batch array; read the N target directories together as one dataset")
     p.add_argument("--skip-invalid", action="store_true",
@@ -147,8 +139,6 @@ def copy_side_files(dataset: Dataset, base: Path, target: Path) -> list[Path]:
     return copied
 
 
-DEMO_TMP_PREFIX = "rico_torch-demo-"  # the demo's sources live in such a temporary folder
-DEMO_CONFIG = "configs/demo.yaml"
 
 
 def build_parser(prog: str = "python -m rico_torch.encode") -> argparse.ArgumentParser:
@@ -200,6 +190,17 @@ def build_parser(prog: str = "python -m rico_torch.encode") -> argparse.Argument
 
     add_scenes_parser(sub, _common)
     add_info_parser(sub)
+    upgrade = sub.add_parser(
+        "upgrade",
+        help="rewrite a manifest.json written before keys.index (per-key facts inside) in the current layout",
+        description="Move the per-key facts (keys, digests, labels, scene windows) of a manifest.json written by "
+        "an earlier rico_torch into keys.index beside it; data.mdb is not touched. Earlier manifests are read "
+        "correctly without this, but parsed whole on every open; after it, opening maps keys.index instead.",
+        epilog="example:\n  python -m rico_torch.encode upgrade encoded-eurosat",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    upgrade.add_argument("target", type=Path, metavar="LMDB_DIR", help="directory holding data.mdb and manifest.json")
+    upgrade.set_defaults(dataset="upgrade")
     return parser
 
 
@@ -277,10 +278,8 @@ def run_verify(args: argparse.Namespace) -> int:
 def run_encode(dataset: Dataset, roots: dict[str, Path], args: argparse.Namespace,
                base: Path | None = None) -> EncodeResult:
     """Encode ``roots``; ``base``: the directory the sources share (side files, manifest extras)."""
-    discovered = discover(dataset, roots)
     shard = getattr(args, "shard", None)
-    if shard is not None:
-        discovered = select_shard(discovered, *shard)
+    discovered = discover(dataset, roots, shard)
     extra = dataset.manifest_extra(discovered, base) if dataset.manifest_extra and base is not None else None
     result = encode_dataset(
         dataset,
@@ -292,7 +291,7 @@ def run_encode(dataset: Dataset, roots: dict[str, Path], args: argparse.Namespac
         quiet=args.quiet,
         sources_info={k: str(v.resolve()) for k, v in roots.items()},
         shard=shard,
-        manifest_extra=extra,
+        extension=Entries(extra),
     )
     if base is not None:
         copy_side_files(dataset, base, args.target_dir)
@@ -326,14 +325,6 @@ def write_demo_metadata(target: Path, pairs, labels) -> Path:
     return path
 
 
-def demo_fit_command(target: Path) -> str:
-    """The command that trains on the demo's LMDB at ``target`` (configs/demo.yaml reads demo-lmdb)."""
-    command = f"python -m rico_torch fit --config {DEMO_CONFIG}"
-    if Path(target) != Path("demo-lmdb"):
-        command += f" --data.init_args.lmdb_path {target} --data.init_args.metadata_dir {target}"
-    return command
-
-
 def next_steps(target: Path, dataset_name: str) -> str:
     """The line after the summary: what to run next on the LMDB just written."""
     if dataset_name == "scenes":
@@ -355,6 +346,13 @@ def main(argv: list[str] | None = None, prog: str = "python -m rico_torch.encode
 
         try:
             return run_info(args)
+        except UserError as e:
+            return report(e)
+    if args.dataset == "upgrade":
+        try:
+            with TargetLock(args.target):
+                print(upgrade(args.target), file=sys.stderr)
+            return 0
         except UserError as e:
             return report(e)
     if args.num_workers < 0:

@@ -3,16 +3,16 @@
 from __future__ import annotations
 
 import os
-import zlib
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
 
 from ..catalog import Dataset, Source
 from ..errors import InputError
+from ..manifest import shard_of
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)  # slots: a million scene windows are a million of these
 class Patch:
     """One value to write: its key, the file or folder it comes from, its class label; for a
     ``layout`` source also its named groups (``fields``) and, for an ``open_bands`` one, the files
@@ -154,8 +154,10 @@ def _find_layout_patches(source: Source, root: Path) -> list[Patch]:
     return patches
 
 
-def discover(dataset: Dataset, roots: dict[str, Path]) -> list[SourcePatches]:
-    """Patches of each given source, in the dataset's fixed source order.
+def discover(dataset: Dataset, roots: dict[str, Path], shard: tuple[int, int] | None = None) -> list[SourcePatches]:
+    """Patches of each given source, in the dataset's fixed source order; with ``shard`` (I, N)
+    only shard I's (a key's duplicates share its shard, so the duplicate check holds), and only
+    they are kept past each source's listing.
 
     Raises:
         InputError: a root is missing or empty, holds no patches, a patch sits in a folder
@@ -167,6 +169,8 @@ def discover(dataset: Dataset, roots: dict[str, Path]) -> list[SourcePatches]:
         if source.name not in roots:
             continue
         patches = find_patches(source, roots[source.name])
+        if shard is not None:
+            patches = [p for p in patches if in_shard(p.key, *shard)]
         for patch in patches:
             if patch.key in seen:
                 also = printable(seen[patch.key])
@@ -185,7 +189,9 @@ def select_shard(discovered: list[SourcePatches], index: int, count: int) -> lis
     The rule needs no coordination between shard jobs, and a reader finds a key's shard from
     the key alone (``rico_torch.data.store.shard_of``).
     """
-    return [
-        replace(sp, patches=[p for p in sp.patches if zlib.crc32(p.key.encode()) % count == index])
-        for sp in discovered
-    ]
+    return [replace(sp, patches=[p for p in sp.patches if in_shard(p.key, index, count)]) for sp in discovered]
+
+
+def in_shard(key: str, index: int, count: int) -> bool:
+    """Whether ``key`` belongs to shard ``index`` of ``count`` (``--shard``'s rule)."""
+    return shard_of(key.encode(), count) == index

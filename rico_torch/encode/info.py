@@ -26,6 +26,7 @@ from ..catalog import Dataset, Source, get_dataset
 from ..contents import Recognised, header, recognise, recognise_patch
 from ..errors import DatasetNotFoundError, TargetError, UnknownKeyError, UserError
 from ..format import load_value
+from ..manifest import Manifest
 from .writer import read_manifest
 
 #: Values whose headers are read per key group when there is no manifest.
@@ -97,7 +98,9 @@ def groups_from_manifest(manifest: dict) -> list[Group]:
     groups = []
     for name, count in manifest.get("counts", {}).items():
         source = dataset.source(name) if dataset and name in {s.name for s in dataset.sources} else None
-        group = Group(name, dataset, source, count, example=(manifest.get("keys", {}).get(name) or [""])[0])
+        first = manifest.column("key", segments=manifest.segments([name])[:1])[:1] \
+            if isinstance(manifest, Manifest) and manifest.has_keys else []
+        group = Group(name, dataset, source, count, example=first[0].decode() if len(first) else "")
         for band, entry in manifest.get("bands", {}).get(name, {}).items():
             shapes = entry.get("shapes") or {"x".join(map(str, entry.get("shape") or ())): count}
             group.bands[band] = Counter({(entry["dtype"], s): n for s, n in shapes.items()})
@@ -178,7 +181,7 @@ def _band_lines(group: Group) -> list[str]:
 
 def fit_line(path: Path, dataset: Dataset, manifest: dict | None) -> str:
     """The DataModule and config that train on the LMDB, and the command."""
-    from .cli import DEMO_CONFIG, DEMO_TMP_PREFIX, demo_fit_command
+    from .options import DEMO_CONFIG, DEMO_TMP_PREFIX, demo_fit_command
 
     sources = (manifest or {}).get("sources", {})
     is_demo = bool(sources) and all(DEMO_TMP_PREFIX in str(s) for s in sources.values())

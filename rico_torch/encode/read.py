@@ -268,8 +268,3 @@ def value_digest(key: bytes, value: bytes) -> int:
     h.update(key)
     h.update(value)
     return int.from_bytes(h.digest(), "little")
-
-
-def short_digest(digest: int) -> str:
-    """The per-key digest kept in the manifest: 64 bits, enough to name a changed value."""
-    return f"{digest & ((1 << 64) - 1):016x}"

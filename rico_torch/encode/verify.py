@@ -22,7 +22,8 @@ from ..catalog import encode_command, get_dataset
 from ..errors import InputError, TargetError
 from ..format import parse_header
 from .discover import discover, select_shard
-from .read import short_digest, value_digest
+from ..manifest import Manifest, decode_keys, digest64
+from .read import value_digest
 from .writer import MANIFEST, TASK_SIZE, encode_task, progress_bar, read_manifest, worker_pool
 
 
@@ -81,13 +82,10 @@ def verify(
     elif roots and dataset is None:
         raise TargetError(f"{target}: no {MANIFEST}; name the dataset to compare with its sources")
     report = VerifyReport(target, has_manifest=manifest is not None)
-    stored_digests = _check_values(target, manifest, report, quiet)
+    stored_digests = _check_values(target, manifest, report, quiet, keep=discovered is not None or bool(roots))
     if stored_digests is None:  # the LMDB itself is corrupt: nothing past that can be checked
         return report
     if manifest is not None:
-        source_of = {k for keys in manifest["keys"].values() for k in keys}
-        missing = sorted(source_of - set(stored_digests))
-        report.problems.extend(f"{k}: key listed in the manifest is missing" for k in missing)
         if report.checked != manifest.get("patches"):
             report.problems.append(f"{report.checked} patches stored, manifest says {manifest.get('patches')}")
         if manifest.get("content_hash") and report.content_hash != manifest["content_hash"]:
@@ -101,14 +99,52 @@ def verify(
     return report
 
 
-def _check_values(target: Path, manifest: dict | None, report: VerifyReport, quiet: bool) -> dict[str, int] | None:
-    """Decode every value (and check it against the manifest): key -> digest, or None where
-    LMDB itself fails (a corrupt page), which is reported as a problem naming data.mdb."""
+class _Listed:
+    """The manifest's keys in byte order (LMDB's), walked beside the LMDB's cursor: a key's row in
+    the sidecar without a dict of every key."""
+
+    def __init__(self, manifest: Manifest | None) -> None:
+        self.parts = manifest.parts if manifest is not None else []
+        if self.parts:
+            self.ranges, index = self.parts[0]
+            self.keys, self.sorter = index.columns["key"], index.columns["sorter"]
+            self.digests = index.columns.get("digest")
+            self.names, self.source = manifest.source_of_rows(0)
+        self.at, self.missing = 0, []
+
+    def row(self, raw: bytes) -> int:
+        """The row of ``raw`` (keys come in increasing order), -1 where the manifest does not list it;
+        keys passed over are recorded as missing."""
+        if not self.parts:
+            return -1
+        while self.at < len(self.sorter):
+            row = int(self.sorter[self.at])
+            listed = self.keys[row]
+            if listed == raw:
+                self.at += 1
+                return row
+            if listed > raw:
+                return -1
+            self.missing.append(listed.decode(errors="replace"))
+            self.at += 1
+        return -1
+
+    def rest(self) -> list[str]:
+        """Listed keys the LMDB did not hold."""
+        while self.parts and self.at < len(self.sorter):
+            self.missing.append(self.keys[int(self.sorter[self.at])].decode(errors="replace"))
+            self.at += 1
+        return self.missing
+
+
+def _check_values(target: Path, manifest: Manifest | None, report: VerifyReport, quiet: bool,
+                  keep: bool = True) -> dict[str, int] | None:
+    """Decode every value (and check it against the manifest and its sidecar): key -> digest
+    (only with ``keep``, for a comparison with the sources; else empty), or None where LMDB
+    itself fails (a corrupt page), which is reported as a problem naming data.mdb."""
     data = target / "data.mdb"
+    listed = _Listed(manifest)
     manifest = manifest or {}
-    source_of = {k: s for s, keys in manifest.get("keys", {}).items() for k in keys}
-    digest_of = {k: d for s, keys in manifest.get("keys", {}).items()
-                 for k, d in zip(keys, manifest.get("digests", {}).get(s, []))}
     bands = manifest.get("bands", {})
     open_sources = _open_sources(manifest.get("dataset"))
     stored_digests: dict[str, int] = {}
@@ -123,13 +159,16 @@ def _check_values(target: Path, manifest: dict | None, report: VerifyReport, qui
     try:
         with env.begin(buffers=True) as txn:
             for raw_key, value in txn.cursor():
-                key = bytes(raw_key).decode("utf-8", "replace")
+                raw = bytes(raw_key)
+                key = raw.decode("utf-8", "replace")
                 report.checked += 1
                 bar.update(1)
-                digest = value_digest(bytes(raw_key), bytes(value))
+                digest = value_digest(raw, bytes(value))
                 total = (total + digest) % (1 << 256)
-                stored_digests[key] = digest
-                if manifest and key not in source_of:
+                if keep:
+                    stored_digests[key] = digest
+                row = listed.row(raw)
+                if manifest and row < 0:
                     report.problems.append(f"{key}: key is not in the manifest")
                     continue
                 try:
@@ -138,10 +177,10 @@ def _check_values(target: Path, manifest: dict | None, report: VerifyReport, qui
                     report.problems.append(f"{key}: {e}")
                     continue
                 if manifest:
-                    _check_header(key, header, bands.get(source_of[key], {}), report,
-                                  exact=source_of[key] not in open_sources)
-                if key in digest_of and short_digest(digest) != digest_of[key]:
-                    report.problems.append(f"{key}: value differs from the one written (digest mismatch)")
+                    source = listed.names[listed.source[row]]
+                    _check_header(key, header, bands.get(source, {}), report, exact=source not in open_sources)
+                    if listed.digests is not None and digest64(digest) != int(listed.digests[row]):
+                        report.problems.append(f"{key}: value differs from the one written (digest mismatch)")
     except lmdb.Error as e:
         where = f" after key {key!r}" if key is not None else ""
         report.problems.append(f"{data}: corrupt LMDB{where} ({type(e).__name__}: {e}); "
@@ -150,6 +189,7 @@ def _check_values(target: Path, manifest: dict | None, report: VerifyReport, qui
     finally:
         bar.close()
         env.close()
+    report.problems.extend(f"{k}: key listed in the manifest is missing" for k in listed.rest())
     report.content_hash = f"{total:064x}"
     return stored_digests
 
@@ -222,7 +262,7 @@ def _compare_discovered(dataset_name, discovered, manifest, roots, stored_digest
         if pool is not None:
             pool.shutdown()
     if manifest:
-        expected = [k for source, keys in manifest["keys"].items() if source in roots for k in keys]
+        expected = decode_keys(manifest.key_array([s for s in manifest.sources() if s in roots]))
     else:  # no record of which source a key came from: every key must be in the given sources
         expected = list(stored_digests)
     report.problems.extend(f"{k}: in the LMDB but not in the sources" for k in expected if k not in seen)

@@ -15,54 +15,39 @@ which dataset and inputs the target belongs to.
 from __future__ import annotations
 
 import fcntl
-import json
 import os
 import shutil
 import sys
 import time
+from array import array
 from collections import Counter
 from concurrent.futures import Future, ProcessPoolExecutor
 from dataclasses import dataclass, field
 from hashlib import sha256
 from multiprocessing import get_context
 from pathlib import Path
-from typing import Protocol
 
 import lmdb
+import numpy as np
 
 from .. import __version__
 from .._process import die_with_parent, quiet_resource_tracker
 from ..catalog import DATASETS, Dataset, Source, get_dataset
 from ..errors import InputError, TargetError
 from ..format import parse_header
+from ..manifest import INDEX, MANIFEST, Entries, Extension, Manifest, build_columns, digest64, read, write
 from .discover import Patch, SkipPatch, SourcePatches
-from .read import encode_value, read_patch, short_digest, value_digest
+from .read import encode_value, read_patch, value_digest
 
 TXN_SIZE = 512  # puts per write transaction, as rico-hdl
 TASK_SIZE = 32  # patches per worker task: amortises process-pool overhead
-MANIFEST = "manifest.json"
 LOCK = "encode.lock"
 LMDB_FILES = ("data.mdb", "lock.mdb")
 STAGING = ".overwrite"  # where --overwrite builds the replacement
-OUR_FILES = (*LMDB_FILES, MANIFEST, LOCK, STAGING, "metadata.parquet")  # the last: the demo's metadata
+OUR_FILES = (*LMDB_FILES, MANIFEST, INDEX, LOCK, STAGING, "metadata.parquet")  # the last: the demo's metadata
 #: Where the catalog's side files are copied (e.g. SatlasPretrain's metadata/): ours too.
 SIDE_FILE_ROOTS = tuple(sorted({Path(g).parts[0] for d in DATASETS.values() for g in d.side_files}))
 MIN_MAP_SIZE = 64 << 20
-
-
-class Extension(Protocol):
-    """What a caller adds to an encode (``rico_torch.scenes``: windows, statistics).
-
-    ``identity`` (the options that shape the values) enters the fingerprint; ``observe`` sees
-    every value in the LMDB once, in write order, on a resumed run too (committed values are
-    observed as they are found); ``manifest`` returns entries added to the final manifest.
-    """
-
-    identity: str
-
-    def observe(self, source: str, key: str, value: bytes) -> None: ...
-
-    def manifest(self, written: set[str]) -> dict: ...
 
 
 @dataclass
@@ -174,31 +159,16 @@ def _fingerprint(dataset: Dataset, discovered: list[SourcePatches], identity: st
     return h.hexdigest()
 
 
-def read_manifest(target: Path, fix: str = "") -> dict | None:
-    """The target's manifest, None where there is none (an LMDB rico-hdl wrote); ``fix`` ends
-    the error message of an unreadable one (what to do about it)."""
-    path = Path(target) / MANIFEST
-    if not path.exists():
-        return None
-    try:
-        manifest = json.loads(path.read_text())
-    except (OSError, ValueError) as e:
-        raise TargetError(f"{path}: unreadable manifest ({e}){fix}") from None
-    if not isinstance(manifest, dict) or not {"fingerprint", "dataset"} <= set(manifest):
-        raise TargetError(f"{path}: not a rico_torch manifest{fix}")
+def read_manifest(target: Path, fix: str = "") -> Manifest | None:
+    """The target's manifest (:func:`rico_torch.manifest.read`), None where there is none (an
+    LMDB rico-hdl wrote); ``fix`` ends the error message of an unreadable one."""
+    manifest = read(Path(target), fix, TargetError)
+    if manifest is not None and not {"fingerprint", "dataset"} <= set(manifest):
+        raise TargetError(f"{Path(target) / MANIFEST}: not a rico_torch manifest{fix}")
     return manifest
 
 
 OVERWRITE_FIX = "; pass --overwrite to start afresh"
-
-
-def _write_json_atomic(path: Path, obj: dict) -> None:
-    tmp = path.with_suffix(".tmp")
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=1)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 class TargetLock:
@@ -264,8 +234,9 @@ class _Stats:
 
     counts: Counter = field(default_factory=Counter)
     bands: dict = field(default_factory=dict)  # source -> band -> Counter of (dtype, shape)
-    keys: dict = field(default_factory=dict)  # source -> [key]
-    digests: dict = field(default_factory=dict)  # source -> [short digest of each key's value]
+    keys: dict = field(default_factory=dict)  # source -> its keys' bytes, one after another
+    lengths: dict = field(default_factory=dict)  # source -> array of each key's length
+    digests: dict = field(default_factory=dict)  # source -> array of each key's 64-bit digest
     content_hash: int = 0
     bytes: int = 0
     observe: object = None  # an Extension's observe, called with every value added
@@ -274,15 +245,33 @@ class _Stats:
         if self.observe is not None:
             self.observe(source, key, value)
         self.counts[source] += 1
-        self.keys.setdefault(source, []).append(key)
+        raw = key.encode()
+        self.keys.setdefault(source, bytearray()).extend(raw)  # ~25 B a key, not a bytes object's ~60
+        self.lengths.setdefault(source, array("H")).append(len(raw))
         self.bytes += len(value)
         if digest is None:
-            digest = value_digest(key.encode(), value)
-        self.digests.setdefault(source, []).append(short_digest(digest))
+            digest = value_digest(raw, value)
+        self.digests.setdefault(source, array("Q")).append(digest64(digest))
         self.content_hash = (self.content_hash + digest) % (1 << 256)
         bands = self.bands.setdefault(source, {})
         for name, info in parse_header(value, key).items():
             bands.setdefault(name, Counter())[(info.dtype.name, info.shape)] += 1
+
+    def index(self, order: list[str]) -> tuple[dict, np.ndarray, np.ndarray]:
+        """(source -> row range, keys, digests) of the written keys, source by source in ``order``."""
+        ranges, at = {}, 0
+        sources = [s for s in order if s in self.keys] + [s for s in self.keys if s not in order]
+        for source in sources:
+            ranges[source] = (at, at + len(self.lengths[source]))
+            at += len(self.lengths[source])
+        if not sources:
+            return ranges, np.zeros(0, "S1"), np.zeros(0, np.uint64)
+        lengths = np.concatenate([np.frombuffer(self.lengths[s], np.uint16) for s in sources])
+        width = int(lengths.max())
+        keys = np.zeros((len(lengths), width), np.uint8)  # fixed-width rows, filled in one step
+        keys[np.arange(width) < lengths[:, None]] = np.frombuffer(b"".join(self.keys[s] for s in sources), np.uint8)
+        digests = np.concatenate([np.frombuffer(self.digests[s], np.uint64) for s in sources])
+        return ranges, keys.view(f"S{width}").ravel(), digests
 
     def band_table(self) -> dict:
         table = {}
@@ -324,8 +313,7 @@ def encode_dataset(
     quiet: bool = False,
     sources_info: dict[str, str] | None = None,
     shard: tuple[int, int] | None = None,
-    extension: Extension | None = None,
-    manifest_extra: dict | None = None,
+    extension: Extension | list[Extension] | None = None,
 ) -> EncodeResult:
     """Write the discovered patches into ``target`` (see the module docstring for guarantees).
 
@@ -333,15 +321,16 @@ def encode_dataset(
     one only once complete, so a failed or interrupted overwrite leaves the old data intact;
     re-running it with the same inputs resumes in ``.overwrite``. A target whose manifest says
     complete but whose ``data.mdb`` is missing or holds another number of keys is encoded
-    again the same way (the user is told what was found). ``manifest_extra``: entries added
-    to the manifest.
+    again the same way (the user is told what was found). ``extension``: what callers add to the
+    manifest (:class:`rico_torch.manifest.Extension`; a catalog's ``manifest_extra`` as
+    :class:`~rico_torch.manifest.Entries`).
     """
     start = time.perf_counter()
     target = Path(target)
     _prepare_target(target, overwrite)
-    fingerprint = _fingerprint(dataset, discovered, extension.identity if extension else "")
+    extension = [] if extension is None else list(extension) if isinstance(extension, (list, tuple)) else [extension]
+    fingerprint = _fingerprint(dataset, discovered, "".join(e.identity for e in extension))
     extra = {"shard": {"index": shard[0], "count": shard[1], "rule": "zlib.crc32(key) % count"}} if shard else {}
-    extra.update(manifest_extra or {})  # e.g. the catalog's Dataset.manifest_extra
     with TargetLock(target):
         existing = any((target / name).exists() for name in (*LMDB_FILES, MANIFEST))
         rebuild = overwrite and existing
@@ -405,10 +394,11 @@ def _staging(target: Path, fingerprint: str) -> Path:
 
 
 def _swap_in(target: Path) -> None:
-    """Replace the target's LMDB and manifest by the complete encode in its staging directory."""
+    """Replace the target's LMDB, manifest and per-key index by the complete encode in its staging
+    directory (the manifest last: it names the index it belongs to)."""
     staging = target / STAGING
     (target / MANIFEST).unlink(missing_ok=True)  # never leave a manifest describing other data
-    for name in LMDB_FILES:  # os.replace: a reader never finds the target without a data.mdb
+    for name in (*LMDB_FILES, INDEX):  # os.replace: a reader never finds the target without a data.mdb
         if (staging / name).exists():
             os.replace(staging / name, target / name)
         else:
@@ -431,12 +421,15 @@ def _encode_into(dataset, discovered, directory, fingerprint, num_workers, skip_
         "complete": False,
         **extra,
     }
-    _write_json_atomic(directory / MANIFEST, base)
-    observe = extension.observe if extension else None
+    write(directory, base)
+    observers = [e.observe for e in extension or () if not isinstance(e, Entries)]
+    observe = (observers[0] if len(observers) == 1 else
+               (lambda *a: [o(*a) for o in observers]) if observers else None)
     stats, skipped, resumed = _write(dataset, discovered, directory, num_workers, skip_invalid, quiet, observe)
-    labels = {p.key: p.label for sp in discovered for p in sp.patches if p.label is not None}
-    written_keys = {k for keys in stats.keys.values() for k in keys}
-    manifest = {
+    ranges, keys, digests = stats.index([sp.source.name for sp in discovered])
+    del stats.keys, stats.lengths, stats.digests  # the columns hold them now
+    columns = build_columns(keys, digests, label=_label_column(dataset, discovered, keys))
+    facts = {
         **base,
         "complete": True,
         "patches": sum(stats.counts.values()),
@@ -445,14 +438,22 @@ def _encode_into(dataset, discovered, directory, fingerprint, num_workers, skip_
         "content_hash": f"{stats.content_hash:064x}",
         "bands": stats.band_table(),
         "classes": list(dataset.classes),
-        "labels": {k: v for k, v in labels.items() if k in written_keys},
         "skipped": skipped,
-        "keys": stats.keys,
-        "digests": stats.digests,
-        **(extension.manifest(written_keys) if extension else {}),
     }
-    _write_json_atomic(directory / MANIFEST, manifest)
+    for e in extension or ():
+        facts.update(e.manifest(keys))
+        columns.update(e.columns(keys))
+    manifest = write(directory, facts, ranges, columns)
     return manifest, stats, skipped, resumed
+
+
+def _label_column(dataset: Dataset, discovered: list[SourcePatches], keys: np.ndarray) -> np.ndarray | None:
+    """Each written key's class index (-1: none); None where no patch has a label."""
+    labels = {p.key.encode(): p.label for sp in discovered for p in sp.patches if p.label is not None}
+    if not labels:
+        return None
+    index = {c: i for i, c in enumerate(dataset.classes)}
+    return np.array([index.get(labels.get(k), -1) for k in keys.tolist()], dtype="<i4")
 
 
 def _committed(env: lmdb.Environment, chunk: Chunk) -> list[tuple[str, memoryview]] | None:

@@ -63,9 +63,9 @@ class GeoTIFFPredictionWriter(BasePredictionWriter):
     def _check_size(self, size) -> None:
         """Say before the first batch (and the progress bar) when the DataModule's patches would not
         cover the windows: each prediction must be the window's size in finest-grid pixels."""
-        if size is None or not self._manifest["windows"]:
+        if size is None or not len(self._manifest.windows):
             return
-        _, _, h, w = next(iter(self._manifest["windows"].values()))["window"]
+        h = w = self._manifest["chip"]["patch_size"]  # every window is patch_size square
         got = tuple(size) if isinstance(size, (tuple, list)) else (size, size)
         if got != (h, w):
             raise ConfigError(f"GeoTIFFPredictionWriter: the DataModule reads {got[0]} x {got[1]} px patches, the "
@@ -74,7 +74,7 @@ class GeoTIFFPredictionWriter(BasePredictionWriter):
 
     def write_on_batch_end(self, trainer, pl_module, prediction, batch_indices, batch, batch_idx,
                            dataloader_idx=0) -> None:
-        windows = self._manifest["windows"]
+        windows = self._manifest.windows
         for key, pred in zip(batch["key"], prediction):
             if key not in windows:
                 raise UnknownKeyError(f"prediction for key {key!r}: not a window of {self._target(trainer)}")

@@ -5,8 +5,9 @@ each window is a :class:`~rico_torch.encode.discover.Patch` whose reader is a
 :class:`~rico_torch.scenes.discover.SceneWindow`. So the writer's guarantees hold unchanged:
 deterministic ``data.mdb`` across worker counts, resume after a kill, ``--shard``,
 ``--skip-invalid``, ``verify``. :class:`SceneManifest` adds the scenes' georeference, each
-key's window and transform, and per-band statistics of each scene over its valid pixels (each
-counted once; :mod:`rico_torch.scenes.statistics`), gathered from the values as they are written.
+key's window (offsets in ``keys.index``; its transform is derived from the scene's), and
+per-band statistics of each scene over its valid pixels (each counted once;
+:mod:`rico_torch.scenes.statistics`), gathered from the values as they are written.
 """
 
 from __future__ import annotations
@@ -25,11 +26,12 @@ import numpy as np
 
 from ..catalog import Band, Dataset, Source
 from ..errors import InputError
-from ..encode.discover import Patch, SourcePatches, printable, select_shard
+from ..encode.discover import Patch, SourcePatches, in_shard, printable
+from ..encode.options import parse_shard
 from ..encode.writer import EncodeResult, encode_dataset
 from ..format import load_value
 from .discover import ALLOW_UNGEOREFERENCED, EDGES, Scene, SceneWindow, check_options, check_sizes, close_rasters, \
-    find_scenes, offsets, valid_pixels, window_transform, windows
+    find_scenes, offsets, valid_pixels
 from .statistics import Moments, merge, pool
 
 NAME = "scenes"
@@ -53,17 +55,22 @@ def key_of(scene: Scene, row: int, col: int) -> str:
     return f"{scene.name}_{row}_{col}"
 
 
-def plan(scenes: Sequence[Scene], options: ChipOptions) -> tuple[Dataset, list[SourcePatches]]:
-    """The ad-hoc dataset (one source per scene) and every window as a patch."""
+def plan(scenes: Sequence[Scene], options: ChipOptions,
+         shard: tuple[int, int] | None = None) -> tuple[Dataset, list[SourcePatches]]:
+    """The ad-hoc dataset (one source per scene) and every window as a patch; with ``shard`` only
+    the windows of that shard (``select_shard``'s rule), so a shard job holds only its share."""
     sources, discovered = [], []
     for scene in scenes:
         check_sizes(scene, options.patch_size, options.stride, options.edge)
         names = scene.band_names + (("mask",) if scene.labels is not None else ())
         source = Source(scene.name, "--dataset-dir", re.escape(Path(scene.path).name), Path(scene.path).is_dir(),
                         tuple(Band(n) for n in names), scene.bands[0].dtype, noun=f"windows of {scene.name}")
-        patches = [Patch(key_of(scene, r, c), Path(scene.path),
-                         reader=SceneWindow(scene, r, c, options.patch_size, options.min_valid))
-                   for r, c in windows(scene, options.patch_size, options.stride, options.edge)]
+        path = Path(scene.path)
+        rows, cols = (offsets(n, options.patch_size, options.stride, options.edge) for n in (scene.height, scene.width))
+        # one pass, no list of every window between: a million windows are ~250 MB of patches already
+        patches = [Patch(key, path, reader=SceneWindow(scene, r, c, options.patch_size, options.min_valid))
+                   for r in rows for c in cols for key in (key_of(scene, r, c),)
+                   if shard is None or in_shard(key, *shard)]
         sources.append(source)
         discovered.append(SourcePatches(source, Path(scene.path), patches))
     dataset = Dataset(NAME, "Scenes", tuple(sources), description="windows of GeoTIFF scenes", example=EXAMPLE,
@@ -72,7 +79,7 @@ def plan(scenes: Sequence[Scene], options: ChipOptions) -> tuple[Dataset, list[S
 
 
 class SceneManifest:
-    """The writer :class:`~rico_torch.encode.writer.Extension` of a chip run.
+    """The :class:`~rico_torch.manifest.Extension` of a chip run.
 
     Statistics: each source pixel of a scene belongs to one window, the last one starting at or
     before it on each axis (so overlapping windows, ``--stride`` < ``--patch-size``, count it once,
@@ -88,15 +95,23 @@ class SceneManifest:
         self.options = options
         # labels enter the identity only where given, so encodes without them keep their fingerprint
         self.identity = options.identity() + labels
-        self.windows = {p.key: (p.reader.scene.name, p.reader.row, p.reader.col)
-                        for sp in discovered for p in sp.patches}
+        # every window's key and offsets, as arrays filled without a list between (a dict of a
+        # million windows costs ~200 MB); keys sorted once for observe's lookups
+        count = sum(len(sp.patches) for sp in discovered)
+        width = max((len(p.key.encode()) for sp in discovered for p in sp.patches), default=1)
+        self.windows = np.fromiter((p.key.encode() for sp in discovered for p in sp.patches), f"S{width}", count)
+        self.offsets = np.fromiter((v for sp in discovered for p in sp.patches for v in (p.reader.row, p.reader.col)),
+                                   "<i4", 2 * count).reshape(-1, 2)
+        self._sorter = np.argsort(self.windows, kind="stable")
         self.owned = {s.name: (_owned(s.height, options), _owned(s.width, options)) for s in scenes}
         self.moments: dict[str, dict[str, Moments]] = {}
         self.label_nodata = next((s.labels.nodata for s in scenes if s.labels is not None), None)
         self.refused: dict[str, str] = {}  # band -> why it is not pooled over the scenes
 
     def observe(self, source: str, key: str, value: bytes) -> None:
-        name, row, col = self.windows[key]
+        name = source  # one source per scene
+        at = self._sorter[np.searchsorted(self.windows, key.encode(), sorter=self._sorter)]
+        row, col = (int(v) for v in self.offsets[at])
         scene, (rows, cols) = self.scenes[name], self.owned[name]
         (r0, r1), (c0, c1) = rows[row], cols[col]
         arrays = load_value(value, key)
@@ -107,13 +122,8 @@ class SceneManifest:
             valid = valid_pixels(band, part, (r0 // r, c0 // r, r1 // r, c1 // r))
             into[band.name] = merge(into.get(band.name, Moments()), Moments.of(part[valid]))
 
-    def manifest(self, written: set[str]) -> dict:
+    def manifest(self, written: np.ndarray) -> dict:
         size = self.options.patch_size
-        keys = {}
-        for key, (scene, row, col) in self.windows.items():
-            if key in written:
-                keys[key] = {"scene": scene, "window": [row, col, size, size],
-                             "transform": window_transform(self.scenes[scene], row, col)}
         scenes = {}
         for name, scene in self.scenes.items():
             moments = self.moments.get(name, {})
@@ -126,11 +136,16 @@ class SceneManifest:
                      "bands": list(self.options.bands) if self.options.bands else None,
                      "label_nodata": self.label_nodata},
             "scenes": scenes,
-            "windows": keys,
             "statistics": pooled,
             "statistics_not_pooled": self.refused,
-            "skipped_nodata": sum(1 for k, (s, _, _) in self.windows.items() if k not in written),
+            "skipped_nodata": len(self.windows) - len(written),
         }
+
+    def columns(self, written: np.ndarray) -> dict[str, np.ndarray]:
+        """Each written window's offsets in its scene (the row's source); its transform is derived
+        from the scene's (:func:`rico_torch.manifest.window_transform`)."""
+        at = self._sorter[np.searchsorted(self.windows, written, sorter=self._sorter)]
+        return {"row": self.offsets[at, 0].copy(), "col": self.offsets[at, 1].copy()}
 
 
 def _owned(size: int, options: ChipOptions) -> dict[int, tuple[int, int]]:
@@ -201,20 +216,19 @@ def chip(
         scenes = find_scenes(root, options.bands, None if labels is None else Path(labels), label_nodata,
                              allow_ungeoreferenced)
         check_labels(scenes, edge)
-        dataset, discovered = plan(scenes, options)
+        dataset, discovered = plan(scenes, options, shard)
         warn_band_files_as_scenes(root, scenes)
         identity = labels_identity(scenes)
     finally:
         close_rasters()
-    for scene, found in zip(scenes, discovered):
-        if not found.patches:
-            warn(f"{scene.path}: scene yields no window: it is {scene.width}x{scene.height} px, smaller than "
-                 f"--patch-size {patch_size}, and --edge drop leaves out partial windows")
-    if not any(sp.patches for sp in discovered):
+    empty = [s for s in scenes if not (offsets(s.height, patch_size, stride, edge)
+                                       and offsets(s.width, patch_size, stride, edge))]
+    for scene in empty:
+        warn(f"{scene.path}: scene yields no window: it is {scene.width}x{scene.height} px, smaller than "
+             f"--patch-size {patch_size}, and --edge drop leaves out partial windows")
+    if len(empty) == len(scenes):
         raise InputError(printable(root), f"no scene yields a window of --patch-size {patch_size} with --edge drop; "
                          "use --edge pad or a smaller --patch-size")
-    if shard is not None:
-        discovered = select_shard(discovered, *shard)
     extension = SceneManifest(scenes, discovered, options, identity)
     try:
         result = encode_dataset(dataset, discovered, Path(target_dir), num_workers=num_workers, overwrite=overwrite,
@@ -316,15 +330,13 @@ def verify_scenes(target_dir: str | Path, dataset_dir: str | Path | None = None,
 
 def add_parser(sub, common) -> None:
     """The ``scenes`` subcommand; ``common`` adds the options every subcommand shares."""
-    from ..encode.cli import _shard
-
     p = sub.add_parser(
         NAME,
         help="chip GeoTIFF/COG/JP2 scenes into patches that keep their georeference",
         description="Chip scenes (raster files, or folders of one single-band raster per band at resolutions "
         "that are integer multiples of the finest) into windows of --patch-size finest-grid pixels; every band "
         "is stored at its own resolution, values as rasterio's windowed read. manifest.json records each "
-        "scene's CRS and transform, each key's window and transform, and per-band statistics.",
+        "scene's CRS and transform and per-band statistics; keys.index each key's window.",
         epilog=f"example:\n  {EXAMPLE} --stride 60 --labels labels/",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
@@ -348,7 +360,7 @@ def add_parser(sub, common) -> None:
                    "coordinates; refused by default")
     common(p)
     p.add_argument("--overwrite", action="store_true", help="replace an LMDB already in the target")
-    p.add_argument("--shard", type=_shard, metavar="I/N", help="write only shard I of N (crc32(key) %% N == I)")
+    p.add_argument("--shard", type=parse_shard, metavar="I/N", help="write only shard I of N (crc32(key) %% N == I)")
     p.add_argument("--skip-invalid", action="store_true",
                    help="skip windows that cannot be read (listed in the manifest) instead of stopping")
     p.set_defaults(dataset=NAME)

@@ -388,21 +388,10 @@ def check_sizes(scene: Scene, patch: int, stride: int, edge: str) -> None:
                          f"{patch}; use --edge pad")
 
 
-def windows(scene: Scene, patch: int, stride: int, edge: str) -> list[tuple[int, int]]:
-    """(row_off, col_off) of every window, row by row."""
-    return [(r, c) for r in offsets(scene.height, patch, stride, edge) for c in offsets(scene.width, patch, stride, edge)]
-
-
-def window_transform(scene: Scene, row: int, col: int) -> list[float]:
-    """The window's own affine coefficients: ``rasterio.windows.transform`` of it."""
-    a, b, c, d, e, f = scene.transform
-    return [a, b, c + a * col + b * row, d, e, f + d * col + e * row]
-
-
 # --- reading one window ---------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class SceneWindow:
     """The reader of one window: a :class:`~rico_torch.encode.discover.Patch`'s ``reader``.
 

@@ -30,6 +30,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import ConfigError, DatasetNotFoundError, FormatError, UnknownKeyError
+from ..manifest import merge
 
 BLENDS = ("cosine", "mean")
 TILE = 256
@@ -42,23 +43,16 @@ def scene_manifest(target_dir) -> dict:
     from ..data.store import Store
 
     manifest = Store(target_dir).manifest()
-    if not manifest or "scenes" not in manifest or "windows" not in manifest:
+    if not manifest or "scenes" not in manifest or not manifest.has_column("row"):
         raise FormatError(f"{target_dir}: not an LMDB of chipped scenes (its manifest.json has no scenes); "
                           "create it with `python -m rico_torch.encode scenes ...`")
     return manifest
 
 
 def _merged(target_dir) -> dict:
-    """Scenes and windows of every shard: Store's merge keeps only the first shard's extras."""
+    """Scenes and windows of every shard (each shard's manifest checked to be one of scenes)."""
     paths = target_dir if isinstance(target_dir, (list, tuple)) else [target_dir]
-    if len(paths) == 1:
-        return scene_manifest(paths[0])
-    merged = {"scenes": {}, "windows": {}}
-    for path in paths:
-        m = scene_manifest(path)
-        merged["scenes"].update(m["scenes"])
-        merged["windows"].update(m["windows"])
-    return merged
+    return merge([scene_manifest(path) for path in paths])
 
 
 def weights_1d(n: int, start: int, size: int, blend: str) -> np.ndarray:
@@ -128,7 +122,7 @@ class Stitcher:
         if scene not in manifest["scenes"]:
             raise UnknownKeyError(f"{target_dir}: no scene {scene!r}; its scenes: {', '.join(manifest['scenes'])}")
         self.info = manifest["scenes"][scene]
-        self.windows = manifest["windows"]
+        self.windows = manifest.windows
         self.scene, self.output, self.blend, self.nodata = scene, Path(output), blend, nodata
         self.memory, self.compress, self.level = memory, compress, level
         self.channels: int | None = None

@@ -21,6 +21,7 @@ from ...errors import ConfigError, DatasetNotFoundError
 from ...format import parse_header
 from ..dataset import LMDBPatchDataset, NativeAssembler, collate
 from ..loader import PatchLoader
+from ...manifest import Manifest, merge
 from ..store import Store, open_environment, read_manifest
 
 log = logging.getLogger(__name__)
@@ -121,7 +122,7 @@ class LMDBDataModule(L.LightningDataModule):
         self.std = None if std is None else torch.tensor(std, dtype=torch.float32)
         self.datasets: dict[str, LMDBPatchDataset] = {}
         self.assembler: NativeAssembler | None = None
-        self._stored: set[bytes] | None = None
+        self._stored: np.ndarray | None = None
 
     # --- checks with messages that say what to change --------------------------------------
 
@@ -149,7 +150,7 @@ class LMDBDataModule(L.LightningDataModule):
                 raise DatasetNotFoundError(f"{path}: {what} (data.mdb missing); create it with {self.encode_hint(path)}")
             if self.catalog is None:
                 continue
-            manifest = self.manifest() if len(self.lmdb_paths) == 1 else read_manifest(path)  # read once
+            manifest = self.path_manifests()[self.lmdb_paths.index(path)]  # read once
             found = recognise(open_environment(path, self.readahead), manifest)
             if found is not None and found.dataset.name != self.catalog.name:
                 held = found.dataset
@@ -161,31 +162,52 @@ class LMDBDataModule(L.LightningDataModule):
 
     # --- what subclasses provide --------------------------------------------------------
 
-    def manifest(self) -> dict | None:
-        """The encoder's manifest (merged over shards), or None for rico-hdl output."""
+    def manifest(self) -> Manifest | None:
+        """The encoder's manifest (merged over shards; read once, its per-key facts mapped), or None
+        for rico-hdl output."""
         if not hasattr(self, "_manifest"):
-            self._manifest = Store(self.lmdb_paths).manifest()
+            self._manifest = merge(self.path_manifests())
         return self._manifest
 
-    def stored_keys(self) -> set[bytes]:
-        """Every key in the LMDB(s): the manifest's, else one pass over the keys (values unread)."""
-        if self._stored is None:  # a set: np.isin on 1M bytes keys takes seconds, this a fraction
+    def path_manifests(self) -> list[Manifest | None]:
+        """Each LMDB path's manifest, read once for the DataModule and every dataset it makes (small:
+        per-key facts stay in the mapped ``keys.index``)."""
+        if not hasattr(self, "_path_manifests"):
+            self._path_manifests = [read_manifest(p) for p in self.lmdb_paths]
+        return self._path_manifests
+
+    def stored_keys(self) -> np.ndarray:
+        """Every key in the LMDB(s), sorted (an ``S`` array): the manifest's, else one pass over the
+        keys (values unread)."""
+        if self._stored is None:
             manifest = self.manifest()
-            if manifest and manifest.get("keys"):
-                keys = [k for source_keys in manifest["keys"].values() for k in source_keys]
+            if manifest and manifest.has_keys:
+                self._stored = np.sort(manifest.key_array())
             else:
                 with Store(self.lmdb_paths, self.readahead).reader() as reader:
                     keys = reader.keys()
-            self._stored = {k.encode() for k in keys}
+                self._stored = np.sort(np.array([k.encode() for k in keys], dtype=np.bytes_))
         return self._stored
+
+    def has_keys(self, keys: np.ndarray) -> np.ndarray:
+        """Which of ``keys`` (an ``S`` array) the LMDB(s) hold, vectorised (a binary search per key)."""
+        keys = np.asarray(keys, dtype=np.bytes_)
+        manifest = self.manifest()
+        if manifest and manifest.has_keys:
+            return manifest.contains(keys)
+        stored = self.stored_keys()
+        if len(stored) == 0:
+            return np.zeros(len(keys), dtype=bool)
+        at = np.minimum(np.searchsorted(stored, keys), len(stored) - 1)
+        return stored[at] == keys
 
     def keys_by_source(self) -> dict[str, list[str]]:
         """The stored keys of each of the catalog's sources, sorted: the manifest's, else by the
         sources' key forms (keys of several sources' form, e.g. SSL4EO's L1C and L2A: by the band
         keys of one value per root folder named in them)."""
         manifest = self.manifest()
-        if manifest and manifest.get("keys"):
-            return {name: sorted(keys) for name, keys in manifest["keys"].items()}
+        if manifest and manifest.has_keys:
+            return {name: sorted(keys) for name, keys in manifest.keys_by_source().items()}
         sources = self.catalog.sources if self.catalog else ()
         out: dict[str, list[str]] = {s.name: [] for s in sources}
         undecided: dict[str, list[str]] = {}  # a key of the first form -> keys like it
@@ -242,6 +264,7 @@ class LMDBDataModule(L.LightningDataModule):
             self.lmdb_paths, self.bands, keys=items, labels=labels, size=self.size if crop else self.output_size,
             interpolation=self.interpolation, align_corners=self.align_corners, native=self.loads_native,
             readahead=self.readahead,
+            manifests=self.path_manifests(),
             **crop,
             **self.dataset_kwargs(),
         )
@@ -419,16 +442,22 @@ def stratified_split(labels: np.ndarray, fractions: tuple[float, float, float], 
     return {s: np.sort(np.concatenate(p)) if p else np.array([], dtype=int) for s, p in parts.items()}
 
 
-def group_split(groups: Sequence[str], fractions: tuple[float, float, float], seed: int) -> dict[str, np.ndarray]:
+def group_split(groups: Sequence | np.ndarray, fractions: tuple[float, float, float], seed: int) -> dict[str, np.ndarray]:
     """Indices of a seeded split that deals whole groups (e.g. locations, tiles) to train, val
-    and test in about ``fractions`` of the groups, so no group straddles two splits."""
-    names = sorted(set(groups))
+    and test in about ``fractions`` of the groups, so no group straddles two splits. ``groups``:
+    one per item, a list or (vectorised, e.g. an ``S`` array of keys) a 1-D array."""
+    if isinstance(groups, np.ndarray):
+        names, inverse = np.unique(groups, return_inverse=True)  # sorted, as sorted(set(...))
+    else:
+        names = sorted(set(groups))
+        position = {g: i for i, g in enumerate(names)}
+        inverse = np.fromiter((position[g] for g in groups), np.int64, len(groups))
     order = np.random.default_rng(seed).permutation(len(names))
     n_val, n_test = (int(round(len(names) * f)) for f in fractions[1:])
     if len(names) >= 3:  # every split non-empty where there are enough groups
         n_val, n_test = max(n_val, 1), max(n_test, 1)
-    split_of = {}
-    for rank, i in enumerate(order):
-        split_of[names[i]] = "val" if rank < n_val else "test" if rank < n_val + n_test else "train"
-    where = np.array([split_of[g] for g in groups])
-    return {s: np.flatnonzero(where == s) for s in SPLITS}
+    split_of = np.zeros(len(names), np.int8)  # by rank in the permutation: val, test, then train
+    split_of[order[:n_val]] = SPLITS.index("val")
+    split_of[order[n_val : n_val + n_test]] = SPLITS.index("test")
+    where = split_of[inverse]
+    return {s: np.flatnonzero(where == i) for i, s in enumerate(SPLITS)}

@@ -156,11 +156,10 @@ class BigEarthNetDataModule(LMDBDataModule):
 
     def _present(self, items: np.ndarray) -> np.ndarray:
         """Rows whose keys are all in the LMDB, logging what is missing."""
-        stored = self.stored_keys()
         columns = items.T if items.ndim == 2 else items[None]
         keep = np.ones(len(items), dtype=bool)
-        for column in columns:  # a column at a time: 5x faster than row tuples on the full dataset
-            keep &= np.fromiter(map(stored.__contains__, column.tolist()), dtype=bool, count=len(column))
+        for column in columns:  # a column at a time, each a vectorised binary search
+            keep &= self.has_keys(column)
         if not keep.all():
             log.warning("%s: %d of %d patches of the split are not in the LMDB and are left out",
                         self.lmdb_path, int((~keep).sum()), len(keep))

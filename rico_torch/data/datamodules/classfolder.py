@@ -9,6 +9,7 @@ import numpy as np
 
 from ...catalog import Dataset
 from ...errors import ConfigError, DatasetNotFoundError, UnknownKeyError
+from ...manifest import decode_keys
 from .base import SPLITS, LMDBDataModule, stratified_split
 
 
@@ -48,9 +49,26 @@ class ClassFolderDataModule(LMDBDataModule):
     def key_labels(self) -> dict[str, str]:
         """key -> class name: the manifest's labels, else (an LMDB rico-hdl wrote) the key without its
         trailing number, as both datasets name each file after its class (``AnnualCrop_12``, ``river07``)."""
+        keys, labels = self._labelled()
+        return {k: self.classes[i] for k, i in zip(decode_keys(keys), labels.tolist())}
+
+    def _labelled(self) -> tuple[np.ndarray, np.ndarray]:
+        """Every labelled key, sorted, and its class index: the manifest's label column (vectorised),
+        else :meth:`_named_labels`."""
         manifest = self.manifest()
-        if manifest and manifest.get("labels"):
-            return manifest["labels"]
+        labels = manifest.labels() if manifest else None
+        if labels is None:
+            named = self._named_labels()
+            index = {c: i for i, c in enumerate(self.classes)}
+            keys = np.array(sorted(named), dtype=np.bytes_)
+            return keys, np.array([index[named[k.decode()]] for k in keys.tolist()], dtype=np.int64)
+        keys, keep = manifest.key_array(), labels >= 0
+        keys, labels = keys[keep], labels[keep]
+        order = np.argsort(keys, kind="stable")
+        return keys[order], labels[order].astype(np.int64)
+
+    def _named_labels(self) -> dict[str, str]:
+        """key -> class name from keys alone (an LMDB rico-hdl wrote)."""
         known = set(self.classes)
         labels = {k.decode(): _TRAILING_NUMBER.sub("", k.decode()) for k in self.stored_keys()}
         unknown = sorted(k for k, c in labels.items() if c not in known)
@@ -61,15 +79,11 @@ class ClassFolderDataModule(LMDBDataModule):
         return labels
 
     def _load_splits(self) -> dict[str, tuple[np.ndarray, np.ndarray]]:
-        key_labels = self.key_labels()
-        index = {c: i for i, c in enumerate(self.classes)}
-        keys = np.array(sorted(key_labels), dtype=np.bytes_)
-        labels = np.array([index[key_labels[k.decode()]] for k in keys], dtype=np.int64)
+        keys, labels = self._labelled()
         if self.split_dir is None:
             parts = stratified_split(labels, (1 - self.val_fraction - self.test_fraction,
                                               self.val_fraction, self.test_fraction), self.seed)
             return {s: (keys[i], labels[i]) for s, i in parts.items()}
-        position = {k.decode(): i for i, k in enumerate(keys)}
         splits = {}
         for split in SPLITS:
             path = self.split_dir / f"{self.split_prefix}-{split}.txt"
@@ -77,11 +91,13 @@ class ClassFolderDataModule(LMDBDataModule):
                 raise DatasetNotFoundError(f"{path}: split file missing; set split_dir to the folder holding "
                                            f"{self.split_prefix}-{{train,val,test}}.txt, or to null for a seeded split")
             names = [Path(line.strip()).stem for line in path.read_text().splitlines() if line.strip()]
-            missing = [n for n in names if n not in position]
+            wanted = np.array([n.encode() for n in names], dtype=np.bytes_)
+            rows = np.minimum(np.searchsorted(keys, wanted), len(keys) - 1) if len(keys) else np.zeros(len(names), int)
+            found = keys[rows] == wanted if len(keys) else np.zeros(len(names), bool)
+            missing = [n for n, ok in zip(names, found.tolist()) if not ok]
             if missing:
                 raise UnknownKeyError(f"{path}: {len(missing)} of its {len(names)} patches are not in {self.lmdb_path}, "
                                       f"e.g. {missing[0]!r}; is split_dir this LMDB's dataset?")
-            rows = np.array([position[n] for n in names], dtype=np.int64)
             splits[split] = (keys[rows], labels[rows])
         return splits
 

@@ -9,6 +9,7 @@ import numpy as np
 
 from ...catalog import hyspecnet
 from ...errors import ConfigError, DatasetNotFoundError, UnknownKeyError
+from ...manifest import decode_keys
 from .base import LMDBDataModule, LoaderKind
 
 
@@ -63,8 +64,7 @@ class HySpecNetDataModule(LMDBDataModule):
         # <tile>/<patch>/<patch>-DATA.npy -> the patch directory name, which is the key
         keys = np.array([Path(line.strip()).parent.name for line in path.read_text().splitlines() if line.strip()],
                         dtype=np.bytes_)
-        stored = self.stored_keys()
-        missing = [k.decode() for k in keys.tolist() if k not in stored]
+        missing = decode_keys(keys[~self.has_keys(keys)])
         if missing:
             raise UnknownKeyError(f"{path}: {len(missing)} of its {len(keys)} patches are not in {self.lmdb_path}, "
                                   f"e.g. {missing[0]!r}; is split_dir this LMDB's dataset?")

@@ -4,9 +4,8 @@ from __future__ import annotations
 
 from typing import Literal
 
-import numpy as np
-
 from ...catalog import hydro, spectralearth
+from ...manifest import decode_keys
 from .base import LMDBDataModule, LoaderKind, group_split
 
 
@@ -53,9 +52,12 @@ class PretrainingDataModule(LMDBDataModule):
         return key
 
     def split_items(self, split: str):
-        keys = sorted(k.decode() for k in self.stored_keys())
-        parts = group_split([self.group_of(k) for k in keys], self.fractions, self.seed)  # type: ignore[arg-type]
-        return np.array([keys[i] for i in parts[split]], dtype=np.bytes_), None
+        keys = self.stored_keys()  # sorted (bytes order is the keys' str order)
+        if type(self).group_of is PretrainingDataModule.group_of:  # each key its own group: vectorised
+            groups = keys
+        else:
+            groups = [self.group_of(k) for k in decode_keys(keys)]
+        return keys[group_split(groups, self.fractions, self.seed)[split]], None
 
 
 class HydroDataModule(PretrainingDataModule):

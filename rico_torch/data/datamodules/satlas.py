@@ -49,11 +49,13 @@ class SatlasTiles(Dataset):
     """
 
     def __init__(self, lmdb_paths: Sequence[Path], bands: Sequence[str], items: Sequence[SatlasItem],
-                 tasks: Sequence[str], num_images: int, readahead: bool = False, native: bool = False) -> None:
+                 tasks: Sequence[str], num_images: int, readahead: bool = False, native: bool = False,
+                 manifests: Sequence | None = None) -> None:
         self.items, self.tasks, self.num_images, self.native = list(items), list(tasks), num_images, native
         keys = sorted({k for item in self.items for k in item.images})
         self.index = {k: i for i, k in enumerate(keys)}
-        self.images = LMDBPatchDataset(list(lmdb_paths), list(bands), keys=keys, readahead=readahead, native=native)
+        self.images = LMDBPatchDataset(list(lmdb_paths), list(bands), keys=keys, readahead=readahead, native=native,
+                                       manifests=manifests)
         self.size = self.images.size
 
     def __len__(self) -> int:
@@ -349,7 +351,7 @@ class SatlasDataModule(LMDBDataModule):
             raise ConfigError(f"{self.lmdb_path}: the {split} split ({self.split}) has no {self.modality} images"
                               f"{labelled}; check split, modality, metadata_dir and val_fraction")
         return SatlasTiles(self.lmdb_paths, self.bands, items, self.tasks, self.num_images, self.readahead,
-                           native=self.loads_native)
+                           native=self.loads_native, manifests=self.path_manifests())
 
     def setup(self, stage: str | None = None) -> None:
         if not self.datasets:

@@ -9,10 +9,11 @@ import numpy as np
 import torch
 
 from ...errors import ConfigError, DatasetNotFoundError
-from ...scenes.statistics import merge_entries, pool
+from ...manifest import Manifest, merge
 from ...scenes.chipper import unlabelled_scenes
+from ...scenes.statistics import pool
 from ..dataset import LMDBPatchDataset
-from ..store import Store
+from ..store import read_manifest
 from .base import SPLITS, LMDBDataModule, LoaderKind
 
 CHIP_HINT = "`python -m rico_torch.encode scenes --dataset-dir <scenes> --target-dir {path} --patch-size 256`"
@@ -25,23 +26,34 @@ class GeoPatchDataset(LMDBPatchDataset):
     (rasterio's order); ``crs``: the scene's CRS as WKT.
     """
 
-    def __init__(self, *args, geo: dict[str, tuple[tuple[float, ...], str]], **kwargs) -> None:
+    def __init__(self, *args, windows: np.ndarray, window_size: int, scenes: list[dict], **kwargs) -> None:
         super().__init__(*args, **kwargs)
-        self.geo = geo
+        # per item its scene index and window offsets (N x 3 int32, no per-key objects); per scene
+        # its transform and CRS: bounds are derived per batch
+        self.windows, self.window_size = torch.as_tensor(windows), window_size
+        self.scene_transforms = [list(s["transform"]) for s in scenes]
+        self.crs = [s["crs"] for s in scenes]
 
     def fields(self, indices) -> dict[str, Any]:
         out = super().fields(indices)
-        out["bounds"] = torch.tensor([self.geo[k][0] for k in out["key"]], dtype=torch.float64)
-        out["crs"] = [self.geo[k][1] for k in out["key"]]
+        scene, row, col = self.windows[list(indices)].numpy().T
+        bounds = np.zeros((len(scene), 4), np.float64)
+        for i in np.unique(scene).tolist():
+            mine = scene == i
+            bounds[mine] = window_bounds(row[mine], col[mine], self.window_size, self.scene_transforms[i])
+        out["bounds"] = torch.from_numpy(bounds)
+        out["crs"] = [self.crs[i] for i in scene.tolist()]
         return out
 
 
-def window_bounds(window: list[int], transform: list[float]) -> tuple[float, float, float, float]:
-    """(left, bottom, right, top) of a window from its own transform (north-up grids)."""
-    _, _, h, w = window
-    a, _, c, _, e, f = transform
-    xs, ys = (c, c + a * w), (f, f + e * h)
-    return min(xs), min(ys), max(xs), max(ys)
+def window_bounds(rows: np.ndarray, cols: np.ndarray, size: int, transform: list[float]) -> np.ndarray:
+    """(left, bottom, right, top) of windows (N x 4) from their offsets and their scene's
+    transform (north-up grids)."""
+    a, b, c, d, e, f = transform
+    left, top = c + a * cols + b * rows, f + d * cols + e * rows
+    right, bottom = left + a * size, top + e * size
+    return np.stack([np.minimum(left, right), np.minimum(top, bottom), np.maximum(left, right),
+                     np.maximum(top, bottom)], axis=1).astype(np.float64)
 
 
 class GeoPatchDataModule(LMDBDataModule):
@@ -109,7 +121,8 @@ class GeoPatchDataModule(LMDBDataModule):
         loader: LoaderKind = "patch",
     ) -> None:
         paths = [Path(p) for p in (lmdb_path if isinstance(lmdb_path, (list, tuple)) else [lmdb_path])]
-        manifest = self._scene_manifest(paths)
+        self._path_manifests = self._scene_manifests(paths)
+        manifest = merge(self._path_manifests)
         stored = manifest["scenes"]
         for name in (scenes or []) + (val_scenes or []) + (test_scenes or []) + (predict_scenes or []):
             if name not in stored:
@@ -149,6 +162,7 @@ class GeoPatchDataModule(LMDBDataModule):
         self.use_mask = mask and not self.unlabelled()
         self.ignore_index = ignore_index
         self._splits: dict[str, np.ndarray] | None = None
+        self._windows: tuple | None = None
 
     @property
     def patch_size(self) -> int:
@@ -165,93 +179,104 @@ class GeoPatchDataModule(LMDBDataModule):
         return [n for n in unlabelled_scenes(self.manifest()) if n in self.scenes]
 
     @staticmethod
-    def _scene_manifest(paths: list[Path]) -> dict:
-        merged: dict = {}
+    def _scene_manifests(paths: list[Path]) -> list[Manifest]:
+        manifests = []
         for path in paths:
             if not (path / "data.mdb").exists():
                 raise DatasetNotFoundError(f"{path}: no chipped scenes here (data.mdb missing); create it with "
                                            + CHIP_HINT.format(path=path))
-            manifest = Store(path).manifest()
+            manifest = read_manifest(path)
             if not manifest or "scenes" not in manifest:
                 raise ConfigError(f"{path}: not an LMDB of chipped scenes (manifest.json has no scenes); "
                                   f"chip scenes with {CHIP_HINT.format(path=path)}")
-            if not merged:
-                merged = {**manifest, "scenes": dict(manifest["scenes"]), "windows": dict(manifest["windows"])}
-            else:  # another shard: the same scenes, other windows; statistics merged exactly
-                for name, scene in manifest["scenes"].items():
-                    if name in merged["scenes"] and "statistics" in scene:
-                        scene = {**scene, "statistics": merge_entries(merged["scenes"][name].get("statistics", {}),
-                                                                      scene["statistics"])}
-                    merged["scenes"][name] = scene
-                merged["windows"].update(manifest["windows"])
-        return merged
+            manifests.append(manifest)
+        return manifests
 
     def encode_hint(self, path: Path) -> str:
         return CHIP_HINT.format(path=path)
 
     # --- splits -------------------------------------------------------------------------
 
-    def _keys(self, scenes: list[str] | None = None) -> list[str]:
-        """Every stored window of ``scenes`` (default: those in use), scene by scene, row by row."""
-        windows, used = self._manifest["windows"], set(scenes or self.scenes)
-        return sorted((k for k in windows if windows[k]["scene"] in used),
-                      key=lambda k: (windows[k]["scene"], windows[k]["window"][:2]))
+    def _table(self) -> tuple[np.ndarray, list[str], np.ndarray, np.ndarray, np.ndarray]:
+        """Every stored window scene by scene (names sorted), row by row: (keys, scene names,
+        scene index, row, col), arrays from the sidecar (computed once)."""
+        if self._windows is None:
+            keys, names, scene, rows, cols = self._manifest.windows.table()
+            rank = np.argsort(np.argsort(np.array(names, dtype=object)))  # a scene's place by name
+            order = np.lexsort((cols, rows, rank[scene] if len(names) else scene))
+            ordered = sorted(names)
+            self._windows = (keys[order], ordered, rank[scene[order]].astype(np.int32) if len(names) else scene,
+                             rows[order], cols[order])
+        return self._windows
 
-    def _deal(self, items: list, rng: np.random.Generator) -> dict:
-        """item -> split, at random with the configured fractions."""
-        order = rng.permutation(len(items))
-        n_val = int(round(len(items) * self.val_fraction))
-        n_test = int(round(len(items) * self.test_fraction))
-        split_of = {}
-        for rank, i in enumerate(order):
-            split_of[items[i]] = "val" if rank < n_val else "test" if rank < n_val + n_test else "train"
-        return split_of
+    def _dealt(self, count: int, rng: np.random.Generator) -> np.ndarray:
+        order = rng.permutation(count)
+        n_val = int(round(count * self.val_fraction))
+        n_test = int(round(count * self.test_fraction))
+        split = np.zeros(count, np.int8)
+        split[order[:n_val]] = SPLITS.index("val")
+        split[order[n_val : n_val + n_test]] = SPLITS.index("test")
+        return split
 
     def splits(self) -> dict[str, np.ndarray]:
-        """The keys of train, val and test (computed once)."""
+        """The keys of train, val and test."""
+        keys = self._table()[0]
+        return {s: keys[rows] for s, rows in self.split_rows().items()}
+
+    def split_rows(self) -> dict[str, np.ndarray]:
+        """Each of train, val and test as an index array into :meth:`_table`, windows of the scenes in
+        use only (computed once)."""
         if self._splits is not None:
             return self._splits
-        windows, keys = self._manifest["windows"], self._keys()
+        _, names, all_scenes, all_rows, all_cols = self._table()
+        used = [i for i, n in enumerate(names) if n in self.scenes]
+        chosen = np.flatnonzero(np.isin(all_scenes, used)) if len(used) < len(names) else None
+        scene, rows, cols = ((all_scenes, all_rows, all_cols) if chosen is None
+                             else (all_scenes[chosen], all_rows[chosen], all_cols[chosen]))
         rng = np.random.default_rng(self.seed)
-        parts: dict[str, list[str]] = {s: [] for s in SPLITS}
         if self.split == "random":
-            split_of = self._deal(keys, rng)
-            for key in keys:
-                parts[split_of[key]].append(key)
+            split = self._dealt(len(scene), rng)
         elif self.split == "scene":
-            names = sorted(self.scenes)
+            of_scene = np.full(len(names), -1, np.int8)  # scenes not in use: no split
             if self.val_scenes is not None or self.test_scenes is not None:
-                split_of = {n: "val" if n in (self.val_scenes or []) else "test" if n in (self.test_scenes or [])
-                            else "train" for n in names}
+                for i in used:
+                    of_scene[i] = SPLITS.index("val" if names[i] in (self.val_scenes or []) else
+                                               "test" if names[i] in (self.test_scenes or []) else "train")
             else:
-                split_of = self._deal(names, rng)
-            for key in keys:
-                parts[split_of[windows[key]["scene"]]].append(key)
+                of_scene[used] = self._dealt(len(used), rng)
+            split = of_scene[scene]
         else:
-            b = self.block_size
-            blocks = sorted({(windows[k]["scene"], r // b, c // b) for k in keys
-                             for r, c in self._corners(windows[k]["window"])})
-            split_of = self._deal(blocks, rng)
-            for key in keys:
-                scene = windows[key]["scene"]
-                touched = {split_of[(scene, r // b, c // b)] for r, c in self._corners(windows[key]["window"])}
-                if len(touched) == 1:  # else it would share pixels with another split
-                    parts[touched.pop()].append(key)
-        self._splits = {s: np.array(v, dtype=np.bytes_) for s, v in parts.items()}
+            b, size = self.block_size, self.patch_size
+            span = int(max(rows.max(initial=0), cols.max(initial=0)) + size) // b + 2
+
+            def corner(k: int) -> np.ndarray:  # block of each window's k-th corner, one corner at a time
+                r = np.maximum(rows, 0) if k < 2 else rows + size - 1
+                c = np.maximum(cols, 0) if k % 2 == 0 else cols + size - 1
+                return (scene.astype(np.int64) * span + r // b) * span + c // b
+
+            blocks = np.unique(np.concatenate([np.unique(corner(k)) for k in range(4)]))  # (scene, row, col)
+            of_block = self._dealt(len(blocks), rng)
+            split = of_block[np.searchsorted(blocks, corner(0))]
+            for k in range(1, 4):
+                split[of_block[np.searchsorted(blocks, corner(k))] != split] = -1  # shares pixels: left out
+        self._splits = {s: np.flatnonzero(split == i) for i, s in enumerate(SPLITS)}
+        if chosen is not None:
+            self._splits = {s: chosen[r] for s, r in self._splits.items()}
         return self._splits
 
-    @staticmethod
-    def _corners(window: list[int]) -> list[tuple[int, int]]:
-        row, col, h, w = window
-        return [(max(row, 0), max(col, 0)), (max(row, 0), col + w - 1), (row + h - 1, max(col, 0)),
-                (row + h - 1, col + w - 1)]
+    def predict_rows(self) -> np.ndarray:
+        """The windows of ``predict_scenes`` (None: the scenes in use), as an index array into
+        :meth:`_table`."""
+        _, names, scene, _, _ = self._table()
+        wanted = set(self.predict_scenes or self.scenes)
+        return np.flatnonzero(np.isin(scene, [i for i, n in enumerate(names) if n in wanted]))
 
     def predict_keys(self) -> np.ndarray:
-        return np.array(self._keys(self.predict_scenes), dtype=np.bytes_)
+        return self._table()[0][self.predict_rows()]
 
     def split_items(self, split: str):
-        keys = self.predict_keys() if split == "predict" else self.splits()[split]
-        return keys, None
+        rows = self.predict_rows() if split == "predict" else self.split_rows()[split]
+        return self._table()[0][rows], None
 
     # --- datasets -----------------------------------------------------------------------
 
@@ -259,16 +284,19 @@ class GeoPatchDataModule(LMDBDataModule):
         return {"mask_band": "mask"} if self.use_mask else {}
 
     def make_dataset(self, split: str) -> LMDBPatchDataset:
-        items, _ = self.split_items(split)
+        rows = self.predict_rows() if split == "predict" else self.split_rows()[split]
+        keys, names, scene, row, col = self._table()
+        items = keys[rows]
         if len(items) == 0:
             raise ConfigError(f"{self.lmdb_path}: the {split} split is empty (split={self.split!r}); give more "
                               "scenes, a smaller block_size, or other fractions")
-        scenes, windows = self._manifest["scenes"], self._manifest["windows"]
-        geo = {k.decode(): (window_bounds(windows[k.decode()]["window"], windows[k.decode()]["transform"]),
-                            scenes[windows[k.decode()]["scene"]]["crs"]) for k in items.tolist()}
+        windows = np.stack([scene[rows], row[rows], col[rows]], axis=1).astype(np.int32)
         return GeoPatchDataset(self.lmdb_paths, self.bands, keys=items, size=self.output_size,
                                interpolation=self.interpolation, align_corners=self.align_corners,
-                               native=self.loads_native, readahead=self.readahead, geo=geo, **self.dataset_kwargs())
+                               native=self.loads_native, readahead=self.readahead, windows=windows,
+                               manifests=self._path_manifests,
+                               window_size=self.patch_size,
+                               scenes=[self._manifest["scenes"][n] for n in names], **self.dataset_kwargs())
 
     def statistics(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Mean and std per band from the chipper's statistics: each scene's moments over its

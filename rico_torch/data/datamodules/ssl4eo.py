@@ -146,7 +146,7 @@ class SSL4EODataModule(LMDBDataModule):
         flat = [s if len(s) > 1 else s[0] for seasons in per_location for s in seasons]
         inner = LMDBPatchDataset(self.lmdb_paths, self.bands, keys=flat, size=self.size, crop=self.crop_size,
                                  crop_mode="random" if split == "train" else "center", readahead=self.readahead,
-                                 interpolation=self.interpolation)
+                                 interpolation=self.interpolation, manifests=self.path_manifests())
         starts = np.cumsum([0] + [len(s) for s in per_location])
         locations = [range(a, b) for a, b in zip(starts[:-1], starts[1:])]
         return SeasonViews(inner, locations, self.views, random=split == "train")

@@ -1,0 +1,217 @@
+"""Scale: what opening a dataset costs as its key count grows (issue 18).
+
+Generates its own data (``rico_torch.synthetic.scale``: LMDBs of tiny values written directly,
+manifest and ``keys.index`` through ``rico_torch.manifest``, cached under
+``$RICO_TORCH_BENCH_DIR/scale-*``) and measures, each in a fresh subprocess:
+
+* ``LMDBPatchDataset`` open (``keys=None``) and every DataModule's ``setup("fit")`` that reads
+  per-key facts from the manifest (``GeoPatchDataModule`` over windows, ``EuroSATDataModule`` over
+  labelled keys): seconds, peak allocation growth (tracemalloc: Python objects and numpy arrays)
+  and anonymous memory still held after it (``/proc/self/smaps_rollup``; mapped file pages, shared
+  through the page cache, are not counted);
+* metadata bytes per key (``manifest.json`` + ``keys.index``);
+* a worker's private memory after reading 20 random batches of 256, for a dataset handed to a
+  ``spawn`` worker (pickled) and to a ``fork`` worker: USS (psutil; includes clean pages of the
+  files it alone mapped) and anonymous memory (its own heap), beside a worker of a one-key dataset;
+* ``--encode N``: a real ``python -m rico_torch.encode scenes`` of N windows (2 px windows of one
+  GeoTIFF), its peak RSS.
+
+Usage: ``python benchmarks/scale.py [--counts 262144 3000000] [--encode 1048576]``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import multiprocessing
+import os
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import BENCH_ROOT, MARKER, log  # noqa: E402
+
+KINDS = {"scenes": "B1", "eurosat-ms": "B02"}
+
+
+def dataset_dir(kind: str, count: int) -> Path:
+    root = BENCH_ROOT / f"scale-{kind}-{count}"
+    if not (root / MARKER).exists():
+        import shutil
+
+        from rico_torch.synthetic.scale import make_many_keys
+
+        shutil.rmtree(root, ignore_errors=True)
+        log(f"generating {count:,} {kind} keys into {root} ...")
+        start = time.perf_counter()
+        make_many_keys(root / "lmdb", count, kind)
+        (root / MARKER).write_text(json.dumps({"kind": kind, "count": count,
+                                               "seconds": time.perf_counter() - start}))
+    return root / "lmdb"
+
+
+# --- measurements, each run in its own process --------------------------------------------------
+
+
+def _anonymous() -> int:
+    """This process's anonymous memory (its own heap, not mapped files), bytes."""
+    with open("/proc/self/smaps_rollup") as f:
+        return next(int(line.split()[1]) * 1024 for line in f if line.startswith("Anonymous:"))
+
+
+def _measure(what: str, path: str) -> dict:
+    import tracemalloc
+
+    from rico_torch.data import EuroSATDataModule, GeoPatchDataModule, LMDBPatchDataset  # imports first
+
+    anonymous = _anonymous()
+    tracemalloc.start()
+    start = time.perf_counter()
+    if what == "open":
+        band = KINDS["scenes" if "scenes" in path else "eurosat-ms"]
+        made = LMDBPatchDataset(path, bands=[band])
+        made[len(made) - 1]  # noqa: B018  (one read: the open is usable)
+    elif what == "setup-scenes":
+        made = GeoPatchDataModule(path, num_workers=0, mask=False)
+        made.setup("fit")
+    elif what == "setup-eurosat":
+        made = EuroSATDataModule(path, bands=["B02"], num_workers=0)
+        made.setup("fit")
+    else:
+        raise SystemExit(f"unknown measurement {what}")
+    seconds = time.perf_counter() - start
+    _, traced = tracemalloc.get_traced_memory()
+    tracemalloc.stop()
+    return {"seconds": seconds, "traced_peak": traced, "anonymous_held": _anonymous() - anonymous}
+
+
+def _worker(dataset, queue) -> None:
+    import numpy as np
+    import psutil
+
+    rng = np.random.default_rng(0)
+    for _ in range(20):
+        dataset.read_batch(rng.integers(0, len(dataset), 256).tolist())
+    queue.put((psutil.Process().memory_full_info().uss, _anonymous()))
+
+
+def _worker_uss(path: str, method: str) -> dict:
+    """USS of a worker reading 20 random batches of a dataset handed to it by ``method``; and of a
+    worker doing the same with a 1-key dataset (what the imports and buffers cost)."""
+    from rico_torch.data import LMDBPatchDataset
+
+    band = KINDS["scenes" if "scenes" in path else "eurosat-ms"]
+    full = LMDBPatchDataset(path, bands=[band])
+    tiny = LMDBPatchDataset(path, bands=[band], keys=[full.key(0)])
+    ctx = multiprocessing.get_context(method)
+    out = {}
+    for name, ds in (("uss", full), ("uss_one_key", tiny)):
+        queue = ctx.Queue()
+        p = ctx.Process(target=_worker, args=(ds, queue))
+        p.start()
+        out[name] = queue.get(timeout=300)
+        p.join()
+    return out
+
+
+def run_child(*args: str) -> dict:
+    proc = subprocess.run([sys.executable, __file__, *args], capture_output=True, text=True,
+                          env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])})
+    if proc.returncode != 0:
+        raise SystemExit(f"{args}: failed\n{proc.stderr}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+# --- encode scenes --------------------------------------------------------------------------------
+
+
+def encode_scenes(windows: int, workers: int) -> dict:
+    """Peak RSS of ``python -m rico_torch.encode scenes`` chipping ``windows`` 2 px windows."""
+    import numpy as np
+
+    from rico_torch.synthetic._geotiff import square_transform, write_geotiff
+
+    side = 2 * int(np.ceil(np.sqrt(windows)))
+    root = BENCH_ROOT / f"scale-encode-{windows}"
+    scene = root / "scenes" / "S.tif"
+    if not scene.exists():
+        scene.parent.mkdir(parents=True, exist_ok=True)
+        data = (np.arange(side * side, dtype=np.uint32) % 60000 + 1).astype(np.uint16).reshape(side, side)
+        write_geotiff(scene, data, compress="deflate", tiled=True, blocksize=256, crs="EPSG:32632",
+                      transform=square_transform(600000.0, 5000040.0, side * 10.0, side))
+    target = root / "lmdb"
+    import shutil
+
+    shutil.rmtree(target, ignore_errors=True)
+    start = time.perf_counter()
+    code = ("import resource, sys; from rico_torch.encode.cli import main; rc = main(sys.argv[1:]); "
+            "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, "
+            "resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024); sys.exit(rc)")
+    proc = subprocess.run([sys.executable, "-c", code, "scenes", "--dataset-dir", str(scene.parent), "--target-dir",
+                           str(target), "--patch-size", "2", "--num-workers", str(workers), "--quiet"],
+                          capture_output=True, text=True,
+                          env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])})
+    if proc.returncode != 0:
+        raise SystemExit(f"encode scenes failed: {proc.stderr}")
+    main_peak, child_peak = map(int, proc.stdout.split())
+    keys = json.loads((target / "manifest.json").read_text())["patches"]
+    return {"windows": keys, "seconds": time.perf_counter() - start, "peak": main_peak, "worker_peak": child_peak}
+
+
+# --- the table ------------------------------------------------------------------------------------
+
+
+def mb(n: float) -> str:
+    return f"{n / 1e6:,.0f} MB" if abs(n) >= 1e6 else f"{n / 1e6:,.1f} MB"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--counts", type=int, nargs="*", default=[262_144, 3_000_000])
+    parser.add_argument("--encode", type=int, default=0, metavar="N", help="also encode N scene windows (0: skip)")
+    parser.add_argument("--encode-workers", type=int, default=0)
+    parser.add_argument("--measure", nargs=2, metavar=("WHAT", "PATH"), help=argparse.SUPPRESS)
+    parser.add_argument("--uss", nargs=2, metavar=("PATH", "METHOD"), help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.measure:
+        print(json.dumps(_measure(*args.measure)))
+        return
+    if args.uss:
+        print(json.dumps(_worker_uss(*args.uss)))
+        return
+    rows = []
+    for count in args.counts:
+        paths = {kind: dataset_dir(kind, count) for kind in KINDS}
+        for kind, path in paths.items():
+            meta = (path / "manifest.json").stat().st_size + (path / "keys.index").stat().st_size
+            rows.append((count, f"metadata bytes per key ({kind})", f"{meta / count:.1f} B", ""))
+        for what, kind in (("open", "scenes"), ("open", "eurosat-ms"), ("setup-scenes", "scenes"),
+                           ("setup-eurosat", "eurosat-ms")):
+            r = run_child("--measure", what, str(paths[kind]))
+            label = {"open": f"LMDBPatchDataset open ({kind})", "setup-scenes": "GeoPatchDataModule.setup('fit')",
+                     "setup-eurosat": "EuroSATDataModule.setup('fit')"}[what]
+            rows.append((count, label, f"{r['seconds']:.3f} s",
+                         f"peak growth {mb(r['traced_peak'])} (tracemalloc), held +{mb(r['anonymous_held'])} "
+                         "(anonymous)"))
+            log(rows[-1])
+        for method in ("spawn", "fork"):
+            r = run_child("--uss", str(paths["scenes"]), method)
+            rows.append((count, f"worker private memory ({method}): USS / anonymous", f"{mb(r['uss'][0])} / "
+                         f"{mb(r['uss'][1])}", f"a one-key dataset's worker: {mb(r['uss_one_key'][0])} / "
+                         f"{mb(r['uss_one_key'][1])}"))
+            log(rows[-1])
+    if args.encode:
+        r = encode_scenes(args.encode, args.encode_workers)
+        rows.append((r["windows"], f"encode scenes ({args.encode_workers} workers), peak RSS", mb(r["peak"]),
+                     f"{r['seconds']:.0f} s; workers' peak {mb(r['worker_peak'])}"))
+    print("| keys | what | value | notes |")
+    print("|---:|---|---:|---|")
+    for count, what, value, notes in rows:
+        print(f"| {count:,} | {what} | {value} | {notes} |")
+
+
+if __name__ == "__main__":
+    main()
