@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import sys
 import warnings
 import zlib
 from pathlib import Path
@@ -27,6 +28,7 @@ from safetensors.numpy import save
 
 from ..catalog import Band, Source
 from ..errors import InputError
+from ..format import parse_header
 
 # A file tifffile cannot parse goes to rasterio, which gives the error; tifffile's own
 # warnings about it would only break the one-line error message.
@@ -261,12 +263,50 @@ def encode_value(bands: dict[str, np.ndarray]) -> bytes:
     return save(bands, metadata=None)
 
 
+#: band table of one value: (name, dtype name, shape) per band, sorted by name.
+BandTable = tuple[tuple[str, str, tuple[int, ...]], ...]
+_HEADERS: dict[tuple, tuple[bytes, tuple[str, ...]]] = {}  # layout -> (header, band names in data order)
+_MAX_HEADERS = 256  # layouts remembered (sizes vary per patch in some datasets: UC Merced, raw bands)
+
+
+def value_parts(bands: dict[str, np.ndarray]) -> tuple[list, BandTable]:
+    """The value :func:`encode_value` makes, as buffers to write one after the other (no copy
+    into one blob), and its band table.
+
+    A safetensors header depends only on the bands' names, dtypes and shapes, so it is taken
+    once per layout from a value ``save`` made, then reused: the header bytes followed by the
+    arrays in the header's data order are exactly ``save``'s bytes. A layout not seen yet (and a
+    non-native byte order) gives ``[save(bands)]``.
+    """
+    bands = {name: np.ascontiguousarray(a) for name, a in bands.items()}  # save() mis-writes a strided view
+    table = tuple(sorted((name, a.dtype.name, a.shape) for name, a in bands.items()))
+    layout = tuple((name, a.dtype.str, a.shape) for name, a in sorted(bands.items()))
+    cached = _HEADERS.get(layout)
+    if cached is None:
+        value = encode_value(bands)
+        if sys.byteorder == "little" and all(a.dtype.isnative for a in bands.values()):
+            if len(_HEADERS) >= _MAX_HEADERS:
+                _HEADERS.clear()
+            info = parse_header(value)
+            start = 8 + int.from_bytes(value[:8], "little")
+            _HEADERS[layout] = (value[:start], tuple(sorted(info, key=lambda n: (info[n].begin, n))))
+        return [value], table
+    header, order = cached
+    return [header, *(bands[name] for name in order)], table
+
+
 def value_digest(key: bytes, value: bytes) -> int:
     """Per-patch digest; summing these mod 2**256 gives an order-independent dataset hash."""
+    return parts_digest(key, [value])
+
+
+def parts_digest(key: bytes, parts: list) -> int:
+    """:func:`value_digest` of the value whose bytes are ``parts`` one after the other."""
     h = hashlib.blake2b(digest_size=32)
     h.update(len(key).to_bytes(8, "little"))
     h.update(key)
-    h.update(value)
+    for part in parts:
+        h.update(part)
     return int.from_bytes(h.digest(), "little")
 
 

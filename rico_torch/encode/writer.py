@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import fcntl
 import json
+import mmap
 import os
 import shutil
 import sys
@@ -26,9 +27,10 @@ from dataclasses import dataclass, field
 from hashlib import sha256
 from multiprocessing import get_context
 from pathlib import Path
-from typing import Protocol
+from typing import NamedTuple, Protocol
 
 import lmdb
+import numpy as np
 
 from .. import __version__
 from .._process import die_with_parent
@@ -36,10 +38,11 @@ from ..catalog import DATASETS, Dataset, Source, get_dataset
 from ..errors import InputError, TargetError
 from ..format import parse_header
 from .discover import Patch, SkipPatch, SourcePatches
-from .read import encode_value, read_patch, short_digest, value_digest
+from .read import BandTable, parts_digest, read_patch, short_digest, value_digest, value_parts
 
 TXN_SIZE = 512  # puts per write transaction, as rico-hdl
 TASK_SIZE = 32  # patches per worker task: amortises process-pool overhead
+_IOV_MAX = 512  # buffers per pwritev call (POSIX guarantees at least 16; Linux takes 1024)
 MANIFEST = "manifest.json"
 LOCK = "encode.lock"
 LMDB_FILES = ("data.mdb", "lock.mdb")
@@ -112,26 +115,84 @@ def map_size_for(used: int, incoming: int) -> int:
 # --- worker side ----------------------------------------------------------------------
 
 
-def encode_task(dataset_name: str, source_name: str, patches: list[Patch], skip_invalid: bool):
-    """Read and encode patches: (key, value, digest, None) or, if skipped, (key, None, 0, error)."""
+class Encoded(NamedTuple):
+    """One patch as a worker made it: its value (bytes; in the main process a view of the
+    task's shared memory; None where skipped or not asked for), digest, band table (see
+    :func:`~rico_torch.encode.read.value_parts`) and, where skipped, why."""
+
+    key: str
+    value: bytes | memoryview | tuple[int, int] | None  # (offset, length): in the task's shared memory
+    digest: int
+    error: str | None = None
+    bands: BandTable | None = None
+
+
+def encode_task(dataset_name: str, source_name: str, patches: list[Patch], skip_invalid: bool,
+                handoff: str | None = None, values: bool = True) -> list[Encoded]:
+    """Read and encode patches; the value's digest and band table are made here, beside the value.
+
+    ``handoff``: the path of the main process's shared memory (a memfd, see :class:`_Handoff`)
+    for this task: the values are written into it one after the other (header and bands straight
+    from the decoded arrays, no blob in between) and only their (offset, length) come back, so
+    nothing large is pickled through the pool's pipe. Where it cannot be opened, values come back
+    as bytes. ``values=False``: digests only (``verify``).
+    """
     source = None  # looked up only for patches read from the source's band files
-    out = []
-    for patch in patches:
+    out: list[Encoded] = []
+    fd = -1
+    if handoff is not None and values:
         try:
-            if patch.reader is not None:
-                bands = patch.reader()
-            else:
-                source = source or get_dataset(dataset_name).source(source_name)
-                bands = read_patch(source, patch.path, patch.band_files(source))
-            value = encode_value(bands)
-            out.append((patch.key, value, value_digest(patch.key.encode(), value), None))
-        except SkipPatch as e:  # the reader's own decision, whatever skip_invalid says
-            out.append((patch.key, None, 0, str(e)))
-        except InputError as e:
-            if not skip_invalid:
-                raise
-            out.append((patch.key, None, 0, str(e)))
+            fd = os.open(handoff, os.O_RDWR)
+        except OSError:
+            fd = -1  # e.g. /proc hidden: pickled values, slower but the same
+    at = 0
+    try:
+        for patch in patches:
+            try:
+                if patch.reader is None:
+                    source = source or get_dataset(dataset_name).source(source_name)
+                parts, table = value_parts(patch_bands(source, patch))
+                digest = parts_digest(patch.key.encode(), parts)
+                if not values:
+                    value = None
+                elif fd >= 0:
+                    length = _write_parts(fd, parts, at)
+                    value, at = (at, length), at + length
+                else:
+                    value = parts[0] if len(parts) == 1 else b"".join(parts)
+                out.append(Encoded(patch.key, value, digest, None, table))
+            except SkipPatch as e:  # the reader's own decision, whatever skip_invalid says
+                out.append(Encoded(patch.key, None, 0, str(e)))
+            except InputError as e:
+                if not skip_invalid:
+                    raise
+                out.append(Encoded(patch.key, None, 0, str(e)))
+    finally:
+        if fd >= 0:
+            os.close(fd)
     return out
+
+
+def patch_bands(source: Source | None, patch: Patch) -> dict[str, np.ndarray]:
+    """A patch's bands, decoded: by its own reader, or from the source's band files."""
+    return patch.reader() if patch.reader is not None else read_patch(source, patch.path, patch.band_files(source))
+
+
+def _write_parts(fd: int, parts: list, at: int) -> int:
+    """Write the buffers one after the other at offset ``at``; the bytes written."""
+    views = [memoryview(p).cast("B") for p in parts]
+    done = 0
+    total = sum(len(v) for v in views)
+    while done < total:
+        n = os.pwritev(fd, views[:_IOV_MAX], at + done)
+        if n == 0:
+            raise OSError(f"shared memory took no more bytes ({done} of {total} written)")
+        done += n
+        while n and n >= len(views[0]):
+            n -= len(views.pop(0))
+        if n:
+            views[0] = views[0][n:]
+    return total
 
 
 def worker_pool(num_workers: int) -> ProcessPoolExecutor:
@@ -255,7 +316,10 @@ class _Stats:
     bytes: int = 0
     observe: object = None  # an Extension's observe, called with every value added
 
-    def add(self, source: str, key: str, value: bytes, digest: int | None = None) -> None:
+    def add(self, source: str, key: str, value: bytes, digest: int | None = None,
+            table: BandTable | None = None) -> None:
+        """Count a value written; ``digest`` and ``table`` (its band table), where the worker
+        made them, save parsing and hashing it here."""
         if self.observe is not None:
             self.observe(source, key, value)
         self.counts[source] += 1
@@ -266,8 +330,10 @@ class _Stats:
         self.digests.setdefault(source, []).append(short_digest(digest))
         self.content_hash = (self.content_hash + digest) % (1 << 256)
         bands = self.bands.setdefault(source, {})
-        for name, info in parse_header(value, key).items():
-            bands.setdefault(name, Counter())[(info.dtype.name, info.shape)] += 1
+        if table is None:
+            table = tuple((name, info.dtype.name, info.shape) for name, info in parse_header(value, key).items())
+        for name, dtype, shape in table:
+            bands.setdefault(name, Counter())[(dtype, shape)] += 1
 
     def band_table(self) -> dict:
         table = {}
@@ -482,14 +548,16 @@ def _write(dataset, discovered, target, num_workers, skip_invalid, quiet, observ
     bar.update(total - sum(len(c.patches) for c in pending))
     with _Runner(dataset.name, pending, num_workers, skip_invalid) as runner:
         for chunk, results in zip(pending, runner):
-            for key, value, _, error in results:
-                if error is not None:
-                    skipped.append({"key": key, "source": chunk.source.name, "reason": error})
-            if any(value is not None for _, value, _, _ in results):
+            for r in results:
+                if r.error is not None:
+                    skipped.append({"key": r.key, "source": chunk.source.name, "reason": r.error})
+            if any(r.value is not None for r in results):
                 _commit(target, results)
-            for key, value, digest, _ in results:
-                if value is not None:
-                    stats.add(chunk.source.name, key, value, digest)
+            for r in results:
+                if r.value is not None:
+                    value = bytes(r.value) if observe is not None else r.value  # an Extension may keep it
+                    stats.add(chunk.source.name, r.key, value, r.digest, r.bands)
+            del results  # the chunk's shared memory goes with its views
             bar.update(len(chunk.patches))
     bar.close()
     return stats, skipped, resumed
@@ -506,18 +574,52 @@ def _commit(target: Path, results) -> None:
     try:
         info = env.info()
         used = (info["last_pgno"] + 1) * env.stat()["psize"]
-        incoming = sum(len(k) + len(v) for k, v, _, _ in results if v is not None)
+        incoming = sum(len(r.key) + len(r.value) for r in results if r.value is not None)
         wanted = map_size_for(used, incoming)
         if wanted > info["map_size"]:
             env.set_mapsize(wanted)
         with env.begin(write=True) as txn:
-            for key, value, _, _ in results:
-                if value is not None and not txn.put(key.encode(), value, overwrite=False):
-                    raise TargetError(f"key {key!r} is already in the LMDB; refusing to overwrite it")
+            for r in results:
+                if r.value is not None and not txn.put(r.key.encode(), r.value, overwrite=False):
+                    raise TargetError(f"key {r.key!r} is already in the LMDB; refusing to overwrite it")
     except lmdb.Error as e:
         raise TargetError(f"{target}: writing failed ({e}); re-run the same command to resume") from None
     finally:
         env.close()
+
+
+class _Handoff:
+    """Shared memory one worker task writes its values into (:func:`encode_task`), so that they
+    reach the writer without being pickled through the pool's pipe.
+
+    A ``memfd`` the main process creates (anonymous: nothing to unlink; the kernel frees it once
+    no process holds it, however they end); the spawned worker opens it by its ``/proc`` path and
+    grows it as it writes. The writer maps it once the task is done and commits views of it.
+    Where there is no memfd or no ``/proc`` (not Linux), values come back pickled.
+    """
+
+    def __init__(self) -> None:
+        self.fd = os.memfd_create("rico_torch-values", os.MFD_CLOEXEC)
+        self.path = f"/proc/{os.getpid()}/fd/{self.fd}"
+
+    @staticmethod
+    def available() -> bool:
+        return hasattr(os, "memfd_create") and os.path.isdir(f"/proc/{os.getpid()}/fd")
+
+    def take(self, results: list[Encoded]) -> list[Encoded]:
+        """``results`` with each (offset, length) replaced by a view of the values written."""
+        try:
+            size = os.fstat(self.fd).st_size
+            view = memoryview(mmap.mmap(self.fd, size, access=mmap.ACCESS_READ)) if size else None
+        finally:
+            self.close()
+        return [r._replace(value=view[r.value[0] : r.value[0] + r.value[1]]) if isinstance(r.value, tuple) else r
+                for r in results]
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
 
 
 class _Runner:
@@ -527,6 +629,7 @@ class _Runner:
         self.dataset_name, self.chunks = dataset_name, chunks
         self.num_workers, self.skip_invalid = num_workers, skip_invalid
         self.pool: ProcessPoolExecutor | None = None
+        self.handoffs: list[_Handoff] = []  # of the tasks in flight
 
     def __enter__(self) -> "_Runner":
         if self.num_workers > 0 and self.chunks:
@@ -536,16 +639,33 @@ class _Runner:
     def __exit__(self, *exc) -> None:
         if self.pool is not None:
             self.pool.shutdown(wait=True, cancel_futures=True)
+        for handoff in self.handoffs:
+            handoff.close()
 
-    def _submit(self, chunk: Chunk) -> list[Future] | list:
+    def _submit(self, chunk: Chunk) -> list:
         # up to TASK_SIZE patches a task, fewer where a chunk is small (large patches such as
         # Major-TOM's 22 MB cells come few to a chunk): every worker gets work
         size = max(1, min(TASK_SIZE, -(-len(chunk.patches) // (2 * max(1, self.num_workers)))))
         tasks = [chunk.patches[i : i + size] for i in range(0, len(chunk.patches), size)]
         args = [(self.dataset_name, chunk.source.name, t, self.skip_invalid) for t in tasks]
         if self.pool is None:
-            return [encode_task(*a) for a in args]
-        return [self.pool.submit(encode_task, *a) for a in args]
+            return [(encode_task(*a), None) for a in args]
+        submitted = []
+        for a in args:
+            handoff = _Handoff() if _Handoff.available() else None
+            if handoff is not None:
+                self.handoffs.append(handoff)
+            submitted.append((self.pool.submit(encode_task, *a, handoff and handoff.path), handoff))
+        return submitted
+
+    def _result(self, task, handoff: _Handoff | None) -> list[Encoded]:
+        if not isinstance(task, Future):
+            return task
+        results = task.result()
+        if handoff is None:
+            return results
+        self.handoffs.remove(handoff)
+        return handoff.take(results)
 
     def __iter__(self):
         ahead = 2  # chunks in flight: workers read chunk i+1 while chunk i is committed
@@ -554,4 +674,4 @@ class _Runner:
             tasks = queue.pop(0)
             if i + ahead < len(self.chunks):
                 queue.append(self._submit(self.chunks[i + ahead]))
-            yield [r for t in tasks for r in (t.result() if isinstance(t, Future) else t)]
+            yield [r for task, handoff in tasks for r in self._result(task, handoff)]

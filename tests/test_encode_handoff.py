@@ -1,0 +1,111 @@
+"""The encoder's hand-off: values made in the workers (header reused per layout, digest and band
+table beside them) and passed to the writer through shared memory, byte for byte what
+``safetensors.numpy.save`` writes, whatever the worker count."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import pickle
+
+import numpy as np
+import pytest
+
+from rico_torch.catalog import get_dataset
+from rico_torch.encode.discover import discover
+from rico_torch.encode.read import encode_value, parts_digest, read_patch, value_digest, value_parts
+from rico_torch.encode.writer import _Handoff, _Stats, encode_task
+
+from .conftest import encode_cli
+
+
+def _layouts() -> list[dict[str, np.ndarray]]:
+    rng = np.random.default_rng(0)
+    u16 = lambda n: rng.integers(0, 10_000, (n, n), dtype=np.uint16)  # noqa: E731
+    s2 = {b: u16(120) for b in ("B02", "B03", "B04", "B08")} | {b: u16(60) for b in ("B05", "B8A", "B11")} | {
+        "B01": u16(20), "B09": u16(20)}
+    return [
+        s2,  # BigEarthNet S2: three sizes, B8A sorting among B0x/B1x
+        {"VV": rng.random((120, 120), dtype=np.float32), "VH": rng.random((120, 120), dtype=np.float32)},
+        {f"B{i}": rng.integers(-100, 100, (16, 16), dtype=np.int16) for i in range(1, 225)},  # B1, B10, B100 ...
+        # mixed dtypes (safetensors orders by dtype, then name), a raw 1-D band, an empty band
+        {"tci": rng.integers(0, 255, (8, 8), dtype=np.uint8), "b08": u16(8), "mask": np.zeros((0, 4), np.uint8),
+         "raw": np.frombuffer(b"\x89PNG raw bytes", np.uint8).copy(), "f": rng.random((3, 5))},
+    ]
+
+
+@pytest.mark.parametrize("bands", _layouts(), ids=["bigearthnet-s2", "s1", "hyspecnet", "mixed"])
+def test_value_parts_are_what_save_writes(bands):
+    expected = encode_value(bands)
+    for _ in range(2):  # a new layout (save itself), then its header reused
+        parts, table = value_parts(bands)
+        assert b"".join(parts) == expected
+        assert parts_digest(b"key", parts) == value_digest(b"key", expected)
+    assert len(parts) == 1 + len(bands)  # the second time: the header, then each band as it is
+    assert table == tuple(sorted((n, a.dtype.name, a.shape) for n, a in bands.items()))
+
+
+def test_value_parts_of_a_strided_band_are_its_values():
+    rgb = np.arange(4 * 5 * 3, dtype=np.uint16).reshape(4, 5, 3)  # pixel-interleaved
+    bands = {"R": rgb[..., 0], "G": rgb[..., 1]}
+    for _ in range(2):
+        parts, _ = value_parts(bands)
+        assert b"".join(parts) == encode_value({k: np.ascontiguousarray(v) for k, v in bands.items()})
+
+
+@pytest.fixture(scope="module")
+def majortom_s2(majortom_files):
+    (found,) = discover(get_dataset("major-tom-core"), {"s2": majortom_files.s2_dir})
+    return found
+
+
+def test_worker_hands_values_over_in_shared_memory(majortom_s2):
+    handoff = _Handoff()
+    results = encode_task("major-tom-core", "s2", majortom_s2.patches, False, handoff.path)
+    # only (offset, length), digest and band table cross the pool's pipe
+    assert all(isinstance(r.value, tuple) for r in results)
+    assert len(pickle.dumps(results)) < 1_000 * len(results)
+    taken = handoff.take(results)
+    assert handoff.fd == -1  # the writer keeps only the mapping
+    for r in taken:
+        patch = next(p for p in majortom_s2.patches if p.key == r.key)
+        expected = encode_value(read_patch(majortom_s2.source, patch.path))
+        assert isinstance(r.value, memoryview) and bytes(r.value) == expected
+        assert r.digest == value_digest(r.key.encode(), expected)
+
+
+def test_values_come_back_pickled_where_the_shared_memory_cannot_be_opened(majortom_s2, tmp_path):
+    results = encode_task("major-tom-core", "s2", majortom_s2.patches[:2], False, str(tmp_path / "no-such-fd"))
+    for r, patch in zip(results, majortom_s2.patches):
+        assert r.value == encode_value(read_patch(majortom_s2.source, patch.path))
+
+
+def test_digests_only_for_verify(majortom_s2):
+    full = encode_task("major-tom-core", "s2", majortom_s2.patches[:2], False)
+    bare = encode_task("major-tom-core", "s2", majortom_s2.patches[:2], False, values=False)
+    assert [r.value for r in bare] == [None, None]
+    assert [r.digest for r in bare] == [r.digest for r in full]
+
+
+def test_band_table_from_the_workers_equals_the_parsed_one(majortom_s2):
+    results = encode_task("major-tom-core", "s2", majortom_s2.patches, False)
+    told, parsed = _Stats(), _Stats()
+    for r in results:
+        told.add("s2", r.key, r.value, r.digest, r.bands)
+        parsed.add("s2", r.key, r.value)
+    assert told.band_table() == parsed.band_table()
+    assert told.content_hash == parsed.content_hash and told.digests == parsed.digests
+
+
+def test_shared_memory_encode_is_byte_identical_for_any_worker_count(majortom_files, tmp_path):
+    digests, manifests = set(), []
+    for workers in ("0", "1", "2"):
+        target = tmp_path / f"w{workers}"
+        encode_cli("major-tom-core", "--s1-dir", str(majortom_files.s1_dir), "--s2-dir", str(majortom_files.s2_dir),
+                   "--target-dir", str(target), "--num-workers", workers, "--quiet")
+        digests.add(hashlib.sha256((target / "data.mdb").read_bytes()).hexdigest())
+        manifest = json.loads((target / "manifest.json").read_text())
+        manifests.append((manifest["content_hash"], manifest["bands"], manifest["counts"]))
+    assert len(digests) == 1
+    assert manifests[0] == manifests[1] == manifests[2]
+
