@@ -66,12 +66,15 @@ def test_worker_hands_values_over_in_shared_memory(majortom_s2):
     assert all(isinstance(r.value, tuple) for r in results)
     assert len(pickle.dumps(results)) < 1_000 * len(results)
     taken = handoff.take(results)
-    assert handoff.fd == -1  # the writer keeps only the mapping
     for r in taken:
         patch = next(p for p in majortom_s2.patches if p.key == r.key)
         expected = encode_value(read_patch(majortom_s2.source, patch.path))
         assert isinstance(r.value, memoryview) and bytes(r.value) == expected
         assert r.digest == value_digest(r.key.encode(), expected)
+    assert not handoff.release()  # viewed: not to be written again
+    del taken, r
+    assert handoff.release()
+    handoff.close()
 
 
 def test_values_come_back_pickled_where_the_shared_memory_cannot_be_opened(majortom_s2, tmp_path):
@@ -109,3 +112,24 @@ def test_shared_memory_encode_is_byte_identical_for_any_worker_count(majortom_fi
     assert len(digests) == 1
     assert manifests[0] == manifests[1] == manifests[2]
 
+
+
+def test_shared_memory_is_written_again_once_committed(hydro_files, tmp_path, monkeypatch):
+    from rico_torch.encode import writer
+
+    created = []
+    original = writer._Handoff.__init__
+
+    def counting(self):
+        original(self)
+        created.append(self)
+
+    monkeypatch.setattr(writer._Handoff, "__init__", counting)
+    monkeypatch.setattr(writer, "TXN_SIZE", 1)  # six chunks, one task each
+    dataset = get_dataset("hydro")
+    found = discover(dataset, {"patches": hydro_files.root})
+    writer.encode_dataset(dataset, found, tmp_path / "w1", num_workers=1, quiet=True)
+    writer.encode_dataset(dataset, found, tmp_path / "w0", num_workers=0, quiet=True)
+    assert len(found[0].patches) == 6 and 0 < len(created) <= 4  # three chunks in flight, then one more
+    assert all(h.fd == -1 for h in created)  # all closed at the end
+    assert (tmp_path / "w1" / "data.mdb").read_bytes() == (tmp_path / "w0" / "data.mdb").read_bytes()

@@ -547,20 +547,26 @@ def _write(dataset, discovered, target, num_workers, skip_invalid, quiet, observ
     bar = progress_bar(total, quiet)
     bar.update(total - sum(len(c.patches) for c in pending))
     with _Runner(dataset.name, pending, num_workers, skip_invalid) as runner:
-        for chunk, results in zip(pending, runner):
-            for r in results:
-                if r.error is not None:
-                    skipped.append({"key": r.key, "source": chunk.source.name, "reason": r.error})
-            if any(r.value is not None for r in results):
-                _commit(target, results)
-            for r in results:
-                if r.value is not None:
-                    value = bytes(r.value) if observe is not None else r.value  # an Extension may keep it
-                    stats.add(chunk.source.name, r.key, value, r.digest, r.bands)
-            del results  # the chunk's shared memory goes with its views
+        chunk_results = iter(runner)
+        for chunk in pending:  # not zip(): it would hold the last chunk's views while the next is read
+            _store(target, chunk, next(chunk_results), stats, skipped, observe)
             bar.update(len(chunk.patches))
     bar.close()
     return stats, skipped, resumed
+
+
+def _store(target: Path, chunk: Chunk, results: list[Encoded], stats: _Stats, skipped: list, observe) -> None:
+    """Commit one chunk's values and count them (a function: its views of the shared memory go
+    when it returns, so that the memory can take a later task's values)."""
+    for r in results:
+        if r.error is not None:
+            skipped.append({"key": r.key, "source": chunk.source.name, "reason": r.error})
+    if any(r.value is not None for r in results):
+        _commit(target, results)
+    for r in results:
+        if r.value is not None:
+            value = bytes(r.value) if observe is not None else r.value  # an Extension may keep it
+            stats.add(chunk.source.name, r.key, value, r.digest, r.bands)
 
 
 def _commit(target: Path, results) -> None:
@@ -594,13 +600,16 @@ class _Handoff:
 
     A ``memfd`` the main process creates (anonymous: nothing to unlink; the kernel frees it once
     no process holds it, however they end); the spawned worker opens it by its ``/proc`` path and
-    grows it as it writes. The writer maps it once the task is done and commits views of it.
+    grows it as it writes. The writer maps it once the task is done and commits views of it; once
+    nothing views it any more, a later task writes into it again (its pages already allocated:
+    writing into fresh shared memory costs a page fault per 4 KiB, about twice the copy).
     Where there is no memfd or no ``/proc`` (not Linux), values come back pickled.
     """
 
     def __init__(self) -> None:
         self.fd = os.memfd_create("rico_torch-values", os.MFD_CLOEXEC)
         self.path = f"/proc/{os.getpid()}/fd/{self.fd}"
+        self.mapped: mmap.mmap | None = None
 
     @staticmethod
     def available() -> bool:
@@ -608,17 +617,28 @@ class _Handoff:
 
     def take(self, results: list[Encoded]) -> list[Encoded]:
         """``results`` with each (offset, length) replaced by a view of the values written."""
-        try:
-            size = os.fstat(self.fd).st_size
-            view = memoryview(mmap.mmap(self.fd, size, access=mmap.ACCESS_READ)) if size else None
-        finally:
-            self.close()
+        size = max((r.value[0] + r.value[1] for r in results if isinstance(r.value, tuple)), default=0)
+        if not size:
+            return results
+        self.mapped = mmap.mmap(self.fd, size, access=mmap.ACCESS_READ)
+        view = memoryview(self.mapped)
         return [r._replace(value=view[r.value[0] : r.value[0] + r.value[1]]) if isinstance(r.value, tuple) else r
                 for r in results]
 
+    def release(self) -> bool:
+        """Unmap, once nothing views the values any more (then it may be written again)."""
+        if self.mapped is not None:
+            try:
+                self.mapped.close()
+            except BufferError:  # a view of it is still alive
+                return False
+            self.mapped = None
+        return True
+
     def close(self) -> None:
+        self.release()
         if self.fd >= 0:
-            os.close(self.fd)
+            os.close(self.fd)  # the mapping, if a view kept it, lives on until that view goes
             self.fd = -1
 
 
@@ -629,7 +649,7 @@ class _Runner:
         self.dataset_name, self.chunks = dataset_name, chunks
         self.num_workers, self.skip_invalid = num_workers, skip_invalid
         self.pool: ProcessPoolExecutor | None = None
-        self.handoffs: list[_Handoff] = []  # of the tasks in flight
+        self.handoffs: dict[str, list[_Handoff]] = {"busy": [], "taken": [], "free": []}
 
     def __enter__(self) -> "_Runner":
         if self.num_workers > 0 and self.chunks:
@@ -639,8 +659,20 @@ class _Runner:
     def __exit__(self, *exc) -> None:
         if self.pool is not None:
             self.pool.shutdown(wait=True, cancel_futures=True)
-        for handoff in self.handoffs:
-            handoff.close()
+        for handoffs in self.handoffs.values():
+            for handoff in handoffs:
+                handoff.close()
+
+    def _handoff(self) -> _Handoff | None:
+        """Shared memory for a new task: one whose values nobody views any more, or a new one."""
+        if not _Handoff.available():
+            return None
+        taken, free = self.handoffs["taken"], self.handoffs["free"]
+        free += [h for h in taken if h.release()]
+        taken[:] = [h for h in taken if h.mapped is not None]
+        handoff = free.pop() if free else _Handoff()
+        self.handoffs["busy"].append(handoff)
+        return handoff
 
     def _submit(self, chunk: Chunk) -> list:
         # up to TASK_SIZE patches a task, fewer where a chunk is small (large patches such as
@@ -652,9 +684,7 @@ class _Runner:
             return [(encode_task(*a), None) for a in args]
         submitted = []
         for a in args:
-            handoff = _Handoff() if _Handoff.available() else None
-            if handoff is not None:
-                self.handoffs.append(handoff)
+            handoff = self._handoff()
             submitted.append((self.pool.submit(encode_task, *a, handoff and handoff.path), handoff))
         return submitted
 
@@ -664,7 +694,8 @@ class _Runner:
         results = task.result()
         if handoff is None:
             return results
-        self.handoffs.remove(handoff)
+        self.handoffs["busy"].remove(handoff)
+        self.handoffs["taken"].append(handoff)
         return handoff.take(results)
 
     def __iter__(self):
