@@ -36,6 +36,7 @@ import argparse
 import os
 import random
 import re
+import resource
 import shutil
 import subprocess
 import sys
@@ -156,7 +157,7 @@ def baseline_encode_catalog(dataset: str, roots: dict[str, Path], target: Path, 
 #: The sets of --datasets: name -> (patches (files, cells or tiles) quick, full). The cache folder's
 #: name carries a profile version: bump it when a generator changes what it writes.
 DATASET_SETS = {"bigearthnet": (600, 3000), "ssl4eo-s12": (20, 40), "major-tom-core": (8, 24), "hydro": (120, 480),
-                "spectral-earth-enmap": (32, 120), "satlas": (96, 384)}
+                "spectral-earth-enmap": (32, 120), "satlas": (256, 1024)}
 PROFILE = "v2"  # v2: Major-TOM and Hydro values imagery-like (smooth), not noise
 
 
@@ -201,156 +202,124 @@ def dataset_sets(quick: bool, only: list[str] | None = None) -> dict[str, tuple[
     return sets
 
 
-def decode_rate(name: str, roots: dict[str, Path]) -> float:
-    """MB/s of values one core decodes from the set's files (rico_torch's decoders, no hashing,
-    no LMDB), best of 2: times the workers, the encoder's limit."""
+def _cpu() -> float:
+    """CPU seconds of this process and its finished children (the worker pools, once shut down)."""
+    own, children = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime
+
+
+def _timed(fn, *args):
+    """(wall seconds, CPU seconds of this process and its children, fn's result)."""
+    wall, cpu = time.perf_counter(), _cpu()
+    result = fn(*args)
+    return time.perf_counter() - wall, _cpu() - cpu, result
+
+
+def decode_rate(name: str, roots: dict[str, Path]) -> tuple[float, float]:
+    """(wall, CPU) MB/s of values one core decodes from the set's files (rico_torch's decoders,
+    no hashing, no LMDB), best of 2: times the workers, the encoder's limit."""
     from rico_torch.catalog import get_dataset
     from rico_torch.encode.discover import discover
     from rico_torch.encode.writer import patch_bands
 
     found = discover(get_dataset(name), roots)
-    best = float("inf")
-    for _ in range(2):
-        nbytes, start = 0, time.perf_counter()
-        for sp in found:
-            for p in sp.patches:
-                nbytes += sum(a.nbytes for a in patch_bands(sp.source, p).values())
-        best = min(best, time.perf_counter() - start)
-    return nbytes / 1e6 / best
+
+    def decode_all():
+        return sum(a.nbytes for sp in found for p in sp.patches for a in patch_bands(sp.source, p).values())
+
+    runs = [_timed(decode_all) for _ in range(2)]
+    nbytes = runs[0][2] / 1e6
+    return nbytes / min(r[0] for r in runs), nbytes / min(r[1] for r in runs)
 
 
-def stage_profile(sets: dict[str, tuple[dict[str, Path], str]], limit: int = 64) -> None:
-    """``--profile``: one core's MB/s (of values) for each stage the encoder's time goes to, per
-    dataset, on up to ``limit`` patches of each set; then where the writer's hand-off was
-    (pickled through the pool's pipe) and where it is now (shared memory)."""
-    import hashlib
-    import pickle
-    import tempfile
-
-    from safetensors.numpy import save
-
-    from rico_torch.catalog import get_dataset
-    from rico_torch.encode.discover import discover
-    from rico_torch.encode.read import parts_digest, value_parts
-    from rico_torch.encode.writer import _write_parts, patch_bands
-    from rico_torch.format import parse_header
-
-    def rate(fn, items, nbytes, rounds=2):
-        best = float("inf")
-        for _ in range(rounds):
-            start = time.perf_counter()
-            for item in items:
-                fn(item)
-            best = min(best, time.perf_counter() - start)
-        return f"{nbytes / 1e6 / best:,.0f}"
-
-    rows = []
-    for name, (roots, _) in sets.items():
-        found = discover(get_dataset(name), roots)
-        patches = [(sp.source, p) for sp in found for p in sp.patches][:limit]
-        bands = [patch_bands(s, p) for s, p in patches]
-        values = [save(b, metadata=None) for b in bands]
-        parts = [value_parts(b)[0] for b in bands]
-        nbytes = sum(map(len, values))
-        fd = os.memfd_create("profile")  # Linux, as the encoder's hand-off
-        at = [0]
-
-        def shm(p):
-            at[0] += _write_parts(fd, p, at[0])
-
-        def lmdb_commit(_):
-            with tempfile.TemporaryDirectory() as d:
-                env = lmdb.open(d, map_size=4 * nbytes + (64 << 20))
-                with env.begin(write=True) as txn:
-                    for i, v in enumerate(values):
-                        txn.put(b"%d" % i, v)
-                env.close()
-
-        rows.append([
-            name, f"{nbytes / len(values) / 1e6:.2f}",
-            rate(lambda sp: patch_bands(*sp), patches, nbytes),
-            rate(lambda b: save(b, metadata=None), bands, nbytes),
-            rate(lambda b: value_parts(b), bands, nbytes),
-            rate(lambda v: hashlib.blake2b(v, digest_size=32), values, nbytes),
-            rate(lambda p: parts_digest(b"k", p), parts, nbytes),
-            rate(lambda v: pickle.loads(pickle.dumps(v, protocol=5)), values, nbytes),
-            rate(shm, parts, nbytes),
-            rate(lambda v: parse_header(v), values, nbytes),
-            rate(lmdb_commit, [None], nbytes),
-        ])
-        os.close(fd)
-    print(f"\nWhere an encode's time goes, one core, MB/s of values (higher is cheaper); {machine()}; "
-          f"load average {load()}\n")
-    print(table(["dataset", "MB per value", "decode", "save() (old)", "value_parts (header reused)",
-                 "blake2b of a blob", "digest of the parts", "pickle round trip (old hand-off, without the pipe)",
-                 "write into shared memory (new hand-off)", "header parse (old, in the writer)",
-                 "LMDB put + commit (writer)"], rows))
+def _ready(_) -> None:
+    import rico_torch.encode.read  # noqa: F401  (what a worker imports before its first patch)
 
 
-def _encode_ours(name: str, roots: dict[str, Path], target: Path, workers: int) -> tuple[float, object]:
+def pool_start(workers: int) -> tuple[float, float]:
+    """(wall, CPU) seconds to start the encoder's pool of ``workers`` spawned processes, each up to
+    the point where it can read a patch, and to stop it, best of 2: a fixed cost of every encode."""
+    from rico_torch.encode.writer import worker_pool
+
+    def start_stop():
+        with worker_pool(workers) as pool:
+            list(pool.map(_ready, range(workers)))
+
+    runs = [_timed(start_stop)[:2] for _ in range(2)]
+    return min(r[0] for r in runs), min(r[1] for r in runs)
+
+
+def _encode_ours(name: str, roots: dict[str, Path], target: Path, workers: int):
     from rico_torch.catalog import get_dataset
     from rico_torch.encode.discover import discover
     from rico_torch.encode.writer import encode_dataset
 
     shutil.rmtree(target, ignore_errors=True)
-    start = time.perf_counter()
-    result = encode_dataset(get_dataset(name), discover(get_dataset(name), roots), target, num_workers=workers,
-                            quiet=True)
-    return time.perf_counter() - start, result
+    return encode_dataset(get_dataset(name), discover(get_dataset(name), roots), target, num_workers=workers,
+                          quiet=True)
 
 
 def datasets_benchmark(args) -> int:
     """``--datasets``: a row per dataset (MB/s of values written), rico_torch against rico-hdl's
     method in the same rounds (alternating, best of ``--repeat``), values byte-identical, and the
     decode limit (one core's decode rate of the same files times the workers); SatlasPretrain
-    (no rico-hdl converter) by its scaling from 1 to 2 workers."""
+    (no rico-hdl converter) by its scaling from 1 to 2 workers. Each also by CPU time (this process
+    and its workers), which other load on the machine hardly changes: CPU seconds per GB, and the
+    share of the encoder's CPU time that decoding takes (on an idle machine with a core per
+    worker, the wall-clock share of the limit approaches it)."""
     rows, problems = [], []
     load_start = load()
     repeat = args.repeat or 3
     only = args.only.split(",") if args.only else None
+    sets = dataset_sets(args.quick, only)
     if args.profile:
-        stage_profile(dataset_sets(args.quick, only))
+        stage_profile(sets)
         return 0
-    for name, (roots, what) in dataset_sets(args.quick, only).items():
+    w = args.workers
+    start_wall, start_cpu = pool_start(w)
+    for name, (roots, what) in sets.items():
         out = BENCH_ROOT / f"encode-{name}"
         base_dir, rico_dir = out / "baseline", out / "rico_torch"
-        limit = decode_rate(name, roots) * args.workers
-        if name == "satlas":  # rico-hdl has no SatlasPretrain converter: 1 worker against 2
-            t1 = t2 = float("inf")
-            for _ in range(repeat):
-                log(f"{name}: 1 and {args.workers} workers ...")
-                t1 = min(t1, _encode_ours(name, roots, base_dir, 1)[0])
-                seconds, result = _encode_ours(name, roots, rico_dir, args.workers)
-                t2 = min(t2, seconds)
-            n, found = compare_lmdbs(base_dir, rico_dir, data_mdb=True)
-            problems += [f"{name}: {p} (1 against {args.workers} workers)" for p in found]
-            mb = result.bytes / 1e6
-            rows.append([name, what, f"{n:,}", f"{mb:,.0f}", f"1 worker: {mb / t1:,.0f}", f"{mb / t2:,.0f}",
-                         f"{t1 / t2:.2f}x of 1 worker", f"{limit:,.0f}", f"{mb / t2 / limit:.0%}"])
-        else:
-            t_base = t_rico = float("inf")
-            for _ in range(repeat):
+        limit, limit_cpu = decode_rate(name, roots)
+        base, ours = [], []  # (wall, cpu) per round
+        for _ in range(repeat):
+            if name == "satlas":  # rico-hdl has no SatlasPretrain converter: 1 worker against w
+                log(f"{name}: 1 and {w} workers ...")
+                base.append(_timed(_encode_ours, name, roots, base_dir, 1)[:2])
+            else:
                 shutil.rmtree(base_dir, ignore_errors=True)
                 base_dir.mkdir(parents=True)
                 log(f"{name}: baseline ...")
-                start = time.perf_counter()
-                patches = baseline_encode_catalog(name, roots, base_dir, args.workers)
-                t_base = min(t_base, time.perf_counter() - start)
+                wall, cpu, patches = _timed(baseline_encode_catalog, name, roots, base_dir, w)
+                base.append((wall, cpu))
                 log(f"{name}: rico_torch ...")
-                seconds, result = _encode_ours(name, roots, rico_dir, args.workers)
-                t_rico = min(t_rico, seconds)
-            n, found = compare_lmdbs(base_dir, rico_dir)
+            wall, cpu, result = _timed(_encode_ours, name, roots, rico_dir, w)
+            ours.append((wall, cpu))
+        t_base, c_base = (min(r[i] for r in base) for i in (0, 1))
+        t_rico, c_rico = (min(r[i] for r in ours) for i in (0, 1))
+        mb = result.bytes / 1e6
+        n, found = compare_lmdbs(base_dir, rico_dir, data_mdb=name == "satlas")
+        if name == "satlas":
+            problems += [f"{name}: {p} (1 against {w} workers)" for p in found]
+            base_rate, speed = f"1 worker: {mb / t_base:,.0f}", f"{t_base / t_rico:.2f}x of 1 worker"
+        else:
             problems += [f"{name}: {p}" for p in found] + ([f"{name}: {n} keys, expected {patches}"]
                                                            if n != patches else [])
-            mb = result.bytes / 1e6
-            rows.append([name, what, f"{patches:,}", f"{mb:,.0f}", f"{mb / t_base:,.0f}", f"{mb / t_rico:,.0f}",
-                         f"{t_base / t_rico:.2f}x", f"{limit:,.0f}", f"{mb / t_rico / limit:.0%}"])
+            base_rate, speed = f"{mb / t_base:,.0f}", f"{t_base / t_rico:.2f}x"
+        share = mb / (limit * w)
+        cpu_share = mb / limit_cpu
+        rows.append([name, what, f"{mb:,.0f}", base_rate, f"{mb / t_rico:,.0f}", speed, f"{limit * w:,.0f}",
+                     f"{share / t_rico:.0%} ({share / max(t_rico - start_wall, 1e-9):.0%})",
+                     f"{c_base / mb * 1e3:,.1f} / {c_rico / mb * 1e3:,.1f}",
+                     f"{cpu_share / c_rico:.0%} ({cpu_share / max(c_rico - start_cpu, 1e-9):.0%})"])
         if not args.keep:
             shutil.rmtree(out, ignore_errors=True)
-    print(f"\nEncoding each dataset (generated in its real layout and file profile), {args.workers} workers, "
-          f"best of {repeat} alternating rounds; {machine()}; load average {load_start} at start, {load()} at end\n")
-    print(table(["dataset", "set", "patches", "MB of values", "rico-hdl method MB/s", "rico_torch MB/s", "speed",
-                 f"decode limit MB/s (1 core x {args.workers})", "of the limit"], rows))
+    print(f"\nEncoding each dataset (generated in its real layout and file profile), {w} workers, best of {repeat} "
+          f"alternating rounds; {machine()}; load average {load_start} at start, {load()} at end; starting and "
+          f"stopping the pool: {start_wall:.2f} s, {start_cpu:.2f} CPU s (in brackets: without it)\n")
+    print(table(["dataset", "set", "MB of values", "rico-hdl method MB/s (SatlasPretrain: 1 worker)",
+                 "rico_torch MB/s", "speed", f"decode limit MB/s (1 core x {w})", "of the limit",
+                 "CPU s/GB: rico-hdl method / rico_torch", "decoding's share of rico_torch's CPU"], rows))
     if problems:
         print("values identical: NO")
         for line in problems[:20]:
