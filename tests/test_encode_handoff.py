@@ -164,3 +164,15 @@ def test_pixel_interleaved_compressed_tiles_are_decoded_by_gdal(hydro_files):
         expected = [src.read(1), src.read(9)]
     got = read_bands(path, [1, 9])
     assert all(np.array_equal(a, b) and a.dtype == b.dtype for a, b in zip(got, expected))
+
+
+def test_without_memfd_values_are_pickled_with_the_same_bytes(hydro_files, tmp_path, monkeypatch):
+    from rico_torch.encode import writer
+
+    dataset = get_dataset("hydro")
+    found = discover(dataset, {"patches": hydro_files.root})
+    writer.encode_dataset(dataset, found, tmp_path / "shared", num_workers=1, quiet=True)
+    monkeypatch.setattr(writer._Handoff, "available", staticmethod(lambda: False))  # as on macOS
+    monkeypatch.setattr(writer._Handoff, "__init__", None)  # none may be made
+    writer.encode_dataset(dataset, found, tmp_path / "pickled", num_workers=1, quiet=True)
+    assert (tmp_path / "shared" / "data.mdb").read_bytes() == (tmp_path / "pickled" / "data.mdb").read_bytes()
