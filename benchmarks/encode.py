@@ -232,6 +232,72 @@ def decode_rate(name: str, roots: dict[str, Path]) -> tuple[float, float]:
     return nbytes / min(r[0] for r in runs), nbytes / min(r[1] for r in runs)
 
 
+def stage_profile(sets: dict[str, tuple[dict[str, Path], str]], limit: int = 64) -> None:
+    """``--profile``: one core's MB/s (of values) for each stage the encoder's time goes to, per
+    dataset, on up to ``limit`` patches of each set: the old path (``save()``, pickling, the
+    header parsed in the writer) beside the new one (header reused, written into shared memory)."""
+    import pickle
+    import tempfile
+
+    from safetensors.numpy import save
+
+    from rico_torch.catalog import get_dataset
+    from rico_torch.encode.discover import discover
+    from rico_torch.encode.read import parts_digest, value_parts
+    from rico_torch.encode.writer import _write_parts, patch_bands
+    from rico_torch.format import parse_header
+
+    def rate(fn, items, nbytes, rounds=2):
+        best = float("inf")
+        for _ in range(rounds):
+            start = time.perf_counter()
+            for item in items:
+                fn(item)
+            best = min(best, time.perf_counter() - start)
+        return f"{nbytes / 1e6 / best:,.0f}"
+
+    rows = []
+    for name, (roots, _) in sets.items():
+        found = discover(get_dataset(name), roots)
+        patches = [(sp.source, p) for sp in found for p in sp.patches][:limit]
+        bands = [patch_bands(s, p) for s, p in patches]
+        values = [save(b, metadata=None) for b in bands]
+        parts = [value_parts(b)[0] for b in bands]
+        nbytes = sum(map(len, values))
+        fd = os.memfd_create("profile")  # Linux, as the encoder's hand-off
+        at = [0]
+
+        def shm(p):
+            at[0] += _write_parts(fd, p, at[0])
+
+        def lmdb_commit(_):
+            with tempfile.TemporaryDirectory() as d:
+                env = lmdb.open(d, map_size=4 * nbytes + (64 << 20))
+                with env.begin(write=True) as txn:
+                    for i, v in enumerate(values):
+                        txn.put(b"%d" % i, v)
+                env.close()
+
+        rows.append([
+            name, f"{nbytes / len(values) / 1e6:.2f}",
+            rate(lambda sp: patch_bands(*sp), patches, nbytes),
+            rate(lambda b: save(b, metadata=None), bands, nbytes),
+            rate(lambda b: value_parts(b), bands, nbytes),
+            rate(lambda p: parts_digest(b"k", p), parts, nbytes),
+            rate(lambda v: pickle.loads(pickle.dumps(v, protocol=5)), values, nbytes),
+            rate(shm, parts, nbytes),
+            rate(lambda v: parse_header(v), values, nbytes),
+            rate(lmdb_commit, [None], nbytes),
+        ])
+        os.close(fd)
+    print(f"\nWhere an encode's time goes, one core, MB/s of values (higher is cheaper); {machine()}; "
+          f"load average {load()}\n")
+    print(table(["dataset", "MB per value", "decode", "save() (old)", "value_parts (header reused)",
+                 "blake2b digest", "pickle round trip (old hand-off, without the pipe)",
+                 "write into shared memory (new hand-off, fresh pages)", "header parse (old, in the writer)",
+                 "LMDB put + commit (writer)"], rows))
+
+
 def _ready(_) -> None:
     import rico_torch.encode.read  # noqa: F401  (what a worker imports before its first patch)
 
