@@ -61,6 +61,31 @@ def test_value_parts_equal_save_for_any_layout(spec):
         assert b"".join(value_parts(bands)[0]) == encode_value(bands)
 
 
+@pytest.mark.parametrize("bands", _layouts(), ids=["bigearthnet-s2", "s1", "hyspecnet", "mixed"])
+def test_parts_written_into_shared_memory_are_the_value(bands):
+    import os
+
+    from rico_torch.encode.writer import _write_parts
+
+    fd = os.memfd_create("test")
+    try:
+        parts, _ = value_parts(bands)
+        parts, _ = value_parts(bands)  # the header reused: one buffer per band (one of them empty)
+        length = _write_parts(fd, parts, 5)
+        assert os.pread(fd, length + 10, 5) == encode_value(bands)
+    finally:
+        os.close(fd)
+
+
+def test_a_write_that_stops_short_is_an_error(monkeypatch):
+    from rico_torch.encode import writer
+
+    monkeypatch.setattr(writer.os, "pwritev", lambda fd, views, at: 0)
+    with pytest.raises(OSError) as caught:
+        writer._write_parts(-1, [b"abc"], 0)
+    assert str(caught.value) == "shared memory took no more bytes (0 of 3 written)"
+
+
 def test_value_parts_of_a_strided_band_are_its_values():
     rgb = np.arange(4 * 5 * 3, dtype=np.uint16).reshape(4, 5, 3)  # pixel-interleaved
     bands = {"R": rgb[..., 0], "G": rgb[..., 1]}

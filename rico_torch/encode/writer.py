@@ -180,7 +180,7 @@ def patch_bands(source: Source | None, patch: Patch) -> dict[str, np.ndarray]:
 
 def _write_parts(fd: int, parts: list, at: int) -> int:
     """Write the buffers one after the other at offset ``at``; the bytes written."""
-    views = [memoryview(p).cast("B") for p in parts]
+    views = [m.cast("B") for m in map(memoryview, parts) if m.nbytes]  # an empty band has nothing to write
     done = 0
     total = sum(len(v) for v in views)
     while done < total:
