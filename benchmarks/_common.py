@@ -107,6 +107,21 @@ def encoded_bigearthnet(ben: BenSet, target: Path | None = None, workers: int = 
     return target
 
 
+def satlas_tiles(root: Path, n: int) -> list[tuple[int, int]]:
+    """``n`` SatlasPretrain Sentinel-2 tiles of one image, and the split and metadata files a DataModule needs."""
+    from rico_torch.synthetic.satlas import SIZES, write_image_tiles
+
+    tiles = [(5000 + i % 32, 3000 + i // 32) for i in range(n)]
+    name = "S2A_MSIL1C_20200105T100401_N0208_R122_T33UUP_20200105T104516"
+    write_image_tiles(root, "sentinel2", name, tiles, 0, 0, {}, [], SIZES)
+    meta = root / "metadata"
+    meta.mkdir(parents=True, exist_ok=True)
+    (meta / "train_lowres.json").write_text(json.dumps([list(t) for t in tiles]))
+    (meta / "test_lowres.json").write_text(json.dumps([list(tiles[0])]))
+    (meta / "image_times.json").write_text(json.dumps({name: "2020-01-05T10:04:01Z"}))
+    return tiles
+
+
 # --- timing ----------------------------------------------------------------------------
 
 

@@ -20,7 +20,14 @@ Exits 1 if anything differs.
 
     python benchmarks/encode.py --quick      # 600 pairs (8,400 files)
     python benchmarks/encode.py              # 3,000 pairs (42,000 files)
-    python benchmarks/encode.py --datasets   # a row per SSL4EO-S12, Major-TOM-Core, Hydro, SpectralEarth
+    python benchmarks/encode.py --datasets --quick   # a row per dataset, with the decode limit
+    python benchmarks/encode.py --datasets --only hydro,major-tom-core
+
+``--datasets``: BigEarthNet, SSL4EO-S12, Major-TOM-Core, Hydro and SpectralEarth against rico-hdl's
+method (the same loop for any catalog dataset; a multi-band file opened once per band, as rico-hdl's
+``read_single_band_raster(path, index)`` does), SatlasPretrain by its scaling from 1 to 2 workers;
+each with the decode limit: the MB/s of values one core decodes from the same files (rico_torch's
+decoders, nothing else), times the workers.
 """
 
 from __future__ import annotations
@@ -29,6 +36,7 @@ import argparse
 import os
 import random
 import re
+import resource
 import shutil
 import subprocess
 import sys
@@ -42,7 +50,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import (  # noqa: E402
-    BENCH_ROOT, BenSet, bigearthnet_set, encode_with_rico_torch, load, log, machine, table,
+    BENCH_ROOT, BenSet, bigearthnet_set, encode_with_rico_torch, load, log, machine, satlas_tiles, table,
 )
 
 # rico-hdl's band lists; the order does not matter for the bytes (safetensors sorts).
@@ -103,7 +111,9 @@ def baseline_encode(s1_dir: Path, s2_dir: Path, target: Path, workers: int) -> i
 
 
 def _baseline_catalog_patch(dataset: str, source: str, patch: str) -> bytes:
-    """rico-hdl's per-patch task for any catalog dataset: every band through rasterio's ``read(i)``."""
+    """rico-hdl's per-patch task for any catalog dataset: every band through its own
+    ``rasterio.open(path).read(i)``, as rico-hdl's ``read_single_band_raster(path, index)`` (a
+    multi-band file is opened, and its blocks decoded, once per band)."""
     import rasterio
     from safetensors.numpy import save
 
@@ -111,8 +121,8 @@ def _baseline_catalog_patch(dataset: str, source: str, patch: str) -> bytes:
 
     data = {}
     for path, bands in get_dataset(dataset).source(source).band_files(Path(patch)).items():
-        with rasterio.open(path) as src:
-            for band in bands:
+        for band in bands:
+            with rasterio.open(path) as src:
                 data[band.name] = src.read(band.index)
     return save(data, metadata=None)
 
@@ -144,82 +154,245 @@ def baseline_encode_catalog(dataset: str, roots: dict[str, Path], target: Path, 
     return written
 
 
-def dataset_sets(quick: bool) -> dict[str, tuple[dict[str, Path], str]]:
-    """The new datasets' generated sets at their real sizes (cached): name -> (roots, what)."""
+#: The sets of --datasets: name -> (patches (files, cells or tiles) quick, full). The cache folder's
+#: name carries a profile version: bump it when a generator changes what it writes.
+DATASET_SETS = {"bigearthnet": (600, 3000), "ssl4eo-s12": (20, 40), "major-tom-core": (8, 24), "hydro": (120, 480),
+                "spectral-earth-enmap": (32, 120), "satlas": (256, 1024)}
+PROFILE = "v2"  # v2: Major-TOM and Hydro values imagery-like (smooth), not noise
+
+
+def dataset_sets(quick: bool, only: list[str] | None = None) -> dict[str, tuple[dict[str, Path], str]]:
+    """The datasets' generated sets at their real patch sizes and file profiles (cached): name ->
+    (roots, what)."""
     from rico_torch.synthetic import make_hydro, make_majortom, make_spectralearth, make_ssl4eo
 
-    n = {"ssl4eo": 10 if quick else 40, "majortom": 4 if quick else 12, "hydro": 60 if quick else 240,
-         "spectralearth": 16 if quick else 60}
     sets = {}
-    for name, count in n.items():
-        root = BENCH_ROOT / f"{name}-{count}"
+    for name, sizes in DATASET_SETS.items():
+        if only and name not in only:
+            continue
+        count = sizes[0] if quick else sizes[1]
+        if name == "bigearthnet":
+            ben = bigearthnet_set(count)
+            sets[name] = ({"s1": ben.s1_dir, "s2": ben.s2_dir}, f"{count} S1+S2 pairs, 120 px, uncompressed")
+            continue
+        root = BENCH_ROOT / f"{name}-{count}-{PROFILE}"
         if not (root / "done").exists():
             log(f"generating {name} ({count}) ...")
             shutil.rmtree(root, ignore_errors=True)
-            if name == "ssl4eo":
+            if name == "ssl4eo-s12":
                 make_ssl4eo(root, locations=count)
-            elif name == "majortom":
+            elif name == "major-tom-core":
                 make_majortom(root, cells=tuple((i, 7) for i in range(count)))
             elif name == "hydro":
                 make_hydro(root, patches=count)
+            elif name == "satlas":
+                satlas_tiles(root, count)
             else:
                 make_spectralearth(root, patches=count)
             (root / "done").write_text("")
-        if name == "ssl4eo":
-            sets["ssl4eo-s12"] = ({"s1": root / "s1", "s2_l1c": root / "s2c", "s2_l2a": root / "s2a"},
-                                  f"{count} locations x 4 seasons x S1/L1C/L2A, 264 px")
-        elif name == "majortom":
-            sets["major-tom-core"] = ({"s1": root / "Core-S1RTC", "s2": root / "Core-S2L2A"},
-                                      f"{count} grid cells x S1RTC+S2L2A, 1068 px, LZW tiled 1024")
-        elif name == "hydro":
-            sets["hydro"] = ({"patches": root}, f"{count} patches, 12 bands 256 px, LZW tiled 512")
-        else:
-            sets["spectral-earth-enmap"] = ({"patches": root / "enmap"}, f"{count} patches, 202 bands 128 px")
+        sets[name] = {
+            "ssl4eo-s12": ({"s1": root / "s1", "s2_l1c": root / "s2c", "s2_l2a": root / "s2a"},
+                           f"{count} locations x 4 seasons x S1/L1C/L2A, 264 px, uncompressed"),
+            "major-tom-core": ({"s1": root / "Core-S1RTC", "s2": root / "Core-S2L2A"},
+                               f"{count} grid cells x S1RTC+S2L2A, 1068 px, LZW tiled 1024"),
+            "hydro": ({"patches": root}, f"{count} patches, 12 bands pixel-interleaved 256 px, LZW tiled 512"),
+            "spectral-earth-enmap": ({"patches": root / "enmap"}, f"{count} patches, 202 bands 128 px, deflate"),
+            "satlas": ({"sentinel2": root / "sentinel2"}, f"{count} Sentinel-2 tiles, 7 PNGs each"),
+        }[name]
     return sets
 
 
-def datasets_benchmark(args) -> int:
-    """``--datasets``: a row per SSL4EO-S12, Major-TOM-Core, Hydro and SpectralEarth (patches/s,
-    MB/s of values written), rico_torch against rico-hdl's method, values byte-identical."""
+def _cpu() -> float:
+    """CPU seconds of this process and its finished children (the worker pools, once shut down)."""
+    own, children = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime
+
+
+def _timed(fn, *args):
+    """(wall seconds, CPU seconds of this process and its children, fn's result)."""
+    wall, cpu = time.perf_counter(), _cpu()
+    result = fn(*args)
+    return time.perf_counter() - wall, _cpu() - cpu, result
+
+
+def decode_rate(name: str, roots: dict[str, Path]) -> tuple[float, float]:
+    """(wall, CPU) MB/s of values one core decodes from the set's files (rico_torch's decoders,
+    no hashing, no LMDB), best of 2: times the workers, the encoder's limit."""
+    from rico_torch.catalog import get_dataset
+    from rico_torch.encode.discover import discover
+    from rico_torch.encode.writer import patch_bands
+
+    found = discover(get_dataset(name), roots)
+
+    def decode_all():
+        return sum(a.nbytes for sp in found for p in sp.patches for a in patch_bands(sp.source, p).values())
+
+    runs = [_timed(decode_all) for _ in range(2)]
+    nbytes = runs[0][2] / 1e6
+    return nbytes / min(r[0] for r in runs), nbytes / min(r[1] for r in runs)
+
+
+def stage_profile(sets: dict[str, tuple[dict[str, Path], str]], limit: int = 64) -> None:
+    """``--profile``: one core's MB/s (of values) for each stage the encoder's time goes to, per
+    dataset, on up to ``limit`` patches of each set: the old path (``save()``, pickling, the
+    header parsed in the writer) beside the new one (header reused, written into shared memory)."""
+    import pickle
+    import tempfile
+
+    from safetensors.numpy import save
+
+    from rico_torch.catalog import get_dataset
+    from rico_torch.encode.discover import discover
+    from rico_torch.encode.read import parts_digest, value_parts
+    from rico_torch.encode.writer import _write_parts, patch_bands
+    from rico_torch.format import parse_header
+
+    def rate(fn, items, nbytes, rounds=2):
+        best = float("inf")
+        for _ in range(rounds):
+            start = time.perf_counter()
+            for item in items:
+                fn(item)
+            best = min(best, time.perf_counter() - start)
+        return f"{nbytes / 1e6 / best:,.0f}"
+
+    rows = []
+    for name, (roots, _) in sets.items():
+        found = discover(get_dataset(name), roots)
+        patches = [(sp.source, p) for sp in found for p in sp.patches][:limit]
+        bands = [patch_bands(s, p) for s, p in patches]
+        values = [save(b, metadata=None) for b in bands]
+        parts = [value_parts(b)[0] for b in bands]
+        nbytes = sum(map(len, values))
+        fd = os.memfd_create("profile")  # Linux, as the encoder's hand-off
+        at = [0]
+
+        def shm(p):
+            at[0] += _write_parts(fd, p, at[0])
+
+        def lmdb_commit(_):
+            with tempfile.TemporaryDirectory() as d:
+                env = lmdb.open(d, map_size=4 * nbytes + (64 << 20))
+                with env.begin(write=True) as txn:
+                    for i, v in enumerate(values):
+                        txn.put(b"%d" % i, v)
+                env.close()
+
+        rows.append([
+            name, f"{nbytes / len(values) / 1e6:.2f}",
+            rate(lambda sp: patch_bands(*sp), patches, nbytes),
+            rate(lambda b: save(b, metadata=None), bands, nbytes),
+            rate(lambda b: value_parts(b), bands, nbytes),
+            rate(lambda p: parts_digest(b"k", p), parts, nbytes),
+            rate(lambda v: pickle.loads(pickle.dumps(v, protocol=5)), values, nbytes),
+            rate(shm, parts, nbytes),
+            rate(lambda v: parse_header(v), values, nbytes),
+            rate(lmdb_commit, [None], nbytes),
+        ])
+        os.close(fd)
+    print(f"\nWhere an encode's time goes, one core, MB/s of values (higher is cheaper); {machine()}; "
+          f"load average {load()}\n")
+    print(table(["dataset", "MB per value", "decode", "save() (old)", "value_parts (header reused)",
+                 "blake2b digest", "pickle round trip (old hand-off, without the pipe)",
+                 "write into shared memory (new hand-off, fresh pages)", "header parse (old, in the writer)",
+                 "LMDB put + commit (writer)"], rows))
+
+
+def _ready(_) -> None:
+    import rico_torch.encode.read  # noqa: F401  (what a worker imports before its first patch)
+
+
+def pool_start(workers: int) -> tuple[float, float]:
+    """(wall, CPU) seconds to start the encoder's pool of ``workers`` spawned processes, each up to
+    the point where it can read a patch, and to stop it, best of 2: a fixed cost of every encode."""
+    from rico_torch.encode.writer import worker_pool
+
+    def start_stop():
+        with worker_pool(workers) as pool:
+            list(pool.map(_ready, range(workers)))
+
+    runs = [_timed(start_stop)[:2] for _ in range(2)]
+    return min(r[0] for r in runs), min(r[1] for r in runs)
+
+
+def _encode_ours(name: str, roots: dict[str, Path], target: Path, workers: int):
     from rico_torch.catalog import get_dataset
     from rico_torch.encode.discover import discover
     from rico_torch.encode.writer import encode_dataset
 
+    shutil.rmtree(target, ignore_errors=True)
+    return encode_dataset(get_dataset(name), discover(get_dataset(name), roots), target, num_workers=workers,
+                          quiet=True)
+
+
+def datasets_benchmark(args) -> int:
+    """``--datasets``: a row per dataset (MB/s of values written), rico_torch against rico-hdl's
+    method in the same rounds (alternating, best of ``--repeat``), values byte-identical, and the
+    decode limit (one core's decode rate of the same files times the workers); SatlasPretrain
+    (no rico-hdl converter) by its scaling from 1 to 2 workers. Each also by CPU time (this process
+    and its workers), which other load on the machine hardly changes: CPU seconds per GB, and the
+    share of the encoder's CPU time that decoding takes (on an idle machine with a core per
+    worker, the wall-clock share of the limit approaches it)."""
     rows, problems = [], []
-    for name, (roots, what) in dataset_sets(args.quick).items():
+    load_start = load()
+    repeat = args.repeat or 3
+    only = args.only.split(",") if args.only else None
+    sets = dataset_sets(args.quick, only)
+    if args.profile:
+        stage_profile(sets)
+        return 0
+    w = args.workers
+    start_wall, start_cpu = pool_start(w)
+    for name, (roots, what) in sets.items():
         out = BENCH_ROOT / f"encode-{name}"
         base_dir, rico_dir = out / "baseline", out / "rico_torch"
-        t_base = t_rico = float("inf")
-        for _ in range(args.repeat):
-            for d in (base_dir, rico_dir):
-                shutil.rmtree(d, ignore_errors=True)
-            base_dir.mkdir(parents=True)
-            log(f"{name}: baseline ...")
-            start = time.perf_counter()
-            patches = baseline_encode_catalog(name, roots, base_dir, args.workers)
-            t_base = min(t_base, time.perf_counter() - start)
-            log(f"{name}: rico_torch ...")
-            start = time.perf_counter()
-            result = encode_dataset(get_dataset(name), discover(get_dataset(name), roots), rico_dir,
-                                    num_workers=args.workers, quiet=True)
-            t_rico = min(t_rico, time.perf_counter() - start)
-        n, found = compare_lmdbs(base_dir, rico_dir)
-        problems += [f"{name}: {p}" for p in found] + ([f"{name}: {n} keys, expected {patches}"] if n != patches else [])
+        limit, limit_cpu = decode_rate(name, roots)
+        base, ours = [], []  # (wall, cpu) per round
+        for _ in range(repeat):
+            if name == "satlas":  # rico-hdl has no SatlasPretrain converter: 1 worker against w
+                log(f"{name}: 1 and {w} workers ...")
+                base.append(_timed(_encode_ours, name, roots, base_dir, 1)[:2])
+            else:
+                shutil.rmtree(base_dir, ignore_errors=True)
+                base_dir.mkdir(parents=True)
+                log(f"{name}: baseline ...")
+                wall, cpu, patches = _timed(baseline_encode_catalog, name, roots, base_dir, w)
+                base.append((wall, cpu))
+                log(f"{name}: rico_torch ...")
+            wall, cpu, result = _timed(_encode_ours, name, roots, rico_dir, w)
+            ours.append((wall, cpu))
+        t_base, c_base = (min(r[i] for r in base) for i in (0, 1))
+        t_rico, c_rico = (min(r[i] for r in ours) for i in (0, 1))
         mb = result.bytes / 1e6
-        rows.append([name, what, f"{patches:,}", f"{mb:,.0f}", f"{patches / t_base:,.0f}", f"{mb / t_base:,.0f}",
-                     f"{patches / t_rico:,.0f}", f"{mb / t_rico:,.0f}", f"{t_base / t_rico:.2f}x"])
+        n, found = compare_lmdbs(base_dir, rico_dir, data_mdb=name == "satlas")
+        if name == "satlas":
+            problems += [f"{name}: {p} (1 against {w} workers)" for p in found]
+            base_rate, speed = f"1 worker: {mb / t_base:,.0f}", f"{t_base / t_rico:.2f}x of 1 worker"
+        else:
+            problems += [f"{name}: {p}" for p in found] + ([f"{name}: {n} keys, expected {patches}"]
+                                                           if n != patches else [])
+            base_rate, speed = f"{mb / t_base:,.0f}", f"{t_base / t_rico:.2f}x"
+        share = mb / (limit * w)
+        cpu_share = mb / limit_cpu
+        rows.append([name, what, f"{mb:,.0f}", base_rate, f"{mb / t_rico:,.0f}", speed, f"{limit * w:,.0f}",
+                     f"{share / t_rico:.0%} ({share / max(t_rico - start_wall, 1e-9):.0%})",
+                     f"{c_base / mb * 1e3:,.1f} / {c_rico / mb * 1e3:,.1f}",
+                     f"{cpu_share / c_rico:.0%} ({cpu_share / max(c_rico - start_cpu, 1e-9):.0%})"])
         if not args.keep:
             shutil.rmtree(out, ignore_errors=True)
-    print(f"\nEncoding the other rico-hdl datasets (generated in the real layouts and file profiles), "
-          f"{args.workers} workers{f', best of {args.repeat}' if args.repeat > 1 else ''}; {machine()}\n")
-    print(table(["dataset", "set", "patches", "MB", "rico-hdl patches/s", "rico-hdl MB/s", "rico_torch patches/s",
-                 "rico_torch MB/s", "speed"], rows))
+    print(f"\nEncoding each dataset (generated in its real layout and file profile), {w} workers, best of {repeat} "
+          f"alternating rounds; {machine()}; load average {load_start} at start, {load()} at end; starting and "
+          f"stopping the pool: {start_wall:.2f} s, {start_cpu:.2f} CPU s (in brackets: without it)\n")
+    print(table(["dataset", "set", "MB of values", "rico-hdl method MB/s (SatlasPretrain: 1 worker)",
+                 "rico_torch MB/s", "speed", f"decode limit MB/s (1 core x {w})", "of the limit",
+                 "CPU s/GB: rico-hdl method / rico_torch", "decoding's share of rico_torch's CPU"], rows))
     if problems:
         print("values identical: NO")
         for line in problems[:20]:
             print("  " + line)
         return 1
-    print("values identical: yes (every key byte for byte against the rico-hdl-method LMDB)")
+    print("values identical: yes (every key byte for byte against the rico-hdl-method LMDB; SatlasPretrain: "
+          "data.mdb of 1 and of 2 workers byte-identical)")
     return 0
 
 
@@ -251,9 +424,12 @@ def run_rico_torch(ben: BenSet, target: Path, workers: int, via: str) -> float:
 # --- checks ------------------------------------------------------------------------------
 
 
-def compare_lmdbs(a: Path, b: Path) -> tuple[int, list[str]]:
-    """(keys compared, problems): both must hold the same keys with byte-identical values."""
+def compare_lmdbs(a: Path, b: Path, data_mdb: bool = False) -> tuple[int, list[str]]:
+    """(keys compared, problems): both must hold the same keys with byte-identical values
+    (``data_mdb``: and byte-identical ``data.mdb`` files, as two rico_torch encodes must)."""
     problems: list[str] = []
+    if data_mdb and (a / "data.mdb").read_bytes() != (b / "data.mdb").read_bytes():
+        problems.append("data.mdb files differ")
     n = 0
     env_a = lmdb.open(str(a), readonly=True, lock=False)
     env_b = lmdb.open(str(b), readonly=True, lock=False)
@@ -328,12 +504,17 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--via", choices=("api", "cli"), default="api",
                    help="api: both in this process (no interpreter start); cli: both as subprocesses")
     p.add_argument("--sample", type=int, default=50, help="patches re-read with rasterio for the check")
-    p.add_argument("--repeat", type=int, default=1,
-                   help="encode N times each, alternating, and report the best (other load only adds time)")
+    p.add_argument("--repeat", type=int,
+                   help="encode N times each, alternating, and report the best (other load only adds time); "
+                        "default 1, with --datasets 3")
     p.add_argument("--keep", action="store_true", help="keep the two LMDBs")
     p.add_argument("--baseline-only", nargs=3, metavar=("S1_DIR", "S2_DIR", "TARGET"), help=argparse.SUPPRESS)
     p.add_argument("--datasets", action="store_true",
-                   help="only the SSL4EO-S12, Major-TOM-Core, Hydro and SpectralEarth rows")
+                   help="a row per dataset (BigEarthNet, SSL4EO-S12, Major-TOM-Core, Hydro, SpectralEarth, "
+                        "SatlasPretrain) with the decode limit")
+    p.add_argument("--profile", action="store_true",
+                   help="with --datasets: only the per-stage profile (one core, MB/s of values per stage)")
+    p.add_argument("--only", help="with --datasets: these datasets only (comma-separated catalog names)")
     args = p.parse_args(argv)
 
     if args.datasets:
@@ -350,7 +531,7 @@ def main(argv: list[str] | None = None) -> int:
     patches = 2 * pairs
     load_start = load()
     t_base = t_rico = float("inf")
-    for round_ in range(args.repeat):
+    for round_ in range(args.repeat or 1):
         for d in (base_dir, rico_dir):
             shutil.rmtree(d, ignore_errors=True)
             d.parent.mkdir(parents=True, exist_ok=True)
@@ -362,7 +543,7 @@ def main(argv: list[str] | None = None) -> int:
 
     print(f"\nEncoding {pairs:,} BigEarthNet S1+S2 pairs ({patches:,} patches, {ben.files:,} GeoTIFFs), "
           f"{args.workers} workers, timed via {args.via}"
-          + (f", best of {args.repeat}" if args.repeat > 1 else "")
+          + (f", best of {args.repeat}" if (args.repeat or 1) > 1 else "")
           + f"; {machine()}; load average {load_start} at start, {load()} at end\n")
     rows = [
         ["baseline (rico-hdl: spawn pool, rasterio per band, 512/txn)", f"{t_base:.2f}", f"{patches / t_base:,.0f}",

@@ -29,6 +29,9 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from _common import satlas_tiles as make_tiles  # noqa: E402
 
 from rico_torch.catalog import get_dataset  # noqa: E402
 from rico_torch.catalog.satlas import BAND_FOLDERS, S2_BANDS  # noqa: E402
@@ -36,26 +39,10 @@ from rico_torch.encode import read as read_module  # noqa: E402
 from rico_torch.encode.cli import default_workers  # noqa: E402
 from rico_torch.encode.discover import discover  # noqa: E402
 from rico_torch.encode.writer import encode_dataset  # noqa: E402
-from rico_torch.synthetic.satlas import SIZES, write_image_tiles  # noqa: E402
 
 
 def log(*args) -> None:
     print(*args, file=sys.stderr, flush=True)
-
-
-def make_tiles(root: Path, n: int) -> list[tuple[int, int]]:
-    """``n`` Sentinel-2 tiles of one image, and the split and metadata files a DataModule needs."""
-    import json
-
-    tiles = [(5000 + i % 32, 3000 + i // 32) for i in range(n)]
-    name = "S2A_MSIL1C_20200105T100401_N0208_R122_T33UUP_20200105T104516"
-    write_image_tiles(root, "sentinel2", name, tiles, 0, 0, {}, [], SIZES)
-    meta = root / "metadata"
-    meta.mkdir(parents=True, exist_ok=True)
-    (meta / "train_lowres.json").write_text(json.dumps([list(t) for t in tiles]))
-    (meta / "test_lowres.json").write_text(json.dumps([list(tiles[0])]))
-    (meta / "image_times.json").write_text(json.dumps({name: "2020-01-05T10:04:01Z"}))
-    return tiles
 
 
 def _cpu_time(fn, repeat: int) -> float:

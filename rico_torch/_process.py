@@ -52,3 +52,19 @@ def quiet_resource_tracker() -> None:
             del os.environ["PYTHONWARNINGS"]
         else:
             os.environ["PYTHONWARNINGS"] = old
+
+
+M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # glibc's malloc.h
+
+
+def reuse_freed_memory(largest: int = 256 << 20, keep: int = 512 << 20) -> bool:
+    """Have glibc's malloc keep freed memory for the next allocation rather than return it to the
+    kernel: blocks up to ``largest`` bytes come from the heap (not a fresh ``mmap`` each, every 4 KiB
+    page of it faulted in and zeroed again), and up to ``keep`` freed bytes stay mapped. For the
+    encoder's processes, which allocate and free megabytes per patch (decoded bands; LMDB's page
+    buffers, which it zeroes itself where it must). False where there is no glibc ``mallopt``."""
+    try:
+        mallopt = ctypes.CDLL(None).mallopt
+    except (OSError, AttributeError):
+        return False
+    return bool(mallopt(M_MMAP_THRESHOLD, largest)) and bool(mallopt(M_TRIM_THRESHOLD, keep))

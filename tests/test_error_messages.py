@@ -300,12 +300,12 @@ def test_second_encoder_message(eurosat_files, tmp_path):
 
 
 def test_existing_key_is_never_overwritten(tmp_path):
-    from rico_torch.encode.writer import _commit
+    from rico_torch.encode.writer import Encoded, _commit
     from rico_torch.errors import TargetError
 
     target = _lmdb_with(tmp_path / "lmdb", {b"k": b"v"})
     with pytest.raises(TargetError) as caught:
-        _commit(target, [("k", b"other", 0, None)])
+        _commit(target, [Encoded("k", b"other", 0)])
     assert str(caught.value) == "key 'k' is already in the LMDB; refusing to overwrite it"
 
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import sys
 import warnings
 import zlib
 from pathlib import Path
@@ -27,6 +28,7 @@ from safetensors.numpy import save
 
 from ..catalog import Band, Source
 from ..errors import InputError
+from ..format import parse_header
 
 # A file tifffile cannot parse goes to rasterio, which gives the error; tifffile's own
 # warnings about it would only break the one-line error message.
@@ -50,7 +52,7 @@ def _read_tifffile(path: Path, indices: list[int]) -> list[np.ndarray] | None:
             or page.fillorder != 1
             or page.is_subsampled
             or max(indices) > page.samplesperpixel
-            or _compressed_tiles_per_plane(page) > 1
+            or _gdal_decodes_faster(page)
         ):
             return None
         data = page.asarray()
@@ -64,14 +66,18 @@ def _read_tifffile(path: Path, indices: list[int]) -> list[np.ndarray] | None:
     return [np.ascontiguousarray(data[i - 1], dtype=native) for i in indices]
 
 
-def _compressed_tiles_per_plane(page) -> int:
-    """Compressed tiles per band plane (0 for strips or no compression). GDAL decodes several
-    large compressed tiles faster than tifffile (Major-TOM's 1068 px LZW bands in 1024 px tiles:
-    ~8 ms against ~15-23 ms), while its per-open cost dominates everything smaller."""
+def _gdal_decodes_faster(page) -> bool:
+    """Compressed tiles that GDAL decodes faster than tifffile: several per band plane (Major-TOM's
+    1068 px LZW bands in 1024 px tiles: ~8 ms against ~15-23 ms), or pixel-interleaved ones
+    (Hydro's 12 bands of 256 px in one 512 px LZW tile: 6-10 ms against 8-13 ms, tifffile
+    decoding the whole tile before splitting it), while GDAL's per-open cost dominates
+    everything smaller."""
     if not page.is_tiled or page.compression == _C.NONE:
-        return 0
+        return False
+    if page.samplesperpixel > 1 and page.planarconfig == tifffile.PLANARCONFIG.CONTIG:
+        return True
     planes = page.samplesperpixel if page.planarconfig == tifffile.PLANARCONFIG.SEPARATE else 1
-    return len(page.dataoffsets) // planes
+    return len(page.dataoffsets) // planes > 1
 
 
 def read_rasterio(path: Path, indices: list[int]) -> list[np.ndarray]:
@@ -261,10 +267,48 @@ def encode_value(bands: dict[str, np.ndarray]) -> bytes:
     return save(bands, metadata=None)
 
 
+#: band table of one value: (name, dtype name, shape) per band, sorted by name.
+BandTable = tuple[tuple[str, str, tuple[int, ...]], ...]
+_HEADERS: dict[tuple, tuple[bytes, tuple[str, ...]]] = {}  # layout -> (header, band names in data order)
+_MAX_HEADERS = 256  # layouts remembered (sizes vary per patch in some datasets: UC Merced, raw bands)
+
+
+def value_parts(bands: dict[str, np.ndarray]) -> tuple[list, BandTable]:
+    """The value :func:`encode_value` makes, as buffers to write one after the other (no copy
+    into one blob), and its band table.
+
+    A safetensors header depends only on the bands' names, dtypes and shapes, so it is taken
+    once per layout from a value ``save`` made, then reused: the header bytes followed by the
+    arrays in the header's data order are exactly ``save``'s bytes. A layout not seen yet (and a
+    non-native byte order) gives ``[save(bands)]``.
+    """
+    bands = {name: np.ascontiguousarray(a) for name, a in bands.items()}  # save() mis-writes a strided view
+    table = tuple(sorted((name, a.dtype.name, a.shape) for name, a in bands.items()))
+    layout = tuple((name, a.dtype.str, a.shape) for name, a in sorted(bands.items()))
+    cached = _HEADERS.get(layout)
+    if cached is None:
+        value = encode_value(bands)
+        if sys.byteorder == "little" and all(a.dtype.isnative for a in bands.values()):
+            if len(_HEADERS) >= _MAX_HEADERS:
+                _HEADERS.clear()
+            info = parse_header(value)
+            start = 8 + int.from_bytes(value[:8], "little")
+            _HEADERS[layout] = (value[:start], tuple(sorted(info, key=lambda n: (info[n].begin, n))))
+        return [value], table
+    header, order = cached
+    return [header, *(bands[name] for name in order)], table
+
+
 def value_digest(key: bytes, value: bytes) -> int:
     """Per-patch digest; summing these mod 2**256 gives an order-independent dataset hash."""
+    return parts_digest(key, [value])
+
+
+def parts_digest(key: bytes, parts: list) -> int:
+    """:func:`value_digest` of the value whose bytes are ``parts`` one after the other."""
     h = hashlib.blake2b(digest_size=32)
     h.update(len(key).to_bytes(8, "little"))
     h.update(key)
-    h.update(value)
+    for part in parts:
+        h.update(part)
     return int.from_bytes(h.digest(), "little")

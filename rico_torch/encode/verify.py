@@ -270,7 +270,7 @@ def _compare_discovered(dataset_name, discovered, manifest, roots, stored_digest
 
 def _digests_task(args) -> list[tuple[str, int, str | None]]:
     """Encode patches as the encoder would and return only their digests (small to send back)."""
-    return [(key, digest, error) for key, _, digest, error in encode_task(*args)]
+    return [(r.key, r.digest, r.error) for r in encode_task(*args, values=False)]
 
 
 def print_report(report: VerifyReport, limit: int = 50) -> None:

@@ -15,6 +15,7 @@ which dataset and inputs the target belongs to.
 from __future__ import annotations
 
 import fcntl
+import mmap
 import os
 import shutil
 import sys
@@ -26,21 +27,23 @@ from dataclasses import dataclass, field
 from hashlib import sha256
 from multiprocessing import get_context
 from pathlib import Path
+from typing import NamedTuple
 
 import lmdb
 import numpy as np
 
 from .. import __version__
-from .._process import die_with_parent, quiet_resource_tracker
+from .._process import die_with_parent, quiet_resource_tracker, reuse_freed_memory
 from ..catalog import DATASETS, Dataset, Source, get_dataset
 from ..errors import InputError, TargetError
 from ..format import parse_header
 from ..manifest import INDEX, MANIFEST, Entries, Extension, Manifest, build_columns, digest64, read, write
 from .discover import Patch, SkipPatch, SourcePatches
-from .read import encode_value, read_patch, value_digest
+from .read import BandTable, parts_digest, read_patch, value_digest, value_parts
 
 TXN_SIZE = 512  # puts per write transaction, as rico-hdl
 TASK_SIZE = 32  # patches per worker task: amortises process-pool overhead
+_IOV_MAX = 512  # buffers per pwritev call (POSIX guarantees at least 16; Linux takes 1024)
 LOCK = "encode.lock"
 LMDB_FILES = ("data.mdb", "lock.mdb")
 STAGING = ".overwrite"  # where --overwrite builds the replacement
@@ -111,26 +114,84 @@ def map_size_for(used: int, incoming: int) -> int:
 # --- worker side ----------------------------------------------------------------------
 
 
-def encode_task(dataset_name: str, source_name: str, patches: list[Patch], skip_invalid: bool):
-    """Read and encode patches: (key, value, digest, None) or, if skipped, (key, None, 0, error)."""
+class Encoded(NamedTuple):
+    """One patch as a worker made it: its value (bytes; in the main process a view of the
+    task's shared memory; None where skipped or not asked for), digest, band table (see
+    :func:`~rico_torch.encode.read.value_parts`) and, where skipped, why."""
+
+    key: str
+    value: bytes | memoryview | tuple[int, int] | None  # (offset, length): in the task's shared memory
+    digest: int
+    error: str | None = None
+    bands: BandTable | None = None
+
+
+def encode_task(dataset_name: str, source_name: str, patches: list[Patch], skip_invalid: bool,
+                handoff: str | None = None, values: bool = True) -> list[Encoded]:
+    """Read and encode patches; the value's digest and band table are made here, beside the value.
+
+    ``handoff``: the path of the main process's shared memory (a memfd, see :class:`_Handoff`)
+    for this task: the values are written into it one after the other (header and bands straight
+    from the decoded arrays, no blob in between) and only their (offset, length) come back, so
+    nothing large is pickled through the pool's pipe. Where it cannot be opened, values come back
+    as bytes. ``values=False``: digests only (``verify``).
+    """
     source = None  # looked up only for patches read from the source's band files
-    out = []
-    for patch in patches:
+    out: list[Encoded] = []
+    fd = -1
+    if handoff is not None and values:
         try:
-            if patch.reader is not None:
-                bands = patch.reader()
-            else:
-                source = source or get_dataset(dataset_name).source(source_name)
-                bands = read_patch(source, patch.path, patch.band_files(source))
-            value = encode_value(bands)
-            out.append((patch.key, value, value_digest(patch.key.encode(), value), None))
-        except SkipPatch as e:  # the reader's own decision, whatever skip_invalid says
-            out.append((patch.key, None, 0, SkipReason(e)))
-        except InputError as e:
-            if not skip_invalid:
-                raise
-            out.append((patch.key, None, 0, str(e)))
+            fd = os.open(handoff, os.O_RDWR)
+        except OSError:
+            fd = -1  # e.g. /proc hidden: pickled values, slower but the same
+    at = 0
+    try:
+        for patch in patches:
+            try:
+                if patch.reader is None:
+                    source = source or get_dataset(dataset_name).source(source_name)
+                parts, table = value_parts(patch_bands(source, patch))
+                digest = parts_digest(patch.key.encode(), parts)
+                if not values:
+                    value = None
+                elif fd >= 0:
+                    length = _write_parts(fd, parts, at)
+                    value, at = (at, length), at + length
+                else:
+                    value = parts[0] if len(parts) == 1 else b"".join(parts)
+                out.append(Encoded(patch.key, value, digest, None, table))
+            except SkipPatch as e:  # the reader's own decision, whatever skip_invalid says
+                out.append(Encoded(patch.key, None, 0, SkipReason(e)))
+            except InputError as e:
+                if not skip_invalid:
+                    raise
+                out.append(Encoded(patch.key, None, 0, str(e)))
+    finally:
+        if fd >= 0:
+            os.close(fd)
     return out
+
+
+def patch_bands(source: Source | None, patch: Patch) -> dict[str, np.ndarray]:
+    """A patch's bands, decoded: by its own reader, or from the source's band files."""
+    return patch.reader() if patch.reader is not None else read_patch(source, patch.path, patch.band_files(source))
+
+
+def _write_parts(fd: int, parts: list, at: int) -> int:
+    """Write the buffers one after the other at offset ``at``; the bytes written."""
+    views = [m.cast("B") for m in map(memoryview, parts) if m.nbytes]  # an empty band has nothing to write
+    done = 0
+    total = sum(len(v) for v in views)
+    while done < total:
+        n = os.pwritev(fd, views[:_IOV_MAX], at + done)
+        if n == 0:
+            raise OSError(f"shared memory took no more bytes ({done} of {total} written)")
+        done += n
+        while n and n >= len(views[0]):
+            n -= len(views.pop(0))
+        if n:
+            views[0] = views[0][n:]
+    return total
 
 
 def worker_pool(num_workers: int) -> ProcessPoolExecutor:
@@ -142,7 +203,12 @@ def worker_pool(num_workers: int) -> ProcessPoolExecutor:
     quiet_resource_tracker()  # a kill -9 of the encoder: no "leaked semaphore" notice
     # spawn: GDAL and LMDB state must not be inherited through fork
     return ProcessPoolExecutor(num_workers, mp_context=get_context("spawn"),
-                               initializer=die_with_parent, initargs=(os.getpid(),))
+                               initializer=_start_worker, initargs=(os.getpid(),))
+
+
+def _start_worker(parent: int) -> None:
+    die_with_parent(parent)
+    reuse_freed_memory()  # decoded bands: megabytes allocated and freed per patch
 
 
 # --- target handling ------------------------------------------------------------------
@@ -241,7 +307,10 @@ class _Stats:
     bytes: int = 0
     observe: object = None  # an Extension's observe, called with every value added
 
-    def add(self, source: str, key: str, value: bytes, digest: int | None = None) -> None:
+    def add(self, source: str, key: str, value: bytes, digest: int | None = None,
+            table: BandTable | None = None) -> None:
+        """Count a value written; ``digest`` and ``table`` (its band table), where the worker
+        made them, save parsing and hashing it here."""
         if self.observe is not None:
             self.observe(source, key, value)
         self.counts[source] += 1
@@ -254,8 +323,10 @@ class _Stats:
         self.digests.setdefault(source, array("Q")).append(digest64(digest))
         self.content_hash = (self.content_hash + digest) % (1 << 256)
         bands = self.bands.setdefault(source, {})
-        for name, info in parse_header(value, key).items():
-            bands.setdefault(name, Counter())[(info.dtype.name, info.shape)] += 1
+        if table is None:
+            table = tuple((name, info.dtype.name, info.shape) for name, info in parse_header(value, key).items())
+        for name, dtype, shape in table:
+            bands.setdefault(name, Counter())[(dtype, shape)] += 1
 
     def index(self, order: list[str]) -> tuple[dict, np.ndarray, np.ndarray]:
         """(source -> row range, keys, digests) of the written keys, source by source in ``order``."""
@@ -494,22 +565,31 @@ def _write(dataset, discovered, target, num_workers, skip_invalid, quiet, observ
     finally:
         env.close()
     resumed = sum(stats.counts.values())
+    reuse_freed_memory()  # LMDB's page buffers: a transaction's worth allocated and freed per chunk
     bar = progress_bar(total, quiet)
     bar.update(total - sum(len(c.patches) for c in pending))
     with _Runner(dataset.name, pending, num_workers, skip_invalid) as runner:
-        for chunk, results in zip(pending, runner):
-            for key, value, _, error in results:
-                if error is not None:
-                    kind = "nodata" if isinstance(error, SkipReason) else "invalid"
-                    skipped.append({"key": key, "source": chunk.source.name, "reason": str(error), "kind": kind})
-            if any(value is not None for _, value, _, _ in results):
-                _commit(target, results)
-            for key, value, digest, _ in results:
-                if value is not None:
-                    stats.add(chunk.source.name, key, value, digest)
+        chunk_results = iter(runner)
+        for chunk in pending:  # not zip(): it would hold the last chunk's views while the next is read
+            _store(target, chunk, next(chunk_results), stats, skipped, observe)
             bar.update(len(chunk.patches))
     bar.close()
     return stats, skipped, resumed
+
+
+def _store(target: Path, chunk: Chunk, results: list[Encoded], stats: _Stats, skipped: list, observe) -> None:
+    """Commit one chunk's values and count them (a function: its views of the shared memory go
+    when it returns, so that the memory can take a later task's values)."""
+    for r in results:
+        if r.error is not None:
+            kind = "nodata" if isinstance(r.error, SkipReason) else "invalid"
+            skipped.append({"key": r.key, "source": chunk.source.name, "reason": str(r.error), "kind": kind})
+    if any(r.value is not None for r in results):
+        _commit(target, results)
+    for r in results:
+        if r.value is not None:
+            value = bytes(r.value) if observe is not None else r.value  # an Extension may keep it
+            stats.add(chunk.source.name, r.key, value, r.digest, r.bands)
 
 
 def _commit(target: Path, results) -> None:
@@ -523,18 +603,68 @@ def _commit(target: Path, results) -> None:
     try:
         info = env.info()
         used = (info["last_pgno"] + 1) * env.stat()["psize"]
-        incoming = sum(len(k) + len(v) for k, v, _, _ in results if v is not None)
+        incoming = sum(len(r.key) + len(r.value) for r in results if r.value is not None)
         wanted = map_size_for(used, incoming)
         if wanted > info["map_size"]:
             env.set_mapsize(wanted)
         with env.begin(write=True) as txn:
-            for key, value, _, _ in results:
-                if value is not None and not txn.put(key.encode(), value, overwrite=False):
-                    raise TargetError(f"key {key!r} is already in the LMDB; refusing to overwrite it")
+            for r in results:
+                if r.value is not None and not txn.put(r.key.encode(), r.value, overwrite=False):
+                    raise TargetError(f"key {r.key!r} is already in the LMDB; refusing to overwrite it")
     except lmdb.Error as e:
         raise TargetError(f"{target}: writing failed ({e}); re-run the same command to resume") from None
     finally:
         env.close()
+
+
+class _Handoff:
+    """Shared memory one worker task writes its values into (:func:`encode_task`), so that they
+    reach the writer without being pickled through the pool's pipe.
+
+    A ``memfd`` the main process creates (anonymous: nothing to unlink; the kernel frees it once
+    no process holds it, however they end); the spawned worker opens it by its ``/proc`` path and
+    grows it as it writes. The writer maps it once the task is done and commits views of it; once
+    nothing views it any more, a later task writes into it again (its pages already allocated:
+    writing into fresh shared memory costs a page fault per 4 KiB, about twice the copy).
+    Where there is no memfd or no ``/proc`` (not Linux), values come back pickled.
+    """
+
+    def __init__(self) -> None:
+        self.fd = os.memfd_create("rico_torch-values", os.MFD_CLOEXEC)
+        self.path = f"/proc/{os.getpid()}/fd/{self.fd}"
+        self.mapped: mmap.mmap | None = None
+
+    @staticmethod
+    def available() -> bool:
+        return hasattr(os, "memfd_create") and os.path.isdir(f"/proc/{os.getpid()}/fd")
+
+    def take(self, results: list[Encoded]) -> list[Encoded]:
+        """``results`` with each (offset, length) replaced by a view of the values written."""
+        size = max((r.value[0] + r.value[1] for r in results if isinstance(r.value, tuple)), default=0)
+        if not size:
+            return results
+        # populated at once: cheaper than a page fault per 4 KiB as the LMDB put reads it
+        self.mapped = mmap.mmap(self.fd, size, flags=mmap.MAP_SHARED | getattr(mmap, "MAP_POPULATE", 0),
+                                prot=mmap.PROT_READ)
+        view = memoryview(self.mapped)
+        return [r._replace(value=view[r.value[0] : r.value[0] + r.value[1]]) if isinstance(r.value, tuple) else r
+                for r in results]
+
+    def release(self) -> bool:
+        """Unmap, once nothing views the values any more (then it may be written again)."""
+        if self.mapped is not None:
+            try:
+                self.mapped.close()
+            except BufferError:  # a view of it is still alive
+                return False
+            self.mapped = None
+        return True
+
+    def close(self) -> None:
+        self.release()
+        if self.fd >= 0:
+            os.close(self.fd)  # the mapping, if a view kept it, lives on until that view goes
+            self.fd = -1
 
 
 class _Runner:
@@ -544,6 +674,7 @@ class _Runner:
         self.dataset_name, self.chunks = dataset_name, chunks
         self.num_workers, self.skip_invalid = num_workers, skip_invalid
         self.pool: ProcessPoolExecutor | None = None
+        self.handoffs: dict[str, list[_Handoff]] = {"busy": [], "taken": [], "free": []}
 
     def __enter__(self) -> "_Runner":
         if self.num_workers > 0 and self.chunks:
@@ -553,16 +684,44 @@ class _Runner:
     def __exit__(self, *exc) -> None:
         if self.pool is not None:
             self.pool.shutdown(wait=True, cancel_futures=True)
+        for handoffs in self.handoffs.values():
+            for handoff in handoffs:
+                handoff.close()
 
-    def _submit(self, chunk: Chunk) -> list[Future] | list:
+    def _handoff(self) -> _Handoff | None:
+        """Shared memory for a new task: one whose values nobody views any more, or a new one."""
+        if not _Handoff.available():
+            return None
+        taken, free = self.handoffs["taken"], self.handoffs["free"]
+        free += [h for h in taken if h.release()]
+        taken[:] = [h for h in taken if h.mapped is not None]
+        handoff = free.pop() if free else _Handoff()
+        self.handoffs["busy"].append(handoff)
+        return handoff
+
+    def _submit(self, chunk: Chunk) -> list:
         # up to TASK_SIZE patches a task, fewer where a chunk is small (large patches such as
         # Major-TOM's 22 MB cells come few to a chunk): every worker gets work
         size = max(1, min(TASK_SIZE, -(-len(chunk.patches) // (2 * max(1, self.num_workers)))))
         tasks = [chunk.patches[i : i + size] for i in range(0, len(chunk.patches), size)]
         args = [(self.dataset_name, chunk.source.name, t, self.skip_invalid) for t in tasks]
         if self.pool is None:
-            return [encode_task(*a) for a in args]
-        return [self.pool.submit(encode_task, *a) for a in args]
+            return [(encode_task(*a), None) for a in args]
+        submitted = []
+        for a in args:
+            handoff = self._handoff()
+            submitted.append((self.pool.submit(encode_task, *a, handoff and handoff.path), handoff))
+        return submitted
+
+    def _result(self, task, handoff: _Handoff | None) -> list[Encoded]:
+        if not isinstance(task, Future):
+            return task
+        results = task.result()
+        if handoff is None:
+            return results
+        self.handoffs["busy"].remove(handoff)
+        self.handoffs["taken"].append(handoff)
+        return handoff.take(results)
 
     def __iter__(self):
         ahead = 2  # chunks in flight: workers read chunk i+1 while chunk i is committed
@@ -571,4 +730,4 @@ class _Runner:
             tasks = queue.pop(0)
             if i + ahead < len(self.chunks):
                 queue.append(self._submit(self.chunks[i + ahead]))
-            yield [r for t in tasks for r in (t.result() if isinstance(t, Future) else t)]
+            yield [r for task, handoff in tasks for r in self._result(task, handoff)]

@@ -141,19 +141,40 @@ def distinct_band(
     step: float,
     spread: float,
     dtype: str | np.dtype,
+    smooth: bool = False,
 ) -> np.ndarray:
     """Random values for band ``index`` (0-based) in ``[base + index*step, ... + spread)``.
 
     With ``spread < step`` the ranges of different bands are disjoint, so a reader that
-    mixes up bands is caught by the value range alone.
+    mixes up bands is caught by the value range alone. ``smooth``: a field that varies slowly
+    over the image plus a little noise, as imagery does, instead of noise alone: compressed
+    files then shrink and decode at the speed real ones do (LZW/deflate on noise is slower per
+    pixel and barely compresses).
     """
     if spread > step:
         raise ValueError("spread must not exceed step, or band ranges overlap")
     low = base + index * step
     dtype = np.dtype(dtype)
+    if smooth:
+        noise = spread / 32
+        field = _slow_field(rng, shape) * (spread - noise) + rng.random(shape, dtype=np.float32) * noise
+        if dtype.kind == "f":
+            return (low + field).astype(dtype)
+        return (low + np.floor(field)).astype(dtype)
     if dtype.kind == "f":
         return (low + rng.random(shape, dtype=np.float32) * spread).astype(dtype)
     return rng.integers(low, low + spread, size=shape, dtype=np.int64).astype(dtype)
+
+
+def _slow_field(rng: np.random.Generator, shape: tuple[int, int], cell: int = 32) -> np.ndarray:
+    """Values in [0, 1) varying over ``cell`` pixels: a coarse random grid, bilinearly upsampled."""
+    h, w = shape
+    grid = rng.random((h // cell + 2, w // cell + 2))
+    rows = np.arange(h) / cell
+    cols = np.arange(w) / cell
+    across = np.stack([np.interp(cols, np.arange(grid.shape[1]), g) for g in grid])
+    field = np.stack([np.interp(rows, np.arange(grid.shape[0]), c) for c in across.T], axis=1)
+    return np.clip(field, 0.0, np.nextafter(1.0, 0.0)).astype(np.float32)
 
 
 def distinct_bands(
@@ -165,10 +186,12 @@ def distinct_bands(
     step: float,
     spread: float,
     dtype: str | np.dtype,
+    smooth: bool = False,
 ) -> np.ndarray:
     """A ``(count, *shape)`` stack of :func:`distinct_band` arrays."""
     return np.stack(
-        [distinct_band(rng, i, shape, base=base, step=step, spread=spread, dtype=dtype) for i in range(count)]
+        [distinct_band(rng, i, shape, base=base, step=step, spread=spread, dtype=dtype, smooth=smooth)
+         for i in range(count)]
     )
 
 
@@ -192,7 +215,7 @@ def write_band_files(
     Args:
         bands: the bands (``file`` and ``resolution`` set; the finest resolution gets ``pixels``).
         pixels: edge of the finest bands; a band of resolution r gets ``round(pixels * finest / r)``.
-        values: :func:`distinct_band` ranges (``base``, ``step``, ``spread``).
+        values: :func:`distinct_band` ranges (``base``, ``step``, ``spread``; ``smooth``).
         crs, x_min, y_max, extent: georeference of the footprint (``extent`` in metres; default
             ``pixels`` x the finest resolution); no georeference when ``crs`` is None.
         layout: :func:`write_geotiff` layout options (``compress``, ``tiled``, ``blocksize``).

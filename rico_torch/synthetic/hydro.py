@@ -14,8 +14,9 @@ from ._common import rng_for
 from ._geotiff import distinct_bands, write_geotiff
 
 PATCH_PIXELS = 256
-# one disjoint range per band: a band mix-up (B8A's position) shows in the values
-_VALUES = {"base": 200, "step": 300, "spread": 250}
+# one disjoint range per band: a band mix-up (B8A's position) shows in the values; smooth: imagery-like
+# fields, so that LZW compresses and decodes as on real files
+_VALUES = {"base": 200, "step": 300, "spread": 250, "smooth": True}
 
 
 @dataclass(frozen=True)

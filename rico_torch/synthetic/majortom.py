@@ -21,8 +21,9 @@ from ._geotiff import utm_crs, write_band_files
 
 S1_DIRNAME, S2_DIRNAME = "Core-S1RTC", "Core-S2L2A"
 _LAYOUT = {"compress": "lzw", "tiled": True, "blocksize": 1024}
-_S1_VALUES = {"base": 0.0, "step": 0.5, "spread": 0.4}  # linear backscatter: vh, vv disjoint
-_S2_VALUES = {"base": 100, "step": 500, "spread": 400}
+# smooth: imagery-like fields, so that LZW compresses and decodes as on real cells
+_S1_VALUES = {"base": 0.0, "step": 0.5, "spread": 0.4, "smooth": True}  # linear backscatter: vh, vv disjoint
+_S2_VALUES = {"base": 100, "step": 500, "spread": 400, "smooth": True}
 _PNG = b"\x89PNG\r\n\x1a\n"  # nothing may read it
 
 
