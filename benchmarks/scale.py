@@ -4,11 +4,13 @@ Generates its own data (``rico_torch.synthetic.scale``: LMDBs of tiny values wri
 manifest and ``keys.index`` through ``rico_torch.manifest``, cached under
 ``$RICO_TORCH_BENCH_DIR/scale-*``) and measures, each in a fresh subprocess:
 
-* ``LMDBPatchDataset`` open (``keys=None``) and every DataModule's ``setup("fit")`` that reads
-  per-key facts from the manifest (``GeoPatchDataModule`` over windows, ``EuroSATDataModule`` over
-  labelled keys): seconds, peak allocation growth (tracemalloc: Python objects and numpy arrays)
-  and anonymous memory still held after it (``/proc/self/smaps_rollup``; mapped file pages, shared
-  through the page cache, are not counted);
+* ``LMDBPatchDataset`` open (``keys=None``; scenes and EuroSAT) and every DataModule's
+  ``setup("fit")``, each over its own kind of keys (:data:`SETUPS`: the bands the synthetic values
+  hold; ``mean``/``std`` given, so that the statistics pass, a fixed sample of at most 1,000 values
+  cached beside the LMDB, is not counted; ``crop_size=1`` where the DataModule crops): seconds,
+  peak allocation growth (tracemalloc: Python objects and numpy arrays) and anonymous memory
+  still held after it (``/proc/self/smaps_rollup``; mapped file pages, shared through the page
+  cache, are not counted);
 * metadata bytes per key (``manifest.json`` + ``keys.index``);
 * a worker's private memory after reading 20 random batches of 256, for a dataset handed to a
   ``spawn`` worker (pickled) and to a ``fork`` worker: USS (psutil; includes clean pages of the
@@ -16,7 +18,8 @@ manifest and ``keys.index`` through ``rico_torch.manifest``, cached under
 * ``--encode N``: a real ``python -m rico_torch.encode scenes`` of N windows (2 px windows of one
   GeoTIFF), its peak RSS.
 
-Usage: ``python benchmarks/scale.py [--counts 262144 3000000] [--encode 1048576]``.
+Usage: ``python benchmarks/scale.py [--counts 262144 3000000] [--kinds scenes satlas ...]
+[--no-workers] [--encode 1048576]``.
 """
 
 from __future__ import annotations
@@ -34,7 +37,20 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import BENCH_ROOT, MARKER, log  # noqa: E402
 
-KINDS = {"scenes": "B1", "eurosat-ms": "B02"}
+KINDS = {"scenes": "B1", "eurosat-ms": "B02"}  # LMDBPatchDataset open, worker memory: these kinds' band
+#: kind -> (DataModule, its arguments beside lmdb_path; ``{lmdb}``: the LMDB directory)
+SETUPS: dict[str, tuple[str, dict]] = {
+    "scenes": ("GeoPatchDataModule", {"mask": False}),
+    "eurosat-ms": ("EuroSATDataModule", {"bands": ["B02"]}),
+    "uc-merced": ("UCMercedDataModule", {"bands": ["Red"]}),
+    "bigearthnet": ("BigEarthNetDataModule", {"metadata_dir": "{lmdb}", "bands": ["VV", "B04"]}),
+    "ssl4eo-s12": ("SSL4EODataModule", {"bands": ["B4"], "crop_size": 1}),
+    "major-tom-core": ("MajorTOMDataModule", {"modalities": ["s1", "s2"], "bands": ["B04", "vv"], "crop_size": 1}),
+    "hydro": ("HydroDataModule", {"bands": ["B04"]}),
+    "spectral-earth-enmap": ("SpectralEarthDataModule", {"bands": ["B1"]}),
+    "hyspecnet-11k": ("HySpecNetDataModule", {"split_dir": "{lmdb}/splits", "bands": ["B1"]}),
+    "satlas": ("SatlasDataModule", {"bands": ["b08"]}),
+}
 
 
 def dataset_dir(kind: str, count: int) -> Path:
@@ -48,8 +64,9 @@ def dataset_dir(kind: str, count: int) -> Path:
         log(f"generating {count:,} {kind} keys into {root} ...")
         start = time.perf_counter()
         make_many_keys(root / "lmdb", count, kind)
-        (root / MARKER).write_text(json.dumps({"kind": kind, "count": count,
-                                               "seconds": time.perf_counter() - start}))
+        seconds = time.perf_counter() - start
+        log(f"  {seconds:.0f} s")
+        (root / MARKER).write_text(json.dumps({"kind": kind, "count": count, "seconds": seconds}))
     return root / "lmdb"
 
 
@@ -65,7 +82,7 @@ def _anonymous() -> int:
 def _measure(what: str, path: str) -> dict:
     import tracemalloc
 
-    from rico_torch.data import EuroSATDataModule, GeoPatchDataModule, LMDBPatchDataset  # imports first
+    from rico_torch.data import LMDBPatchDataset  # imports first
 
     anonymous = _anonymous()
     tracemalloc.start()
@@ -74,11 +91,8 @@ def _measure(what: str, path: str) -> dict:
         band = KINDS["scenes" if "scenes" in path else "eurosat-ms"]
         made = LMDBPatchDataset(path, bands=[band])
         made[len(made) - 1]  # noqa: B018  (one read: the open is usable)
-    elif what == "setup-scenes":
-        made = GeoPatchDataModule(path, num_workers=0, mask=False)
-        made.setup("fit")
-    elif what == "setup-eurosat":
-        made = EuroSATDataModule(path, bands=["B02"], num_workers=0)
+    elif what.startswith("setup-"):
+        made = datamodule(what.removeprefix("setup-"), path)
         made.setup("fit")
     else:
         raise SystemExit(f"unknown measurement {what}")
@@ -86,6 +100,18 @@ def _measure(what: str, path: str) -> dict:
     _, traced = tracemalloc.get_traced_memory()
     tracemalloc.stop()
     return {"seconds": seconds, "traced_peak": traced, "anonymous_held": _anonymous() - anonymous}
+
+
+def datamodule(kind: str, path: str):
+    """The DataModule :data:`SETUPS` names for ``kind``, over the LMDB at ``path`` (no workers)."""
+    import rico_torch.data as data
+
+    name, kwargs = SETUPS[kind]
+    kwargs = {k: v.format(lmdb=path) if isinstance(v, str) else v for k, v in kwargs.items()}
+    cls = getattr(data, name)
+    if "bands" in kwargs and name != "SatlasDataModule":  # the statistics pass is not the index's cost
+        kwargs.update(mean=[0.0] * len(kwargs["bands"]), std=[1.0] * len(kwargs["bands"]))
+    return cls(path, num_workers=0, **kwargs)
 
 
 def _worker(dataset, queue) -> None:
@@ -171,6 +197,8 @@ def mb(n: float) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--counts", type=int, nargs="*", default=[262_144, 3_000_000])
+    parser.add_argument("--kinds", nargs="*", choices=list(SETUPS), help="kinds of keys (default: all)")
+    parser.add_argument("--no-workers", action="store_true", help="skip the worker memory rows")
     parser.add_argument("--encode", type=int, default=0, metavar="N", help="also encode N scene windows (0: skip)")
     parser.add_argument("--encode-workers", type=int, default=0)
     parser.add_argument("--measure", nargs=2, metavar=("WHAT", "PATH"), help=argparse.SUPPRESS)
@@ -183,21 +211,24 @@ def main() -> None:
         print(json.dumps(_worker_uss(*args.uss)))
         return
     rows = []
+    kinds = args.kinds or list(SETUPS)
     for count in args.counts:
-        paths = {kind: dataset_dir(kind, count) for kind in KINDS}
+        paths = {kind: dataset_dir(kind, count) for kind in kinds}
         for kind, path in paths.items():
             meta = (path / "manifest.json").stat().st_size + (path / "keys.index").stat().st_size
-            rows.append((count, f"metadata bytes per key ({kind})", f"{meta / count:.1f} B", ""))
-        for what, kind in (("open", "scenes"), ("open", "eurosat-ms"), ("setup-scenes", "scenes"),
-                           ("setup-eurosat", "eurosat-ms")):
+            keys = json.loads((path / "manifest.json").read_text())["patches"]
+            rows.append((count, f"metadata bytes per key ({kind})", f"{meta / keys:.1f} B", f"{keys:,} keys"))
+        measured = [("open", k) for k in KINDS if k in paths] + [(f"setup-{k}", k) for k in paths]
+        for what, kind in measured:
+            for stale in paths[kind].glob("stats-*.json"):
+                stale.unlink()
             r = run_child("--measure", what, str(paths[kind]))
-            label = {"open": f"LMDBPatchDataset open ({kind})", "setup-scenes": "GeoPatchDataModule.setup('fit')",
-                     "setup-eurosat": "EuroSATDataModule.setup('fit')"}[what]
+            label = f"LMDBPatchDataset open ({kind})" if what == "open" else f"{SETUPS[kind][0]}.setup('fit')"
             rows.append((count, label, f"{r['seconds']:.3f} s",
                          f"peak growth {mb(r['traced_peak'])} (tracemalloc), held +{mb(r['anonymous_held'])} "
                          "(anonymous)"))
             log(rows[-1])
-        for method in ("spawn", "fork"):
+        for method in () if args.no_workers or "scenes" not in paths else ("spawn", "fork"):
             r = run_child("--uss", str(paths["scenes"]), method)
             rows.append((count, f"worker private memory ({method}): USS / anonymous", f"{mb(r['uss'][0])} / "
                          f"{mb(r['uss'][1])}", f"a one-key dataset's worker: {mb(r['uss_one_key'][0])} / "
