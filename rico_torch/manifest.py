@@ -294,6 +294,19 @@ class Manifest(dict):
         """Every key of ``sources`` (all: None) as an ``S`` array, source by source."""
         return self.column("key", sources)
 
+    def sorted_keys(self, sources: Iterable[str] | None = None) -> np.ndarray:
+        """The keys of ``sources`` (all: None) in byte order (which is their str order): from the
+        sidecar's ``sorter`` where they are one range of one part (no sort), else sorted."""
+        segments = self.segments(sources)
+        if len(segments) == 1:
+            p, start, stop = segments[0]
+            columns = self.parts[p][1].columns
+            rows = columns["sorter"]
+            if start > 0 or stop < len(rows):
+                rows = rows[(rows >= start) & (rows < stop)]
+            return columns["key"][rows]
+        return np.sort(self.column("key", segments=segments))
+
     def key_count(self) -> int:
         return sum(stop - start for ranges, _ in self.parts for start, stop in ranges.values())
 

@@ -264,12 +264,13 @@ def _template(bands: dict[str, str], shape: tuple[int, int]) -> tuple[bytes, str
     return value[: header[last].begin], last, shape, header[last].dtype
 
 
-def make_many_keys(target: str | Path, count: int, kind: str = "scenes", patch: int = 2) -> Path:
-    """Write an LMDB of about ``count`` keys of ``kind`` (see the module doc) into ``target``, with
-    its manifest, sidecar and side files."""
-    if kind not in KINDS:
+def make_many_keys(target: str | Path, count: int, kind: str | Kind = "scenes", patch: int = 2) -> Path:
+    """Write an LMDB of about ``count`` keys of ``kind`` (a name of :data:`KINDS`, see the module doc,
+    or a :class:`Kind` of your own) into ``target``, with its manifest, sidecar and side files."""
+    if not isinstance(kind, Kind) and kind not in KINDS:
         raise ValueError(f"kind={kind!r}: one of {tuple(KINDS)}")
-    spec = KINDS[kind]
+    spec = kind if isinstance(kind, Kind) else KINDS[kind]
+    kind = spec.dataset
     target = Path(target)
     target.mkdir(parents=True, exist_ok=True)
     units = count if kind == "scenes" else max(1, count // spec.per_unit)

@@ -226,6 +226,17 @@ class LMDBDataModule(L.LightningDataModule):
                         out[found[1].name].extend(keys)
         return out
 
+    def source_keys(self, source: str) -> np.ndarray:
+        """The stored keys of one of the catalog's sources in sorted order, an ``S`` array: the
+        manifest's (no per-key Python objects), else :meth:`keys_by_source`'s."""
+        manifest = self.manifest()
+        if manifest and manifest.has_keys:
+            return manifest.sorted_keys([source]) if source in manifest.sources() else np.zeros(0, "S1")
+        if not hasattr(self, "_by_source"):
+            self._by_source = self.keys_by_source()
+        keys = self._by_source.get(source, [])
+        return np.array([k.encode() for k in keys], dtype=np.bytes_) if keys else np.zeros(0, "S1")
+
     def split_items(self, split: str) -> tuple[np.ndarray | list, np.ndarray | None]:
         """The items (keys or key tuples) and labels of ``split`` (one of train, val, test)."""
         raise NotImplementedError

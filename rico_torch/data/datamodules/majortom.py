@@ -6,8 +6,11 @@ import logging
 import re
 from datetime import date
 
+import numpy as np
+
 from ...catalog import majortom
 from ...errors import ConfigError
+from ...manifest import decode_keys
 from ._modalities import modality_bands
 from .base import SPLITS, LMDBDataModule, LoaderKind, group_split
 
@@ -71,56 +74,200 @@ class MajorTOMDataModule(LMDBDataModule):
                          pin_memory=pin_memory, mean=mean, std=std, flips=flips, native=False, readahead=readahead,
                          stats_samples=stats_samples, seed=seed, crop_size=crop_size, loader=loader)
         self.max_days, self.block_size, self.fractions = max_days, block_size, tuple(fractions)
-        self._splits: dict[str, list] | None = None
+        self._items: tuple[np.ndarray, np.ndarray] | None = None
+        self._splits: dict[str, np.ndarray] | None = None
 
     def items(self) -> tuple[list, list[str]]:
-        """Every item (a key, or an (S2, S1) key pair) and its grid cell."""
-        keys = self.keys_by_source()
+        """Every item (a key, or an (S2, S1) key pair) and its grid cell, as str (for inspection; the
+        datasets get :meth:`item_arrays`)."""
+        items, cells = self.item_arrays()
+        listed = [k.decode() for k in items.tolist()] if items.ndim == 1 else \
+            [tuple(k.decode() for k in row) for row in items.tolist()]
+        return listed, decode_keys(cells)
+
+    def item_arrays(self) -> tuple[np.ndarray, np.ndarray]:
+        """Every item as an ``S`` array (a key per row, or an (S2, S1) key pair per row, S2 keys in
+        sorted order; a pair's S1 product is the one of its grid cell nearest in date, the smaller
+        key of equally near ones) and each item's grid cell."""
+        if self._items is not None:
+            return self._items
         if self.modalities != ["s1", "s2"]:
-            chosen = keys[self.modalities[0]]
-            return chosen, [majortom.KEY.fullmatch(k)["cell"] for k in chosen]
-        s1_by_cell: dict[str, list[tuple[date, str]]] = {}
-        for k in keys["s1"]:
-            m = majortom.KEY.fullmatch(k)
-            s1_by_cell.setdefault(m["cell"], []).append((_date(m["date"]), k))
-        items, cells = [], []
-        for k in keys["s2"]:
-            m = majortom.KEY.fullmatch(k)
-            when = _date(m["date"])
-            candidates = sorted((abs((d - when).days), s1) for d, s1 in s1_by_cell.get(m["cell"], []))
-            if candidates and (self.max_days is None or candidates[0][0] <= self.max_days):
-                items.append((k, candidates[0][1]))
-                cells.append(m["cell"])
-        if not items:
+            chosen = self.source_keys(self.modalities[0])
+            self._items = chosen, parse_keys(chosen)[0]
+            return self._items
+        s1, s2 = self.source_keys("s1"), self.source_keys("s2")
+        cells1, _, _, day1 = parse_keys(s1)
+        cells2, _, _, day2 = parse_keys(s2)
+        names, code = np.unique(np.concatenate([cells1, cells2]), return_inverse=True)
+        code1, code2 = code[: len(s1)].astype(np.int64), code[len(s1) :].astype(np.int64)
+        order = np.lexsort((np.arange(len(s1)), day1, code1))  # by cell, date, key
+        comp = (code1 << 32) + day1 + (1 << 31)
+        sorted_comp, sorted_code, sorted_day = comp[order], code1[order], day1[order]
+        wanted = (code2 << 32) + day2 + (1 << 31)
+        at = np.searchsorted(sorted_comp, wanted)  # the first S1 of the cell on or after the date
+        after = at < len(s1)
+        after[after] = sorted_code[at[after]] == code2[after]
+        before = at > 0  # the last S1 of the cell before it (its first key of that date)
+        before[before] = sorted_code[at[before] - 1] == code2[before]
+        first = np.zeros(len(s2), np.int64)
+        first[before] = np.searchsorted(sorted_comp, sorted_comp[at[before] - 1])
+        big = np.iinfo(np.int64).max
+        gap_after = np.where(after, sorted_day[np.minimum(at, len(s1) - 1)] - day2, big) if len(s1) else \
+            np.full(len(s2), big)
+        gap_before = np.where(before, day2 - sorted_day[np.maximum(first, 0)], big) if len(s1) else \
+            np.full(len(s2), big)
+        key_after = order[np.minimum(at, max(len(s1) - 1, 0))] if len(s1) else np.zeros(len(s2), np.int64)
+        key_before = order[first] if len(s1) else np.zeros(len(s2), np.int64)
+        take_before = (gap_before < gap_after) | ((gap_before == gap_after) & (key_before < key_after))
+        gap = np.where(take_before, gap_before, gap_after)
+        partner = np.where(take_before, key_before, key_after)
+        keep = (gap < big) & (True if self.max_days is None else gap <= self.max_days)
+        if not keep.any():
             raise ConfigError(f"{self.lmdb_path}: no S2 product has an S1 product of its grid cell"
                               + ("" if self.max_days is None else f" within {self.max_days} days"))
-        return items, cells
+        width = max(s1.dtype.itemsize, s2.dtype.itemsize)
+        pairs = np.stack([s2[keep].astype(f"S{width}"), s1[partner[keep]].astype(f"S{width}")], axis=1)
+        self._items = pairs, cells2[keep]
+        return self._items
 
-    def splits(self) -> dict[str, list]:
+    def split_rows(self) -> dict[str, np.ndarray]:
+        """Each split's rows of :meth:`item_arrays` (see the class docstring), ascending."""
         if self._splits is None:
-            items, cells = self.items()
-            position = {c: cell_position(c) for c in set(cells)}
+            items, cells = self.item_arrays()
+            _, row, col, _ = parse_keys(cells, cells_only=True)
             b = self.block_size
-            blocks = [f"{position[c][0] // b}_{position[c][1] // b}" for c in cells]
-            parts = group_split(blocks, self.fractions, self.seed)
-            split_of_cell = {cells[i]: s for s in SPLITS for i in parts[s]}
-            at = {position[c]: s for c, s in split_of_cell.items()}
-
-            def touches_another(cell: str) -> bool:
-                (r, c), own = position[cell], split_of_cell[cell]
-                return any(at.get((r + dr, c + dc), own) != own for dr in (-1, 0, 1) for dc in (-1, 0, 1))
-
+            block, inverse = np.unique(((row // b + _OFFSET) << 23) + (col // b + _OFFSET), return_inverse=True)
+            names = np.array([f"{(k >> 23) - _OFFSET}_{(k & _MASK) - _OFFSET}".encode() for k in block.tolist()],
+                             dtype=np.bytes_)  # a str per block, "<row>_<col>" as before
+            parts = group_split(names[inverse], self.fractions, self.seed)
+            split = np.zeros(len(items), np.int64)  # every cell's items are in one block: one split
+            for i, s in enumerate(SPLITS):
+                split[parts[s]] = i
+            place = ((row + _OFFSET) << 23) + (col + _OFFSET)
+            # a position's split: its last cell's (split by split, item by item), as a dict would keep
+            last = np.lexsort((split * len(items) + np.arange(len(items)), place))
+            ends = np.r_[place[last][1:] != place[last][:-1], True]
+            spots, spot_split = place[last][ends], split[last][ends]
+            touches = np.zeros(len(items), bool)
+            for dr in (-1, 0, 1):
+                for dc in (-1, 0, 1):
+                    near = place + (dr << 23) + dc
+                    j = np.minimum(np.searchsorted(spots, near), len(spots) - 1)
+                    touches |= (spots[j] == near) & (spot_split[j] != split)
             self._splits = {}
             for s in SPLITS:
-                kept = [i for i in parts[s] if s == "train" or not touches_another(cells[i])]
+                kept = parts[s] if s == "train" else parts[s][~touches[parts[s]]]
                 if len(kept) < len(parts[s]):
                     log.info("%s: %d %s items left out (their cells touch another split's)", self.lmdb_path,
                              len(parts[s]) - len(kept), s)
-                self._splits[s] = [items[i] for i in kept]
+                self._splits[s] = kept
         return self._splits
 
+    def splits(self) -> dict[str, list]:
+        """Each split's items as :meth:`items` gives them (str; for inspection)."""
+        items, _ = self.items()
+        return {s: [items[i] for i in rows.tolist()] for s, rows in self.split_rows().items()}
+
     def split_items(self, split: str):
-        return self.splits()[split], None
+        return self.item_arrays()[0][self.split_rows()[split]], None
+
+
+_OFFSET = 1 << 21  # grid positions shifted to non-negative, packed in one int64
+_MASK = (1 << 23) - 1
+
+
+def parse_keys(keys: np.ndarray, cells_only: bool = False) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Each key's grid cell (``S``), its (row, column) (:func:`cell_position`) and acquisition day
+    (days since 1970; ``majortom.KEY``'s date), vectorised a chunk at a time; a key not in the plain
+    ASCII form is parsed by ``majortom.KEY`` itself. ``cells_only``: ``keys`` are grid cells (day 0)."""
+    keys = np.asarray(keys, dtype=np.bytes_)
+    if len(keys) == 0:
+        empty = np.zeros(0, np.int64)
+        return np.zeros(0, "S1"), empty, empty, empty
+    chunks = [_parse_chunk(keys[i : i + _CHUNK], cells_only) for i in range(0, len(keys), _CHUNK)]
+    return tuple(np.concatenate(c) for c in zip(*chunks))  # type: ignore[return-value]
+
+
+_CHUNK = 1 << 16  # keys parsed at once: bounds the temporaries (each a copy of the chunk's keys)
+
+
+def _parse_chunk(keys: np.ndarray, cells_only: bool) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    n = len(keys)
+    first = np.strings.find(keys, b"_")
+    ends = np.strings.str_len(keys) if cells_only else np.strings.find(keys, b"_", first + 1)
+    cells = np.strings.slice(keys, 0, ends).astype(f"S{max(int(ends.max()), 1)}")
+    up = np.strings.slice(keys, first - 1, first).astype("S1")
+    right = np.strings.slice(keys, ends - 1, ends).astype("S1")
+    rows = np.strings.slice(keys, 0, first - 1).astype(f"S{max(int(first.max()), 1)}")
+    cols = np.strings.slice(keys, first + 1, ends - 1).astype(f"S{max(int((ends - first).max()), 1)}")
+    ok = (first > 0) & (ends > first) & ((up == b"U") | (up == b"D")) & ((right == b"L") | (right == b"R")) & \
+        np.strings.isdigit(rows) & np.strings.isdigit(cols)
+    days = np.zeros(n, np.int64)
+    if not cells_only:
+        product = ends + 1
+        head = np.strings.slice(keys, product, product + 4).astype("S4")
+        ok &= np.isin(head, [b"S1A_", b"S1B_", b"S2A_", b"S2B_"]) & (np.strings.find(keys, b"\n") < 0)
+        # the lazy \w+? ends at the first "_" after it where "_<8 digits>T<6 digits>_" follows
+        mark = np.strings.find(keys, b"_", product + 5)
+        found = np.zeros(n, bool)
+        for _ in range(8):
+            open_ = np.flatnonzero(~found & (mark > 0))
+            if not len(open_):
+                break
+            at, some = mark[open_], keys[open_]
+            stamp = np.strings.slice(some, at, at + 17).astype("S17").view(np.uint8).reshape(len(open_), 17)
+            digits = (stamp >= 48) & (stamp <= 57)
+            hit = ((stamp[:, 0] == 95) & digits[:, 1:9].all(1) & (stamp[:, 9] == 84) & digits[:, 10:16].all(1)
+                   & (stamp[:, 16] == 95))  # "_" 8 digits "T" 6 digits "_"
+            found[open_[hit]] = True
+            mark[open_[~hit]] = np.strings.find(some[~hit], b"_", at[~hit] + 1)
+        word = np.strings.replace(np.strings.slice(keys, product + 4, mark), b"_", b"")
+        ok &= found & np.strings.isalnum(word)
+        date = np.strings.slice(keys, mark + 1, mark + 9).astype("S8")
+        days[ok] = _days(_int(np.where(ok, date, b"19700101")))[ok]
+    row = np.where(ok, np.where(up == b"U", 1, -1) * _int(rows), 0)
+    col = np.where(ok, np.where(right == b"R", 1, -1) * _int(cols), 0)
+    for i in np.flatnonzero(~ok).tolist():  # anything else: the catalog's own rule
+        key = keys[i].decode()
+        m = re.fullmatch(majortom.GRID_CELL, key) if cells_only else majortom.KEY.fullmatch(key)
+        if m is None:
+            raise ConfigError(f"{key!r} is not a Major-TOM-Core {'grid cell' if cells_only else 'key'}")
+        cell = key if cells_only else m["cell"]
+        if len(cell.encode()) > cells.dtype.itemsize:
+            cells = cells.astype(f"S{len(cell.encode())}")
+        cells[i] = cell.encode()
+        row[i], col[i] = cell_position(cell)
+        if not cells_only:
+            days[i] = _date(m["date"]).toordinal() - _EPOCH
+    return cells, row, col, days
+
+
+_EPOCH = date(1970, 1, 1).toordinal()
+
+
+def _int(text: np.ndarray) -> np.ndarray:
+    """ASCII decimal strings (an ``S`` array; checked by the caller) as int64, column by column (no
+    Python int per string, as ``astype`` makes)."""
+    width = text.dtype.itemsize
+    out = np.zeros(len(text), np.int64)
+    if not len(text) or not width:
+        return out
+    chars = np.ascontiguousarray(text).view(np.uint8).reshape(len(text), width)
+    for j in range(width):
+        digit = chars[:, j].astype(np.int64)
+        out = np.where(digit != 0, out * 10 + digit - 48, out)  # NUL: the string ended
+    return out
+
+
+def _days(yyyymmdd: np.ndarray) -> np.ndarray:
+    """Days since 1970 of ``yyyymmdd`` integers (as ``datetime.date``; an invalid date raises)."""
+    y, m, d = yyyymmdd // 10000, yyyymmdd // 100 % 100, yyyymmdd % 100
+    months = ((y - 1970) * 12 + m - 1).astype("datetime64[M]")
+    days = (months.astype("datetime64[D]") + (d - 1)).astype(np.int64)
+    bad = (m < 1) | (m > 12) | (d < 1) | (days.astype("datetime64[D]").astype("datetime64[M]") != months)
+    if bad.any():
+        raise ValueError(f"day is out of range for month: {int(yyyymmdd[np.argmax(bad)])}")
+    return days
 
 
 def _date(text: str) -> date:

@@ -1,0 +1,104 @@
+"""The vectorised split logic over manifest columns gives exactly the items, pairs, splits and order
+of the per-key Python logic it replaced (kept here as the reference), on keys with the awkward cases:
+cells of every quadrant, several S1 products per cell, date ties, cells without S1."""
+
+from __future__ import annotations
+
+import re
+from datetime import date
+
+import numpy as np
+import pytest
+
+from rico_torch.catalog import majortom
+from rico_torch.data import MajorTOMDataModule
+from rico_torch.data.datamodules.base import SPLITS, group_split
+from rico_torch.data.datamodules.majortom import cell_position
+from rico_torch.synthetic.majortom import product_names
+from rico_torch.synthetic.scale import Kind, Part, make_many_keys
+
+# --- the reference: MajorTOMDataModule.items / splits before they were vectorised ---------------
+
+
+def _date(text: str) -> date:
+    return date(int(text[:4]), int(text[4:6]), int(text[6:8]))
+
+
+def reference_items(keys: dict[str, list[str]], modalities: list[str], max_days: int | None):
+    if modalities != ["s1", "s2"]:
+        chosen = keys[modalities[0]]
+        return chosen, [majortom.KEY.fullmatch(k)["cell"] for k in chosen]
+    s1_by_cell: dict = {}
+    for k in keys["s1"]:
+        m = majortom.KEY.fullmatch(k)
+        s1_by_cell.setdefault(m["cell"], []).append((_date(m["date"]), k))
+    items, cells = [], []
+    for k in keys["s2"]:
+        m = majortom.KEY.fullmatch(k)
+        when = _date(m["date"])
+        candidates = sorted((abs((d - when).days), s1) for d, s1 in s1_by_cell.get(m["cell"], []))
+        if candidates and (max_days is None or candidates[0][0] <= max_days):
+            items.append((k, candidates[0][1]))
+            cells.append(m["cell"])
+    return items, cells
+
+
+def reference_splits(items, cells, block_size, fractions, seed):
+    position = {c: cell_position(c) for c in set(cells)}
+    b = block_size
+    blocks = [f"{position[c][0] // b}_{position[c][1] // b}" for c in cells]
+    parts = group_split(blocks, fractions, seed)
+    split_of_cell = {cells[i]: s for s in SPLITS for i in parts[s]}
+    at = {position[c]: s for c, s in split_of_cell.items()}
+
+    def touches_another(cell: str) -> bool:
+        (r, c), own = position[cell], split_of_cell[cell]
+        return any(at.get((r + dr, c + dc), own) != own for dr in (-1, 0, 1) for dc in (-1, 0, 1))
+
+    return {s: [items[i] for i in parts[s] if s == "train" or not touches_another(cells[i])] for s in SPLITS}
+
+
+# --- awkward Major-TOM keys ------------------------------------------------------------------------
+
+_RNG = np.random.default_rng(7)
+_CELLS = [f"{r}{ud}_{c}{lr}" for r, ud, c, lr in zip(_RNG.integers(0, 12, 600).tolist(), _RNG.choice(["U", "D"], 600),
+                                                      _RNG.integers(0, 12, 600).tolist(), _RNG.choice(["L", "R"], 600))]
+_DAYS = _RNG.integers(1, 26, 600).tolist()
+
+
+def _s2(ids, patch=0):
+    return [f"{_CELLS[u]}_{product_names(_DAYS[u])[0]}{u:04d}" for u in ids.tolist()]
+
+
+def _s1(ids, patch=0):  # three S1 products per unit: equally near ones (tie by key) and far ones
+    out = []
+    for u in ids.tolist():
+        day = _DAYS[u]
+        for shift, tail in ((2, "AAAA"), (-2, "BBBB"), (20, "CCCC")):
+            d = min(max(day + shift, 1), 28)
+            name = f"S1{'AB'[u % 2]}_IW_GRDH_1SDV_202106{d:02d}T043413_202106{d:02d}T043438_027931_{tail}{u:02X}_rtc"
+            out.append(f"{_CELLS[(u + 1) % 600] if u % 7 == 0 else _CELLS[u]}_{name}")
+    return out
+
+
+AWKWARD = Kind("major-tom-core", (Part("s1", {"vv": "float32"}, _s1, 3), Part("s2", {"B04": "uint16"}, _s2)))
+
+
+@pytest.fixture(scope="module")
+def awkward_lmdb(tmp_path_factory):
+    return make_many_keys(tmp_path_factory.mktemp("awkward") / "lmdb", 4 * 600, AWKWARD)
+
+
+@pytest.mark.parametrize("modalities, max_days, block_size", [(["s1", "s2"], None, 2), (["s1", "s2"], 3, 1),
+                                                              (["s2"], None, 4), (["s1"], None, 3)])
+def test_majortom_vectorised_items_and_splits_are_the_reference(awkward_lmdb, modalities, max_days, block_size):
+    dm = MajorTOMDataModule(str(awkward_lmdb), modalities=modalities, max_days=max_days, block_size=block_size,
+                            crop_size=1, fractions=(0.6, 0.2, 0.2), seed=3, num_workers=0)
+    keys = {s: sorted(k) for s, k in dm.manifest().keys_by_source().items()}
+    items, cells = reference_items(keys, modalities, max_days)
+    assert dm.items() == (items, cells)
+    expected = reference_splits(items, cells, block_size, (0.6, 0.2, 0.2), 3)
+    assert dm.splits() == expected and expected["train"]
+    for s in SPLITS:  # what the datasets get: the same items as arrays
+        got = dm.split_items(s)[0]
+        assert [tuple(k.decode() for k in row) if got.ndim == 2 else row.decode() for row in got] == expected[s]
