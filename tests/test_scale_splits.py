@@ -1,6 +1,8 @@
 """The vectorised split logic over manifest columns gives exactly the items, pairs, splits and order
 of the per-key Python logic it replaced (kept here as the reference), on keys with the awkward cases:
-cells of every quadrant, several S1 products per cell, date ties, cells without S1."""
+Major-TOM cells of every quadrant, several S1 products per cell, date ties, cells without S1;
+SSL4EO locations missing a modality, uneven season counts, keys without a time, equal times, a root
+folder name with "_"."""
 
 from __future__ import annotations
 
@@ -10,12 +12,13 @@ from datetime import date
 import numpy as np
 import pytest
 
-from rico_torch.catalog import majortom
-from rico_torch.data import MajorTOMDataModule
+from rico_torch.catalog import majortom, ssl4eo
+from rico_torch.data import MajorTOMDataModule, SSL4EODataModule
 from rico_torch.data.datamodules.base import SPLITS, group_split
 from rico_torch.data.datamodules.majortom import cell_position
 from rico_torch.synthetic.majortom import product_names
-from rico_torch.synthetic.scale import Kind, Part, make_many_keys
+from rico_torch.synthetic.scale import Kind, KeyRule, Part, make_many_keys
+from rico_torch.synthetic.ssl4eo import acquisition_name
 
 # --- the reference: MajorTOMDataModule.items / splits before they were vectorised ---------------
 
@@ -102,3 +105,75 @@ def test_majortom_vectorised_items_and_splits_are_the_reference(awkward_lmdb, mo
     for s in SPLITS:  # what the datasets get: the same items as arrays
         got = dm.split_items(s)[0]
         assert [tuple(k.decode() for k in row) if got.ndim == 2 else row.decode() for row in got] == expected[s]
+
+
+# --- SSL4EO-S12: the reference locations / split before they were vectorised ----------------------
+
+
+def _acquired(key: str) -> str:
+    found = ssl4eo.ACQUIRED.search(key.split("_", 2)[-1])
+    return found.group() if found else key
+
+
+def reference_locations(keys: dict[str, list[str]], order: list[str], views: int) -> dict:
+    per: dict = {}
+    for m in order:
+        pattern = ssl4eo.DATASET.source(m)._key_regex
+        for k in keys.get(m, []):
+            per.setdefault(pattern.fullmatch(k)["location"], {}).setdefault(m, []).append(k)
+    locations = {}
+    for location, by in sorted(per.items()):
+        if len(by) < len(order):
+            continue
+        seasons = list(zip(*[sorted(by[m], key=_acquired) for m in order]))
+        if len(seasons) >= views:
+            locations[location] = seasons
+    return locations
+
+
+def _ssl4eo_keys(source: str) -> KeyRule:
+    root = {"s1": "s1", "s2_l1c": "s2c", "s2_l2a": "s2a"}[source]
+
+    def keys(ids, patch=0):  # a unit: one acquisition; locations with 1 to 5 of them, some missing
+        out = []
+        for u in ids.tolist():
+            location, n = divmod(u, 5)
+            if source == "s1":
+                if location % 11 == 3:
+                    out.append(f"{root}_{location:07d}_S1A_IW_GRDH_1SDV_nodate_{n}")  # no time: sorts by key
+                    continue
+                acquisition = acquisition_name("s1", location, n % 4) + f"_{n}"
+            else:
+                acquisition = f"2020{(7 * n + location) % 12 + 1:02d}01T054639_2020010{n}T054831_T43RCP"
+                if location % 13 == 5:
+                    acquisition = f"2020{n % 2 + 1:02d}01T054639_x{n}"  # equal times: key order
+            root_name = "s_2c" if source == "s2_l1c" and location % 17 == 4 else root  # a "_" in the root
+            out.append(f"{root_name}_{location:07d}_{acquisition}")
+        return out
+
+    return keys
+
+
+SSL4EO_AWKWARD = Kind("ssl4eo-s12", tuple(Part(s, {"B4" if s != "s1" else "VV": "uint16"}, _ssl4eo_keys(s))
+                                          for s in ("s1", "s2_l1c", "s2_l2a")))
+
+
+@pytest.fixture(scope="module")
+def ssl4eo_awkward(tmp_path_factory):
+    return make_many_keys(tmp_path_factory.mktemp("ssl4eo") / "lmdb", 3 * 5 * 120, SSL4EO_AWKWARD)
+
+
+@pytest.mark.parametrize("modalities, views", [(["s2_l1c"], 1), (["s2_l2a", "s1"], 2), (["s1"], 3)])
+def test_ssl4eo_vectorised_locations_and_split_are_the_reference(ssl4eo_awkward, modalities, views):
+    dm = SSL4EODataModule(str(ssl4eo_awkward), modalities=modalities, views=views, crop_size=1, num_workers=0)
+    keys = {s: sorted(k) for s, k in dm.manifest().keys_by_source().items()}
+    expected = reference_locations(keys, dm.order, views)
+    assert dm.locations() == expected and len(expected) > 20
+    names = list(expected)
+    for split in SPLITS:
+        chosen = group_split(names, dm.fractions, dm.seed)[split]
+        wanted = [expected[names[i]] for i in chosen]
+        assert dm.split_items(split)[0] == wanted
+        rows, starts = dm.split_seasons(split)
+        flat = [tuple(k.decode() for k in row) if rows.ndim == 2 else (row.decode(),) for row in rows]
+        assert [flat[a:b] for a, b in zip(starts[:-1], starts[1:])] == wanted

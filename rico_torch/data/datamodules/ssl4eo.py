@@ -12,6 +12,7 @@ from torch.utils.data import Dataset
 
 from ...catalog import ssl4eo
 from ...errors import ConfigError
+from ...manifest import decode_keys
 from ..dataset import LMDBPatchDataset, SampleList, _unbatch
 from ._modalities import modality_bands
 from .base import LMDBDataModule, LoaderKind, group_split
@@ -21,18 +22,20 @@ MODALITIES = ("s1", "s2_l1c", "s2_l2a")
 
 
 class SeasonViews(Dataset):
-    """Locations of an :class:`LMDBPatchDataset` whose items are seasons: each read of a location
-    draws ``views`` different seasons (``random``; else its first ones) and returns ``image``
-    ``(C, H, W)`` for one view, ``(V, C, H, W)`` for several, with ``key`` (per view) and ``crop``."""
+    """Locations of an :class:`LMDBPatchDataset` whose items are seasons: location ``i`` is items
+    ``starts[i]`` to ``starts[i + 1]``; each read of a location draws ``views`` different seasons
+    (``random``; else its first ones) and returns ``image`` ``(C, H, W)`` for one view,
+    ``(V, C, H, W)`` for several, with ``key`` (per view) and ``crop``."""
 
-    def __init__(self, dataset: LMDBPatchDataset, locations: Sequence[Sequence[int]], views: int, random: bool):
-        self.dataset, self.locations, self.views, self.random = dataset, [list(s) for s in locations], views, random
+    def __init__(self, dataset: LMDBPatchDataset, starts: np.ndarray, views: int, random: bool):
+        self.dataset, self.starts, self.views, self.random = dataset, np.asarray(starts, np.int64), views, random
 
     def __len__(self) -> int:
-        return len(self.locations)
+        return len(self.starts) - 1
 
     def _seasons(self, index: int) -> list[int]:
-        seasons = self.locations[index]
+        index = range(len(self))[index]
+        seasons = range(int(self.starts[index]), int(self.starts[index + 1]))
         order = torch.randperm(len(seasons)).tolist() if self.random else range(len(seasons))
         return [seasons[i] for i in list(order)[: self.views]]
 
@@ -109,47 +112,139 @@ class SSL4EODataModule(LMDBDataModule):
                          stats_samples=stats_samples, seed=seed, crop_size=crop_size, loader=loader)
         order = [m for m in order if m in self.modalities]
         self.order, self.views, self.fractions = order, views, tuple(fractions)
-        self._locations: dict[str, list[tuple[str, ...]]] | None = None
+        self._locations: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None
 
     def locations(self) -> dict[str, list[tuple[str, ...]]]:
-        """Location id -> its seasons, each the keys of the modalities' i-th acquisition by date."""
-        if self._locations is None:
-            keys = self.keys_by_source()
-            per: dict[str, dict[str, list[str]]] = {}
-            for m in self.order:
-                pattern = self.catalog.source(m)._key_regex  # type: ignore[attr-defined]
-                for k in keys.get(m, []):
-                    match = pattern.fullmatch(k)
-                    per.setdefault(match["location"], {}).setdefault(m, []).append(k)
-            self._locations = {}
-            for location, by in sorted(per.items()):
-                if len(by) < len(self.order):
-                    continue  # a modality missing at this location
-                ordered = [sorted(by[m], key=_acquired) for m in self.order]
-                seasons = list(zip(*ordered))
-                if len(seasons) >= self.views:
-                    self._locations[location] = seasons
-            if not self._locations:
-                raise ConfigError(f"{self.lmdb_path}: no location has {self.views} season(s) of {self.order}")
+        """Location id -> its seasons, each the keys of the modalities' i-th acquisition by date (str;
+        for inspection: the datasets get :meth:`season_arrays`)."""
+        names, starts, keys = self.season_arrays()
+        rows = [tuple(k.decode() for k in row) for row in (keys if keys.ndim == 2 else keys[:, None]).tolist()]
+        return {name: rows[a:b] for name, a, b in zip(decode_keys(names), starts[:-1].tolist(), starts[1:].tolist())}
+
+    def season_arrays(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(location ids, sorted, as ``S``; offsets: location ``i``'s seasons are rows ``starts[i]`` to
+        ``starts[i + 1]``; the seasons' keys, one column per modality of :attr:`order` where more
+        than one): every location with a key of each modality and at least :attr:`views` seasons, a
+        season being the modalities' i-th acquisitions by date (:func:`_acquired`, ties in key order)."""
+        if self._locations is not None:
+            return self._locations
+        per = []  # per modality: keys by (location, acquired, key), their location codes
+        locations = []
+        for m in self.order:
+            keys = self.source_keys(m)
+            location, acquired = _parse(keys, self.catalog.source(m)._key_regex)  # type: ignore[attr-defined]
+            per.append((keys, location, acquired))
+            locations.append(location)
+        names, codes = np.unique(np.concatenate(locations), return_inverse=True)
+        counts = np.full(len(names), np.iinfo(np.int64).max)
+        at, ordered = 0, []
+        for keys, location, acquired in per:
+            code = codes[at : at + len(keys)]
+            at += len(keys)
+            _, rank = np.unique(acquired, return_inverse=True)
+            order = np.lexsort((np.arange(len(keys)), rank, code))
+            counts = np.minimum(counts, np.bincount(code, minlength=len(names)))
+            ordered.append((keys[order], np.searchsorted(code[order], np.arange(len(names)))))
+        kept = np.flatnonzero(counts >= max(self.views, 1))
+        if not len(kept):
+            raise ConfigError(f"{self.lmdb_path}: no location has {self.views} season(s) of {self.order}")
+        seasons = counts[kept]
+        starts = np.concatenate([[0], np.cumsum(seasons)])
+        location = np.repeat(kept, seasons)
+        within = np.arange(starts[-1]) - np.repeat(starts[:-1], seasons)
+        columns = [keys[first[location] + within] for keys, first in ordered]
+        if len(columns) == 1:
+            rows = columns[0]
+        else:
+            width = max(c.dtype.itemsize for c in columns)
+            rows = np.stack([c.astype(f"S{width}") for c in columns], axis=1)
+        self._locations = names[kept], starts, rows
         return self._locations
 
-    def split_items(self, split: str):
-        locations = self.locations()
-        names = list(locations)
+    def split_seasons(self, split: str) -> tuple[np.ndarray, np.ndarray]:
+        """The seasons' keys of ``split``'s locations (dealt whole by :func:`group_split`) and their
+        offsets per location."""
+        names, starts, rows = self.season_arrays()
         chosen = group_split(names, self.fractions, self.seed)[split]
-        return [locations[names[i]] for i in chosen], None
+        first, last = starts[chosen], starts[chosen + 1]
+        lengths = last - first
+        picked = np.repeat(first - np.concatenate([[0], np.cumsum(lengths)[:-1]]), lengths) + np.arange(lengths.sum())
+        return rows[picked], np.concatenate([[0], np.cumsum(lengths)])
+
+    def split_items(self, split: str):
+        """``split``'s locations, each a list of its seasons' key tuples (str; for inspection)."""
+        names, _, _ = self.season_arrays()
+        chosen = group_split(names, self.fractions, self.seed)[split]
+        locations = self.locations()
+        listed = decode_keys(names)
+        return [locations[listed[i]] for i in chosen], None
 
     def make_dataset(self, split: str) -> SeasonViews:  # type: ignore[override]
-        per_location, _ = self.split_items(split)
-        if not per_location:
+        keys, starts = self.split_seasons(split)
+        if len(starts) < 2:
             raise ConfigError(f"{self.lmdb_path}: the {split} split is empty (too few locations)")
-        flat = [s if len(s) > 1 else s[0] for seasons in per_location for s in seasons]
-        inner = LMDBPatchDataset(self.lmdb_paths, self.bands, keys=flat, size=self.size, crop=self.crop_size,
+        inner = LMDBPatchDataset(self.lmdb_paths, self.bands, keys=keys, size=self.size, crop=self.crop_size,
                                  crop_mode="random" if split == "train" else "center", readahead=self.readahead,
                                  interpolation=self.interpolation, manifests=self.path_manifests())
-        starts = np.cumsum([0] + [len(s) for s in per_location])
-        locations = [range(a, b) for a, b in zip(starts[:-1], starts[1:])]
-        return SeasonViews(inner, locations, self.views, random=split == "train")
+        return SeasonViews(inner, starts, self.views, random=split == "train")
+
+
+def _parse(keys: np.ndarray, pattern) -> tuple[np.ndarray, np.ndarray]:
+    """Each key's location id (``pattern``'s, the source's key rule) and acquisition sort key
+    (:func:`_acquired`), vectorised where a key is plain ASCII with a root folder name without
+    ``_``; any other key by the regular expressions themselves."""
+    if len(keys) == 0:
+        return np.zeros(0, "S1"), np.zeros(0, "S1")
+    chunks = [_parse_chunk(keys[i : i + _CHUNK], pattern) for i in range(0, len(keys), _CHUNK)]
+    return np.concatenate([c[0] for c in chunks]), np.concatenate([c[1] for c in chunks])
+
+
+_CHUNK = 1 << 16  # keys parsed at once: bounds the temporaries (each a copy of the chunk's keys)
+
+
+def _parse_chunk(keys: np.ndarray, pattern) -> tuple[np.ndarray, np.ndarray]:
+    n = len(keys)
+    ascii_ = ~(np.ascontiguousarray(keys).view(np.uint8).reshape(n, keys.dtype.itemsize) >= 128).any(1)
+    first = np.strings.find(keys, b"_")
+    second = np.strings.find(keys, b"_", first + 1)
+    location = np.strings.slice(keys, first + 1, second).astype(f"S{max(int((second - first).max()), 1)}")
+    tail = np.strings.slice(keys, second + 1, None)
+    s1 = pattern.pattern.endswith("S1[AB]_.+)")
+    head = np.strings.slice(tail, 0, 4).astype("S4")
+    stamp = np.strings.slice(tail, 0, 16).astype("S16").view(np.uint8).reshape(n, 16)
+    digits = (stamp >= 48) & (stamp <= 57)
+    acquisition_ok = ((head == b"S1A_") | (head == b"S1B_")) if s1 else \
+        (digits[:, :8].all(1) & (stamp[:, 8] == 84) & digits[:, 9:15].all(1) & (stamp[:, 15] == 95))
+    ok = (ascii_ & (first > 0) & (second > first + 1) & np.strings.isdigit(location) & acquisition_ok
+          & (np.strings.str_len(tail) > (4 if s1 else 16)) & (np.strings.find(keys, b"/") < 0)
+          & (np.strings.find(keys, b"\n") < 0) & (np.strings.find(keys, b"\r") < 0))
+    # the acquisition time: the first <8 digits>T<6 digits> after the key's second "_"
+    acquired = np.strings.slice(tail, 0, 0).astype("S15")
+    found = np.zeros(n, bool)
+    mark = np.strings.find(tail, b"T", 8)
+    for _ in range(8):
+        open_ = np.flatnonzero(ok & ~found & (mark >= 8))
+        if not len(open_):
+            break
+        at, some = mark[open_], tail[open_]
+        near = np.strings.slice(some, at - 8, at + 7).astype("S15")
+        chars = near.view(np.uint8).reshape(len(open_), 15)
+        near_digits = (chars >= 48) & (chars <= 57)
+        hit = near_digits[:, :8].all(1) & (chars[:, 8] == 84) & near_digits[:, 9:].all(1)
+        found[open_[hit]], acquired[open_[hit]] = True, near[hit]
+        mark[open_[~hit]] = np.strings.find(some[~hit], b"T", at[~hit] + 1)
+    ok &= found | (mark < 0)  # no time in it: sorted by the key itself
+    width = max(keys.dtype.itemsize, 15)
+    acquired = np.where(found, acquired.astype(f"S{width}"), keys.astype(f"S{width}"))
+    for i in np.flatnonzero(~ok).tolist():
+        key = keys[i].decode()
+        match = pattern.fullmatch(key)
+        if match is None:
+            raise ConfigError(f"{key!r} is not an SSL4EO-S12 key of its source (<root>_<location>_<acquisition>)")
+        if len(match["location"].encode()) > location.dtype.itemsize:
+            location = location.astype(f"S{len(match['location'].encode())}")
+        location[i], acquired[i] = match["location"].encode(), _acquired(key).encode()
+    return location, acquired
 
 
 def _acquired(key: str) -> str:
