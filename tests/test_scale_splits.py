@@ -13,9 +13,10 @@ import numpy as np
 import pytest
 
 from rico_torch.catalog import majortom, ssl4eo
-from rico_torch.data import MajorTOMDataModule, SSL4EODataModule
+from rico_torch.data import MajorTOMDataModule, SpectralEarthDataModule, SSL4EODataModule
 from rico_torch.data.datamodules.base import SPLITS, group_split
 from rico_torch.data.datamodules.majortom import cell_position
+from rico_torch.manifest import decode_keys
 from rico_torch.synthetic.majortom import product_names
 from rico_torch.synthetic.scale import Kind, KeyRule, Part, make_many_keys
 from rico_torch.synthetic.ssl4eo import acquisition_name
@@ -177,3 +178,17 @@ def test_ssl4eo_vectorised_locations_and_split_are_the_reference(ssl4eo_awkward,
         rows, starts = dm.split_seasons(split)
         flat = [tuple(k.decode() for k in row) if rows.ndim == 2 else (row.decode(),) for row in rows]
         assert [flat[a:b] for a, b in zip(starts[:-1], starts[1:])] == wanted
+
+
+def test_spectralearth_vectorised_groups_are_group_of(tmp_path):
+    def keys(ids, patch=0):  # tiles with "_" in them, one key without any
+        return [f"{19_000 + i // 7}{'_x' if i % 3 else ''}_{i % 7}.tif" if i else "lonely.tif" for i in ids.tolist()]
+
+    target = make_many_keys(tmp_path / "lmdb", 300, Kind("spectral-earth-enmap", (Part("patches", {"B1": "int16"},
+                                                                                        keys),)))
+    dm = SpectralEarthDataModule(str(target), bands=["B1"], num_workers=0)
+    stored = dm.stored_keys()
+    assert decode_keys(dm.group_array(stored)) == [dm.group_of(k) for k in decode_keys(stored)]
+    reference = group_split([dm.group_of(k) for k in decode_keys(stored)], dm.fractions, dm.seed)
+    for split in SPLITS:
+        assert dm.split_items(split)[0].tolist() == stored[reference[split]].tolist()

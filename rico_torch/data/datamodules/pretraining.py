@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from typing import Literal
 
+import numpy as np
+
 from ...catalog import hydro, spectralearth
 from ...manifest import decode_keys
 from .base import LMDBDataModule, LoaderKind, group_split
@@ -51,11 +53,15 @@ class PretrainingDataModule(LMDBDataModule):
         """The group a patch is split with (its own key: patches split at random)."""
         return key
 
+    def group_array(self, keys: np.ndarray) -> np.ndarray | None:
+        """:meth:`group_of` of every key of an ``S`` array, vectorised (an ``S`` array, as UTF-8);
+        None: not vectorised here (each key's :meth:`group_of` is asked)."""
+        return keys if type(self).group_of is PretrainingDataModule.group_of else None  # each key its own group
+
     def split_items(self, split: str):
         keys = self.stored_keys()  # sorted (bytes order is the keys' str order)
-        if type(self).group_of is PretrainingDataModule.group_of:  # each key its own group: vectorised
-            groups = keys
-        else:
+        groups = self.group_array(keys)
+        if groups is None:
             groups = [self.group_of(k) for k in decode_keys(keys)]
         return keys[group_split(groups, self.fractions, self.seed)[split]], None
 
@@ -81,3 +87,9 @@ class SpectralEarthDataModule(PretrainingDataModule):
 
     def group_of(self, key: str) -> str:
         return key.rsplit("_", 1)[0]  # <tile>_<n>.tif -> <tile>
+
+    def group_array(self, keys: np.ndarray) -> np.ndarray | None:
+        if type(self).group_of is not SpectralEarthDataModule.group_of:
+            return super().group_array(keys)
+        last = np.strings.rfind(keys, b"_")  # "_" is one byte in UTF-8: the same cut as str.rsplit
+        return np.strings.slice(keys, 0, np.where(last < 0, np.strings.str_len(keys), last))
