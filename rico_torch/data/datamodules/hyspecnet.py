@@ -61,11 +61,57 @@ class HySpecNetDataModule(LMDBDataModule):
         if not path.exists():
             raise DatasetNotFoundError(f"{path}: HySpecNet-11k split file missing; set split_dir to the dataset's "
                                        "splits/ folder (holding easy/ and hard/)")
-        # <tile>/<patch>/<patch>-DATA.npy -> the patch directory name, which is the key
-        keys = np.array([Path(line.strip()).parent.name for line in path.read_text().splitlines() if line.strip()],
-                        dtype=np.bytes_)
+        keys = split_file_keys(path)
         missing = decode_keys(keys[~self.has_keys(keys)])
         if missing:
             raise UnknownKeyError(f"{path}: {len(missing)} of its {len(keys)} patches are not in {self.lmdb_path}, "
                                   f"e.g. {missing[0]!r}; is split_dir this LMDB's dataset?")
         return keys, None
+
+
+_PLAIN = np.zeros(256, bool)
+_PLAIN[0x21:0x7F] = True  # printable ASCII without the space
+_PLAIN[0x0A] = True
+
+
+def split_file_keys(path: Path) -> np.ndarray:
+    """The keys a split file lists, in its order, as an ``S`` array: each non-blank line
+    ``<tile>/<patch>/<patch>-DATA.npy`` gives its parent folder's name, the patch key (as
+    ``Path(line.strip()).parent.name``). Lines of three plain path parts are cut out of the file's
+    bytes at once; any other line is read with ``Path`` itself."""
+    data = path.read_bytes()
+    buf = np.frombuffer(data, np.uint8)
+    if not _PLAIN[buf].all():  # spaces, other line breaks, non-ASCII: line by line
+        names = [Path(line.strip()).parent.name for line in data.decode().splitlines() if line.strip()]
+        return np.array(names, dtype=np.bytes_) if names else np.zeros(0, "S1")
+    breaks = np.flatnonzero(buf == 0x0A)
+    starts, ends = np.r_[0, breaks + 1], np.r_[breaks, len(buf)]
+    lines = ends > starts
+    starts, ends = starts[lines], ends[lines]
+    slashes = np.flatnonzero(buf == 0x2F)
+    first = np.searchsorted(slashes, starts)
+    count = np.searchsorted(slashes, ends) - first
+    one = slashes[np.minimum(first, max(len(slashes) - 1, 0))] if len(slashes) else np.zeros(len(starts), np.int64)
+    two = slashes[np.minimum(first + 1, max(len(slashes) - 1, 0))] if len(slashes) else np.zeros(len(starts), np.int64)
+
+    def is_dot(a, b):  # the part [a, b) is "."
+        return (b - a == 1) & (buf[np.minimum(a, len(buf) - 1)] == 0x2E)
+
+    plain = (count == 2) & (one > starts) & (two > one + 1) & (ends > two + 1) & \
+        ~is_dot(starts, one) & ~is_dot(one + 1, two) & ~is_dot(two + 1, ends)
+    width = max(int((two - one - 1)[plain].max()) if plain.any() else 1, 1)
+    keys = np.zeros(len(starts), f"S{width}")
+    rows = np.flatnonzero(plain)
+    for at in range(0, len(rows), 1 << 16):  # the middle part, cut out a chunk of lines at a time
+        chunk = rows[at : at + (1 << 16)]
+        index = one[chunk, None] + 1 + np.arange(width)
+        inside = index < two[chunk, None]
+        chars = np.where(inside, buf[np.minimum(index, len(buf) - 1)], 0).astype(np.uint8)
+        keys[chunk] = np.ascontiguousarray(chars).view(f"S{width}").ravel()
+    other = np.flatnonzero(~plain)
+    if len(other):
+        names = [Path(data[a:b].decode().strip()).parent.name.encode()
+                 for a, b in zip(starts[other].tolist(), ends[other].tolist())]
+        keys = keys.astype(f"S{max(width, max(map(len, names)), 1)}")
+        keys[other] = names
+    return keys

@@ -16,6 +16,7 @@ from torch.utils.data import Dataset
 from ...catalog import satlas
 from ...errors import ConfigError, DatasetNotFoundError, FormatError
 from ...format import parse_header, view
+from ...manifest import decode_keys
 from ..dataset import LMDBPatchDataset, SampleList, _empty, _unbatch
 from .base import SPLITS, LMDBDataModule, LoaderKind
 
@@ -276,8 +277,10 @@ class SatlasDataModule(LMDBDataModule):
     def build_items(self) -> dict[str, list[SatlasItem]]:
         """Every split's items (see the class docstring)."""
         split_tiles = self.split_tiles()
-        stored = {k.decode() for k in self.stored_keys()}
+        manifest = self.manifest()  # a set: no need to sort the keys first
+        stored = set(decode_keys(manifest.key_array() if manifest and manifest.has_keys else self.stored_keys()))
         times = satlas.image_times(self.metadata_dir)
+        when: dict[str, str] = {}  # image -> its time, worked out once per image
         good = self._good()
         prefix = f"{self.modality}/"
         by_tile: dict[str, list[tuple[str, str, str]]] = {}  # label tile -> (time, image, key)
@@ -289,7 +292,10 @@ class SatlasDataModule(LMDBDataModule):
             label_tile, window = self._label_tile(tile)
             if good is not None and (tile, image) not in good and (label_tile, image) not in good:
                 continue
-            by_tile.setdefault(label_tile, []).append((satlas.image_time(image, times), image, key))
+            time = when.get(image)
+            if time is None:
+                time = when[image] = satlas.image_time(image, times)
+            by_tile.setdefault(label_tile, []).append((time, image, key))
             windows.setdefault(label_tile, {})[key] = (tile, window)
         for entries in by_tile.values():
             entries.sort()
@@ -302,6 +308,11 @@ class SatlasDataModule(LMDBDataModule):
                 if self.label_folder == "static":
                     label = f"static/{label_tile}"
                     label = label if label in stored else None
+                    if self.modality != "naip":  # the image tile is its label tile: one item, no window
+                        if entries:
+                            items[split].append(SatlasItem(f"{self.modality}/{label_tile}",
+                                                           tuple(k for _, _, k in entries[-self.num_images:]), label))
+                        continue
                     for tile in sorted({windows[label_tile][k][0] for _, _, k in entries}):
                         series = [k for _, _, k in entries if windows[label_tile][k][0] == tile]
                         window = windows[label_tile][series[0]][1]
