@@ -294,9 +294,10 @@ class Manifest(dict):
         """Every key of ``sources`` (all: None) as an ``S`` array, source by source."""
         return self.column("key", sources)
 
-    def sorted_keys(self, sources: Iterable[str] | None = None) -> np.ndarray:
-        """The keys of ``sources`` (all: None) in byte order (which is their str order): from the
-        sidecar's ``sorter`` where they are one range of one part (no sort), else sorted."""
+    def sorted_rows(self, sources: Iterable[str] | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """(keys, rows): an ``S`` array holding the keys of ``sources`` (all: None) and its rows that
+        are theirs in byte order (which is their str order). Where they are one range of one part,
+        the keys are the mapped column and the rows come from its ``sorter`` (no copy, no sort)."""
         segments = self.segments(sources)
         if len(segments) == 1:
             p, start, stop = segments[0]
@@ -304,8 +305,14 @@ class Manifest(dict):
             rows = columns["sorter"]
             if start > 0 or stop < len(rows):
                 rows = rows[(rows >= start) & (rows < stop)]
-            return columns["key"][rows]
-        return np.sort(self.column("key", segments=segments))
+            return columns["key"], rows
+        keys = np.sort(self.column("key", segments=segments))
+        return keys, np.arange(len(keys))
+
+    def sorted_keys(self, sources: Iterable[str] | None = None) -> np.ndarray:
+        """The keys of ``sources`` (all: None) in byte order (:meth:`sorted_rows`), as one array."""
+        keys, rows = self.sorted_rows(sources)
+        return keys[rows]
 
     def key_count(self) -> int:
         return sum(stop - start for ranges, _ in self.parts for start, stop in ranges.values())

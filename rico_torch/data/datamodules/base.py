@@ -226,16 +226,26 @@ class LMDBDataModule(L.LightningDataModule):
                         out[found[1].name].extend(keys)
         return out
 
-    def source_keys(self, source: str) -> np.ndarray:
-        """The stored keys of one of the catalog's sources in sorted order, an ``S`` array: the
-        manifest's (no per-key Python objects), else :meth:`keys_by_source`'s."""
+    def source_rows(self, source: str) -> tuple[np.ndarray, np.ndarray]:
+        """(keys, rows): an ``S`` array holding the stored keys of one of the catalog's sources and
+        its rows that are theirs, in sorted key order: the manifest's mapped column where it can
+        (:meth:`~rico_torch.manifest.Manifest.sorted_rows`; no per-key Python objects, no copy),
+        else :meth:`keys_by_source`'s."""
         manifest = self.manifest()
         if manifest and manifest.has_keys:
-            return manifest.sorted_keys([source]) if source in manifest.sources() else np.zeros(0, "S1")
+            if source in manifest.sources():
+                return manifest.sorted_rows([source])
+            return np.zeros(0, "S1"), np.zeros(0, np.int64)
         if not hasattr(self, "_by_source"):
             self._by_source = self.keys_by_source()
-        keys = self._by_source.get(source, [])
-        return np.array([k.encode() for k in keys], dtype=np.bytes_) if keys else np.zeros(0, "S1")
+        listed = self._by_source.get(source, [])
+        keys = np.array([k.encode() for k in listed], dtype=np.bytes_) if listed else np.zeros(0, "S1")
+        return keys, np.arange(len(keys))
+
+    def source_keys(self, source: str) -> np.ndarray:
+        """The stored keys of one of the catalog's sources in sorted order, an ``S`` array."""
+        keys, rows = self.source_rows(source)
+        return keys[rows]
 
     def split_items(self, split: str) -> tuple[np.ndarray | list, np.ndarray | None]:
         """The items (keys or key tuples) and labels of ``split`` (one of train, val, test)."""

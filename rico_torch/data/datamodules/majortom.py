@@ -74,7 +74,7 @@ class MajorTOMDataModule(LMDBDataModule):
                          pin_memory=pin_memory, mean=mean, std=std, flips=flips, native=False, readahead=readahead,
                          stats_samples=stats_samples, seed=seed, crop_size=crop_size, loader=loader)
         self.max_days, self.block_size, self.fractions = max_days, block_size, tuple(fractions)
-        self._items: tuple[np.ndarray, np.ndarray] | None = None
+        self._items: tuple[list, np.ndarray, np.ndarray] | None = None
         self._splits: dict[str, np.ndarray] | None = None
 
     def items(self) -> tuple[list, list[str]]:
@@ -89,35 +89,42 @@ class MajorTOMDataModule(LMDBDataModule):
         """Every item as an ``S`` array (a key per row, or an (S2, S1) key pair per row, S2 keys in
         sorted order; a pair's S1 product is the one of its grid cell nearest in date, the smaller
         key of equally near ones) and each item's grid cell."""
+        _, at, cells = self._item_rows()
+        return self._keys(np.arange(len(at))), cells
+
+    def _item_rows(self) -> tuple[list, np.ndarray, np.ndarray]:
+        """(per modality of an item, S2 first: :meth:`source_rows`), each item's positions in their
+        sorted orders (a column per modality) and each item's grid cell: the items without their
+        keys, which stay in the manifest's mapped column until a split's dataset takes them."""
         if self._items is not None:
             return self._items
         if self.modalities != ["s1", "s2"]:
-            chosen = self.source_keys(self.modalities[0])
-            self._items = chosen, parse_keys(chosen)[0]
+            ref = self.source_rows(self.modalities[0])
+            self._items = [ref], np.arange(len(ref[1]))[:, None], parse_keys(*ref)[0]
             return self._items
-        s1, s2 = self.source_keys("s1"), self.source_keys("s2")
-        cells1, _, _, day1 = parse_keys(s1)
-        cells2, _, _, day2 = parse_keys(s2)
+        ref1, ref2 = self.source_rows("s1"), self.source_rows("s2")
+        cells1, _, _, day1 = parse_keys(*ref1)
+        cells2, _, _, day2 = parse_keys(*ref2)
+        n1, n2 = len(day1), len(day2)
         names, code = np.unique(np.concatenate([cells1, cells2]), return_inverse=True)
-        code1, code2 = code[: len(s1)].astype(np.int64), code[len(s1) :].astype(np.int64)
-        order = np.lexsort((np.arange(len(s1)), day1, code1))  # by cell, date, key
+        code1, code2 = code[:n1].astype(np.int64), code[n1:].astype(np.int64)
+        del names, code, cells1
+        order = np.lexsort((np.arange(n1), day1, code1))  # by cell, date, key
         comp = (code1 << 32) + day1 + (1 << 31)
         sorted_comp, sorted_code, sorted_day = comp[order], code1[order], day1[order]
         wanted = (code2 << 32) + day2 + (1 << 31)
         at = np.searchsorted(sorted_comp, wanted)  # the first S1 of the cell on or after the date
-        after = at < len(s1)
+        after = at < n1
         after[after] = sorted_code[at[after]] == code2[after]
         before = at > 0  # the last S1 of the cell before it (its first key of that date)
         before[before] = sorted_code[at[before] - 1] == code2[before]
-        first = np.zeros(len(s2), np.int64)
+        first = np.zeros(n2, np.int64)
         first[before] = np.searchsorted(sorted_comp, sorted_comp[at[before] - 1])
         big = np.iinfo(np.int64).max
-        gap_after = np.where(after, sorted_day[np.minimum(at, len(s1) - 1)] - day2, big) if len(s1) else \
-            np.full(len(s2), big)
-        gap_before = np.where(before, day2 - sorted_day[np.maximum(first, 0)], big) if len(s1) else \
-            np.full(len(s2), big)
-        key_after = order[np.minimum(at, max(len(s1) - 1, 0))] if len(s1) else np.zeros(len(s2), np.int64)
-        key_before = order[first] if len(s1) else np.zeros(len(s2), np.int64)
+        gap_after = np.where(after, sorted_day[np.minimum(at, n1 - 1)] - day2, big) if n1 else np.full(n2, big)
+        gap_before = np.where(before, day2 - sorted_day[np.maximum(first, 0)], big) if n1 else np.full(n2, big)
+        key_after = order[np.minimum(at, max(n1 - 1, 0))] if n1 else np.zeros(n2, np.int64)
+        key_before = order[first] if n1 else np.zeros(n2, np.int64)
         take_before = (gap_before < gap_after) | ((gap_before == gap_after) & (key_before < key_after))
         gap = np.where(take_before, gap_before, gap_after)
         partner = np.where(take_before, key_before, key_after)
@@ -125,30 +132,40 @@ class MajorTOMDataModule(LMDBDataModule):
         if not keep.any():
             raise ConfigError(f"{self.lmdb_path}: no S2 product has an S1 product of its grid cell"
                               + ("" if self.max_days is None else f" within {self.max_days} days"))
-        width = max(s1.dtype.itemsize, s2.dtype.itemsize)
-        pairs = np.stack([s2[keep].astype(f"S{width}"), s1[partner[keep]].astype(f"S{width}")], axis=1)
-        self._items = pairs, cells2[keep]
+        self._items = [ref2, ref1], np.stack([np.flatnonzero(keep), partner[keep]], axis=1), cells2[keep]
         return self._items
+
+    def _keys(self, items: np.ndarray) -> np.ndarray:
+        """The keys of ``items`` (rows of :meth:`item_arrays`): an ``S`` array, (n, 2) for pairs."""
+        refs, at, _ = self._item_rows()
+        if len(refs) == 1:
+            keys, order = refs[0]
+            return keys[order[at[items, 0]]]
+        width = max(keys.dtype.itemsize for keys, _ in refs)
+        out = np.empty((len(items), len(refs)), f"S{width}")
+        for j, (keys, order) in enumerate(refs):  # a column at a time: one modality's copy at once
+            out[:, j] = keys[order[at[items, j]]]
+        return out
 
     def split_rows(self) -> dict[str, np.ndarray]:
         """Each split's rows of :meth:`item_arrays` (see the class docstring), ascending."""
         if self._splits is None:
-            items, cells = self.item_arrays()
+            _, _, cells = self._item_rows()
             _, row, col, _ = parse_keys(cells, cells_only=True)
             b = self.block_size
             block, inverse = np.unique(((row // b + _OFFSET) << 23) + (col // b + _OFFSET), return_inverse=True)
             names = np.array([f"{(k >> 23) - _OFFSET}_{(k & _MASK) - _OFFSET}".encode() for k in block.tolist()],
                              dtype=np.bytes_)  # a str per block, "<row>_<col>" as before
             parts = group_split(names[inverse], self.fractions, self.seed)
-            split = np.zeros(len(items), np.int64)  # every cell's items are in one block: one split
+            split = np.zeros(len(cells), np.int64)  # every cell's items are in one block: one split
             for i, s in enumerate(SPLITS):
                 split[parts[s]] = i
             place = ((row + _OFFSET) << 23) + (col + _OFFSET)
             # a position's split: its last cell's (split by split, item by item), as a dict would keep
-            last = np.lexsort((split * len(items) + np.arange(len(items)), place))
+            last = np.lexsort((split * len(cells) + np.arange(len(cells)), place))
             ends = np.r_[place[last][1:] != place[last][:-1], True]
             spots, spot_split = place[last][ends], split[last][ends]
-            touches = np.zeros(len(items), bool)
+            touches = np.zeros(len(cells), bool)
             for dr in (-1, 0, 1):
                 for dc in (-1, 0, 1):
                     near = place + (dr << 23) + dc
@@ -169,22 +186,26 @@ class MajorTOMDataModule(LMDBDataModule):
         return {s: [items[i] for i in rows.tolist()] for s, rows in self.split_rows().items()}
 
     def split_items(self, split: str):
-        return self.item_arrays()[0][self.split_rows()[split]], None
+        return self._keys(self.split_rows()[split]), None
 
 
 _OFFSET = 1 << 21  # grid positions shifted to non-negative, packed in one int64
 _MASK = (1 << 23) - 1
 
 
-def parse_keys(keys: np.ndarray, cells_only: bool = False) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """Each key's grid cell (``S``), its (row, column) (:func:`cell_position`) and acquisition day
-    (days since 1970; ``majortom.KEY``'s date), vectorised a chunk at a time; a key not in the plain
-    ASCII form is parsed by ``majortom.KEY`` itself. ``cells_only``: ``keys`` are grid cells (day 0)."""
+def parse_keys(keys: np.ndarray, rows: np.ndarray | None = None, cells_only: bool = False
+               ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Each key's (of ``keys[rows]``) grid cell (``S``), its (row, column) (:func:`cell_position`)
+    and acquisition day (days since 1970; ``majortom.KEY``'s date), vectorised a chunk at a time; a
+    key not in the plain ASCII form is parsed by ``majortom.KEY`` itself. ``cells_only``: ``keys``
+    are grid cells (day 0)."""
     keys = np.asarray(keys, dtype=np.bytes_)
-    if len(keys) == 0:
+    n = len(keys) if rows is None else len(rows)
+    if n == 0:
         empty = np.zeros(0, np.int64)
         return np.zeros(0, "S1"), empty, empty, empty
-    chunks = [_parse_chunk(keys[i : i + _CHUNK], cells_only) for i in range(0, len(keys), _CHUNK)]
+    chunks = [_parse_chunk(keys[i : i + _CHUNK] if rows is None else keys[rows[i : i + _CHUNK]], cells_only)
+              for i in range(0, n, _CHUNK)]
     return tuple(np.concatenate(c) for c in zip(*chunks))  # type: ignore[return-value]
 
 

@@ -117,34 +117,35 @@ class SSL4EODataModule(LMDBDataModule):
     def locations(self) -> dict[str, list[tuple[str, ...]]]:
         """Location id -> its seasons, each the keys of the modalities' i-th acquisition by date (str;
         for inspection: the datasets get :meth:`season_arrays`)."""
-        names, starts, keys = self.season_arrays()
+        names, starts, _ = self.season_arrays()
+        keys = self._keys(np.arange(starts[-1]))
         rows = [tuple(k.decode() for k in row) for row in (keys if keys.ndim == 2 else keys[:, None]).tolist()]
         return {name: rows[a:b] for name, a, b in zip(decode_keys(names), starts[:-1].tolist(), starts[1:].tolist())}
 
     def season_arrays(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """(location ids, sorted, as ``S``; offsets: location ``i``'s seasons are rows ``starts[i]`` to
-        ``starts[i + 1]``; the seasons' keys, one column per modality of :attr:`order` where more
-        than one): every location with a key of each modality and at least :attr:`views` seasons, a
-        season being the modalities' i-th acquisitions by date (:func:`_acquired`, ties in key order)."""
+        """(location ids, sorted, as ``S``; offsets: location ``i``'s seasons are ``starts[i]`` to
+        ``starts[i + 1]``; each season's rows in the modalities' keys (:meth:`source_rows`), a column
+        per modality of :attr:`order`): every location with a key of each modality and at least
+        :attr:`views` seasons, a season being the modalities' i-th acquisitions by date
+        (:func:`_acquired`, ties in key order). The keys stay in the manifest's mapped column until a
+        split's dataset takes them (:meth:`split_seasons`)."""
         if self._locations is not None:
             return self._locations
-        per = []  # per modality: keys by (location, acquired, key), their location codes
-        locations = []
+        per = []  # per modality: its keys and sorted rows, their locations and acquisition times
         for m in self.order:
-            keys = self.source_keys(m)
-            location, acquired = _parse(keys, self.catalog.source(m)._key_regex)  # type: ignore[attr-defined]
-            per.append((keys, location, acquired))
-            locations.append(location)
-        names, codes = np.unique(np.concatenate(locations), return_inverse=True)
+            keys, rows = self.source_rows(m)
+            per.append((keys, rows, *_parse(keys, rows, self.catalog.source(m)._key_regex)))  # type: ignore
+        names, codes = np.unique(np.concatenate([p[2] for p in per]), return_inverse=True)
         counts = np.full(len(names), np.iinfo(np.int64).max)
         at, ordered = 0, []
-        for keys, location, acquired in per:
-            code = codes[at : at + len(keys)]
-            at += len(keys)
+        for keys, rows, location, acquired in per:
+            code = codes[at : at + len(rows)]
+            at += len(rows)
             _, rank = np.unique(acquired, return_inverse=True)
-            order = np.lexsort((np.arange(len(keys)), rank, code))
+            order = np.lexsort((np.arange(len(rows)), rank, code))
             counts = np.minimum(counts, np.bincount(code, minlength=len(names)))
-            ordered.append((keys[order], np.searchsorted(code[order], np.arange(len(names)))))
+            ordered.append((rows[order], np.searchsorted(code[order], np.arange(len(names)))))
+        del per, codes
         kept = np.flatnonzero(counts >= max(self.views, 1))
         if not len(kept):
             raise ConfigError(f"{self.lmdb_path}: no location has {self.views} season(s) of {self.order}")
@@ -152,24 +153,31 @@ class SSL4EODataModule(LMDBDataModule):
         starts = np.concatenate([[0], np.cumsum(seasons)])
         location = np.repeat(kept, seasons)
         within = np.arange(starts[-1]) - np.repeat(starts[:-1], seasons)
-        columns = [keys[first[location] + within] for keys, first in ordered]
-        if len(columns) == 1:
-            rows = columns[0]
-        else:
-            width = max(c.dtype.itemsize for c in columns)
-            rows = np.stack([c.astype(f"S{width}") for c in columns], axis=1)
-        self._locations = names[kept], starts, rows
+        positions = np.stack([rows[first[location] + within] for rows, first in ordered], axis=1)
+        self._locations = names[kept], starts, positions
         return self._locations
+
+    def _keys(self, seasons: np.ndarray) -> np.ndarray:
+        """The keys of ``seasons`` (rows of :meth:`season_arrays`' positions): an ``S`` array, a column
+        per modality where more than one."""
+        _, _, positions = self.season_arrays()
+        columns = [self.source_rows(m)[0] for m in self.order]
+        if len(columns) == 1:
+            return columns[0][positions[seasons, 0]]
+        out = np.empty((len(seasons), len(columns)), f"S{max(c.dtype.itemsize for c in columns)}")
+        for j, keys in enumerate(columns):  # a column at a time: one modality's copy at once
+            out[:, j] = keys[positions[seasons, j]]
+        return out
 
     def split_seasons(self, split: str) -> tuple[np.ndarray, np.ndarray]:
         """The seasons' keys of ``split``'s locations (dealt whole by :func:`group_split`) and their
         offsets per location."""
-        names, starts, rows = self.season_arrays()
+        names, starts, _ = self.season_arrays()
         chosen = group_split(names, self.fractions, self.seed)[split]
         first, last = starts[chosen], starts[chosen + 1]
         lengths = last - first
         picked = np.repeat(first - np.concatenate([[0], np.cumsum(lengths)[:-1]]), lengths) + np.arange(lengths.sum())
-        return rows[picked], np.concatenate([[0], np.cumsum(lengths)])
+        return self._keys(picked), np.concatenate([[0], np.cumsum(lengths)])
 
     def split_items(self, split: str):
         """``split``'s locations, each a list of its seasons' key tuples (str; for inspection)."""
@@ -189,13 +197,13 @@ class SSL4EODataModule(LMDBDataModule):
         return SeasonViews(inner, starts, self.views, random=split == "train")
 
 
-def _parse(keys: np.ndarray, pattern) -> tuple[np.ndarray, np.ndarray]:
-    """Each key's location id (``pattern``'s, the source's key rule) and acquisition sort key
+def _parse(keys: np.ndarray, rows: np.ndarray, pattern) -> tuple[np.ndarray, np.ndarray]:
+    """Each key's (of ``keys[rows]``) location id (``pattern``'s, the source's key rule) and acquisition sort key
     (:func:`_acquired`), vectorised where a key is plain ASCII with a root folder name without
     ``_``; any other key by the regular expressions themselves."""
-    if len(keys) == 0:
+    if len(rows) == 0:
         return np.zeros(0, "S1"), np.zeros(0, "S1")
-    chunks = [_parse_chunk(keys[i : i + _CHUNK], pattern) for i in range(0, len(keys), _CHUNK)]
+    chunks = [_parse_chunk(keys[rows[i : i + _CHUNK]], pattern) for i in range(0, len(rows), _CHUNK)]
     return np.concatenate([c[0] for c in chunks]), np.concatenate([c[1] for c in chunks])
 
 
@@ -234,8 +242,10 @@ def _parse_chunk(keys: np.ndarray, pattern) -> tuple[np.ndarray, np.ndarray]:
         found[open_[hit]], acquired[open_[hit]] = True, near[hit]
         mark[open_[~hit]] = np.strings.find(some[~hit], b"T", at[~hit] + 1)
     ok &= found | (mark < 0)  # no time in it: sorted by the key itself
-    width = max(keys.dtype.itemsize, 15)
-    acquired = np.where(found, acquired.astype(f"S{width}"), keys.astype(f"S{width}"))
+    timeless = ~found & ok
+    if timeless.any() or not ok.all():  # sorted by the key itself (or the regular expression's time)
+        width = max(keys.dtype.itemsize, 15)
+        acquired = np.where(found, acquired.astype(f"S{width}"), keys.astype(f"S{width}"))
     for i in np.flatnonzero(~ok).tolist():
         key = keys[i].decode()
         match = pattern.fullmatch(key)
