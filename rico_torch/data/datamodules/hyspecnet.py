@@ -77,13 +77,35 @@ _PLAIN[0x0A] = True
 def split_file_keys(path: Path) -> np.ndarray:
     """The keys a split file lists, in its order, as an ``S`` array: each non-blank line
     ``<tile>/<patch>/<patch>-DATA.npy`` gives its parent folder's name, the patch key (as
-    ``Path(line.strip()).parent.name``). Lines of three plain path parts are cut out of the file's
-    bytes at once; any other line is read with ``Path`` itself."""
-    data = path.read_bytes()
+    ``Path(line.strip()).parent.name``). Read a block of lines at a time; lines of three plain path
+    parts are cut out of the block's bytes at once, any other line is read with ``Path`` itself, and
+    a file with spaces, other line breaks or non-ASCII bytes line by line as before."""
+    blocks, rest = [], b""
+    with open(path, "rb") as f:
+        while True:
+            block = f.read(_BLOCK)
+            data = rest + block
+            end = len(data) if not block else data.rfind(b"\n") + 1
+            data, rest = data[:end], data[end:]
+            if data:
+                keys = _block_keys(data)
+                if keys is None:
+                    names = [Path(line.strip()).parent.name for line in path.read_text().splitlines() if line.strip()]
+                    return np.array(names, dtype=np.bytes_) if names else np.zeros(0, "S1")
+                blocks.append(keys)
+            if not block:
+                break
+    return np.concatenate(blocks) if blocks else np.zeros(0, "S1")
+
+
+_BLOCK = 4 << 20  # bytes of a split file read and cut at once
+
+
+def _block_keys(data: bytes) -> np.ndarray | None:
+    """:func:`split_file_keys` of whole lines; None where the bytes are not plain."""
     buf = np.frombuffer(data, np.uint8)
-    if not _PLAIN[buf].all():  # spaces, other line breaks, non-ASCII: line by line
-        names = [Path(line.strip()).parent.name for line in data.decode().splitlines() if line.strip()]
-        return np.array(names, dtype=np.bytes_) if names else np.zeros(0, "S1")
+    if not _PLAIN[buf].all():
+        return None
     breaks = np.flatnonzero(buf == 0x0A)
     starts, ends = np.r_[0, breaks + 1], np.r_[breaks, len(buf)]
     lines = ends > starts
@@ -102,8 +124,8 @@ def split_file_keys(path: Path) -> np.ndarray:
     width = max(int((two - one - 1)[plain].max()) if plain.any() else 1, 1)
     keys = np.zeros(len(starts), f"S{width}")
     rows = np.flatnonzero(plain)
-    for at in range(0, len(rows), 1 << 16):  # the middle part, cut out a chunk of lines at a time
-        chunk = rows[at : at + (1 << 16)]
+    for at in range(0, len(rows), 1 << 13):  # the middle part, cut out a chunk of lines at a time
+        chunk = rows[at : at + (1 << 13)]
         index = one[chunk, None] + 1 + np.arange(width)
         inside = index < two[chunk, None]
         chars = np.where(inside, buf[np.minimum(index, len(buf) - 1)], 0).astype(np.uint8)

@@ -143,8 +143,9 @@ class MajorTOMDataModule(LMDBDataModule):
             return keys[order[at[items, 0]]]
         width = max(keys.dtype.itemsize for keys, _ in refs)
         out = np.empty((len(items), len(refs)), f"S{width}")
-        for j, (keys, order) in enumerate(refs):  # a column at a time: one modality's copy at once
-            out[:, j] = keys[order[at[items, j]]]
+        for j, (keys, order) in enumerate(refs):  # a column and a chunk at a time: no full-size temporaries
+            for i in range(0, len(items), _CHUNK):
+                out[i : i + _CHUNK, j] = keys[order[at[items[i : i + _CHUNK], j]]]
         return out
 
     def split_rows(self) -> dict[str, np.ndarray]:

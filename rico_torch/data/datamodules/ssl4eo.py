@@ -165,8 +165,9 @@ class SSL4EODataModule(LMDBDataModule):
         if len(columns) == 1:
             return columns[0][positions[seasons, 0]]
         out = np.empty((len(seasons), len(columns)), f"S{max(c.dtype.itemsize for c in columns)}")
-        for j, keys in enumerate(columns):  # a column at a time: one modality's copy at once
-            out[:, j] = keys[positions[seasons, j]]
+        for j, keys in enumerate(columns):  # a column and a chunk at a time: no full-size temporaries
+            for i in range(0, len(seasons), _CHUNK):
+                out[i : i + _CHUNK, j] = keys[positions[seasons[i : i + _CHUNK], j]]
         return out
 
     def split_seasons(self, split: str) -> tuple[np.ndarray, np.ndarray]:
