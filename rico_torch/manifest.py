@@ -53,6 +53,7 @@ LAYOUT = 2
 LEGACY_FIELDS = ("keys", "digests", "labels", "windows")
 _ALIGN = 64
 _MASK64 = (1 << 64) - 1
+_FIND_CHUNK = 1 << 16  # keys looked up at once
 
 
 # --- extensions --------------------------------------------------------------------------------
@@ -198,9 +199,12 @@ class KeyIndex:
         column, sorter = self.columns["key"], self.columns["sorter"]
         if len(column) == 0:
             return np.full(len(keys), -1, np.int64)
-        at = np.searchsorted(column, keys, sorter=sorter)
-        rows = sorter[np.minimum(at, len(column) - 1)].astype(np.int64)
-        rows[column[rows] != keys] = -1
+        rows = np.empty(len(keys), np.int64)
+        for i in range(0, len(keys), _FIND_CHUNK):  # a chunk at a time: no copy of the keys looked up
+            some = keys[i : i + _FIND_CHUNK]
+            at = sorter[np.minimum(np.searchsorted(column, some, sorter=sorter), len(column) - 1)].astype(np.int64)
+            at[column[at] != some] = -1
+            rows[i : i + _FIND_CHUNK] = at
         return rows
 
 

@@ -103,21 +103,22 @@ class MajorTOMDataModule(LMDBDataModule):
             self._items = [ref], np.arange(len(ref[1]))[:, None], parse_keys(*ref)[0]
             return self._items
         ref1, ref2 = self.source_rows("s1"), self.source_rows("s2")
-        cells1, _, _, day1 = parse_keys(*ref1)
-        cells2, _, _, day2 = parse_keys(*ref2)
+        cells1, *_, day1 = parse_keys(*ref1)
+        cells2, *_, day2 = parse_keys(*ref2)
         n1, n2 = len(day1), len(day2)
-        names, code = np.unique(np.concatenate([cells1, cells2]), return_inverse=True)
-        code1, code2 = code[:n1].astype(np.int64), code[n1:].astype(np.int64)
-        del names, code, cells1
+        code = np.unique(np.concatenate([cells1, cells2]), return_inverse=True)[1].astype(np.int64)
+        code1, code2 = code[:n1], code[n1:]
+        del cells1  # what is not needed further goes as it goes: 3M keys make every array count
         order = np.lexsort((np.arange(n1), day1, code1))  # by cell, date, key
-        comp = (code1 << 32) + day1 + (1 << 31)
-        sorted_comp, sorted_code, sorted_day = comp[order], code1[order], day1[order]
-        wanted = (code2 << 32) + day2 + (1 << 31)
-        at = np.searchsorted(sorted_comp, wanted)  # the first S1 of the cell on or after the date
+        sorted_comp = ((code1 << 32) + day1 + (1 << 31))[order]
+        sorted_code, sorted_day = code1[order], day1[order]
+        del code1, day1
+        at = np.searchsorted(sorted_comp, (code2 << 32) + day2 + (1 << 31))  # the first S1 of the cell on or after
         after = at < n1
         after[after] = sorted_code[at[after]] == code2[after]
         before = at > 0  # the last S1 of the cell before it (its first key of that date)
         before[before] = sorted_code[at[before] - 1] == code2[before]
+        del sorted_code, code, code2
         first = np.zeros(n2, np.int64)
         first[before] = np.searchsorted(sorted_comp, sorted_comp[at[before] - 1])
         big = np.iinfo(np.int64).max
