@@ -15,7 +15,8 @@ import numpy as np
 import pytest
 import torch
 
-from rico_torch.data import EuroSATDataModule, GeoPatchDataModule, LMDBPatchDataset, MajorTOMDataModule, SSL4EODataModule
+from rico_torch.data import (EuroSATDataModule, GeoPatchDataModule, LMDBPatchDataset, MajorTOMDataModule,
+                             SSL4EODataModule)
 from rico_torch.data.store import Store
 from rico_torch.encode.read import value_digest
 from rico_torch.errors import FormatError, TargetError

@@ -199,7 +199,8 @@ def test_spectralearth_vectorised_groups_are_group_of(tmp_path):
 @pytest.mark.parametrize("ending", ["\n", "\r\n"])
 def test_hyspecnet_split_file_keys_are_the_path_rule(tmp_path, ending, monkeypatch):
     lines = [f"T{i}/T{i}-Y{i:04d}_X0001/T{i}-Y{i:04d}_X0001-DATA.npy" for i in range(50)] + [
-        "", "./a/b/c", "a//b/c", "a/b/c/", "/a/b", "a/b", "a/./b/c", "x/./c", "../up/c", "a/b/c/d", "solo", ".", "a/../c"]
+        "", "./a/b/c", "a//b/c", "a/b/c/", "/a/b", "a/b", "a/./b/c", "x/./c", "../up/c", "a/b/c/d", "solo", ".",
+        "a/../c"]
     path = tmp_path / "train.csv"
     path.write_bytes(ending.join(lines[:30] + lines[50:] + lines[30:50]).encode() + b"\n\n")
     reference = [Path(line.strip()).parent.name for line in path.read_text().splitlines() if line.strip()]

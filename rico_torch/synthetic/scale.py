@@ -237,7 +237,8 @@ KINDS: dict[str, Kind] = {
          Part("s2_l2a", {"B4": "uint16"}, _ssl4eo("s2_l2a")))),
     "major-tom-core": Kind(
         "major-tom-core", (Part("s1", {"vv": "float32"}, _majortom(1)), Part("s2", {"B04": "uint16"}, _majortom(0)))),
-    "hydro": Kind("hydro", (Part("patches", {"B04": "uint16"}, lambda ids, patch=0: [f"patch_{i}" for i in ids.tolist()]),)),
+    "hydro": Kind("hydro", (Part("patches", {"B04": "uint16"},
+                                 lambda ids, patch=0: [f"patch_{i}" for i in ids.tolist()]),)),
     "spectral-earth-enmap": Kind(
         "spectral-earth-enmap",
         (Part("patches", {"B1": "int16"},
@@ -247,7 +248,8 @@ KINDS: dict[str, Kind] = {
     "satlas": Kind(
         "satlas",
         (Part("sentinel2", {"b08": "uint8"}, _satlas_images, SATLAS_IMAGES),
-         Part("static", {"land_cover": "uint8"}, lambda ids, patch=0: [f"static/{_satlas_tile(u)}" for u in ids.tolist()])),
+         Part("static", {"land_cover": "uint8"},
+              lambda ids, patch=0: [f"static/{_satlas_tile(u)}" for u in ids.tolist()])),
         side_files=_satlas_metadata),
 }
 
