@@ -176,6 +176,29 @@ def test_shared_memory_is_written_again_once_committed(hydro_files, tmp_path, mo
     assert (tmp_path / "w1" / "data.mdb").read_bytes() == (tmp_path / "w0" / "data.mdb").read_bytes()
 
 
+def test_large_chunks_are_read_ahead_one_at_a_time(hydro_files, tmp_path, monkeypatch):
+    """Where a chunk's values pass READ_AHEAD_BYTES (Major-TOM: 5.6 GB), one chunk is read while
+    one is committed, not two: two hand-offs serve six chunks; data.mdb is the same."""
+    from rico_torch.encode import writer
+
+    created = []
+    original = writer._Handoff.__init__
+
+    def counting(self):
+        original(self)
+        created.append(self)
+
+    monkeypatch.setattr(writer._Handoff, "__init__", counting)
+    monkeypatch.setattr(writer, "TXN_SIZE", 1)
+    monkeypatch.setattr(writer, "READ_AHEAD_BYTES", 0)  # every chunk counts as large
+    dataset = get_dataset("hydro")
+    found = discover(dataset, {"patches": hydro_files.root})
+    writer.encode_dataset(dataset, found, tmp_path / "w1", num_workers=1, quiet=True)
+    writer.encode_dataset(dataset, found, tmp_path / "w0", num_workers=0, quiet=True)
+    assert len(found[0].patches) == 6 and len(created) == 2
+    assert (tmp_path / "w1" / "data.mdb").read_bytes() == (tmp_path / "w0" / "data.mdb").read_bytes()
+
+
 def test_pixel_interleaved_compressed_tiles_are_decoded_by_gdal(hydro_files):
     """Hydro's 12 bands in one 512 px LZW tile: GDAL decodes them faster than tifffile (which
     decodes the whole tile, then splits it); the values are rasterio's either way."""

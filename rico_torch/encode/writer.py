@@ -43,6 +43,7 @@ from .read import BandTable, parts_digest, read_patch, value_digest, value_parts
 
 TXN_SIZE = 512  # puts per write transaction, as rico-hdl
 TASK_SIZE = 32  # patches per worker task: amortises process-pool overhead
+READ_AHEAD_BYTES = 1 << 30  # a chunk of more values than this is read ahead one chunk at a time, not two
 _IOV_MAX = 512  # buffers per pwritev call (POSIX guarantees at least 16; Linux takes 1024)
 LOCK = "encode.lock"
 LMDB_FILES = ("data.mdb", "lock.mdb")
@@ -724,10 +725,15 @@ class _Runner:
         return handoff.take(results)
 
     def __iter__(self):
-        ahead = 2  # chunks in flight: workers read chunk i+1 while chunk i is committed
-        queue = [self._submit(c) for c in self.chunks[:ahead]]
-        for i in range(len(self.chunks)):
+        # chunks in flight while one is committed: two while a chunk's values are small, one where
+        # they pass READ_AHEAD_BYTES (Major-TOM: 5.6 GB a chunk), so that memory holds two chunks
+        queue = [self._submit(c) for c in self.chunks[:2]]
+        submitted = len(queue)
+        for _ in range(len(self.chunks)):
             tasks = queue.pop(0)
-            if i + ahead < len(self.chunks):
-                queue.append(self._submit(self.chunks[i + ahead]))
-            yield [r for task, handoff in tasks for r in self._result(task, handoff)]
+            results = [r for task, handoff in tasks for r in self._result(task, handoff)]
+            big = sum(len(r.value) for r in results if r.value is not None) > READ_AHEAD_BYTES
+            while len(queue) < (1 if big else 2) and submitted < len(self.chunks):
+                queue.append(self._submit(self.chunks[submitted]))
+                submitted += 1
+            yield results
