@@ -209,3 +209,20 @@ def test_hyspecnet_split_file_keys_are_the_path_rule(tmp_path, ending, monkeypat
     assert decode_keys(split_file_keys(path)) == reference
     path.write_text("  T1/p one/p-DATA.npy \n\tT2/p2/x\n")  # blanks: line by line, as before
     assert decode_keys(split_file_keys(path)) == ["p one", "p2"]
+
+
+def test_keys_outside_the_key_rules_are_one_line_errors():
+    """A key neither the vectorised parse nor the catalog's rule reads: one line naming it."""
+    from rico_torch.catalog import get_dataset
+    from rico_torch.data.datamodules import majortom as majortom_dm
+    from rico_torch.data.datamodules import ssl4eo as ssl4eo_dm
+    from rico_torch.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=r"'nonsense' is not a Major-TOM-Core key"):
+        majortom_dm.parse_keys(np.array([b"nonsense"]))
+    with pytest.raises(ConfigError, match=r"'nonsense' is not a Major-TOM-Core grid cell"):
+        majortom_dm.parse_keys(np.array([b"nonsense"]), cells_only=True)
+    pattern = get_dataset("ssl4eo-s12").source("s1")._key_regex
+    with pytest.raises(ConfigError, match=r"'nonsense' is not an SSL4EO-S12 key of its source "
+                                          r"\(<root>_<location>_<acquisition>\)"):
+        ssl4eo_dm._parse(np.array([b"nonsense"]), np.arange(1), pattern)
