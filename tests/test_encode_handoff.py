@@ -155,7 +155,8 @@ def test_shared_memory_encode_is_byte_identical_for_any_worker_count(majortom_fi
 
 
 
-def test_shared_memory_is_written_again_once_committed(hydro_files, tmp_path, monkeypatch):
+def _count_handoffs(monkeypatch) -> list:
+    """Every _Handoff the encoder makes from now on, in a list."""
     from rico_torch.encode import writer
 
     created = []
@@ -166,6 +167,13 @@ def test_shared_memory_is_written_again_once_committed(hydro_files, tmp_path, mo
         created.append(self)
 
     monkeypatch.setattr(writer._Handoff, "__init__", counting)
+    return created
+
+
+def test_shared_memory_is_written_again_once_committed(hydro_files, tmp_path, monkeypatch):
+    from rico_torch.encode import writer
+
+    created = _count_handoffs(monkeypatch)
     monkeypatch.setattr(writer, "TXN_SIZE", 1)  # six chunks, one task each
     dataset = get_dataset("hydro")
     found = discover(dataset, {"patches": hydro_files.root})
@@ -181,14 +189,7 @@ def test_large_chunks_are_read_ahead_one_at_a_time(hydro_files, tmp_path, monkey
     one is committed, not two: two hand-offs serve six chunks; data.mdb is the same."""
     from rico_torch.encode import writer
 
-    created = []
-    original = writer._Handoff.__init__
-
-    def counting(self):
-        original(self)
-        created.append(self)
-
-    monkeypatch.setattr(writer._Handoff, "__init__", counting)
+    created = _count_handoffs(monkeypatch)
     monkeypatch.setattr(writer, "TXN_SIZE", 1)
     monkeypatch.setattr(writer, "READ_AHEAD_BYTES", 0)  # every chunk counts as large
     dataset = get_dataset("hydro")
