@@ -7,10 +7,14 @@ manifest and ``keys.index`` through ``rico_torch.manifest``, cached under
 * ``LMDBPatchDataset`` open (``keys=None``; scenes and EuroSAT) and every DataModule's
   ``setup("fit")``, each over its own kind of keys (:data:`SETUPS`: the bands the synthetic values
   hold; ``mean``/``std`` given, so that the statistics pass, a fixed sample of at most 1,000 values
-  cached beside the LMDB, is not counted; ``crop_size=1`` where the DataModule crops): seconds,
-  peak allocation growth (tracemalloc: Python objects and numpy arrays) and anonymous memory
-  still held after it (``/proc/self/smaps_rollup``; mapped file pages, shared through the page
-  cache, are not counted);
+  cached beside the LMDB, is not counted; ``crop_size=1`` where the DataModule crops), twice, each
+  time in a fresh process: untraced, its wall-clock seconds (what the targets are), peak RSS growth
+  (VmHWM, reset before through ``/proc/self/clear_refs``; it includes the file pages the process
+  mapped, e.g. ``keys.index``'s columns, reported beside it as the mapped file pages resident
+  after) and the anonymous memory still held after (``/proc/self/smaps_rollup``; its own heap,
+  not mapped files); then under tracemalloc, its peak allocation growth (Python objects and numpy
+  arrays; not what C libraries allocate themselves) and its seconds under tracing (several times
+  the untraced seconds where the code allocates many Python objects);
 * metadata bytes per key (``manifest.json`` + ``keys.index``);
 * a worker's private memory after reading 20 random batches of 256, for a dataset handed to a
   ``spawn`` worker (pickled) and to a ``fork`` worker: USS (psutil; includes clean pages of the
@@ -73,19 +77,54 @@ def dataset_dir(kind: str, count: int) -> Path:
 # --- measurements, each run in its own process --------------------------------------------------
 
 
+def _status() -> dict[str, int]:
+    """This process's memory (bytes): ``anonymous`` (its own heap, not mapped files;
+    ``/proc/self/smaps_rollup``), ``rss``, ``rss_file`` (mapped file pages resident) and ``hwm``
+    (peak RSS since start or since :func:`_reset_hwm`; ``/proc/self/status``)."""
+    with open("/proc/self/smaps_rollup") as f:
+        out = {"anonymous": next(int(line.split()[1]) * 1024 for line in f if line.startswith("Anonymous:"))}
+    names = {"VmHWM:": "hwm", "VmRSS:": "rss", "RssFile:": "rss_file"}
+    with open("/proc/self/status") as f:
+        for line in f:
+            field = line.split(None, 1)[0] if line.strip() else ""
+            if field in names:
+                out[names[field]] = int(line.split()[1]) * 1024
+    return out
+
+
 def _anonymous() -> int:
     """This process's anonymous memory (its own heap, not mapped files), bytes."""
-    with open("/proc/self/smaps_rollup") as f:
-        return next(int(line.split()[1]) * 1024 for line in f if line.startswith("Anonymous:"))
+    return _status()["anonymous"]
 
 
-def _measure(what: str, path: str) -> dict:
+def _reset_hwm() -> bool:
+    """Reset the peak RSS (VmHWM) to the current RSS (``/proc/self/clear_refs``, Linux 4.0+)."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def _measure(what: str, path: str, mode: str) -> dict:
+    """One measurement of ``what`` in this (fresh) process. ``mode`` ``time``: untraced, its seconds,
+    peak RSS growth (VmHWM; includes the file pages it mapped), the mapped file pages still
+    resident after, and the anonymous memory still held after; ``trace``: under tracemalloc, its
+    peak allocation growth (Python objects and numpy arrays; not what C libraries allocate
+    themselves) and its seconds under tracing (slower: each allocation is recorded)."""
+    import gc
     import tracemalloc
 
     from rico_torch.data import LMDBPatchDataset  # imports first
 
-    anonymous = _anonymous()
-    tracemalloc.start()
+    gc.collect()
+    before = _status()
+    reset = _reset_hwm()
+    if mode == "trace":
+        tracemalloc.start()
+    elif mode != "time":
+        raise SystemExit(f"unknown mode {mode}")
     start = time.perf_counter()
     if what == "open":
         band = KINDS["scenes" if "scenes" in path else "eurosat-ms"]
@@ -97,9 +136,14 @@ def _measure(what: str, path: str) -> dict:
     else:
         raise SystemExit(f"unknown measurement {what}")
     seconds = time.perf_counter() - start
-    _, traced = tracemalloc.get_traced_memory()
-    tracemalloc.stop()
-    return {"seconds": seconds, "traced_peak": traced, "anonymous_held": _anonymous() - anonymous}
+    if mode == "trace":
+        _, traced = tracemalloc.get_traced_memory()
+        tracemalloc.stop()
+        return {"traced_seconds": seconds, "traced_peak": traced}
+    after = _status()
+    return {"seconds": seconds, "anonymous_held": after["anonymous"] - before["anonymous"],
+            "rss_peak": after["hwm"] - before["rss"] if reset else None,
+            "file_pages": after["rss_file"] - before["rss_file"]}
 
 
 def datamodule(kind: str, path: str):
@@ -201,7 +245,7 @@ def main() -> None:
     parser.add_argument("--no-workers", action="store_true", help="skip the worker memory rows")
     parser.add_argument("--encode", type=int, default=0, metavar="N", help="also encode N scene windows (0: skip)")
     parser.add_argument("--encode-workers", type=int, default=0)
-    parser.add_argument("--measure", nargs=2, metavar=("WHAT", "PATH"), help=argparse.SUPPRESS)
+    parser.add_argument("--measure", nargs=3, metavar=("WHAT", "PATH", "MODE"), help=argparse.SUPPRESS)
     parser.add_argument("--uss", nargs=2, metavar=("PATH", "METHOD"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.measure:
@@ -210,7 +254,7 @@ def main() -> None:
     if args.uss:
         print(json.dumps(_worker_uss(*args.uss)))
         return
-    rows = []
+    rows, opens = [], []
     kinds = args.kinds or list(SETUPS)
     for count in args.counts:
         paths = {kind: dataset_dir(kind, count) for kind in kinds}
@@ -220,14 +264,14 @@ def main() -> None:
             rows.append((count, f"metadata bytes per key ({kind})", f"{meta / keys:.1f} B", f"{keys:,} keys"))
         measured = [("open", k) for k in KINDS if k in paths] + [(f"setup-{k}", k) for k in paths]
         for what, kind in measured:
-            for stale in paths[kind].glob("stats-*.json"):
-                stale.unlink()
-            r = run_child("--measure", what, str(paths[kind]))
+            r = {}
+            for mode in ("time", "trace"):  # each in a fresh process: seconds untraced, peak under tracemalloc
+                for stale in paths[kind].glob("stats-*.json"):
+                    stale.unlink()
+                r.update(run_child("--measure", what, str(paths[kind]), mode))
             label = f"LMDBPatchDataset open ({kind})" if what == "open" else f"{SETUPS[kind][0]}.setup('fit')"
-            rows.append((count, label, f"{r['seconds']:.3f} s",
-                         f"peak growth {mb(r['traced_peak'])} (tracemalloc), held +{mb(r['anonymous_held'])} "
-                         "(anonymous)"))
-            log(rows[-1])
+            opens.append((count, label, r))
+            log(count, label, {k: round(v, 3) if k.endswith("seconds") else v for k, v in r.items()})
         for method in () if args.no_workers or "scenes" not in paths else ("spawn", "fork"):
             r = run_child("--uss", str(paths["scenes"]), method)
             rows.append((count, f"worker private memory ({method}): USS / anonymous", f"{mb(r['uss'][0])} / "
@@ -238,11 +282,24 @@ def main() -> None:
         r = encode_scenes(args.encode, args.encode_workers)
         rows.append((r["windows"], f"encode scenes ({args.encode_workers} workers), peak RSS", mb(r["peak"]),
                      f"{r['seconds']:.0f} s; workers' peak {mb(r['worker_peak'])}"))
-    print("| keys | what | value | notes |")
-    print("|---:|---|---:|---|")
-    for count, what, value, notes in rows:
-        print(f"| {count:,} | {what} | {value} | {notes} |")
-
+    if opens:
+        print("seconds: untraced; peak: tracemalloc's peak growth (Python objects, numpy arrays); peak RSS: "
+              "VmHWM growth, untraced (includes file pages mapped: the next column); held: anonymous memory "
+              "still held after (untraced)")
+        print()
+        print("| keys | what | seconds | seconds traced | peak (tracemalloc) | peak RSS | file pages after "
+              "| held (anonymous) |")
+        print("|---:|---|---:|---:|---:|---:|---:|---:|")
+        for count, what, r in opens:
+            rss = "n/a" if r["rss_peak"] is None else f"+{mb(r['rss_peak'])}"
+            print(f"| {count:,} | {what} | {r['seconds']:.3f} s | {r['traced_seconds']:.3f} s | "
+                  f"+{mb(r['traced_peak'])} | {rss} | +{mb(r['file_pages'])} | +{mb(r['anonymous_held'])} |")
+        print()
+    if rows:
+        print("| keys | what | value | notes |")
+        print("|---:|---|---:|---|")
+        for count, what, value, notes in rows:
+            print(f"| {count:,} | {what} | {value} | {notes} |")
 
 if __name__ == "__main__":
     main()
