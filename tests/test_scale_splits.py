@@ -211,6 +211,44 @@ def test_hyspecnet_split_file_keys_are_the_path_rule(tmp_path, ending, monkeypat
     assert decode_keys(split_file_keys(path)) == ["p one", "p2"]
 
 
+def _joined_split_file_keys(path: Path) -> np.ndarray:
+    """split_file_keys as it was before the keys were written into one array: every block's keys,
+    joined at the end (the reference for its order, bytes and dtype)."""
+    blocks, rest = [], b""
+    with open(path, "rb") as f:
+        while True:
+            block = f.read(hyspecnet._BLOCK)
+            data = rest + block
+            end = len(data) if not block else data.rfind(b"\n") + 1
+            data, rest = data[:end], data[end:]
+            if data:
+                keys = hyspecnet._block_keys(data)
+                if keys is None:
+                    names = [Path(line.strip()).parent.name for line in path.read_text().splitlines() if line.strip()]
+                    return np.array(names, dtype=np.bytes_) if names else np.zeros(0, "S1")
+                blocks.append(keys)
+            if not block:
+                break
+    return np.concatenate(blocks) if blocks else np.zeros(0, "S1")
+
+
+@pytest.mark.parametrize("block", [37, 200, 1 << 20])
+def test_hyspecnet_split_file_keys_held_once_equal_the_joined_blocks(tmp_path, block, monkeypatch):
+    """Keys written into one array (lines counted first) equal the blocks' keys joined: order, bytes and
+    dtype, with blank lines (the array shrunk), a longer key in a later block (widened), odd lines read
+    with Path, no final line break, an empty file and a file of blank lines."""
+    monkeypatch.setattr(hyspecnet, "_BLOCK", block)
+    lines = [f"T{i}/T{i}-Y{i:04d}/T{i}-Y{i:04d}-DATA.npy" for i in range(40)]
+    lines[5:5] = ["", "", "a/b", "./a/b/c"]
+    lines += [f"T/{'L' * 60}/x-DATA.npy", "", "T/short/x"]
+    path = tmp_path / "train.csv"
+    for text in ("\n".join(lines) + "\n", "\n".join(lines), "\n\n".join(lines) + "\n\n", "", "\n\n\n", "T/k/x"):
+        path.write_text(text)
+        got, want = split_file_keys(path), _joined_split_file_keys(path)
+        assert got.dtype == want.dtype and got.tolist() == want.tolist(), repr(text[:40])
+        assert decode_keys(got) == [Path(line.strip()).parent.name for line in text.splitlines() if line.strip()]
+
+
 def test_keys_outside_the_key_rules_are_one_line_errors():
     """A key neither the vectorised parse nor the catalog's rule reads: one line naming it."""
     from rico_torch.catalog import get_dataset

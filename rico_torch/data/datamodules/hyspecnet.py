@@ -72,6 +72,7 @@ class HySpecNetDataModule(LMDBDataModule):
 _PLAIN = np.zeros(256, bool)
 _PLAIN[0x21:0x7F] = True  # printable ASCII without the space
 _PLAIN[0x0A] = True
+_PLAIN_BYTES = bytes(np.flatnonzero(_PLAIN).astype(np.uint8))  # bytes.translate deletes these
 
 
 def split_file_keys(path: Path) -> np.ndarray:
@@ -79,8 +80,20 @@ def split_file_keys(path: Path) -> np.ndarray:
     ``<tile>/<patch>/<patch>-DATA.npy`` gives its parent folder's name, the patch key (as
     ``Path(line.strip()).parent.name``). Read a block of lines at a time; lines of three plain path
     parts are cut out of the block's bytes at once, any other line is read with ``Path`` itself, and
-    a file with spaces, other line breaks or non-ASCII bytes line by line as before."""
-    blocks, rest = [], b""
+    a file with spaces, other line breaks or non-ASCII bytes line by line as before.
+
+    The keys are held once: a first pass counts the file's lines, and each block's keys are written
+    into one array of that many rows (widened, a copy, only where a later block holds a longer key),
+    not joined from the blocks' arrays at the end (which held them twice: 2.1M keys of 94 B, 400 MB)."""
+    lines, last = 0, b""
+    with open(path, "rb") as f:
+        while block := f.read(_BLOCK):
+            lines += block.count(b"\n")
+            last = block
+    if not last:  # an empty file
+        return np.zeros(0, "S1")
+    lines += not last.endswith(b"\n")
+    out, filled, rest = np.zeros(lines, "S1"), 0, b""
     with open(path, "rb") as f:
         while True:
             block = f.read(_BLOCK)
@@ -90,21 +103,28 @@ def split_file_keys(path: Path) -> np.ndarray:
             if data:
                 keys = _block_keys(data)
                 if keys is None:
+                    del out
                     names = [Path(line.strip()).parent.name for line in path.read_text().splitlines() if line.strip()]
                     return np.array(names, dtype=np.bytes_) if names else np.zeros(0, "S1")
-                blocks.append(keys)
+                if keys.itemsize > out.itemsize:
+                    out = out.astype(keys.dtype)
+                out[filled : filled + len(keys)] = keys
+                filled += len(keys)
             if not block:
                 break
-    return np.concatenate(blocks) if blocks else np.zeros(0, "S1")
+    if filled < len(out):  # blank lines: shrink in place (no copy of the keys)
+        out.resize(filled, refcheck=False)
+    return out
 
 
 _BLOCK = 4 << 20  # bytes of a split file read and cut at once
+_CHUNK = 1 << 12  # lines whose keys are cut out at once (an index array of _CHUNK x the key width)
 
 
 def _block_keys(data: bytes) -> np.ndarray | None:
     """:func:`split_file_keys` of whole lines; None where the bytes are not plain."""
     buf = np.frombuffer(data, np.uint8)
-    if not _PLAIN[buf].all():
+    if data.translate(None, _PLAIN_BYTES):  # some byte is not plain (one C pass, no bool array)
         return None
     breaks = np.flatnonzero(buf == 0x0A)
     starts, ends = np.r_[0, breaks + 1], np.r_[breaks, len(buf)]
@@ -123,9 +143,14 @@ def _block_keys(data: bytes) -> np.ndarray | None:
         ~is_dot(starts, one) & ~is_dot(one + 1, two) & ~is_dot(two + 1, ends)
     width = max(int((two - one - 1)[plain].max()) if plain.any() else 1, 1)
     keys = np.zeros(len(starts), f"S{width}")
-    rows = np.flatnonzero(plain)
-    for at in range(0, len(rows), 1 << 13):  # the middle part, cut out a chunk of lines at a time
-        chunk = rows[at : at + (1 << 13)]
+    length = two - one - 1
+    full = np.flatnonzero(plain & (length == width))  # most lines: the key is ``width`` bytes, none past the line
+    for at in range(0, len(full), _CHUNK):  # the middle part, cut out a chunk of lines at a time
+        chunk = full[at : at + _CHUNK]
+        keys[chunk] = buf[(one[chunk] + 1)[:, None] + np.arange(width)].view(f"S{width}").ravel()
+    short = np.flatnonzero(plain & (length < width))
+    for at in range(0, len(short), _CHUNK):  # shorter keys: padded with zeros
+        chunk = short[at : at + _CHUNK]
         index = one[chunk, None] + 1 + np.arange(width)
         inside = index < two[chunk, None]
         chars = np.where(inside, buf[np.minimum(index, len(buf) - 1)], 0).astype(np.uint8)
