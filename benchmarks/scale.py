@@ -8,13 +8,14 @@ manifest and ``keys.index`` through ``rico_torch.manifest``, cached under
   ``setup("fit")``, each over its own kind of keys (:data:`SETUPS`: the bands the synthetic values
   hold; ``mean``/``std`` given, so that the statistics pass, a fixed sample of at most 1,000 values
   cached beside the LMDB, is not counted; ``crop_size=1`` where the DataModule crops), twice, each
-  time in a fresh process: untraced, its wall-clock seconds (what the targets are), peak RSS growth
+  time in a fresh process: under tracemalloc, its peak allocation growth (Python objects and numpy
+  arrays; not what C libraries allocate themselves) and its seconds under tracing (several times
+  the untraced seconds where the code allocates many Python objects); then untraced (the page
+  cache warm from the first), its wall-clock seconds (what the targets are), peak RSS growth
   (VmHWM, reset before through ``/proc/self/clear_refs``; it includes the file pages the process
   mapped, e.g. ``keys.index``'s columns, reported beside it as the mapped file pages resident
   after) and the anonymous memory still held after (``/proc/self/smaps_rollup``; its own heap,
-  not mapped files); then under tracemalloc, its peak allocation growth (Python objects and numpy
-  arrays; not what C libraries allocate themselves) and its seconds under tracing (several times
-  the untraced seconds where the code allocates many Python objects);
+  not mapped files);
 * metadata bytes per key (``manifest.json`` + ``keys.index``);
 * a worker's private memory after reading 20 random batches of 256, for a dataset handed to a
   ``spawn`` worker (pickled) and to a ``fork`` worker: USS (psutil; includes clean pages of the
@@ -265,7 +266,8 @@ def main() -> None:
         measured = [("open", k) for k in KINDS if k in paths] + [(f"setup-{k}", k) for k in paths]
         for what, kind in measured:
             r = {}
-            for mode in ("time", "trace"):  # each in a fresh process: seconds untraced, peak under tracemalloc
+            for mode in ("trace", "time"):  # each in a fresh process: peak under tracemalloc, then seconds untraced
+                # (the page cache warm from the first)
                 for stale in paths[kind].glob("stats-*.json"):
                     stale.unlink()
                 r.update(run_child("--measure", what, str(paths[kind]), mode))
