@@ -264,3 +264,145 @@ def test_keys_outside_the_key_rules_are_one_line_errors():
     with pytest.raises(ConfigError, match=r"'nonsense' is not an SSL4EO-S12 key of its source "
                                           r"\(<root>_<location>_<acquisition>\)"):
         ssl4eo_dm._parse(np.array([b"nonsense"]), np.arange(1), pattern)
+
+
+# --- the reference: SatlasDataModule.build_items before it was vectorised ---------------------------
+
+import json as _json  # noqa: E402
+from typing import Any  # noqa: E402
+
+from rico_torch.catalog import satlas  # noqa: E402
+from rico_torch.data import SatlasDataModule  # noqa: E402
+from rico_torch.data.datamodules.satlas import NAIP_LEVELS, SatlasItem, _load_json  # noqa: E402
+from rico_torch.errors import ConfigError, FormatError  # noqa: E402
+
+
+def _reference_tile(e: Any, path: Path) -> str:
+    try:
+        col, row = e[:2]
+        return f"{int(col)}_{int(row)}"
+    except (TypeError, ValueError):
+        raise FormatError(f"{path}: entry {e!r} is not [col, row]") from None
+
+
+def reference_good(self) -> set[tuple[str, str]] | None:
+    if not self.good_images:
+        return None
+    kind = "highres" if self.modality == "naip" else "lowres"
+    path = self.metadata_dir / f"good_images_{kind}_all.json"
+    good = set()
+    for e in _load_json(path, "good-images file"):
+        if not isinstance(e, list) or len(e) != 3:
+            raise FormatError(f"{path}: entry {e!r} is not [col, row, image name]")
+        good.add((_reference_tile(e, path), str(e[2])))
+    return good
+
+
+def reference_label_tile(self, tile: str) -> tuple[str, tuple[int, int, int, int] | None]:
+    if self.modality != "naip":
+        return tile, None
+    col, row = map(int, tile.split("_"))
+    f = 1 << NAIP_LEVELS
+    side = 512 // f
+    return f"{col // f}_{row // f}", ((row % f) * side, (col % f) * side, side, side)
+
+
+def reference_build_items(self) -> dict[str, list[SatlasItem]]:
+    """SatlasDataModule.build_items before it was vectorised (sets and dicts of key strings)."""
+    split_tiles = self.split_tiles()
+    manifest = self.manifest()
+    stored = set(decode_keys(manifest.key_array() if manifest and manifest.has_keys else self.stored_keys()))
+    times = satlas.image_times(self.metadata_dir)
+    good = reference_good(self)
+    prefix = f"{self.modality}/"
+    by_tile: dict[str, list[tuple[str, str, str]]] = {}  # label tile -> (time, image, key)
+    windows: dict[str, dict[str, Any]] = {}
+    for key in stored:
+        if not key.startswith(prefix):
+            continue
+        _, image, tile = key.split("/")
+        label_tile, window = reference_label_tile(self, tile)
+        if good is not None and (tile, image) not in good and (label_tile, image) not in good:
+            continue
+        by_tile.setdefault(label_tile, []).append((satlas.image_time(image, times), image, key))
+        windows.setdefault(label_tile, {})[key] = (tile, window)
+    for entries in by_tile.values():
+        entries.sort()
+    dynamic = {}
+    if self.label_folder == "dynamic":
+        dynamic = self._dynamic_labels(np.array(sorted(k for k in stored if k.startswith("dynamic/")), np.bytes_))
+    items: dict[str, list[SatlasItem]] = {}
+    for split, tiles in split_tiles.items():
+        items[split] = []
+        for label_tile in tiles:
+            entries = by_tile.get(label_tile, [])
+            if self.label_folder == "static":
+                label = f"static/{label_tile}"
+                label = label if label in stored else None
+                if self.modality != "naip":
+                    if entries:
+                        items[split].append(SatlasItem(f"{self.modality}/{label_tile}",
+                                                       tuple(k for _, _, k in entries[-self.num_images:]), label))
+                    continue
+                for tile in sorted({windows[label_tile][k][0] for _, _, k in entries}):
+                    series = [k for _, _, k in entries if windows[label_tile][k][0] == tile]
+                    window = windows[label_tile][series[0]][1]
+                    items[split].append(SatlasItem(f"{self.modality}/{tile}", tuple(series[-self.num_images:]),
+                                                   label, window))
+            else:
+                for label, image in dynamic.get(label_tile, []):
+                    key = f"{self.modality}/{image}/{label_tile}"
+                    if key not in stored:
+                        continue
+                    time = satlas.image_time(image, times)
+                    before = [k for t, _, k in entries if t <= time and k != key]
+                    series = (*before[-(self.num_images - 1):], key) if self.num_images > 1 else (key,)
+                    items[split].append(SatlasItem(label, tuple(series), label))
+    return items
+
+
+def satlas_items(dm: SatlasDataModule) -> dict[str, list[SatlasItem]]:
+    keys = dm.image_dataset()._keys
+    return {split: [items.item(i, keys) for i in range(len(items))] for split, items in dm.build_items().items()}
+
+
+@pytest.mark.parametrize("options", [
+    {}, {"num_images": 3}, {"good_images": False}, {"modality": "naip", "bands": ["ir"]},
+    {"modality": "naip", "bands": ["ir"], "num_images": 2}, {"tasks": ["water_event"], "num_images": 2},
+    {"modality": "sentinel1", "bands": ["vh"], "num_images": 4}])
+def test_satlas_items_match_the_per_key_reference(satlas_lmdb, options):
+    dm = SatlasDataModule(str(satlas_lmdb), num_workers=0, **options)
+    items = satlas_items(dm)
+    assert sum(map(len, items.values())) > 0
+    assert items == reference_build_items(dm)
+
+
+def test_satlas_items_match_the_per_key_reference_at_scale(tmp_path):
+    root = make_many_keys(tmp_path / "satlas", 4096, "satlas")
+    for options in ({}, {"num_images": 5}, {"good_images": False}, {"val_fraction": 0.5, "seed": 3}):
+        dm = SatlasDataModule(str(root), num_workers=0, bands=["b08"], **options)
+        items = satlas_items(dm)
+        assert sum(map(len, items.values())) > 100
+        assert items == reference_build_items(dm)
+    # a good-images file the block parser does not take (escapes, indentation): the JSON path, same items
+    good = root / "metadata" / "good_images_lowres_all.json"
+    entries = _json.loads(good.read_text())
+    good.write_text(_json.dumps(entries, indent=2).replace("S2", "\\u0053\\u0032", 5))
+    dm = SatlasDataModule(str(root), num_workers=0, bands=["b08"])
+    assert satlas_items(dm) == reference_build_items(dm)
+
+
+def test_satlas_image_key_outside_the_rule_is_named(tmp_path):
+    keys = np.array([b"sentinel2/img_a/4100_2800", b"sentinel2/img_a/4100_x"], np.bytes_)
+    from rico_torch.data.datamodules.satlas import parse_image_keys
+
+    with pytest.raises(ConfigError) as e:
+        parse_image_keys(keys, "sentinel2")
+    assert str(e.value) == ("'sentinel2/img_a/4100_x' is not a SatlasPretrain sentinel2 image key "
+                            "(<modality>/<image>/<col>_<row>, col and row below 262144)")
+    for bad in (b"sentinel2/4100_2800", b"sentinel2//4100_2800", b"sentinel2/a/b/4100_2800", b"sentinel2/a/262144_1"):
+        with pytest.raises(ConfigError, match="is not a SatlasPretrain sentinel2 image key"):
+            parse_image_keys(np.array([bad]), "sentinel2")
+    # another modality's keys, and a tile that is not its own name (no split names it): left out
+    found = parse_image_keys(np.array([b"naip/a/1_2", b"sentinel2/a/007_5", b"sentinel2/b/7_5"]), "sentinel2")
+    assert found.rows.tolist() == [2] and found.col.tolist() == [7] and found.row.tolist() == [5]

@@ -12,6 +12,7 @@ from ...catalog import majortom
 from ...errors import ConfigError
 from ...manifest import decode_keys
 from ._modalities import modality_bands
+from ._text import ascii_ints
 from .base import SPLITS, LMDBDataModule, LoaderKind, group_split
 
 log = logging.getLogger(__name__)
@@ -247,9 +248,9 @@ def _parse_chunk(keys: np.ndarray, cells_only: bool) -> tuple[np.ndarray, np.nda
         word = np.strings.replace(np.strings.slice(keys, product + 4, mark), b"_", b"")
         ok &= found & np.strings.isalnum(word)
         date = np.strings.slice(keys, mark + 1, mark + 9).astype("S8")
-        days[ok] = _days(_int(np.where(ok, date, b"19700101")))[ok]
-    row = np.where(ok, np.where(up == b"U", 1, -1) * _int(rows), 0)
-    col = np.where(ok, np.where(right == b"R", 1, -1) * _int(cols), 0)
+        days[ok] = _days(ascii_ints(np.where(ok, date, b"19700101")))[ok]
+    row = np.where(ok, np.where(up == b"U", 1, -1) * ascii_ints(rows), 0)
+    col = np.where(ok, np.where(right == b"R", 1, -1) * ascii_ints(cols), 0)
     for i in np.flatnonzero(~ok).tolist():  # anything else: the catalog's own rule
         key = keys[i].decode()
         m = re.fullmatch(majortom.GRID_CELL, key) if cells_only else majortom.KEY.fullmatch(key)
@@ -266,20 +267,6 @@ def _parse_chunk(keys: np.ndarray, cells_only: bool) -> tuple[np.ndarray, np.nda
 
 
 _EPOCH = date(1970, 1, 1).toordinal()
-
-
-def _int(text: np.ndarray) -> np.ndarray:
-    """ASCII decimal strings (an ``S`` array; checked by the caller) as int64, column by column (no
-    Python int per string, as ``astype`` makes)."""
-    width = text.dtype.itemsize
-    out = np.zeros(len(text), np.int64)
-    if not len(text) or not width:
-        return out
-    chars = np.ascontiguousarray(text).view(np.uint8).reshape(len(text), width)
-    for j in range(width):
-        digit = chars[:, j].astype(np.int64)
-        out = np.where(digit != 0, out * 10 + digit - 48, out)  # NUL: the string ended
-    return out
 
 
 def _days(yyyymmdd: np.ndarray) -> np.ndarray:

@@ -17,6 +17,7 @@ from ...catalog import satlas
 from ...errors import ConfigError, DatasetNotFoundError, FormatError
 from ...format import parse_header, view
 from ...manifest import decode_keys
+from ._text import ascii_ints, json_rows
 from ..dataset import LMDBPatchDataset, SampleList, _empty, _unbatch
 from .base import SPLITS, LMDBDataModule, LoaderKind
 
@@ -38,29 +39,69 @@ class SatlasItem:
     window: tuple[int, int, int, int] | None = None
 
 
+@dataclass(frozen=True)
+class SatlasItems:
+    """A split's items as arrays (no Python object per item, cheap to pickle to workers).
+
+    ``names``: item names (``S``); ``series``: n x T rows of the image keys (``images`` of
+    :class:`SatlasTiles`), oldest first, -1 in front where fewer; ``labels``: label keys (``S``,
+    ``b""``: none); ``windows``: n x 4 NAIP label windows ``(row, col, height, width)``, or None.
+    """
+
+    names: np.ndarray
+    series: np.ndarray
+    labels: np.ndarray
+    windows: np.ndarray | None = None
+
+    def __len__(self) -> int:
+        return len(self.names)
+
+    def item(self, index: int, keys: np.ndarray) -> SatlasItem:
+        """Item ``index`` as a :class:`SatlasItem`, its images named by ``keys`` (the rows' keys)."""
+        rows = self.series[index]
+        label = self.labels[index].decode()
+        window = None if self.windows is None else tuple(int(v) for v in self.windows[index])
+        return SatlasItem(self.names[index].decode(), tuple(keys[r].decode() for r in rows[rows >= 0].tolist()),
+                          label or None, window)  # type: ignore[arg-type]
+
+
+class _ItemView(Sequence):
+    """:class:`SatlasTiles`' items as :class:`SatlasItem`, made when asked for."""
+
+    def __init__(self, tiles: "SatlasTiles") -> None:
+        self.tiles = tiles
+
+    def __len__(self) -> int:
+        return len(self.tiles)
+
+    def __getitem__(self, index):
+        if isinstance(index, slice):
+            return [self[i] for i in range(*index.indices(len(self)))]
+        return self.tiles.arrays.item(range(len(self))[index], self.tiles.images._keys)
+
+
 class SatlasTiles(Dataset):
-    """Samples of :class:`SatlasItem`: ``image`` T x C x H x W (C x H x W for ``num_images=1``),
+    """Samples of :class:`SatlasItems`: ``image`` T x C x H x W (C x H x W for ``num_images=1``),
     float32 stored values, the most recent image last and zero images in front where fewer
     exist; one target per task (int64 for segmentation, float32 for regression, 0 = invalid,
     all 0 where the label is missing); ``key``: the item's name.
 
-    ``native``: instead of ``image``, ``native`` holds each (dtype, size) group of bands
-    unresampled, (T x) C_g x h x w, for :class:`~rico_torch.data.NativeAssembler` to finish on
-    the device (as :class:`~rico_torch.data.LMDBPatchDataset` does).
+    ``images``: the :class:`~rico_torch.data.LMDBPatchDataset` whose keys the items' rows index
+    (it reads the images; ``native``: each (dtype, size) group of bands unresampled, (T x) C_g x
+    h x w, for :class:`~rico_torch.data.NativeAssembler` to finish on the device).
     """
 
-    def __init__(self, lmdb_paths: Sequence[Path], bands: Sequence[str], items: Sequence[SatlasItem],
-                 tasks: Sequence[str], num_images: int, readahead: bool = False, native: bool = False,
-                 manifests: Sequence | None = None) -> None:
-        self.items, self.tasks, self.num_images, self.native = list(items), list(tasks), num_images, native
-        keys = sorted({k for item in self.items for k in item.images})
-        self.index = {k: i for i, k in enumerate(keys)}
-        self.images = LMDBPatchDataset(list(lmdb_paths), list(bands), keys=keys, readahead=readahead, native=native,
-                                       manifests=manifests)
-        self.size = self.images.size
+    def __init__(self, images: LMDBPatchDataset, items: SatlasItems, tasks: Sequence[str], num_images: int) -> None:
+        self.images, self.arrays, self.tasks, self.num_images = images, items, list(tasks), num_images
+        self.native = images.native
+        self.size = images.size
+
+    @property
+    def items(self) -> Sequence[SatlasItem]:
+        return _ItemView(self)
 
     def __len__(self) -> int:
-        return len(self.items)
+        return len(self.arrays)
 
     def __getitem__(self, index: int) -> dict[str, Any]:
         return _unbatch(self.read_batch([index]), 0)
@@ -70,43 +111,49 @@ class SatlasTiles(Dataset):
         return SampleList([_unbatch(batch, row) for row in range(len(indices))], batch=batch)
 
     def read_batch(self, indices: list[int]) -> dict[str, Any]:
-        items = [self.items[i] for i in indices]
-        n, t = len(items), self.num_images
+        indices = list(indices)
+        n, t = len(indices), self.num_images
+        series = self.arrays.series[indices]
         if t == 1:  # one image per item: read straight into the batch
-            read = self.images.read_batch([self.index[item.images[0]] for item in items])
+            read = self.images.read_batch(series[:, -1].tolist())
             batch: dict[str, Any] = {"native": read["native"]} if self.native else {"image": read["image"]}
         else:
-            batch = self._series(items)
-        batch["key"] = [item.name for item in items]
+            batch = self._series(series)
+        batch["key"] = [self.arrays.names[i].decode() for i in indices]
         for task in self.tasks:
             dtype = np.float32 if satlas.TASKS[task][0] == "regression" else np.int64
             batch[task], array = _empty((n, *self.size), np.dtype(dtype))
             array.fill(0)
+        windows = self.arrays.windows
         with self.images.store.reader() as reader:
-            for row, item in enumerate(items):
-                if item.label is None:
+            for row, index in enumerate(indices):
+                label = self.arrays.labels[index]
+                if not label:
                     continue
-                value = reader.get(item.label.encode())
-                header = parse_header(value, item.label)
+                value = reader.get(label)
+                header = parse_header(value, label.decode())
+                window = None if windows is None else tuple(windows[index].tolist())
                 for task in self.tasks:
                     if task in header:
-                        batch[task][row] = self._label(view(value, header[task]), item.window)
+                        batch[task][row] = self._label(view(value, header[task]), window)
         return batch
 
-    def _series(self, items: list[SatlasItem]) -> dict[str, Any]:
+    def _series(self, series: np.ndarray) -> dict[str, Any]:
         """T images per item, zero images in front where an item has fewer."""
-        n, t = len(items), self.num_images
-        wanted = sorted({self.index[k] for item in items for k in item.images})
-        at = {index: row for row, index in enumerate(wanted)}
-        read = self.images.read_batch(wanted)
+        n, t = series.shape
+        wanted, at = np.unique(series[series >= 0], return_inverse=True)
+        where = np.full(series.shape, -1, np.int64)
+        where[series >= 0] = at
+        read = self.images.read_batch(wanted.tolist())
         parts = read["native"] if self.native else {"image": read["image"]}
         out: dict[str, torch.Tensor] = {}
         for name, part in parts.items():
             tensor, array = _empty((n, t, *part.shape[1:]), part.numpy().dtype)
-            for row, item in enumerate(items):
-                pad = t - len(item.images)
+            for row in range(n):
+                present = where[row] >= 0
+                pad = t - int(present.sum())
                 array[row, :pad] = 0
-                array[row, pad:] = part.numpy()[[at[self.index[k]] for k in item.images]]
+                array[row, pad:] = part.numpy()[where[row][present]]
             out[name] = tensor
         return {"native": out} if self.native else out
 
@@ -131,12 +178,136 @@ def _load_json(path: Path, what: str, fix: str = ""):
         raise FormatError(f"{path}: unreadable JSON ({e})") from None
 
 
-def _tile(col_row: Sequence[Any], path: Path) -> str:
+def _col_row(entry: Any, path: Path) -> tuple[int, int]:
     try:
-        col, row = col_row[:2]
-        return f"{int(col)}_{int(row)}"
+        col, row = entry[:2]
+        return int(col), int(row)
     except (TypeError, ValueError):
-        raise FormatError(f"{path}: entry {col_row!r} is not [col, row]") from None
+        raise FormatError(f"{path}: entry {entry!r} is not [col, row]") from None
+
+
+#: Bits of each field of a packed (image, col, row) or (col, row) code: tiles up to zoom 18,
+#: 2**27 images.
+_TILE_BITS = 18
+_TILE_LIMIT = 1 << _TILE_BITS
+_IMAGE_LIMIT = 1 << (63 - 2 * _TILE_BITS)
+_CHUNK = 1 << 16  # keys parsed at once: bounds the temporaries (each a copy of the chunk's keys)
+
+
+def _pack(*fields: np.ndarray) -> np.ndarray:
+    """Fields (each below :data:`_TILE_LIMIT`, the first below :data:`_IMAGE_LIMIT`) as one int64."""
+    out = np.asarray(fields[0], np.int64)
+    for field in fields[1:]:
+        out = (out << _TILE_BITS) | np.asarray(field, np.int64)
+    return out
+
+
+def _contains(sorted_codes: np.ndarray, codes: np.ndarray) -> np.ndarray:
+    if not len(sorted_codes):
+        return np.zeros(len(codes), bool)
+    at = np.minimum(np.searchsorted(sorted_codes, codes), len(sorted_codes) - 1)
+    return sorted_codes[at] == codes
+
+
+def _tile_names(col: np.ndarray, row: np.ndarray) -> np.ndarray:
+    """``<col>_<row>`` names (``S``) of integer tiles."""
+    if not len(col):
+        return np.zeros(0, "S1")
+    return np.strings.add(np.strings.add(col.astype("S"), b"_"), row.astype("S"))
+
+
+def _tile_codes(names: np.ndarray) -> np.ndarray:
+    """:func:`_pack` codes of ``<col>_<row>`` names (``S``); -1 for any other form (and for a
+    name that is not its tile's own, as ``007_5``)."""
+    if not len(names):
+        return np.zeros(0, np.int64)
+    names = names.astype(f"S{max(names.dtype.itemsize, 1)}")
+    col_text, _, row_text = np.strings.partition(names, b"_")
+    ok = (np.strings.str_len(col_text) <= 6) & (np.strings.str_len(row_text) <= 6)
+    ok &= np.strings.isdigit(col_text) & np.strings.isdigit(row_text)
+    col = ascii_ints(np.where(ok, col_text, b"0").astype("S6"))
+    row = ascii_ints(np.where(ok, row_text, b"0").astype("S6"))
+    ok &= (col < _TILE_LIMIT) & (row < _TILE_LIMIT)
+    ok &= _tile_names(col, row) == names
+    return np.where(ok, _pack(col, row), -1)
+
+
+def _no_items(naip: bool) -> SatlasItems:
+    return SatlasItems(np.zeros(0, "S1"), np.zeros((0, 1), np.int64), np.zeros(0, "S1"),
+                       np.zeros((0, 4), np.int32) if naip else None)
+
+
+@dataclass(frozen=True)
+class ImageKeys:
+    """Image keys ``<modality>/<image>/<col>_<row>`` parsed: their ``rows`` in the key array,
+    ``image`` codes (``codes``: image name -> code), tile ``col`` and ``row``, and ``packed``
+    (:func:`_pack` of image, col, row)."""
+
+    rows: np.ndarray
+    image: np.ndarray
+    col: np.ndarray
+    row: np.ndarray
+    codes: dict[bytes, int]
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    @property
+    def packed(self) -> np.ndarray:
+        return _pack(self.image, self.col, self.row)
+
+    def take(self, rows: np.ndarray) -> "ImageKeys":
+        return ImageKeys(self.rows[rows], self.image[rows], self.col[rows], self.row[rows], self.codes)
+
+
+def parse_image_keys(keys: np.ndarray, modality: str) -> ImageKeys:
+    """The keys of ``modality`` among ``keys`` (an ``S`` array), parsed a chunk at a time. A key
+    with a tile that is not its own name (``007_5``) is left out, as no split names it; a key
+    outside the rule is a :class:`ConfigError`."""
+    prefix = f"{modality}/".encode()
+    codes: dict[bytes, int] = {}
+    parts = []
+    for start in range(0, len(keys), _CHUNK):
+        chunk = keys[start : start + _CHUNK]
+        mine = np.flatnonzero(np.strings.startswith(chunk, prefix))
+        if not len(mine):
+            continue
+        some = chunk[mine]
+        slash = np.strings.find(some, b"/", len(prefix))
+        last = np.strings.rfind(some, b"/")
+        tile_text = np.strings.slice(some, last + 1, None)
+        tile = _tile_codes(tile_text)
+        bad = (slash != last) | (slash <= len(prefix)) | ~_tile_shaped(tile_text)
+        bad |= (tile < 0) & _canonical(tile_text)  # its own name, but beyond the packed range
+        if bad.any():
+            key = some[np.argmax(bad)].decode(errors="replace")
+            raise ConfigError(f"{key!r} is not a SatlasPretrain {modality} image key "
+                              f"(<modality>/<image>/<col>_<row>, col and row below {_TILE_LIMIT})")
+        keep = tile >= 0
+        names = np.strings.slice(some[keep], len(prefix), slash[keep])
+        unique, inverse = np.unique(names, return_inverse=True)
+        image = np.array([codes.setdefault(u, len(codes)) for u in unique.tolist()], np.int64)[inverse.ravel()]
+        parts.append((mine[keep] + start, image, tile[keep] >> _TILE_BITS, tile[keep] & (_TILE_LIMIT - 1)))
+    if len(codes) >= _IMAGE_LIMIT:
+        raise ConfigError(f"{len(codes):,} SatlasPretrain {modality} images: more than {_IMAGE_LIMIT:,} are not "
+                          "supported")
+    if not parts:
+        empty = np.zeros(0, np.int64)
+        return ImageKeys(empty, empty, empty, empty, codes)
+    return ImageKeys(*(np.concatenate(p) for p in zip(*parts)), codes=codes)
+
+
+def _tile_shaped(names: np.ndarray) -> np.ndarray:
+    """Which names are ``<digits>_<digits>`` (within the packed range or not)."""
+    col_text, sep, row_text = np.strings.partition(names, b"_")
+    return (sep == b"_") & np.strings.isdigit(col_text) & np.strings.isdigit(row_text)
+
+
+def _canonical(names: np.ndarray) -> np.ndarray:
+    """Which ``<digits>_<digits>`` names write both numbers without leading zeros."""
+    col_text, _, row_text = np.strings.partition(names, b"_")
+    return ((np.strings.str_len(col_text) == 1) | ~np.strings.startswith(col_text, b"0")) & (
+        (np.strings.str_len(row_text) == 1) | ~np.strings.startswith(row_text, b"0"))
 
 
 class SatlasDataModule(LMDBDataModule):
@@ -228,7 +399,8 @@ class SatlasDataModule(LMDBDataModule):
         self.metadata_dir = Path(metadata_dir) if metadata_dir is not None else self.lmdb_path / "metadata"
         self.modality, self.split, self.val_fraction = modality, split, val_fraction
         self.good_images, self.num_images, self.normalise = good_images, num_images, normalise
-        self._items: dict[str, list[SatlasItem]] | None = None
+        self._items: dict[str, SatlasItems] | None = None
+        self._images: LMDBPatchDataset | None = None
 
     @property
     def classes(self) -> tuple[str, ...]:
@@ -240,104 +412,193 @@ class SatlasDataModule(LMDBDataModule):
     def split_tiles(self) -> dict[str, list[str]]:
         """Tiles (``<col>_<row>``, zoom 13) of train, val and test: val is ``val_fraction`` of
         the train file's tiles, drawn with ``seed``."""
+        return {split: decode_keys(tiles) for split, tiles in self._split_arrays().items()}
+
+    def _split_arrays(self) -> dict[str, np.ndarray]:
+        """:meth:`split_tiles` as sorted ``S`` arrays."""
         tiles = {}
         for part in ("train", "test"):
             path = self.metadata_dir / f"{part}_{self.split}.json"
-            entries = _load_json(path, "split file")
-            tiles[part] = sorted({_tile(e, path) for e in entries})
-        order = np.random.default_rng(self.seed).permutation(len(tiles["train"]))
+            if not path.is_file():
+                _load_json(path, "split file")  # names the missing file
+
+            def entries(path=path):
+                numbers = [_col_row(e, path) for e in _load_json(path, "split file")]
+                return np.array(numbers, np.int64).reshape(len(numbers), 2), None
+
+            col_row = json_rows(path, 2, False, lambda numbers, _: numbers, entries)
+            tiles[part] = np.unique(_tile_names(col_row[:, 0], col_row[:, 1]))
+        train = tiles["train"]
+        order = np.random.default_rng(self.seed).permutation(len(train))
         n_val = int(round(len(order) * self.val_fraction))
         if self.val_fraction > 0 and len(order) > 1:
             n_val = min(max(n_val, 1), len(order) - 1)  # a few tiles: still one for val, one for train
-        val = {tiles["train"][i] for i in order[:n_val]}
-        return {"train": [t for t in tiles["train"] if t not in val], "val": sorted(val), "test": tiles["test"]}
+        val = np.sort(order[:n_val])
+        return {"train": np.delete(train, val), "val": train[val], "test": tiles["test"]}
 
-    def _good(self) -> set[tuple[str, str]] | None:
+    def _good(self, codes: dict[bytes, int]) -> np.ndarray | None:
+        """The good images (``good_images_*_all.json``) among the stored ones (``codes``: image
+        name -> code), as sorted :func:`_pack` codes of (image, col, row); None: no filter."""
         if not self.good_images:
             return None
         kind = "highres" if self.modality == "naip" else "lowres"
         path = self.metadata_dir / f"good_images_{kind}_all.json"
-        entries = _load_json(path, "good-images file", ", or set good_images: false")
-        good = set()
-        for e in entries:
-            if not isinstance(e, list) or len(e) != 3:
-                raise FormatError(f"{path}: entry {e!r} is not [col, row, image name]")
-            good.add((_tile(e, path), str(e[2])))
-        return good
+        fix = ", or set good_images: false"
+        if not path.is_file():
+            _load_json(path, "good-images file", fix)  # names the missing file
 
-    def _label_tile(self, tile: str) -> tuple[str, tuple[int, int, int, int] | None]:
-        """The zoom-13 label tile of an image tile, and the window of it the image covers."""
-        if self.modality != "naip":
-            return tile, None
-        col, row = map(int, tile.split("_"))
-        f = 1 << NAIP_LEVELS
-        side = 512 // f
-        return f"{col // f}_{row // f}", ((row % f) * side, (col % f) * side, side, side)
+        def reduce(numbers: np.ndarray, names: np.ndarray) -> np.ndarray:
+            unique, inverse = np.unique(names, return_inverse=True)
+            image = np.array([codes.get(u, -1) for u in unique.tolist()], np.int64)[inverse.ravel()]
+            col, row = numbers[:, 0], numbers[:, 1]
+            keep = (image >= 0) & (col >= 0) & (col < _TILE_LIMIT) & (row >= 0) & (row < _TILE_LIMIT)
+            return _pack(image[keep], col[keep], row[keep])
 
-    def build_items(self) -> dict[str, list[SatlasItem]]:
-        """Every split's items (see the class docstring)."""
-        split_tiles = self.split_tiles()
-        manifest = self.manifest()  # a set: no need to sort the keys first
-        stored = set(decode_keys(manifest.key_array() if manifest and manifest.has_keys else self.stored_keys()))
+        def entries():
+            numbers, names = [], []
+            for e in _load_json(path, "good-images file", fix):
+                if not isinstance(e, list) or len(e) != 3:
+                    raise FormatError(f"{path}: entry {e!r} is not [col, row, image name]")
+                numbers.append(_col_row(e, path))
+                names.append(str(e[2]).encode())
+            return np.array(numbers, np.int64).reshape(len(numbers), 2), np.array(names, dtype=np.bytes_)
+
+        return np.unique(json_rows(path, 2, True, reduce, entries))
+
+    def image_dataset(self) -> LMDBPatchDataset:
+        """The dataset of every image key holding the bands, which the items' rows index (one for
+        every split; its keys are the manifest's mapped column, not a copy handed to workers)."""
+        if self._images is None:
+            self._images = LMDBPatchDataset(self.lmdb_paths, self.bands, readahead=self.readahead,
+                                            native=self.loads_native, manifests=self.path_manifests())
+        return self._images
+
+    def _keys_of(self, prefix: str) -> np.ndarray:
+        """The stored keys of a label kind (``static/``, ``dynamic/``), an ``S`` array."""
+        manifest = self.manifest()
+        name = prefix.rstrip("/")
+        if manifest and manifest.has_keys:
+            return manifest.key_array([name]) if name in manifest.sources() else np.zeros(0, "S1")
+        stored = self.stored_keys()
+        return stored[np.strings.startswith(stored, prefix.encode())]
+
+    def build_items(self) -> dict[str, SatlasItems]:
+        """Every split's items (see the class docstring), as arrays over :meth:`image_dataset`'s keys."""
+        splits = self._split_arrays()
+        manifest = self.manifest()
+        if manifest and manifest.has_keys and self.modality not in manifest.sources():
+            return {split: _no_items(self.modality == "naip") for split in splits}
+        keys = self.image_dataset()._keys
+        found = parse_image_keys(keys, self.modality)
+        if len(self.lmdb_paths) > 1:  # a key in two shards: its first row
+            _, first = np.unique(found.packed, return_index=True)
+            found = found.take(np.sort(first))
+        stored = found  # every stored image, good or not (a dynamic label's own image)
+        good = self._good(found.codes)
+        if good is not None:
+            found = found.take(np.flatnonzero(_contains(good, found.packed) | (
+                _contains(good, _pack(found.image, *self._label_tile(found.col, found.row)))
+                if self.modality == "naip" else False)))
         times = satlas.image_times(self.metadata_dir)
-        when: dict[str, str] = {}  # image -> its time, worked out once per image
-        good = self._good()
-        prefix = f"{self.modality}/"
-        by_tile: dict[str, list[tuple[str, str, str]]] = {}  # label tile -> (time, image, key)
-        windows: dict[str, dict[str, Any]] = {}
-        for key in stored:
-            if not key.startswith(prefix):
-                continue
-            _, image, tile = key.split("/")
-            label_tile, window = self._label_tile(tile)
-            if good is not None and (tile, image) not in good and (label_tile, image) not in good:
-                continue
-            time = when.get(image)
-            if time is None:
-                time = when[image] = satlas.image_time(image, times)
-            by_tile.setdefault(label_tile, []).append((time, image, key))
-            windows.setdefault(label_tile, {})[key] = (tile, window)
-        for entries in by_tile.values():
-            entries.sort()
-        dynamic = self._dynamic_labels(stored) if self.label_folder == "dynamic" else {}
-        items: dict[str, list[SatlasItem]] = {}
-        for split, tiles in split_tiles.items():
-            items[split] = []
-            for label_tile in tiles:
-                entries = by_tile.get(label_tile, [])
-                if self.label_folder == "static":
-                    label = f"static/{label_tile}"
-                    label = label if label in stored else None
-                    if self.modality != "naip":  # the image tile is its label tile: one item, no window
-                        if entries:
-                            items[split].append(SatlasItem(f"{self.modality}/{label_tile}",
-                                                           tuple(k for _, _, k in entries[-self.num_images:]), label))
+        names = list(found.codes)
+        when = [satlas.image_time(n.decode(), times) for n in names]  # an image's time, by code
+        rank = np.zeros(len(names), np.int64)  # entries sort by (time, image name)
+        rank[sorted(range(len(names)), key=lambda c: (when[c], names[c]))] = np.arange(len(names))
+        found = found.take(np.lexsort((rank[found.image], _pack(*self._label_tile(found.col, found.row)))))
+        if self.label_folder == "dynamic":
+            return self._dynamic_items(splits, found, stored, when)
+        static = self._keys_of("static/")
+        labels = np.sort(_tile_codes(np.strings.slice(static, len("static/"), None)))
+        return {split: self._static_items(tiles, found, rank, labels) for split, tiles in splits.items()}
+
+    def _label_tile(self, col: np.ndarray, row: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """The zoom-13 label tile of image tiles (NAIP: zoom 17, 4 levels finer)."""
+        return (col >> NAIP_LEVELS, row >> NAIP_LEVELS) if self.modality == "naip" else (col, row)
+
+    def _static_items(self, tiles: np.ndarray, found: "ImageKeys", rank: np.ndarray, labels: np.ndarray
+                      ) -> SatlasItems:
+        """A split's items: one per image tile of its label tiles (``tiles``, in order), holding
+        the tile's last ``num_images`` images (``found``, sorted by label tile then time)."""
+        naip = self.modality == "naip"
+        codes = _tile_codes(tiles)
+        order = np.argsort(codes, kind="stable")
+        label_col, label_row = self._label_tile(found.col, found.row)
+        at = np.minimum(np.searchsorted(codes[order], _pack(label_col, label_row)), max(len(codes) - 1, 0))
+        hit = (codes[order][at] == _pack(label_col, label_row)) if len(codes) else np.zeros(len(found), bool)
+        chosen = np.flatnonzero(hit)
+        position = order[at[chosen]]  # the label tile's place in the split
+        names = _tile_names(found.col[chosen], found.row[chosen]) if naip else tiles[position]
+        _, tile_order = np.unique(names, return_inverse=True)  # NAIP: the image tiles' name order
+        sort = np.lexsort((rank[found.image[chosen]], tile_order.ravel(), position))
+        chosen, position, names = chosen[sort], position[sort], names[sort]
+        new = np.ones(len(chosen), bool)
+        new[1:] = names[1:] != names[:-1]
+        starts = np.flatnonzero(new)
+        stops = np.append(starts[1:], len(chosen)).astype(np.int64)
+        t = self.num_images
+        series = np.full((len(starts), t), -1, np.int64)
+        for j in range(t):
+            at = stops - t + j
+            present = at >= starts
+            series[present, j] = found.rows[chosen[at[present]]]
+        first = chosen[starts]
+        label_tiles = tiles[position[starts]]
+        has_label = _contains(labels, _tile_codes(label_tiles))
+        windows = None
+        if naip:
+            f, side = 1 << NAIP_LEVELS, 512 >> NAIP_LEVELS
+            windows = np.stack([found.row[first] % f * side, found.col[first] % f * side,
+                                np.full(len(first), side), np.full(len(first), side)], axis=1).astype(np.int32)
+        return SatlasItems(
+            names=np.strings.add(f"{self.modality}/".encode(), names[starts]),
+            series=series,
+            labels=np.where(has_label, np.strings.add(b"static/", label_tiles), b""),
+            windows=windows)
+
+    def _dynamic_items(self, splits: dict[str, np.ndarray], found: "ImageKeys", stored: "ImageKeys",
+                       when: list[str]) -> dict[str, SatlasItems]:
+        """Each dynamic label of a split's tiles, with its image last and up to ``num_images`` - 1
+        earlier images of its tile (``found``: sorted by label tile then time) in front."""
+        labelled = self._dynamic_labels(self._keys_of("dynamic/"))
+        tile_codes = _pack(*self._label_tile(found.col, found.row))
+        stored_order = np.argsort(stored.packed, kind="stable")
+        stored_sorted = stored.packed[stored_order]
+        t = self.num_images
+        items = {}
+        for split, tiles in splits.items():
+            names, series = [], []
+            for tile in decode_keys(tiles):
+                for label, image in labelled.get(tile, []):
+                    code = stored.codes.get(image.encode())
+                    col, row = map(int, tile.split("_"))
+                    if code is None or max(col, row) >= _TILE_LIMIT:
+                        continue  # its image is of another modality, or a mosaic ("fake")
+                    packed = int(_pack(np.int64(code), np.int64(col), np.int64(row)))
+                    at = int(np.searchsorted(stored_sorted, packed))
+                    if at == len(stored_sorted) or stored_sorted[at] != packed:
                         continue
-                    for tile in sorted({windows[label_tile][k][0] for _, _, k in entries}):
-                        series = [k for _, _, k in entries if windows[label_tile][k][0] == tile]
-                        window = windows[label_tile][series[0]][1]
-                        items[split].append(SatlasItem(f"{self.modality}/{tile}", tuple(series[-self.num_images:]),
-                                                       label, window))
-                else:
-                    for label, image in dynamic.get(label_tile, []):
-                        key = f"{self.modality}/{image}/{label_tile}"
-                        if key not in stored:
-                            continue  # its image is of another modality, or a mosaic ("fake")
-                        time = satlas.image_time(image, times)
-                        before = [k for t, _, k in entries if t <= time and k != key]
-                        series = (*before[-(self.num_images - 1):], key) if self.num_images > 1 else (key,)
-                        items[split].append(SatlasItem(label, tuple(series), label))
+                    own = int(stored.rows[stored_order[at]])
+                    tile_code = _pack(np.int64(col), np.int64(row))
+                    lo, hi = np.searchsorted(tile_codes, [tile_code, tile_code + 1])
+                    time = when[code]
+                    before = [int(r) for r, c, p in zip(found.rows[lo:hi], found.image[lo:hi], found.packed[lo:hi])
+                              if when[c] <= time and p != packed]
+                    rows = (*before[-(t - 1):], own) if t > 1 else (own,)
+                    names.append(label.encode())
+                    series.append([-1] * (t - len(rows)) + list(rows))
+            names_array = np.array(names, dtype=np.bytes_) if names else np.zeros(0, "S1")
+            items[split] = SatlasItems(names=names_array, series=np.array(series, np.int64).reshape(len(names), t),
+                                       labels=names_array)
         return items
 
-    def _dynamic_labels(self, stored: set[str]) -> dict[str, list[tuple[str, str]]]:
+    def _dynamic_labels(self, keys: np.ndarray) -> dict[str, list[tuple[str, str]]]:
         """Label tile -> (dynamic label key, the image its vector.json names) for the keys that
         hold one of the tasks."""
         found: dict[str, list[tuple[str, str]]] = {}
-        keys = sorted(k for k in stored if k.startswith("dynamic/"))
         from ..store import Store
 
         with Store(self.lmdb_paths, self.readahead).reader() as reader:
-            for key in keys:
+            for key in sorted(set(decode_keys(keys))):
                 value = reader.get(key.encode())
                 header = parse_header(value, key)
                 if not any(t in header for t in self.tasks) or satlas.VECTOR not in header:
@@ -357,12 +618,11 @@ class SatlasDataModule(LMDBDataModule):
 
     def make_dataset(self, split: str) -> SatlasTiles:
         items, _ = self.split_items(split)
-        if not items:
+        if not len(items):
             labelled = f" with {', '.join(self.tasks)} labels" if self.label_folder == "dynamic" else ""
             raise ConfigError(f"{self.lmdb_path}: the {split} split ({self.split}) has no {self.modality} images"
                               f"{labelled}; check split, modality, metadata_dir and val_fraction")
-        return SatlasTiles(self.lmdb_paths, self.bands, items, self.tasks, self.num_images, self.readahead,
-                           native=self.loads_native, manifests=self.path_manifests())
+        return SatlasTiles(self.image_dataset(), items, self.tasks, self.num_images)
 
     def setup(self, stage: str | None = None) -> None:
         if not self.datasets:
