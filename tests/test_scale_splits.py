@@ -406,3 +406,23 @@ def test_satlas_image_key_outside_the_rule_is_named(tmp_path):
     # another modality's keys, and a tile that is not its own name (no split names it): left out
     found = parse_image_keys(np.array([b"naip/a/1_2", b"sentinel2/a/007_5", b"sentinel2/b/7_5"]), "sentinel2")
     assert found.rows.tolist() == [2] and found.col.tolist() == [7] and found.row.tolist() == [5]
+
+
+def test_satlas_lookup_calls_once_per_distinct_name():
+    from rico_torch.data.datamodules.satlas import _lookup
+
+    rng = np.random.default_rng(0)
+    pool = [b"S2A_" + bytes(rng.integers(65, 91, n).astype(np.uint8)) for n in rng.integers(0, 40, 50)]
+    pool += [b"S2A_", b"S2A_X", b"S2A_XX"]  # prefixes of each other
+    names = np.array([pool[i] for i in rng.integers(0, len(pool), 5000)], np.bytes_)
+    codes: dict[bytes, int] = {}
+    calls = []
+
+    def code(name):
+        calls.append(name)
+        return codes.setdefault(name, len(codes))
+
+    values = _lookup(names, code)
+    assert sorted(calls) == sorted(set(names.tolist()))
+    assert [codes[n] for n in names.tolist()] == values.tolist()
+    assert _lookup(names[:0], code).dtype == np.int64

@@ -21,7 +21,7 @@ def ascii_ints(text: np.ndarray) -> np.ndarray:
 
 # --- JSON lists of rows: [[int, int, "name"], ...] ---------------------------------------------------
 
-_BLOCK = 1 << 23  # bytes read at once: bounds the parse's temporaries whatever the file's size
+_BLOCK = 1 << 21  # bytes read at once: bounds the parse's temporaries whatever the file's size
 _WHITE = np.frombuffer(b" \t\n\r", np.uint8)
 _DIGIT, _MINUS, _QUOTE, _NAME = ord("d"), ord("-"), ord('"'), 0x20
 
@@ -54,7 +54,7 @@ class _NotPlain(Exception):
 def _blocks(path, ints: int, named: bool):
     """(numbers, names) of each block of whole entries; raises _NotPlain where the form is not plain."""
     with open(path, "rb") as f:
-        buffer = f.read(_BLOCK).lstrip()
+        buffer = f.read(4096).lstrip()  # the opening "[" (the blocks follow)
         if not buffer.startswith(b"["):
             raise _NotPlain
         buffer, done, cut = buffer[1:], False, False
@@ -109,8 +109,12 @@ def _parse(piece: bytes, ints: int, named: bool) -> tuple[np.ndarray, np.ndarray
     solid = ~np.isin(outside, _WHITE)
     rest = outside[solid]
     number = ((rest >= ord("0")) & (rest <= ord("9"))) | (rest == _MINUS)
-    if (np.diff(np.flatnonzero(solid)) > 1)[number[:-1] & number[1:]].any():
-        raise _NotPlain  # white space inside a number ("1 2" is not 12)
+    # white space inside a number ("1 2" is not 12): number characters next to each other once
+    # the white space is gone, but not before (the k-th number character of both is the same)
+    in_rest = np.flatnonzero(number)
+    in_outside = np.flatnonzero(((outside >= ord("0")) & (outside <= ord("9"))) | (outside == _MINUS))
+    if ((np.diff(in_rest) == 1) & (np.diff(in_outside) > 1)).any():
+        raise _NotPlain
     before = np.concatenate([[False], number[:-1]])
     after = np.concatenate([number[1:], [False]])
     if ((rest == _MINUS) & before).any():
@@ -139,8 +143,9 @@ def _parse(piece: bytes, ints: int, named: bool) -> tuple[np.ndarray, np.ndarray
         return values, None
     width = max(int((stops - starts).max()) if n else 1, 1)
     names = np.zeros((n, width), np.uint8)
-    for i in range(0, n, _ROWS // 4):  # the gather's index matrix: a few MB at a time
-        s, e = starts[i : i + _ROWS // 4, None], stops[i : i + _ROWS // 4, None]
+    rows = max(1, (1 << 18) // width)  # the gather's index matrix: 2 MB at a time
+    for i in range(0, n, rows):
+        s, e = starts[i : i + rows, None], stops[i : i + rows, None]
         index = s + np.arange(width)
-        names[i : i + _ROWS // 4] = np.where(index < e, text[np.minimum(index, len(text) - 1)], 0)
+        names[i : i + rows] = np.where(index < e, text[np.minimum(index, len(text) - 1)], 0)
     return values, names.view(f"S{width}").ravel()

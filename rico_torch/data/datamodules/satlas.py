@@ -202,6 +202,14 @@ def _pack(*fields: np.ndarray) -> np.ndarray:
     return out
 
 
+def _sorted_unique(values: np.ndarray) -> np.ndarray:
+    """``np.unique(values)`` by a sort in place (numpy's hashing unique is ~5x slower on millions)."""
+    values.sort()
+    new = np.ones(len(values), bool)
+    new[1:] = values[1:] != values[:-1]
+    return values[new]
+
+
 def _contains(sorted_codes: np.ndarray, codes: np.ndarray) -> np.ndarray:
     if not len(sorted_codes):
         return np.zeros(len(codes), bool)
@@ -210,26 +218,70 @@ def _contains(sorted_codes: np.ndarray, codes: np.ndarray) -> np.ndarray:
 
 
 def _tile_names(col: np.ndarray, row: np.ndarray) -> np.ndarray:
-    """``<col>_<row>`` names (``S``) of integer tiles."""
+    """``<col>_<row>`` names (``S``) of integer tiles (each below :data:`_TILE_LIMIT`), written
+    digit by digit into one byte matrix (no Python int or string per tile)."""
+    col, row = np.asarray(col, np.int64), np.asarray(row, np.int64)
     if not len(col):
         return np.zeros(0, "S1")
-    return np.strings.add(np.strings.add(col.astype("S"), b"_"), row.astype("S"))
+    digits = len(str(_TILE_LIMIT - 1))
+    out = np.zeros((len(col), 2 * digits + 1), np.uint8)
+    col_width = _digit_count(col, digits)
+    row_width = _digit_count(row, digits)
+    lines = np.arange(len(col))
+    for k in range(digits):  # the k-th digit from the right of each number, where it has one
+        for value, width, start in ((col, col_width, 0), (row, row_width, col_width + 1)):
+            has = k < width
+            out[lines[has], (start + width - 1 - k)[has]] = value[has] // 10**k % 10 + 48
+    out[lines, col_width] = ord("_")
+    return out.view(f"S{2 * digits + 1}").ravel()
 
 
-def _tile_codes(names: np.ndarray) -> np.ndarray:
-    """:func:`_pack` codes of ``<col>_<row>`` names (``S``); -1 for any other form (and for a
-    name that is not its tile's own, as ``007_5``)."""
+def _digit_count(values: np.ndarray, most: int) -> np.ndarray:
+    width = np.ones(len(values), np.int64)
+    for k in range(1, most):
+        width += values >= 10**k
+    return width
+
+
+def _tile_fields(names: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Of ``S`` names: their :func:`_pack` codes (-1 unless ``<col>_<row>`` in range and the
+    tile's own name), which are ``<digits>_<digits>``, and which of those write both numbers
+    without leading zeros (``007_5`` is no tile's own name)."""
     if not len(names):
-        return np.zeros(0, np.int64)
-    names = names.astype(f"S{max(names.dtype.itemsize, 1)}")
-    col_text, _, row_text = np.strings.partition(names, b"_")
-    ok = (np.strings.str_len(col_text) <= 6) & (np.strings.str_len(row_text) <= 6)
-    ok &= np.strings.isdigit(col_text) & np.strings.isdigit(row_text)
+        return np.zeros(0, np.int64), np.zeros(0, bool), np.zeros(0, bool)
+    col_text, sep, row_text = np.strings.partition(names.astype(f"S{max(names.dtype.itemsize, 1)}"), b"_")
+    shaped = (sep == b"_") & np.strings.isdigit(col_text) & np.strings.isdigit(row_text)
+    own = shaped & ((np.strings.str_len(col_text) == 1) | ~np.strings.startswith(col_text, b"0")) & (
+        (np.strings.str_len(row_text) == 1) | ~np.strings.startswith(row_text, b"0"))
+    ok = own & (np.strings.str_len(col_text) <= 6) & (np.strings.str_len(row_text) <= 6)
     col = ascii_ints(np.where(ok, col_text, b"0").astype("S6"))
     row = ascii_ints(np.where(ok, row_text, b"0").astype("S6"))
     ok &= (col < _TILE_LIMIT) & (row < _TILE_LIMIT)
-    ok &= _tile_names(col, row) == names
-    return np.where(ok, _pack(col, row), -1)
+    return np.where(ok, _pack(col, row), -1), shaped, own
+
+
+def _tile_codes(names: np.ndarray) -> np.ndarray:
+    """:func:`_pack` codes of ``<col>_<row>`` names (``S``); -1 for any other form."""
+    return _tile_fields(names)[0]
+
+
+def _lookup(names: np.ndarray, code) -> np.ndarray:
+    """``code(name)`` of each of ``names`` (``S``) as int64, called once per distinct name. The
+    names are told apart by a 64-bit hash (an integer sort, not a string sort), checked against the
+    names themselves."""
+    if not len(names):
+        return np.zeros(0, np.int64)
+    words = -(-max(names.dtype.itemsize, 1) // 8)
+    names = names.astype(f"S{8 * words}")  # NUL-padded to whole 8-byte words
+    hashed = np.full(len(names), 14695981039346656037, np.uint64)  # FNV-1a, a word at a time
+    for word in names.view(np.uint64).reshape(len(names), words).T:
+        hashed = (hashed ^ word) * np.uint64(1099511628211)
+        hashed ^= hashed >> np.uint64(29)  # mixes a word's high bytes into the low ones
+    _, first, inverse = np.unique(hashed, return_index=True, return_inverse=True)
+    if not (names[first][inverse.ravel()] == names).all():  # two names, one hash: tell them apart by sorting
+        _, first, inverse = np.unique(names, return_index=True, return_inverse=True)
+    values = np.array([code(name) for name in names[first].tolist()], np.int64)
+    return values[inverse.ravel()]
 
 
 def _no_items(naip: bool) -> SatlasItems:
@@ -267,6 +319,7 @@ def parse_image_keys(keys: np.ndarray, modality: str) -> ImageKeys:
     prefix = f"{modality}/".encode()
     codes: dict[bytes, int] = {}
     parts = []
+    row_type = np.int32 if len(keys) < 2**31 else np.int64
     for start in range(0, len(keys), _CHUNK):
         chunk = keys[start : start + _CHUNK]
         mine = np.flatnonzero(np.strings.startswith(chunk, prefix))
@@ -276,38 +329,25 @@ def parse_image_keys(keys: np.ndarray, modality: str) -> ImageKeys:
         slash = np.strings.find(some, b"/", len(prefix))
         last = np.strings.rfind(some, b"/")
         tile_text = np.strings.slice(some, last + 1, None)
-        tile = _tile_codes(tile_text)
-        bad = (slash != last) | (slash <= len(prefix)) | ~_tile_shaped(tile_text)
-        bad |= (tile < 0) & _canonical(tile_text)  # its own name, but beyond the packed range
+        tile, shaped, own = _tile_fields(tile_text)
+        bad = (slash != last) | (slash <= len(prefix)) | ~shaped
+        bad |= (tile < 0) & own  # its own name, but beyond the packed range
         if bad.any():
             key = some[np.argmax(bad)].decode(errors="replace")
             raise ConfigError(f"{key!r} is not a SatlasPretrain {modality} image key "
                               f"(<modality>/<image>/<col>_<row>, col and row below {_TILE_LIMIT})")
         keep = tile >= 0
         names = np.strings.slice(some[keep], len(prefix), slash[keep])
-        unique, inverse = np.unique(names, return_inverse=True)
-        image = np.array([codes.setdefault(u, len(codes)) for u in unique.tolist()], np.int64)[inverse.ravel()]
-        parts.append((mine[keep] + start, image, tile[keep] >> _TILE_BITS, tile[keep] & (_TILE_LIMIT - 1)))
+        image = _lookup(names, lambda name: codes.setdefault(name, len(codes)))
+        parts.append(((mine[keep] + start).astype(row_type), image.astype(np.int32),
+                      (tile[keep] >> _TILE_BITS).astype(np.int32), (tile[keep] & (_TILE_LIMIT - 1)).astype(np.int32)))
     if len(codes) >= _IMAGE_LIMIT:
         raise ConfigError(f"{len(codes):,} SatlasPretrain {modality} images: more than {_IMAGE_LIMIT:,} are not "
                           "supported")
     if not parts:
-        empty = np.zeros(0, np.int64)
+        empty = np.zeros(0, np.int32)
         return ImageKeys(empty, empty, empty, empty, codes)
     return ImageKeys(*(np.concatenate(p) for p in zip(*parts)), codes=codes)
-
-
-def _tile_shaped(names: np.ndarray) -> np.ndarray:
-    """Which names are ``<digits>_<digits>`` (within the packed range or not)."""
-    col_text, sep, row_text = np.strings.partition(names, b"_")
-    return (sep == b"_") & np.strings.isdigit(col_text) & np.strings.isdigit(row_text)
-
-
-def _canonical(names: np.ndarray) -> np.ndarray:
-    """Which ``<digits>_<digits>`` names write both numbers without leading zeros."""
-    col_text, _, row_text = np.strings.partition(names, b"_")
-    return ((np.strings.str_len(col_text) == 1) | ~np.strings.startswith(col_text, b"0")) & (
-        (np.strings.str_len(row_text) == 1) | ~np.strings.startswith(row_text, b"0"))
 
 
 class SatlasDataModule(LMDBDataModule):
@@ -427,7 +467,7 @@ class SatlasDataModule(LMDBDataModule):
                 return np.array(numbers, np.int64).reshape(len(numbers), 2), None
 
             col_row = json_rows(path, 2, False, lambda numbers, _: numbers, entries)
-            tiles[part] = np.unique(_tile_names(col_row[:, 0], col_row[:, 1]))
+            tiles[part] = _sorted_unique(_tile_names(col_row[:, 0], col_row[:, 1]))
         train = tiles["train"]
         order = np.random.default_rng(self.seed).permutation(len(train))
         n_val = int(round(len(order) * self.val_fraction))
@@ -448,8 +488,7 @@ class SatlasDataModule(LMDBDataModule):
             _load_json(path, "good-images file", fix)  # names the missing file
 
         def reduce(numbers: np.ndarray, names: np.ndarray) -> np.ndarray:
-            unique, inverse = np.unique(names, return_inverse=True)
-            image = np.array([codes.get(u, -1) for u in unique.tolist()], np.int64)[inverse.ravel()]
+            image = _lookup(names, lambda name: codes.get(name, -1))
             col, row = numbers[:, 0], numbers[:, 1]
             keep = (image >= 0) & (col >= 0) & (col < _TILE_LIMIT) & (row >= 0) & (row < _TILE_LIMIT)
             return _pack(image[keep], col[keep], row[keep])
@@ -463,7 +502,7 @@ class SatlasDataModule(LMDBDataModule):
                 names.append(str(e[2]).encode())
             return np.array(numbers, np.int64).reshape(len(numbers), 2), np.array(names, dtype=np.bytes_)
 
-        return np.unique(json_rows(path, 2, True, reduce, entries))
+        return _sorted_unique(json_rows(path, 2, True, reduce, entries))
 
     def image_dataset(self) -> LMDBPatchDataset:
         """The dataset of every image key holding the bands, which the items' rows index (one for
@@ -493,7 +532,7 @@ class SatlasDataModule(LMDBDataModule):
         if len(self.lmdb_paths) > 1:  # a key in two shards: its first row
             _, first = np.unique(found.packed, return_index=True)
             found = found.take(np.sort(first))
-        stored = found  # every stored image, good or not (a dynamic label's own image)
+        stored = found if self.label_folder == "dynamic" else None  # a dynamic label's own image: good or not
         good = self._good(found.codes)
         if good is not None:
             found = found.take(np.flatnonzero(_contains(good, found.packed) | (
@@ -509,30 +548,35 @@ class SatlasDataModule(LMDBDataModule):
             return self._dynamic_items(splits, found, stored, when)
         static = self._keys_of("static/")
         labels = np.sort(_tile_codes(np.strings.slice(static, len("static/"), None)))
-        return {split: self._static_items(tiles, found, rank, labels) for split, tiles in splits.items()}
+        return {split: self._static_items(tiles, found, labels) for split, tiles in splits.items()}
 
     def _label_tile(self, col: np.ndarray, row: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """The zoom-13 label tile of image tiles (NAIP: zoom 17, 4 levels finer)."""
         return (col >> NAIP_LEVELS, row >> NAIP_LEVELS) if self.modality == "naip" else (col, row)
 
-    def _static_items(self, tiles: np.ndarray, found: "ImageKeys", rank: np.ndarray, labels: np.ndarray
-                      ) -> SatlasItems:
-        """A split's items: one per image tile of its label tiles (``tiles``, in order), holding
-        the tile's last ``num_images`` images (``found``, sorted by label tile then time)."""
-        naip = self.modality == "naip"
+    def _static_items(self, tiles: np.ndarray, found: "ImageKeys", labels: np.ndarray) -> SatlasItems:
+        """A split's items: one per image tile of its label tiles (``tiles``, in order; NAIP: a
+        label tile's image tiles in name order), holding the tile's last ``num_images`` images
+        (``found``: sorted by label tile, then time)."""
         codes = _tile_codes(tiles)
         order = np.argsort(codes, kind="stable")
-        label_col, label_row = self._label_tile(found.col, found.row)
-        at = np.minimum(np.searchsorted(codes[order], _pack(label_col, label_row)), max(len(codes) - 1, 0))
-        hit = (codes[order][at] == _pack(label_col, label_row)) if len(codes) else np.zeros(len(found), bool)
-        chosen = np.flatnonzero(hit)
+        sorted_codes = codes[order]
+        label_codes = _pack(*self._label_tile(found.col, found.row))
+        at = np.minimum(np.searchsorted(sorted_codes, label_codes), max(len(codes) - 1, 0))
+        chosen = np.flatnonzero(sorted_codes[at] == label_codes) if len(codes) else np.zeros(0, np.int64)
         position = order[at[chosen]]  # the label tile's place in the split
-        names = _tile_names(found.col[chosen], found.row[chosen]) if naip else tiles[position]
-        _, tile_order = np.unique(names, return_inverse=True)  # NAIP: the image tiles' name order
-        sort = np.lexsort((rank[found.image[chosen]], tile_order.ravel(), position))
-        chosen, position, names = chosen[sort], position[sort], names[sort]
+        del label_codes, at
+        group = position
+        if self.modality == "naip":  # then the image tile's place in name order
+            unique, inverse = np.unique(_pack(found.col[chosen], found.row[chosen]), return_inverse=True)
+            names = _tile_names(unique >> _TILE_BITS, unique & (_TILE_LIMIT - 1))
+            name_rank = np.empty(len(unique), np.int64)
+            name_rank[np.argsort(names, kind="stable")] = np.arange(len(unique))
+            group = position * len(unique) + name_rank[inverse.ravel()]
+        sort = np.argsort(group, kind="stable")  # within a group: found's order (by time)
+        chosen, group = chosen[sort], group[sort]
         new = np.ones(len(chosen), bool)
-        new[1:] = names[1:] != names[:-1]
+        new[1:] = group[1:] != group[:-1]
         starts = np.flatnonzero(new)
         stops = np.append(starts[1:], len(chosen)).astype(np.int64)
         t = self.num_images
@@ -542,15 +586,16 @@ class SatlasDataModule(LMDBDataModule):
             present = at >= starts
             series[present, j] = found.rows[chosen[at[present]]]
         first = chosen[starts]
-        label_tiles = tiles[position[starts]]
+        label_tiles = tiles[position[sort[starts]]]
         has_label = _contains(labels, _tile_codes(label_tiles))
-        windows = None
-        if naip:
+        windows, names = None, label_tiles
+        if self.modality == "naip":
             f, side = 1 << NAIP_LEVELS, 512 >> NAIP_LEVELS
             windows = np.stack([found.row[first] % f * side, found.col[first] % f * side,
                                 np.full(len(first), side), np.full(len(first), side)], axis=1).astype(np.int32)
+            names = _tile_names(found.col[first], found.row[first])
         return SatlasItems(
-            names=np.strings.add(f"{self.modality}/".encode(), names[starts]),
+            names=np.strings.add(f"{self.modality}/".encode(), names),
             series=series,
             labels=np.where(has_label, np.strings.add(b"static/", label_tiles), b""),
             windows=windows)
@@ -561,6 +606,7 @@ class SatlasDataModule(LMDBDataModule):
         earlier images of its tile (``found``: sorted by label tile then time) in front."""
         labelled = self._dynamic_labels(self._keys_of("dynamic/"))
         tile_codes = _pack(*self._label_tile(found.col, found.row))
+        found_packed = found.packed
         stored_order = np.argsort(stored.packed, kind="stable")
         stored_sorted = stored.packed[stored_order]
         t = self.num_images
@@ -581,7 +627,7 @@ class SatlasDataModule(LMDBDataModule):
                     tile_code = _pack(np.int64(col), np.int64(row))
                     lo, hi = np.searchsorted(tile_codes, [tile_code, tile_code + 1])
                     time = when[code]
-                    before = [int(r) for r, c, p in zip(found.rows[lo:hi], found.image[lo:hi], found.packed[lo:hi])
+                    before = [int(r) for r, c, p in zip(found.rows[lo:hi], found.image[lo:hi], found_packed[lo:hi])
                               if when[c] <= time and p != packed]
                     rows = (*before[-(t - 1):], own) if t > 1 else (own,)
                     names.append(label.encode())
