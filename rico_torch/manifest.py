@@ -193,13 +193,13 @@ class KeyIndex:
     def __len__(self) -> int:
         return len(self.columns["key"])
 
-    def find(self, keys: np.ndarray) -> np.ndarray:
-        """Each key's row, -1 where it is not here (vectorised binary search)."""
+    def find(self, keys: np.ndarray, dtype=np.int64) -> np.ndarray:
+        """Each key's row (as ``dtype``), -1 where it is not here (vectorised binary search)."""
         keys = np.asarray(keys)
         column, sorter = self.columns["key"], self.columns["sorter"]
         if len(column) == 0:
-            return np.full(len(keys), -1, np.int64)
-        rows = np.empty(len(keys), np.int64)
+            return np.full(len(keys), -1, dtype)
+        rows = np.empty(len(keys), dtype)
         for i in range(0, len(keys), _FIND_CHUNK):  # a chunk at a time: no copy of the keys looked up
             some = keys[i : i + _FIND_CHUNK]
             at = sorter[np.minimum(np.searchsorted(column, some, sorter=sorter), len(column) - 1)].astype(np.int64)
@@ -392,6 +392,57 @@ class Manifest(dict):
     @property
     def windows(self) -> "Windows":
         return Windows(self)
+
+
+class KeyRows:
+    """Keys as rows of a one-part manifest's mapped key column: ``rows`` (n,) for single keys,
+    (n, k) for items of k keys. Indexes like the ``S`` array it stands for (``rows[i]``'s keys,
+    read from the map); pickles as the manifest (sidecar paths) and the rows, 4 bytes a key, never
+    the keys: a spawned worker maps the column itself."""
+
+    def __init__(self, manifest: Manifest, rows: np.ndarray) -> None:
+        if len(manifest.parts) != 1:
+            raise ValueError("KeyRows needs a manifest of one part (one LMDB, not shards)")
+        self.manifest = manifest
+        rows = np.asarray(rows)
+        self.rows = rows.astype(np.int32) if len(manifest.parts[0][1]) < 2**31 else rows.astype(np.int64)
+
+    def column(self, name: str = "key") -> np.ndarray:
+        """The whole mapped column ``name`` (the rows index it)."""
+        return self.manifest.parts[0][1].columns[name]
+
+    @property
+    def ndim(self) -> int:
+        return self.rows.ndim
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return self.rows.shape
+
+    @property
+    def dtype(self) -> np.dtype:
+        return self.column().dtype
+
+    @property
+    def nbytes(self) -> int:
+        return self.rows.nbytes
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, index):
+        return self.column()[self.rows[index]]
+
+    def __iter__(self) -> Iterator:
+        for start in range(0, len(self.rows), _FIND_CHUNK):
+            yield from self[start : start + _FIND_CHUNK]
+
+    def __array__(self, dtype=None, copy=None) -> np.ndarray:
+        keys = self[:]
+        return keys if dtype is None else keys.astype(dtype)
+
+    def tolist(self) -> list:
+        return self[:].tolist()
 
 
 def window_transform(transform: Sequence[float], row: int, col: int) -> list[float]:

@@ -19,8 +19,8 @@ from rico_torch.data import (EuroSATDataModule, GeoPatchDataModule, LMDBPatchDat
                              SSL4EODataModule)
 from rico_torch.data.store import Store
 from rico_torch.encode.read import value_digest
-from rico_torch.errors import FormatError, TargetError
-from rico_torch.manifest import INDEX, LEGACY_FIELDS, digest64, read, upgrade
+from rico_torch.errors import ConfigError, FormatError, TargetError
+from rico_torch.manifest import INDEX, LEGACY_FIELDS, KeyRows, digest64, read, upgrade
 from rico_torch.synthetic.scale import make_many_keys
 
 from .conftest import encode_cli, read_lmdb
@@ -253,5 +253,25 @@ def test_100k_keys_set_up_without_per_key_python_objects(tmp_path, kind, make):
     assert grown < 5_000, f"{kind}: setup left {grown:,} more Python containers (per-key lists, tuples, dicts?)"
     train = dm.datasets["train"]
     inner = getattr(train, "dataset", train)  # SSL4EO: the season views over one LMDBPatchDataset
-    assert isinstance(inner._keys, np.ndarray) and len(inner) > 20_000
-    assert len(pickle.dumps(train)) < 64 + 2 * inner._keys.nbytes  # arrays, no per-key objects, to a worker
+    assert isinstance(inner._keys, KeyRows) and len(inner) > 20_000  # rows of the mapped key column
+    keys_per_item = inner._keys.rows.size // len(inner)
+    # to a worker: the sidecar's paths and 4 bytes a key, no keys, no per-key objects
+    assert len(pickle.dumps(train)) < 16_384 + 4 * keys_per_item * len(inner) + (8 * len(inner) if kind == "ssl4eo-s12" else 0)
+
+
+def test_split_datasets_are_rows_of_the_mapped_keys_and_read_the_same(eurosat_lmdb):
+    dm = EuroSATDataModule(str(eurosat_lmdb), num_workers=0, mean=[0.0] * 13, std=[1.0] * 13)
+    dm.setup("fit")
+    train = dm.datasets["train"]
+    assert isinstance(train._keys, KeyRows) and train._keys.rows.dtype == np.int32
+    keys = train._keys.tolist()
+    copy = LMDBPatchDataset(str(eurosat_lmdb), dm.bands, keys=[k.decode() for k in keys], labels=train.labels,
+                            size=train.size)
+    assert [train.key(i) for i in range(len(train))] == [k.decode() for k in keys] == list(map(bytes.decode, train._keys))
+    batch, same = train.read_batch(list(range(len(train)))), copy.read_batch(list(range(len(copy))))
+    assert torch.equal(batch["image"], same["image"]) and torch.equal(batch["label"], same["label"])
+    unpickled = pickle.loads(pickle.dumps(train))  # a spawned worker: maps the column again
+    assert unpickled._keys.tolist() == keys and torch.equal(unpickled.read_batch([0, 1])["image"], batch["image"][:2])
+    assert len(pickle.dumps(train._keys)) < 4096 + 4 * len(train)
+    with pytest.raises(ConfigError, match="KeyRows need shape"):
+        LMDBPatchDataset(str(eurosat_lmdb), dm.bands, keys=KeyRows(dm.manifest(), np.zeros(0, np.int32)))

@@ -29,6 +29,7 @@ from torch.utils.data._utils.collate import default_collate_fn_map
 
 from ..errors import ArgumentTypeError, ConfigError, FormatError, MissingBandError
 from ..format import TensorInfo, parse_header, view
+from ..manifest import KeyRows
 from .store import Store, entry_shapes, open_environment, read_manifest  # noqa: F401  (re-exported)
 
 INTERPOLATIONS = ("nearest", "bilinear", "bicubic")
@@ -191,9 +192,13 @@ class LMDBPatchDataset(Dataset):
         self._key_ref: tuple | None = None
         if keys is None:
             keys, layouts = self._keys_with_bands(manifest)
-        self._keys = keys if self._key_ref is not None else _pack_keys(keys)  # the sidecar's: checked at write
+        # the sidecar's keys (a view, or rows of it: KeyRows) were checked when written
+        self._keys = keys if self._key_ref is not None or isinstance(keys, KeyRows) else _pack_keys(keys)
+        if isinstance(keys, KeyRows) and (keys.ndim not in (1, 2) or not len(keys)):
+            raise ConfigError(f"keys: KeyRows need shape (N,) or (N, parts), N > 0; got shape {keys.shape}")
         if labels is None and manifest and self._keys.ndim == 1 and manifest.has_column("label"):
             found = (manifest.column("label", segments=self._key_ref[1]) if self._key_ref is not None
+                     else keys.column("label")[keys.rows] if isinstance(keys, KeyRows)
                      else manifest.lookup("label", self._keys))
             labels = None if (found < 0).any() else found.astype(np.int64)
         self.labels = None if labels is None else torch.as_tensor(np.asarray(labels))

@@ -21,7 +21,7 @@ from ...errors import ConfigError, DatasetNotFoundError
 from ...format import parse_header
 from ..dataset import LMDBPatchDataset, NativeAssembler, collate
 from ..loader import PatchLoader
-from ...manifest import Manifest, merge
+from ...manifest import KeyRows, Manifest, merge
 from ..store import Store, open_environment, read_manifest
 
 log = logging.getLogger(__name__)
@@ -242,6 +242,24 @@ class LMDBDataModule(L.LightningDataModule):
         keys = np.array([k.encode() for k in listed], dtype=np.bytes_) if listed else np.zeros(0, "S1")
         return keys, np.arange(len(keys))
 
+    def key_items(self, keys: np.ndarray, rows: np.ndarray) -> np.ndarray | KeyRows:
+        """Items ``keys[rows]`` (rows (n,) or (n, k)) for a dataset: where ``keys`` is the one LMDB's
+        mapped key column (:meth:`source_rows`), as :class:`~rico_torch.manifest.KeyRows` (4 bytes
+        a key, in this process and pickled to a worker), else a copy of the keys."""
+        manifest = self.manifest()
+        if manifest and len(manifest.parts) == 1 and keys is manifest.parts[0][1].columns["key"]:
+            return KeyRows(manifest, rows)
+        return keys[rows]
+
+    def key_rows(self, keys: np.ndarray) -> np.ndarray | None:
+        """Each of ``keys``' (an ``S`` array) row in the one LMDB's mapped key column (int32, -1
+        where absent), for :class:`~rico_torch.manifest.KeyRows`; None without a one-part manifest."""
+        manifest = self.manifest()
+        if not (manifest and len(manifest.parts) == 1):
+            return None
+        index = manifest.parts[0][1]
+        return index.find(np.asarray(keys, dtype=np.bytes_), np.int32 if len(index) < 2**31 else np.int64)
+
     def source_keys(self, source: str) -> np.ndarray:
         """The stored keys of one of the catalog's sources in sorted order, an ``S`` array."""
         keys, rows = self.source_rows(source)
@@ -396,8 +414,11 @@ class LMDBDataModule(L.LightningDataModule):
         ident = json.dumps([self.name, self.bands, list(dataset.size or ()), self.interpolation, self.align_corners,
                             len(dataset),
                             self.stats_samples, self.seed])
-        digest = hashlib.sha256(ident.encode() + dataset._keys.tobytes()).hexdigest()[:16]
-        return self.lmdb_path / f"stats-{digest}.json"
+        hashed = hashlib.sha256(ident.encode())
+        keys = dataset._keys
+        for start in range(0, len(keys), 1 << 16):  # a chunk at a time (KeyRows: read from the map)
+            hashed.update(np.ascontiguousarray(keys[start : start + (1 << 16)]).tobytes())
+        return self.lmdb_path / f"stats-{hashed.hexdigest()[:16]}.json"
 
     def statistics(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Per-band mean and std over (a sample of) the train split, cached beside the LMDB."""

@@ -10,6 +10,7 @@ import numpy as np
 
 from ...catalog import bigearthnet
 from ...errors import ConfigError, DatasetNotFoundError
+from ...manifest import KeyRows
 from ..bigearthnet_index import clc_to_class_lut, load_bigearthnet_index
 from .base import LMDBDataModule, LoaderKind
 
@@ -141,25 +142,27 @@ class BigEarthNetDataModule(LMDBDataModule):
         width = max(c.dtype.itemsize for c in columns)
         items = np.stack([c.astype(f"S{width}") for c in columns], axis=1) if len(columns) > 1 else columns[0]
         labels = index.labels
-        keep = self._present(items)
+        rows = self.key_rows(items.ravel())  # each key's row in the mapped column (one LMDB)
+        found = (rows >= 0) if rows is not None else self.has_keys(items.ravel())
+        keep = self._present(found.reshape(items.shape))
         if len(items) and not keep.any():
             raise ConfigError(
                 f"{self.lmdb_path}: none of the {len(items)} {METADATA_SPLITS[split]} patches of "
                 f"{self.metadata_file} (with the {self._sensors()} keys the bands need) are in the LMDB; "
                 "point metadata_dir at this LMDB's metadata, or choose bands the LMDB holds"
             )
+        if rows is not None:  # the split's keys as rows of the column: 4 bytes a key
+            return KeyRows(self.manifest(), rows.reshape(items.shape)[keep]), labels[keep]
         return items[keep], labels[keep]
 
     def _sensors(self) -> str:
         return " and ".join(n for n, used in (("S2", self.uses_s2 or not self.uses_s1), ("S1", self.uses_s1),
                                               ("reference map", self.mask)) if used)
 
-    def _present(self, items: np.ndarray) -> np.ndarray:
-        """Rows whose keys are all in the LMDB, logging what is missing."""
-        columns = items.T if items.ndim == 2 else items[None]
-        keep = np.ones(len(items), dtype=bool)
-        for column in columns:  # a column at a time, each a vectorised binary search
-            keep &= self.has_keys(column)
+    def _present(self, found: np.ndarray) -> np.ndarray:
+        """Items whose keys are all in the LMDB (``found``: each key's, shaped as the items),
+        logging what is missing."""
+        keep = found.all(axis=1) if found.ndim == 2 else found
         if not keep.all():
             log.warning("%s: %d of %d patches of the split are not in the LMDB and are left out",
                         self.lmdb_path, int((~keep).sum()), len(keep))

@@ -52,20 +52,28 @@ class ClassFolderDataModule(LMDBDataModule):
         keys, labels = self._labelled()
         return {k: self.classes[i] for k, i in zip(decode_keys(keys), labels.tolist())}
 
-    def _labelled(self) -> tuple[np.ndarray, np.ndarray]:
-        """Every labelled key, sorted, and its class index: the manifest's label column (vectorised),
-        else :meth:`_named_labels`."""
+    def _labelled(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(keys, rows, labels): ``keys[rows]`` is every labelled key, sorted, ``labels`` its class
+        index; from the manifest's mapped key and label columns (vectorised), else
+        :meth:`_named_labels`."""
         manifest = self.manifest()
         labels = manifest.labels() if manifest else None
         if labels is None:
             named = self._named_labels()
             index = {c: i for i, c in enumerate(self.classes)}
             keys = np.array(sorted(named), dtype=np.bytes_)
-            return keys, np.array([index[named[k.decode()]] for k in keys.tolist()], dtype=np.int64)
+            labels = np.array([index[named[k.decode()]] for k in keys.tolist()], dtype=np.int64)
+            return keys, np.arange(len(keys)), labels
+        if len(manifest.parts) == 1:  # the mapped column, its sorter, the labels in that order
+            index = manifest.parts[0][1]
+            rows = index.columns["sorter"]
+            labels = index.columns["label"][rows]
+            keep = labels >= 0
+            return index.columns["key"], rows[keep], labels[keep].astype(np.int64)
         keys, keep = manifest.key_array(), labels >= 0
         keys, labels = keys[keep], labels[keep]
         order = np.argsort(keys, kind="stable")
-        return keys[order], labels[order].astype(np.int64)
+        return keys[order], np.arange(len(order)), labels[order].astype(np.int64)
 
     def _named_labels(self) -> dict[str, str]:
         """key -> class name from keys alone (an LMDB rico-hdl wrote)."""
@@ -79,11 +87,12 @@ class ClassFolderDataModule(LMDBDataModule):
         return labels
 
     def _load_splits(self) -> dict[str, tuple[np.ndarray, np.ndarray]]:
-        keys, labels = self._labelled()
+        column, sorted_rows, labels = self._labelled()
         if self.split_dir is None:
             parts = stratified_split(labels, (1 - self.val_fraction - self.test_fraction,
                                               self.val_fraction, self.test_fraction), self.seed)
-            return {s: (keys[i], labels[i]) for s, i in parts.items()}
+            return {s: (self.key_items(column, sorted_rows[i]), labels[i]) for s, i in parts.items()}
+        keys = column[sorted_rows]
         splits = {}
         for split in SPLITS:
             path = self.split_dir / f"{self.split_prefix}-{split}.txt"
@@ -98,7 +107,7 @@ class ClassFolderDataModule(LMDBDataModule):
             if missing:
                 raise UnknownKeyError(f"{path}: {len(missing)} of its {len(names)} patches are not in {self.lmdb_path}, "
                                       f"e.g. {missing[0]!r}; is split_dir this LMDB's dataset?")
-            splits[split] = (keys[rows], labels[rows])
+            splits[split] = (self.key_items(column, sorted_rows[rows]), labels[rows])
         return splits
 
     def split_items(self, split: str):

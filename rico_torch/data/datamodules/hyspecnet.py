@@ -9,7 +9,7 @@ import numpy as np
 
 from ...catalog import hyspecnet
 from ...errors import ConfigError, DatasetNotFoundError, UnknownKeyError
-from ...manifest import decode_keys
+from ...manifest import KeyRows, decode_keys
 from .base import LMDBDataModule, LoaderKind
 
 
@@ -62,11 +62,12 @@ class HySpecNetDataModule(LMDBDataModule):
             raise DatasetNotFoundError(f"{path}: HySpecNet-11k split file missing; set split_dir to the dataset's "
                                        "splits/ folder (holding easy/ and hard/)")
         keys = split_file_keys(path)
-        missing = decode_keys(keys[~self.has_keys(keys)])
+        rows = self.key_rows(keys)
+        missing = decode_keys(keys[~self.has_keys(keys) if rows is None else rows < 0])
         if missing:
             raise UnknownKeyError(f"{path}: {len(missing)} of its {len(keys)} patches are not in {self.lmdb_path}, "
                                   f"e.g. {missing[0]!r}; is split_dir this LMDB's dataset?")
-        return keys, None
+        return (keys if rows is None else KeyRows(self.manifest(), rows)), None
 
 
 _PLAIN = np.zeros(256, bool)

@@ -138,11 +138,15 @@ class MajorTOMDataModule(LMDBDataModule):
         return self._items
 
     def _keys(self, items: np.ndarray) -> np.ndarray:
-        """The keys of ``items`` (rows of :meth:`item_arrays`): an ``S`` array, (n, 2) for pairs."""
+        """The keys of ``items`` (rows of :meth:`item_arrays`), (n, 2) for pairs: rows of the mapped key
+        column (:meth:`key_items`), or an ``S`` array."""
         refs, at, _ = self._item_rows()
         if len(refs) == 1:
             keys, order = refs[0]
-            return keys[order[at[items, 0]]]
+            return self.key_items(keys, order[at[items, 0]])
+        if all(keys is refs[0][0] for keys, _ in refs):  # one mapped column: rows of it (KeyRows)
+            rows = np.stack([order[at[items, j]] for j, (_, order) in enumerate(refs)], axis=1)
+            return self.key_items(refs[0][0], rows)
         width = max(keys.dtype.itemsize for keys, _ in refs)
         out = np.empty((len(items), len(refs)), f"S{width}")
         for j, (keys, order) in enumerate(refs):  # a column and a chunk at a time: no full-size temporaries

@@ -59,11 +59,18 @@ class PretrainingDataModule(LMDBDataModule):
         return keys if type(self).group_of is PretrainingDataModule.group_of else None  # each key its own group
 
     def split_items(self, split: str):
-        keys = self.stored_keys()  # sorted (bytes order is the keys' str order)
+        manifest = self.manifest()
+        if manifest and manifest.has_keys:  # the mapped column and its rows in sorted order
+            column, rows = manifest.sorted_rows()
+        else:
+            column = self.stored_keys()
+            rows = np.arange(len(column))
+        keys = column[rows]  # sorted (bytes order is the keys' str order)
         groups = self.group_array(keys)
         if groups is None:
             groups = [self.group_of(k) for k in decode_keys(keys)]
-        return keys[group_split(groups, self.fractions, self.seed)[split]], None
+        del keys
+        return self.key_items(column, rows[group_split(groups, self.fractions, self.seed)[split]]), None
 
 
 class HydroDataModule(PretrainingDataModule):

@@ -158,12 +158,12 @@ class SSL4EODataModule(LMDBDataModule):
         return self._locations
 
     def _keys(self, seasons: np.ndarray) -> np.ndarray:
-        """The keys of ``seasons`` (rows of :meth:`season_arrays`' positions): an ``S`` array, a column
-        per modality where more than one."""
+        """The keys of ``seasons`` (rows of :meth:`season_arrays`' positions), a column per modality
+        where more than one: rows of the mapped key column (:meth:`key_items`), or an ``S`` array."""
         _, _, positions = self.season_arrays()
         columns = [self.source_rows(m)[0] for m in self.order]
-        if len(columns) == 1:
-            return columns[0][positions[seasons, 0]]
+        if all(c is columns[0] for c in columns):  # one column: rows of it
+            return self.key_items(columns[0], positions[seasons] if len(columns) > 1 else positions[seasons, 0])
         out = np.empty((len(seasons), len(columns)), f"S{max(c.dtype.itemsize for c in columns)}")
         for j, keys in enumerate(columns):  # a column and a chunk at a time: no full-size temporaries
             for i in range(0, len(seasons), _CHUNK):
