@@ -23,6 +23,17 @@ def die_with_parent(parent: int) -> None:
     threading.Thread(target=_watch_parent, args=(parent,), name="watch-parent", daemon=True).start()
 
 
+def release_free_heap() -> None:
+    """Hand the C heap's free pages back to the system (glibc's ``malloc_trim``; elsewhere nothing).
+    A DataModule's setup at millions of keys frees ~150 MB of parse temporaries that glibc keeps
+    otherwise, in every rank, for the whole run."""
+    if sys.platform.startswith("linux"):
+        try:
+            ctypes.CDLL(None).malloc_trim(0)
+        except (OSError, AttributeError):  # not glibc (musl has no malloc_trim)
+            pass
+
+
 def _watch_parent(parent: int) -> None:
     while os.getppid() == parent:  # also catches a parent that died before prctl took effect
         time.sleep(0.5)

@@ -275,3 +275,21 @@ def test_split_datasets_are_rows_of_the_mapped_keys_and_read_the_same(eurosat_lm
     assert len(pickle.dumps(train._keys)) < 4096 + 4 * len(train)
     with pytest.raises(ConfigError, match="KeyRows need shape"):
         LMDBPatchDataset(str(eurosat_lmdb), dm.bands, keys=KeyRows(dm.manifest(), np.zeros(0, np.int32)))
+
+
+@pytest.mark.parametrize("order", ["sorted", "shuffled", "reversed"])
+def test_find_gives_each_keys_row_in_any_order_across_chunks(order, monkeypatch):
+    """KeyIndex.find sorts a chunk that is out of order before searching: same rows as a dict, -1
+    for absent keys, whatever the order, across chunk boundaries."""
+    import rico_torch.manifest as manifest
+
+    monkeypatch.setattr(manifest, "_FIND_CHUNK", 7)
+    rng = np.random.default_rng(3)
+    keys = np.array([f"S2A_{rng.integers(10**6):06d}_{i}".encode() for i in range(200)])
+    index = manifest.KeyIndex(None, arrays=manifest.build_columns(keys))
+    wanted = np.concatenate([keys[rng.choice(200, 60, replace=False)], [b"absent", b"S2A_", b"~"]])
+    wanted = {"sorted": np.sort(wanted), "shuffled": wanted[rng.permutation(len(wanted))],
+              "reversed": np.sort(wanted)[::-1]}[order]
+    row_of = {k: i for i, k in enumerate(keys.tolist())}
+    assert index.find(wanted).tolist() == [row_of.get(k, -1) for k in wanted.tolist()]
+    assert index.find(wanted, np.int32).dtype == np.int32

@@ -17,6 +17,7 @@ from torch.utils.data import DataLoader, DistributedSampler
 
 from ...catalog import Dataset, identify
 from ...contents import recognise
+from ..._process import release_free_heap
 from ...errors import ConfigError, DatasetNotFoundError
 from ...format import parse_header
 from ..dataset import LMDBPatchDataset, NativeAssembler, collate
@@ -330,9 +331,11 @@ class LMDBDataModule(L.LightningDataModule):
         if not self.datasets:
             self.check_lmdb()
         wanted = {"fit": ("train", "val"), "validate": ("val",), "test": ("test",), "predict": ("test",)}
-        for split in wanted.get(stage, SPLITS) if stage else SPLITS:
-            if split not in self.datasets:
-                self.datasets[split] = self.make_dataset(split)
+        made = [s for s in (wanted.get(stage, SPLITS) if stage else SPLITS) if s not in self.datasets]
+        for split in made:
+            self.datasets[split] = self.make_dataset(split)
+        if made:
+            release_free_heap()  # the splits' parse temporaries
         if self.loads_native and self.assembler is None:
             self.assembler = next(iter(self.datasets.values())).native_assembler()
         if self.mean is None:
