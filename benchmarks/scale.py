@@ -20,11 +20,13 @@ manifest and ``keys.index`` through ``rico_torch.manifest``, cached under
 * a worker's private memory after reading 20 random batches of 256, for a dataset handed to a
   ``spawn`` worker (pickled) and to a ``fork`` worker: USS (psutil; includes clean pages of the
   files it alone mapped) and anonymous memory (its own heap), beside a worker of a one-key dataset;
+* ``--discover N``: an encode's discovery of N BigEarthNet-S2 patch folders, whole and as shard
+  0/8 (``--shard``: a job keeps objects for its share only), tracemalloc's peak and what it holds;
 * ``--encode N``: a real ``python -m rico_torch.encode scenes`` of N windows (2 px windows of one
   GeoTIFF), its peak RSS.
 
 Usage: ``python benchmarks/scale.py [--counts 262144 3000000] [--kinds scenes satlas ...]
-[--no-workers] [--encode 1048576]``.
+[--no-workers] [--encode 1048576] [--discover 1000000]``.
 """
 
 from __future__ import annotations
@@ -33,7 +35,6 @@ import argparse
 import json
 import multiprocessing
 import os
-import resource
 import subprocess
 import sys
 import time
@@ -232,6 +233,42 @@ def encode_scenes(windows: int, workers: int) -> dict:
     return {"windows": keys, "seconds": time.perf_counter() - start, "peak": main_peak, "worker_peak": child_peak}
 
 
+# --- discover a shard's share -----------------------------------------------------------------------
+
+
+def patch_folders(count: int) -> Path:
+    """``count`` empty BigEarthNet-S2 patch folders, 1,000 to a tile folder (as the archive holds
+    them; discovery reads no file), cached."""
+    root = BENCH_ROOT / f"scale-discover-{count}"
+    if not (root / "done").exists():
+        import shutil
+
+        shutil.rmtree(root, ignore_errors=True)
+        for t in range(-(-count // 1000)):
+            tile = root / "s2" / f"S2A_MSIL2A_20170613T101031_N9999_R022_T{t:05d}"
+            tile.mkdir(parents=True)
+            for i in range(min(1000, count - t * 1000)):
+                (tile / f"{tile.name}_{i // 40}_{i % 40}").mkdir()
+        (root / "done").touch()
+    return root / "s2"
+
+
+def _discover(root: str, shard: str) -> dict:
+    """Seconds and tracemalloc's peak of discovering BigEarthNet-S2 patch folders, whole or a shard."""
+    import tracemalloc
+
+    from rico_torch.catalog import get_dataset
+    from rico_torch.encode.discover import discover
+
+    dataset = get_dataset("bigearthnet")
+    tracemalloc.start()
+    start = time.perf_counter()
+    found = discover(dataset, {"s2": Path(root)}, None if shard == "all" else tuple(map(int, shard.split("/"))))
+    seconds = time.perf_counter() - start
+    held, peak = tracemalloc.get_traced_memory()
+    return {"seconds": seconds, "peak": peak, "held": held, "patches": sum(len(s.patches) for s in found)}
+
+
 # --- the table ------------------------------------------------------------------------------------
 
 
@@ -246,6 +283,9 @@ def main() -> None:
     parser.add_argument("--no-workers", action="store_true", help="skip the worker memory rows")
     parser.add_argument("--encode", type=int, default=0, metavar="N", help="also encode N scene windows (0: skip)")
     parser.add_argument("--encode-workers", type=int, default=0)
+    parser.add_argument("--discover", type=int, default=0, metavar="N",
+                        help="also discover N BigEarthNet-S2 patch folders, whole and as one of 8 shards (0: skip)")
+    parser.add_argument("--discover-in", nargs=2, metavar=("ROOT", "SHARD"), help=argparse.SUPPRESS)
     parser.add_argument("--measure", nargs=3, metavar=("WHAT", "PATH", "MODE"), help=argparse.SUPPRESS)
     parser.add_argument("--uss", nargs=2, metavar=("PATH", "METHOD"), help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -254,6 +294,9 @@ def main() -> None:
         return
     if args.uss:
         print(json.dumps(_worker_uss(*args.uss)))
+        return
+    if args.discover_in:
+        print(json.dumps(_discover(*args.discover_in)))
         return
     rows, opens = [], []
     kinds = args.kinds or list(SETUPS)
@@ -284,6 +327,14 @@ def main() -> None:
         r = encode_scenes(args.encode, args.encode_workers)
         rows.append((r["windows"], f"encode scenes ({args.encode_workers} workers), peak RSS", mb(r["peak"]),
                      f"{r['seconds']:.0f} s; workers' peak {mb(r['worker_peak'])}"))
+    if args.discover:
+        root = patch_folders(args.discover)
+        for shard in ("all", "0/8"):
+            r = run_child("--discover-in", str(root), shard)
+            rows.append((args.discover, f"discover BigEarthNet-S2 patch folders ({shard}): tracemalloc peak / held",
+                         f"{mb(r['peak'])} / {mb(r['held'])}",
+                         f"{r['patches']:,} patches, {r['seconds']:.1f} s traced"))
+            log(rows[-1])
     if opens:
         print("seconds: untraced; peak: tracemalloc's peak growth (Python objects, numpy arrays); peak RSS: "
               "VmHWM growth, untraced (includes file pages mapped: the next column); held: anonymous memory "

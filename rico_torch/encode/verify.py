@@ -222,8 +222,9 @@ def _compare_sources(dataset, manifest, roots, stored_digests, report, num_worke
     unknown = [name for name in roots if name not in {s.name for s in dataset.sources}]
     if unknown:
         raise InputError(unknown[0], f"is not a source of {dataset.name}")
-    _compare_discovered(dataset.name, discover(dataset, roots), manifest, set(roots), stored_digests, report,
-                        num_workers, quiet)
+    shard = (manifest or {}).get("shard")  # only the shard's share is listed past each source's walk
+    discovered = discover(dataset, roots, (shard["index"], shard["count"]) if shard else None)
+    _compare_discovered(dataset.name, discovered, manifest, set(roots), stored_digests, report, num_workers, quiet)
 
 
 def _compare_discovered(dataset_name, discovered, manifest, roots, stored_digests, report, num_workers, quiet) -> None:
