@@ -293,3 +293,16 @@ def test_find_gives_each_keys_row_in_any_order_across_chunks(order, monkeypatch)
     row_of = {k: i for i, k in enumerate(keys.tolist())}
     assert index.find(wanted).tolist() == [row_of.get(k, -1) for k in wanted.tolist()]
     assert index.find(wanted, np.int32).dtype == np.int32
+
+
+def test_setup_hands_the_free_heap_back_once_it_made_splits(eurosat_lmdb, monkeypatch):
+    """Setup's parse temporaries are freed to the system (malloc_trim), not kept by glibc for the run."""
+    import rico_torch.data.datamodules.base as base
+
+    calls = []
+    monkeypatch.setattr(base, "release_free_heap", lambda: calls.append(1))
+    dm = EuroSATDataModule(eurosat_lmdb, batch_size=4, num_workers=0)
+    dm.setup("fit")
+    assert calls == [1] and set(dm.datasets) == {"train", "val"}
+    dm.setup("fit")  # nothing new made: nothing to hand back
+    assert calls == [1]

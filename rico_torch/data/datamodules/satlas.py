@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import Dataset
 
+from ..._process import release_free_heap
 from ...catalog import satlas
 from ...errors import ConfigError, DatasetNotFoundError, FormatError
 from ...format import parse_header, view
@@ -674,9 +675,12 @@ class SatlasDataModule(LMDBDataModule):
         if not self.datasets:
             self.check_lmdb()
         wanted = {"fit": ("train", "val"), "validate": ("val",), "test": ("test",), "predict": ("test",)}
-        for split in wanted.get(stage, SPLITS) if stage else SPLITS:
-            if split not in self.datasets and not (split == "val" and self.val_fraction == 0):
-                self.datasets[split] = self.make_dataset(split)
+        made = [s for s in (wanted.get(stage, SPLITS) if stage else SPLITS)
+                if s not in self.datasets and not (s == "val" and self.val_fraction == 0)]
+        for split in made:
+            self.datasets[split] = self.make_dataset(split)
+        if made:
+            release_free_heap()  # the splits' parse temporaries
         if self.loads_native and self.assembler is None and self.datasets:
             self.assembler = next(iter(self.datasets.values())).images.native_assembler()
 
