@@ -327,15 +327,24 @@ class LMDBDataModule(L.LightningDataModule):
         trainer = self.trainer
         return trainer is not None and trainer.strategy.root_device.type == "cuda"
 
-    def setup(self, stage: str | None = None) -> None:
+    def has_split(self, split: str) -> bool:
+        """Whether this DataModule makes ``split`` (all three unless a subclass leaves one out)."""
+        return True
+
+    def make_splits(self, stage: str | None) -> None:
+        """The datasets ``stage`` needs that are not made yet; then the parse's freed memory goes back."""
         if not self.datasets:
             self.check_lmdb()
         wanted = {"fit": ("train", "val"), "validate": ("val",), "test": ("test",), "predict": ("test",)}
-        made = [s for s in (wanted.get(stage, SPLITS) if stage else SPLITS) if s not in self.datasets]
+        made = [s for s in (wanted.get(stage, SPLITS) if stage else SPLITS)
+                if s not in self.datasets and self.has_split(s)]
         for split in made:
             self.datasets[split] = self.make_dataset(split)
         if made:
             release_free_heap()  # the splits' parse temporaries
+
+    def setup(self, stage: str | None = None) -> None:
+        self.make_splits(stage)
         if self.loads_native and self.assembler is None:
             self.assembler = next(iter(self.datasets.values())).native_assembler()
         if self.mean is None:

@@ -13,14 +13,13 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import Dataset
 
-from ..._process import release_free_heap
 from ...catalog import satlas
 from ...errors import ConfigError, DatasetNotFoundError, FormatError
 from ...format import parse_header, view
 from ...manifest import decode_keys
 from ._text import ascii_ints, json_rows
 from ..dataset import LMDBPatchDataset, SampleList, _empty, _unbatch
-from .base import SPLITS, LMDBDataModule, LoaderKind
+from .base import LMDBDataModule, LoaderKind
 
 #: Zoom levels between a NAIP tile (zoom 17) and its label tile (zoom 13).
 NAIP_LEVELS = 4
@@ -671,16 +670,11 @@ class SatlasDataModule(LMDBDataModule):
                               f"{labelled}; check split, modality, metadata_dir and val_fraction")
         return SatlasTiles(self.image_dataset(), items, self.tasks, self.num_images)
 
+    def has_split(self, split: str) -> bool:
+        return not (split == "val" and self.val_fraction == 0)
+
     def setup(self, stage: str | None = None) -> None:
-        if not self.datasets:
-            self.check_lmdb()
-        wanted = {"fit": ("train", "val"), "validate": ("val",), "test": ("test",), "predict": ("test",)}
-        made = [s for s in (wanted.get(stage, SPLITS) if stage else SPLITS)
-                if s not in self.datasets and not (s == "val" and self.val_fraction == 0)]
-        for split in made:
-            self.datasets[split] = self.make_dataset(split)
-        if made:
-            release_free_heap()  # the splits' parse temporaries
+        self.make_splits(stage)
         if self.loads_native and self.assembler is None and self.datasets:
             self.assembler = next(iter(self.datasets.values())).images.native_assembler()
 
