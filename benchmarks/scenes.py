@@ -158,7 +158,7 @@ STITCH_CHILD = """
 import json, resource, sys, time
 import numpy as np
 from rico_torch.scenes import Stitcher
-from rico_torch.scenes.discover import offsets
+from rico_torch.cube.plan import axis_starts as offsets
 size, channels, patch, stride, out = int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4]), sys.argv[5]
 a = 10.0
 scene = {"path": "", "crs": "EPSG:32632", "transform": [a, 0.0, 600000.0, 0.0, -a, 5000040.0], "width": size,

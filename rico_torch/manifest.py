@@ -462,11 +462,22 @@ def window_transform(transform: Sequence[float], row: int, col: int) -> list[flo
 class Windows(Mapping):
     """key -> ``{"scene", "window": [row, col, size, size], "transform"}`` of a chipped LMDB,
     derived on lookup from the sidecar's columns and the scenes' transforms (the old
-    ``manifest["windows"]``, without holding a dict of every key)."""
+    ``manifest["windows"]``, without holding a dict of every key). A cube encode's windows
+    (``encode cube``) are ``{"cube", "window": [row, col, h, w], "t_off", "t_size", "time"
+    (ISO strings of its steps), "time_values" (their CF numbers), "transform"}``."""
 
     def __init__(self, manifest: Manifest) -> None:
         self.manifest = manifest
         self.size = int(manifest.get("chip", {}).get("patch_size", 0))
+        self.cube = manifest.get("cube")
+
+    def cube_entry(self, t: int, row: int, col: int) -> dict:
+        cube = self.cube
+        steps, height, width = (int(cube["patch"][a]) for a in ("time", "y", "x"))
+        time = cube["time"]
+        return {"cube": cube["name"], "window": [row, col, height, width], "t_off": t, "t_size": steps,
+                "time": time["iso"][t : t + steps], "time_values": time["values"][t : t + steps],
+                "transform": window_transform(cube["transform"], row, col)}
 
     def table(self) -> tuple[np.ndarray, list[str], np.ndarray, np.ndarray, np.ndarray]:
         """(keys, scene names, scene index, row, col) of every window, in index order."""
@@ -494,6 +505,8 @@ class Windows(Mapping):
             raise KeyError(key)
         ranges, index = self.manifest.parts[int(part[0])]
         r = int(row[0])
+        if self.cube is not None:
+            return self.cube_entry(*(int(index.columns[c][r]) for c in ("time", "row", "col")))
         scene = next(s for s, (start, stop) in ranges.items() if start <= r < stop)
         return self.entry(scene, index.columns["row"][r], index.columns["col"][r])
 
@@ -619,6 +632,14 @@ def merge(manifests: Sequence[Manifest | None]) -> Manifest | None:
             facts["scenes"] = _merge_scenes(facts.get("scenes") or {}, m["scenes"])
     if facts.get("scenes") is None:
         facts.pop("scenes", None)
+    if "cube" in first:  # shards of one cube encode: each counted only its own windows' cells
+        from .scenes.statistics import merge_entries
+
+        statistics: dict = {}
+        for m in manifests:
+            statistics = merge_entries(statistics, m.get("cube", {}).get("statistics", {}))
+        facts["cube"] = {**first["cube"], "statistics": statistics}
+        facts["statistics"] = statistics
     facts["patches"] = sum(facts["counts"].values())
     return Manifest(facts, [part for m in manifests for part in m.parts])
 

@@ -185,10 +185,15 @@ def build_parser(prog: str = "python -m rico_torch.encode") -> argparse.Argument
                         f"it with sources where the options do not tell ({', '.join(DATASETS)})")
     _common(verify)
     verify.set_defaults(dataset="verify")
+    verify.add_argument("--source", dest="verify_source", type=Path, metavar="PATH",
+                        help="compare a cube encode with its source (the NetCDF/Zarr cube or GeoTIFF folder it was "
+                        "encoded from)")
+    from ..cube.encode import add_parser as add_cube_parser
     from ..scenes.chipper import add_parser as add_scenes_parser
     from .info import add_info_parser
 
     add_scenes_parser(sub, _common)
+    add_cube_parser(sub, _common)
     add_info_parser(sub)
     upgrade = sub.add_parser(
         "upgrade",
@@ -268,6 +273,14 @@ def run_verify(args: argparse.Namespace) -> int:
         report = verify_scenes(args.target_dir, args.verify_dataset_dir, args.num_workers, args.quiet)
         print_report(report)
         return 0 if report.ok else 1
+    if manifest is not None and manifest.get("dataset") == "cube":  # windows of a datacube: not in the catalog
+        from ..cube.encode import verify_cube
+
+        report = verify_cube(args.target_dir, args.verify_source, args.num_workers, args.quiet)
+        print_report(report)
+        return 0 if report.ok else 1
+    if args.verify_source is not None:
+        raise ConfigError(f"--source: {args.target_dir} is not a cube encode; give the dataset's source options")
     dataset, roots = verify_dataset(args, manifest)
     report = verify(args.target_dir, roots, num_workers=args.num_workers, quiet=args.quiet,
                     dataset=dataset.name if dataset is not None else None)
@@ -334,6 +347,8 @@ def next_steps(target: Path, dataset_name: str) -> str:
         fit = fit_suggestion(target, Store(target).manifest())
     elif dataset_name == "demo":
         fit = f"`{demo_fit_command(target)}` trains on it"
+    elif dataset_name == "cube":
+        fit = "rico_torch.data.LMDBPatchDataset reads its windows as T x C x H x W"
     else:
         fit = f"`{get_dataset(dataset_name).fit_command(target)}` trains on it"
     return f"next: `python -m rico_torch.encode info {target}` describes it; {fit}"
@@ -367,6 +382,10 @@ def main(argv: list[str] | None = None, prog: str = "python -m rico_torch.encode
             from ..scenes.chipper import run as run_scenes
 
             result = run_scenes(args)
+        elif args.dataset == "cube":
+            from ..cube.encode import run as run_cube
+
+            result = run_cube(args)
         else:
             dataset = get_dataset(args.dataset)
             roots = source_roots(dataset, args)

@@ -25,13 +25,14 @@ from pathlib import Path
 import numpy as np
 
 from ..catalog import Band, Dataset, Source
+from ..cube.plan import axis_owned, axis_starts as offsets
 from ..errors import InputError
 from ..encode.discover import Patch, SourcePatches, in_shard, printable
 from ..encode.options import parse_shard
 from ..encode.writer import EncodeResult, encode_dataset
 from ..format import load_value
 from .discover import ALLOW_UNGEOREFERENCED, EDGES, Scene, SceneWindow, check_options, check_sizes, close_rasters, \
-    find_scenes, offsets, valid_pixels
+    find_scenes, valid_pixels
 from .statistics import Moments, merge, pool
 
 NAME = "scenes"
@@ -103,7 +104,8 @@ class SceneManifest:
         self.offsets = np.fromiter((v for sp in discovered for p in sp.patches for v in (p.reader.row, p.reader.col)),
                                    "<i4", 2 * count).reshape(-1, 2)
         self._sorter = np.argsort(self.windows, kind="stable")
-        self.owned = {s.name: (_owned(s.height, options), _owned(s.width, options)) for s in scenes}
+        shape = (options.patch_size, options.stride, options.edge)
+        self.owned = {s.name: (axis_owned(s.height, *shape), axis_owned(s.width, *shape)) for s in scenes}
         self.moments: dict[str, dict[str, Moments]] = {}
         self.label_nodata = next((s.labels.nodata for s in scenes if s.labels is not None), None)
         self.refused: dict[str, str] = {}  # band -> why it is not pooled over the scenes
@@ -146,14 +148,6 @@ class SceneManifest:
         from the scene's (:func:`rico_torch.manifest.window_transform`)."""
         at = self._sorter[np.searchsorted(self.windows, written, sorter=self._sorter)]
         return {"row": self.offsets[at, 0].copy(), "col": self.offsets[at, 1].copy()}
-
-
-def _owned(size: int, options: ChipOptions) -> dict[int, tuple[int, int]]:
-    """Window start -> the pixels [start, end) it owns along one axis of ``size`` px: up to the
-    next window's start (or its own end for the last), never beyond the scene."""
-    starts = offsets(size, options.patch_size, options.stride, options.edge)
-    ends = starts[1:] + [starts[-1] + options.patch_size] if starts else []
-    return {s: (s, min(e, size)) for s, e in zip(starts, ends)}
 
 
 def file_fingerprint(path: str | Path) -> list:

@@ -19,11 +19,11 @@ from pathlib import Path
 
 import numpy as np
 
+from ..cube.plan import EDGES
 from ..encode.discover import SkipPatch, printable
 from ..encode.read import first_line, gdal_reason
 from ..errors import ConfigError, InputError
 
-EDGES = ("shift", "pad", "drop")
 #: files that are rasters by their name; other files are tried with GDAL unless they are sidecars
 RASTER_SUFFIXES = {".tif", ".tiff", ".jp2", ".vrt", ".img", ".nc", ".hdf", ".h5", ".png", ".jpg", ".jpeg"}
 SIDECAR_SUFFIXES = {".xml", ".ovr", ".msk", ".aux", ".json", ".txt", ".md", ".prj", ".tfw", ".wld", ".hdr", ".csv",
@@ -358,21 +358,6 @@ def _crs(wkt: str):
 
 
 # --- windows --------------------------------------------------------------------------------
-
-
-def offsets(size: int, patch: int, stride: int, edge: str) -> list[int]:
-    """Window starts along one axis of ``size`` px (see ``--edge``)."""
-    full = list(range(0, size - patch + 1, stride)) if size >= patch else []
-    if edge == "drop":
-        return full
-    if edge == "shift":
-        if full and full[-1] + patch < size:
-            full.append(size - patch)  # moved inward: full size, real pixels only
-        return full
-    starts = [0]
-    while starts[-1] + patch < size:
-        starts.append(starts[-1] + stride)
-    return starts
 
 
 def check_sizes(scene: Scene, patch: int, stride: int, edge: str) -> None:

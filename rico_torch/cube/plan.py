@@ -1,0 +1,108 @@
+"""The one window planner: windows over (time, row, col) of a grid; a scene is a cube with one time step.
+
+Along each axis a window has a patch size, a stride and an edge rule (``--edge``):
+
+* ``shift``: full windows every ``stride`` cells, and a last one moved inward so that the axis is
+  covered with real cells only;
+* ``pad``: windows every ``stride`` cells until the axis is covered; the last ones run past the end
+  (cells outside are the source's fill value);
+* ``drop``: full windows only; a remainder shorter than a patch is left out.
+
+Windows are written time-major, then row, then column (nested loops). Statistics count each cell of
+the grid once whatever the overlap: along each axis a window owns the cells from its start up to the
+next window's start (the last one up to its own end, never past the axis) — :func:`axis_owned`.
+Windows are plain numbers (offsets), never objects that carry readers (``rasterio.windows``' way).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import cached_property
+
+import numpy as np
+
+EDGES = ("shift", "pad", "drop")
+
+
+def axis_starts(size: int, patch: int, stride: int, edge: str) -> list[int]:
+    """Window starts along one axis of ``size`` cells (see the module doc for ``edge``)."""
+    full = list(range(0, size - patch + 1, stride)) if size >= patch else []
+    if edge == "drop":
+        return full
+    if edge == "shift":
+        if full and full[-1] + patch < size:
+            full.append(size - patch)  # moved inward: full size, real cells only
+        return full
+    starts = [0]
+    while starts[-1] + patch < size:
+        starts.append(starts[-1] + stride)
+    return starts
+
+
+def axis_owned(size: int, patch: int, stride: int, edge: str) -> dict[int, tuple[int, int]]:
+    """Window start -> the cells [lo, hi) it owns along one axis: up to the next window's start
+    (or its own end for the last), never beyond the axis."""
+    starts = axis_starts(size, patch, stride, edge)
+    ends = starts[1:] + [starts[-1] + patch] if starts else []
+    return {s: (s, min(e, size)) for s, e in zip(starts, ends)}
+
+
+@dataclass(frozen=True)
+class Axis:
+    """One axis of a grid and how windows step along it; ``name`` is the source's own dimension name."""
+
+    name: str
+    size: int
+    patch: int
+    stride: int
+    edge: str = "shift"
+
+    @cached_property
+    def starts(self) -> list[int]:
+        return axis_starts(self.size, self.patch, self.stride, self.edge)
+
+    @cached_property
+    def owned(self) -> dict[int, tuple[int, int]]:
+        return axis_owned(self.size, self.patch, self.stride, self.edge)
+
+
+@dataclass(frozen=True)
+class WindowPlan:
+    """Windows over the three axes (time, y, x) of one grid."""
+
+    axes: tuple[Axis, Axis, Axis]
+
+    @classmethod
+    def scene(cls, height: int, width: int, patch: int, stride: int, edge: str) -> "WindowPlan":
+        """A scene's plan: one time step, square windows."""
+        return cls((Axis("time", 1, 1, 1), Axis("y", height, patch, stride, edge), Axis("x", width, patch, stride, edge)))
+
+    @property
+    def patch(self) -> tuple[int, int, int]:
+        return tuple(a.patch for a in self.axes)  # type: ignore[return-value]
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        return tuple(a.size for a in self.axes)  # type: ignore[return-value]
+
+    @property
+    def starts(self) -> tuple[list[int], list[int], list[int]]:
+        return tuple(a.starts for a in self.axes)  # type: ignore[return-value]
+
+    @property
+    def count(self) -> int:
+        t, r, c = self.starts
+        return len(t) * len(r) * len(c)
+
+    def offsets(self) -> np.ndarray:
+        """Every window's (t, row, col), ``(count, 3)`` int64, in write order (time, row, col nested)."""
+        t, r, c = (np.asarray(s, np.int64) for s in self.starts)
+        grid = np.empty((len(t), len(r), len(c), 3), np.int64)
+        grid[..., 0] = t[:, None, None]
+        grid[..., 1] = r[None, :, None]
+        grid[..., 2] = c[None, None, :]
+        return grid.reshape(-1, 3)
+
+    def owned(self, t: int, row: int, col: int) -> tuple[tuple[int, int], tuple[int, int], tuple[int, int]]:
+        """The cells [lo, hi) per axis that the window at (t, row, col) owns (in grid coordinates)."""
+        return tuple(a.owned[s] for a, s in zip(self.axes, (t, row, col)))  # type: ignore[return-value]
