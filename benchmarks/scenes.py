@@ -21,6 +21,12 @@ speed; stitching speed and peak memory.
 
     python benchmarks/scenes.py              # everything
     python benchmarks/scenes.py --no-stitch  # skip the 10,980^2 x 10 stitch (minutes, ~10 GB of disk)
+    python benchmarks/scenes.py --million    # chipping at scale only (below)
+
+* Chipping at scale (``--million``): 1,048,576 windows of 8 px from one 8,192 x 8,192 px 3-band
+  uint8 scene (deflate, tiled 512), each run in a child process (peak memory = its ``ru_maxrss``
+  and its workers'), side by side with the floor it cannot beat: a plain read of the whole scene
+  and the LMDB put rate of the same number of values of the same size (512 per transaction).
 """
 
 from __future__ import annotations
@@ -199,13 +205,94 @@ def bench_stitch(out_dir: Path, size: int = 10980, channels: int = 10, patch: in
     return result
 
 
+CHILD = """
+import json, resource, sys, time
+kind, args = sys.argv[1], json.loads(sys.argv[2])
+start = time.perf_counter()
+if kind == "read":
+    import rasterio
+    with rasterio.open(args["scene"]) as src:
+        data = src.read()
+    extra = {"mb": data.nbytes / 1e6}
+elif kind == "put":
+    import lmdb, numpy as np
+    from rico_torch.encode.read import value_parts
+    value = b"".join(value_parts({b: np.zeros((args["window"],) * 2, np.uint8) for b in ("B1", "B2", "B3")})[0])
+    env = lmdb.open(args["target"], map_size=1 << 36)
+    for first in range(0, args["count"], 512):
+        with env.begin(write=True) as txn:
+            for i in range(first, min(first + 512, args["count"])):
+                txn.put(f"scene_{i // 1024 * 8}_{i % 1024 * 8}".encode(), value, overwrite=False)
+    env.close()
+    extra = {"bytes": len(value)}
+else:
+    from rico_torch.scenes import chip
+    result = chip(args["scenes"], args["target"], args["window"], num_workers=args["workers"])
+    extra = {"written": result.written}
+seconds = time.perf_counter() - start
+peak = max(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)
+print(json.dumps({"seconds": seconds, "peak_mb": peak / 1024, **extra}))
+"""
+
+
+def _child(kind: str, **args) -> dict:
+    out = subprocess.run([sys.executable, "-c", CHILD, kind, json.dumps(args)], capture_output=True, text=True)
+    if out.returncode:
+        raise RuntimeError(out.stderr)
+    return json.loads(out.stdout.splitlines()[-1])
+
+
+def million_scene(pixels: int) -> Path:
+    root = BENCH_ROOT / f"scene-{pixels}-3band"
+    if (root / MARKER).exists():
+        return root / "scenes"
+    shutil.rmtree(root, ignore_errors=True)
+    from rico_torch.synthetic._geotiff import square_transform, write_geotiff
+
+    log(f"generating a {pixels} x {pixels} px 3-band uint8 scene into {root} ...")
+    rng = np.random.default_rng(0)
+    data = rng.integers(1, 255, (3, pixels, pixels), dtype=np.uint8)
+    write_geotiff(root / "scenes" / "big.tif", data, crs="EPSG:32632", transform=square_transform(5e5, 5e6, pixels * 10.0,
+                  pixels), compress="deflate", tiled=True, blocksize=512)
+    (root / MARKER).write_text(json.dumps({"pixels": pixels}))
+    return root / "scenes"
+
+
+def bench_chip_scale(pixels: int, window: int, workers: list[int]) -> None:
+    scenes = million_scene(pixels)
+    count = (pixels // window) ** 2
+    target = BENCH_ROOT / "scene-scale-lmdb"
+    shutil.rmtree(target, ignore_errors=True)
+    read = _child("read", scene=str(scenes / "big.tif"))
+    put = _child("put", target=str(target), count=count, window=window)
+    shutil.rmtree(target, ignore_errors=True)
+    rows = [["plain read of the scene (rasterio, all bands)", f"{read['seconds']:.1f}", "", f"{read['peak_mb']:,.0f}"],
+            [f"LMDB puts of {count:,} values of {put['bytes']} B, 512 per transaction", f"{put['seconds']:.1f}",
+             f"{count / put['seconds']:,.0f}", f"{put['peak_mb']:,.0f}"]]
+    for w in workers:
+        log(f"chipping {count:,} windows with {w} workers ...")
+        run = _child("chip", scenes=str(scenes), target=str(target), window=window, workers=w)
+        shutil.rmtree(target, ignore_errors=True)
+        rows.append([f"encode scenes, --num-workers {w}", f"{run['seconds']:.1f}", f"{run['written'] / run['seconds']:,.0f}",
+                     f"{run['peak_mb']:,.0f}"])
+    print(f"\nChipping at scale: {count:,} windows of {window} px from one {pixels:,} x {pixels:,} px 3-band uint8 "
+          f"scene; {machine()}; load average {load()}\n")
+    print(table(["run (a child process each)", "seconds", "windows/s", "peak MB (ru_maxrss)"], rows))
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--pixels", type=int, default=3600, help="10 m pixels per side of the scene (multiple of 120)")
     p.add_argument("--workers", type=int, default=2, help="chipping worker processes (default 2)")
     p.add_argument("--repeats", type=int, default=3, help="passes over the patches; the best counts")
     p.add_argument("--no-stitch", action="store_true", help="skip the 10,980^2 x 10 stitch")
+    p.add_argument("--million", action="store_true", help="only chipping at scale: 8 px windows of one large scene")
+    p.add_argument("--scale-pixels", type=int, default=8192, help="--million: the scene's size (default 8192: 1M windows)")
+    p.add_argument("--scale-workers", type=int, nargs="+", default=[1, 2], help="--million: worker counts (default 1 2)")
     args = p.parse_args(argv)
+    if args.million:
+        bench_chip_scale(args.scale_pixels, 8, args.scale_workers)
+        return 0
     from rico_torch.scenes import chip
 
     load_start = load()

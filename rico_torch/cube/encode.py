@@ -23,14 +23,15 @@ from pathlib import Path
 import numpy as np
 
 from ..catalog import Band, Dataset, Source
-from ..encode.discover import Patch, SkipPatch, SourcePatches, in_shard, printable
+from ..encode.discover import Patch, SkipPatch, SourcePatches, WindowList, in_shard, printable
 from ..encode.options import parse_shard
 from ..encode.writer import EncodeResult, encode_dataset
 from ..errors import ConfigError, InputError
 from ..format import load_value
 from ..scenes.statistics import Moments, merge
 from .plan import EDGES, Axis, WindowPlan
-from .source import AXES, Cube, close_cubes, inside, open_cube, read_window, valid_cells
+from .source import AXES, Cube, close_cubes, inside, open_cube, prefetch_windows, read_window, valid_cells, \
+    window_moments
 
 NAME = "cube"
 EXAMPLE = ("python -m rico_torch.encode cube --source sst.mnmean.nc --vars sst --target-dir encoded-sst "
@@ -100,6 +101,10 @@ class CubeWindow:
     col: int
     patch: tuple[int, int, int]
     min_valid: int
+    owned: tuple[tuple[int, int], ...] = ()  # [lo, hi) per axis: the cells its statistics count
+
+    def moments(self, arrays: dict[str, np.ndarray]) -> tuple[tuple, ...]:
+        return window_moments(self.cube, arrays, (self.t, self.row, self.col), self.owned)
 
     def __call__(self) -> dict[str, np.ndarray]:
         arrays = read_window(self.cube, self.t, self.row, self.col, self.patch)
@@ -116,12 +121,34 @@ def windows_of(cube: Cube, plan: WindowPlan, min_valid: int,
     """The ad-hoc dataset (one source: the cube) and its windows as patches (a shard's only)."""
     source = Source(cube.name, "--source", "", Path(cube.path).is_dir(), tuple(Band(b) for b in cube.band_names),
                     None, noun=f"windows of {cube.name}")
-    patches = [Patch(key, Path(cube.path), reader=CubeWindow(cube, t, r, c, plan.patch, min_valid))
-               for t, r, c in plan.offsets().tolist() for key in (key_of(cube, t, r, c),)
-               if shard is None or in_shard(key, *shard)]
+    make = CubeWindows(cube, plan, min_valid)
+    rows = plan.offsets().astype(np.int32)  # (t, row, col): 12 B a window, no object each
+    if shard is not None:
+        rows = rows[np.fromiter((in_shard(make.key(*r), *shard) for r in rows.tolist()), bool, len(rows))]
     dataset = Dataset(NAME, "Datacube", (source,), description="windows of a datacube over (time, y, x)",
                       example=EXAMPLE)
-    return dataset, [SourcePatches(source, Path(cube.path), patches)]
+    return dataset, [SourcePatches(source, Path(cube.path), WindowList(make, rows))]
+
+
+@dataclass(frozen=True)
+class CubeWindows:
+    """Makes the patch of the window at (t, row, col) (a :class:`WindowList`'s ``make``), and reads
+    the blocks a worker task's windows cover once (``prefetch``)."""
+
+    cube: Cube
+    plan: WindowPlan
+    min_valid: int
+
+    def key(self, t: int, row: int, col: int) -> str:
+        return key_of(self.cube, t, row, col)
+
+    def __call__(self, t: int, row: int, col: int) -> Patch:
+        return Patch(self.key(t, row, col), Path(self.cube.path),
+                     reader=CubeWindow(self.cube, t, row, col, self.plan.patch, self.min_valid,
+                                       self.plan.owned(t, row, col)))
+
+    def prefetch(self, rows: np.ndarray) -> None:
+        prefetch_windows(self.cube, self.plan.patch, rows)
 
 
 class CubeManifest:
@@ -134,13 +161,13 @@ class CubeManifest:
         self.moments: dict[str, Moments] = {}
 
     def observe(self, source: str, key: str, value: bytes) -> None:
-        t, row, col = _offsets_of(key)
-        owned = self.plan.owned(t, row, col)
-        box = tuple(slice(lo - s, hi - s) for (lo, hi), s in zip(owned, (t, row, col)))
-        arrays = {name: a[box] for name, a in load_value(value, key).items()}
-        valid = valid_cells(self.cube, arrays)
-        for band in self.cube.band_names:
-            self.moments[band] = merge(self.moments.get(band, Moments()), Moments.of(arrays[band][valid]))
+        """A stored value (a resumed run's): measured as the worker measures a value it reads."""
+        start = _offsets_of(key)
+        self.add_moments(source, key, window_moments(self.cube, load_value(value, key), start, self.plan.owned(*start)))
+
+    def add_moments(self, source: str, key: str, moments: tuple[tuple, ...]) -> None:
+        for band, entry in zip(self.cube.band_names, moments):
+            self.moments[band] = merge(self.moments.get(band, Moments()), Moments(*entry))
 
     def manifest(self, written: np.ndarray) -> dict:
         statistics = {b: self.moments.get(b, Moments()).entry() for b in self.cube.band_names}

@@ -483,8 +483,35 @@ def read_window(cube: Cube, t: int, row: int, col: int, patch: tuple[int, int, i
     return out
 
 
+# Blocks of the cube the windows of the current worker task cover, read once by
+# :func:`prefetch_windows`: (lo, hi, band -> array) boxes on (time, y, x).
+_BLOCKS: list[tuple[tuple[int, int, int], tuple[int, int, int], dict[str, np.ndarray]]] = []
+
+
+def prefetch_windows(cube: Cube, patch: tuple[int, int, int], offsets: np.ndarray) -> None:
+    """Read the blocks that the windows at ``offsets`` ((t, row, col) rows) cover: one read per
+    band and window row, kept until the next task's; :func:`read_window` cuts windows from them."""
+    _BLOCKS.clear()
+    rows: dict[tuple[int, int], tuple[int, int]] = {}
+    for t, row, col in offsets.tolist():
+        first, last = rows.get((t, row), (col, col))
+        rows[(t, row)] = (min(first, col), max(last, col))
+    for (t, row), (first, last) in rows.items():
+        lo = (max(t, 0), max(row, 0), max(first, 0))
+        hi = tuple(min(s + p, n) for s, p, n in zip((t, row, last), patch, cube.shape))
+        if all(a < b for a, b in zip(lo, hi)):
+            try:
+                _BLOCKS.append((lo, hi, _read_box(cube, lo, hi)))
+            except InputError:
+                pass  # each window then reads (and reports) its own part
+
+
 def _read_box(cube: Cube, lo: tuple[int, int, int], hi: tuple[int, int, int]) -> dict[str, np.ndarray]:
-    """Each band's cells [lo, hi) on (time, y, x), as stored."""
+    """Each band's cells [lo, hi) on (time, y, x), as stored (cut from a prefetched block that holds them)."""
+    for b_lo, b_hi, arrays in _BLOCKS:
+        if all(bl <= l and h <= bh for bl, l, h, bh in zip(b_lo, lo, hi, b_hi)):
+            box = tuple(slice(l - bl, h - bl) for l, h, bl in zip(lo, hi, b_lo))
+            return {name: np.ascontiguousarray(a[box]) for name, a in arrays.items()}
     try:
         if cube.kind == "geotiff":
             return _read_stack_box(cube, lo, hi)
@@ -510,6 +537,23 @@ def _read_stack_box(cube: Cube, lo, hi) -> dict[str, np.ndarray]:
     steps = [open_raster(cube.files[t]).read(indexes, window=window) for t in range(lo[0], hi[0])]
     stack = np.stack(steps, axis=1) if steps else np.zeros((len(indexes), 0, hi[1] - lo[1], hi[2] - lo[2]))
     return {b.name: np.ascontiguousarray(stack[i]) for i, b in enumerate(cube.bands)}
+
+
+def window_moments(cube: Cube, arrays: Mapping[str, np.ndarray], start: tuple[int, int, int],
+                   owned: tuple[tuple[int, int], ...]) -> tuple[tuple, ...]:
+    """Per band, the moments (count, mean, m2, min, max) of the valid cells that the window at
+    ``start`` owns (``owned``: [lo, hi) per axis, from the planner); the worker measures a value it
+    reads with it, a resumed run one it finds stored, so both give the same numbers."""
+    from ..scenes.statistics import Moments
+
+    box = tuple(slice(lo - s, hi - s) for (lo, hi), s in zip(owned, start))
+    parts = {name: a[box] for name, a in arrays.items()}
+    valid = valid_cells(cube, parts)
+    out = []
+    for band in cube.bands:
+        m = Moments.of(parts[band.name][valid])
+        out.append((m.count, m.mean, m.m2, m.min, m.max))
+    return tuple(out)
 
 
 def valid_cells(cube: Cube, arrays: Mapping[str, np.ndarray], inside: tuple[slice, ...] | None = None) -> np.ndarray:

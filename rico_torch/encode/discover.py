@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
+
+import numpy as np
 
 from ..catalog import Dataset, Source
 from ..errors import InputError
@@ -40,11 +42,54 @@ class SkipPatch(Exception):
     the message is the reason the manifest lists."""
 
 
+class WindowList(Sequence):
+    """A source's windows as patches made on demand from a table of offsets (the planner's
+    rows): no per-window object is held, and a slice is another table, so a worker task carries
+    its windows' numbers, not a pickled :class:`Patch` each.
+
+    ``make(*row) -> Patch``; ``make.key(*row) -> str``; ``make.prefetch(rows)``, where defined,
+    reads the source blocks a task's windows cover once (the worker calls it before reading them).
+    """
+
+    labelled = False  # windows carry no class label
+
+    def __init__(self, make, rows: np.ndarray) -> None:
+        self.make, self.rows = make, rows
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, index):
+        if isinstance(index, slice):
+            return WindowList(self.make, self.rows[index])
+        return self.make(*self.rows[index].tolist())
+
+    def __iter__(self) -> Iterator[Patch]:
+        make = self.make
+        for row in self.rows.tolist():
+            yield make(*row)
+
+    def keys(self) -> Iterator[str]:
+        key = self.make.key
+        for row in self.rows.tolist():
+            yield key(*row)
+
+    def prefetch(self) -> None:
+        prefetch = getattr(self.make, "prefetch", None)
+        if prefetch is not None:
+            prefetch(self.rows)
+
+
+def patch_keys(patches: Sequence[Patch]) -> Iterator[str]:
+    """The keys of a source's patches (without making a patch each where they are a :class:`WindowList`)."""
+    return patches.keys() if isinstance(patches, WindowList) else (p.key for p in patches)
+
+
 @dataclass(frozen=True)
 class SourcePatches:
     source: Source
     root: Path
-    patches: list[Patch]
+    patches: Sequence[Patch]  # a list, or a WindowList
 
 
 def printable(path: object) -> str:

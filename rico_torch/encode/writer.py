@@ -38,7 +38,7 @@ from ..catalog import DATASETS, Dataset, Source, get_dataset
 from ..errors import InputError, TargetError
 from ..format import parse_header
 from ..manifest import INDEX, MANIFEST, Entries, Extension, Manifest, build_columns, digest64, read, write
-from .discover import Patch, SkipPatch, SourcePatches
+from .discover import Patch, SkipPatch, SourcePatches, patch_keys
 from .read import BandTable, parts_digest, read_patch, value_digest, value_parts
 
 TXN_SIZE = 512  # puts per write transaction, as rico-hdl
@@ -125,6 +125,7 @@ class Encoded(NamedTuple):
     digest: int
     error: str | None = None
     bands: BandTable | None = None
+    moments: tuple | None = None  # the reader's statistics of the window (``reader.moments``), made beside it
 
 
 def encode_task(dataset_name: str, source_name: str, patches: list[Patch], skip_invalid: bool,
@@ -147,12 +148,17 @@ def encode_task(dataset_name: str, source_name: str, patches: list[Patch], skip_
             fd = -1  # e.g. /proc hidden: pickled values, slower but the same
     at = 0
     try:
+        prefetch = getattr(patches, "prefetch", None)  # windows: the source blocks they cover, read once
+        if prefetch is not None:
+            prefetch()
         for patch in patches:
             try:
                 if patch.reader is None:
                     source = source or get_dataset(dataset_name).source(source_name)
-                parts, table = value_parts(patch_bands(source, patch))
+                arrays = patch_bands(source, patch)
+                parts, table = value_parts(arrays)
                 digest = parts_digest(patch.key.encode(), parts)
+                moments = getattr(patch.reader, "moments", None)
                 if not values:
                     value = None
                 elif fd >= 0:
@@ -160,7 +166,8 @@ def encode_task(dataset_name: str, source_name: str, patches: list[Patch], skip_
                     value, at = (at, length), at + length
                 else:
                     value = parts[0] if len(parts) == 1 else b"".join(parts)
-                out.append(Encoded(patch.key, value, digest, None, table))
+                out.append(Encoded(patch.key, value, digest, None, table,
+                                   moments(arrays) if values and moments is not None else None))
             except SkipPatch as e:  # the reader's own decision, whatever skip_invalid says
                 out.append(Encoded(patch.key, None, 0, SkipReason(e)))
             except InputError as e:
@@ -221,8 +228,8 @@ def _fingerprint(dataset: Dataset, discovered: list[SourcePatches], identity: st
         h.update(b"\0options\0" + identity.encode())
     for sp in discovered:
         h.update(b"\0source\0" + sp.source.name.encode())
-        for p in sp.patches:
-            h.update(b"\0" + p.key.encode())
+        for key in patch_keys(sp.patches):
+            h.update(b"\0" + key.encode())
     return h.hexdigest()
 
 
@@ -306,14 +313,17 @@ class _Stats:
     digests: dict = field(default_factory=dict)  # source -> array of each key's 64-bit digest
     content_hash: int = 0
     bytes: int = 0
-    observe: object = None  # an Extension's observe, called with every value added
+    extensions: list = field(default_factory=list)  # Extensions that observe every value added
 
     def add(self, source: str, key: str, value: bytes, digest: int | None = None,
-            table: BandTable | None = None) -> None:
-        """Count a value written; ``digest`` and ``table`` (its band table), where the worker
-        made them, save parsing and hashing it here."""
-        if self.observe is not None:
-            self.observe(source, key, value)
+            table: BandTable | None = None, moments: tuple | None = None) -> None:
+        """Count a value written; ``digest``, ``table`` (its band table) and ``moments`` (its
+        statistics), where the worker made them, save parsing, hashing and measuring it here."""
+        for extension in self.extensions:
+            if moments is not None and hasattr(extension, "add_moments"):
+                extension.add_moments(source, key, moments)
+            else:
+                extension.observe(source, key, value)
         self.counts[source] += 1
         raw = key.encode()
         self.keys.setdefault(source, bytearray()).extend(raw)  # ~25 B a key, not a bytes object's ~60
@@ -494,10 +504,8 @@ def _encode_into(dataset, discovered, directory, fingerprint, num_workers, skip_
         **extra,
     }
     write(directory, base)
-    observers = [e.observe for e in extension or () if not isinstance(e, Entries)]
-    observe = (observers[0] if len(observers) == 1 else
-               (lambda *a: [o(*a) for o in observers]) if observers else None)
-    stats, skipped, resumed = _write(dataset, discovered, directory, num_workers, skip_invalid, quiet, observe)
+    observers = [e for e in extension or () if not isinstance(e, Entries)]
+    stats, skipped, resumed = _write(dataset, discovered, directory, num_workers, skip_invalid, quiet, observers)
     ranges, keys, digests = stats.index([sp.source.name for sp in discovered])
     del stats.keys, stats.lengths, stats.digests  # the columns hold them now
     columns = build_columns(keys, digests, label=_label_column(dataset, discovered, keys))
@@ -521,7 +529,8 @@ def _encode_into(dataset, discovered, directory, fingerprint, num_workers, skip_
 
 def _label_column(dataset: Dataset, discovered: list[SourcePatches], keys: np.ndarray) -> np.ndarray | None:
     """Each written key's class index (-1: none); None where no patch has a label."""
-    labels = {p.key.encode(): p.label for sp in discovered for p in sp.patches if p.label is not None}
+    labels = {p.key.encode(): p.label for sp in discovered if getattr(sp.patches, "labelled", True)
+              for p in sp.patches if p.label is not None}
     if not labels:
         return None
     index = {c: i for i, c in enumerate(dataset.classes)}
@@ -531,7 +540,7 @@ def _label_column(dataset: Dataset, discovered: list[SourcePatches], keys: np.nd
 def _committed(env: lmdb.Environment, chunk: Chunk) -> list[tuple[str, memoryview]] | None:
     """The chunk's stored (key, value) pairs if its transaction committed, else None."""
     with env.begin(buffers=False) as txn:
-        found = [(p.key, txn.get(p.key.encode())) for p in chunk.patches]
+        found = [(key, txn.get(key.encode())) for key in patch_keys(chunk.patches)]
     found = [(k, v) for k, v in found if v is not None]
     return found or None
 
@@ -544,10 +553,10 @@ def _open(target: Path) -> lmdb.Environment:
     return env
 
 
-def _write(dataset, discovered, target, num_workers, skip_invalid, quiet, observe=None):
+def _write(dataset, discovered, target, num_workers, skip_invalid, quiet, observers=()):
     chunks = _chunks(discovered)
     total = sum(len(c.patches) for c in chunks)
-    stats, skipped = _Stats(observe=observe), []
+    stats, skipped = _Stats(extensions=list(observers)), []
     pending: list[Chunk] = []
     env = _open(target)
     try:
@@ -572,13 +581,13 @@ def _write(dataset, discovered, target, num_workers, skip_invalid, quiet, observ
     with _Runner(dataset.name, pending, num_workers, skip_invalid) as runner:
         chunk_results = iter(runner)
         for chunk in pending:  # not zip(): it would hold the last chunk's views while the next is read
-            _store(target, chunk, next(chunk_results), stats, skipped, observe)
+            _store(target, chunk, next(chunk_results), stats, skipped)
             bar.update(len(chunk.patches))
     bar.close()
     return stats, skipped, resumed
 
 
-def _store(target: Path, chunk: Chunk, results: list[Encoded], stats: _Stats, skipped: list, observe) -> None:
+def _store(target: Path, chunk: Chunk, results: list[Encoded], stats: _Stats, skipped: list) -> None:
     """Commit one chunk's values and count them (a function: its views of the shared memory go
     when it returns, so that the memory can take a later task's values)."""
     for r in results:
@@ -589,8 +598,9 @@ def _store(target: Path, chunk: Chunk, results: list[Encoded], stats: _Stats, sk
         _commit(target, results)
     for r in results:
         if r.value is not None:
-            value = bytes(r.value) if observe is not None else r.value  # an Extension may keep it
-            stats.add(chunk.source.name, r.key, value, r.digest, r.bands)
+            # an Extension that observes the value may keep it: a copy, not a view of shared memory
+            value = bytes(r.value) if stats.extensions and r.moments is None else r.value
+            stats.add(chunk.source.name, r.key, value, r.digest, r.bands, r.moments)
 
 
 def _commit(target: Path, results) -> None:

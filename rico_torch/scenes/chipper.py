@@ -25,14 +25,14 @@ from pathlib import Path
 import numpy as np
 
 from ..catalog import Band, Dataset, Source
-from ..cube.plan import axis_owned, axis_starts as offsets
+from ..cube.plan import WindowPlan, axis_owned, axis_starts as offsets
 from ..errors import InputError
-from ..encode.discover import Patch, SourcePatches, in_shard, printable
+from ..encode.discover import Patch, SourcePatches, WindowList, in_shard, printable
 from ..encode.options import parse_shard
 from ..encode.writer import EncodeResult, encode_dataset
 from ..format import load_value
 from .discover import ALLOW_UNGEOREFERENCED, EDGES, Scene, SceneWindow, check_options, check_sizes, close_rasters, \
-    find_scenes, valid_pixels
+    find_scenes, prefetch_windows, window_moments
 from .statistics import Moments, merge, pool
 
 NAME = "scenes"
@@ -66,17 +66,37 @@ def plan(scenes: Sequence[Scene], options: ChipOptions,
         names = scene.band_names + (("mask",) if scene.labels is not None else ())
         source = Source(scene.name, "--dataset-dir", re.escape(Path(scene.path).name), Path(scene.path).is_dir(),
                         tuple(Band(n) for n in names), scene.bands[0].dtype, noun=f"windows of {scene.name}")
-        path = Path(scene.path)
-        rows, cols = (offsets(n, options.patch_size, options.stride, options.edge) for n in (scene.height, scene.width))
-        # one pass, no list of every window between: a million windows are ~250 MB of patches already
-        patches = [Patch(key, path, reader=SceneWindow(scene, r, c, options.patch_size, options.min_valid))
-                   for r in rows for c in cols for key in (key_of(scene, r, c),)
-                   if shard is None or in_shard(key, *shard)]
+        windows = WindowPlan.scene(scene.height, scene.width, options.patch_size, options.stride, options.edge)
+        rows = windows.offsets()[:, 1:].astype(np.int32)  # (row, col); no object per window (12 B each)
+        make = SceneWindows(scene, windows, options.min_valid)
+        if shard is not None:
+            rows = rows[np.fromiter((in_shard(make.key(r, c), *shard) for r, c in rows.tolist()), bool, len(rows))]
         sources.append(source)
-        discovered.append(SourcePatches(source, Path(scene.path), patches))
+        discovered.append(SourcePatches(source, Path(scene.path), WindowList(make, rows)))
     dataset = Dataset(NAME, "Scenes", tuple(sources), description="windows of GeoTIFF scenes", example=EXAMPLE,
                       datamodule="rico_torch.data.GeoPatchDataModule", config=EXAMPLE_CONFIG)
     return dataset, discovered
+
+
+@dataclass(frozen=True)
+class SceneWindows:
+    """Makes the patch of a scene's window at (row, col) (a :class:`WindowList`'s ``make``), and
+    reads the blocks a worker task's windows cover once (``prefetch``)."""
+
+    scene: Scene
+    plan: WindowPlan
+    min_valid: int
+
+    def key(self, row: int, col: int) -> str:
+        return key_of(self.scene, row, col)
+
+    def __call__(self, row: int, col: int) -> Patch:
+        (_, _), (r0, r1), (c0, c1) = self.plan.owned(0, row, col)
+        return Patch(self.key(row, col), Path(self.scene.path),
+                     reader=SceneWindow(self.scene, row, col, self.plan.patch[1], self.min_valid, (r0, r1, c0, c1)))
+
+    def prefetch(self, rows: np.ndarray) -> None:
+        prefetch_windows(self.scene, self.plan.patch[1], rows)
 
 
 class SceneManifest:
@@ -96,14 +116,7 @@ class SceneManifest:
         self.options = options
         # labels enter the identity only where given, so encodes without them keep their fingerprint
         self.identity = options.identity() + labels
-        # every window's key and offsets, as arrays filled without a list between (a dict of a
-        # million windows costs ~200 MB); keys sorted once for observe's lookups
-        count = sum(len(sp.patches) for sp in discovered)
-        width = max((len(p.key.encode()) for sp in discovered for p in sp.patches), default=1)
-        self.windows = np.fromiter((p.key.encode() for sp in discovered for p in sp.patches), f"S{width}", count)
-        self.offsets = np.fromiter((v for sp in discovered for p in sp.patches for v in (p.reader.row, p.reader.col)),
-                                   "<i4", 2 * count).reshape(-1, 2)
-        self._sorter = np.argsort(self.windows, kind="stable")
+        self.planned = sum(len(sp.patches) for sp in discovered)
         shape = (options.patch_size, options.stride, options.edge)
         self.owned = {s.name: (axis_owned(s.height, *shape), axis_owned(s.width, *shape)) for s in scenes}
         self.moments: dict[str, dict[str, Moments]] = {}
@@ -111,18 +124,17 @@ class SceneManifest:
         self.refused: dict[str, str] = {}  # band -> why it is not pooled over the scenes
 
     def observe(self, source: str, key: str, value: bytes) -> None:
-        name = source  # one source per scene
-        at = self._sorter[np.searchsorted(self.windows, key.encode(), sorter=self._sorter)]
-        row, col = (int(v) for v in self.offsets[at])
-        scene, (rows, cols) = self.scenes[name], self.owned[name]
-        (r0, r1), (c0, c1) = rows[row], cols[col]
-        arrays = load_value(value, key)
-        into = self.moments.setdefault(name, {})
-        for band in scene.bands:
-            r = band.ratio
-            part = arrays[band.name][(r0 - row) // r : (r1 - row) // r, (c0 - col) // r : (c1 - col) // r]
-            valid = valid_pixels(band, part, (r0 // r, c0 // r, r1 // r, c1 // r))
-            into[band.name] = merge(into.get(band.name, Moments()), Moments.of(part[valid]))
+        """A stored value (a resumed run's): measured as the worker measures a value it reads."""
+        row, col = _offsets_of(key)
+        (r0, r1), (c0, c1) = (owned[at] for owned, at in zip(self.owned[source], (row, col)))
+        self.add_moments(source, key, window_moments(self.scenes[source], load_value(value, key), row, col,
+                                                     (r0, r1, c0, c1)))
+
+    def add_moments(self, source: str, key: str, moments: tuple[tuple, ...]) -> None:
+        """A window's statistics (:func:`~rico_torch.scenes.discover.window_moments`), in write order."""
+        into = self.moments.setdefault(source, {})  # one source per scene
+        for band, entry in zip(self.scenes[source].bands, moments):
+            into[band.name] = merge(into.get(band.name, Moments()), Moments(*entry))
 
     def manifest(self, written: np.ndarray) -> dict:
         size = self.options.patch_size
@@ -140,14 +152,20 @@ class SceneManifest:
             "scenes": scenes,
             "statistics": pooled,
             "statistics_not_pooled": self.refused,
-            "skipped_nodata": len(self.windows) - len(written),
+            "skipped_nodata": self.planned - len(written),
         }
 
     def columns(self, written: np.ndarray) -> dict[str, np.ndarray]:
         """Each written window's offsets in its scene (the row's source); its transform is derived
         from the scene's (:func:`rico_torch.manifest.window_transform`)."""
-        at = self._sorter[np.searchsorted(self.windows, written, sorter=self._sorter)]
-        return {"row": self.offsets[at, 0].copy(), "col": self.offsets[at, 1].copy()}
+        offsets = np.array([_offsets_of(k.decode()) for k in written.tolist()], "<i4").reshape(-1, 2)
+        return {"row": offsets[:, 0].copy(), "col": offsets[:, 1].copy()}
+
+
+def _offsets_of(key: str) -> tuple[int, int]:
+    """(row, col) of a window's key ``<scene>_<row>_<col>``."""
+    row, col = key.rsplit("_", 2)[1:]
+    return int(row), int(col)
 
 
 def file_fingerprint(path: str | Path) -> list:

@@ -390,6 +390,7 @@ class SceneWindow:
     col: int
     size: int
     min_valid: int
+    owned: tuple[int, int, int, int] | None = None  # (row0, row1, col0, col1): the pixels its statistics count
 
     def __call__(self) -> dict[str, np.ndarray]:
         valid = np.ones((self.size, self.size), bool)
@@ -412,13 +413,17 @@ class SceneWindow:
     def key(self) -> str:
         return f"{self.scene.name}_{self.row}_{self.col}"
 
+    def moments(self, arrays: dict[str, np.ndarray]) -> tuple[tuple, ...]:
+        """The window's statistics (:func:`window_moments`), made in the worker beside its value."""
+        return window_moments(self.scene, arrays, self.row, self.col, self.owned)
+
     def _read(self, band: BandFile) -> tuple[np.ndarray, np.ndarray]:
         r = band.ratio
         row, col, n = self.row // r, self.col // r, self.size // r
         r0, c0 = max(row, 0), max(col, 0)
         r1, c1 = min(row + n, band.height), min(col + n, band.width)
         try:
-            inner = open_raster(band.path).read(band.index, window=_window(r0, c0, r1, c1))
+            inner = _cut(band, r0, c0, r1, c1)
             inner_mask = valid_pixels(band, inner, (r0, c0, r1, c1))
         except InputError:
             raise
@@ -433,6 +438,64 @@ class SceneWindow:
         data[r0 - row : r1 - row, c0 - col : c1 - col] = inner
         mask[r0 - row : r1 - row, c0 - col : c1 - col] = inner_mask
         return data, mask
+
+
+def window_moments(scene: Scene, arrays: dict[str, np.ndarray], row: int, col: int,
+                   owned: tuple[int, int, int, int]) -> tuple[tuple, ...]:
+    """Per band of ``scene``, the moments (count, mean, m2, min, max) of the valid pixels that the
+    window at (``row``, ``col``) owns (``owned``: row0, row1, col0, col1 on the finest grid; padding
+    never counts); the worker measures a value it reads with it, a resumed run one it finds stored."""
+    from .statistics import Moments
+
+    r0, r1, c0, c1 = owned
+    out = []
+    for band in scene.bands:
+        r = band.ratio
+        part = arrays[band.name][(r0 - row) // r : (r1 - row) // r, (c0 - col) // r : (c1 - col) // r]
+        valid = valid_pixels(band, part, (r0 // r, c0 // r, r1 // r, c1 // r))
+        m = Moments.of(part[valid])
+        out.append((m.count, m.mean, m.m2, m.min, m.max))
+    return tuple(out)
+
+
+# Blocks of the source the windows of the current worker task cover, read once by
+# :func:`prefetch_windows`: (path, band index) -> (row0, col0, array) on the band's own grid.
+_BLOCKS: dict[tuple[str, int], list[tuple[int, int, np.ndarray]]] = {}
+
+
+def prefetch_windows(scene: Scene, size: int, offsets: np.ndarray) -> None:
+    """Read the blocks that the windows at ``offsets`` ((row, col) rows, finest grid) cover: one
+    read per band file and window row (all bands of a file at once), kept until the next task's."""
+    _BLOCKS.clear()
+    by_file: dict[str, list[BandFile]] = {}
+    for band in scene.bands + ((scene.labels,) if scene.labels is not None else ()):
+        by_file.setdefault(band.path, []).append(band)
+    rows = {}
+    for row, col in offsets.tolist():
+        lo, hi = rows.get(row, (col, col))
+        rows[row] = (min(lo, col), max(hi, col))
+    for path, bands in by_file.items():
+        r = bands[0].ratio
+        height, width = bands[0].height, bands[0].width
+        for row, (first, last) in rows.items():
+            r0, r1 = max(row // r, 0), min((row + size) // r, height)
+            c0, c1 = max(first // r, 0), min((last + size) // r, width)
+            if r0 >= r1 or c0 >= c1:
+                continue
+            try:
+                block = open_raster(path).read([b.index for b in bands], window=_window(r0, c0, r1, c1))
+            except Exception:
+                continue  # each window then reads (and reports) its own part
+            for b, data in zip(bands, block):
+                _BLOCKS.setdefault((path, b.index), []).append((r0, c0, data))
+
+
+def _cut(band: BandFile, r0: int, c0: int, r1: int, c1: int) -> np.ndarray:
+    """The band's pixels [r0, r1) x [c0, c1): cut from a prefetched block that holds them, else read."""
+    for b0, bc0, data in _BLOCKS.get((band.path, band.index), ()):
+        if b0 <= r0 and bc0 <= c0 and r1 <= b0 + data.shape[0] and c1 <= bc0 + data.shape[1]:
+            return data[r0 - b0 : r1 - b0, c0 - bc0 : c1 - bc0]
+    return open_raster(band.path).read(band.index, window=_window(r0, c0, r1, c1))
 
 
 def _window(r0: int, c0: int, r1: int, c1: int):
