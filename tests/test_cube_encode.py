@@ -98,6 +98,10 @@ def test_sst_windows_equal_xarray_slices(sources, tmp_path):
     assert window["t_off"] == 14 and window["t_size"] == 12 and window["window"] == [10, 4, 8, 8]
     assert window["time"][0] == "1983-02-01T00:00:00" and window["transform"] == [10.0, 0.0, 40.0, 0.0, -10.0, -10.0]
     assert manifest.column("time").tolist().count(14) == 32
+    from rico_torch.encode.info import describe
+
+    assert ("windows of 12 x 8 x 8 cells of datacube sst.mnmean (26 time x 18 lat x 36 lon; 1981-12-01T00:00:00 .. "
+            "1984-01-01T00:00:00, standard calendar), chipped by `encode cube`") in describe(target)
 
 
 def test_all_nan_windows_skipped_by_min_valid(sources, tmp_path):

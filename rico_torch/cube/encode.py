@@ -28,7 +28,7 @@ from ..encode.options import parse_shard
 from ..encode.writer import EncodeResult, encode_dataset
 from ..errors import ConfigError, InputError
 from ..format import load_value
-from ..scenes.statistics import Moments, merge
+from ..scenes.statistics import Running
 from .plan import EDGES, Axis, WindowPlan
 from .source import AXES, Cube, close_cubes, inside, open_cube, prefetch_windows, read_window, valid_cells, \
     window_moments
@@ -158,7 +158,7 @@ class CubeManifest:
     def __init__(self, cube: Cube, plan: WindowPlan, options: dict, planned: int) -> None:
         self.cube, self.plan, self.options, self.planned = cube, plan, options, planned
         self.identity = json.dumps(options, sort_keys=True)
-        self.moments: dict[str, Moments] = {}
+        self.moments = [Running() for _ in cube.bands]
 
     def observe(self, source: str, key: str, value: bytes) -> None:
         """A stored value (a resumed run's): measured as the worker measures a value it reads."""
@@ -166,11 +166,11 @@ class CubeManifest:
         self.add_moments(source, key, window_moments(self.cube, load_value(value, key), start, self.plan.owned(*start)))
 
     def add_moments(self, source: str, key: str, moments: tuple[tuple, ...]) -> None:
-        for band, entry in zip(self.cube.band_names, moments):
-            self.moments[band] = merge(self.moments.get(band, Moments()), Moments(*entry))
+        for running, entry in zip(self.moments, moments):
+            running.add(entry)
 
     def manifest(self, written: np.ndarray) -> dict:
-        statistics = {b: self.moments.get(b, Moments()).entry() for b in self.cube.band_names}
+        statistics = {b: r.moments().entry() for b, r in zip(self.cube.band_names, self.moments)}
         axes = dict(zip(AXES, self.plan.axes))
         return {
             "cube": {**self.cube.info(),

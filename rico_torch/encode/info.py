@@ -206,6 +206,13 @@ def describe(path: Path, samples: int = SAMPLES) -> str:
     scenes = (manifest or {}).get("scenes")
     if found is None and scenes:  # python -m rico_torch.encode scenes: windows of the user's own scenes
         what = f"windows of {_count(len(scenes), 'scene')} ({', '.join(list(scenes)[:3])}{' ...' if len(scenes) > 3 else ''}), chipped by `encode scenes`"
+    cube = (manifest or {}).get("cube")
+    if found is None and cube:  # python -m rico_torch.encode cube: windows of a datacube
+        dims, shape = cube["dims"], cube["shape"]
+        size = " x ".join(f"{n} {dims[a]}" for n, a in zip(shape, ("time", "y", "x")))
+        patch = " x ".join(str(cube["patch"][a]) for a in ("time", "y", "x"))
+        what = (f"windows of {patch} cells of datacube {cube['name']} ({size}; {cube['time']['iso'][0]} .. "
+                f"{cube['time']['iso'][-1]}, {cube['time']['calendar']} calendar), chipped by `encode cube`")
     data = path / "data.mdb"
     lines = [f"{path}: {what}; {_count(entries, 'key')}; data.mdb {_size(_disk_bytes(data))} on disk"]
     if manifest:

@@ -299,6 +299,13 @@ def value_parts(bands: dict[str, np.ndarray]) -> tuple[list, BandTable]:
     return [header, *(bands[name] for name in order)], table
 
 
+def value_layout(bands: dict[str, np.ndarray]) -> tuple[bytes, tuple[str, ...]] | None:
+    """The header of values with these bands' names, dtypes and shapes, and the order their arrays
+    follow it in (as :func:`value_parts` lays them out); None where it makes no reusable header."""
+    value_parts(bands)  # remembers the layout
+    return _HEADERS.get(tuple((name, a.dtype.str, a.shape) for name, a in sorted(bands.items())))
+
+
 def value_digest(key: bytes, value: bytes) -> int:
     """Per-patch digest; summing these mod 2**256 gives an order-independent dataset hash."""
     return parts_digest(key, [value])

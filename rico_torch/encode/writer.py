@@ -38,7 +38,7 @@ from ..catalog import DATASETS, Dataset, Source, get_dataset
 from ..errors import InputError, TargetError
 from ..format import parse_header
 from ..manifest import INDEX, MANIFEST, Entries, Extension, Manifest, build_columns, digest64, read, write
-from .discover import Patch, SkipPatch, SourcePatches, patch_keys
+from .discover import Patch, SkipPatch, SourcePatches, WindowList, patch_keys
 from .read import BandTable, parts_digest, read_patch, value_digest, value_parts
 
 TXN_SIZE = 512  # puts per write transaction, as rico-hdl
@@ -138,7 +138,6 @@ def encode_task(dataset_name: str, source_name: str, patches: list[Patch], skip_
     nothing large is pickled through the pool's pipe. Where it cannot be opened, values come back
     as bytes. ``values=False``: digests only (``verify``).
     """
-    source = None  # looked up only for patches read from the source's band files
     out: list[Encoded] = []
     fd = -1
     if handoff is not None and values:
@@ -148,36 +147,63 @@ def encode_task(dataset_name: str, source_name: str, patches: list[Patch], skip_
             fd = -1  # e.g. /proc hidden: pickled values, slower but the same
     at = 0
     try:
-        prefetch = getattr(patches, "prefetch", None)  # windows: the source blocks they cover, read once
-        if prefetch is not None:
-            prefetch()
-        for patch in patches:
-            try:
-                if patch.reader is None:
-                    source = source or get_dataset(dataset_name).source(source_name)
-                arrays = patch_bands(source, patch)
-                parts, table = value_parts(arrays)
-                digest = parts_digest(patch.key.encode(), parts)
-                moments = getattr(patch.reader, "moments", None)
-                if not values:
-                    value = None
-                elif fd >= 0:
-                    length = _write_parts(fd, parts, at)
-                    value, at = (at, length), at + length
-                else:
-                    value = parts[0] if len(parts) == 1 else b"".join(parts)
-                out.append(Encoded(patch.key, value, digest, None, table,
-                                   moments(arrays) if values and moments is not None else None))
-            except SkipPatch as e:  # the reader's own decision, whatever skip_invalid says
-                out.append(Encoded(patch.key, None, 0, SkipReason(e)))
-            except InputError as e:
+        for key, parts, table, moments, error in _encoded(dataset_name, source_name, patches, values):
+            if isinstance(error, SkipPatch):  # the reader's own decision, whatever skip_invalid says
+                out.append(Encoded(key, None, 0, SkipReason(error)))
+                continue
+            if error is not None:
                 if not skip_invalid:
-                    raise
-                out.append(Encoded(patch.key, None, 0, str(e)))
+                    raise error
+                out.append(Encoded(key, None, 0, str(error)))
+                continue
+            digest = parts_digest(key.encode(), parts)
+            if not values:
+                value = None
+            elif fd >= 0:
+                length = _write_parts(fd, parts, at)
+                value, at = (at, length), at + length
+            else:
+                value = parts[0] if len(parts) == 1 else b"".join(parts)
+                value = bytes(value) if isinstance(value, memoryview) else value
+            out.append(Encoded(key, value, digest, None, table, moments))
     finally:
         if fd >= 0:
             os.close(fd)
     return out
+
+
+#: one patch as :func:`encode_task` takes it: (key, the value's buffers, band table, statistics, error)
+Item = tuple[str, list | None, BandTable | None, tuple | None, Exception | None]
+
+
+def _encoded(dataset_name: str, source_name: str, patches, measure: bool):
+    """Each patch as an :data:`Item`, in order: windows whose maker encodes them itself (from the
+    source blocks they cover, read once) through it; other patches read one by one."""
+    make = getattr(patches, "make", None)
+    if hasattr(make, "encoded"):
+        yield from make.encoded(patches.rows, measure)
+        return
+    prefetch = getattr(patches, "prefetch", None)  # windows: the source blocks they cover, read once
+    if prefetch is not None:
+        prefetch()
+    source = None  # looked up only for patches read from the source's band files
+    for patch in patches:
+        if patch.reader is None:
+            source = source or get_dataset(dataset_name).source(source_name)
+        yield patch_item(source, patch, measure)
+
+
+def patch_item(source: Source | None, patch: Patch, measure: bool) -> Item:
+    """One patch read and laid out as its value's buffers (:func:`value_parts`), with the reader's
+    statistics of it (``reader.moments``, where it has them and ``measure``); a patch the reader
+    skips or cannot read gives its error instead."""
+    try:
+        arrays = patch_bands(source, patch)
+        parts, table = value_parts(arrays)
+        moments = getattr(patch.reader, "moments", None)
+        return patch.key, parts, table, moments(arrays) if measure and moments is not None else None, None
+    except (SkipPatch, InputError) as e:
+        return patch.key, None, None, None, e
 
 
 def patch_bands(source: Source | None, patch: Patch) -> dict[str, np.ndarray]:
@@ -307,7 +333,7 @@ class _Stats:
     """What the manifest reports, derived from the values actually written."""
 
     counts: Counter = field(default_factory=Counter)
-    bands: dict = field(default_factory=dict)  # source -> band -> Counter of (dtype, shape)
+    tables: Counter = field(default_factory=Counter)  # (source, band table) -> values with it
     keys: dict = field(default_factory=dict)  # source -> its keys' bytes, one after another
     lengths: dict = field(default_factory=dict)  # source -> array of each key's length
     digests: dict = field(default_factory=dict)  # source -> array of each key's 64-bit digest
@@ -333,11 +359,9 @@ class _Stats:
             digest = value_digest(raw, value)
         self.digests.setdefault(source, array("Q")).append(digest64(digest))
         self.content_hash = (self.content_hash + digest) % (1 << 256)
-        bands = self.bands.setdefault(source, {})
         if table is None:
             table = tuple((name, info.dtype.name, info.shape) for name, info in parse_header(value, key).items())
-        for name, dtype, shape in table:
-            bands.setdefault(name, Counter())[(dtype, shape)] += 1
+        self.tables[source, table] += 1
 
     def index(self, order: list[str]) -> tuple[dict, np.ndarray, np.ndarray]:
         """(source -> row range, keys, digests) of the written keys, source by source in ``order``."""
@@ -356,8 +380,12 @@ class _Stats:
         return ranges, keys.view(f"S{width}").ravel(), digests
 
     def band_table(self) -> dict:
+        by_band: dict = {}  # source -> band -> Counter of (dtype, shape)
+        for (source, values), n in self.tables.items():
+            for name, dtype, shape in values:
+                by_band.setdefault(source, {}).setdefault(name, Counter())[(dtype, shape)] += n
         table = {}
-        for source, bands in self.bands.items():
+        for source, bands in by_band.items():
             table[source] = {}
             for name, seen in sorted(bands.items()):
                 (dtype, shape), _ = seen.most_common(1)[0]
@@ -712,8 +740,11 @@ class _Runner:
 
     def _submit(self, chunk: Chunk) -> list:
         # up to TASK_SIZE patches a task, fewer where a chunk is small (large patches such as
-        # Major-TOM's 22 MB cells come few to a chunk): every worker gets work
-        size = max(1, min(TASK_SIZE, -(-len(chunk.patches) // (2 * max(1, self.num_workers)))))
+        # Major-TOM's 22 MB cells come few to a chunk): every worker gets work; windows cut from
+        # blocks in memory are cheap, so they come in two tasks per worker a chunk
+        size = max(1, -(-len(chunk.patches) // (2 * max(1, self.num_workers))))
+        if not isinstance(chunk.patches, WindowList):
+            size = min(TASK_SIZE, size)
         tasks = [chunk.patches[i : i + size] for i in range(0, len(chunk.patches), size)]
         args = [(self.dataset_name, chunk.source.name, t, self.skip_invalid) for t in tasks]
         if self.pool is None:

@@ -17,7 +17,7 @@ import json
 import math
 import re
 import sys
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from hashlib import sha256
 from pathlib import Path
@@ -29,11 +29,12 @@ from ..cube.plan import WindowPlan, axis_owned, axis_starts as offsets
 from ..errors import InputError
 from ..encode.discover import Patch, SourcePatches, WindowList, in_shard, printable
 from ..encode.options import parse_shard
-from ..encode.writer import EncodeResult, encode_dataset
+from ..encode.read import value_layout, value_parts
+from ..encode.writer import EncodeResult, encode_dataset, patch_item
 from ..format import load_value
 from .discover import ALLOW_UNGEOREFERENCED, EDGES, Scene, SceneWindow, check_options, check_sizes, close_rasters, \
-    find_scenes, prefetch_windows, window_moments
-from .statistics import Moments, merge, pool
+    find_scenes, prefetch_windows, prefetched, too_few_valid, window_moments
+from .statistics import Moments, Running, batch_moments, pool
 
 NAME = "scenes"
 EXAMPLE_CONFIG = "configs/scenes.yaml"
@@ -98,6 +99,63 @@ class SceneWindows:
     def prefetch(self, rows: np.ndarray) -> None:
         prefetch_windows(self.scene, self.plan.patch[1], rows)
 
+    def encoded(self, rows: np.ndarray, measure: bool) -> Iterator:
+        """The windows at ``rows`` as the writer's items (:func:`~rico_torch.encode.writer.patch_item`),
+        in order. Windows of one row inside a scene whose bands share one grid are cut from the
+        blocks read once and laid out, measured and checked together (numpy over the windows, no
+        object per window); the others (edges with ``--edge pad``, multi-resolution or masked
+        bands) one by one. Both give the same bytes and statistics."""
+        scene, size = self.scene, self.plan.patch[1]
+        self.prefetch(rows)
+        together = all(b.ratio == 1 and not b.masked for b in scene.bands)
+        for group in np.split(rows, np.flatnonzero(np.diff(rows[:, 0])) + 1) if len(rows) else ():
+            row = int(group[0, 0])
+            inside = (group[:, 1] >= 0) & (group[:, 1] + size <= scene.width) & (0 <= row) & (row + size <= scene.height)
+            if together and inside.all() and len(group) > 1:
+                yield from self._encoded_row(row, group[:, 1], measure)
+            else:
+                for r, c in group.tolist():
+                    yield patch_item(None, self(r, c), measure)
+
+    def _encoded_row(self, row: int, cols: np.ndarray, measure: bool) -> Iterator:
+        scene, size = self.scene, self.plan.patch[1]
+        bands = scene.bands + ((scene.labels,) if scene.labels is not None else ())
+        windows = {b.name: _windows_of(b, row, cols, size) for b in bands}
+        first = {name: w[0] for name, w in windows.items() if w is not None}
+        layout = value_layout(first) if len(first) == len(bands) else None
+        if layout is None:  # a block that could not be read, or no reusable header (a non-native byte order)
+            for c in cols.tolist():
+                yield patch_item(None, self(row, c), measure)
+            return
+        header, order = layout
+        table = value_parts(first)[1]
+        n = len(cols)
+        values = np.empty((n, len(header) + sum(windows[name][0].nbytes for name in order)), np.uint8)
+        values[:, : len(header)] = np.frombuffer(header, np.uint8)
+        at = len(header)
+        for name in order:
+            flat = windows[name].reshape(n, -1).view(np.uint8)
+            values[:, at : at + flat.shape[1]] = flat
+            at += flat.shape[1]
+        valid = {b.name: _valid_windows(b, windows[b.name]) for b in scene.bands}
+        count = np.logical_and.reduce(list(valid.values())).reshape(n, -1).sum(axis=1)
+        moments = None
+        if measure:
+            (_, _), (r0, r1), _ = self.plan.owned(0, row, int(cols[0]))
+            owned = np.zeros((n, size, size), bool)
+            for i, c in enumerate(cols.tolist()):
+                (_, _), _, (c0, c1) = self.plan.owned(0, row, c)
+                owned[i, r0 - row : r1 - row, c0 - c : c1 - c] = True
+            per_band = [batch_moments(windows[b.name].reshape(n, -1), (valid[b.name] & owned).reshape(n, -1)).tolist()
+                        for b in scene.bands]
+            moments = list(zip(*(map(tuple, m) for m in per_band)))
+        keys = [self.key(row, c) for c in cols.tolist()]
+        for i, c in enumerate(cols.tolist()):
+            if count[i] < self.min_valid:
+                yield keys[i], None, None, None, too_few_valid(scene, row, c, int(count[i]), self.min_valid)
+            else:
+                yield keys[i], [memoryview(values[i])], table, moments[i] if moments is not None else None, None
+
 
 class SceneManifest:
     """The :class:`~rico_torch.manifest.Extension` of a chip run.
@@ -119,7 +177,7 @@ class SceneManifest:
         self.planned = sum(len(sp.patches) for sp in discovered)
         shape = (options.patch_size, options.stride, options.edge)
         self.owned = {s.name: (axis_owned(s.height, *shape), axis_owned(s.width, *shape)) for s in scenes}
-        self.moments: dict[str, dict[str, Moments]] = {}
+        self.moments: dict[str, dict[str, Running]] = {}
         self.label_nodata = next((s.labels.nodata for s in scenes if s.labels is not None), None)
         self.refused: dict[str, str] = {}  # band -> why it is not pooled over the scenes
 
@@ -132,15 +190,17 @@ class SceneManifest:
 
     def add_moments(self, source: str, key: str, moments: tuple[tuple, ...]) -> None:
         """A window's statistics (:func:`~rico_torch.scenes.discover.window_moments`), in write order."""
-        into = self.moments.setdefault(source, {})  # one source per scene
-        for band, entry in zip(self.scenes[source].bands, moments):
-            into[band.name] = merge(into.get(band.name, Moments()), Moments(*entry))
+        into = self.moments.get(source)  # one source per scene
+        if into is None:
+            into = self.moments[source] = [Running() for _ in self.scenes[source].bands]
+        for running, entry in zip(into, moments):
+            running.add(entry)
 
     def manifest(self, written: np.ndarray) -> dict:
         size = self.options.patch_size
         scenes = {}
         for name, scene in self.scenes.items():
-            moments = self.moments.get(name, {})
+            moments = {b.name: r.moments() for b, r in zip(scene.bands, self.moments.get(name, ()))}
             scenes[name] = {**scene.info(), "statistics": {b: moments.get(b, Moments()).entry()
                                                            for b in scene.band_names}}
         pooled, self.refused = pool(scenes)
@@ -166,6 +226,27 @@ def _offsets_of(key: str) -> tuple[int, int]:
     """(row, col) of a window's key ``<scene>_<row>_<col>``."""
     row, col = key.rsplit("_", 2)[1:]
     return int(row), int(col)
+
+
+def _windows_of(band, row: int, cols: np.ndarray, size: int) -> np.ndarray | None:
+    """(n, size, size): the band's windows at ``row`` and ``cols``, cut from its prefetched block
+    (None where there is none: it could not be read)."""
+    from numpy.lib.stride_tricks import sliding_window_view
+
+    for r0, c0, data in prefetched(band):
+        if r0 == row and c0 <= cols[0] and cols[-1] + size <= c0 + data.shape[1]:
+            windows = sliding_window_view(data[:size], size, axis=1)[:, cols - c0, :]
+            return np.ascontiguousarray(windows.transpose(1, 0, 2))
+    return None
+
+
+def _valid_windows(band, windows: np.ndarray) -> np.ndarray:
+    """Where (n, h, w) windows of a band without an internal mask are valid (as ``valid_pixels``)."""
+    if band.nodata is None:
+        return np.ones(windows.shape, bool)
+    if math.isnan(band.nodata):
+        return ~np.isnan(windows)
+    return windows != np.array(band.nodata).astype(windows.dtype)
 
 
 def file_fingerprint(path: str | Path) -> list:

@@ -403,8 +403,7 @@ class SceneWindow:
             valid &= mask
         count = int(valid.sum())
         if count < self.min_valid:
-            raise SkipPatch(f"{self.scene.path}: window {self.key} (row {self.row}, col {self.col}) has {count:,} "
-                            f"valid pixels, fewer than --min-valid {self.min_valid:,}")
+            raise too_few_valid(self.scene, self.row, self.col, count, self.min_valid)
         if self.scene.labels is not None:
             out["mask"] = self._read(self.scene.labels)[0]
         return out
@@ -440,21 +439,26 @@ class SceneWindow:
         return data, mask
 
 
+def too_few_valid(scene: Scene, row: int, col: int, count: int, min_valid: int) -> SkipPatch:
+    return SkipPatch(f"{scene.path}: window {scene.name}_{row}_{col} (row {row}, col {col}) has {count:,} valid "
+                     f"pixels, fewer than --min-valid {min_valid:,}")
+
+
 def window_moments(scene: Scene, arrays: dict[str, np.ndarray], row: int, col: int,
                    owned: tuple[int, int, int, int]) -> tuple[tuple, ...]:
     """Per band of ``scene``, the moments (count, mean, m2, min, max) of the valid pixels that the
     window at (``row``, ``col``) owns (``owned``: row0, row1, col0, col1 on the finest grid; padding
     never counts); the worker measures a value it reads with it, a resumed run one it finds stored."""
-    from .statistics import Moments
+    from .statistics import batch_moments
 
     r0, r1, c0, c1 = owned
     out = []
     for band in scene.bands:
-        r = band.ratio
-        part = arrays[band.name][(r0 - row) // r : (r1 - row) // r, (c0 - col) // r : (c1 - col) // r]
-        valid = valid_pixels(band, part, (r0 // r, c0 // r, r1 // r, c1 // r))
-        m = Moments.of(part[valid])
-        out.append((m.count, m.mean, m.m2, m.min, m.max))
+        r, data = band.ratio, arrays[band.name]
+        box = (slice((r0 - row) // r, (r1 - row) // r), slice((c0 - col) // r, (c1 - col) // r))
+        valid = np.zeros(data.shape, bool)
+        valid[box] = valid_pixels(band, data[box], (r0 // r, c0 // r, r1 // r, c1 // r))
+        out.append(tuple(batch_moments(data.reshape(1, -1), valid.reshape(1, -1))[0].tolist()))
     return tuple(out)
 
 
@@ -490,9 +494,14 @@ def prefetch_windows(scene: Scene, size: int, offsets: np.ndarray) -> None:
                 _BLOCKS.setdefault((path, b.index), []).append((r0, c0, data))
 
 
+def prefetched(band: BandFile) -> list[tuple[int, int, np.ndarray]]:
+    """The blocks of ``band`` the current task prefetched: (row0, col0, array) on its own grid."""
+    return _BLOCKS.get((band.path, band.index), [])
+
+
 def _cut(band: BandFile, r0: int, c0: int, r1: int, c1: int) -> np.ndarray:
     """The band's pixels [r0, r1) x [c0, c1): cut from a prefetched block that holds them, else read."""
-    for b0, bc0, data in _BLOCKS.get((band.path, band.index), ()):
+    for b0, bc0, data in prefetched(band):
         if b0 <= r0 and bc0 <= c0 and r1 <= b0 + data.shape[0] and c1 <= bc0 + data.shape[1]:
             return data[r0 - b0 : r1 - b0, c0 - bc0 : c1 - bc0]
     return open_raster(band.path).read(band.index, window=_window(r0, c0, r1, c1))

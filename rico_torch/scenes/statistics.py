@@ -62,6 +62,23 @@ class Moments:
                 "max": self.max}
 
 
+def batch_moments(values: np.ndarray, valid: np.ndarray) -> np.ndarray:
+    """(n, 5): count, mean, m2, min, max of each row's valid values (``values``, ``valid``: (n, k)).
+
+    Each row is reduced alone along its own contiguous axis, so a window measured alone (n = 1,
+    a resumed run's stored value) and among others (a worker's block of windows) gives the same
+    numbers, bit for bit; invalid cells count as nothing (count 0: mean 0, min inf, max -inf).
+    """
+    v = np.ascontiguousarray(values, dtype=np.float64)
+    valid = np.ascontiguousarray(valid, dtype=bool)
+    count = valid.sum(axis=1).astype(np.float64)
+    mean = np.divide(np.where(valid, v, 0.0).sum(axis=1), count, out=np.zeros(len(v)), where=count > 0)
+    deviation = np.where(valid, v - mean[:, None], 0.0)
+    m2 = (deviation * deviation).sum(axis=1)
+    return np.stack([count, mean, m2, np.where(valid, v, np.inf).min(axis=1, initial=np.inf),
+                     np.where(valid, v, -np.inf).max(axis=1, initial=-np.inf)], axis=1)
+
+
 def merge(a: Moments, b: Moments) -> Moments:
     """The moments of the union of two disjoint sets of pixels (Chan et al.; exact)."""
     if b.count == 0:
@@ -72,6 +89,33 @@ def merge(a: Moments, b: Moments) -> Moments:
     delta = b.mean - a.mean
     return Moments(n, a.mean + delta * b.count / n, a.m2 + b.m2 + delta * delta * a.count * b.count / n,
                    min(a.min, b.min), max(a.max, b.max))
+
+
+class Running:
+    """Moments merged one window at a time (a writer adds a million): :func:`merge`'s arithmetic on
+    plain floats, without a :class:`Moments` per step, so the result is the same bit for bit."""
+
+    __slots__ = ("count", "mean", "m2", "min", "max")
+
+    def __init__(self) -> None:
+        self.count, self.mean, self.m2, self.min, self.max = 0, 0.0, 0.0, math.inf, -math.inf
+
+    def add(self, row) -> None:
+        """Merge one row of :func:`batch_moments` (count, mean, m2, min, max)."""
+        count, mean, m2, lo, hi = row
+        count = int(count)
+        if count == 0:
+            return
+        if self.count == 0:
+            self.count, self.mean, self.m2, self.min, self.max = count, float(mean), float(m2), float(lo), float(hi)
+            return
+        n = self.count + count
+        delta = mean - self.mean
+        self.mean, self.m2 = self.mean + delta * count / n, self.m2 + m2 + delta * delta * self.count * count / n
+        self.count, self.min, self.max = n, min(self.min, lo), max(self.max, hi)
+
+    def moments(self) -> Moments:
+        return Moments(self.count, self.mean, self.m2, self.min, self.max) if self.count else Moments()
 
 
 def merge_all(items: Iterable[Moments]) -> Moments:

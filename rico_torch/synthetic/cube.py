@@ -170,3 +170,36 @@ def make_calendar_netcdf(path: Path, calendar: str = "360_day", steps: int = 14,
     path.parent.mkdir(parents=True, exist_ok=True)
     ds.to_netcdf(path, engine="netcdf4")
     return path
+
+
+def write_large_sst_netcdf(path: Path, months: int, lat: int, lon: int, seed: int = 0) -> Path:
+    """A large SST-like cube (float32, NaN land, 0.01-degree precision as real products keep),
+    written one month at a time through netCDF4 (zlib, a chunk per month as NOAA ships it), so a
+    cube larger than memory can be made; coordinates and attributes as :func:`make_sst_netcdf`."""
+    import netCDF4
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    dlat, dlon = 180.0 / lat, 360.0 / lon
+    with netCDF4.Dataset(path, "w") as nc:
+        for name, size in (("time", months), ("lat", lat), ("lon", lon)):
+            nc.createDimension(name, size)
+        time = nc.createVariable("time", "f8", ("time",))
+        time.setncatts({"units": "days since 1800-1-1 00:00:00", "calendar": "standard", "axis": "T"})
+        time[:] = 66443.0 + 30.4375 * np.arange(months)
+        ys = nc.createVariable("lat", "f4", ("lat",))
+        ys.setncatts({"units": "degrees_north", "axis": "Y"})
+        ys[:] = 90 - dlat / 2 - dlat * np.arange(lat)
+        xs = nc.createVariable("lon", "f4", ("lon",))
+        xs.setncatts({"units": "degrees_east", "axis": "X"})
+        xs[:] = dlon / 2 + dlon * np.arange(lon)
+        sst = nc.createVariable("sst", "f4", ("time", "lat", "lon"), zlib=True, complevel=1, chunksizes=(1, lat, lon),
+                                fill_value=np.float32(np.nan))
+        sst.setncatts({"units": "degC", "missing_value": np.float32(-9.96921e36)})
+        base = 28 * np.cos(np.radians(np.asarray(ys[:])))[:, None] + np.zeros((1, lon), np.float32)
+        land = (np.abs(np.asarray(ys[:])[:, None] - 20) < 25) & (np.abs(np.asarray(xs[:])[None, :] - 100) < 40)
+        rng = rng_for(seed)
+        for t in range(months):
+            step = (base + rng.standard_normal((lat, lon)).astype(np.float32)).round(2).astype(np.float32)
+            step[land] = np.nan
+            sst[t] = step
+    return path
