@@ -29,7 +29,7 @@ from ..encode.writer import EncodeResult, encode_dataset
 from ..errors import ConfigError, InputError
 from ..format import load_value
 from ..scenes.statistics import Running
-from .plan import EDGES, Axis, WindowPlan
+from .plan import EDGES, Axis, WindowPlan, key_offsets
 from .source import AXES, Cube, close_cubes, inside, open_cube, prefetch_windows, read_window, valid_cells, \
     window_moments
 
@@ -183,7 +183,7 @@ class CubeManifest:
         }
 
     def columns(self, written: np.ndarray) -> dict[str, np.ndarray]:
-        offsets = np.array([_offsets_of(k.decode()) for k in written.tolist()], np.int32).reshape(-1, 3)
+        offsets = key_offsets(written, 3)
         return {"time": offsets[:, 0].copy(), "row": offsets[:, 1].copy(), "col": offsets[:, 2].copy()}
 
 

@@ -57,6 +57,9 @@ class Axis:
     stride: int
     edge: str = "shift"
 
+    def __reduce__(self):  # pickled without the tables cached below (a worker task carries its plan)
+        return Axis, (self.name, self.size, self.patch, self.stride, self.edge)
+
     @cached_property
     def starts(self) -> list[int]:
         return axis_starts(self.size, self.patch, self.stride, self.edge)
@@ -106,3 +109,16 @@ class WindowPlan:
     def owned(self, t: int, row: int, col: int) -> tuple[tuple[int, int], tuple[int, int], tuple[int, int]]:
         """The cells [lo, hi) per axis that the window at (t, row, col) owns (in grid coordinates)."""
         return tuple(a.owned[s] for a, s in zip(self.axes, (t, row, col)))  # type: ignore[return-value]
+
+
+def key_offsets(keys: np.ndarray, parts: int, chunk: int = 1 << 20) -> np.ndarray:
+    """``(n, parts)`` int32: the last ``parts`` ``_``-separated numbers of each key (an ``S`` array:
+    ``<scene>_<row>_<col>``, ``<cube>_<t>_<row>_<col>``), parsed in C a chunk at a time (no Python
+    object per key, bounded memory)."""
+    out = np.empty((len(keys), parts), np.int32)
+    for start in range(0, len(keys), chunk):
+        head = keys[start : start + chunk]
+        for part in range(parts - 1, -1, -1):
+            head, _, tail = np.strings.rpartition(head, b"_")
+            out[start : start + len(tail), part] = tail.astype(np.int32)
+    return out

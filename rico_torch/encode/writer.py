@@ -686,8 +686,8 @@ class _Handoff:
         self.mapped = mmap.mmap(self.fd, size, flags=mmap.MAP_SHARED | getattr(mmap, "MAP_POPULATE", 0),
                                 prot=mmap.PROT_READ)
         view = memoryview(self.mapped)
-        return [r._replace(value=view[r.value[0] : r.value[0] + r.value[1]]) if isinstance(r.value, tuple) else r
-                for r in results]
+        return [Encoded(r.key, view[r.value[0] : r.value[0] + r.value[1]], r.digest, r.error, r.bands, r.moments)
+                if type(r.value) is tuple else r for r in results]
 
     def release(self) -> bool:
         """Unmap, once nothing views the values any more (then it may be written again)."""

@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 
 from ..catalog import Band, Dataset, Source
-from ..cube.plan import WindowPlan, axis_owned, axis_starts as offsets
+from ..cube.plan import WindowPlan, axis_owned, axis_starts as offsets, key_offsets
 from ..errors import InputError
 from ..encode.discover import Patch, SourcePatches, WindowList, in_shard, printable
 from ..encode.options import parse_shard
@@ -218,7 +218,7 @@ class SceneManifest:
     def columns(self, written: np.ndarray) -> dict[str, np.ndarray]:
         """Each written window's offsets in its scene (the row's source); its transform is derived
         from the scene's (:func:`rico_torch.manifest.window_transform`)."""
-        offsets = np.array([_offsets_of(k.decode()) for k in written.tolist()], "<i4").reshape(-1, 2)
+        offsets = key_offsets(written, 2)
         return {"row": offsets[:, 0].copy(), "col": offsets[:, 1].copy()}
 
 
