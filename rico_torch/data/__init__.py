@@ -23,3 +23,7 @@ __all__ = [
 from .datamodules import GeoPatchDataModule  # noqa: E402
 
 __all__ += ["GeoPatchDataModule"]
+
+from .live import ScenePatchDataset  # noqa: E402
+
+__all__ += ["ScenePatchDataset"]

@@ -173,7 +173,9 @@ class LMDBPatchDataset(Dataset):
         # with crop: ``grid`` is what the crop is cut from (None: each item's largest band)
         self.grid = _check_size(size) if self.crop is not None else None
         self.size = self.crop if self.crop is not None else _check_size(size)
-        self.store = Store(path, readahead, allow_incomplete, manifests)
+        from .live import WindowStore  # option II: the encoder's windows read from their sources
+
+        self.store = path if isinstance(path, WindowStore) else Store(path, readahead, allow_incomplete, manifests)
         self.path = self.store.paths[0] if len(self.store.paths) == 1 else self.store.paths
         self._pid = -1
         self._plans: dict[tuple[bytes, ...], _Plan] = {}

@@ -1,0 +1,198 @@
+"""Option II: the windows an encode would write, read from their sources when a sample is asked for.
+
+A :class:`WindowStore` stands in for the LMDB :class:`~rico_torch.data.store.Store` under an
+:class:`~rico_torch.data.LMDBPatchDataset`. It runs the encoder's own plan (the same windows,
+keys, readers and manifest extension as ``python -m rico_torch.encode``), so a window's value is
+the encoder's value: the source read by the window's reader, laid out by
+:func:`~rico_torch.encode.read.value_parts` (the bytes ``data.mdb`` would hold). Everything after
+that (band selection, casting, native mode, batching, fields) is the LMDB dataset's, so option II
+returns exactly the samples of the encoded LMDB.
+
+Which windows exist can depend on their values (``min_valid``: the encoder leaves out windows
+with too few valid cells), and statistics need every value: then the store reads every window
+once when it is made (a *survey*, the encoder's pass without the writing); with ``min_valid=0``
+and no statistics asked for it reads one window per source (for the band table) and nothing else.
+
+Sources are opened per process by their readers (a forked worker never reads through its
+parent's file handles); a spawned worker gets the plan's recipe, not the windows, and plans again.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ..encode.discover import SkipPatch, SourcePatches
+from ..encode.read import value_parts
+from ..encode.writer import _Stats
+from ..manifest import KeyIndex, Manifest, build_columns
+from .dataset import LMDBPatchDataset
+
+#: A picklable recipe that plans the windows in any process: () -> (Dataset, [SourcePatches], Extension)
+Planner = Callable[[], tuple[Any, list[SourcePatches], Any]]
+
+
+class WindowStore:
+    """The encoder's windows of one plan, as a read-only store (see the module docstring).
+
+    Args:
+        planner: makes the plan (called here, and again in a spawned worker).
+        survey: read every window now: needed where ``min_valid`` may leave windows out, and
+            for statistics (the extension observes each value, as the encoder's does).
+        name: how messages name the store (the source path).
+    """
+
+    def __init__(self, planner: Planner, survey: bool, name: str) -> None:
+        self.planner, self.name = planner, name
+        self.paths = [Path(name)]
+        dataset, discovered, extension = planner()
+        stats = _Stats(observe=extension.observe if survey else None)
+        kept: list[tuple[int, int]] = []  # (source, patch) of every window in key-column order
+        for s, sp in enumerate(discovered):
+            for i, patch in enumerate(sp.patches):
+                if survey or i == 0:  # without a survey one value per source gives its band table
+                    try:
+                        value = encode(patch.reader())
+                    except SkipPatch:
+                        continue
+                    stats.add(sp.source.name, patch.key, value, digest=0)
+                else:
+                    stats.add_key(sp.source.name, patch.key)
+                kept.append((s, i))
+        # sources in plan order, windows in plan order within each: the writer's key column
+        ranges, keys, _ = stats.index([sp.source.name for sp in discovered])
+        self._rows = np.array(kept, np.int32).reshape(-1, 2)
+        facts = {
+            "dataset": dataset.name, "complete": True, "patches": len(keys), "counts": dict(stats.counts),
+            "bands": stats.band_table(), "classes": list(dataset.classes), "live": True,
+        }
+        columns = build_columns(keys)
+        facts.update(extension.manifest(keys))
+        columns.update(extension.columns(keys))
+        self._manifest = Manifest(facts, [(ranges, KeyIndex(None, arrays=columns))])
+        self._discovered: list[SourcePatches] | None = discovered
+        self._pid = os.getpid()
+
+    def __str__(self) -> str:
+        return self.name
+
+    def manifest(self) -> Manifest:
+        return self._manifest
+
+    def patches(self) -> list[SourcePatches]:
+        """The plan's windows in this process (planned again after a spawn)."""
+        if self._discovered is None:
+            self._discovered = self.planner()[1]
+        return self._discovered
+
+    def value(self, row: int) -> bytes:
+        """The value of the window in key-column row ``row``, read from its source."""
+        s, i = self._rows[row]
+        return encode(self.patches()[s].patches[i].reader())
+
+    def reader(self) -> "_LiveReader":
+        return _LiveReader(self)
+
+    def close(self) -> None:
+        """Nothing stays open here; the readers keep their files per process."""
+
+    def __getstate__(self) -> dict:
+        state = self.__dict__.copy()
+        state["_discovered"] = None  # the recipe crosses, not every window
+        return state
+
+
+def encode(bands: dict[str, np.ndarray]) -> bytes:
+    """A window's bands as the encoder stores them (one safetensors value)."""
+    parts, _ = value_parts(bands)  # header bytes, then contiguous arrays
+    return parts[0] if len(parts) == 1 else b"".join(parts)
+
+
+class _LiveReader:
+    """The LMDB reader's interface (``get``, ``items``) over a :class:`WindowStore`."""
+
+    def __init__(self, store: WindowStore) -> None:
+        self.store = store
+        self.index = store._manifest.parts[0][1]
+
+    def __enter__(self) -> "_LiveReader":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        pass
+
+    def get(self, key: bytes) -> memoryview:
+        row = int(self.index.find(np.array([key]))[0])
+        if row < 0:
+            from ..errors import UnknownKeyError
+
+            raise UnknownKeyError(f"key {key.decode(errors='replace')!r} is not a window of {self.store}")
+        return memoryview(self.store.value(row))  # as LMDB hands values out
+
+    def keys(self) -> list[str]:
+        return [k.decode() for k in self.index.columns["key"].tolist()]
+
+    def items(self):
+        for row, key in enumerate(self.index.columns["key"].tolist()):
+            yield key, memoryview(self.store.value(row))
+
+
+# --- scenes ------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ScenePlanner:
+    """The plan of ``python -m rico_torch.encode scenes`` with these options (a picklable recipe)."""
+
+    dataset_dir: str
+    options: Any  # rico_torch.scenes.chipper.ChipOptions
+    labels: str | None = None
+    label_nodata: float | None = None
+    allow_ungeoreferenced: bool = False
+
+    def __call__(self):
+        from ..scenes.chipper import planned
+
+        _, dataset, discovered, extension = planned(Path(self.dataset_dir), self.options, self.labels,
+                                                    self.label_nodata, self.allow_ungeoreferenced)
+        return dataset, discovered, extension
+
+
+class ScenePatchDataset(LMDBPatchDataset):
+    """The windows ``python -m rico_torch.encode scenes`` would write, read from the scenes on the fly.
+
+    Takes the encoder's options and returns exactly the samples :class:`LMDBPatchDataset` returns
+    over the LMDB they encode (same keys in the same order, same tensors), without encoding.
+
+    Args:
+        dataset_dir, patch_size, stride, edge, min_valid, labels, label_nodata,
+            allow_ungeoreferenced: as ``encode scenes`` (``--dataset-dir``, ``--patch-size``, ...).
+        bands: the bands of ``image``, in order (and ``mask_band="mask"`` for the labels).
+        encode_bands: the encode's ``--bands``: the bands each window reads (default: all, as an
+            encode without ``--bands``; ``min_valid`` asks every band read, so this can change
+            which windows are kept). Pass ``bands`` to read only those.
+        statistics: compute the encode's statistics (``store.manifest()["statistics"]`` and
+            ``["scenes"][name]["statistics"]``).
+        **kwargs: as :class:`LMDBPatchDataset` (``keys``, ``size``, ``native``, ``transforms``, ...).
+
+    With ``min_valid`` above 0 (default 1) or ``statistics``, every window is read once here,
+    as the encoder would (which windows exist depends on their pixels); ``min_valid=0`` reads
+    one window per scene up front.
+    """
+
+    def __init__(self, dataset_dir: str | Path, bands: Sequence[str], patch_size: int, stride: int | None = None,
+                 edge: str = "shift", min_valid: float = 1, *, labels: str | Path | None = None,
+                 label_nodata: float | None = None, allow_ungeoreferenced: bool = False,
+                 encode_bands: Sequence[str] | None = None, statistics: bool = False, **kwargs) -> None:
+        from ..scenes.chipper import chip_options
+
+        options = chip_options(patch_size, stride, edge, min_valid, encode_bands)
+        planner = ScenePlanner(str(dataset_dir), options, None if labels is None else str(labels), label_nodata,
+                               allow_ungeoreferenced)
+        store = WindowStore(planner, survey=statistics or options.min_valid > 0, name=str(dataset_dir))
+        super().__init__(store, bands, **kwargs)
