@@ -9,7 +9,7 @@ import numpy as np
 import torch
 
 from ...errors import ConfigError, DatasetNotFoundError
-from ...manifest import Manifest, merge
+from ...manifest import Manifest, merge, window_bounds
 from ...scenes.chipper import unlabelled_scenes
 from ...scenes.statistics import pool
 from ..dataset import LMDBPatchDataset
@@ -44,16 +44,6 @@ class GeoPatchDataset(LMDBPatchDataset):
         out["bounds"] = torch.from_numpy(bounds)
         out["crs"] = [self.crs[i] for i in scene.tolist()]
         return out
-
-
-def window_bounds(rows: np.ndarray, cols: np.ndarray, size: int, transform: list[float]) -> np.ndarray:
-    """(left, bottom, right, top) of windows (N x 4) from their offsets and their scene's
-    transform (north-up grids)."""
-    a, b, c, d, e, f = transform
-    left, top = c + a * cols + b * rows, f + d * cols + e * rows
-    right, bottom = left + a * size, top + e * size
-    return np.stack([np.minimum(left, right), np.minimum(top, bottom), np.maximum(left, right),
-                     np.maximum(top, bottom)], axis=1).astype(np.float64)
 
 
 class GeoPatchDataModule(LMDBDataModule):
