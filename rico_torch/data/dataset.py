@@ -593,12 +593,23 @@ class LMDBPatchDataset(Dataset):
         that was selected; else the first band is shown in grey. Returns a matplotlib Figure
         (made without pyplot: the backend is left as it is).
         """
-        from .plot import plot_sample
+        from .plot import plot_sample, plot_time_strip
 
+        if self.cube is not None:  # a time strip per window
+            assembler = self.native_assembler() if "image" not in sample and "native" in sample else None
+            return plot_time_strip(sample, self.bands, rgb_bands or (), self.step_names, title, assembler)
         multilabel = self.labels is not None and self.labels.ndim == 2
         assembler = self.native_assembler() if "image" not in sample and "native" in sample else None
         return plot_sample(sample, self.bands, rgb_bands or (), self.classes, multilabel=multilabel, title=title,
                            assembler=assembler)
+
+    def step_names(self, time: Any) -> list[str]:
+        """A cube window's time steps (``sample["time"]``, CF values) as ISO dates in the cube's calendar."""
+        import cftime
+
+        values = np.asarray(torch.as_tensor(time).cpu(), np.float64)
+        units, calendar = self.cube["time"]["units"], self.cube["time"]["calendar"]
+        return ["" if np.isnan(v) else cftime.num2date(v, units, calendar).isoformat()[:10] for v in values.tolist()]
 
     # --- native mode ------------------------------------------------------------------
 
