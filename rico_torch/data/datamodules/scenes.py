@@ -14,7 +14,7 @@ from ...scenes.chipper import unlabelled_scenes
 from ...scenes.statistics import pool
 from ..dataset import LMDBPatchDataset
 from ..store import read_manifest
-from .base import SPLITS, LMDBDataModule, LoaderKind
+from .base import SPLITS, LMDBDataModule, LoaderKind, block_split, dealt
 
 CHIP_HINT = "`python -m rico_torch.encode scenes --dataset-dir <scenes> --target-dir {path} --patch-size 256`"
 
@@ -200,13 +200,7 @@ class GeoPatchDataModule(LMDBDataModule):
         return self._windows
 
     def _dealt(self, count: int, rng: np.random.Generator) -> np.ndarray:
-        order = rng.permutation(count)
-        n_val = int(round(count * self.val_fraction))
-        n_test = int(round(count * self.test_fraction))
-        split = np.zeros(count, np.int8)
-        split[order[:n_val]] = SPLITS.index("val")
-        split[order[n_val : n_val + n_test]] = SPLITS.index("test")
-        return split
+        return dealt(count, self.val_fraction, self.test_fraction, rng)
 
     def splits(self) -> dict[str, np.ndarray]:
         """The keys of train, val and test."""
@@ -236,19 +230,8 @@ class GeoPatchDataModule(LMDBDataModule):
                 of_scene[used] = self._dealt(len(used), rng)
             split = of_scene[scene]
         else:
-            b, size = self.block_size, self.patch_size
-            span = int(max(rows.max(initial=0), cols.max(initial=0)) + size) // b + 2
-
-            def corner(k: int) -> np.ndarray:  # block of each window's k-th corner, one corner at a time
-                r = np.maximum(rows, 0) if k < 2 else rows + size - 1
-                c = np.maximum(cols, 0) if k % 2 == 0 else cols + size - 1
-                return (scene.astype(np.int64) * span + r // b) * span + c // b
-
-            blocks = np.unique(np.concatenate([np.unique(corner(k)) for k in range(4)]))  # (scene, row, col)
-            of_block = self._dealt(len(blocks), rng)
-            split = of_block[np.searchsorted(blocks, corner(0))]
-            for k in range(1, 4):
-                split[of_block[np.searchsorted(blocks, corner(k))] != split] = -1  # shares pixels: left out
+            size = self.patch_size
+            split = block_split(scene, rows, cols, (size, size), self.block_size, lambda n: self._dealt(n, rng))
         self._splits = {s: np.flatnonzero(split == i) for i, s in enumerate(SPLITS)}
         if chosen is not None:
             self._splits = {s: chosen[r] for s, r in self._splits.items()}
