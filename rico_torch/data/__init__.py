@@ -24,6 +24,6 @@ from .datamodules import CubeDataModule, GeoPatchDataModule  # noqa: E402
 
 __all__ += ["GeoPatchDataModule", "CubeDataModule"]
 
-from .live import ScenePatchDataset  # noqa: E402
+from .live import CubePatchDataset, ScenePatchDataset  # noqa: E402
 
-__all__ += ["ScenePatchDataset"]
+__all__ += ["ScenePatchDataset", "CubePatchDataset"]

@@ -30,6 +30,7 @@ import numpy as np
 from ..encode.discover import SkipPatch, SourcePatches
 from ..encode.read import value_parts
 from ..encode.writer import _Stats
+from ..errors import ConfigError
 from ..manifest import KeyIndex, Manifest, build_columns
 from .dataset import LMDBPatchDataset
 
@@ -196,3 +197,73 @@ class ScenePatchDataset(LMDBPatchDataset):
                                allow_ungeoreferenced)
         store = WindowStore(planner, survey=statistics or options.min_valid > 0, name=str(dataset_dir))
         super().__init__(store, bands, **kwargs)
+
+
+# --- cubes -------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class CubePlanner:
+    """The plan of ``python -m rico_torch.encode cube`` with these options (a picklable recipe)."""
+
+    source: str
+    patch: tuple  # ((dim, size), ...)
+    stride: tuple | None = None
+    edge: str | tuple = "shift"
+    variables: tuple[str, ...] | None = None
+    dims: tuple | None = None
+    time_from_name: str | None = None
+    min_valid: float = 1
+
+    def __call__(self):
+        from ..cube.encode import planned
+
+        _, dataset, discovered, extension = planned(
+            self.source, dict(self.patch), None if self.stride is None else dict(self.stride),
+            self.edge if isinstance(self.edge, str) else dict(self.edge), self.variables,
+            None if self.dims is None else dict(self.dims), self.time_from_name, self.min_valid)
+        return dataset, discovered, extension
+
+
+def _pairs(value):
+    return tuple(value.items()) if isinstance(value, dict) else value
+
+
+def cube_store(source, patch: dict, stride: dict | None = None, edge: str | dict = "shift",
+               variables: Sequence[str] | None = None, dims: dict | None = None, time_from_name: str | None = None,
+               min_valid: float = 1, statistics: bool = False) -> WindowStore:
+    """The windows ``encode cube`` with these options writes, as a :class:`WindowStore`."""
+    planner = CubePlanner(str(source), _pairs(patch), _pairs(stride), _pairs(edge),
+                          None if variables is None else tuple(variables), _pairs(dims), time_from_name, min_valid)
+    return WindowStore(planner, survey=statistics or min_valid > 0, name=str(source))
+
+
+class CubePatchDataset(LMDBPatchDataset):
+    """The windows ``python -m rico_torch.encode cube`` would write, read from the cube on the fly.
+
+    Takes the encoder's options and returns exactly the samples :class:`LMDBPatchDataset` returns
+    over the LMDB they encode: ``image`` T x C x H x W, ``time``, ``bounds``, ``crs``, ``key``, same
+    keys in the same order, same tensors bit for bit.
+
+    Args:
+        source, patch, stride, edge, variables, dims, time_from_name, min_valid: as ``encode
+            cube`` (``--source``, ``--patch time=12,lat=32,lon=32`` as ``dict(time=12, lat=32,
+            lon=32)``, ``--stride``, ``--edge``, ``--vars``, ``--dims``, ``--time-from-name``,
+            ``--min-valid``); ``variables`` also decides which variables each window reads.
+        bands: the variables of ``image``, in order (default: all the encode would store).
+        statistics: compute the encode's statistics (``store.manifest()["statistics"]``).
+        **kwargs: as :class:`LMDBPatchDataset` (``keys``, ``native``, ``transforms``, ...).
+
+    With ``min_valid`` above 0 (default 1) or ``statistics`` every window is read once here, as
+    the encoder would (which windows exist depends on their cells); ``min_valid=0`` reads one.
+    """
+
+    def __init__(self, source: str | Path, bands: Sequence[str] | None = None, patch: dict | None = None,
+                 stride: dict | None = None, edge: str | dict = "shift", *, variables: Sequence[str] | None = None,
+                 dims: dict | None = None, time_from_name: str | None = None, min_valid: float = 1,
+                 statistics: bool = False, **kwargs) -> None:
+        if patch is None:
+            raise ConfigError("CubePatchDataset: give patch, the window size per dimension (dict(time=12, lat=32, "
+                              "lon=32), as encode cube's --patch)")
+        store = cube_store(source, patch, stride, edge, variables, dims, time_from_name, min_valid, statistics)
+        super().__init__(store, list(bands or store.manifest()["cube"]["bands"]), **kwargs)
