@@ -14,7 +14,7 @@ from pyproj import CRS
 from rico_torch.cube.encode import encode_cube
 from rico_torch.data import CubeDataModule, LMDBPatchDataset
 from rico_torch.data.store import read_manifest
-from rico_torch.errors import ConfigError
+from rico_torch.errors import ConfigError, DatasetNotFoundError
 from rico_torch.scenes import Stitcher
 from rico_torch.synthetic.cube import make_projected_zarr, make_sst_netcdf
 
@@ -58,7 +58,7 @@ def test_splits_share_no_cell(sst, split):
         assert iso[val_steps.max()] < dm.test_start <= iso[np.flatnonzero(cells["test"].any(axis=(1, 2))).min()]
 
 
-def test_cut_dates_and_bad_arguments(sst):
+def test_cut_dates_and_bad_arguments(sst, eurosat_lmdb):
     _, target = sst
     dm = CubeDataModule(str(target), val_start="1982-09-01", test_start="1983-03-01", num_workers=0)
     keys, offsets = dm.table()
@@ -70,7 +70,9 @@ def test_cut_dates_and_bad_arguments(sst):
     with pytest.raises(ConfigError, match=r"unknown band\(s\) \['tos'\] of cube sst"):
         CubeDataModule(str(target), bands=["tos"])
     with pytest.raises(ConfigError, match="not a cube encode"):
-        CubeDataModule(str(target.parent / "not-a-cube"))  # no data.mdb: said before the cube check
+        CubeDataModule(str(eurosat_lmdb))
+    with pytest.raises(DatasetNotFoundError, match="no encoded cube here"):
+        CubeDataModule(str(target.parent / "nothing"))
 
 
 def test_batches_normalised_with_the_stored_statistics(sst):
