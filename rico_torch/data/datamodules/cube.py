@@ -149,11 +149,17 @@ class CubeDataModule(LMDBDataModule):
     def _cuts(self, val_start: str | None, test_start: str | None) -> tuple[str, str]:
         """The cut dates (ISO strings; compared as strings, so any calendar works)."""
         iso = self._cube_manifest["cube"]["time"]["iso"]
-        length = len(iso)
-        if val_start is None:
-            val_start = iso[min(length - 1, int(length * (1 - self.val_fraction - self.test_fraction)))]
+        length, steps = len(iso), self.window[0]
+        # the last steps go to test, those before to val: each its fraction, and at least one window's steps
+        n_test = max(round(length * self.test_fraction), steps) if self.test_fraction else 0
+        n_val = max(round(length * self.val_fraction), steps) if self.val_fraction else 0
+        if (val_start is None or test_start is None) and length - n_test - n_val < steps:
+            raise ConfigError(f"{self.lmdb_path}: {length} time steps hold no train, val and test windows of {steps} "
+                              "steps each; give val_start/test_start, or split by block")
         if test_start is None:
-            test_start = iso[min(length - 1, int(length * (1 - self.test_fraction)))]
+            test_start = iso[length - n_test] if n_test else "9999"
+        if val_start is None:
+            val_start = iso[length - n_test - n_val] if n_val else test_start
         if test_start < val_start:
             raise ConfigError(f"test_start {test_start} is before val_start {val_start}")
         return val_start, test_start
