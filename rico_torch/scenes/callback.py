@@ -5,13 +5,13 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from lightning.pytorch.callbacks import BasePredictionWriter
+from lightning.pytorch.callbacks import Callback
 
 from ..errors import ConfigError, UnknownKeyError
 from .stitcher import BLENDS, DEFAULT_MEMORY, Stitcher, _merged, output_dtype
 
 
-class GeoTIFFPredictionWriter(BasePredictionWriter):
+class GeoTIFFPredictionWriter(Callback):
     """Stitches the model's per-window predictions into one GeoTIFF per scene.
 
     Each predicted batch (``N x C x h x w``, one per key of ``batch["key"]``) goes to the
@@ -35,7 +35,7 @@ class GeoTIFFPredictionWriter(BasePredictionWriter):
     def __init__(self, output_dir: str = "predictions", blend: str = "cosine", dtype: str | None = None,
                  nodata: float | None = None, argmax: bool = False, lmdb_path: str | list[str] | None = None,
                  memory: int = DEFAULT_MEMORY) -> None:
-        super().__init__(write_interval="batch")
+        super().__init__()
         if blend not in BLENDS:
             raise ConfigError(f"blend={blend!r}: one of {', '.join(BLENDS)}")
         output_dtype(dtype, nodata, argmax)  # checked now, not at the first batch
@@ -72,6 +72,11 @@ class GeoTIFFPredictionWriter(BasePredictionWriter):
             raise ConfigError(f"GeoTIFFPredictionWriter: the DataModule reads {got[0]} x {got[1]} px patches, the "
                               f"windows are {h} x {w} finest-grid px; predict at the windows' size "
                               f"(`--data.init_args.size {h}`, or leave size unset)")
+
+    def on_predict_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:
+        # a plain Callback, not a BasePredictionWriter: the keys say where predictions go, so Lightning
+        # need not infer batch indices (which it cannot from a PatchLoader, and says so)
+        self.write_on_batch_end(trainer, pl_module, outputs, None, batch, batch_idx, dataloader_idx)
 
     def write_on_batch_end(self, trainer, pl_module, prediction, batch_indices, batch, batch_idx,
                            dataloader_idx=0) -> None:
