@@ -83,3 +83,20 @@ def test_workers_read_the_same_batches(encoded, scenes):
     spawned = pickle.loads(pickle.dumps(live))  # what a spawned worker gets: the recipe, planned again
     assert spawned.store._discovered is None
     assert torch.equal(spawned.read_batch([0, len(live) - 1])["image"], pre.read_batch([0, len(pre) - 1])["image"])
+
+
+@pytest.mark.parametrize("encoded", [0], indirect=True, ids=["shift"])
+def test_the_datamodule_reads_a_source_as_its_lmdb(encoded, scenes):
+    from rico_torch.data import GeoPatchDataModule
+
+    target, options = encoded
+    common = dict(scenes=["mosaic"], block_size=120, num_workers=0, batch_size=8, native=False)
+    pre = GeoPatchDataModule(str(target), **common)
+    live = GeoPatchDataModule(source=str(scenes.dataset_dir), labels=str(scenes.labels_dir), **options, **common)
+    assert live.bands == pre.bands and all(np.array_equal(live.splits()[s], pre.splits()[s]) for s in pre.splits())
+    pre.setup("fit")
+    live.setup("fit")
+    assert torch.equal(live.mean, pre.mean) and torch.equal(live.std, pre.std)
+    a, b = next(iter(pre.val_dataloader())), next(iter(live.val_dataloader()))
+    assert a["key"] == b["key"] and a["crs"] == b["crs"] and torch.equal(a["bounds"], b["bounds"])
+    assert torch.equal(a["image"], b["image"]) and torch.equal(a["mask"], b["mask"])

@@ -190,13 +190,22 @@ class ScenePatchDataset(LMDBPatchDataset):
                  edge: str = "shift", min_valid: float = 1, *, labels: str | Path | None = None,
                  label_nodata: float | None = None, allow_ungeoreferenced: bool = False,
                  encode_bands: Sequence[str] | None = None, statistics: bool = False, **kwargs) -> None:
-        from ..scenes.chipper import chip_options
-
-        options = chip_options(patch_size, stride, edge, min_valid, encode_bands)
-        planner = ScenePlanner(str(dataset_dir), options, None if labels is None else str(labels), label_nodata,
-                               allow_ungeoreferenced)
-        store = WindowStore(planner, survey=statistics or options.min_valid > 0, name=str(dataset_dir))
+        store = scene_store(dataset_dir, patch_size, stride, edge, min_valid, labels=labels, label_nodata=label_nodata,
+                            allow_ungeoreferenced=allow_ungeoreferenced, encode_bands=encode_bands,
+                            statistics=statistics)
         super().__init__(store, bands, **kwargs)
+
+
+def scene_store(dataset_dir, patch_size: int, stride: int | None = None, edge: str = "shift", min_valid: float = 1, *,
+                labels=None, label_nodata: float | None = None, allow_ungeoreferenced: bool = False,
+                encode_bands: Sequence[str] | None = None, statistics: bool = False) -> WindowStore:
+    """The windows ``encode scenes`` with these options writes, as a :class:`WindowStore`."""
+    from ..scenes.chipper import chip_options
+
+    options = chip_options(patch_size, stride, edge, min_valid, encode_bands)
+    planner = ScenePlanner(str(dataset_dir), options, None if labels is None else str(labels), label_nodata,
+                           allow_ungeoreferenced)
+    return WindowStore(planner, survey=statistics or options.min_valid > 0, name=str(dataset_dir))
 
 
 # --- cubes -------------------------------------------------------------------------------------

@@ -48,6 +48,9 @@ class GeoTIFFPredictionWriter(Callback):
     def _target(self, trainer):
         if self.lmdb_path is not None:
             return self.lmdb_path
+        store = getattr(trainer.datamodule, "store", None)
+        if store is not None:  # windows read on the fly
+            return store
         paths = getattr(trainer.datamodule, "lmdb_paths", None)
         if not paths:
             raise ConfigError("GeoTIFFPredictionWriter: give lmdb_path, or predict with a GeoPatchDataModule")
@@ -58,7 +61,9 @@ class GeoTIFFPredictionWriter(Callback):
             raise ConfigError("GeoTIFFPredictionWriter: predict on one device (--trainer.devices 1); "
                               f"this run has {trainer.world_size} processes")
         self._stitchers, self.written = {}, []
-        self._manifest = _merged(self._target(trainer))
+        store = getattr(trainer.datamodule, "store", None)  # windows read on the fly: the plan's manifest
+        self._manifest = store.manifest() if store is not None and self.lmdb_path is None else \
+            _merged(self._target(trainer))
         self._check_size(getattr(trainer.datamodule, "output_size", None))
 
     def _check_size(self, size) -> None:
@@ -126,15 +131,7 @@ class CubePredictionWriter(GeoTIFFPredictionWriter):
         super().__init__(output_dir, blend, lmdb_path=lmdb_path, memory=memory)
         self.denormalise = denormalise
 
-    def _target(self, trainer):
-        store = getattr(trainer.datamodule, "store", None)
-        return super()._target(trainer) if store is None or self.lmdb_path is not None else store
-
     def on_predict_start(self, trainer, pl_module) -> None:
-        store = getattr(trainer.datamodule, "store", None)
-        if store is not None and self.lmdb_path is None:  # read on the fly: the plan's own manifest
-            self._stitchers, self.written, self._manifest = {}, [], store.manifest()
-            return
         super().on_predict_start(trainer, pl_module)
         if "cube" not in self._manifest:
             raise ConfigError("CubePredictionWriter: predict with a CubeDataModule (a cube encode); scenes go to "

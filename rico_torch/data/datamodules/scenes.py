@@ -63,6 +63,10 @@ class GeoPatchDataModule(LMDBDataModule):
 
     Args:
         lmdb_path: the chipped LMDB (or its shard directories).
+        source, patch_size, stride, edge, min_valid, labels, label_nodata: instead of ``lmdb_path``,
+            read the same windows from the scenes on the fly (``encode scenes``' ``--dataset-dir``,
+            ``--patch-size`` ...; :class:`~rico_torch.data.ScenePatchDataset`); every window is read
+            once when the module is made (which windows exist, and the statistics).
         scenes: the scenes to train, validate and test on; ``None``: all. Only the scenes in
             use (these and ``predict_scenes``) must have the bands, so one LMDB may hold scenes
             with different bands.
@@ -85,7 +89,7 @@ class GeoPatchDataModule(LMDBDataModule):
 
     def __init__(
         self,
-        lmdb_path: str | list[str],
+        lmdb_path: str | list[str] | None = None,
         bands: list[str] | None = None,
         scenes: list[str] | None = None,
         split: Literal["block", "scene", "random"] = "block",
@@ -109,9 +113,28 @@ class GeoPatchDataModule(LMDBDataModule):
         seed: int = 0,
         ignore_index: int = -100,
         loader: LoaderKind = "patch",
+        source: str | None = None,
+        patch_size: int | None = None,
+        stride: int | None = None,
+        edge: Literal["shift", "pad", "drop"] = "shift",
+        min_valid: float = 1,
+        labels: str | None = None,
+        label_nodata: float | None = None,
     ) -> None:
-        paths = [Path(p) for p in (lmdb_path if isinstance(lmdb_path, (list, tuple)) else [lmdb_path])]
-        self._path_manifests = self._scene_manifests(paths)
+        self.store = None
+        if (lmdb_path is None) == (source is None):
+            raise ConfigError("give lmdb_path (chipped scenes) or source (scenes read on the fly), not both or neither")
+        if source is not None:
+            if patch_size is None:
+                raise ConfigError("source: give patch_size (the window size, as encode scenes' --patch-size)")
+            from ..live import scene_store
+
+            self.store = scene_store(source, patch_size, stride, edge, min_valid, labels=labels,
+                                     label_nodata=label_nodata, statistics=True)
+            self._path_manifests = [self.store.manifest()]
+        else:
+            paths = [Path(p) for p in (lmdb_path if isinstance(lmdb_path, (list, tuple)) else [lmdb_path])]
+            self._path_manifests = self._scene_manifests(paths)
         manifest = merge(self._path_manifests)
         stored = manifest["scenes"]
         for name in (scenes or []) + (val_scenes or []) + (test_scenes or []) + (predict_scenes or []):
@@ -128,7 +151,7 @@ class GeoPatchDataModule(LMDBDataModule):
             if not bands:
                 raise ConfigError(f"{paths[0]}: its scenes ({', '.join(in_use)}) share no band; name the bands "
                                   "(data.init_args.bands), or pick scenes (data.init_args.scenes)")
-        super().__init__(lmdb_path, list(bands), batch_size=batch_size, num_workers=num_workers,
+        super().__init__(lmdb_path or source, list(bands), batch_size=batch_size, num_workers=num_workers,
                          pin_memory=pin_memory, mean=mean, std=std, flips=flips, native=native, size=size,
                          interpolation=interpolation, readahead=readahead, seed=seed, loader=loader)
         self._manifest = manifest
@@ -184,6 +207,10 @@ class GeoPatchDataModule(LMDBDataModule):
 
     def encode_hint(self, path: Path) -> str:
         return CHIP_HINT.format(path=path)
+
+    def check_lmdb(self) -> None:
+        if self.store is None:  # read on the fly: nothing encoded to check
+            super().check_lmdb()
 
     # --- splits -------------------------------------------------------------------------
 
@@ -264,7 +291,7 @@ class GeoPatchDataModule(LMDBDataModule):
             raise ConfigError(f"{self.lmdb_path}: the {split} split is empty (split={self.split!r}); give more "
                               "scenes, a smaller block_size, or other fractions")
         windows = np.stack([scene[rows], row[rows], col[rows]], axis=1).astype(np.int32)
-        return GeoPatchDataset(self.lmdb_paths, self.bands, keys=items, size=self.output_size,
+        return GeoPatchDataset(self.store or self.lmdb_paths, self.bands, keys=items, size=self.output_size,
                                interpolation=self.interpolation, align_corners=self.align_corners,
                                native=self.loads_native, readahead=self.readahead, windows=windows,
                                manifests=self._path_manifests,
