@@ -11,12 +11,13 @@ import torch
 import xarray as xr
 from pyproj import CRS
 
-from rico_torch.cube.encode import encode_cube
-from rico_torch.data import CubeDataModule, LMDBPatchDataset
-from rico_torch.data.store import read_manifest
-from rico_torch.errors import ConfigError, DatasetNotFoundError
-from rico_torch.scenes import Stitcher
-from rico_torch.synthetic.cube import make_projected_zarr, make_sst_netcdf
+pytest.importorskip("rico_torch.cube.encode", reason="the cube encoder (issue 27, encode side) is not merged yet")
+from rico_torch.cube.encode import encode_cube  # noqa: E402
+from rico_torch.data import CubeDataModule, LMDBPatchDataset  # noqa: E402
+from rico_torch.data.store import read_manifest  # noqa: E402
+from rico_torch.errors import ConfigError, DatasetNotFoundError  # noqa: E402
+from rico_torch.scenes import Stitcher  # noqa: E402
+from rico_torch.synthetic.cube import make_projected_zarr, make_sst_netcdf  # noqa: E402
 
 CONFIG = Path(__file__).resolve().parents[1] / "configs" / "cube.yaml"
 SST = dict(patch=dict(time=4, lat=6, lon=6), stride=dict(time=2, lat=4, lon=4))
@@ -65,8 +66,9 @@ def test_cut_dates_and_bad_arguments(sst, eurosat_lmdb):
     iso = dm.manifest()["cube"]["time"]["iso"]
     for t in offsets[dm.split_rows()["val"], 0]:
         assert "1982-09-01" <= iso[t] and iso[t + dm.window[0] - 1] < "1983-03-01"
-    with pytest.raises(ConfigError, match="give lmdb_path .* or source"):
-        CubeDataModule()
+    with pytest.raises(ConfigError, match="20 time steps hold no train, val and test windows of 4 steps each; give "
+                       "val_start/test_start, or split by block"):
+        CubeDataModule(str(target), val_fraction=0.45, test_fraction=0.45)
     with pytest.raises(ConfigError, match=r"unknown band\(s\) \['tos'\] of cube sst"):
         CubeDataModule(str(target), bands=["tos"])
     with pytest.raises(ConfigError, match="not a cube encode"):

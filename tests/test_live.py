@@ -100,3 +100,22 @@ def test_the_datamodule_reads_a_source_as_its_lmdb(encoded, scenes):
     a, b = next(iter(pre.val_dataloader())), next(iter(live.val_dataloader()))
     assert a["key"] == b["key"] and a["crs"] == b["crs"] and torch.equal(a["bounds"], b["bounds"])
     assert torch.equal(a["image"], b["image"]) and torch.equal(a["mask"], b["mask"])
+
+
+def test_datamodules_take_an_lmdb_or_a_source(scenes):
+    from rico_torch.data import CubeDataModule, GeoPatchDataModule
+    from rico_torch.errors import ConfigError
+
+    for make, message in (
+        (lambda: GeoPatchDataModule(), "give lmdb_path (chipped scenes) or source (scenes read on the fly), not both "
+                                       "or neither"),
+        (lambda: GeoPatchDataModule(source=str(scenes.dataset_dir)),
+         "source: give patch_size (the window size, as encode scenes' --patch-size)"),
+        (lambda: CubeDataModule(), "give lmdb_path (an encoded cube) or source (a cube read on the fly), not both or "
+                                   "neither"),
+        (lambda: CubeDataModule(source="sst.nc"), "source: give patch (the window size per dimension, as encode "
+                                                  "cube's --patch)"),
+    ):
+        with pytest.raises(ConfigError) as error:
+            make()
+        assert str(error.value) == message
