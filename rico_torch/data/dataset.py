@@ -470,6 +470,9 @@ class LMDBPatchDataset(Dataset):
         arrays: dict[str, np.ndarray] = {}  # numpy views (N, ...) of the outputs: cheap to slice per row
         with self._reader() as reader:
             get = reader.get
+            prefetch = getattr(reader, "prefetch", None)  # option II: a batch's source blocks, read once
+            if prefetch is not None and len(indices) > 1 and self._keys.ndim == 1:
+                prefetch([self._raw_keys(i)[0] for i in indices])
             for row, index in enumerate(indices):
                 keys = self._raw_keys(index)
                 values = [get(k) for k in keys]

@@ -36,6 +36,7 @@ from .dataset import LMDBPatchDataset
 
 #: A picklable recipe that plans the windows in any process: () -> (Dataset, [SourcePatches], Extension)
 Planner = Callable[[], tuple[Any, list[SourcePatches], Any]]
+READAHEAD = 64  # windows whose source blocks one read ahead covers
 
 
 class WindowStore:
@@ -46,10 +47,14 @@ class WindowStore:
         survey: read every window now: needed where ``min_valid`` may leave windows out, and
             for statistics (the extension observes each value, as the encoder's does).
         name: how messages name the store (the source path).
+        readahead: a single window read also reads the source blocks of the next
+            :data:`READAHEAD` windows in key order (a sequential pass: prediction, validation);
+            a batch read always reads the blocks its windows cover once.
     """
 
-    def __init__(self, planner: Planner, survey: bool, name: str) -> None:
-        self.planner, self.name = planner, name
+    def __init__(self, planner: Planner, survey: bool, name: str, readahead: bool = False) -> None:
+        self.planner, self.name, self.readahead = planner, name, readahead
+        self._ahead = (0, 0)  # key-column rows whose source blocks were read ahead
         self.paths = [Path(name)]
         dataset, discovered, extension = planner()
         stats = _Stats(observe=extension.observe if survey else None)
@@ -96,6 +101,23 @@ class WindowStore:
         s, i = self._rows[row]
         return encode(self.patches()[s].patches[i].reader())
 
+    def prefetch(self, rows: np.ndarray) -> None:
+        """Read the source blocks that the windows in key-column rows ``rows`` cover, once (the
+        planner's own ``prefetch``, where its windows have one); later reads cut them from memory."""
+        pairs = self._rows[rows]
+        for s in np.unique(pairs[:, 0]).tolist():
+            windows = self.patches()[s].patches
+            make = getattr(windows, "make", None)
+            if make is not None and hasattr(make, "prefetch"):
+                make.prefetch(windows.rows[pairs[pairs[:, 0] == s, 1]])
+
+    def read_ahead(self, row: int) -> None:
+        """With ``readahead``: the blocks of windows ``row`` .. ``row + READAHEAD`` unless read already."""
+        lo, hi = self._ahead
+        if self.readahead and not lo <= row < hi:
+            self._ahead = (row, min(row + READAHEAD, len(self._rows)))
+            self.prefetch(np.arange(*self._ahead))
+
     def reader(self) -> "_LiveReader":
         return _LiveReader(self)
 
@@ -105,6 +127,7 @@ class WindowStore:
     def __getstate__(self) -> dict:
         state = self.__dict__.copy()
         state["_discovered"] = None  # the recipe crosses, not every window
+        state["_ahead"] = (0, 0)
         return state
 
 
@@ -133,7 +156,14 @@ class _LiveReader:
             from ..errors import UnknownKeyError
 
             raise UnknownKeyError(f"key {key.decode(errors='replace')!r} is not a window of {self.store}")
+        self.store.read_ahead(row)
         return memoryview(self.store.value(row))  # as LMDB hands values out
+
+    def prefetch(self, keys: Sequence[bytes]) -> None:
+        """A batch's windows: their source blocks read once, before the windows are cut from them."""
+        rows = self.index.find(np.array(keys))
+        self.store.prefetch(rows[rows >= 0])
+        self.store._ahead = (0, 0)  # the blocks read ahead are gone
 
     def keys(self) -> list[str]:
         return [k.decode() for k in self.index.columns["key"].tolist()]
@@ -192,20 +222,21 @@ class ScenePatchDataset(LMDBPatchDataset):
                  encode_bands: Sequence[str] | None = None, statistics: bool = False, **kwargs) -> None:
         store = scene_store(dataset_dir, patch_size, stride, edge, min_valid, labels=labels, label_nodata=label_nodata,
                             allow_ungeoreferenced=allow_ungeoreferenced, encode_bands=encode_bands,
-                            statistics=statistics)
+                            statistics=statistics, readahead=kwargs.get("readahead", False))
         super().__init__(store, bands, **kwargs)
 
 
 def scene_store(dataset_dir, patch_size: int, stride: int | None = None, edge: str = "shift", min_valid: float = 1, *,
                 labels=None, label_nodata: float | None = None, allow_ungeoreferenced: bool = False,
-                encode_bands: Sequence[str] | None = None, statistics: bool = False) -> WindowStore:
+                encode_bands: Sequence[str] | None = None, statistics: bool = False,
+                readahead: bool = False) -> WindowStore:
     """The windows ``encode scenes`` with these options writes, as a :class:`WindowStore`."""
     from ..scenes.chipper import chip_options
 
     options = chip_options(patch_size, stride, edge, min_valid, encode_bands)
     planner = ScenePlanner(str(dataset_dir), options, None if labels is None else str(labels), label_nodata,
                            allow_ungeoreferenced)
-    return WindowStore(planner, survey=statistics or options.min_valid > 0, name=str(dataset_dir))
+    return WindowStore(planner, survey=statistics or options.min_valid > 0, name=str(dataset_dir), readahead=readahead)
 
 
 # --- cubes -------------------------------------------------------------------------------------
@@ -240,11 +271,11 @@ def _pairs(value):
 
 def cube_store(source, patch: dict, stride: dict | None = None, edge: str | dict = "shift",
                variables: Sequence[str] | None = None, dims: dict | None = None, time_from_name: str | None = None,
-               min_valid: float = 1, statistics: bool = False) -> WindowStore:
+               min_valid: float = 1, statistics: bool = False, readahead: bool = False) -> WindowStore:
     """The windows ``encode cube`` with these options writes, as a :class:`WindowStore`."""
     planner = CubePlanner(str(source), _pairs(patch), _pairs(stride), _pairs(edge),
                           None if variables is None else tuple(variables), _pairs(dims), time_from_name, min_valid)
-    return WindowStore(planner, survey=statistics or min_valid > 0, name=str(source))
+    return WindowStore(planner, survey=statistics or min_valid > 0, name=str(source), readahead=readahead)
 
 
 class CubePatchDataset(LMDBPatchDataset):
@@ -261,7 +292,9 @@ class CubePatchDataset(LMDBPatchDataset):
             ``--min-valid``); ``variables`` also decides which variables each window reads.
         bands: the variables of ``image``, in order (default: all the encode would store).
         statistics: compute the encode's statistics (``store.manifest()["statistics"]``).
-        **kwargs: as :class:`LMDBPatchDataset` (``keys``, ``native``, ``transforms``, ...).
+        **kwargs: as :class:`LMDBPatchDataset` (``keys``, ``native``, ``transforms``, ...);
+            ``readahead``: a single window read also reads the source blocks of the next windows
+            (:class:`WindowStore`; for sequential passes). A batch reads its blocks once anyway.
 
     With ``min_valid`` above 0 (default 1) or ``statistics`` every window is read once here, as
     the encoder would (which windows exist depends on their cells); ``min_valid=0`` reads one.
@@ -274,5 +307,6 @@ class CubePatchDataset(LMDBPatchDataset):
         if patch is None:
             raise ConfigError("CubePatchDataset: give patch, the window size per dimension (dict(time=12, lat=32, "
                               "lon=32), as encode cube's --patch)")
-        store = cube_store(source, patch, stride, edge, variables, dims, time_from_name, min_valid, statistics)
+        store = cube_store(source, patch, stride, edge, variables, dims, time_from_name, min_valid, statistics,
+                           kwargs.get("readahead", False))
         super().__init__(store, list(bands or store.manifest()["cube"]["bands"]), **kwargs)
