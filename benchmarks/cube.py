@@ -16,7 +16,11 @@ xbatcher 0.4, side by side in one run.
     on the dataset opened with xarray (``mask_and_scale=False``, as stored): a T x H x W tensor.
   Values are compared window by window (xbatcher's windows matched by their offsets).
 
+The encode part (encode rate against one xarray read of the cube, peak memory on a cube larger
+than memory) is ``benchmarks/cube_encode.py``; ``--part encode`` (or ``all``) runs it from here.
+
     python benchmarks/cube.py --part read
+    python benchmarks/cube.py --part encode --gb 8
 """
 
 from __future__ import annotations
@@ -115,7 +119,8 @@ def read_part(args) -> list[list[object]]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--part", choices=("read", "all"), default="all")
+    parser.add_argument("--part", choices=("read", "encode", "all"), default="all")
+    parser.add_argument("--gb", type=float, help="encode part: the cube's size (cube_encode.py --gb)")
     parser.add_argument("--months", type=int, default=120)
     parser.add_argument("--lat", type=int, default=180)
     parser.add_argument("--lon", type=int, default=360)
@@ -123,6 +128,12 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args()
     log(f"machine: {machine()}; load {load()}")
+    if args.part in ("encode", "all"):
+        import cube_encode
+
+        cube_encode.main([] if args.gb is None else ["--gb", str(args.gb)])
+        if args.part == "encode":
+            return
     rows = read_part(args)
     print(f"\nPer-sample reads of the same {args.patch[0]} x {args.patch[1]} x {args.patch[1]} windows of a "
           f"{args.months} x {args.lat} x {args.lon} float32 cube, one process (us per sample, best of "
