@@ -192,6 +192,28 @@ def _offsets_of(key: str) -> tuple[int, int, int]:
     return int(t), int(row), int(col)
 
 
+def planned(source: str | Path, patch: Mapping[str, int], stride: Mapping[str, int] | None = None,
+            edge: str | Mapping[str, str] = "shift", variables: Sequence[str] | None = None,
+            dims: Mapping[str, str] | None = None, time_from_name: str | None = None, min_valid: float = 1,
+            shard: tuple[int, int] | None = None):
+    """The cube, its windows (a shard's only) and the manifest extension of an encode with these
+    options (see :func:`encode_cube`): what :func:`encode_cube` writes and
+    :class:`rico_torch.data.CubePatchDataset` reads on the fly."""
+    cube = open_cube(source, variables, dims, time_from_name)
+    plan = plan_cube(cube, patch, stride, edge)
+    cells = math.prod(plan.patch)
+    if 0 < min_valid < 1:
+        min_valid = math.ceil(min_valid * cells)
+    min_valid = int(min_valid)
+    if not 0 <= min_valid <= cells:
+        raise ConfigError(f"--min-valid {min_valid:,}: must be between 0 and the {cells:,} cells of a window")
+    dataset, discovered = windows_of(cube, plan, min_valid, shard)
+    options = {"patch": list(plan.patch), "stride": [a.stride for a in plan.axes],
+               "edge": [a.edge for a in plan.axes], "min_valid": min_valid, "bands": list(cube.band_names),
+               "dims": dict(cube.dims), "time": list(cube.time), "time_from_name": time_from_name}
+    return cube, dataset, discovered, CubeManifest(cube, plan, options, len(discovered[0].patches))
+
+
 def encode_cube(
     source: str | Path,
     target_dir: str | Path,
@@ -215,19 +237,9 @@ def encode_cube(
     has; below 1 a fraction of the window's cells. Raises :class:`InputError` when no window is written.
     """
     try:
-        cube = open_cube(source, variables, dims, time_from_name)
-        plan = plan_cube(cube, patch, stride, edge)
-        cells = math.prod(plan.patch)
-        if 0 < min_valid < 1:
-            min_valid = math.ceil(min_valid * cells)
-        min_valid = int(min_valid)
-        if not 0 <= min_valid <= cells:
-            raise ConfigError(f"--min-valid {min_valid:,}: must be between 0 and the {cells:,} cells of a window")
-        dataset, discovered = windows_of(cube, plan, min_valid, shard)
-        options = {"patch": list(plan.patch), "stride": [a.stride for a in plan.axes],
-                   "edge": [a.edge for a in plan.axes], "min_valid": min_valid, "bands": list(cube.band_names),
-                   "dims": dict(cube.dims), "time": list(cube.time), "time_from_name": time_from_name}
-        extension = CubeManifest(cube, plan, options, len(discovered[0].patches))
+        cube, dataset, discovered, extension = planned(source, patch, stride, edge, variables, dims, time_from_name,
+                                                       min_valid, shard)
+        min_valid = extension.options["min_valid"]
         result = encode_dataset(dataset, discovered, Path(target_dir), num_workers=num_workers, overwrite=overwrite,
                                 skip_invalid=skip_invalid, quiet=quiet, sources_info={cube.name: cube.path},
                                 shard=shard, extension=extension)
