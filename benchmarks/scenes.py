@@ -24,8 +24,9 @@ speed; stitching speed and peak memory.
     python benchmarks/scenes.py --million    # chipping at scale only (below)
 
 * Chipping at scale (``--million``): 1,048,576 windows of 8 px from one 8,192 x 8,192 px 3-band
-  uint8 scene (deflate, tiled 512), each run in a child process (peak memory = its ``ru_maxrss``
-  and its workers'), side by side with the floor it cannot beat: a plain read of the whole scene
+  uint8 scene (deflate, tiled 512), each run in a child process (peak memory: its ``ru_maxrss``,
+  which counts the pages of ``data.mdb`` it maps, its peak anonymous memory, its largest worker's),
+  side by side with the floor it cannot beat: a plain read of the whole scene
   and the LMDB put rate of the same number of values of the same size (512 per transaction).
 """
 
@@ -206,8 +207,16 @@ def bench_stitch(out_dir: Path, size: int = 10980, channels: int = 10, patch: in
 
 
 CHILD = """
-import json, resource, sys, time
+import json, resource, sys, threading, time
 kind, args = sys.argv[1], json.loads(sys.argv[2])
+anon = [0]  # peak anonymous memory of this process (RssAnon: not data.mdb's or the scene's file pages)
+def sample():
+    while True:
+        for line in open("/proc/self/status"):
+            if line.startswith("RssAnon:"):
+                anon[0] = max(anon[0], int(line.split()[1]))
+        time.sleep(0.05)
+threading.Thread(target=sample, daemon=True).start()
 start = time.perf_counter()
 if kind == "read":
     import rasterio
@@ -230,8 +239,9 @@ else:
     result = chip(args["scenes"], args["target"], args["window"], num_workers=args["workers"])
     extra = {"written": result.written}
 seconds = time.perf_counter() - start
-peak = max(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)
-print(json.dumps({"seconds": seconds, "peak_mb": peak / 1024, **extra}))
+print(json.dumps({"seconds": seconds, "peak_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+                  "anon_mb": anon[0] / 1024, "worker_mb": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024,
+                  **extra}))
 """
 
 
@@ -266,18 +276,22 @@ def bench_chip_scale(pixels: int, window: int, workers: list[int]) -> None:
     read = _child("read", scene=str(scenes / "big.tif"))
     put = _child("put", target=str(target), count=count, window=window)
     shutil.rmtree(target, ignore_errors=True)
-    rows = [["plain read of the scene (rasterio, all bands)", f"{read['seconds']:.1f}", "", f"{read['peak_mb']:,.0f}"],
+    def memory(run: dict) -> list[str]:
+        return [f"{run['peak_mb']:,.0f}", f"{run['anon_mb']:,.0f}", f"{run['worker_mb']:,.0f}" if run["worker_mb"] else ""]
+
+    rows = [["plain read of the scene (rasterio, all bands)", f"{read['seconds']:.1f}", "", *memory(read)],
             [f"LMDB puts of {count:,} values of {put['bytes']} B, 512 per transaction", f"{put['seconds']:.1f}",
-             f"{count / put['seconds']:,.0f}", f"{put['peak_mb']:,.0f}"]]
+             f"{count / put['seconds']:,.0f}", *memory(put)]]
     for w in workers:
         log(f"chipping {count:,} windows with {w} workers ...")
         run = _child("chip", scenes=str(scenes), target=str(target), window=window, workers=w)
         shutil.rmtree(target, ignore_errors=True)
         rows.append([f"encode scenes, --num-workers {w}", f"{run['seconds']:.1f}", f"{run['written'] / run['seconds']:,.0f}",
-                     f"{run['peak_mb']:,.0f}"])
+                     *memory(run)])
     print(f"\nChipping at scale: {count:,} windows of {window} px from one {pixels:,} x {pixels:,} px 3-band uint8 "
           f"scene; {machine()}; load average {load()}\n")
-    print(table(["run (a child process each)", "seconds", "windows/s", "peak MB (ru_maxrss)"], rows))
+    print(table(["run (a child process each)", "seconds", "windows/s", "peak RSS MB", "peak anonymous MB",
+                 "largest worker MB"], rows))
 
 
 def main(argv: list[str] | None = None) -> int:
