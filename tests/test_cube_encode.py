@@ -132,14 +132,16 @@ def test_projected_zarr_pad_edges(sources, tmp_path):
     assert cube["time"]["iso"] == ["2021-06-03T00:00:00", "2021-06-18T00:00:00"]
 
 
-def test_geotiff_stack_irregular_dates(sources, tmp_path):
+def test_geotiff_stack_irregular_dates(sources, tmp_path, capsys):
     import rasterio
 
     target = tmp_path / "stack"
     code = encode_main(["cube", "--source", str(sources["stack"]), "--time-from-name", DATE, "--target-dir",
                         str(target), "--patch", "time=4,y=16,x=16", "--stride", "time=3,y=16,x=16",
-                        "--min-valid", "0", "--num-workers", "0", "--quiet"])
+                        "--min-valid", "0", "--num-workers", "0"])
     assert code == 0
+    assert f"`python -m rico_torch fit --config configs/cube.yaml --data.init_args.lmdb_path {target}` trains on it" \
+        in capsys.readouterr().err
     manifest = read_manifest(target)
     dates = sources["dates"]
     assert manifest["cube"]["time"]["iso"] == [d.strftime("%Y-%m-%dT00:00:00") for d in dates]

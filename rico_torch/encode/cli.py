@@ -348,7 +348,7 @@ def next_steps(target: Path, dataset_name: str) -> str:
     elif dataset_name == "demo":
         fit = f"`{demo_fit_command(target)}` trains on it"
     elif dataset_name == "cube":
-        fit = "rico_torch.data.LMDBPatchDataset reads its windows as T x C x H x W"
+        fit = f"`python -m rico_torch fit --config configs/cube.yaml --data.init_args.lmdb_path {target}` trains on it"
     else:
         fit = f"`{get_dataset(dataset_name).fit_command(target)}` trains on it"
     return f"next: `python -m rico_torch.encode info {target}` describes it; {fit}"
