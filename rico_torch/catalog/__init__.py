@@ -4,13 +4,13 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
-from . import bigearthnet, eurosat, hydro, hyspecnet, majortom, satlas, spectralearth, ssl4eo, ucmerced
+from . import bigearthnet, bigearthnet_v1, eurosat, hydro, hyspecnet, majortom, satlas, spectralearth, ssl4eo, ucmerced
 from .base import Band, Dataset, Source
 
 DATASETS: dict[str, Dataset] = {
     d.name: d
     for d in (
-        bigearthnet.DATASET, hyspecnet.DATASET, ucmerced.DATASET, eurosat.DATASET,
+        bigearthnet.DATASET, bigearthnet_v1.DATASET, hyspecnet.DATASET, ucmerced.DATASET, eurosat.DATASET,
         ssl4eo.DATASET, majortom.DATASET, hydro.DATASET, spectralearth.DATASET, satlas.DATASET,
     )
 }  # fmt: skip
