@@ -245,3 +245,94 @@ def test_verify_hashes_the_sources_against_the_list(v1_files, tmp_path, capsys):
     csv.unlink()
     code, err = encode(capsys, "verify", "--target-dir", target, "--num-workers", 0)
     assert code == 1 and f"{csv}: the source hash list the manifest records is missing; give --source-hashes FILE" in err
+
+
+# --- the DataModule ----------------------------------------------------------------------------
+
+
+def _split_lists(v1_files, folder: Path) -> dict[str, list[tuple[str, str]]]:
+    """train: S2 names; val: `s2,s1` pairs; test: S2 names, bzip2'd (as the official files ship)."""
+    import bz2
+
+    folder.mkdir()
+    pairs = list(v1_files.pairs)
+    splits = {"train": pairs[:4], "val": pairs[4:5], "test": pairs[5:]}
+    (folder / "train.csv").write_text("".join(f"{s2}\n" for s2, _ in splits["train"]))
+    (folder / "val.csv").write_text("".join(f"{s2},{s1}\n" for s2, s1 in splits["val"]))
+    (folder / "test.csv.bz2").write_bytes(bz2.compress("".join(f"{s2}\n" for s2, _ in splits["test"]).encode()))
+    return splits
+
+
+def _json_labels(folder: Path) -> list[str]:
+    (path,) = folder.glob("*_labels_metadata.json")
+    return json.loads(path.read_text())["labels"]
+
+
+def test_datamodule_official_lists_labels_and_statistics(v1_files, v1_lmdb, tmp_path):
+    from rico_torch.data import BigEarthNetV1DataModule
+
+    splits = _split_lists(v1_files, tmp_path / "splits")
+    dm = BigEarthNetV1DataModule(str(v1_lmdb), splits=str(tmp_path / "splits"), num_classes=43, bands=["VV", "B02"],
+                                 num_workers=0, batch_size=2)
+    dm.setup("fit")
+    dm.setup("test")
+    for split in ("train", "val", "test"):
+        ds = dm.datasets[split]
+        assert [ds.key(i) for i in range(len(ds))] == splits[split]  # (S2, S1) items
+        batch = ds.read_batch(list(range(len(ds))))
+        for row, (s2, s1) in zip(batch["label"].numpy(), splits[split]):
+            assert [v1.CLASSES_43[i] for i in np.flatnonzero(row)] == sorted(_json_labels(v1_files.s2_dir / s2),
+                                                                             key=v1.CLASSES_43.index)
+            with rasterio.open(_band_file(v1_files.s1_dir / s1, "VV")) as src:  # S1 paired by the encode
+                np.testing.assert_array_equal(batch["image"][splits[split].index((s2, s1)), 0].numpy(), src.read(1))
+    # statistics from the data: every train patch's pixels (rasterio), not constants
+    pixels = {"VV": [], "B02": []}
+    for s2, s1 in splits["train"]:
+        for band, folder in (("VV", v1_files.s1_dir / s1), ("B02", v1_files.s2_dir / s2)):
+            with rasterio.open(_band_file(folder, band)) as src:
+                pixels[band].append(src.read(1).astype(np.float64))
+    np.testing.assert_allclose(dm.mean.numpy(), [np.mean(pixels["VV"]), np.mean(pixels["B02"])], rtol=1e-5)
+    np.testing.assert_allclose(dm.std.numpy(), [np.std(pixels["VV"]), np.std(pixels["B02"])], rtol=1e-4)
+    nineteen = BigEarthNetV1DataModule(str(v1_lmdb), splits=str(tmp_path / "splits"), bands="S2", num_workers=0)
+    nineteen.setup("fit")
+    assert nineteen.num_classes == 19 and nineteen.classes == v1.CLASSES_19
+    labels = nineteen.datasets["train"].read_batch([0, 1, 2, 3])["label"].numpy()
+    for row, (s2, _) in zip(labels, splits["train"]):
+        merged = {v1.CLASS_19_OF[n] for n in _json_labels(v1_files.s2_dir / s2)} - {None}
+        assert {v1.CLASSES_19[i] for i in np.flatnonzero(row)} == merged
+
+
+def test_datamodule_messages(v1_files, v1_lmdb, tmp_path):
+    from rico_torch.data import BigEarthNetV1DataModule
+    from rico_torch.errors import ConfigError, DatasetNotFoundError
+
+    with pytest.raises(ConfigError, match=r"num_classes=20: BigEarthNet v1 has 19 or 43 classes"):
+        BigEarthNetV1DataModule(str(v1_lmdb), splits=str(tmp_path), num_classes=20)
+    dm = BigEarthNetV1DataModule(str(v1_lmdb), splits=str(tmp_path / "none"), num_workers=0)
+    with pytest.raises(DatasetNotFoundError) as caught:
+        dm.setup("fit")
+    assert str(caught.value) == (f"{tmp_path / 'none'}: BigEarthNet v1 split lists not found (no such folder); set "
+                                 "splits to the folder holding the official train.csv, val.csv and test.csv")
+    (tmp_path / "other").mkdir()
+    for name in ("train", "val", "test"):
+        (tmp_path / "other" / f"{name}.csv").write_text("S2A_MSIL2A_20170613T101031_99_99\n")
+    dm = BigEarthNetV1DataModule(str(v1_lmdb), splits=str(tmp_path / "other"), bands="S2", num_workers=0)
+    with pytest.raises(ConfigError) as caught:
+        dm.setup("fit")
+    assert str(caught.value) == (f"{v1_lmdb}: none of the 1 train patches of {tmp_path / 'other' / 'train.csv'} (with "
+                                 "the S2 keys the bands need) are in the LMDB; point splits at this LMDB's official "
+                                 "lists, or choose bands the LMDB holds")
+
+
+def test_lightning_cli_config_trains(v1_files, v1_lmdb, tmp_path, recwarn):
+    from rico_torch.cli import main as cli_main
+
+    _split_lists(v1_files, tmp_path / "splits")
+    cli_main(["fit", "--config", str(Path(__file__).resolve().parents[1] / "configs" / "bigearthnet_v1.yaml"),
+              "--trainer.fast_dev_run=1", "--trainer.accelerator=cpu", "--trainer.precision=32",
+              f"--trainer.default_root_dir={tmp_path}", f"--trainer.logger.init_args.save_dir={tmp_path}",
+              f"--data.init_args.lmdb_path={v1_lmdb}", f"--data.init_args.splits={tmp_path / 'splits'}",
+              "--data.init_args.num_workers=0", "--data.init_args.batch_size=2", "--data.init_args.pin_memory=false"])
+    notices = [str(w.message) for w in recwarn.list
+               if "/lightning/" in w.filename and "Jsonargparse" not in w.category.__name__]
+    assert not notices  # e.g. "The 'train_dataloader' does not have many workers", "... num_classes ..."
