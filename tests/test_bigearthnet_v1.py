@@ -336,3 +336,47 @@ def test_lightning_cli_config_trains(v1_files, v1_lmdb, tmp_path, recwarn):
     notices = [str(w.message) for w in recwarn.list
                if "/lightning/" in w.filename and "Jsonargparse" not in w.category.__name__]
     assert not notices  # e.g. "The 'train_dataloader' does not have many workers", "... num_classes ..."
+
+
+def test_list_and_hash_file_messages(tmp_path, capsys):
+    from rico_torch.errors import InputError
+
+    with pytest.raises(InputError) as caught:
+        v1.read_name_list(tmp_path / "train.csv")
+    assert str(caught.value) == f"{tmp_path / 'train.csv'}: list file does not exist"
+    (tmp_path / "val.csv.bz2").write_bytes(b"not bzip2")
+    with pytest.raises(InputError) as caught:
+        v1.read_name_list(tmp_path / "val.csv.bz2")
+    assert str(caught.value) == f"{tmp_path / 'val.csv.bz2'}: list file is unreadable (Invalid data stream)"
+    (tmp_path / "tifs").mkdir()
+    os.symlink(tmp_path / "nowhere", tmp_path / "tifs" / "dead_B01.tif")
+    code, err = encode(capsys, "hash-sources", tmp_path / "tifs", "--output", tmp_path / "h.csv")
+    assert code == 1 and err.strip() == f"error: {tmp_path / 'tifs' / 'dead_B01.tif'}: unreadable (No such file or directory)"
+    (tmp_path / "tifs" / "dead_B01.tif").unlink()
+    code, err = encode(capsys, "hash-sources", tmp_path / "tifs", "--output", tmp_path / "no" / "h.csv")
+    assert code == 1 and err.strip() == (f"error: {tmp_path / 'no' / 'h.csv'}: cannot write the hash list (No such file "
+                                         "or directory)")
+    code, err = encode(capsys, "bigearthnet-v1", "--s2-dir", tmp_path, "--target-dir", tmp_path / "t",
+                       "--source-hashes", tmp_path / "missing.csv")
+    assert code == 1 and err.strip() == f"error: {tmp_path / 'missing.csv'}: hash list does not exist"
+
+
+def test_datamodule_on_shards_needs_pairs_in_the_lists(v1_files, tmp_path):
+    from rico_torch.data import BigEarthNetV1DataModule
+    from rico_torch.errors import ConfigError
+
+    shards = []
+    for i in range(2):
+        shards.append(str(tmp_path / f"shard{i}"))
+        assert encode_main(["bigearthnet-v1", "--s2-dir", str(v1_files.s2_dir), "--s1-dir", str(v1_files.s1_dir),
+                            "--target-dir", shards[-1], "--shard", f"{i}/2", "--num-workers", "0", "--quiet"]) == 0
+    _split_lists(v1_files, tmp_path / "splits")
+    dm = BigEarthNetV1DataModule(shards, splits=str(tmp_path / "splits"), bands=["VV", "B02"], num_workers=0)
+    with pytest.raises(ConfigError) as caught:
+        dm.setup("fit")
+    assert str(caught.value) == (f"{tmp_path / 'splits' / 'train.csv'}: gives S2 names only; for shards, list `s2,s1` "
+                                 "pairs")
+    s2_only = BigEarthNetV1DataModule(shards, splits=str(tmp_path / "splits"), bands="S2", num_workers=0,
+                                      mean=[0.0] * 12, std=[1.0] * 12)
+    s2_only.setup("fit")
+    assert len(s2_only.datasets["train"]) == 4

@@ -270,3 +270,21 @@ def test_real_bigearthnet_encoder_lmdbs_convert_band_for_band(tmp_path, capsys):
             want = ["Pastures"] if name == "mm" else list(files.labels[key])
             got = [manifest["classes"][i] for i in np.flatnonzero(manifest.labels(np.array([key.encode()]))[0])]
             assert got == sorted(want, key=v1.CLASSES_43.index)
+
+
+def test_unusual_values_messages(tmp_path, capsys, monkeypatch):
+    from rico_torch.encode.pickled import read_value
+    from rico_torch.errors import InputError
+
+    patch = _fake_interface(monkeypatch)
+    listed = patch("BigEarthNet_S1_Patch", _arrays(v1.S1, 6))
+    listed._bands[0].data = [1, 2]
+    source = write_lmdb(tmp_path / "pickled", {"S1A_IW_GRDH_1SDV_20170613T165043_33UUP_0_1": pickle.dumps(listed)})
+    code, err = encode(capsys, "convert-pickled", "--source", source, "--target-dir", tmp_path / "t", "--num-workers", 0)
+    assert code == 1 and err.strip() == "error: S1A_IW_GRDH_1SDV_20170613T165043_33UUP_0_1: band 'VH' holds no numpy array"
+    with pytest.raises(InputError) as caught:
+        read_value(str(source), "S2A_MSIL2A_20170613T101031_9_9")
+    assert str(caught.value) == f"S2A_MSIL2A_20170613T101031_9_9: no longer in {source}"
+    empty = write_lmdb(tmp_path / "empty", {})
+    code, err = encode(capsys, "convert-pickled", "--source", empty, "--target-dir", tmp_path / "u")
+    assert code == 1 and err.strip() == f"error: {empty}: the LMDB holds no values"

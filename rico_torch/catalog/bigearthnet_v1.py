@@ -186,9 +186,9 @@ def find_patches(source: Source, root: Path, keep=None):
             for p in find_folders(source, root, keep)]
 
 
-def _invalid(path: str, problem: str) -> dict:
-    """The reader of a patch whose labels JSON is invalid (``--skip-invalid``: listed, not written)."""
-    raise InputError(path, problem)
+def reraise(error: Exception) -> dict:
+    """The reader of a patch found invalid before writing (``--skip-invalid``: listed, not written)."""
+    raise error
 
 
 def prepare(discovered: list, options) -> tuple[list, object]:
@@ -221,7 +221,7 @@ def prepare(discovered: list, options) -> tuple[list, object]:
             except InputError as e:
                 if not skip_invalid:
                     raise
-                kept.append(replace(patch, reader=partial(_invalid, e.path, e.problem)))
+                kept.append(replace(patch, reader=partial(reraise, e)))
                 continue
             if patch.key in excluded or (partner is not None and partner in excluded):
                 dropped += 1

@@ -310,14 +310,14 @@ def run_encode(dataset: Dataset, roots: dict[str, Path], args: argparse.Namespac
                base: Path | None = None) -> EncodeResult:
     """Encode ``roots``; ``base``: the directory the sources share (side files, manifest extras)."""
     shard = getattr(args, "shard", None)
+    given_hashes = getattr(args, "source_hashes", None)
+    recorded = {"source_hashes": hashes.manifest_entry(given_hashes)} if given_hashes is not None else {}
     discovered = discover(dataset, roots, shard)
     extra = dataset.manifest_extra(discovered, base) if dataset.manifest_extra and base is not None else None
-    extension = [Entries(extra)]
+    extension = [Entries(extra), Entries(recorded)]
     if dataset.prepare is not None:
         discovered, facts = dataset.prepare(discovered, args)
         extension.append(facts)
-    if getattr(args, "source_hashes", None) is not None:
-        extension.append(Entries({"source_hashes": hashes.manifest_entry(args.source_hashes)}))
     result = encode_dataset(
         dataset,
         discovered,

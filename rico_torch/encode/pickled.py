@@ -259,10 +259,6 @@ def read_value(path: str, key: str) -> dict[str, np.ndarray]:
         return patch_bands(key, load_patch(key, value))
 
 
-def _invalid(key: str, problem: str) -> dict:
-    raise InputError(key, problem)
-
-
 def discover_pickled(source: Path, skip_invalid: bool) -> tuple[list, v1.LabelsExtension, list[str]]:
     """Every value of the source LMDB checked by the restricted unpickler (before anything is
     written): the patches to write by source, the labels extension, and refused keys (with
@@ -286,7 +282,7 @@ def discover_pickled(source: Path, skip_invalid: bool) -> tuple[list, v1.LabelsE
                     if not skip_invalid:
                         raise
                     refused.append(str(e))
-                    by_source[v1.S2.name].append(Patch(key, source, reader=partial(_invalid, e.path, e.problem)))
+                    by_source[v1.S2.name].append(Patch(key, source, reader=partial(v1.reraise, e)))
                     continue
                 fields.update(facts)
                 keys.append(key.encode())
