@@ -115,6 +115,9 @@ def test_exclude_lists_drop_s2_patches_and_their_s1_partners(v1_files, tmp_path,
     keys = {k.decode() for k in manifest.key_array().tolist()}
     assert s2 not in keys and s1 not in keys and len(keys) == 10
     assert manifest["excluded"] == {"lists": [{"file": snow.name, "patches": 1}], "patches": 2}
+    code, err = encode(capsys, "verify", "--target-dir", tmp_path / "t", "--s2-dir", v1_files.s2_dir, "--s1-dir",
+                       v1_files.s1_dir, "--num-workers", 0)
+    assert code == 0 and "10 compared with their sources, 2 skipped at encode time" in err, err
 
 
 def test_bad_labels_json_one_line_error_or_skipped(v1_files, tmp_path, capsys):
