@@ -134,6 +134,10 @@ def test_converts_patch_objects_without_the_interface_package(tmp_path, capsys, 
     assert [[manifest["classes"][i] for i in np.flatnonzero(r)] for r in hot] == [["Pastures", "Mixed forest"],
                                                                                    ["Peatbogs"]]
     assert encode(capsys, "verify", "--target-dir", tmp_path / "t", "--num-workers", 0, "--quiet")[0] == 0
+    from rico_torch.catalog import encode_command  # what an unfinished run is told to re-run
+
+    assert encode_command(manifest, tmp_path / "t") == (f"python -m rico_torch.encode convert-pickled --source "
+                                                        f"{source.resolve()} --target-dir {tmp_path / 't'}")
     before = (tmp_path / "t" / "data.mdb").read_bytes()
     code, err = encode(capsys, "convert-pickled", "--source", source, "--target-dir", tmp_path / "t", "--num-workers", 0)
     assert code == 0, err

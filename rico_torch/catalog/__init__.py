@@ -38,6 +38,8 @@ def identify(key: str, bands: Iterable[str]) -> tuple[Dataset, Source] | None:
 def encode_command(manifest: dict, target: object) -> str:
     """The encode command line ``manifest`` records: re-running it resumes an unfinished encode."""
     parts = ["python -m rico_torch.encode", str(manifest.get("dataset", "<dataset>"))]
+    if set(manifest.get("sources", {})) == {"pickled"}:  # convert-pickled's
+        return f"python -m rico_torch.encode convert-pickled --source {manifest['sources']['pickled']} --target-dir {target}"
     try:
         dataset = get_dataset(manifest["dataset"])
         for name, root in manifest.get("sources", {}).items():
