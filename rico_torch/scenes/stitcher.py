@@ -328,6 +328,7 @@ class _NetCDF:
         time.setncatts({"units": cube["time"]["units"], "calendar": cube["time"]["calendar"], "axis": "T",
                         "standard_name": "time"})
         for axis, dim, values in zip(("Y", "X"), dims[1:], coordinates(cube)):
+            values = values.astype(values.dtype.newbyteorder("="))  # a Zarr's may be big-endian
             var = self.dst.createVariable(dim, values.dtype, (dim,))
             var[:] = values
             var.setncattr("axis", axis)
