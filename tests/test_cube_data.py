@@ -146,18 +146,19 @@ def test_stitching_windows_own_values_gives_the_cube_back(tmp_path):
     encode_cube(source, target, patch=dict(time=2, y=12, x=12), stride=dict(time=1, y=8, x=8), edge="pad",
                 min_valid=0)
     data = LMDBPatchDataset(target, ["NDVI"])
-    for blend in ("mean", "cosine"):
-        stitcher = Stitcher(target, "ndvi", tmp_path / f"{blend}.nc", blend, names=["NDVI"])
+    for blend, suffix in (("mean", ".nc"), ("cosine", ".nc"), ("mean", ".zarr")):
+        stitcher = Stitcher(target, "ndvi", tmp_path / f"{blend}{suffix}", blend, names=["NDVI"])
         for i in range(len(data)):
             sample = data[i]
             stitcher.add(sample["key"], sample["image"])  # T x 1 x h x w: every step of the window
         stitcher.write()
-        with xr.open_dataset(tmp_path / f"{blend}.nc", decode_times=False, mask_and_scale=False) as out, \
+        zarr = {"engine": "zarr", "consolidated": False} if suffix == ".zarr" else {}
+        with xr.open_dataset(tmp_path / f"{blend}{suffix}", decode_times=False, mask_and_scale=False, **zarr) as out, \
                 xr.open_zarr(source, consolidated=False, decode_times=False, mask_and_scale=False) as src:
             want = src["NDVI"].transpose("time", "y", "x").values
             assert np.allclose(out["NDVI"].values, want, rtol=1e-6) if blend == "cosine" else \
                 np.array_equal(out["NDVI"].values, want)
             assert np.array_equal(out["x"].values, src["x"].values) and np.array_equal(out["y"].values, src["y"].values)
             assert CRS.from_cf(out["crs"].attrs) == CRS.from_cf(src[src["NDVI"].attrs["grid_mapping"]].attrs)
-    with pytest.raises(ConfigError, match="stitch a cube into a NetCDF"):
+    with pytest.raises(ConfigError, match=r"stitch a cube into a NetCDF \(.nc\) or Zarr \(.zarr\)"):
         Stitcher(target, "ndvi", tmp_path / "x.tif")
