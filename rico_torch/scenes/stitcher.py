@@ -398,9 +398,7 @@ class _Zarr(_NetCDF):
         chunks = (1, min(TILE, cube["shape"][1]), min(TILE, cube["shape"][2]))
         fill = np.array(nodata).astype(dtype)
         self.vars = [root.create_array(name, shape=tuple(cube["shape"]), dtype=dtype, chunks=chunks, dimension_names=dims,
-                                       fill_value=fill, attributes={"_FillValue": fill.item() if dtype.kind != "f" or
-                                                                    not np.isnan(fill) else "NaN",
-                                                                    **({"grid_mapping": "crs"} if grid_mapping else {})})
+                                       fill_value=fill, attributes={"grid_mapping": "crs"} if grid_mapping else {})
                      for name in names]
         return self
 
