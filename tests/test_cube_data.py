@@ -16,7 +16,7 @@ from rico_torch.cube.encode import encode_cube  # noqa: E402
 from rico_torch.data import CubeDataModule, LMDBPatchDataset  # noqa: E402
 from rico_torch.data.store import read_manifest  # noqa: E402
 from rico_torch.errors import ConfigError, DatasetNotFoundError  # noqa: E402
-from rico_torch.scenes import Stitcher  # noqa: E402
+from rico_torch.scenes import CubePredictionWriter, Stitcher  # noqa: E402
 from rico_torch.synthetic.cube import make_projected_zarr, make_sst_netcdf  # noqa: E402
 
 CONFIG = Path(__file__).resolve().parents[1] / "configs" / "cube.yaml"
@@ -126,6 +126,8 @@ def test_fit_then_predict_writes_a_netcdf_of_the_cube(sst, tmp_path, monkeypatch
     ckpt = next(tmp_path.glob("lightning_logs/version_0/checkpoints/*.ckpt"))
     main(["predict", *common, "--ckpt_path", str(ckpt)])
     assert "Couldn't infer the batch indices" not in capfd.readouterr().err
+    with pytest.raises(ConfigError, match="format='geotiff': netcdf or zarr"):
+        CubePredictionWriter(format="geotiff")
     manifest = read_manifest(target)["cube"]
     with xr.open_dataset(tmp_path / "predictions" / f"{manifest['name']}.nc", decode_times=False) as out, \
             xr.open_dataset(source, decode_times=False) as src:
