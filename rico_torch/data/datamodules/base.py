@@ -296,8 +296,7 @@ class LMDBDataModule(L.LightningDataModule):
     def make_dataset(self, split: str) -> LMDBPatchDataset:
         items, labels = self.split_items(split)
         if len(items) == 0:
-            raise ConfigError(f"{self.lmdb_path}: the {split} split is empty; "
-                              "check that the split files or metadata belong to this LMDB")
+            raise ConfigError(f"{self.lmdb_path}: the {split} split is empty; {self.empty_split_reason(split)}")
         crop = {} if self.crop_size is None else {"crop": self.crop_size,
                                                   "crop_mode": "random" if split == "train" else "center"}
         return LMDBPatchDataset(
@@ -326,6 +325,10 @@ class LMDBDataModule(L.LightningDataModule):
             return bool(self.native)
         trainer = self.trainer
         return trainer is not None and trainer.strategy.root_device.type == "cuda"
+
+    def empty_split_reason(self, split: str) -> str:
+        """Why ``split`` came out empty and what to change (a DataModule that makes its splits says how)."""
+        return "check that the split files or metadata belong to this LMDB"
 
     def has_split(self, split: str) -> bool:
         """Whether this DataModule makes ``split`` (all three unless a subclass leaves one out)."""
