@@ -4,19 +4,20 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from lightning.pytorch.callbacks import BasePredictionWriter
+from lightning.pytorch.callbacks import Callback
 
 from ..errors import ConfigError, UnknownKeyError
 from .stitcher import BLENDS, DEFAULT_MEMORY, Stitcher, _merged, output_dtype
 
 
-class GeoTIFFPredictionWriter(BasePredictionWriter):
+class GeoTIFFPredictionWriter(Callback):
     """Stitches the model's per-window predictions into one GeoTIFF per scene.
 
     Each predicted batch (``N x C x h x w``, one per key of ``batch["key"]``) goes to the
     :class:`~rico_torch.scenes.Stitcher` of its scene (spilled to disk, not kept in memory);
     at the end of prediction every scene is written as ``<output_dir>/<scene>.tif`` with the
-    scene's CRS and transform.
+    scene's CRS and transform. (A plain callback, not a ``BasePredictionWriter``: it needs the
+    batch's keys, not the sample indices Lightning infers only from a torch DataLoader.)
 
     Args:
         output_dir: where the GeoTIFFs go.
@@ -34,7 +35,6 @@ class GeoTIFFPredictionWriter(BasePredictionWriter):
     def __init__(self, output_dir: str = "predictions", blend: str = "cosine", dtype: str | None = None,
                  nodata: float | None = None, argmax: bool = False, lmdb_path: str | list[str] | None = None,
                  memory: int = DEFAULT_MEMORY) -> None:
-        super().__init__(write_interval="batch")
         if blend not in BLENDS:
             raise ConfigError(f"blend={blend!r}: one of {', '.join(BLENDS)}")
         output_dtype(dtype, nodata, argmax)  # checked now, not at the first batch
@@ -72,8 +72,7 @@ class GeoTIFFPredictionWriter(BasePredictionWriter):
                               f"windows are {h} x {w} finest-grid px; predict at the windows' size "
                               f"(`--data.init_args.size {h}`, or leave size unset)")
 
-    def write_on_batch_end(self, trainer, pl_module, prediction, batch_indices, batch, batch_idx,
-                           dataloader_idx=0) -> None:
+    def on_predict_batch_end(self, trainer, pl_module, prediction, batch, batch_idx, dataloader_idx=0) -> None:
         windows = self._manifest.windows
         for key, pred in zip(batch["key"], prediction):
             if key not in windows:

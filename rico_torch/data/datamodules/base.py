@@ -317,6 +317,12 @@ class LMDBDataModule(L.LightningDataModule):
         return self.catalog.largest_shape(self.bands) if self.catalog else None
 
     @property
+    def pins_memory(self) -> bool:
+        """``pin_memory``, unless the attached trainer runs on a CPU (nothing to pin for: no notice about it)."""
+        trainer = self.trainer
+        return self.pin_memory and (trainer is None or trainer.strategy.root_device.type == "cuda")
+
+    @property
     def loads_native(self) -> bool:
         """``native``, with ``auto`` resolved from the attached trainer's device."""
         if self.crop_size is not None:  # crops are cut on the CPU
@@ -358,14 +364,14 @@ class LMDBDataModule(L.LightningDataModule):
         timeout = self.loader_timeout if self.num_workers > 0 else 0  # a DataLoader refuses one without workers
         if self.loader == "torch" or not isinstance(dataset, LMDBPatchDataset):  # e.g. SSL4EO's season views
             return DataLoader(dataset, batch_size=self.batch_size, shuffle=shuffle, num_workers=self.num_workers,
-                              pin_memory=self.pin_memory, persistent_workers=self.num_workers > 0, collate_fn=collate,
+                              pin_memory=self.pins_memory, persistent_workers=self.num_workers > 0, collate_fn=collate,
                               timeout=timeout)
         old = self._patch_loaders.pop(hook, None)
         if old is not None:  # asked again (reload_dataloaders_every_n_epochs, a later trainer.validate)
             old.close()
         sampler = self._rank_sampler(dataset, shuffle, hook)
         loader = PatchLoader(dataset, batch_size=self.batch_size, shuffle=shuffle and sampler is None,
-                             sampler=sampler, num_workers=self.num_workers, pin_memory=self.pin_memory,
+                             sampler=sampler, num_workers=self.num_workers, pin_memory=self.pins_memory,
                              timeout=timeout)
         self._patch_loaders[hook] = loader
         return loader
