@@ -77,6 +77,8 @@ class MajorTOMDataModule(LMDBDataModule):
                          stats_samples=stats_samples, seed=seed, crop_size=crop_size, loader=loader)
         self.max_days, self.fractions = max_days, tuple(fractions)
         self._items: tuple[list, np.ndarray, np.ndarray] | None = None
+        self._positions: tuple[np.ndarray, np.ndarray] | None = None  # each item's grid (row, column)
+        self._cell_count = 0  # distinct grid positions of the items
         self._splits: dict[str, np.ndarray] | None = None
 
     def items(self) -> tuple[list, list[str]]:
@@ -97,20 +99,26 @@ class MajorTOMDataModule(LMDBDataModule):
     def _item_rows(self) -> tuple[list, np.ndarray, np.ndarray]:
         """(per modality of an item, S2 first: :meth:`source_rows`), each item's positions in their
         sorted orders (a column per modality) and each item's grid cell: the items without their
-        keys, which stay in the manifest's mapped column until a split's dataset takes them."""
+        keys, which stay in the manifest's mapped column until a split's dataset takes them. Built
+        once (with each item's grid position, :attr:`_positions`, for the split)."""
         if self._items is not None:
             return self._items
         if self.modalities != ["s1", "s2"]:
             ref = self.source_rows(self.modalities[0])
-            self._items = [ref], np.arange(len(ref[1]))[:, None], parse_keys(*ref)[0]
+            cells, row, col, _, _ = parse_keys(*ref)
+            self._items, self._positions = ([ref], np.arange(len(ref[1]))[:, None], cells), (row, col)
             return self._items
         ref1, ref2 = self.source_rows("s1"), self.source_rows("s2")
-        cells1, *_, day1 = parse_keys(*ref1)
-        cells2, *_, day2 = parse_keys(*ref2)
+        cells1, _, _, day1, ident1 = parse_keys(*ref1)
+        cells2, row2, col2, day2, ident2 = parse_keys(*ref2)
         n1, n2 = len(day1), len(day2)
-        code = np.unique(np.concatenate([cells1, cells2]), return_inverse=True)[1].astype(np.int64)
+        # a code per distinct cell string: from its number form where every key has one (an int64 sort),
+        # else from the strings themselves
+        same = np.concatenate([ident1, ident2]) if (ident1 >= 0).all() and (ident2 >= 0).all() else \
+            np.concatenate([cells1, cells2])
+        code = np.unique(same, return_inverse=True)[1].astype(np.int64)
         code1, code2 = code[:n1], code[n1:]
-        del cells1  # what is not needed further goes as it goes: 3M keys make every array count
+        del cells1, same, ident1, ident2  # what is not needed further goes as it goes: 3M keys make every array count
         order = np.lexsort((np.arange(n1), day1, code1))  # by cell, date, key
         sorted_comp = ((code1 << 32) + day1 + (1 << 31))[order]
         sorted_code, sorted_day = code1[order], day1[order]
@@ -136,6 +144,7 @@ class MajorTOMDataModule(LMDBDataModule):
             raise ConfigError(f"{self.lmdb_path}: no S2 product has an S1 product of its grid cell"
                               + ("" if self.max_days is None else f" within {self.max_days} days"))
         self._items = [ref2, ref1], np.stack([np.flatnonzero(keep), partner[keep]], axis=1), cells2[keep]
+        self._positions = row2[keep], col2[keep]
         return self._items
 
     def _keys(self, items: np.ndarray) -> np.ndarray:
@@ -159,9 +168,8 @@ class MajorTOMDataModule(LMDBDataModule):
         """Each split's rows of :meth:`item_arrays` (see the class docstring), ascending."""
         if self._splits is None:
             _, _, cells = self._item_rows()
-            _, row, col, _ = parse_keys(cells, cells_only=True)
-            self._splits = neighbour_safe_split(row, col, self.fractions, self.seed)
-            report = split_report(self._splits, len(cells), self.fractions, len(np.unique(cells)))
+            self._splits, self._cell_count = neighbour_safe_split(*self._positions, self.fractions, self.seed)
+            report = split_report(self._splits, len(cells), self.fractions, self._cell_count)
             far = any(abs(len(self._splits[s]) / max(len(cells), 1) - f) > FRACTION_TOLERANCE
                       for s, f in zip(SPLITS, self.fractions))
             log.log(logging.WARNING if far else logging.INFO, "%s: %s", self.lmdb_path, report)
@@ -169,7 +177,7 @@ class MajorTOMDataModule(LMDBDataModule):
 
     def empty_split_reason(self, split: str) -> str:
         _, _, cells = self._item_rows()
-        return (f"{len(cells)} items in {len(np.unique(cells))} grid cells are too few for fractions "
+        return (f"{len(cells)} items in {self._cell_count} grid cells are too few for fractions "
                 f"{list(self.fractions)} once val and test cells next to another split's are left out: "
                 "use more cells or larger val/test fractions")
 
@@ -206,9 +214,10 @@ def hilbert_index(x: np.ndarray, y: np.ndarray) -> np.ndarray:
 
 
 def neighbour_safe_split(row: np.ndarray, col: np.ndarray, fractions: tuple[float, float, float], seed: int
-                         ) -> dict[str, np.ndarray]:
+                         ) -> tuple[dict[str, np.ndarray], int]:
     """Each split's items (indices into ``row``/``col``, an item's grid position), such that no two
-    neighbouring positions (8-neighbourhood) hold items of different splits.
+    neighbouring positions (8-neighbourhood) hold items of different splits; and how many positions
+    the items occupy.
 
     The grid's occupied cells are ordered along a Hilbert curve starting at a seeded cell; val is the
     first run of that order and test a later one (midway along what val leaves), each grown until the
@@ -230,9 +239,9 @@ def neighbour_safe_split(row: np.ndarray, col: np.ndarray, fractions: tuple[floa
     for dr, dc in _NEIGHBOURS:
         near = cells + (dr << 23) + dc
         j = np.minimum(np.searchsorted(cells, near), max(n - 1, 0))
-        hit = np.flatnonzero(cells[j] == near) if n else np.zeros(0, np.int64)
-        np.minimum.at(low, hit, rank[j[hit]])
-        np.maximum.at(high, hit, rank[j[hit]])
+        hit = np.flatnonzero(cells[j] == near) if n else np.zeros(0, np.int64)  # each cell at most once
+        low[hit] = np.minimum(low[hit], rank[j[hit]])
+        high[hit] = np.maximum(high[hit], rank[j[hit]])
     total = int(counts.sum())
     # a cell of the run [begin, end) keeps its items iff all its neighbours are in it: begin <= low, high < end
     val_end = _run_end(high, counts, fractions[1] * total, 0, n - 2)  # a cell at least for test and train
@@ -246,7 +255,7 @@ def neighbour_safe_split(row: np.ndarray, col: np.ndarray, fractions: tuple[floa
     split[high < val_end] = SPLITS.index("val")  # val and test cells whose neighbours are all theirs
     split[in_test & (high < test_end)] = SPLITS.index("test")
     of_item = split[inverse]
-    return {s: np.flatnonzero(of_item == i) for i, s in enumerate(SPLITS)}
+    return {s: np.flatnonzero(of_item == i) for i, s in enumerate(SPLITS)}, n
 
 
 def _run_end(high: np.ndarray, counts: np.ndarray, target: float, begin: int, last_end: int) -> int:
@@ -275,16 +284,17 @@ def split_report(splits: dict[str, np.ndarray], total: int, fractions: tuple[flo
 
 
 def parse_keys(keys: np.ndarray, rows: np.ndarray | None = None, cells_only: bool = False
-               ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """Each key's (of ``keys[rows]``) grid cell (``S``), its (row, column) (:func:`cell_position`)
-    and acquisition day (days since 1970; ``majortom.KEY``'s date), vectorised a chunk at a time; a
-    key not in the plain ASCII form is parsed by ``majortom.KEY`` itself. ``cells_only``: ``keys``
-    are grid cells (day 0)."""
+               ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Each key's (of ``keys[rows]``) grid cell (``S``), its (row, column) (:func:`cell_position`),
+    acquisition day (days since 1970; ``majortom.KEY``'s date) and its cell string as one int64
+    (equal for equal strings; -1 where a string could spell the number otherwise, e.g. ``03U``),
+    vectorised a chunk at a time; a key not in the plain ASCII form is parsed by ``majortom.KEY``
+    itself. ``cells_only``: ``keys`` are grid cells (day 0)."""
     keys = np.asarray(keys, dtype=np.bytes_)
     n = len(keys) if rows is None else len(rows)
     if n == 0:
         empty = np.zeros(0, np.int64)
-        return np.zeros(0, "S1"), empty, empty, empty
+        return np.zeros(0, "S1"), empty, empty, empty, empty
     chunks = [_parse_chunk(keys[i : i + _CHUNK] if rows is None else keys[rows[i : i + _CHUNK]], cells_only)
               for i in range(0, n, _CHUNK)]
     return tuple(np.concatenate(c) for c in zip(*chunks))  # type: ignore[return-value]
@@ -293,7 +303,8 @@ def parse_keys(keys: np.ndarray, rows: np.ndarray | None = None, cells_only: boo
 _CHUNK = 1 << 16  # keys parsed at once: bounds the temporaries (each a copy of the chunk's keys)
 
 
-def _parse_chunk(keys: np.ndarray, cells_only: bool) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+def _parse_chunk(keys: np.ndarray, cells_only: bool
+                 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     n = len(keys)
     first = np.strings.find(keys, b"_")
     ends = np.strings.str_len(keys) if cells_only else np.strings.find(keys, b"_", first + 1)
@@ -341,10 +352,19 @@ def _parse_chunk(keys: np.ndarray, cells_only: bool) -> tuple[np.ndarray, np.nda
         row[i], col[i] = cell_position(cell)
         if not cells_only:
             days[i] = _date(m["date"]).toordinal() - _EPOCH
-    return cells, row, col, days
+    # the cell string as one number (row, U/D, column, L/R), where the string is that number's only spelling
+    row_digits, col_digits = _digits(np.abs(row)), _digits(np.abs(col))
+    ident = np.where(ok & (ends == row_digits + col_digits + 3),
+                     ((np.abs(row) * 2 + (up == b"D")) << 32) + np.abs(col) * 2 + (right == b"L"), -1)
+    return cells, row, col, days, ident
 
 
 _EPOCH = date(1970, 1, 1).toordinal()
+
+
+def _digits(values: np.ndarray) -> np.ndarray:
+    """How many decimal digits each non-negative int has."""
+    return 1 + sum((values >= 10**k).astype(np.int64) for k in range(1, 19))
 
 
 def _days(yyyymmdd: np.ndarray) -> np.ndarray:
