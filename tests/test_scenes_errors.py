@@ -100,7 +100,7 @@ def test_prediction_writer_names_unknown_keys(chipped, tmp_path):
     writer = GeoTIFFPredictionWriter(tmp_path / "out", lmdb_path=str(chipped))
     writer._manifest = read_manifest(chipped)
     writer._stitchers = {}
-    assert message(lambda: writer.on_predict_batch_end(None, None, [np.zeros((1, 60, 60))], {"key": ["z_1_1"]}, 0)) \
+    assert message(lambda: writer.write_on_batch_end(None, None, [np.zeros((1, 60, 60))], [0], {"key": ["z_1_1"]}, 0)) \
         == f"prediction for key 'z_1_1': not a window of {chipped}"
 
 
