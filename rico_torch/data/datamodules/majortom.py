@@ -106,7 +106,8 @@ class MajorTOMDataModule(LMDBDataModule):
         if self.modalities != ["s1", "s2"]:
             ref = self.source_rows(self.modalities[0])
             cells, row, col, _, _ = parse_keys(*ref)
-            self._items, self._positions = ([ref], np.arange(len(ref[1]))[:, None], cells), (row, col)
+            self._items = [ref], np.arange(len(ref[1]))[:, None], cells
+            self._positions = row.astype(np.int32), col.astype(np.int32)
             return self._items
         ref1, ref2 = self.source_rows("s1"), self.source_rows("s2")
         cells1, _, _, day1, ident1 = parse_keys(*ref1)
@@ -144,7 +145,7 @@ class MajorTOMDataModule(LMDBDataModule):
             raise ConfigError(f"{self.lmdb_path}: no S2 product has an S1 product of its grid cell"
                               + ("" if self.max_days is None else f" within {self.max_days} days"))
         self._items = [ref2, ref1], np.stack([np.flatnonzero(keep), partner[keep]], axis=1), cells2[keep]
-        self._positions = row2[keep], col2[keep]
+        self._positions = row2[keep].astype(np.int32), col2[keep].astype(np.int32)
         return self._items
 
     def _keys(self, items: np.ndarray) -> np.ndarray:
@@ -229,12 +230,15 @@ def neighbour_safe_split(row: np.ndarray, col: np.ndarray, fractions: tuple[floa
     blocks dealt at random lose most of a small block (3/4 of a 4 x 4 one)."""
     place = ((row.astype(np.int64) + _OFFSET) << 23) + (col.astype(np.int64) + _OFFSET)
     cells, inverse, counts = np.unique(place, return_inverse=True, return_counts=True)
+    del place  # 3M items make every array count: temporaries go as they go, ranks are int32
     n = len(cells)
     r, c = (cells >> 23) - _OFFSET, (cells & _MASK) - _OFFSET
-    rank = np.empty(n, np.int64)
+    curve = hilbert_index(r - r.min(initial=0), c - c.min(initial=0))
+    del r, c
+    rank = np.empty(n, np.int32 if n < 2**31 else np.int64)
     start = int(np.random.default_rng(seed).integers(n)) if n else 0
-    rank[np.argsort(hilbert_index(r - r.min(initial=0), c - c.min(initial=0)), kind="stable")] = \
-        (np.arange(n) - start) % max(n, 1)
+    rank[np.argsort(curve, kind="stable")] = (np.arange(n) - start) % max(n, 1)
+    del curve
     low, high = rank.copy(), rank.copy()  # the smallest and largest rank of a cell and its neighbours
     for dr, dc in _NEIGHBOURS:
         near = cells + (dr << 23) + dc
