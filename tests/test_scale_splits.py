@@ -288,6 +288,29 @@ def test_hyspecnet_split_file_keys_held_once_equal_the_joined_blocks(tmp_path, b
         assert decode_keys(got) == [Path(line.strip()).parent.name for line in text.splitlines() if line.strip()]
 
 
+@pytest.mark.parametrize("block", [90, 1000, 1 << 20])
+def test_hyspecnet_split_file_keys_of_same_form_lines_are_the_path_rule(tmp_path, block, monkeypatch):
+    """Lines as long as the first with their slashes at the same places (the dataset's files: cut as
+    one column of the block's bytes), among them lines as long but of other forms (slashes moved, a
+    fourth part), then many shorter lines (more than the first block's bytes per key foretold: the
+    array grown) and one-byte parts: the path rule, line by line."""
+    monkeypatch.setattr(hyspecnet, "_BLOCK", block)
+    cut = []
+    same_form = hyspecnet._same_form_keys
+    monkeypatch.setattr(hyspecnet, "_same_form_keys", lambda *a: cut.append(same_form(*a)) or cut[-1])
+    same = [f"ENMAP{i % 7}/ENMAP{i % 7}-Y{i:04d}/ENMAP{i % 7}-Y{i:04d}-DATA.npy" for i in range(120)]
+    moved = ["ENMAP1-Y0001/ENMAP1/ENMAP1-Y0001-DATA.npy", "ENMAP1/ENMAP1-Y0001/ENMAP1-Y0001/DATA.npy"]
+    short = ["a/b/c", "T/./x", "./T/x", "T/p/q/r"] + [f"t/{i}/x" for i in range(300)]
+    path = tmp_path / "train.csv"
+    for lines in (same, same[:60] + moved + same[60:], same + short, same + short[:4]):
+        text = "\n".join(lines) + "\n"
+        path.write_text(text)
+        cut.clear()
+        assert decode_keys(split_file_keys(path)) == [Path(line).parent.name for line in lines]
+        if lines is same or block < 1 << 20:  # blocks of the same form only: cut as a column
+            assert any(keys is not None for keys in cut)
+
+
 def test_keys_outside_the_key_rules_are_one_line_errors():
     """A key neither the vectorised parse nor the catalog's rule reads: one line naming it."""
     from rico_torch.catalog import get_dataset
