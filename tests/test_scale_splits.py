@@ -454,6 +454,39 @@ def test_satlas_items_match_the_per_key_reference_at_scale(tmp_path):
     assert satlas_items(dm) == reference_build_items(dm)
 
 
+@pytest.mark.parametrize("block", [64, 1 << 21])
+def test_json_rows_of_plain_and_other_forms_are_json_loads(tmp_path, block, monkeypatch):
+    """The block parser's rows equal ``json.loads``'s: empty names, negative and 15-digit numbers,
+    white space between tokens; forms it does not take (a control character or an escape in a name,
+    white space inside a number, a leading zero) go to the fallback, which ``json`` reads."""
+    from rico_torch.data.datamodules import _text
+
+    monkeypatch.setattr(_text, "_BLOCK", block)
+    path = tmp_path / "rows.json"
+
+    def rows(text):
+        path.write_text(text)
+        fell_back = []
+
+        def fallback():
+            fell_back.append(True)
+            entries = _json.loads(path.read_text())
+            return (np.array([e[:2] for e in entries], np.int64).reshape(-1, 2),
+                    np.array([e[2].encode() for e in entries], np.bytes_))
+
+        got = _text.json_rows(path, 2, True, lambda n, s: np.array([(*a, b) for a, b in zip(n.tolist(), s.tolist())],
+                                                                   dtype=object).reshape(-1, 3), fallback)
+        return [[int(a), int(b), c.decode()] for a, b, c in got.tolist()], bool(fell_back)
+
+    entries = [[i * 7919 % 100003, -i, f"S2A_{i:05d}" * (i % 3)] for i in range(300)] + [[999999999999999, -5, "x"]]
+    for text in (_json.dumps(entries), _json.dumps(entries, indent=1), _json.dumps(entries, separators=(",", ":"))):
+        assert rows(text) == (entries, False)
+    assert rows('[[1, 2, "a\\u0041"]]') == ([[1, 2, "aA"]], True)  # an escape: json's reading
+    for not_json in ('[[1, 2, "a\tb"]]', '[[1 2, 3, "a"]]', '[[01, 2, "a"]]'):  # the fallback's json names it
+        with pytest.raises(_json.JSONDecodeError):
+            rows(not_json)
+
+
 def test_satlas_image_key_outside_the_rule_is_named(tmp_path):
     keys = np.array([b"sentinel2/img_a/4100_2800", b"sentinel2/img_a/4100_x"], np.bytes_)
     from rico_torch.data.datamodules.satlas import parse_image_keys
