@@ -106,7 +106,8 @@ def split_file_keys(path: Path) -> np.ndarray:
                     out = np.zeros(size * len(keys) // len(data) + 1, keys.dtype)
                 if filled + len(keys) > len(out):  # shorter lines further on: count the rest once
                     position = f.tell()
-                    more = rest.count(b"\n") + 1 + sum(chunk.count(b"\n") + 1 for chunk in iter(lambda: f.read(_BLOCK), b""))
+                    chunks = iter(lambda: f.read(_BLOCK), b"")
+                    more = rest.count(b"\n") + 1 + sum(chunk.count(b"\n") + 1 for chunk in chunks)
                     f.seek(position)
                     out.resize(filled + len(keys) + more + 1, refcheck=False)
                 if keys.itemsize > out.itemsize:
