@@ -7,7 +7,7 @@ xbatcher 0.4, side by side in one run.
   (chunks 12 x 90 x 90), generated once (cached).
 * Windows: ``--patch`` months x cells x cells (default 12 x 32 x 32), stride = patch, remainders
   dropped (``--edge drop``: xbatcher's only rule), so every reader has the same windows.
-* Per-sample reads over every window, in order, in one process (best of ``--repeats`` passes):
+* Per-sample reads over every window, in order, in one process (each reader's best of ``--repeats`` passes, the readers taking turns):
   - option I: ``LMDBPatchDataset(encoded, ["sst"])[i]`` (the cube encoded with ``encode cube``):
     ``image`` float32 T x 1 x H x W plus ``time``, ``bounds``, ``crs``, ``key``;
   - option II: ``CubePatchDataset(source, ["sst"], patch=..., min_valid=0)[i]``: the same sample
@@ -69,15 +69,17 @@ def forget_blocks() -> None:
     getattr(source, "_BLOCKS", []).clear()
 
 
-def best_pass(read, count: int, repeats: int) -> float:
-    """Seconds per item of the fastest of ``repeats`` passes over items 0 .. count - 1."""
-    best = float("inf")
+def best_passes(readers: dict, count: int, repeats: int) -> dict[str, float]:
+    """Seconds per item of each reader's fastest pass over items 0 .. count - 1; the readers take
+    turns, pass by pass, so that a busy moment of the machine does not fall on one of them."""
+    best = dict.fromkeys(readers, float("inf"))
     for _ in range(repeats):
-        start = time.perf_counter()
-        for i in range(count):
-            read(i)
-        best = min(best, (time.perf_counter() - start) / count)
-        forget_blocks()
+        for name, read in readers.items():
+            start = time.perf_counter()
+            for i in range(count):
+                read(i)
+            best[name] = min(best[name], (time.perf_counter() - start) / count)
+            forget_blocks()
     return best
 
 
@@ -122,10 +124,9 @@ def read_part(args) -> list[list[object]]:
             assert torch.equal(pre[j]["image"].nan_to_num(7), ahead[j]["image"].nan_to_num(7))
         log(f"{name}: {count} windows of {steps} x {size} x {size}; values agree; timing ...")
         forget_blocks()
-        t_xb = best_pass(lambda i: xb[i], count, args.repeats)
-        t_pre = best_pass(lambda i: pre[i], count, args.repeats)
-        t_live = best_pass(lambda i: live[i], count, args.repeats)
-        t_ahead = best_pass(lambda i: ahead[i], count, args.repeats)
+        t_xb, t_pre, t_live, t_ahead = best_passes(
+            {"xbatcher": xb.__getitem__, "I": pre.__getitem__, "II": live.__getitem__, "II ahead": ahead.__getitem__},
+            count, args.repeats).values()
         rows.append([name, count, f"{t_xb * 1e6:,.0f}", f"{t_pre * 1e6:,.0f}", f"{t_xb / t_pre:.1f}x",
                      f"{t_live * 1e6:,.0f}", f"{t_xb / t_live:.1f}x", f"{t_ahead * 1e6:,.0f}",
                      f"{t_xb / t_ahead:.1f}x", f"{made:.2f}"])
@@ -141,7 +142,7 @@ def main() -> None:
     parser.add_argument("--lat", type=int, default=180)
     parser.add_argument("--lon", type=int, default=360)
     parser.add_argument("--patch", type=int, nargs=2, default=(12, 32), metavar=("T", "CELLS"))
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=5)
     args = parser.parse_args()
     log(f"machine: {machine()}; load {load()}")
     if args.part in ("encode", "all"):
