@@ -19,7 +19,7 @@ from rasterio.warp import Resampling, reproject, transform_bounds
 from rico_torch.align.grid import MAX_GRID_PIXELS, parse_grid
 from rico_torch.align.sources import align, find_images
 from rico_torch.align.warp import BlockWarper
-from rico_torch.errors import ConfigError, InputError
+from rico_torch.errors import ConfigError, GridError, InputError
 from rico_torch.synthetic import write_geotiff
 from rico_torch.synthetic.align import make_align, write_square
 
@@ -104,18 +104,18 @@ def test_grid_like_takes_crs_transform_and_size(sources):
 
 
 def test_grid_errors(sources, tmp_path):
-    with pytest.raises(ConfigError, match="not a CRS GDAL knows"):
+    with pytest.raises(GridError, match="not a CRS GDAL knows"):
         parse_grid("EPSG:99999999,10")
-    with pytest.raises(ConfigError, match="expected CRS,RESOLUTION"):
+    with pytest.raises(GridError, match="expected CRS,RESOLUTION"):
         parse_grid("EPSG:32633")
-    with pytest.raises(ConfigError, match="resolution must be a positive number"):
+    with pytest.raises(GridError, match="resolution must be a positive number"):
         parse_grid("EPSG:32633,-10")
-    with pytest.raises(ConfigError, match=r"is not a number"):
+    with pytest.raises(GridError, match=r"is not a number"):
         parse_grid("EPSG:32633,ten")
     fine = align([("", sources.s2_dir)], grid="EPSG:32633,2", extent="union", max_grid_pixels=3_000_000).grid
     cells = fine.width * fine.height
     assert 1_000_000 < cells <= 3_000_000
-    with pytest.raises(ConfigError, match=rf"= {cells:,} pixels \(--extent union of the sources at 2 per pixel\), "
+    with pytest.raises(GridError, match=rf"= {cells:,} pixels \(--extent union of the sources at 2 per pixel\), "
                        "more than --max-grid-pixels 1,000,000; check the resolution or raise the limit"):
         align([("", sources.s2_dir)], grid="EPSG:32633,2", extent="union", max_grid_pixels=1_000_000)
     assert MAX_GRID_PIXELS >= 1e9
@@ -268,3 +268,46 @@ def test_landsat_scale_and_offset_from_the_mtl(sources):
     assert set(np.unique(qa)) == {1, 21824}
     unscaled = align([("", sources.landsat_dir)], grid="EPSG:32633,30", extent="union")
     assert {b.dtype for b in unscaled.bands} == {"uint16"}
+
+
+def test_more_bad_input(sources, tmp_path):
+    from rico_torch.align.grid import footprint
+    from rico_torch.align.sources import check_modalities
+
+    crs = CRS.from_epsg(32633)
+    with pytest.raises(InputError, match=r"x\.tif: its footprint does not map into the target CRS"):
+        footprint("x.tif", crs, (0.0, 0.0, math.inf, 1.0), crs)
+    with pytest.raises(InputError, match=r"nope\.tif: --grid-like: no such file"):
+        align([("", sources.s2_dir)], grid_like=str(tmp_path / "nope.tif"))
+    oblong = write_geotiff(tmp_path / "oblong.tif", np.zeros((4, 4), np.uint8), crs="EPSG:32633",
+                           transform=Affine(10, 0, 300000, 0, -20, 6660000))
+    with pytest.raises(InputError, match=r"oblong\.tif: has non-square cells 10.0 x 20.0; --extent needs a square"):
+        align([("", sources.s2_dir)], grid_like=str(oblong), extent="union")
+    flipped = write_geotiff(tmp_path / "flipped.tif", np.zeros((4, 4), np.uint8), crs="EPSG:32633",
+                            transform=Affine(10, 0, 300000, 0, 10, 6660000))
+    with pytest.raises(InputError, match=r"flipped\.tif: --grid-like raster is not north-up"):
+        align([("", sources.s2_dir)], grid_like=str(flipped))
+    with rasterio.open(tmp_path / "nocrs.tif", "w", driver="GTiff", width=4, height=4, count=1, dtype="uint8",
+                       transform=Affine(10, 0, 300000, 0, -10, 6660000)) as dst:
+        dst.write(np.zeros((1, 4, 4), np.uint8))
+    with pytest.raises(InputError, match=r"nocrs\.tif: --grid-like raster has no CRS"):
+        align([("", sources.s2_dir)], grid_like=str(tmp_path / "nocrs.tif"))
+    empty_safe = tmp_path / "s2" / "S2A_MSIL2A_20200101T103031_N0500_R108_T32TQM_20200101T120000.SAFE"
+    (empty_safe / "GRANULE" / "L2A_T32TQM" / "IMG_DATA").mkdir(parents=True)
+    with pytest.raises(InputError, match=r"IMG_DATA: no band files T<tile>_<datetime>_<band>\[_<res>m\]\.jp2"):
+        find_images(tmp_path / "s2")
+    (empty_safe / "GRANULE" / "L2A_T32TQM" / "IMG_DATA").rmdir()
+    with pytest.raises(InputError, match="Sentinel-2 product without GRANULE/"):
+        find_images(tmp_path / "s2")
+    bad_name = tmp_path / "s2b" / "S2A_MSIL2A_broken.SAFE"
+    bad_name.mkdir(parents=True)
+    with pytest.raises(InputError, match=r"broken\.SAFE: not a Sentinel-2 product name"):
+        find_images(tmp_path / "s2b")
+    with pytest.raises(ConfigError, match="--warp-block 8: must be at least 16 px"):
+        align([("", sources.s2_dir)], grid="EPSG:32633,10", warp_block=8)
+    (tmp_path / "none").mkdir()
+    with pytest.raises(InputError, match=r"none: --group-by band: no raster files \(one band per file\) in the folder"):
+        align([("", tmp_path / "none")], grid="EPSG:32633,10", group_by="band")
+    with pytest.raises(ConfigError, match=r"--modality 'dem': expected NAME=PATH \(NAME: letters, digits, _ or -\)"):
+        check_modalities(["dem"])
+    assert check_modalities(["dem=x.tif"]) == [("dem", Path("x.tif"))]

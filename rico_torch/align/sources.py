@@ -14,7 +14,6 @@ deterministic: images by name (plain string order), then by path.
 from __future__ import annotations
 
 import math
-import os
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -96,10 +95,10 @@ class Aligned:
 
     def info(self) -> dict:
         """The alignment's entry in manifest.json (and its part of the encode's identity)."""
-        stacks: dict[str, list] = {}
+        stacks: dict[str, dict] = {}  # band -> date ("" without a time axis) -> [[path, band index], ...]
         for (band, t), layers in self.stacks:
-            stacks.setdefault(band, []).append({"time": self.times[t] if self.times else None,
-                                                "files": [[layer.path, layer.index] for layer in layers]})
+            stacks.setdefault(band, {})[self.times[t] if self.times else ""] = [[layer.path, layer.index]
+                                                                               for layer in layers]
         return {
             "grid": self.grid.info(), "extent": self.extent, "warp_block": self.warp_block,
             "group_by": self.group_by, "times": list(self.times),
@@ -268,9 +267,11 @@ def align(
     warp_block: int = WARP_BLOCK,
     max_grid_pixels: int | None = None,
     name: str | None = None,
+    labels: str | Path | None = None,
 ) -> Aligned:
     """The aligned set: the images of every modality (``[(prefix, path)]``; ``""`` for the main
-    folder), grouped, on the declared grid."""
+    folder), grouped, on the declared grid; ``labels``: a single-band class raster in any CRS,
+    the band ``mask`` (nearest, the same at every date)."""
     from .grid import MAX_GRID_PIXELS
 
     if group_by is not None and group_by not in GROUPS:
@@ -291,11 +292,19 @@ def align(
                 raise InputError(printable(undated[0].path), "--group-by time: no date found in its name "
                                  "(--time-from-name REGEX with a group 'date') or its raster tags")
         images.extend(found)
+    if labels is not None:
+        label_image = find_images(Path(labels))[0]
+        if len(label_image.bands) != 1 or not Path(labels).is_file():
+            raise InputError(printable(labels), "--labels with --grid: one single-band class raster (any CRS)")
+        images.append(Image(label_image.name, label_image.path, None, (("mask", label_image.bands[0][1]),)))
+        if group_by == "time":
+            static.add("mask")
     if bands:
         known = {n for i in images for n, _ in i.bands}
         missing = [b for b in bands if b not in known]
         if missing:
             raise ConfigError(f"--bands {missing[0]!r}: no such band (bands found: {', '.join(sorted(known))})")
+        bands = [*bands, *(["mask"] if labels is not None else [])]
     order = list(bands) if bands else sorted({n for i in images for n, _ in i.bands}, key=_band_order)
     times = tuple(sorted({i.date for i in images if i.date and not _is_static(i, static)})) \
         if group_by == "time" else ()
@@ -363,9 +372,3 @@ def check_modalities(values: Sequence[str] | None) -> list[tuple[str, Path]]:
             raise ConfigError(f"--modality {value!r}: expected NAME=PATH (NAME: letters, digits, _ or -)")
         out.append((name, Path(path)))
     return out
-
-
-def file_identity(aligned: Aligned) -> list:
-    """Every source file's name, size and modification time: the files' part of the identity."""
-    seen = sorted({layer.path for _, layers in aligned.stacks for layer in layers})
-    return [[os.path.basename(p), os.path.getsize(p), int(os.path.getmtime(p))] for p in seen]

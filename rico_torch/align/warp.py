@@ -40,6 +40,9 @@ class BlockWarper:
         self.aligned = aligned
         self.bands = {b.name: b for b in aligned.bands}
         self.stacks = dict(aligned.stacks)
+        # a static source (a DEM with --group-by time) is the same stack at every date: warped once
+        first: dict[tuple, int] = {}
+        self._same = {key: first.setdefault((key[0], layers), key[1]) for key, layers in aligned.stacks}
         self.cache: OrderedDict[tuple, tuple[np.ndarray, np.ndarray]] = OrderedDict()
         self.cache_bytes = cache_bytes
         self._held = 0
@@ -64,7 +67,7 @@ class BlockWarper:
         return data, valid
 
     def block(self, band: str, t: int, br: int, bc: int) -> tuple[np.ndarray, np.ndarray]:
-        key = (band, t, br, bc)
+        key = (band, self._same.get((band, t), t), br, bc)
         hit = self.cache.get(key)
         if hit is not None:
             self.cache.move_to_end(key)
