@@ -311,3 +311,8 @@ def test_more_bad_input(sources, tmp_path):
     with pytest.raises(ConfigError, match=r"--modality 'dem': expected NAME=PATH \(NAME: letters, digits, _ or -\)"):
         check_modalities(["dem"])
     assert check_modalities(["dem=x.tif"]) == [("dem", Path("x.tif"))]
+    two = tmp_path / "two"
+    write_geotiff(two / "rgb.tif", np.ones((2, 4, 4), np.uint8), crs="EPSG:32633",
+                  transform=Affine(10, 0, 300000, 0, -10, 6660000))
+    with pytest.raises(InputError, match=r"rgb\.tif: has 2 bands; files joined as bands of one image"):
+        align([("", two)], grid="EPSG:32633,10", group_by="band")

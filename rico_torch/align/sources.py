@@ -143,34 +143,22 @@ def find_images(root: Path, group_by: str | None = None, time_from_name: str | N
         files = _rasters_in(root)
         if not files:
             raise InputError(printable(root), "--group-by band: no raster files (one band per file) in the folder")
-        bands = []
-        for file in files:
-            layers = _layers_of_file(str(file), [file.stem])
-            if len(layers) != 1:
-                raise InputError(printable(file), "--group-by band joins single-band files; this one has "
-                                 f"{len(layers)} bands")
-            bands.extend(layers)
-        images.append(Image(root.name, str(root), None, tuple(bands)))
+        images.append(_folder_image(root, files))
     else:
-        for product, files in landsat_files(root).items():
-            images.append(_landsat_image(read_landsat(root, product, files)))
-        landsat = {str(f) for fs in landsat_files(root).values() for f in fs}
+        top = landsat_files(root)
+        images.extend(_product_image(read_landsat(root, p, fs)) for p, fs in top.items())
         for entry in entries:
             if is_safe(entry):
                 images.extend(_product_image(p) for p in read_safe(entry))
             elif entry.is_dir():
                 found = landsat_files(entry)
                 if found:
-                    images.extend(_landsat_image(read_landsat(entry, p, fs)) for p, fs in found.items())
-                    continue
-                files = _rasters_in(entry)
-                if not files:
-                    continue
-                bands = [layer for file in files for layer in _layers_of_file(str(file), [file.stem])]
-                images.append(Image(entry.name, str(entry), None, tuple(bands)))
-        for file in _rasters_in(root):
-            if str(file) not in landsat:
-                images.append(Image(file.stem, str(file), None, tuple(_layers_of_file(str(file)))))
+                    images.extend(_product_image(read_landsat(entry, p, fs)) for p, fs in found.items())
+                elif _rasters_in(entry):
+                    images.append(_folder_image(entry, _rasters_in(entry)))
+        landsat = {f for fs in top.values() for f in fs}
+        images.extend(Image(f.stem, str(f), None, tuple(_layers_of_file(str(f)))) for f in _rasters_in(root)
+                      if f not in landsat)
     if not images:
         raise InputError(printable(root), "no rasters found (raster files, folders of single-band rasters, "
                          ".SAFE or Landsat products)")
@@ -187,8 +175,18 @@ def _product_image(product) -> Image:
     return Image(product.name, product.path, product.date, tuple(layers), product.kind)
 
 
-def _landsat_image(product) -> Image:
-    return _product_image(product)
+def _folder_image(folder: Path, files: Sequence[Path]) -> Image:
+    """A folder of single-band rasters (or ``--group-by band``'s files): band = file stem."""
+    from ..scenes.discover import open_raster
+
+    bands = []
+    for file in files:
+        count = open_raster(str(file)).count
+        if count != 1:
+            raise InputError(printable(file), f"has {count} bands; files joined as bands of one image (a folder, "
+                             "--group-by band) hold one band each, named by the file stem")
+        bands.extend(_layers_of_file(str(file), [file.stem]))
+    return Image(folder.name, str(folder), None, tuple(bands))
 
 
 def _dated(image: Image, time_from_name: str | None, prefix: str) -> Image:
