@@ -299,6 +299,9 @@ def test_more_bad_input(sources, tmp_path):
     (empty_safe / "GRANULE" / "L2A_T32TQM" / "IMG_DATA").rmdir()
     with pytest.raises(InputError, match="Sentinel-2 product without GRANULE/"):
         find_images(tmp_path / "s2")
+    (empty_safe / "MTD_MSIL2A.xml").write_text("<unclosed>")
+    with pytest.raises(InputError, match=r"MTD_MSIL2A\.xml: not readable XML"):
+        find_images(tmp_path / "s2")
     bad_name = tmp_path / "s2b" / "S2A_MSIL2A_broken.SAFE"
     bad_name.mkdir(parents=True)
     with pytest.raises(InputError, match=r"broken\.SAFE: not a Sentinel-2 product name"):
@@ -316,3 +319,19 @@ def test_more_bad_input(sources, tmp_path):
                   transform=Affine(10, 0, 300000, 0, -10, 6660000))
     with pytest.raises(InputError, match=r"rgb\.tif: has 2 bands; files joined as bands of one image"):
         align([("", two)], grid="EPSG:32633,10", group_by="band")
+
+
+def test_sentinel2_scale_and_offset_from_the_product_metadata(sources):
+    """Baseline 05.00 (the L1C date) subtracts 1000 before dividing by 10000; 02.14 does not."""
+    aligned = align([("", sources.s2_dir)], grid="EPSG:32633,10", extent="union", group_by="time",
+                    apply_scale=True)
+    specs = {b.name: b for b in aligned.bands}
+    assert specs["B04"].scaled and not specs["SCL"].scaled
+    warper = BlockWarper(aligned)
+    h, w = aligned.grid.height, aligned.grid.width
+    for t, offset in ((0, 0), (1, -1000)):
+        dn, dn_valid = oracle(aligned.grid, files_of(aligned, "B04", t), 0, "uint16", "nearest")
+        reflectance, valid = warper.read("B04", t, 0, h, 0, w)
+        np.testing.assert_array_equal(valid, dn_valid)
+        assert valid.sum() > 1000 and np.isnan(reflectance[~valid]).all()
+        np.testing.assert_allclose(reflectance[valid], ((dn[valid].astype(np.float64) + offset) / 10000).astype(np.float32), rtol=1e-6)

@@ -24,6 +24,8 @@ S2_SKIP = {"TCI"}
 #: ``LC08_L2SP_140041_20210307_20210312_02_T1_SR_B4.TIF``
 LANDSAT_FILE = re.compile(r"(?P<product>L[CEOT]0\d_L2S[PR]_(?P<pathrow>\d{6})_(?P<date>\d{8})_\d{8}_02_(T1|T2|RT))_"
                           r"(?P<band>[A-Z]+_[A-Z0-9]+|[A-Z]+_B\d+)\.TIF", re.IGNORECASE)
+#: the ``band_id`` order of a Sentinel-2 product's metadata (``BOA_ADD_OFFSET band_id="3"`` is B04)
+S2_BAND_IDS = ("B01", "B02", "B03", "B04", "B05", "B06", "B07", "B08", "B8A", "B09", "B10", "B11", "B12")
 #: bands that hold classes or bit flags: never interpolated, never scaled
 CLASS_BANDS = {"SCL", "QA_PIXEL", "QA_RADSAT", "SR_QA_AEROSOL", "ST_QA", "CLOUD_QA", "mask"}
 
@@ -62,6 +64,8 @@ def read_safe(path: Path) -> list[Product]:
     if m is None:
         raise InputError(printable(path), "not a Sentinel-2 product name (S2X_MSIL1C|L2A_<YYYYMMDDTHHMMSS>_N<baseline>_"
                          "R<orbit>_T<tile>_<time>.SAFE)")
+    mtd = path / f"MTD_MSI{m['level']}.xml"
+    scales = read_s2_scales(mtd) if mtd.is_file() else {}
     granules = sorted((path / "GRANULE").glob("*/IMG_DATA"))
     if not granules:
         raise InputError(printable(path), "Sentinel-2 product without GRANULE/*/IMG_DATA")
@@ -77,10 +81,32 @@ def read_safe(path: Path) -> list[Product]:
                 found[b["band"]] = (res, str(file))
         if not found:
             raise InputError(printable(img), "no band files T<tile>_<datetime>_<band>[_<res>m].jp2")
-        bands = tuple(ProductBand(name, found[name][1]) for name in sorted(found))
+        bands = tuple(ProductBand(name, found[name][1], scales.get(name)) for name in sorted(found))
         products.append(Product(path.name[:-5] if len(granules) == 1 else f"{path.name[:-5]}_{img.parent.name}",
                                 str(path), "sentinel2", iso_date(m["datetime"]), m["tile"], bands))
     return products
+
+
+def read_s2_scales(mtd: Path) -> dict[str, tuple[float, float]]:
+    """``{band: (multiply, add)}`` from ``MTD_MSIL1C.xml``/``MTD_MSIL2A.xml``: reflectance =
+    (DN + offset) / quantification, the offset (``RADIO_ADD_OFFSET``/``BOA_ADD_OFFSET``, -1000
+    from processing baseline 04.00) per ``band_id``."""
+    import xml.etree.ElementTree as ElementTree
+
+    try:
+        root = ElementTree.parse(mtd).getroot()
+    except ElementTree.ParseError as e:
+        raise InputError(printable(mtd), f"not readable XML ({e})") from None
+    quantification, offsets = None, {}
+    for element in root.iter():
+        tag = element.tag.rpartition("}")[2]
+        if tag in ("QUANTIFICATION_VALUE", "BOA_QUANTIFICATION_VALUE"):
+            quantification = float(element.text)
+        elif tag in ("RADIO_ADD_OFFSET", "BOA_ADD_OFFSET"):
+            offsets[int(element.get("band_id"))] = float(element.text)
+    if not quantification:
+        return {}
+    return {band: (1 / quantification, offsets.get(i, 0.0) / quantification) for i, band in enumerate(S2_BAND_IDS)}
 
 
 def landsat_files(folder: Path) -> dict[str, list[Path]]:

@@ -436,8 +436,9 @@ def add_align_arguments(p) -> None:
     g.add_argument("--modality", action="append", metavar="NAME=PATH",
                    help="another folder or raster on the same grid, its bands named NAME.<band> (repeatable); "
                    "undated with --group-by time: the same at every date")
-    g.add_argument("--apply-scale", action="store_true", help="apply a product's scale and offset (Landsat C2 L2: "
-                   "float32 reflectance and Kelvin, NaN where fill)")
+    g.add_argument("--apply-scale", action="store_true", help="apply a product's scale and offset: float32 "
+                   "reflectance and Kelvin (Landsat C2 L2, from the MTL), reflectance (Sentinel-2, from MTD_MSI*.xml); "
+                   "NaN where fill")
     g.add_argument("--warp-block", type=int, default=WARP_BLOCK, metavar="PX",
                    help=f"the grid is warped in blocks of PX cells from its origin (default {WARP_BLOCK}); values "
                    "depend on it, never on windows")

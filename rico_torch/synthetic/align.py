@@ -74,11 +74,13 @@ def write_jp2(path: Path, data: np.ndarray, crs: str, transform: Affine, nodata:
 
 
 def make_safe(folder: Path, *, level: str, tile: str, crs: str, when: str, size_m: float, seed: int,
-              shift: tuple[float, float] = (0.0, 0.0), corner: bool = False) -> Path:
+              shift: tuple[float, float] = (0.0, 0.0), corner: bool = False, baseline: str = "0214") -> Path:
     """A Sentinel-2 ``.SAFE`` product (``level`` L1C or L2A) of ``size_m`` metres around
-    :data:`CENTER` moved by ``shift`` metres; ``corner``: a nodata triangle in its top-left."""
+    :data:`CENTER` moved by ``shift`` metres; ``corner``: a nodata triangle in its top-left.
+    Its metadata file states the quantification (10000) and, from ``baseline`` 0400, the
+    offset of -1000 per band."""
     mission = "S2A" if seed % 2 == 0 else "S2B"
-    name = f"{mission}_MSI{level}_{when}_N0214_R108_T{tile}_{when[:8]}T120000.SAFE"
+    name = f"{mission}_MSI{level}_{when}_N{baseline}_R108_T{tile}_{when[:8]}T120000.SAFE"
     granule = folder / name / "GRANULE" / f"{level}_T{tile}_A000001_{when}" / "IMG_DATA"
     layout = {f"R{r}m": {b: r for b, rr in L1C_BANDS.items() if rr == r} for r in (10, 20, 60)} \
         if level == "L1C" else L2A_BANDS
@@ -96,7 +98,14 @@ def make_safe(folder: Path, *, level: str, tile: str, crs: str, when: str, size_
                 data[(rows + cols) * res < size_m / 3] = 0
             file = f"T{tile}_{when}_{band}.jp2" if level == "L1C" else f"T{tile}_{when}_{band}_{res}m.jp2"
             write_jp2(granule / (file if level == "L1C" else f"{folder_name}/{file}"), data, crs, transform, 0)
-    (folder / name / f"MTD_MSI{level}.xml").write_text("<metadata/>\n")
+    prefix = "BOA_" if level == "L2A" else ""
+    offsets = "".join(f'<{prefix or "RADIO_"}ADD_OFFSET band_id="{i}">-1000</{prefix or "RADIO_"}ADD_OFFSET>'
+                      for i in range(13)) if baseline >= "0400" else ""
+    (folder / name / f"MTD_MSI{level}.xml").write_text(
+        f'<?xml version="1.0"?>\n<n1:Level-{level[1:]}_User_Product xmlns:n1="https://psd-14.sentinel2.eo.esa.int">'
+        f"<General_Info><Product_Image_Characteristics><{prefix}QUANTIFICATION_VALUE unit=\"none\">10000"
+        f"</{prefix}QUANTIFICATION_VALUE>{offsets}</Product_Image_Characteristics></General_Info>"
+        f"</n1:Level-{level[1:]}_User_Product>\n")
     return folder / name
 
 
@@ -150,7 +159,7 @@ def make_align(root: Path, size_m: float = 3600.0, seed: int = 0) -> AlignFiles:
         make_safe(s2, level="L2A", tile="33VUG", crs="EPSG:32633", when="20200601T103031", size_m=size_m,
                   seed=seed + 1, shift=(size_m / 3, size_m / 10)),
         make_safe(s2, level="L1C", tile="33VUG", crs="EPSG:32633", when="20200611T103031", size_m=size_m,
-                  seed=seed + 2, shift=(size_m / 4, 0.0)),
+                  seed=seed + 2, shift=(size_m / 4, 0.0), baseline="0500"),
     )
     landsat = make_landsat(root / "landsat", size_m=size_m, seed=seed)
     modis = write_square(root / "modis.tif", MODIS_SINUSOIDAL, 2 * size_m, 231.656358, "int16", -3000, seed,
