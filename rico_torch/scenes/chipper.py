@@ -181,6 +181,37 @@ def labels_identity(scenes: Sequence[Scene]) -> str:
                        "label_nodata": labelled[0].labels.nodata})
 
 
+def chip_options(patch_size: int, stride: int | None = None, edge: str = "shift", min_valid: float = 1,
+                 bands: Sequence[str] | None = None) -> ChipOptions:
+    """The checked options of a chip run (``min_valid`` below 1: a fraction of a window's pixels)."""
+    stride = patch_size if stride is None else stride
+    if 0 < min_valid < 1:
+        min_valid = math.ceil(min_valid * patch_size * patch_size)
+    min_valid = int(min_valid)
+    check_options(patch_size, stride, edge, min_valid)
+    return ChipOptions(patch_size, stride, edge, min_valid, tuple(bands) if bands else None)
+
+
+def planned(root: Path, options: ChipOptions, labels: str | Path | None = None, label_nodata: float | None = None,
+            allow_ungeoreferenced: bool = False, shard: tuple[int, int] | None = None,
+            align: AlignOptions | None = None):
+    """The scenes in ``root``, their windows and the manifest extension of a chip run: what
+    :func:`chip` writes and :class:`rico_torch.data.ScenePatchDataset` reads on the fly. With
+    ``align`` (``--grid``/``--grid-like``) the one scene is every file warped onto that grid."""
+    record = None
+    if align is not None and align.active:
+        align = replace(align, labels=None if labels is None else str(labels))
+        scenes, identity = aligned_scenes(Path(root), align, options.bands, label_nodata)
+        record = align.record()
+    else:
+        scenes = find_scenes(Path(root), options.bands, None if labels is None else Path(labels), label_nodata,
+                             allow_ungeoreferenced)
+        identity = labels_identity(scenes)
+    check_labels(scenes, options.edge)
+    dataset, discovered = plan(scenes, options, shard)
+    return scenes, dataset, discovered, SceneManifest(scenes, discovered, options, identity, record)
+
+
 def chip(
     dataset_dir: str | Path,
     target_dir: str | Path,
@@ -213,25 +244,15 @@ def chip(
     Warns (stderr) for every scene that yields no window and for bands that are not pooled
     into dataset-level statistics; raises :class:`InputError` when no window at all is written.
     """
-    stride = patch_size if stride is None else stride
-    if 0 < min_valid < 1:
-        min_valid = math.ceil(min_valid * patch_size * patch_size)
-    min_valid = int(min_valid)
-    check_options(patch_size, stride, edge, min_valid)
-    options = ChipOptions(patch_size, stride, edge, min_valid, tuple(bands) if bands else None)
+    options = chip_options(patch_size, stride, edge, min_valid, bands)
+    stride, min_valid = options.stride, options.min_valid
     root = Path(dataset_dir)
     aligning = align is not None and align.active
     try:
-        if aligning:
-            scenes, identity = aligned_scenes(root, replace(align, labels=None if labels is None else str(labels)),
-                                              options.bands, label_nodata)
-        else:
-            scenes = find_scenes(root, options.bands, None if labels is None else Path(labels), label_nodata,
-                                 allow_ungeoreferenced)
+        scenes, dataset, discovered, extension = planned(root, options, labels, label_nodata, allow_ungeoreferenced,
+                                                         shard, align)
+        if not aligning:
             warn_band_files_as_scenes(root, scenes)
-            identity = labels_identity(scenes)
-        check_labels(scenes, edge)
-        dataset, discovered = plan(scenes, options, shard)
     finally:
         close_rasters()
     empty = [s for s in scenes if not (offsets(s.height, patch_size, stride, edge)
@@ -242,9 +263,6 @@ def chip(
     if len(empty) == len(scenes):
         raise InputError(printable(root), f"no scene yields a window of --patch-size {patch_size} with --edge drop; "
                          "use --edge pad or a smaller --patch-size")
-    extension = SceneManifest(scenes, discovered, options, identity,
-                              replace(align, labels=None if labels is None else str(labels)).record()
-                              if aligning else None)
     try:
         result = encode_dataset(dataset, discovered, Path(target_dir), num_workers=num_workers, overwrite=overwrite,
                                 skip_invalid=skip_invalid, quiet=quiet,
