@@ -205,3 +205,26 @@ def test_to_source_refuses_an_unaligned_encode(tmp_path, capsys):
     assert align_main(["to-source", str(tmp_path / "x.tif"), "--target-dir", str(tmp_path / "lmdb"), "--output-dir",
                        str(tmp_path / "out")]) == 1
     assert "not an aligned encode (encode scenes without --grid/--grid-like)" in capsys.readouterr().err
+
+
+def test_on_the_fly_dataset_returns_the_encoded_samples(sources, tmp_path):
+    """Option II over the same alignment: ScenePatchDataset(align=...) equals LMDBPatchDataset
+    over the encode, window by window."""
+    import torch
+
+    from rico_torch.align.scene import AlignOptions
+    from rico_torch.data import LMDBPatchDataset, ScenePatchDataset
+    from rico_torch.scenes import chip
+
+    align = AlignOptions(grid="EPSG:32633,20", extent="union", modalities=(f"dem={sources.dem}",),
+                         resampling=("bilinear",), warp_block=48)
+    target = tmp_path / "lmdb"
+    chip(sources.s2_dir, target, 32, 24, labels=sources.labels, align=align, bands=["B04", "B11", "dem.B1"])
+    bands = ["dem.B1", "B04", "B11"]
+    pre = LMDBPatchDataset(target, bands, mask_band="mask")
+    live = ScenePatchDataset(sources.s2_dir, bands, 32, 24, labels=sources.labels, align=align, mask_band="mask",
+                             encode_bands=["B04", "B11", "dem.B1"])
+    assert len(live) == len(pre) > 10
+    for i in range(len(pre)):
+        a, b = pre[i], live[i]
+        assert a["key"] == b["key"] and torch.equal(a["image"], b["image"]) and torch.equal(a["mask"], b["mask"])
