@@ -83,26 +83,30 @@ def test_multimodal_time_stack_equals_independent_warps(sources, tmp_path, capsy
     assert grid["width"] < 1024 and grid["height"] < 1024  # one block: values equal one reproject of the grid
     got = values(target)
     assert got and all(v["B04"].shape == (3, 32, 32) and v["mask"].shape == (3, 32, 32) for v in got.values())
-    for band, t, method in (("B04", 0, "nearest"), ("B11", 2, "nearest"), ("dem.B1", 1, "bilinear"),
-                            ("mask", 0, "nearest")):
+    # Sentinel-2 scaled by its metadata: DN / 10000, and (DN - 1000) / 10000 from baseline 04.00 (the L1C date)
+    for band, t, method, scale in (("B04", 0, "nearest", (1e-4, 0.0)), ("B11", 2, "nearest", (1e-4, -0.1)),
+                                   ("dem.B1", 1, "bilinear", None), ("mask", 0, "nearest", None)):
         files = align["sources"][band][align["times"][t]]
-        want, _ = warped(grid, files, method)
+        want, valid = warped(grid, files, method)
+        if scale is not None:
+            want = np.where(valid, want.astype(np.float64) * scale[0] + scale[1], np.nan).astype(np.float32)
         for key, value in got.items():
             row, col = window_of(key)
-            np.testing.assert_array_equal(value[band][t], want[row : row + 32, col : col + 32], err_msg=f"{key} {band}")
+            np.testing.assert_allclose(value[band][t], want[row : row + 32, col : col + 32], rtol=1e-6,
+                                       err_msg=f"{key} {band}")
     # Landsat scaled: Kelvin where the product has data, NaN elsewhere (and on the other dates)
     kelvin = np.concatenate([v["ls.ST_B10"][1].ravel() for v in got.values()])
     assert kelvin.dtype == np.float32 and 250 < np.nanmin(kelvin) and np.nanmax(kelvin) < 360
     assert all(np.isnan(v["ls.ST_B10"][0]).all() for v in got.values())
-    # statistics over valid cells only: B04 never counts its nodata 0
-    assert m["statistics"]["B04"]["min"] > 0 and m["statistics"]["dem.B1"]["min"] > 0
+    # statistics over valid cells only: nodata (NaN, -9999) never counts
+    assert m["statistics"]["B04"]["min"] > 0.1 and m["statistics"]["dem.B1"]["min"] > 0
 
     # info shows the alignment; verify warps again and compares every window
     capsys.readouterr()
     assert encode_main(["info", str(target)]) == 0
     out = capsys.readouterr().out
     assert "aligned s2: grid EPSG:32633, 20 x 20 per cell" in out and "group by time: 3 dates" in out
-    assert "bilinear dem.B1" in out and "nearest (scaled) ls.SR_B4 ls.ST_B10" in out
+    assert "bilinear dem.B1" in out and "nearest (scaled) B01 B04 B08 B11 ls.SR_B4 ls.ST_B10" in out
     proc = encode_cli("verify", "--target-dir", str(target), "--dataset-dir", str(sources.s2_dir), check=False)
     assert proc.returncode == 0 and f"OK ({len(got)} values checked, {len(got)} compared with their sources" in \
         proc.stderr, proc.stderr
