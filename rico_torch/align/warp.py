@@ -108,6 +108,7 @@ def warp_block(spec: BandSpec, layers, grid, rows: tuple[int, int], cols: tuple[
                footprint_of=None) -> tuple[np.ndarray, np.ndarray]:
     """One block of one band: each layer warped onto exactly the block's extent (one
     ``reproject`` call each), first valid value wins; (values, validity)."""
+    import rasterio
     from rasterio.warp import Resampling, reproject
 
     from ..scenes.discover import open_raster
@@ -126,8 +127,6 @@ def warp_block(spec: BandSpec, layers, grid, rows: tuple[int, int], cols: tuple[
         if valid.all():
             break
         src = open_raster(layer.path)
-        import rasterio
-
         warped = np.full(shape, _fill_of(layer, spec), dtype=layer.dtype)
         try:
             reproject(rasterio.band(src, layer.index), warped, src_nodata=layer.nodata, dst_transform=transform,
