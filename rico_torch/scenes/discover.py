@@ -70,6 +70,7 @@ class Scene:
     transform: tuple[float, ...]  # the finest grid's 6 affine coefficients (a, b, c, d, e, f)
     labels: BandFile | None = None
     naming: str = "index"
+    aligned: object | None = None  # a rico_torch.align Aligned set: files warped onto this grid (--grid)
 
     @property
     def band_names(self) -> tuple[str, ...]:
@@ -91,6 +92,7 @@ class Scene:
                                "dtype": b.dtype, "width": b.width, "height": b.height} for b in self.bands},
             "band_names": self.naming,
             "labels": None if self.labels is None else self.labels.path,
+            **({} if self.aligned is None else {"align": self.aligned.info()}),
         }
 
 
@@ -398,6 +400,12 @@ class SceneWindow:
     owned: tuple[int, int, int, int] | None = None  # (row0, row1, col0, col1): the pixels its statistics count
 
     def __call__(self) -> dict[str, np.ndarray]:
+        if self.scene.aligned is not None:
+            from ..align.scene import read_window
+
+            out, valid = read_window(self.scene, self.row, self.col, self.size)
+            self._check_valid(int(valid.sum()))
+            return out
         valid = np.ones((self.size, self.size), bool)
         out: dict[str, np.ndarray] = {}
         for band in self.scene.bands:
@@ -406,12 +414,14 @@ class SceneWindow:
             if band.ratio > 1:
                 mask = mask.repeat(band.ratio, 0).repeat(band.ratio, 1)
             valid &= mask
-        count = int(valid.sum())
-        if count < self.min_valid:
-            raise too_few_valid(self.scene, self.row, self.col, count, self.min_valid)
+        self._check_valid(int(valid.sum()))
         if self.scene.labels is not None:
             out["mask"] = self._read(self.scene.labels)[0]
         return out
+
+    def _check_valid(self, count: int) -> None:
+        if count < self.min_valid:
+            raise too_few_valid(self.scene, self.row, self.col, count, self.min_valid)
 
     @property
     def key(self) -> str:
@@ -460,7 +470,7 @@ def window_moments(scene: Scene, arrays: dict[str, np.ndarray], row: int, col: i
     out = []
     for band in scene.bands:
         r, data = band.ratio, arrays[band.name]
-        box = (slice((r0 - row) // r, (r1 - row) // r), slice((c0 - col) // r, (c1 - col) // r))
+        box = (..., slice((r0 - row) // r, (r1 - row) // r), slice((c0 - col) // r, (c1 - col) // r))
         valid = np.zeros(data.shape, bool)
         valid[box] = valid_pixels(band, data[box], (r0 // r, c0 // r, r1 // r, c1 // r))
         out.append(tuple(batch_moments(data.reshape(1, -1), valid.reshape(1, -1))[0].tolist()))
@@ -476,6 +486,8 @@ def prefetch_windows(scene: Scene, size: int, offsets: np.ndarray) -> None:
     """Read the blocks that the windows at ``offsets`` ((row, col) rows, finest grid) cover: one
     read per band file and window row (all bands of a file at once), kept until the next task's."""
     _BLOCKS.clear()
+    if scene.aligned is not None:  # its bands are other grids' files, warped by its own reader
+        return
     by_file: dict[str, list[BandFile]] = {}
     for band in scene.bands + ((scene.labels,) if scene.labels is not None else ()):
         by_file.setdefault(band.path, []).append(band)
