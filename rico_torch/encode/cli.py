@@ -12,7 +12,7 @@ from pathlib import Path
 from ..catalog import DATASETS, Dataset, get_dataset
 from ..cli_errors import report
 from ..errors import ConfigError, InputError, UserError
-from ..manifest import Entries, upgrade
+from ..manifest import Entries, require_lmdb, upgrade
 from .discover import discover, printable
 from .options import DEMO_TMP_PREFIX, demo_fit_command, parse_shard
 from .writer import EncodeResult, TargetLock, encode_dataset, split_skipped
@@ -192,15 +192,32 @@ def build_parser(prog: str = "python -m rico_torch.encode") -> argparse.Argument
     add_info_parser(sub)
     upgrade = sub.add_parser(
         "upgrade",
-        help="rewrite a manifest.json written before keys.index (per-key facts inside) in the current layout",
+        help="rewrite a manifest.json written before keys.index (per-key facts inside) in the current layout "
+        "(one-way: the old manifest is kept as manifest.json.v1)",
         description="Move the per-key facts (keys, digests, labels, scene windows) of a manifest.json written by "
         "an earlier rico_torch into keys.index beside it; data.mdb is not touched. Earlier manifests are read "
-        "correctly without this, but parsed whole on every open; after it, opening maps keys.index instead.",
+        "correctly without this, but parsed whole on every open; after it, opening maps keys.index instead. "
+        "One-way: a rico_torch older than keys.index cannot read the upgraded target; the earlier manifest is "
+        "kept as manifest.json.v1 (move it back over manifest.json to undo). A target in the current layout whose "
+        "keys.index is missing or damaged is repaired (see repair).",
         epilog="example:\n  python -m rico_torch.encode upgrade encoded-eurosat",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     upgrade.add_argument("target", type=Path, metavar="LMDB_DIR", help="directory holding data.mdb and manifest.json")
     upgrade.set_defaults(dataset="upgrade")
+    repair = sub.add_parser(
+        "repair",
+        help="rebuild a missing, foreign or damaged keys.index from data.mdb and manifest.json",
+        description="Check keys.index (structure and content digest) and, where it is missing, belongs to another "
+        "encode or is damaged, rebuild it from data.mdb and manifest.json: keys, each key's source, value digests, "
+        "labels that follow from keys, scene window offsets. data.mdb is read, never written; the values must "
+        "match the manifest's count and content hash. Within a source the rows come in key order. Re-running the "
+        "encode of a complete target does the same.",
+        epilog="example:\n  python -m rico_torch.encode repair encoded-eurosat",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    repair.add_argument("target", type=Path, metavar="LMDB_DIR", help="directory holding data.mdb and manifest.json")
+    repair.set_defaults(dataset="repair")
     return parser
 
 
@@ -348,10 +365,14 @@ def main(argv: list[str] | None = None, prog: str = "python -m rico_torch.encode
             return run_info(args)
         except UserError as e:
             return report(e)
-    if args.dataset == "upgrade":
+    if args.dataset in ("upgrade", "repair"):
+        from .repair import index_problem, repair
+
         try:
-            with TargetLock(args.target):
-                print(upgrade(args.target), file=sys.stderr)
+            with TargetLock(require_lmdb(args.target)):
+                broken = index_problem(args.target)
+                done = repair(args.target, broken) if args.dataset == "repair" or broken else upgrade(args.target)
+                print(done, file=sys.stderr)
             return 0
         except UserError as e:
             return report(e)

@@ -37,7 +37,8 @@ from .._process import die_with_parent, quiet_resource_tracker, reuse_freed_memo
 from ..catalog import DATASETS, Dataset, Source, get_dataset
 from ..errors import InputError, TargetError
 from ..format import parse_header
-from ..manifest import INDEX, MANIFEST, Entries, Extension, Manifest, build_columns, digest64, read, write
+from ..manifest import (INDEX, MANIFEST, Entries, Extension, Manifest, build_columns, digest64, read, storage_problem,
+                        write)
 from .discover import Patch, SkipPatch, SourcePatches
 from .read import BandTable, parts_digest, read_patch, value_digest, value_parts
 
@@ -48,10 +49,12 @@ _IOV_MAX = 512  # buffers per pwritev call (POSIX guarantees at least 16; Linux 
 LOCK = "encode.lock"
 LMDB_FILES = ("data.mdb", "lock.mdb")
 STAGING = ".overwrite"  # where --overwrite builds the replacement
-OUR_FILES = (*LMDB_FILES, MANIFEST, INDEX, LOCK, STAGING, "metadata.parquet")  # the last: the demo's metadata
+#: What an encode writes, the manifest an upgrade replaced and the demo's metadata
+OUR_FILES = (*LMDB_FILES, MANIFEST, INDEX, LOCK, STAGING, MANIFEST + ".v1", "metadata.parquet")
 #: Where the catalog's side files are copied (e.g. SatlasPretrain's metadata/): ours too.
 SIDE_FILE_ROOTS = tuple(sorted({Path(g).parts[0] for d in DATASETS.values() for g in d.side_files}))
 MIN_MAP_SIZE = 64 << 20
+DISK_MARGIN = 4 << 20  # free space below a transaction's bytes plus this when a commit fails: a full disk
 
 
 @dataclass
@@ -70,9 +73,12 @@ class EncodeResult:
     counts: dict[str, int]
     already_complete: bool = False
     resumed: int = 0  # of ``written``, patches an earlier, interrupted run had committed
+    repaired: str = ""  # what ``repair`` said, where a complete target's keys.index was rebuilt
 
     def summary(self) -> str:
         if self.already_complete:
+            if self.repaired:
+                return f"{self.repaired}; the encode was already complete ({self.written:,} patches)"
             return f"{self.target}: already complete ({self.written:,} patches); nothing to do"
         per_source = ", ".join(f"{k} {v:,}" for k, v in self.counts.items())
         new = self.written - self.resumed
@@ -246,7 +252,12 @@ class TargetLock:
         self.fd = -1
 
     def __enter__(self) -> "TargetLock":
-        self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        except FileNotFoundError:
+            raise TargetError(f"{self.path.parent}: no such directory") from None
+        except OSError as e:  # read-only storage: say so, as encode does
+            raise TargetError(f"{self.path.parent}: target is not writable ({e.strerror})") from None
         try:
             fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -417,8 +428,12 @@ def encode_dataset(
             if previous is not None and previous.get("complete"):
                 problem = _disagreement(target, previous)
                 if problem is None:
+                    from .repair import index_problem, repair  # a missing or damaged keys.index: rebuilt
+
+                    broken = index_problem(target)
                     return EncodeResult(target, previous["patches"], previous.get("skipped", []), 0.0,
-                                        previous.get("bytes", 0), previous.get("counts", {}), already_complete=True)
+                                        previous.get("bytes", 0), previous.get("counts", {}), already_complete=True,
+                                        repaired=repair(target, broken) if broken else "")
                 print(f"{target}: {problem}; encoding again (the old files are replaced once the new encode "
                       "is complete)", file=sys.stderr)
                 rebuild = True
@@ -600,11 +615,11 @@ def _commit(target: Path, results) -> None:
     unused bytes depend on its history; a fresh environment per transaction makes every
     transaction start from the same state on a resumed run as on an uninterrupted one.
     """
+    incoming = sum(len(r.key) + len(r.value) for r in results if r.value is not None)
     env = _open(target)
     try:
         info = env.info()
         used = (info["last_pgno"] + 1) * env.stat()["psize"]
-        incoming = sum(len(r.key) + len(r.value) for r in results if r.value is not None)
         wanted = map_size_for(used, incoming)
         if wanted > info["map_size"]:
             env.set_mapsize(wanted)
@@ -613,6 +628,11 @@ def _commit(target: Path, results) -> None:
                 if r.value is not None and not txn.put(r.key.encode(), r.value, overwrite=False):
                     raise TargetError(f"key {r.key!r} is already in the LMDB; refusing to overwrite it")
     except lmdb.Error as e:
+        # LMDB reports a short write on a full disk as EIO: the free space tells
+        why = storage_problem(target, e, incoming, f" for the next {len(results)} patches", DISK_MARGIN)
+        if why.startswith("the disk is full"):
+            raise TargetError(f"{target}: writing failed: {why}; free space and re-run the same command to resume "
+                              "(committed patches are kept)") from None
         raise TargetError(f"{target}: writing failed ({e}); re-run the same command to resume") from None
     finally:
         env.close()

@@ -1,0 +1,315 @@
+"""Issue 30: an encoded dataset at rest (copied, rsynced, damaged) is never misread: a damaged or
+missing ``keys.index`` or manifest row ranges are one line naming the file and the column, and
+``repair`` (or re-running the encode) rebuilds the sidecar from data.mdb and the manifest."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shlex
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from rico_torch.data import EuroSATDataModule, LMDBPatchDataset
+from rico_torch.encode.cli import main as encode_main
+from rico_torch.errors import FormatError, MissingBandError
+from rico_torch.manifest import INDEX, read
+from rico_torch.synthetic.scale import make_many_keys
+
+from .conftest import encode_cli, read_lmdb
+
+
+def copy_target(src: Path, dst: Path) -> Path:
+    shutil.copytree(src, dst, ignore=shutil.ignore_patterns("lock.mdb", "stats-*.json"))
+    return dst
+
+
+def sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def column_span(target: Path, name: str) -> tuple[int, int]:
+    """(offset, bytes) of a column of the target's keys.index, from its header (as a reader finds it)."""
+    raw = (target / INDEX).read_bytes()
+    header = json.loads(raw[16 : 16 + int.from_bytes(raw[8:16], "little")])
+    spec = header["columns"][name]
+    return int(spec["offset"]), header["rows"] * np.dtype(spec["dtype"]).itemsize
+
+
+def damage(target: Path, name: str, start: int = 0, length: int | None = None, byte: int = 0) -> None:
+    """Overwrite bytes of one column in place (same file size), as a bad copy or bit rot leaves it."""
+    offset, size = column_span(target, name)
+    length = size - start if length is None else length
+    with open(target / INDEX, "r+b") as f:
+        f.seek(offset + start)
+        f.write(bytes([byte]) * length)
+
+
+def encode(capsys, *argv) -> tuple[int, str]:
+    capsys.readouterr()
+    code = encode_main([str(a) for a in argv])
+    return code, capsys.readouterr().err
+
+
+REPAIR = "rebuild it with `python -m rico_torch.encode repair"
+
+
+# --- 1. a damaged keys.index is caught before a reader trusts it ---------------------------------
+
+
+def test_zeroed_sorter_is_one_line_never_a_split_of_one_key(eurosat_lmdb, tmp_path):
+    target = copy_target(eurosat_lmdb, tmp_path / "t")
+    damage(target, "sorter")
+    with pytest.raises(FormatError) as caught:
+        EuroSATDataModule(str(target), num_workers=0).setup("fit")
+    assert str(caught.value).startswith(f"{target / INDEX}: damaged per-key index: column 'sorter' is not a "
+                                        "permutation of its 9 rows (8 rows never listed); " + REPAIR)
+    with pytest.raises(FormatError, match="column 'sorter' is not a permutation"):
+        LMDBPatchDataset(target, bands=["B02"])
+
+
+@pytest.mark.parametrize("column, start, length, byte, problem", [
+    ("key", 0, None, 0, "column 'key' has 9 empty keys (row 0 first)"),
+    ("sorter", 0, 4, 0xFF, "column 'sorter' holds row 4,294,967,295 of 9"),
+    ("label", 8, 4, 0x7F, "column 'label' holds 2139062143, not in -1..9"),
+    ("digest", 3, 1, 0xAB, "column 'digest' differs from its content digest (changed since written)"),
+    ("key", 1, 1, ord("x"), "column 'key' differs from its content digest (changed since written)"),
+])
+def test_each_damaged_column_is_named(eurosat_lmdb, tmp_path, column, start, length, byte, problem):
+    target = copy_target(eurosat_lmdb, tmp_path / "t")
+    damage(target, column, start, length, byte)
+    with pytest.raises(FormatError) as caught:
+        EuroSATDataModule(str(target), num_workers=0).setup("fit")
+    assert str(caught.value) == (f"{target / INDEX}: damaged per-key index: {problem}; {REPAIR} {target}` "
+                                 "(data.mdb is not touched)")
+
+
+def test_a_large_sidecar_is_checked_by_structure_on_open_and_in_full_by_verify_and_info(
+        eurosat_lmdb, tmp_path, monkeypatch, capsys):
+    import rico_torch.manifest as manifest
+
+    target = copy_target(eurosat_lmdb, tmp_path / "t")
+    damage(target, "digest", 0, 1, 0x55)  # a flipped digest: no structure shows it
+    monkeypatch.setattr(manifest, "DIGEST_ON_OPEN_BYTES", 0)  # as a sidecar over the size checked on open
+    assert len(LMDBPatchDataset(target, bands=["B02"])) == 9  # structure only: O(rows), no hash
+    code, err = encode(capsys, "verify", "--target-dir", target, "--quiet")
+    line = f"{target / INDEX}: damaged per-key index: column 'digest' differs from its content digest"
+    assert code == 1 and line in err and "Traceback" not in err
+    code, out = encode_main(["info", str(target), "--check"]), capsys.readouterr().out
+    assert code == 1 and f"problem: {line}" in out
+    code, out = encode_main(["info", str(eurosat_lmdb), "--check"]), capsys.readouterr().out
+    assert code == 0 and "keys.index: sound (9 keys, content digest checked)" in out
+
+
+# --- 2. manifest row ranges tile the rows --------------------------------------------------------
+
+
+def test_widened_or_overlong_source_ranges_are_refused_and_verify_checks_each_keys_source(
+        bigearthnet_lmdb, tmp_path):
+    target = copy_target(bigearthnet_lmdb, tmp_path / "t")
+    file = target / "manifest.json"
+    facts = json.loads(file.read_text())
+    (a1, b1), (a2, b2) = facts["index"]["sources"]["s1"], facts["index"]["sources"]["s2"]
+    assert b1 == a2
+    def edited(ranges: dict, counts: dict | None = None) -> dict:
+        changed = json.loads(json.dumps(facts))
+        changed["index"]["sources"].update(ranges)
+        changed["counts"].update(counts or {})
+        file.write_text(json.dumps(changed))
+        return changed
+
+    edited({"s1": [a1, b1 + 1]})  # an S2 key in the S1 group
+    for attempt in (lambda: LMDBPatchDataset(target, bands=["VV"]), lambda: read(target)):
+        with pytest.raises(FormatError) as caught:
+            attempt()
+        assert str(caught.value) == (f"{file}: corrupt manifest (index.sources s1 is {b1 - a1 + 1:,} rows, its count "
+                                     f"is {b1 - a1:,}); {REPAIR} {target}`")
+    proc = encode_cli("verify", "--target-dir", str(target), "--quiet", check=False)
+    assert proc.returncode == 1 and proc.stderr.count("\n") == 1 and "index.sources s1" in proc.stderr
+    edited({"s1": [a1, b1 + 1]}, {"s1": b1 - a1 + 1})
+    with pytest.raises(FormatError, match=r"index.sources s2 is rows .*, which overlaps the one before"):
+        read(target)
+    rows = facts["index"]["rows"]
+    last, (start, stop) = list(facts["index"]["sources"].items())[-1]
+    edited({last: [start, rows + 5]}, {last: rows + 5 - start})  # past the end
+    with pytest.raises(FormatError, match=f"index.sources cover {rows + 5:,} rows, the index holds {rows:,}"):
+        read(target)
+    # a boundary moved consistently (ranges and counts): verify finds an S2 value among S1's bands
+    edited({"s1": [a1, b1 + 1], "s2": [b1 + 1, b2]}, {"s1": b1 - a1 + 1, "s2": b2 - b1 - 1})
+    proc = encode_cli("verify", "--target-dir", str(target), "--quiet", check=False)
+    s2_key = read(bigearthnet_lmdb).key_array(["s2"])[0].decode()
+    assert proc.returncode == 1 and f"{s2_key}: bands [" in proc.stderr and "differ from the manifest's ['VH', 'VV']" \
+        in proc.stderr
+
+
+# --- 3. a missing or foreign keys.index is rebuilt ------------------------------------------------
+
+
+def test_missing_sidecar_is_rebuilt_by_re_running_the_encode(eurosat_files, eurosat_lmdb, tmp_path):
+    target = copy_target(eurosat_lmdb, tmp_path / "t")
+    before = sha256(target / "data.mdb")
+    (target / INDEX).unlink()  # an rsync that skipped it
+    with pytest.raises(FormatError, match=f"the per-key index is missing; manifest.json lists it .{REPAIR} {target}`"):
+        LMDBPatchDataset(target, bands=["B02"])
+    proc = encode_cli("eurosat-ms", "--dataset-dir", str(eurosat_files.root), "--target-dir", str(target),
+                      "--num-workers", "0")
+    assert (f"{target}: rebuilt keys.index from data.mdb and manifest.json (9 keys; it was: the per-key index is "
+            "missing); data.mdb untouched; the encode was already complete (9 patches)") in proc.stderr
+    assert sha256(target / "data.mdb") == before
+    original, rebuilt = read(eurosat_lmdb), read(target)
+    assert rebuilt.label_names() == original.label_names() == eurosat_files.labels
+    assert sorted(rebuilt.key_array().tolist()) == sorted(read_lmdb(target)) == sorted(original.key_array().tolist())
+    assert encode_cli("verify", "--target-dir", str(target), "--dataset-dir", str(eurosat_files.root)).returncode == 0
+    dms = [EuroSATDataModule(str(p), num_workers=0) for p in (eurosat_lmdb, target)]
+    for dm in dms:
+        dm.setup("fit")
+    assert sorted(dms[0].datasets["train"]._keys.tolist()) == sorted(dms[1].datasets["train"]._keys.tolist())
+
+
+def test_repair_rebuilds_a_foreign_or_damaged_sidecar_and_scene_windows(eurosat_lmdb, tmp_path, capsys):
+    target = copy_target(eurosat_lmdb, tmp_path / "t")
+    other = make_many_keys(tmp_path / "other", 10, "eurosat-ms")
+    shutil.copy(other / INDEX, target / INDEX)  # another encode's sidecar
+    code, err = encode(capsys, "upgrade", target)  # upgrade repairs too, rather than "nothing to do"
+    assert code == 0 and f"{target}: rebuilt keys.index from data.mdb and manifest.json (9 keys; it was: not a " \
+        "valid per-key index (it belongs to another encode" in err
+    assert read(target).label_names() == read(eurosat_lmdb).label_names()
+    code, err = encode(capsys, "repair", target)
+    assert code == 0 and err == f"{target}: keys.index is sound (content digest checked); nothing to repair\n"
+    damage(target, "sorter")
+    code, err = encode(capsys, "repair", target)
+    assert code == 0 and "it was: damaged per-key index: column 'sorter' is not a permutation" in err
+    scenes = make_many_keys(tmp_path / "scenes", 300, "scenes", patch=4)
+    windows = {k: read(scenes).windows[k] for k in read(scenes).windows}
+    damage(scenes, "row", 0, 8, 0xFF)
+    code, err = encode(capsys, "repair", scenes)
+    assert code == 0 and "column 'row' holds -1, a negative offset" in err
+    assert {k: read(scenes).windows[k] for k in read(scenes).windows} == windows
+
+
+def test_repair_refuses_a_data_mdb_the_manifest_does_not_describe(eurosat_lmdb, ucmerced_lmdb, tmp_path, capsys):
+    target = copy_target(eurosat_lmdb, tmp_path / "t")
+    shutil.copy(ucmerced_lmdb / "data.mdb", target / "data.mdb")
+    (target / INDEX).unlink()
+    code, err = encode(capsys, "repair", target)
+    assert code == 1 and "fits no source of manifest.json; keys.index cannot be rebuilt, re-encode with --overwrite" \
+        in err and not (target / INDEX).exists()
+    code, err = encode(capsys, "repair", tmp_path / "nothing")
+    assert code == 1 and err == f"error: {tmp_path / 'nothing'}: no such directory; give the directory an encode wrote\n"
+
+
+# --- 4. verify and info on damaged columns --------------------------------------------------------
+
+
+@pytest.mark.parametrize("column, byte, problem", [
+    ("sorter", 0xFF, "column 'sorter' holds row 4,294,967,295 of 9"),
+    ("key", 0, "column 'key' has 9 empty keys (row 0 first)"),
+])
+def test_verify_and_info_name_keys_index(eurosat_lmdb, tmp_path, capsys, column, byte, problem):
+    target = copy_target(eurosat_lmdb, tmp_path / "t")
+    damage(target, column, byte=byte)
+    line = f"{target / INDEX}: damaged per-key index: {problem}; {REPAIR} {target}` (data.mdb is not touched)"
+    code, err = encode(capsys, "verify", "--target-dir", target, "--quiet")
+    assert code == 1 and err.splitlines()[0] == f"  {line}" and "Traceback" not in err
+    code, out = encode_main(["info", str(target)]), capsys.readouterr().out
+    assert code == 1 and f"problem: {line}" in out and "key groups:" in out
+    with pytest.raises(FormatError) as caught:
+        LMDBPatchDataset(target, bands=["B02"])[0]
+    assert str(caught.value) == line
+    assert not isinstance(caught.value, MissingBandError)
+
+
+# --- 5, 6, 7. storage errors are one line ----------------------------------------------------------
+
+
+def in_mount_namespace(setup: str, *argv: object) -> subprocess.CompletedProcess:
+    """``python -m rico_torch.encode argv`` after the shell ``setup`` (mounts) in a private mount
+    namespace (``unshare``: a user namespace, so no root is needed); skips where that is refused."""
+    probe = subprocess.run(["unshare", "-rm", "sh", "-c", "mount -t tmpfs tmpfs /mnt"], capture_output=True)
+    if probe.returncode != 0:
+        pytest.skip("no private mount namespace here (unshare -rm refused)")
+    encode = " ".join(shlex.quote(str(a)) for a in (sys.executable, "-m", "rico_torch.encode", *argv))
+    return subprocess.run(["unshare", "-rm", "sh", "-c", f"{setup} && {encode}"], capture_output=True, text=True)
+
+
+def read_only(path: Path) -> str:
+    return f"mount --bind {path} {path} && mount -o remount,bind,ro {path}"
+
+
+def test_upgrade_on_read_only_storage_is_one_line(eurosat_lmdb, tmp_path):
+    target = copy_target(eurosat_lmdb, tmp_path / "t")
+    proc = in_mount_namespace(read_only(target), "upgrade", target)  # nothing to do, and still one line
+    assert proc.returncode == 1 and proc.stderr == f"error: {target}: target is not writable (Read-only file system)\n"
+    proc = in_mount_namespace(read_only(target), "repair", target)
+    assert proc.returncode == 1 and proc.stderr == f"error: {target}: target is not writable (Read-only file system)\n"
+
+
+@pytest.mark.parametrize("full", [INDEX, "manifest.json"])
+def test_full_disk_while_writing_the_manifest_or_index_is_one_line_and_leaves_no_tmp(
+        eurosat_files, tmp_path, monkeypatch, capsys, full):
+    import errno
+    import os
+
+    target = tmp_path / "t"
+    fsync = os.fsync
+
+    def no_space(fd: int) -> None:  # the write that would not fit, as ENOSPC reaches Python
+        if os.readlink(f"/proc/self/fd/{fd}").endswith(f"/{full}.tmp"):
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", no_space)
+    argv = ("eurosat-ms", "--dataset-dir", eurosat_files.root, "--target-dir", target, "--num-workers", "0")
+    code, err = encode(capsys, *argv)
+    assert code == 1 and err.startswith(f"error: {target / full}: cannot write it: the disk is full (")
+    assert err.endswith(" MB free); free space and re-run the same command\n") and err.count("\n") == 1
+    assert not list(target.glob("*.tmp"))
+    monkeypatch.setattr(os, "fsync", fsync)
+    code, err = encode(capsys, *argv, "--quiet")
+    assert code == 0 and read(target)["complete"] and len(read(target).key_array()) == 9
+
+
+def test_full_disk_during_lmdb_writes_says_so_and_a_re_run_resumes(eurosat_files, tmp_path):
+    mount = tmp_path / "small"
+    mount.mkdir()
+    target = mount / "lmdb"
+    argv = ("eurosat-ms", "--dataset-dir", eurosat_files.root, "--target-dir", target, "--num-workers", "0", "--quiet")
+    encode_twice = " ".join(shlex.quote(str(a)) for a in (sys.executable, "-m", "rico_torch.encode", *argv))
+    proc = in_mount_namespace(f"mount -t tmpfs -o size=600k tmpfs {mount} && {{ {encode_twice}; echo rc=$? >&2; }}"
+                              f" && mount -o remount,size=8m {mount}", *argv)
+    first, second = proc.stderr.split("rc=")
+    assert first.startswith(f"error: {target}: writing failed: the disk is full (0.0 MB free, about ")
+    assert first.endswith(" MB needed for the next 9 patches); free space and re-run the same command to resume "
+                          "(committed patches are kept)\n") and first.count("\n") == 1
+    assert second == "1\n" and proc.returncode == 0  # the re-run, with room, completed (on the tmpfs, now gone)
+
+
+# --- 11. upgrade is one-way, and says so ------------------------------------------------------------
+
+
+def test_upgrade_says_it_is_one_way_and_keeps_the_earlier_manifest(eurosat_lmdb, tmp_path, capsys):
+    from .test_manifest import as_earlier_layout
+
+    old = as_earlier_layout(copy_target(eurosat_lmdb, tmp_path / "old"))
+    earlier = (old / "manifest.json").read_bytes()
+    code, err = encode(capsys, "upgrade", old)
+    assert code == 0 and err == (f"{old}: upgraded manifest.json (9 keys now in keys.index); one-way: a rico_torch "
+                                 "older than keys.index cannot read it; the earlier one is kept as manifest.json.v1 "
+                                 "(move it back over manifest.json to undo)\n")
+    assert (old / "manifest.json.v1").read_bytes() == earlier
+    assert encode_cli("verify", "--target-dir", str(old), "--quiet").returncode == 0  # .v1 is no stranger
+    (old / "manifest.json.v1").replace(old / "manifest.json")  # undone: the earlier layout reads as before
+    assert read(old).label_names() == read(eurosat_lmdb).label_names()
+    assert "One-way: a rico_torch older than keys.index cannot read the upgraded target" in \
+        " ".join(encode_cli("upgrade", "--help").stdout.split())
+    code, err = encode(capsys, "upgrade", tmp_path / "old" / "nothing")
+    assert code == 1 and err == f"error: {old / 'nothing'}: no such directory; give the directory an encode wrote\n"
+    (old / "empty").mkdir()
+    code, err = encode(capsys, "upgrade", old / "empty")
+    assert code == 1 and err == f"error: {old / 'empty'}: no data.mdb here; give the directory an encode wrote\n"
+    assert not (old / "empty" / "encode.lock").exists()
