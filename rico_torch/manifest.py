@@ -54,6 +54,7 @@ from .errors import FormatError, TargetError
 
 MANIFEST = "manifest.json"
 INDEX = "keys.index"
+LOCK = "encode.lock"  # an encoder holds it (flock) while it writes the target
 MAGIC = b"RICOIDX1"
 #: The manifest layout this version writes: 2 = per-key facts in ``keys.index``.
 LAYOUT = 2
@@ -801,6 +802,24 @@ def _content_id(columns: dict[str, np.ndarray]) -> str:
         h.update(name.encode() + b"\0" + np.dtype(array.dtype).str.encode() + b"\0")
         h.update(np.ascontiguousarray(array).data)
     return h.hexdigest()
+
+
+def encoder_running(directory: str | Path) -> bool:
+    """Whether an encoder is writing ``directory`` now (it holds ``encode.lock``). Read from the
+    kernel's lock table (``/proc/locks``, Linux; elsewhere False), so that looking never takes the
+    lock and never makes an encoder starting at that moment think the target is busy."""
+    try:
+        st = os.stat(Path(directory) / LOCK)
+        with open("/proc/locks") as f:
+            table = f.read()
+    except OSError:
+        return False
+    held = f"{os.major(st.st_dev):02x}:{os.minor(st.st_dev):02x}:{st.st_ino}"
+    for line in table.splitlines():  # "1: FLOCK  ADVISORY  WRITE 4242 00:2f:1234 0 EOF" ("->" marks a waiter)
+        fields = line.split()
+        if "->" not in fields and len(fields) > 5 and fields[1] == "FLOCK" and fields[5] == held:
+            return True
+    return False
 
 
 def require_lmdb(directory: str | Path) -> Path:

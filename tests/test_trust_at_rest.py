@@ -12,6 +12,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import lmdb
 import numpy as np
 import pytest
 
@@ -199,6 +200,21 @@ def test_repair_refuses_a_data_mdb_the_manifest_does_not_describe(eurosat_lmdb, 
     code, err = encode(capsys, "repair", target)
     assert code == 1 and "fits no source of manifest.json; keys.index cannot be rebuilt, re-encode with --overwrite" \
         in err and not (target / INDEX).exists()
+    for name, change in (("junk", lambda txn: txn.put(b"zz", b"junk")),
+                         ("fewer", lambda txn: txn.delete(next(iter(txn.cursor().iternext(values=False)))))):
+        other = copy_target(eurosat_lmdb, tmp_path / name)
+        env = lmdb.open(str(other), map_size=1 << 26)
+        with env.begin(write=True) as txn:
+            change(txn)
+        env.close()
+        (other / INDEX).unlink()
+        code, err = encode(capsys, "repair", other)
+        assert code == 1 and not (other / INDEX).exists()
+        if name == "junk":
+            assert err.startswith(f"error: {other / 'data.mdb'}: ") and err.endswith("; it cannot be indexed\n")
+        else:
+            assert err.startswith(f"error: {other}: data.mdb holds other values than manifest.json describes (counts "
+                                  "{'images': 8}, manifest {'images': 9}); re-encode with --overwrite\n")
     code, err = encode(capsys, "repair", tmp_path / "nothing")
     assert code == 1 and err == f"error: {tmp_path / 'nothing'}: no such directory; give the directory an encode wrote\n"
 
@@ -313,3 +329,135 @@ def test_upgrade_says_it_is_one_way_and_keeps_the_earlier_manifest(eurosat_lmdb,
     code, err = encode(capsys, "upgrade", old / "empty")
     assert code == 1 and err == f"error: {old / 'empty'}: no data.mdb here; give the directory an encode wrote\n"
     assert not (old / "empty" / "encode.lock").exists()
+
+
+# --- 12. messages that hid what happened ------------------------------------------------------------
+
+
+def test_no_patches_shows_the_regex_as_written(tmp_path, capsys):
+    (tmp_path / "src").mkdir()
+    (tmp_path / "src" / "README.txt").write_text("not a patch")
+    code, err = encode(capsys, "bigearthnet", "--s2-dir", tmp_path / "src", "--target-dir", tmp_path / "t")
+    assert code == 1 and r"(directories matching the regex S2[AB]_MSIL2A_.*_\d+_\d+ below it)" in err
+    assert "\\\\" not in err and "'" not in err
+
+
+def test_a_running_encode_is_told_from_a_stopped_one(eurosat_lmdb, tmp_path, capsys):
+    from rico_torch.errors import IncompleteDatasetError
+
+    target = copy_target(eurosat_lmdb, tmp_path / "t")
+    facts = json.loads((target / "manifest.json").read_text())
+    (target / "manifest.json").write_text(json.dumps({**facts, "complete": False}))
+    holder = subprocess.Popen([sys.executable, "-c", "import fcntl, os, sys, time; fd = os.open(sys.argv[1], "
+                               "os.O_RDWR | os.O_CREAT); fcntl.flock(fd, fcntl.LOCK_EX); print('held', flush=True); "
+                               "time.sleep(120)", str(target / "encode.lock")], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline() == "held\n"  # an encoder at work: it holds the target's lock
+        with pytest.raises(IncompleteDatasetError, match=f"^{target}: this LMDB is being written by another process "
+                                                         r"\(an encode holds encode.lock\); wait for it to finish"):
+            LMDBPatchDataset(target, bands=["B02"])
+        assert encode_main(["info", str(target)]) == 0
+        assert "INCOMPLETE: being written by another process (an encode holds encode.lock)" in capsys.readouterr().out
+        code, err = encode(capsys, "verify", "--target-dir", target)
+        assert code == 1 and err == (f"error: {target}: being written by another process (an encode holds "
+                                     "encode.lock); verify it once that encode is done\n")
+    finally:
+        holder.kill()
+        holder.wait()
+    with pytest.raises(IncompleteDatasetError, match="the encode into this LMDB did not finish"):  # stopped
+        LMDBPatchDataset(target, bands=["B02"])
+    assert encode_main(["info", str(target)]) == 0
+    assert "INCOMPLETE: re-run the encode command to finish it" in capsys.readouterr().out
+
+
+def test_a_shard_hint_trains_on_every_shard_and_a_half_built_overwrite_is_mentioned(
+        eurosat_files, tmp_path, capsys):
+    target = tmp_path / "shard-0"
+    argv = ("eurosat-ms", "--dataset-dir", eurosat_files.root, "--target-dir", target, "--num-workers", "0")
+    code, err = encode(capsys, *argv, "--shard", "0/2")
+    assert code == 0 and ("next: `python -m rico_torch.encode info " f"{target}` describes it; once all 2 shards are "
+                          "written, `python -m rico_torch fit --config configs/eurosat.yaml --data.init_args.lmdb_path "
+                          f"'[{target}, ...]'") in err and "one shard alone is a sample of the dataset" in err
+    staging = target / ".overwrite"  # an --overwrite of other inputs, interrupted after its first commit
+    staging.mkdir()
+    (staging / "data.mdb").write_bytes(b"\0" * 2_500_000)
+    code, err = encode(capsys, *argv, "--shard", "0/2")
+    assert code == 0 and err.splitlines()[0] == (
+        f"{target}: already complete ({len(read(target).key_array())} patches); nothing to do; {staging} (2.5 MB) is a "
+        "replacement an interrupted --overwrite left half built: re-run that command with --overwrite to finish it, "
+        "or delete the folder")
+
+
+def test_off_a_terminal_progress_is_a_line_every_interval(eurosat_files, tmp_path, monkeypatch, capsys):
+    import rico_torch.encode.writer as writer
+
+    monkeypatch.setattr(writer, "PROGRESS_SECONDS", 0.0)
+    monkeypatch.setattr(writer, "TXN_SIZE", 4)  # three commits of the 9 patches
+    code, err = encode(capsys, "eurosat-ms", "--dataset-dir", eurosat_files.root, "--target-dir", tmp_path / "t",
+                       "--num-workers", "0")
+    lines = [line for line in err.splitlines() if " of 9 patches (" in line]
+    assert code == 0 and [line.split(" patches/s")[0].split(", ")[0] for line in lines] == [
+        "4 of 9 patches (44.4%)", "8 of 9 patches (88.9%)"]
+    assert all(line.endswith(" left") for line in lines)
+    monkeypatch.setattr(writer, "PROGRESS_SECONDS", 3600.0)
+    code, err = encode(capsys, "verify", "--target-dir", tmp_path / "t")
+    assert code == 0 and " of 9 patches" not in err  # shorter than the interval: no line
+
+
+def test_label_grid_error_shows_what_differs(tmp_path, capsys):
+    import rasterio
+
+    from rico_torch.synthetic._geotiff import write_geotiff
+    from rico_torch.synthetic.scenes import make_s2_scene
+
+    scene = make_s2_scene(tmp_path / "scenes" / "T32", pixels=60)
+    with rasterio.open(scene / "B02.tif") as src:
+        t, size = src.transform, src.width
+    write_geotiff(tmp_path / "labels" / "T32.tif", np.ones((size, size), np.uint8), crs="EPSG:32632",
+                  transform=rasterio.Affine(10.0, 0, t.c + 10, 0, -10.0, t.f))  # one pixel east
+    code = encode_main(["scenes", "--dataset-dir", str(tmp_path / "scenes"), "--target-dir", str(tmp_path / "t"),
+                        "--patch-size", "60", "--labels", str(tmp_path / "labels"), "--num-workers", "0"])
+    err = capsys.readouterr().err
+    assert code == 1 and err == (f"error: {tmp_path / 'labels' / 'T32.tif'}: label raster is not on scene T32's finest "
+                                 f"grid (transform (10, 0, {t.c + 10:g}, 0, -10, {t.f:g}) vs (10, 0, {t.c:g}, 0, -10, "
+                                 f"{t.f:g}))\n")
+
+
+@pytest.mark.parametrize("block_size, level", [(5, "WARNING"), (6, "INFO")])  # 38% and 20% left out
+def test_block_split_counts_the_windows_it_leaves_out(tmp_path, caplog, block_size, level):
+    from rico_torch.data import GeoPatchDataModule
+
+    target = make_many_keys(tmp_path / "scenes", 600, "scenes", patch=4)  # 4 px windows side by side
+    dm = GeoPatchDataModule(str(target), block_size=block_size, num_workers=0, mask=False)
+    with caplog.at_level("INFO", logger="rico_torch.data.datamodules.scenes"):
+        rows = dm.split_rows()
+    kept = sum(len(r) for r in rows.values())
+    total = len(read(target).key_array())
+    assert 0 < dm.left_out == total - kept  # 4 px windows in 5 or 6 px blocks: many straddle two
+    assert len(np.unique(np.concatenate(list(rows.values())))) == kept  # none in two splits
+    record, = [r for r in caplog.records if "left out" in r.getMessage()]
+    assert record.levelname == level and record.getMessage() == (
+        f"{target}: the block split left out {dm.left_out} of {total} windows ({100 * dm.left_out / total:.1f}%) that "
+        f"straddle blocks dealt to two splits; a larger block_size (now {block_size} px) leaves fewer out")
+    whole = GeoPatchDataModule(str(target), block_size=8, num_workers=0, mask=False)  # 8 px blocks: whole windows
+    assert sum(len(r) for r in whole.split_rows().values()) == total and whole.left_out == 0
+
+
+def test_overlapping_split_files_are_refused(eurosat_lmdb, hyspecnet_lmdb, hyspecnet_files, tmp_path):
+    from rico_torch.data import HySpecNetDataModule
+    from rico_torch.errors import ConfigError
+
+    keys = sorted(read(eurosat_lmdb).label_names())
+    for split, names in (("train", keys[:5]), ("val", keys[4:7]), ("test", keys[7:])):  # keys[4] in train and val
+        (tmp_path / f"eurosat-{split}.txt").write_text("".join(f"{k}.tif\n" for k in names))
+    with pytest.raises(ConfigError) as caught:
+        EuroSATDataModule(str(eurosat_lmdb), split_dir=str(tmp_path), num_workers=0).setup("fit")
+    assert str(caught.value) == (f"{tmp_path}: the train and val split files share 1 patches (e.g. {keys[4]!r}); a "
+                                 "patch must be in one split only")
+    splits = tmp_path / "hyspecnet"
+    shutil.copytree(hyspecnet_files.splits_dir, splits)
+    easy = splits / "easy"
+    shared = (easy / "train.csv").read_text().splitlines()[0]
+    (easy / "val.csv").write_text((easy / "val.csv").read_text() + shared + "\n")
+    with pytest.raises(ConfigError, match=f"^{easy}: the train and val split files share 1 patches"):
+        HySpecNetDataModule(str(hyspecnet_lmdb), split_dir=str(splits), num_workers=0).setup("fit")

@@ -342,8 +342,8 @@ def write_demo_metadata(target: Path, pairs, labels) -> Path:
     return path
 
 
-def next_steps(target: Path, dataset_name: str) -> str:
-    """The line after the summary: what to run next on the LMDB just written."""
+def next_steps(target: Path, dataset_name: str, shard: tuple[int, int] | None = None) -> str:
+    """The line after the summary: what to run next on the LMDB just written (a shard: on all of them)."""
     if dataset_name == "scenes":
         from ..data.store import Store
         from ..scenes.chipper import fit_suggestion
@@ -353,6 +353,12 @@ def next_steps(target: Path, dataset_name: str) -> str:
         fit = f"`{demo_fit_command(target)}` trains on it"
     else:
         fit = f"`{get_dataset(dataset_name).fit_command(target)}` trains on it"
+    if shard is not None:  # one shard alone is a 1/N sample: train on the N target directories together
+        every = f"'[{target}, ...]'"
+        how = (f"`{get_dataset(dataset_name).fit_command(every)}`" if dataset_name in DATASETS
+               else f"its fit command with lmdb_path {every}")
+        fit = (f"once all {shard[1]} shards are written, {how} trains on them together (list every shard's target "
+               "directory; one shard alone is a sample of the dataset)")
     return f"next: `python -m rico_torch.encode info {target}` describes it; {fit}"
 
 
@@ -409,7 +415,7 @@ def main(argv: list[str] | None = None, prog: str = "python -m rico_torch.encode
         return 130
     if not args.quiet:
         print(result.summary(), file=sys.stderr)
-        print(next_steps(args.target_dir, args.dataset), file=sys.stderr)
+        print(next_steps(args.target_dir, args.dataset, getattr(args, "shard", None)), file=sys.stderr)
     nodata, invalid = split_skipped(result.skipped)
     if nodata and not args.quiet:
         print(f"skipped {len(nodata):,} patches as nodata, with fewer valid pixels than asked (listed in "

@@ -26,7 +26,7 @@ from ..catalog import Dataset, Source, get_dataset
 from ..contents import Recognised, header, recognise, recognise_patch
 from ..errors import DatasetNotFoundError, TargetError, UnknownKeyError, UserError
 from ..format import load_value
-from ..manifest import Manifest
+from ..manifest import Manifest, encoder_running
 from .writer import read_manifest
 
 #: Values whose headers are read per key group when there is no manifest.
@@ -220,7 +220,9 @@ def report(path: Path, samples: int = SAMPLES, check: bool = False) -> tuple[str
     data = path / "data.mdb"
     lines = [f"{path}: {what}; {_count(entries, 'key')}; data.mdb {_size(_disk_bytes(data))} on disk"]
     if manifest:
-        state = "complete" if manifest.get("complete") else "INCOMPLETE: re-run the encode command to finish it"
+        state = ("complete" if manifest.get("complete") else
+                 "INCOMPLETE: being written by another process (an encode holds encode.lock)" if encoder_running(path)
+                 else "INCOMPLETE: re-run the encode command to finish it")
         lines.append(f"manifest: {manifest.get('encoder', '?')} {manifest.get('encoder_version', '?')}, "
                      f"content hash {manifest.get('content_hash', '-')}, {state}")
         if problem is not None:

@@ -23,7 +23,7 @@ from ..catalog import encode_command, get_dataset
 from ..errors import FormatError, InputError, TargetError
 from ..format import parse_header
 from .discover import discover, select_shard
-from ..manifest import Manifest, decode_keys, digest64
+from ..manifest import Manifest, decode_keys, digest64, encoder_running
 from .read import value_digest
 from .writer import MANIFEST, TASK_SIZE, encode_task, progress_bar, read_manifest, worker_pool
 
@@ -76,6 +76,9 @@ def verify(
         raise TargetError(f"{target}: no data.mdb here")
     manifest = read_manifest(target)
     if manifest is not None and not manifest.get("complete"):
+        if encoder_running(target):
+            raise TargetError(f"{target}: being written by another process (an encode holds encode.lock); verify it "
+                              "once that encode is done")
         raise TargetError(f"{target}: the encode is not complete; finish it with `{encode_command(manifest, target)}`, "
                           "then verify")
     if manifest is not None:

@@ -37,7 +37,7 @@ from .._process import die_with_parent, quiet_resource_tracker, reuse_freed_memo
 from ..catalog import DATASETS, Dataset, Source, get_dataset
 from ..errors import InputError, TargetError
 from ..format import parse_header
-from ..manifest import (INDEX, MANIFEST, Entries, Extension, Manifest, build_columns, digest64, read, storage_problem,
+from ..manifest import (INDEX, LOCK, MANIFEST, Entries, Extension, Manifest, build_columns, digest64, read, storage_problem,
                         write)
 from .discover import Patch, SkipPatch, SourcePatches
 from .read import BandTable, parts_digest, read_patch, value_digest, value_parts
@@ -46,7 +46,6 @@ TXN_SIZE = 512  # puts per write transaction, as rico-hdl
 TASK_SIZE = 32  # patches per worker task: amortises process-pool overhead
 READ_AHEAD_BYTES = 1 << 30  # a chunk of more values than this is read ahead one chunk at a time, not two
 _IOV_MAX = 512  # buffers per pwritev call (POSIX guarantees at least 16; Linux takes 1024)
-LOCK = "encode.lock"
 LMDB_FILES = ("data.mdb", "lock.mdb")
 STAGING = ".overwrite"  # where --overwrite builds the replacement
 #: What an encode writes, the manifest an upgrade replaced and the demo's metadata
@@ -74,12 +73,13 @@ class EncodeResult:
     already_complete: bool = False
     resumed: int = 0  # of ``written``, patches an earlier, interrupted run had committed
     repaired: str = ""  # what ``repair`` said, where a complete target's keys.index was rebuilt
+    leftover: str = ""  # a half-built ``.overwrite/`` an interrupted ``--overwrite`` left
 
     def summary(self) -> str:
         if self.already_complete:
-            if self.repaired:
-                return f"{self.repaired}; the encode was already complete ({self.written:,} patches)"
-            return f"{self.target}: already complete ({self.written:,} patches); nothing to do"
+            done = (f"{self.repaired}; the encode was already complete ({self.written:,} patches)" if self.repaired
+                    else f"{self.target}: already complete ({self.written:,} patches); nothing to do")
+            return done + (f"; {self.leftover}" if self.leftover else "")
         per_source = ", ".join(f"{k} {v:,}" for k, v in self.counts.items())
         new = self.written - self.resumed
         rate = new / self.seconds if self.seconds > 0 else 0.0
@@ -378,11 +378,44 @@ def _chunks(discovered: list[SourcePatches]) -> list[Chunk]:
     ]
 
 
-def progress_bar(total: int, quiet: bool):
-    """A tqdm bar on stderr (patches done of total, rate, time left); off with --quiet or off a terminal."""
+#: Off a terminal (a batch job's log), a progress line every this many seconds.
+PROGRESS_SECONDS = 60.0
+
+
+def progress_bar(total: int, quiet: bool, initial: int = 0):
+    """A tqdm bar on stderr (patches done of total, rate, time left); off a terminal, a line every
+    :data:`PROGRESS_SECONDS` (:class:`ProgressLines`); nothing with --quiet. ``initial``: done already
+    (a resumed run's committed patches: not in the rate)."""
     from tqdm import tqdm
 
-    return tqdm(total=total, unit="patch", disable=True if quiet else None, dynamic_ncols=True, file=sys.stderr)
+    if not quiet and not sys.stderr.isatty():
+        return ProgressLines(total, initial)
+    return tqdm(total=total, initial=initial, unit="patch", disable=True if quiet else None, dynamic_ncols=True,
+                file=sys.stderr)
+
+
+class ProgressLines:
+    """Progress for a log file: ``12,288 of 480,038 patches (2.6%), 310 patches/s, about 25 min left``,
+    one line every :data:`PROGRESS_SECONDS`, none for a run shorter than that."""
+
+    def __init__(self, total: int, initial: int = 0) -> None:
+        self.total, self.done, self.initial = total, initial, initial
+        self.start = self.last = time.monotonic()
+
+    def update(self, n: int) -> None:
+        self.done += n
+        now = time.monotonic()
+        if now - self.last < PROGRESS_SECONDS or self.done >= self.total:
+            return
+        self.last = now
+        rate = (self.done - self.initial) / max(now - self.start, 1e-9)
+        left = (self.total - self.done) / rate if rate > 0 else float("inf")
+        when = f"{left / 60:,.0f} min" if left >= 120 else f"{left:,.0f} s"
+        print(f"{self.done:,} of {self.total:,} patches ({100 * self.done / max(self.total, 1):.1f}%), "
+              f"{rate:,.0f} patches/s, about {when} left", file=sys.stderr, flush=True)
+
+    def close(self) -> None:
+        pass
 
 
 def encode_dataset(
@@ -433,7 +466,7 @@ def encode_dataset(
                     broken = index_problem(target)
                     return EncodeResult(target, previous["patches"], previous.get("skipped", []), 0.0,
                                         previous.get("bytes", 0), previous.get("counts", {}), already_complete=True,
-                                        repaired=repair(target, broken) if broken else "")
+                                        repaired=repair(target, broken) if broken else "", leftover=_leftover(target))
                 print(f"{target}: {problem}; encoding again (the old files are replaced once the new encode "
                       "is complete)", file=sys.stderr)
                 rebuild = True
@@ -465,6 +498,16 @@ def _disagreement(target: Path, manifest: dict) -> str | None:
     if entries != manifest.get("patches"):
         return f"data.mdb holds {entries:,} patches, {MANIFEST} says {manifest.get('patches', 0):,}"
     return None
+
+
+def _leftover(target: Path) -> str:
+    """What to say of a ``.overwrite/`` an interrupted ``--overwrite`` left ("" where there is none)."""
+    staging = target / STAGING
+    if not staging.is_dir():
+        return ""
+    size = sum(p.stat().st_size for p in staging.rglob("*") if p.is_file())
+    return (f"{staging} ({size / 1e6:,.1f} MB) is a replacement an interrupted --overwrite left half built: re-run "
+            "that command with --overwrite to finish it, or delete the folder")
 
 
 def _staging(target: Path, fingerprint: str) -> Path:
@@ -582,8 +625,7 @@ def _write(dataset, discovered, target, num_workers, skip_invalid, quiet, observ
         env.close()
     resumed = sum(stats.counts.values())
     reuse_freed_memory()  # LMDB's page buffers: a transaction's worth allocated and freed per chunk
-    bar = progress_bar(total, quiet)
-    bar.update(total - sum(len(c.patches) for c in pending))
+    bar = progress_bar(total, quiet, initial=total - sum(len(c.patches) for c in pending))
     with _Runner(dataset.name, pending, num_workers, skip_invalid) as runner:
         chunk_results = iter(runner)
         for chunk in pending:  # not zip(): it would hold the last chunk's views while the next is read

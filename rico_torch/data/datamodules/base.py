@@ -482,6 +482,28 @@ class LMDBDataModule(L.LightningDataModule):
                            assembler=assembler)
 
 
+class SplitOwner:
+    """Which split file listed each row (of ``size`` rows) first, so that a patch two split files
+    list (the same patch in train and val) is refused, never trained and validated on; split files
+    are checked as they are read, O(rows listed) each."""
+
+    def __init__(self, size: int) -> None:
+        self.owner = np.full(size, -1, np.int8)
+
+    def claim(self, split: str, rows: np.ndarray, keys: np.ndarray, where: object) -> None:
+        """Record ``split``'s rows; ``keys``: the key of each row (for the message), ``where``: the
+        split files' folder."""
+        if len(rows) == 0:
+            return
+        seen = self.owner[rows]
+        clash = np.flatnonzero((seen >= 0) & (seen != SPLITS.index(split)))
+        if len(clash):
+            other = SPLITS[int(seen[clash[0]])]
+            raise ConfigError(f"{where}: the {other} and {split} split files share {len(clash):,} patches (e.g. "
+                              f"{keys[rows[clash[0]]].decode()!r}); a patch must be in one split only")
+        self.owner[rows] = SPLITS.index(split)
+
+
 def stratified_split(labels: np.ndarray, fractions: tuple[float, float, float], seed: int) -> dict[str, np.ndarray]:
     """Indices of a seeded split that keeps each class's share in every part."""
     rng = np.random.default_rng(seed)

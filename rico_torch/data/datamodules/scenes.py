@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 from typing import Any, Literal
 
@@ -16,6 +17,9 @@ from ..dataset import LMDBPatchDataset
 from ..store import read_manifest
 from .base import SPLITS, LMDBDataModule, LoaderKind
 
+log = logging.getLogger(__name__)
+#: The share of windows the block split leaves out above which it says so at WARNING (else INFO).
+LEFT_OUT_WARNING = 0.25
 CHIP_HINT = "`python -m rico_torch.encode scenes --dataset-dir <scenes> --target-dir {path} --patch-size 256`"
 
 
@@ -64,7 +68,8 @@ class GeoPatchDataModule(LMDBDataModule):
     target where the scenes have one. Splits never share pixels:
 
     * ``block`` (default): each scene is cut into ``block_size`` squares dealt to train/val/test
-      at random (seeded); a window touching blocks of two splits is left out;
+      at random (seeded); a window touching blocks of two splits is left out (counted in
+      ``left_out`` and logged: at WARNING where it is a quarter of the windows or more);
     * ``scene``: whole scenes (``val_scenes``/``test_scenes``, or dealt at random);
     * ``random``: windows dealt at random, only when asked (overlapping windows leak pixels).
 
@@ -162,6 +167,7 @@ class GeoPatchDataModule(LMDBDataModule):
         self.use_mask = mask and not self.unlabelled()
         self.ignore_index = ignore_index
         self._splits: dict[str, np.ndarray] | None = None
+        self.left_out = 0  # windows the block split left out (they straddle blocks of two splits)
         self._windows: tuple | None = None
 
     @property
@@ -259,6 +265,13 @@ class GeoPatchDataModule(LMDBDataModule):
             split = of_block[np.searchsorted(blocks, corner(0))]
             for k in range(1, 4):
                 split[of_block[np.searchsorted(blocks, corner(k))] != split] = -1  # shares pixels: left out
+            self.left_out = int(np.count_nonzero(split < 0))
+            if self.left_out:  # counted where a user sees it; a large share at WARNING (Lightning shows it)
+                share = self.left_out / len(split)
+                (log.warning if share >= LEFT_OUT_WARNING else log.info)(
+                    "%s: the block split left out %d of %d windows (%.1f%%) that straddle blocks dealt to two splits; "
+                    "a larger block_size (now %d px) leaves fewer out", self.lmdb_path, self.left_out, len(split),
+                    100 * share, b)
         self._splits = {s: np.flatnonzero(split == i) for i, s in enumerate(SPLITS)}
         if chosen is not None:
             self._splits = {s: chosen[r] for s, r in self._splits.items()}
