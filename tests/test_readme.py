@@ -38,3 +38,40 @@ def test_readme_test_command_is_what_ci_runs():
     command = 'pip install torch==2.13.0 && pip install -e ".[test]" && pip install --no-deps configilm==0.7.1 && python -m pytest -q'
     assert command in README.read_text()
     assert command in (README.parent / ".ci" / "run").read_text()
+
+
+def github_anchor(heading: str) -> str:
+    """The anchor GitHub gives a heading: lower case, punctuation dropped, spaces to hyphens."""
+    return re.sub(r"[^\w\- ]", "", heading.strip().lower()).replace(" ", "-")
+
+
+def test_readme_is_short_and_every_link_between_the_docs_resolves():
+    assert len(README.read_text().splitlines()) <= 250  # what a newcomer needs; the rest is linked
+    root = README.parent
+    pages = [README, root / "benchmarks" / "README.md", *sorted((root / "docs").glob("*.md"))]
+    for page in pages:
+        for target in re.findall(r"\]\(([^)\s]+)\)", page.read_text()):
+            if target.startswith(("http://", "https://")):
+                continue
+            path, _, anchor = target.partition("#")
+            linked = (page.parent / path).resolve() if path else page
+            assert linked.exists(), f"{page.name}: link to missing {target}"
+            if anchor:
+                headings = re.findall(r"^#+ (.*)$", linked.read_text(), re.M)
+                assert anchor in {github_anchor(h) for h in headings}, f"{page.name}: no heading for {target}"
+
+
+def test_every_headline_number_is_in_the_benchmarks_readme_beside_its_script():
+    """The README's performance table is a digest: each of its figures is in benchmarks/README.md, and
+    each row names a script in benchmarks/ that measures it."""
+    text = README.read_text()
+    table = text.split("## Performance", 1)[1].split("\n\n")[2]
+    rows = [r for r in table.splitlines()[2:] if r.startswith("|")]
+    assert len(rows) >= 6
+    benchmarks = (README.parent / "benchmarks" / "README.md").read_text()
+    for row in rows:
+        *cells, script = [c.strip() for c in row.strip("|").split("|")]
+        name = re.match(r"`(\w+\.py)", script)
+        assert name and (README.parent / "benchmarks" / name.group(1)).exists(), row
+        for number in re.findall(r"\d[\d,.]*\d|\d", " ".join(cells)):
+            assert number in benchmarks, f"{number} (README row {cells[0]!r}) is not in benchmarks/README.md"
