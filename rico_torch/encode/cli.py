@@ -35,7 +35,8 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--target-dir", required=True, type=Path, help="directory for data.mdb and manifest.json")
     p.add_argument("--num-workers", type=int, default=default_workers(),
                    help="reader processes (default: all cores, %(default)s here); 0 reads in this process")
-    p.add_argument("--quiet", action="store_true", help="no progress bar or summary (errors still go to stderr)")
+    p.add_argument("--quiet", action="store_true", help="no progress (a bar on a terminal, a line every 60 s in a "
+                   "log) or summary (errors still go to stderr)")
 
 
 def _add_dataset(sub, dataset: Dataset) -> None:
