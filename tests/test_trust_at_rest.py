@@ -461,3 +461,26 @@ def test_overlapping_split_files_are_refused(eurosat_lmdb, hyspecnet_lmdb, hyspe
     (easy / "val.csv").write_text((easy / "val.csv").read_text() + shared + "\n")
     with pytest.raises(ConfigError, match=f"^{easy}: the train and val split files share 1 patches"):
         HySpecNetDataModule(str(hyspecnet_lmdb), split_dir=str(splits), num_workers=0).setup("fit")
+
+
+@pytest.mark.parametrize("fixture", ["bigearthnet_lmdb", "ssl4eo_lmdb", "majortom_lmdb", "satlas_lmdb", "hydro_lmdb",
+                                     "spectralearth_lmdb", "hyspecnet_lmdb", "ucmerced_lmdb"])
+def test_repair_rebuilds_what_the_encode_wrote_for_every_dataset(fixture, request, tmp_path, capsys):
+    """The rebuilt sidecar holds, source by source, the keys, digests and labels the encoder's own
+    discovery gave (rows within a source in key order)."""
+    original = request.getfixturevalue(fixture)
+    target = copy_target(original, tmp_path / "t")
+    (target / INDEX).unlink()
+    code, err = encode(capsys, "repair", target)
+    assert code == 0 and "rebuilt keys.index" in err, err
+    before, after = read(original), read(target)
+    assert after.sources() == before.sources() and after["counts"] == before["counts"]
+    for source in before.sources():
+        keys, rows = before.sorted_rows([source])
+        rebuilt_keys, rebuilt_rows = after.sorted_rows([source])
+        assert keys[rows].tolist() == rebuilt_keys[rebuilt_rows].tolist()
+        for column in ("digest", "label"):
+            if before.has_column(column):
+                assert before.lookup(column, keys[rows], 0).tolist() == after.lookup(column, keys[rows], 0).tolist()
+    code, err = encode(capsys, "verify", "--target-dir", target, "--quiet")
+    assert code == 0, err
