@@ -191,34 +191,27 @@ def build_parser(prog: str = "python -m rico_torch.encode") -> argparse.Argument
 
     add_scenes_parser(sub, _common)
     add_info_parser(sub)
-    upgrade = sub.add_parser(
-        "upgrade",
-        help="rewrite a manifest.json written before keys.index (per-key facts inside) in the current layout "
-        "(one-way: the old manifest is kept as manifest.json.v1)",
-        description="Move the per-key facts (keys, digests, labels, scene windows) of a manifest.json written by "
-        "an earlier rico_torch into keys.index beside it; data.mdb is not touched. Earlier manifests are read "
-        "correctly without this, but parsed whole on every open; after it, opening maps keys.index instead. "
-        "One-way: a rico_torch older than keys.index cannot read the upgraded target; the earlier manifest is "
-        "kept as manifest.json.v1 (move it back over manifest.json to undo). A target in the current layout whose "
-        "keys.index is missing or damaged is repaired (see repair).",
-        epilog="example:\n  python -m rico_torch.encode upgrade encoded-eurosat",
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    upgrade.add_argument("target", type=Path, metavar="LMDB_DIR", help="directory holding data.mdb and manifest.json")
-    upgrade.set_defaults(dataset="upgrade")
-    repair = sub.add_parser(
-        "repair",
-        help="rebuild a missing, foreign or damaged keys.index from data.mdb and manifest.json",
-        description="Check keys.index (structure and content digest) and, where it is missing, belongs to another "
-        "encode or is damaged, rebuild it from data.mdb and manifest.json: keys, each key's source, value digests, "
-        "labels that follow from keys, scene window offsets. data.mdb is read, never written; the values must "
-        "match the manifest's count and content hash. Within a source the rows come in key order. Re-running the "
-        "encode of a complete target does the same.",
-        epilog="example:\n  python -m rico_torch.encode repair encoded-eurosat",
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    repair.add_argument("target", type=Path, metavar="LMDB_DIR", help="directory holding data.mdb and manifest.json")
-    repair.set_defaults(dataset="repair")
+    for name, what, description in (
+        ("upgrade", "rewrite a manifest.json written before keys.index (per-key facts inside) in the current layout "
+         "(one-way: the old manifest is kept as manifest.json.v1)",
+         "Move the per-key facts (keys, digests, labels, scene windows) of a manifest.json written by an earlier "
+         "rico_torch into keys.index beside it; data.mdb is not touched. Earlier manifests are read correctly "
+         "without this, but parsed whole on every open; after it, opening maps keys.index instead. One-way: a "
+         "rico_torch older than keys.index cannot read the upgraded target; the earlier manifest is kept as "
+         "manifest.json.v1 (move it back over manifest.json to undo). A target in the current layout whose "
+         "keys.index is missing or damaged is repaired (see repair)."),
+        ("repair", "rebuild a missing, foreign or damaged keys.index from data.mdb and manifest.json",
+         "Check keys.index (structure and content digest) and, where it is missing, belongs to another encode or "
+         "is damaged, rebuild it from data.mdb and manifest.json: keys, each key's source, value digests, labels "
+         "that follow from keys, scene window offsets. data.mdb is read, never written; the values must match the "
+         "manifest's count and content hash. Within a source the rows come in key order. Re-running the encode of "
+         "a complete target does the same."),
+    ):
+        command = sub.add_parser(name, help=what, description=description,
+                                 epilog=f"example:\n  python -m rico_torch.encode {name} encoded-eurosat",
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+        command.add_argument("target", type=Path, metavar="LMDB_DIR", help="directory holding data.mdb and manifest.json")
+        command.set_defaults(dataset=name)
     return parser
 
 
