@@ -484,3 +484,19 @@ def test_repair_rebuilds_what_the_encode_wrote_for_every_dataset(fixture, reques
                 assert before.lookup(column, keys[rows], 0).tolist() == after.lookup(column, keys[rows], 0).tolist()
     code, err = encode(capsys, "verify", "--target-dir", target, "--quiet")
     assert code == 0, err
+
+
+def test_a_sidecar_written_before_column_digests_is_checked_by_its_id(eurosat_lmdb, tmp_path):
+    target = copy_target(eurosat_lmdb, tmp_path / "t")
+    raw = bytearray((target / INDEX).read_bytes())
+    n = int.from_bytes(raw[8:16], "little")
+    header = json.loads(raw[16 : 16 + n])
+    for spec in header["columns"].values():
+        del spec["blake2b"]  # as written before this change
+    text = json.dumps(header).encode()
+    raw[8 : 16 + n] = len(text).to_bytes(8, "little") + text + b"\0" * (n - len(text))
+    (target / INDEX).write_bytes(raw)
+    assert read(target).label_names() == read(eurosat_lmdb).label_names()  # sound: opens
+    damage(target, "digest", 0, 1, 0x55)
+    with pytest.raises(FormatError, match="damaged per-key index: its columns differ from their content digest"):
+        LMDBPatchDataset(target, bands=["B02"])
