@@ -566,6 +566,17 @@ def window_transform(transform: Sequence[float], row: int, col: int) -> list[flo
     return [a, b, c + a * col + b * row, d, e, f + d * col + e * row]
 
 
+def window_bounds(rows: np.ndarray, cols: np.ndarray, size: int | Sequence[int], transform: Sequence[float]) -> np.ndarray:
+    """(left, bottom, right, top) of windows (N x 4) from their offsets, their size (``size`` or
+    (height, width) cells) and their grid's transform (north-up grids)."""
+    height, width = (size, size) if isinstance(size, (int, np.integer)) else size
+    a, b, c, d, e, f = transform
+    left, top = c + a * cols + b * rows, f + d * cols + e * rows
+    right, bottom = left + a * width, top + e * height
+    return np.stack([np.minimum(left, right), np.minimum(top, bottom), np.maximum(left, right),
+                     np.maximum(top, bottom)], axis=1).astype(np.float64)
+
+
 class Windows(Mapping):
     """key -> ``{"scene", "window": [row, col, size, size], "transform"}`` of a chipped LMDB,
     derived on lookup from the sidecar's columns and the scenes' transforms (the old

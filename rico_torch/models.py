@@ -210,3 +210,48 @@ class SegmentationBaseline(_Baseline):
             self.log(f"{stage}_acc", accuracy.float(), prog_bar=True, batch_size=n)
         self.log(f"{stage}_loss", loss, prog_bar=True, batch_size=n)
         return loss
+
+
+class CubeForecaster(_Baseline):
+    """Next-step forecasting on datacube windows (``CubeDataModule``): the first T-1 steps of a
+    window (``image`` B x T x C x H x W; stacked as channels, lazy first layer) predict its last
+    step's C bands, as the step before plus a learned correction (so it starts at persistence).
+
+    The loss is the MSE over cells valid in the target and the last input step (``valid``);
+    ``{stage}_persistence`` logs the same error of "no change" for comparison.
+    ``predict_step`` returns B x 1 x C x H x W (normalised), the window's last step, which
+    :class:`rico_torch.scenes.callback.CubePredictionWriter` stitches into a NetCDF of the cube.
+
+    Args:
+        bands: C, the cube's bands (variables) predicted.
+        width: channels of each block.
+        lr: AdamW learning rate.
+    """
+
+    def __init__(self, bands: int = 1, width: int = 32, lr: float = 1e-3) -> None:
+        super().__init__()
+        self.save_hyperparameters()
+        self.body = nn.Sequential(_block(width), _block(width), nn.LazyConv2d(bands, 1))
+
+    def forward(self, image: torch.Tensor) -> torch.Tensor:
+        """Windows B x T x C x H x W -> their last step B x C x H x W, from the steps before it."""
+        if image.ndim != 5 or image.shape[2] != self.hparams.bands or image.shape[1] < 2:
+            raise ConfigError(f"CubeForecaster(bands={self.hparams.bands}) takes windows of T >= 2 steps, "
+                              f"B x T x {self.hparams.bands} x H x W; got {tuple(image.shape)} (set "
+                              "model.init_args.bands, or encode with a time patch of 2 or more)")
+        history = image[:, :-1]
+        return history[:, -1] + self.body(history.flatten(1, 2))
+
+    def _step(self, batch: dict, stage: str) -> torch.Tensor:
+        image, valid = batch["image"], batch["valid"]
+        predicted = self(image)
+        both = valid[:, -1] & valid[:, -2]
+        count = both.sum().clamp_min(1)
+        loss = (((predicted - image[:, -1]) ** 2) * both).sum() / count
+        persistence = (((image[:, -2] - image[:, -1]) ** 2) * both).sum() / count
+        self.log(f"{stage}_loss", loss, prog_bar=True, batch_size=len(image))
+        self.log(f"{stage}_persistence", persistence, batch_size=len(image))
+        return loss
+
+    def predict_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+        return self(batch["image"])[:, None]

@@ -429,7 +429,7 @@ def test_block_split_counts_the_windows_it_leaves_out(tmp_path, caplog, block_si
 
     target = make_many_keys(tmp_path / "scenes", 600, "scenes", patch=4)  # 4 px windows side by side
     dm = GeoPatchDataModule(str(target), block_size=block_size, num_workers=0, mask=False)
-    with caplog.at_level("INFO", logger="rico_torch.data.datamodules.scenes"):
+    with caplog.at_level("INFO", logger="rico_torch.data.datamodules"):
         rows = dm.split_rows()
     kept = sum(len(r) for r in rows.values())
     total = len(read(target).key_array())

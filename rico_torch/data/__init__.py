@@ -20,6 +20,10 @@ __all__ = [
     "SatlasDataModule",
 ]
 
-from .datamodules import GeoPatchDataModule  # noqa: E402
+from .datamodules import CubeDataModule, GeoPatchDataModule  # noqa: E402
 
-__all__ += ["GeoPatchDataModule"]
+__all__ += ["GeoPatchDataModule", "CubeDataModule"]
+
+from .live import CubePatchDataset, ScenePatchDataset  # noqa: E402
+
+__all__ += ["ScenePatchDataset", "CubePatchDataset"]

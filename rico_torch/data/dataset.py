@@ -29,7 +29,7 @@ from torch.utils.data._utils.collate import default_collate_fn_map
 
 from ..errors import ArgumentTypeError, ConfigError, FormatError, MissingBandError
 from ..format import TensorInfo, parse_header, view
-from ..manifest import KeyRows
+from ..manifest import KeyRows, window_bounds
 from .store import Store, entry_shapes, open_environment, read_manifest  # noqa: F401  (re-exported)
 
 INTERPOLATIONS = ("nearest", "bilinear", "bicubic")
@@ -173,7 +173,9 @@ class LMDBPatchDataset(Dataset):
         # with crop: ``grid`` is what the crop is cut from (None: each item's largest band)
         self.grid = _check_size(size) if self.crop is not None else None
         self.size = self.crop if self.crop is not None else _check_size(size)
-        self.store = Store(path, readahead, allow_incomplete, manifests)
+        from .live import WindowStore  # option II: the encoder's windows read from their sources
+
+        self.store = path if isinstance(path, WindowStore) else Store(path, readahead, allow_incomplete, manifests)
         self.path = self.store.paths[0] if len(self.store.paths) == 1 else self.store.paths
         self._pid = -1
         self._plans: dict[tuple[bytes, ...], _Plan] = {}
@@ -197,10 +199,17 @@ class LMDBPatchDataset(Dataset):
         if isinstance(keys, KeyRows) and (keys.ndim not in (1, 2) or not len(keys)):
             raise ConfigError(f"keys: KeyRows need shape (N,) or (N, parts), N > 0; got shape {keys.shape}")
         if labels is None and manifest and self._keys.ndim == 1 and manifest.has_column("label"):
-            found = (manifest.column("label", segments=self._key_ref[1]) if self._key_ref is not None
-                     else keys.column("label")[keys.rows] if isinstance(keys, KeyRows)
-                     else manifest.lookup("label", self._keys))
+            found = self._per_item(manifest, "label")
             labels = None if (found < 0).any() else found.astype(np.int64)
+        # a cube encode: items are T x C x H x W; each item's (t, row, col) offsets give its fields
+        self.cube: dict | None = manifest.get("cube") if manifest else None
+        self.steps: int | None = None
+        if self.cube is not None:
+            if self._keys.ndim != 1 or mask_band is not None:
+                raise ConfigError(f"{self.store} is a cube encode: give single keys and no mask_band (a cube's "
+                                  "variables are all bands of image)")
+            self.steps = int(self.cube["patch"]["time"])
+            self.offsets = np.stack([self._per_item(manifest, c) for c in ("time", "row", "col")], 1).astype(np.int32)
         self.labels = None if labels is None else torch.as_tensor(np.asarray(labels))
         if self.labels is not None and len(self.labels) != len(self):
             raise ConfigError(f"{len(self.labels)} labels for {len(self)} items")
@@ -209,6 +218,14 @@ class LMDBPatchDataset(Dataset):
         self._check_bands(manifest, layouts)
         if self.size is None:
             self.size = self._largest_size(manifest, layouts)
+
+    def _per_item(self, manifest, name: str) -> np.ndarray:
+        """Column ``name`` of ``keys.index`` for each item (single keys)."""
+        if self._key_ref is not None:
+            return manifest.column(name, segments=self._key_ref[1])
+        if isinstance(self._keys, KeyRows):
+            return self._keys.column(name)[self._keys.rows]
+        return manifest.lookup(name, self._keys)
 
     @property
     def _wanted(self) -> tuple[str, ...]:
@@ -292,6 +309,7 @@ class LMDBPatchDataset(Dataset):
                       for band in self.bands if band in table for shape in entry_shapes(table[band])}
         if not shapes:  # e.g. a manifest without shapes
             shapes = {info.shape for headers in self._headers_of(0) for b, info in headers.items() if b in self.bands}
+        shapes = {s[-2:] for s in shapes}  # a cube's bands are T x H x W
         return max(shapes, key=lambda s: (s[0] * s[1], s))  # type: ignore[return-value]
 
     def __len__(self) -> int:
@@ -380,7 +398,12 @@ class LMDBPatchDataset(Dataset):
                 raise MissingBandError(f"band {name!r} is not in patch {_patch_name(keys)!r} "
                                f"(it has {sorted(where)})")
             shape = where[name][1].shape
-            if len(shape) != 2 or 0 in shape:
+            if self.steps is not None:
+                if len(shape) != 3 or shape[0] != self.steps or 0 in shape:
+                    raise FormatError(f"band {name!r} of cube window {_patch_name(keys)!r} is not a {self.steps} x H x W "
+                                      f"array (the manifest's time patch): shape {shape}")
+                where[name] = (where[name][0], _plane(where[name][1], 0))  # time step 0; the others follow it
+            elif len(shape) != 2 or 0 in shape:
                 raise FormatError(f"band {name!r} of patch {_patch_name(keys)!r} is not a "
                                  f"non-empty 2-D array: shape {shape}")
         # Native groups: bands of one (dtype, size), kept in the order they are stored, so
@@ -396,12 +419,14 @@ class LMDBPatchDataset(Dataset):
             if grid[0] < self.crop[0] or grid[1] < self.crop[1]:
                 raise ConfigError(f"crop {self.crop} is larger than patch {_patch_name(keys)!r} ({grid[0]}x{grid[1]})")
         steps = []
-        for channel, name in enumerate(self.bands):
-            part, info = where[name]
-            factor = nearest_factor(grid or self.size, info.shape, self.interpolation)
-            gkey = (info.dtype.str, info.shape)
-            in_group = groups[gkey].index(name)
-            steps.append(_Step(part, info, channel, group_keys.index(gkey), in_group, factor))
+        count = len(self.bands)
+        for t in range(self.steps or 1):  # a cube's time steps: channel t * C + c of the flat T*C output
+            for channel, name in enumerate(self.bands):
+                part, info = where[name]
+                factor = nearest_factor(grid or self.size, info.shape, self.interpolation)
+                gkey = (info.dtype.str, info.shape)
+                in_group = t * len(groups[gkey]) + groups[gkey].index(name)
+                steps.append(_Step(part, _plane(info, t), t * count + channel, group_keys.index(gkey), in_group, factor))
         native_groups = tuple(
             NativeGroup(f"{np.dtype(d).name}_{s[0]}x{s[1]}", np.dtype(d), s, tuple(b)) for (d, s), b in groups.items()
         )
@@ -445,6 +470,9 @@ class LMDBPatchDataset(Dataset):
         arrays: dict[str, np.ndarray] = {}  # numpy views (N, ...) of the outputs: cheap to slice per row
         with self._reader() as reader:
             get = reader.get
+            prefetch = getattr(reader, "prefetch", None)  # option II: a batch's source blocks, read once
+            if prefetch is not None and len(indices) > 1 and self._keys.ndim == 1:
+                prefetch([self._raw_keys(i)[0] for i in indices])
             for row, index in enumerate(indices):
                 keys = self._raw_keys(index)
                 values = [get(k) for k in keys]
@@ -479,7 +507,20 @@ class LMDBPatchDataset(Dataset):
         out: dict[str, Any] = {"key": [self.key(i) for i in indices]}
         if self.labels is not None:
             out["label"] = self.labels[list(indices)]
+        if self.cube is not None:
+            out.update(self._cube_fields(indices))
         return out
+
+    def _cube_fields(self, indices: Sequence[int]) -> dict[str, Any]:
+        """A cube window's ``time`` (its steps' CF values in the manifest's units and calendar; NaN
+        for steps padded past the end), ``bounds`` (left, bottom, right, top) and ``crs`` (WKT)."""
+        cube, steps = self.cube, self.steps
+        t, row, col = self.offsets[list(indices)].T
+        values = np.array([np.nan if v == "nan" else v for v in cube["time"]["values"]], np.float64)
+        values = np.concatenate([values, np.full(steps, np.nan)])  # --edge pad in time
+        time = values[t[:, None] + np.arange(steps)]
+        bounds = window_bounds(row, col, (cube["patch"]["y"], cube["patch"]["x"]), cube["transform"])
+        return {"time": torch.from_numpy(time), "bounds": torch.from_numpy(bounds), "crs": [cube["crs"]] * len(t)}
 
     def _allocate(self, out: dict, arrays: dict, n: int | None, groups: tuple[NativeGroup, ...],
                   with_mask: bool, into: dict[str, Any] | None = None) -> None:
@@ -488,13 +529,15 @@ class LMDBPatchDataset(Dataset):
         lead = () if n is None else (n,)
         h, w = self.size  # type: ignore[misc]
         output = _empty if into is None else _reuse(into)
+        time = () if self.steps is None else (self.steps,)  # a cube's T x C x H x W, filled as (T*C) x H x W
         if self.native:
             out["native"] = {}
             for g in groups:
-                out["native"][g.name], arrays[g.name] = output((*lead, len(g.bands), *g.shape), g.dtype, "native",
-                                                               g.name)
+                out["native"][g.name], array = output((*lead, *time, len(g.bands), *g.shape), g.dtype, "native", g.name)
+                arrays[g.name] = array.reshape(*lead, -1, *g.shape)
         else:
-            out["image"], arrays["image"] = output((*lead, len(self.bands), h, w), _FLOAT32, "image")
+            out["image"], array = output((*lead, *time, len(self.bands), h, w), _FLOAT32, "image")
+            arrays["image"] = array.reshape(*lead, -1, h, w)
         if self.crop is not None:
             out["crop"], arrays["crop"] = output((*lead, 2), _INT64, "crop")
         if with_mask:
@@ -553,12 +596,23 @@ class LMDBPatchDataset(Dataset):
         that was selected; else the first band is shown in grey. Returns a matplotlib Figure
         (made without pyplot: the backend is left as it is).
         """
-        from .plot import plot_sample
+        from .plot import plot_sample, plot_time_strip
 
+        if self.cube is not None:  # a time strip per window
+            assembler = self.native_assembler() if "image" not in sample and "native" in sample else None
+            return plot_time_strip(sample, self.bands, rgb_bands or (), self.step_names, title, assembler)
         multilabel = self.labels is not None and self.labels.ndim == 2
         assembler = self.native_assembler() if "image" not in sample and "native" in sample else None
         return plot_sample(sample, self.bands, rgb_bands or (), self.classes, multilabel=multilabel, title=title,
                            assembler=assembler)
+
+    def step_names(self, time: Any) -> list[str]:
+        """A cube window's time steps (``sample["time"]``, CF values) as ISO dates in the cube's calendar."""
+        import cftime
+
+        values = np.asarray(torch.as_tensor(time).cpu(), np.float64)
+        units, calendar = self.cube["time"]["units"], self.cube["time"]["calendar"]
+        return ["" if np.isnan(v) else cftime.num2date(v, units, calendar).isoformat()[:10] for v in values.tolist()]
 
     # --- native mode ------------------------------------------------------------------
 
@@ -569,7 +623,14 @@ class LMDBPatchDataset(Dataset):
             plan = self._plan(keys, [reader.get(k) for k in keys])
         order = [(step.group, step.within) for step in plan.steps]  # per output channel, in either mode
         return NativeAssembler(plan.groups, order, self.size, self.interpolation,  # type: ignore[arg-type]
-                               self.align_corners)
+                               self.align_corners, self.steps)
+
+
+def _plane(info: TensorInfo, t: int) -> TensorInfo:
+    """Time step ``t`` of a (T, H, W) band (or of its step 0, given as an H x W plane) as a 2-D band."""
+    shape = info.shape[-2:]
+    size = shape[0] * shape[1] * info.dtype.itemsize
+    return TensorInfo(info.dtype, shape, info.begin + t * size, info.begin + (t + 1) * size)
 
 
 def _torch_dtype(dtype: np.dtype) -> torch.dtype:
@@ -841,13 +902,15 @@ class NativeAssembler(torch.nn.Module):
     """
 
     def __init__(self, groups: tuple[NativeGroup, ...], order: list[tuple[int, int]], size, interpolation: str,
-                 align_corners: bool = False):
+                 align_corners: bool = False, steps: int | None = None):
         super().__init__()
+        self.steps = steps  # a cube's time steps: groups are (B, T, Cg, h, w), the image (B, T, C, H, W)
         self.size = tuple(size)
         self.interpolation, self.align_corners = interpolation, align_corners
         self.group_names = [g.name for g in groups]
         self.group_shapes = [g.shape for g in groups]
-        self.group_layouts = {g.name: (len(g.bands), *g.shape) for g in groups}
+        time = () if steps is None else (steps,)
+        self.group_layouts = {g.name: (*time, len(g.bands), *g.shape) for g in groups}
         self.group_bands = {g.name: g.bands for g in groups}
         # per group: (output channel, channel within the group) of its bands
         self.targets: list[list[tuple[int, int]]] = [[] for _ in groups]
@@ -864,7 +927,7 @@ class NativeAssembler(torch.nn.Module):
         out = torch.empty((first.shape[0], sum(map(len, self.targets)), h, w), dtype=torch.float32,
                           device=first.device)
         for name, shape, targets in zip(self.group_names, self.group_shapes, self.targets):
-            x = native[name]
+            x = native[name].flatten(1, -3)  # a cube's (T, Cg) as T*Cg channels, t-major like out's
             factor = nearest_factor(self.size, shape, self.interpolation)
             if factor and out.device.type == "cpu":
                 images = out.numpy()
@@ -881,4 +944,4 @@ class NativeAssembler(torch.nn.Module):
                 resized = F.interpolate(x.float(), size=self.size, mode=self.interpolation, **kwargs)
                 for channel, within in targets:
                     out[:, channel] = resized[:, within]
-        return out
+        return out if self.steps is None else out.unflatten(1, (self.steps, -1))

@@ -82,7 +82,7 @@ def with_image(sample: dict[str, Any], assembler: Callable[[dict], torch.Tensor]
     if assembler is None:
         raise ConfigError("plot: a native sample needs its dataset's native_assembler(); plot it through the dataset")
     native = {g: torch.as_tensor(t).cpu() for g, t in sample["native"].items()}
-    single = next(iter(native.values())).ndim == 3
+    single = next(iter(native.values())).ndim == (3 if getattr(assembler, "steps", None) is None else 4)  # cube: T x C
     image = assembler.to("cpu")({g: t[None] for g, t in native.items()} if single else native)  # type: ignore[union-attr]
     return {**sample, "image": image[0] if single else image}
 
@@ -120,5 +120,38 @@ def plot_sample(sample: dict, bands: Sequence[str], rgb_bands: Sequence[str], cl
         ax.axis("off")
     if title and len(rows) > 1:
         fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    return fig
+
+
+def plot_time_strip(sample: dict, bands: Sequence[str], rgb_bands: Sequence[str],
+                    step_names: Callable[[Any], list[str]], title: str | None = None, assembler=None):
+    """A matplotlib Figure of a cube window (``image`` T x C x H x W, or a batch: one strip per
+    sample, up to ``MAX_ROWS``): its time steps side by side, stretched together so that change
+    over time shows; ``step_names(time)`` names the steps (ISO dates)."""
+    from matplotlib.figure import Figure
+
+    sample = with_image(sample, assembler)
+    image = torch.as_tensor(sample["image"])
+    batched = image.ndim == 5
+    if image.ndim not in (4, 5):
+        raise ConfigError(f"plot: image has shape {tuple(image.shape)}; expected T x C x H x W or a batch N x T x C x H x W")
+    rows = [{n: (v[i] if isinstance(v, (torch.Tensor, np.ndarray, list)) else v) for n, v in sample.items()
+             if n != "native"} for i in range(min(len(image), MAX_ROWS))] if batched else [sample]
+    picked = rgb_indices(bands, rgb_bands)
+    steps = image.shape[-4]
+    fig = Figure(figsize=(2.2 * steps, 2.6 * len(rows)))
+    axes = fig.subplots(len(rows), steps, squeeze=False)
+    for ax, item in zip(axes, rows):
+        strip = torch.as_tensor(item["image"]).detach().float().cpu().numpy()  # T x C x H x W
+        chosen = strip[:, picked] if len(picked) == 3 else np.repeat(strip[:, :1], 3, axis=1)
+        stretched = stretch(np.concatenate(list(chosen), axis=-1))  # one stretch over all steps: H x (T*W) x 3
+        names = step_names(item.get("time")) if item.get("time") is not None else [str(t) for t in range(steps)]
+        for t, (a, name) in enumerate(zip(ax, names)):
+            width = chosen.shape[-1]
+            a.imshow(stretched[:, t * width : (t + 1) * width])
+            a.set_title(f"{item.get('key', '')}\n{name}" if t == 0 else name, fontsize=7)
+            a.axis("off")
+    fig.suptitle(title or ("RGB" if len(picked) == 3 else bands[0]), fontsize=8)
     fig.tight_layout()
     return fig

@@ -325,10 +325,7 @@ class _Stats:
         made them, save parsing and hashing it here."""
         if self.observe is not None:
             self.observe(source, key, value)
-        self.counts[source] += 1
-        raw = key.encode()
-        self.keys.setdefault(source, bytearray()).extend(raw)  # ~25 B a key, not a bytes object's ~60
-        self.lengths.setdefault(source, array("H")).append(len(raw))
+        raw = self.add_key(source, key)
         self.bytes += len(value)
         if digest is None:
             digest = value_digest(raw, value)
@@ -339,6 +336,14 @@ class _Stats:
             table = tuple((name, info.dtype.name, info.shape) for name, info in parse_header(value, key).items())
         for name, dtype, shape in table:
             bands.setdefault(name, Counter())[(dtype, shape)] += 1
+
+    def add_key(self, source: str, key: str) -> bytes:
+        """Count a key (its value unread: option II's windows, rico_torch.data.live)."""
+        self.counts[source] += 1
+        raw = key.encode()
+        self.keys.setdefault(source, bytearray()).extend(raw)  # ~25 B a key, not a bytes object's ~60
+        self.lengths.setdefault(source, array("H")).append(len(raw))
+        return raw
 
     def index(self, order: list[str]) -> tuple[dict, np.ndarray, np.ndarray]:
         """(source -> row range, keys, digests) of the written keys, source by source in ``order``."""
@@ -353,7 +358,7 @@ class _Stats:
         width = int(lengths.max())
         keys = np.zeros((len(lengths), width), np.uint8)  # fixed-width rows, filled in one step
         keys[np.arange(width) < lengths[:, None]] = np.frombuffer(b"".join(self.keys[s] for s in sources), np.uint8)
-        digests = np.concatenate([np.frombuffer(self.digests[s], np.uint64) for s in sources])
+        digests = np.concatenate([np.frombuffer(self.digests.get(s, b""), np.uint64) for s in sources])
         return ranges, keys.view(f"S{width}").ravel(), digests
 
     def band_table(self) -> dict:

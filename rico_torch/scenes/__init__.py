@@ -9,12 +9,12 @@ and stitch per-patch predictions back into a GeoTIFF of the scene.
 from .chipper import chip
 from .stitcher import Stitcher, stitch
 
-__all__ = ["chip", "stitch", "Stitcher", "GeoTIFFPredictionWriter"]
+__all__ = ["chip", "stitch", "Stitcher", "GeoTIFFPredictionWriter", "CubePredictionWriter"]
 
 
 def __getattr__(name: str):
-    if name == "GeoTIFFPredictionWriter":  # imports Lightning: only when asked for
-        from .callback import GeoTIFFPredictionWriter
+    if name in ("GeoTIFFPredictionWriter", "CubePredictionWriter"):  # import Lightning: only when asked for
+        from . import callback
 
-        return GeoTIFFPredictionWriter
+        return getattr(callback, name)
     raise AttributeError(name)

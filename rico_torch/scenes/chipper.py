@@ -176,6 +176,28 @@ def labels_identity(scenes: Sequence[Scene]) -> str:
                        "label_nodata": labelled[0].labels.nodata})
 
 
+def chip_options(patch_size: int, stride: int | None = None, edge: str = "shift", min_valid: float = 1,
+                 bands: Sequence[str] | None = None) -> ChipOptions:
+    """The checked options of a chip run (``min_valid`` below 1: a fraction of a window's pixels)."""
+    stride = patch_size if stride is None else stride
+    if 0 < min_valid < 1:
+        min_valid = math.ceil(min_valid * patch_size * patch_size)
+    min_valid = int(min_valid)
+    check_options(patch_size, stride, edge, min_valid)
+    return ChipOptions(patch_size, stride, edge, min_valid, tuple(bands) if bands else None)
+
+
+def planned(root: Path, options: ChipOptions, labels: str | Path | None = None, label_nodata: float | None = None,
+            allow_ungeoreferenced: bool = False, shard: tuple[int, int] | None = None):
+    """The scenes in ``root``, their windows and the manifest extension of a chip run: what
+    :func:`chip` writes and :class:`rico_torch.data.ScenePatchDataset` reads on the fly."""
+    scenes = find_scenes(Path(root), options.bands, None if labels is None else Path(labels), label_nodata,
+                         allow_ungeoreferenced)
+    check_labels(scenes, options.edge)
+    dataset, discovered = plan(scenes, options, shard)
+    return scenes, dataset, discovered, SceneManifest(scenes, discovered, options, labels_identity(scenes))
+
+
 def chip(
     dataset_dir: str | Path,
     target_dir: str | Path,
@@ -205,20 +227,13 @@ def chip(
     Warns (stderr) for every scene that yields no window and for bands that are not pooled
     into dataset-level statistics; raises :class:`InputError` when no window at all is written.
     """
-    stride = patch_size if stride is None else stride
-    if 0 < min_valid < 1:
-        min_valid = math.ceil(min_valid * patch_size * patch_size)
-    min_valid = int(min_valid)
-    check_options(patch_size, stride, edge, min_valid)
-    options = ChipOptions(patch_size, stride, edge, min_valid, tuple(bands) if bands else None)
+    options = chip_options(patch_size, stride, edge, min_valid, bands)
+    stride, min_valid = options.stride, options.min_valid
     root = Path(dataset_dir)
     try:
-        scenes = find_scenes(root, options.bands, None if labels is None else Path(labels), label_nodata,
-                             allow_ungeoreferenced)
-        check_labels(scenes, edge)
-        dataset, discovered = plan(scenes, options, shard)
+        scenes, dataset, discovered, extension = planned(root, options, labels, label_nodata, allow_ungeoreferenced,
+                                                         shard)
         warn_band_files_as_scenes(root, scenes)
-        identity = labels_identity(scenes)
     finally:
         close_rasters()
     empty = [s for s in scenes if not (offsets(s.height, patch_size, stride, edge)
@@ -229,7 +244,6 @@ def chip(
     if len(empty) == len(scenes):
         raise InputError(printable(root), f"no scene yields a window of --patch-size {patch_size} with --edge drop; "
                          "use --edge pad or a smaller --patch-size")
-    extension = SceneManifest(scenes, discovered, options, identity)
     try:
         result = encode_dataset(dataset, discovered, Path(target_dir), num_workers=num_workers, overwrite=overwrite,
                                 skip_invalid=skip_invalid, quiet=quiet,

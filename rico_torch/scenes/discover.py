@@ -98,13 +98,18 @@ class Scene:
 
 _OPEN: OrderedDict[str, object] = OrderedDict()  # path -> open rasterio dataset, per process
 _OPEN_LIMIT = 64
+_OPENED_BY = [os.getpid()]  # the process _OPEN's datasets belong to
 
 
 def open_raster(path: str):
-    """A rasterio dataset for ``path``, kept open for the next window of the same scene."""
+    """A rasterio dataset for ``path``, kept open for the next window of the same scene; a forked
+    child opens its own (an inherited handle shares its file offset with the parent's)."""
     import rasterio
     from rasterio.errors import NotGeoreferencedWarning
 
+    if _OPENED_BY[0] != os.getpid():
+        _OPEN.clear()  # the parent's copies, never read here (dropping them closes only this process's)
+        _OPENED_BY[0] = os.getpid()
     src = _OPEN.get(path)
     if src is not None:
         _OPEN.move_to_end(path)

@@ -1,4 +1,4 @@
-"""Stitching per-patch predictions back into a GeoTIFF of the scene.
+"""Stitching per-patch predictions back into a GeoTIFF of the scene, or a NetCDF of the cube.
 
 Predictions arrive in any order, so each is first appended to a temporary file (float32,
 on disk, not in memory). The output is then built one band of rows at a time: every
@@ -12,6 +12,11 @@ dtype rounds and clips them and needs a ``nodata`` value), or with ``argmax=True
 one band, the index of the highest blended score per pixel, uint8 (nodata 255) or, beyond 255
 classes, uint16 (nodata 65535), computed band of rows by band of rows like the rest: a
 10,980 px scene with 10 classes is a 120 MB uint8 raster instead of 4.8 GB of float32.
+
+A cube encode (``encode cube``) stitches the same way over (time, row, col): a window's
+prediction ``Tp x C x h x w`` covers the last ``Tp`` of its time steps (a forecaster's one step,
+or all of them), and the output is a NetCDF with the cube's time axis (CF values, units and
+calendar), y/x coordinates, and CRS as a CF ``grid_mapping`` variable; one variable per channel.
 
 Blends: ``mean`` (every covering patch weighs 1, so stitching the patches' own values gives
 the scene back exactly) or ``cosine`` (Hann weights ``sin^2(pi (i + 1/2) / n)`` that fall
@@ -39,13 +44,13 @@ GDAL_CACHE_MB = 64
 
 
 def scene_manifest(target_dir) -> dict:
-    """The (shard-merged) manifest of a chipped LMDB; refuses one without scenes."""
+    """The (shard-merged) manifest of a chipped LMDB or a cube encode; refuses any other."""
     from ..data.store import Store
 
     manifest = Store(target_dir).manifest()
-    if not manifest or "scenes" not in manifest or not manifest.has_column("row"):
-        raise FormatError(f"{target_dir}: not an LMDB of chipped scenes (its manifest.json has no scenes); "
-                          "create it with `python -m rico_torch.encode scenes ...`")
+    if not manifest or not ("scenes" in manifest or "cube" in manifest) or not manifest.has_column("row"):
+        raise FormatError(f"{target_dir}: not an LMDB of chipped scenes or of a cube (its manifest.json has neither); "
+                          "create it with `python -m rico_torch.encode scenes ...` or `... encode cube ...`")
     return manifest
 
 
@@ -91,13 +96,15 @@ def output_dtype(dtype: str | None, nodata: float | None, argmax: bool) -> np.dt
 
 
 class Stitcher:
-    """Collects ``(key, C x h x w)`` predictions of one scene, then writes the GeoTIFF.
+    """Collects ``(key, C x h x w)`` predictions of one scene (``Tp x C x h x w`` of a cube), then
+    writes the GeoTIFF (the NetCDF).
 
     Args:
-        target_dir: the chipped LMDB (or its shard directories): its manifest gives the scene's
-            CRS, transform, size and every key's window.
-        scene: the scene's name.
-        output: the GeoTIFF to write.
+        target_dir: the chipped LMDB or cube encode (or its shard directories): its manifest gives
+            the grid's CRS, transform, size (and time axis) and every key's window.
+        scene: the scene's name (a cube's name).
+        output: the GeoTIFF to write (``.tif``), or for a cube the NetCDF (``.nc``).
+        names: a cube output's variable names, one per channel (default ``prediction_<c>``).
         blend: ``cosine`` or ``mean``.
         dtype: the output's dtype (default float32; with ``argmax`` uint8, or uint16 beyond 255
             classes); an integer dtype rounds and clips the scores to its range.
@@ -113,20 +120,30 @@ class Stitcher:
     def __init__(self, target_dir, scene: str, output: str | Path, blend: str = "cosine", *,
                  dtype: str | None = None, nodata: float | None = None, memory: int = DEFAULT_MEMORY,
                  compress: str = "deflate", level: int | None = 1, manifest: dict | None = None,
-                 argmax: bool = False) -> None:
+                 argmax: bool = False, names: list[str] | None = None) -> None:
         if blend not in BLENDS:
             raise ConfigError(f"blend={blend!r}: one of {', '.join(BLENDS)}")
         self.argmax = argmax
         self.dtype = output_dtype(dtype, nodata, argmax)  # None: decided by the channels (argmax)
         manifest = manifest or _merged(target_dir)
-        if scene not in manifest["scenes"]:
-            raise UnknownKeyError(f"{target_dir}: no scene {scene!r}; its scenes: {', '.join(manifest['scenes'])}")
-        self.info = manifest["scenes"][scene]
+        self.cube = manifest.get("cube")
+        grids = [self.cube["name"]] if self.cube else list(manifest["scenes"])
+        if scene not in grids:
+            raise UnknownKeyError(f"{target_dir}: no scene {scene!r}; its scenes: {', '.join(grids)}")
+        if self.cube:  # the cube's grid in the scenes' terms, plus its time axis
+            length, height, width = self.cube["shape"]
+            self.info = {**self.cube, "height": height, "width": width}
+        else:
+            self.info, length = manifest["scenes"][scene], 1
+        self.length, self.names = length, names
+        suffix = Path(output).suffix.lower()
+        if suffix not in ((".nc",) if self.cube else (".tif", ".tiff")):
+            raise ConfigError(f"{output}: stitch {'a cube into a NetCDF (.nc)' if self.cube else 'a scene into a GeoTIFF (.tif)'}")
         self.windows = manifest.windows
         self.scene, self.output, self.blend, self.nodata = scene, Path(output), blend, nodata
         self.memory, self.compress, self.level = memory, compress, level
         self.channels: int | None = None
-        self._placed: dict[str, tuple[int, int, int, int, int]] = {}  # key -> row, col, h, w, offset
+        self._placed: dict[str, tuple[int, int, int, int, int, int, int]] = {}  # key -> row, col, h, w, offset, t, steps
         self._tmp = tempfile.TemporaryFile(dir=self.output.parent if self.output.parent.is_dir() else None)
         self._size = 0
 
@@ -134,31 +151,36 @@ class Stitcher:
         """Store one patch's prediction (``C x h x w``, the window's size in finest-grid pixels)."""
         array = np.asarray(prediction.detach().cpu() if hasattr(prediction, "detach") else prediction)
         entry = self.windows.get(key)
-        if entry is None or entry["scene"] != self.scene:
+        if entry is None or entry.get("scene", entry.get("cube")) != self.scene:
             where = "not a key of this LMDB" if entry is None else f"a window of scene {entry['scene']!r}"
             raise UnknownKeyError(f"prediction for key {key!r}: {where}, not of scene {self.scene!r}")
         row, col, h, w = entry["window"]
         if array.ndim == 2:
             array = array[None]
-        if array.ndim != 3 or array.shape[1:] != (h, w):
-            raise ConfigError(f"prediction for key {key!r} has shape {list(array.shape)}; expected C x {h} x {w} "
+        steps = entry.get("t_size", 1)
+        if self.cube and array.ndim == 3:
+            array = array[None]  # one step: the window's last
+        if array.ndim != 3 + bool(self.cube) or array.shape[-2:] != (h, w) or (self.cube and not 1 <= len(array) <= steps):
+            want = f"C x {h} x {w}" if not self.cube else f"C x {h} x {w} or T x C x {h} x {w} with T <= {steps}"
+            raise ConfigError(f"prediction for key {key!r} has shape {list(array.shape)}; expected {want} "
                               "(the window's size in finest-grid pixels)")
         if self.channels is None:
-            self.channels = array.shape[0]
-        elif array.shape[0] != self.channels:
-            raise ConfigError(f"prediction for key {key!r} has {array.shape[0]} channels, earlier ones "
+            self.channels = array.shape[-3]
+        elif array.shape[-3] != self.channels:
+            raise ConfigError(f"prediction for key {key!r} has {array.shape[-3]} channels, earlier ones "
                               f"{self.channels}")
         if key in self._placed:
             raise ConfigError(f"prediction for key {key!r} given twice")
         data = np.ascontiguousarray(array, dtype=np.float32).tobytes()
         self._tmp.write(data)
-        self._placed[key] = (row, col, h, w, self._size)
+        given = len(array) if self.cube else 1  # a cube window's prediction covers its last steps
+        self._placed[key] = (row, col, h, w, self._size, entry.get("t_off", 0) + steps - given, given)
         self._size += len(data)
 
-    def _read(self, offset: int, h: int, w: int) -> np.ndarray:
+    def _read(self, offset: int, steps: int, h: int, w: int) -> np.ndarray:
         self._tmp.flush()
-        n = self.channels * h * w * 4
-        return np.frombuffer(os.pread(self._tmp.fileno(), n, offset), np.float32).reshape(self.channels, h, w)
+        n = steps * self.channels * h * w * 4
+        return np.frombuffer(os.pread(self._tmp.fileno(), n, offset), np.float32).reshape(steps, self.channels, h, w)
 
     def output_type(self) -> tuple[np.dtype, float, int]:
         """The output's dtype, nodata value and band count (a class map's from the channels)."""
@@ -177,71 +199,181 @@ class Stitcher:
     def rows_per_band(self) -> int:
         width, c = self.info["width"], self.channels or 1
         dtype, _, bands = self.output_type()
-        per_row = width * (c * 8 + 8 + bands * dtype.itemsize)  # sums, weights, output
+        per_row = self.length * width * (c * 8 + 8 + bands * dtype.itemsize)  # sums, weights, output
         rows = max(TILE, self.memory // max(per_row, 1) // TILE * TILE)
         return min(rows, self.info["height"])
 
     def write(self) -> Path:
-        """Blend everything added into the GeoTIFF (tiled, compressed, the scene's CRS and transform)."""
-        import rasterio
-        from affine import Affine
-        from rasterio.windows import Window
-
+        """Blend everything added into the GeoTIFF (tiled, compressed, the scene's CRS and transform),
+        or a cube's NetCDF (see the module doc)."""
         if self.channels is None:
             raise ConfigError(f"no predictions for scene {self.scene!r}")
-        height, width, c = self.info["height"], self.info["width"], self.channels
-        dtype, nodata, bands = self.output_type()
-        profile = {
-            "driver": "GTiff", "width": width, "height": height, "count": bands, "dtype": dtype.name,
-            "tiled": True, "blockxsize": TILE, "blockysize": TILE, "compress": self.compress, "nodata": nodata,
-            "transform": Affine(*self.info["transform"]), "BIGTIFF": "IF_SAFER", "NUM_THREADS": "ALL_CPUS",
-        }
-        if self.compress.lower() in ("deflate", "zstd", "lzma") and self.level is not None:
-            profile[f"{'ZLEVEL' if self.compress.lower() == 'deflate' else self.compress.upper() + '_LEVEL'}"] = self.level
-        if self.info["crs"]:
-            profile["crs"] = rasterio.crs.CRS.from_wkt(self.info["crs"])
-        placed = sorted(self._placed.values())
-        step = self.rows_per_band()
         self.output.parent.mkdir(parents=True, exist_ok=True)
-        # GDAL caches written blocks up to 5 % of RAM by default: bound it, the rows are written in order
-        with rasterio.Env(GDAL_CACHEMAX=GDAL_CACHE_MB), rasterio.open(self.output, "w", **profile) as dst:
+        sink = _NetCDF(self) if self.cube else _GeoTIFF(self)
+        height, step = self.info["height"], self.rows_per_band()
+        with sink:
+            placed = sorted(self._placed.values())
             first = 0  # placed[first:] may still overlap the band
             for r0 in range(0, height, step):
                 r1 = min(r0 + step, height)
-                acc = np.zeros((c, r1 - r0, width))
-                weight = np.zeros((r1 - r0, width))
                 while first < len(placed) and placed[first][0] + placed[first][2] <= r0:
                     first += 1
-                for row, col, h, w, offset in placed[first:]:
-                    if row >= r1:
-                        break
-                    if row + h <= r0:
-                        continue
-                    a, b = max(row, r0), min(row + h, r1)
-                    c0, c1 = max(col, 0), min(col + w, width)
-                    pred = self._read(offset, h, w)[:, a - row : b - row, c0 - col : c1 - col]
-                    wr = weights_1d(h, row, height, self.blend)[a - row : b - row]
-                    wc = weights_1d(w, col, width, self.blend)[c0 - col : c1 - col]
-                    if self.blend == "mean":
-                        acc[:, a - r0 : b - r0, c0:c1] += pred
-                        weight[a - r0 : b - r0, c0:c1] += 1.0
-                    else:
-                        w2 = wr[:, None] * wc[None, :]
-                        acc[:, a - r0 : b - r0, c0:c1] += pred * w2
-                        weight[a - r0 : b - r0, c0:c1] += w2
-                covered = weight > 0
-                np.divide(acc, weight, out=acc, where=covered)
-                if self.argmax:
-                    acc = acc.argmax(0)[None]
-                elif dtype.kind != "f":
-                    info = np.iinfo(dtype)
-                    np.clip(np.rint(acc, out=acc), info.min, info.max, out=acc)
-                out = acc.astype(dtype)
-                out[:, ~covered] = nodata
-                del acc
-                dst.write(out, window=Window(0, r0, width, r1 - r0))
+                sink.write(r0, r1, *self._blend(placed[first:], r0, r1))
         self._tmp.close()
         return self.output
+
+    def _blend(self, placed: list, r0: int, r1: int) -> tuple[np.ndarray, np.ndarray]:
+        """The blended rows [r0, r1) of every time step: values (L, C, rows, W) and where any
+        prediction covers them (L, rows, W); ``placed`` sorted by row, from the first that may overlap."""
+        length, height, width, c = self.length, self.info["height"], self.info["width"], self.channels
+        acc = np.zeros((length, c, r1 - r0, width))
+        weight = np.zeros((length, r1 - r0, width))
+        for row, col, h, w, offset, t, steps in placed:
+            if row >= r1:
+                break
+            if row + h <= r0:
+                continue
+            a, b = max(row, r0), min(row + h, r1)
+            c0, c1 = max(col, 0), min(col + w, width)
+            t0, t1 = max(t, 0), min(t + steps, length)
+            pred = self._read(offset, steps, h, w)[t0 - t : t1 - t, :, a - row : b - row, c0 - col : c1 - col]
+            if self.blend == "mean":
+                acc[t0:t1, :, a - r0 : b - r0, c0:c1] += pred
+                weight[t0:t1, a - r0 : b - r0, c0:c1] += 1.0
+            else:
+                wt = weights_1d(steps, t, length, self.blend)[t0 - t : t1 - t] if self.cube else np.ones(1)
+                wr = weights_1d(h, row, height, self.blend)[a - row : b - row]
+                wc = weights_1d(w, col, width, self.blend)[c0 - col : c1 - col]
+                w3 = wt[:, None, None] * wr[None, :, None] * wc[None, None, :]
+                acc[t0:t1, :, a - r0 : b - r0, c0:c1] += pred * w3[:, None]
+                weight[t0:t1, a - r0 : b - r0, c0:c1] += w3
+        covered = weight > 0
+        np.divide(acc, weight[:, None], out=acc, where=covered[:, None])
+        return acc, covered
+
+    def finish(self, acc: np.ndarray, covered: np.ndarray) -> np.ndarray:
+        """Blended values (L, C, rows, W) as the output's (L, bands, rows, W): the class map or
+        the scores in the output dtype, nodata where nothing covers a cell."""
+        dtype, nodata, _ = self.output_type()
+        if self.argmax:
+            acc = acc.argmax(1)[:, None]
+        elif dtype.kind != "f":
+            info = np.iinfo(dtype)
+            np.clip(np.rint(acc, out=acc), info.min, info.max, out=acc)
+        out = acc.astype(dtype)
+        out[np.broadcast_to(~covered[:, None], out.shape)] = nodata
+        return out
+
+
+class _GeoTIFF:
+    """A scene's stitched GeoTIFF, written band of rows by band of rows."""
+
+    def __init__(self, stitcher: Stitcher) -> None:
+        self.stitcher = stitcher
+
+    def __enter__(self) -> "_GeoTIFF":
+        import rasterio
+        from affine import Affine
+
+        st = self.stitcher
+        dtype, nodata, bands = st.output_type()
+        profile = {
+            "driver": "GTiff", "width": st.info["width"], "height": st.info["height"], "count": bands,
+            "dtype": dtype.name, "tiled": True, "blockxsize": TILE, "blockysize": TILE, "compress": st.compress,
+            "nodata": nodata, "transform": Affine(*st.info["transform"]), "BIGTIFF": "IF_SAFER",
+            "NUM_THREADS": "ALL_CPUS",
+        }
+        if st.compress.lower() in ("deflate", "zstd", "lzma") and st.level is not None:
+            profile[f"{'ZLEVEL' if st.compress.lower() == 'deflate' else st.compress.upper() + '_LEVEL'}"] = st.level
+        if st.info["crs"]:
+            profile["crs"] = rasterio.crs.CRS.from_wkt(st.info["crs"])
+        # GDAL caches written blocks up to 5 % of RAM by default: bound it, the rows are written in order
+        self.env = rasterio.Env(GDAL_CACHEMAX=GDAL_CACHE_MB)
+        self.env.__enter__()
+        self.dst = rasterio.open(st.output, "w", **profile)
+        return self
+
+    def write(self, r0: int, r1: int, acc: np.ndarray, covered: np.ndarray) -> None:
+        from rasterio.windows import Window
+
+        self.dst.write(self.stitcher.finish(acc, covered)[0], window=Window(0, r0, self.stitcher.info["width"], r1 - r0))
+
+    def __exit__(self, *exc) -> None:
+        self.dst.close()
+        self.env.__exit__(*exc)
+
+
+class _NetCDF:
+    """A cube's stitched NetCDF (netCDF4, chunked and compressed): the cube's time axis, y/x
+    coordinates (the source's own where it can be read, else cell centres from the transform)
+    and CRS as a CF grid_mapping; written band of rows by band of rows."""
+
+    def __init__(self, stitcher: Stitcher) -> None:
+        self.stitcher = stitcher
+
+    def __enter__(self) -> "_NetCDF":
+        import netCDF4
+
+        st, cube = self.stitcher, self.stitcher.cube
+        dtype, nodata, bands = st.output_type()
+        names = ["class"] if st.argmax else (st.names or [f"prediction_{c}" for c in range(bands)])
+        if len(names) != bands:
+            raise ConfigError(f"names: {len(names)} names for {bands} channels")
+        dims = [cube["dims"][a] for a in ("time", "y", "x")]
+        self.dst = netCDF4.Dataset(st.output, "w")
+        for dim, size in zip(dims, cube["shape"]):
+            self.dst.createDimension(dim, size)
+        time = self.dst.createVariable(dims[0], "f8", (dims[0],))
+        time[:] = np.array([np.nan if v == "nan" else v for v in cube["time"]["values"]], np.float64)
+        time.setncatts({"units": cube["time"]["units"], "calendar": cube["time"]["calendar"], "axis": "T",
+                        "standard_name": "time"})
+        for axis, dim, values in zip(("Y", "X"), dims[1:], coordinates(cube)):
+            var = self.dst.createVariable(dim, values.dtype, (dim,))
+            var[:] = values
+            var.setncattr("axis", axis)
+        grid_mapping = None
+        if cube["crs"]:
+            from pyproj import CRS
+
+            grid_mapping = "crs"
+            crs = self.dst.createVariable(grid_mapping, "i4")
+            crs.setncatts({k: v for k, v in CRS.from_user_input(cube["crs"]).to_cf().items() if v is not None})
+        chunks = (1, min(TILE, cube["shape"][1]), min(TILE, cube["shape"][2]))
+        self.vars = []
+        for name in names:
+            var = self.dst.createVariable(name, dtype, dims, zlib=True, complevel=st.level or 1, chunksizes=chunks,
+                                          fill_value=np.array(nodata).astype(dtype))
+            if grid_mapping:
+                var.setncattr("grid_mapping", grid_mapping)
+            self.vars.append(var)
+        return self
+
+    def write(self, r0: int, r1: int, acc: np.ndarray, covered: np.ndarray) -> None:
+        out = self.stitcher.finish(acc, covered)
+        for c, var in enumerate(self.vars):
+            var[:, r0:r1, :] = out[:, c]
+
+    def __exit__(self, *exc) -> None:
+        self.dst.close()
+
+
+def coordinates(cube: dict) -> tuple[np.ndarray, np.ndarray]:
+    """The cube's y and x coordinates: read from its source where it is an xarray cube still at its
+    path, else the cell centres its transform gives."""
+    height, width = cube["shape"][1:]
+    if cube.get("kind") == "xarray" and Path(cube.get("path", "")).exists():
+        try:
+            import xarray as xr
+
+            zarr = {"consolidated": False} if str(cube["path"]).endswith(".zarr") else {}
+            with xr.open_dataset(cube["path"], decode_times=False, **zarr) as ds:
+                y, x = (ds[cube["dims"][a]].values for a in ("y", "x"))
+            if y.shape == (height,) and x.shape == (width,):
+                return y, x
+        except Exception:  # the transform says the same, to float precision
+            pass
+    a, _, c, _, e, f = cube["transform"]
+    return f + e * (np.arange(height) + 0.5), c + a * (np.arange(width) + 0.5)
 
 
 def stitch(target_dir, scene: str, predictions: Iterable, output: str | Path, blend: str = "cosine", *,

@@ -13,7 +13,8 @@ from .ucmerced import UCMercedDataModule
 __all__ = [
     "LMDBDataModule", "BigEarthNetDataModule", "EuroSATDataModule", "HySpecNetDataModule", "UCMercedDataModule",
     "SSL4EODataModule", "MajorTOMDataModule", "HydroDataModule", "SpectralEarthDataModule",
-    "GeoPatchDataModule", "SatlasDataModule",
+    "GeoPatchDataModule", "SatlasDataModule", "CubeDataModule",
 ]
 
 from .scenes import GeoPatchDataModule  # noqa: E402
+from .cube import CubeDataModule  # noqa: E402

@@ -403,10 +403,15 @@ class LMDBDataModule(L.LightningDataModule):
             loader.close()
         self._patch_loaders.clear()
 
-    def on_after_batch_transfer(self, batch: dict[str, Any], dataloader_idx: int) -> dict[str, Any]:
+    def assemble(self, batch: dict[str, Any]) -> dict[str, Any]:
+        """A native batch's float ``image``, built on the batch's device."""
         if "native" in batch:
             self.assembler = self.assembler.to(next(iter(batch["native"].values())).device)
             batch["image"] = self.assembler(batch.pop("native"))
+        return batch
+
+    def on_after_batch_transfer(self, batch: dict[str, Any], dataloader_idx: int) -> dict[str, Any]:
+        batch = self.assemble(batch)
         image = batch["image"]
         mean, std = self.mean.to(image.device), self.std.to(image.device)
         batch["image"] = (image - mean[:, None, None]) / std[:, None, None]
@@ -516,6 +521,53 @@ def stratified_split(labels: np.ndarray, fractions: tuple[float, float, float], 
         parts["test"].append(members[n_val : n_val + n_test])
         parts["train"].append(members[n_val + n_test :])
     return {s: np.sort(np.concatenate(p)) if p else np.array([], dtype=int) for s, p in parts.items()}
+
+
+def dealt(count: int, val_fraction: float, test_fraction: float, rng: np.random.Generator) -> np.ndarray:
+    """``count`` things (windows, blocks, scenes) dealt at random to splits: each one's split index."""
+    order = rng.permutation(count)
+    n_val, n_test = int(round(count * val_fraction)), int(round(count * test_fraction))
+    split = np.zeros(count, np.int8)
+    split[order[:n_val]] = SPLITS.index("val")
+    split[order[n_val : n_val + n_test]] = SPLITS.index("test")
+    return split
+
+
+def block_split(groups: np.ndarray, rows: np.ndarray, cols: np.ndarray, size: tuple[int, int], block: int,
+                deal) -> np.ndarray:
+    """Each window's split index (-1: left out) when square blocks of ``block`` cells of each group
+    (scene, cube) are dealt to splits by ``deal(number of blocks) -> split per block``: a window
+    (offsets ``rows``/``cols``, ``size`` (h, w) cells) touching blocks of two splits is left out."""
+    (h, w), b = size, block
+    span = int(max(rows.max(initial=0) + h, cols.max(initial=0) + w)) // b + 2
+
+    def corner(k: int) -> np.ndarray:  # block of each window's k-th corner, one corner at a time
+        r = np.maximum(rows, 0) if k < 2 else rows + h - 1
+        c = np.maximum(cols, 0) if k % 2 == 0 else cols + w - 1
+        return (groups.astype(np.int64) * span + r // b) * span + c // b
+
+    blocks = np.unique(np.concatenate([np.unique(corner(k)) for k in range(4)]))  # (group, row, col)
+    of_block = deal(len(blocks))
+    split = of_block[np.searchsorted(blocks, corner(0))]
+    for k in range(1, 4):
+        split[of_block[np.searchsorted(blocks, corner(k))] != split] = -1  # shares cells: left out
+    return split
+
+
+#: The share of windows a block split leaves out above which it says so at WARNING (else INFO).
+LEFT_OUT_WARNING = 0.25
+
+
+def count_left_out(where: object, split: np.ndarray, block: int) -> int:
+    """How many windows :func:`block_split` left out (split -1), logged where there are any: at
+    WARNING (shown by Lightning's CLI) where that is :data:`LEFT_OUT_WARNING` of them or more."""
+    left_out = int(np.count_nonzero(split < 0))
+    if left_out:
+        share = left_out / len(split)
+        (log.warning if share >= LEFT_OUT_WARNING else log.info)(
+            "%s: the block split left out %d of %d windows (%.1f%%) that straddle blocks dealt to two splits; "
+            "a larger block_size (now %d px) leaves fewer out", where, left_out, len(split), 100 * share, block)
+    return left_out
 
 
 def group_split(groups: Sequence | np.ndarray, fractions: tuple[float, float, float], seed: int) -> dict[str, np.ndarray]:

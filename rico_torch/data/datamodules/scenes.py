@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import logging
 from pathlib import Path
 from typing import Any, Literal
 
@@ -10,16 +9,13 @@ import numpy as np
 import torch
 
 from ...errors import ConfigError, DatasetNotFoundError
-from ...manifest import Manifest, merge
+from ...manifest import Manifest, merge, window_bounds
 from ...scenes.chipper import unlabelled_scenes
 from ...scenes.statistics import pool
 from ..dataset import LMDBPatchDataset
 from ..store import read_manifest
-from .base import SPLITS, LMDBDataModule, LoaderKind
+from .base import SPLITS, LMDBDataModule, LoaderKind, block_split, count_left_out, dealt
 
-log = logging.getLogger(__name__)
-#: The share of windows the block split leaves out above which it says so at WARNING (else INFO).
-LEFT_OUT_WARNING = 0.25
 CHIP_HINT = "`python -m rico_torch.encode scenes --dataset-dir <scenes> --target-dir {path} --patch-size 256`"
 
 
@@ -50,16 +46,6 @@ class GeoPatchDataset(LMDBPatchDataset):
         return out
 
 
-def window_bounds(rows: np.ndarray, cols: np.ndarray, size: int, transform: list[float]) -> np.ndarray:
-    """(left, bottom, right, top) of windows (N x 4) from their offsets and their scene's
-    transform (north-up grids)."""
-    a, b, c, d, e, f = transform
-    left, top = c + a * cols + b * rows, f + d * cols + e * rows
-    right, bottom = left + a * size, top + e * size
-    return np.stack([np.minimum(left, right), np.minimum(top, bottom), np.maximum(left, right),
-                     np.maximum(top, bottom)], axis=1).astype(np.float64)
-
-
 class GeoPatchDataModule(LMDBDataModule):
     """Windows of scenes chipped with ``python -m rico_torch.encode scenes``.
 
@@ -78,6 +64,10 @@ class GeoPatchDataModule(LMDBDataModule):
 
     Args:
         lmdb_path: the chipped LMDB (or its shard directories).
+        source, patch_size, stride, edge, min_valid, labels, label_nodata: instead of ``lmdb_path``,
+            read the same windows from the scenes on the fly (``encode scenes``' ``--dataset-dir``,
+            ``--patch-size`` ...; :class:`~rico_torch.data.ScenePatchDataset`); every window is read
+            once when the module is made (which windows exist, and the statistics).
         scenes: the scenes to train, validate and test on; ``None``: all. Only the scenes in
             use (these and ``predict_scenes``) must have the bands, so one LMDB may hold scenes
             with different bands.
@@ -100,7 +90,7 @@ class GeoPatchDataModule(LMDBDataModule):
 
     def __init__(
         self,
-        lmdb_path: str | list[str],
+        lmdb_path: str | list[str] | None = None,
         bands: list[str] | None = None,
         scenes: list[str] | None = None,
         split: Literal["block", "scene", "random"] = "block",
@@ -124,9 +114,28 @@ class GeoPatchDataModule(LMDBDataModule):
         seed: int = 0,
         ignore_index: int = -100,
         loader: LoaderKind = "patch",
+        source: str | None = None,
+        patch_size: int | None = None,
+        stride: int | None = None,
+        edge: Literal["shift", "pad", "drop"] = "shift",
+        min_valid: float = 1,
+        labels: str | None = None,
+        label_nodata: float | None = None,
     ) -> None:
-        paths = [Path(p) for p in (lmdb_path if isinstance(lmdb_path, (list, tuple)) else [lmdb_path])]
-        self._path_manifests = self._scene_manifests(paths)
+        self.store = None
+        if (lmdb_path is None) == (source is None):
+            raise ConfigError("give lmdb_path (chipped scenes) or source (scenes read on the fly), not both or neither")
+        if source is not None:
+            if patch_size is None:
+                raise ConfigError("source: give patch_size (the window size, as encode scenes' --patch-size)")
+            from ..live import scene_store
+
+            self.store = scene_store(source, patch_size, stride, edge, min_valid, labels=labels,
+                                     label_nodata=label_nodata, statistics=True, readahead=readahead)
+            self._path_manifests = [self.store.manifest()]
+        else:
+            paths = [Path(p) for p in (lmdb_path if isinstance(lmdb_path, (list, tuple)) else [lmdb_path])]
+            self._path_manifests = self._scene_manifests(paths)
         manifest = merge(self._path_manifests)
         stored = manifest["scenes"]
         for name in (scenes or []) + (val_scenes or []) + (test_scenes or []) + (predict_scenes or []):
@@ -143,7 +152,7 @@ class GeoPatchDataModule(LMDBDataModule):
             if not bands:
                 raise ConfigError(f"{paths[0]}: its scenes ({', '.join(in_use)}) share no band; name the bands "
                                   "(data.init_args.bands), or pick scenes (data.init_args.scenes)")
-        super().__init__(lmdb_path, list(bands), batch_size=batch_size, num_workers=num_workers,
+        super().__init__(lmdb_path or source, list(bands), batch_size=batch_size, num_workers=num_workers,
                          pin_memory=pin_memory, mean=mean, std=std, flips=flips, native=native, size=size,
                          interpolation=interpolation, readahead=readahead, seed=seed, loader=loader)
         self._manifest = manifest
@@ -201,6 +210,10 @@ class GeoPatchDataModule(LMDBDataModule):
     def encode_hint(self, path: Path) -> str:
         return CHIP_HINT.format(path=path)
 
+    def check_lmdb(self) -> None:
+        if self.store is None:  # read on the fly: nothing encoded to check
+            super().check_lmdb()
+
     # --- splits -------------------------------------------------------------------------
 
     def _table(self) -> tuple[np.ndarray, list[str], np.ndarray, np.ndarray, np.ndarray]:
@@ -216,13 +229,7 @@ class GeoPatchDataModule(LMDBDataModule):
         return self._windows
 
     def _dealt(self, count: int, rng: np.random.Generator) -> np.ndarray:
-        order = rng.permutation(count)
-        n_val = int(round(count * self.val_fraction))
-        n_test = int(round(count * self.test_fraction))
-        split = np.zeros(count, np.int8)
-        split[order[:n_val]] = SPLITS.index("val")
-        split[order[n_val : n_val + n_test]] = SPLITS.index("test")
-        return split
+        return dealt(count, self.val_fraction, self.test_fraction, rng)
 
     def splits(self) -> dict[str, np.ndarray]:
         """The keys of train, val and test."""
@@ -252,26 +259,9 @@ class GeoPatchDataModule(LMDBDataModule):
                 of_scene[used] = self._dealt(len(used), rng)
             split = of_scene[scene]
         else:
-            b, size = self.block_size, self.patch_size
-            span = int(max(rows.max(initial=0), cols.max(initial=0)) + size) // b + 2
-
-            def corner(k: int) -> np.ndarray:  # block of each window's k-th corner, one corner at a time
-                r = np.maximum(rows, 0) if k < 2 else rows + size - 1
-                c = np.maximum(cols, 0) if k % 2 == 0 else cols + size - 1
-                return (scene.astype(np.int64) * span + r // b) * span + c // b
-
-            blocks = np.unique(np.concatenate([np.unique(corner(k)) for k in range(4)]))  # (scene, row, col)
-            of_block = self._dealt(len(blocks), rng)
-            split = of_block[np.searchsorted(blocks, corner(0))]
-            for k in range(1, 4):
-                split[of_block[np.searchsorted(blocks, corner(k))] != split] = -1  # shares pixels: left out
-            self.left_out = int(np.count_nonzero(split < 0))
-            if self.left_out:  # counted where a user sees it; a large share at WARNING (Lightning shows it)
-                share = self.left_out / len(split)
-                (log.warning if share >= LEFT_OUT_WARNING else log.info)(
-                    "%s: the block split left out %d of %d windows (%.1f%%) that straddle blocks dealt to two splits; "
-                    "a larger block_size (now %d px) leaves fewer out", self.lmdb_path, self.left_out, len(split),
-                    100 * share, b)
+            size = self.patch_size
+            split = block_split(scene, rows, cols, (size, size), self.block_size, lambda n: self._dealt(n, rng))
+            self.left_out = count_left_out(self.lmdb_path, split, self.block_size)
         self._splits = {s: np.flatnonzero(split == i) for i, s in enumerate(SPLITS)}
         if chosen is not None:
             self._splits = {s: chosen[r] for s, r in self._splits.items()}
@@ -304,7 +294,7 @@ class GeoPatchDataModule(LMDBDataModule):
             raise ConfigError(f"{self.lmdb_path}: the {split} split is empty (split={self.split!r}); give more "
                               "scenes, a smaller block_size, or other fractions")
         windows = np.stack([scene[rows], row[rows], col[rows]], axis=1).astype(np.int32)
-        return GeoPatchDataset(self.lmdb_paths, self.bands, keys=items, size=self.output_size,
+        return GeoPatchDataset(self.store or self.lmdb_paths, self.bands, keys=items, size=self.output_size,
                                interpolation=self.interpolation, align_corners=self.align_corners,
                                native=self.loads_native, readahead=self.readahead, windows=windows,
                                manifests=self._path_manifests,

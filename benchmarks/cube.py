@@ -1,0 +1,146 @@
+"""Datacubes: reading the same windows pre-chipped (option I), on the fly (option II) and with
+xbatcher 0.4, side by side in one run.
+
+* Data: a NOAA-like monthly sea-surface temperature cube (``rico_torch.synthetic.cube.make_sst_netcdf``:
+  float32, NaN land, descending latitude, 0..360 longitude), ``--months`` x ``--lat`` x ``--lon``
+  (default 120 x 180 x 360), as NetCDF4 (zlib, one chunk per month, as NOAA ships it) and as Zarr v3
+  (chunks 12 x 90 x 90), generated once (cached).
+* Windows: ``--patch`` months x cells x cells (default 12 x 32 x 32), stride = patch, remainders
+  dropped (``--edge drop``: xbatcher's only rule), so every reader has the same windows.
+* Per-sample reads over every window, in order, in one process (best of ``--repeats`` passes):
+  - option I: ``LMDBPatchDataset(encoded, ["sst"])[i]`` (the cube encoded with ``encode cube``):
+    ``image`` float32 T x 1 x H x W plus ``time``, ``bounds``, ``crs``, ``key``;
+  - option II: ``CubePatchDataset(source, ["sst"], patch=..., min_valid=0)[i]``: the same sample
+    read from the NetCDF / Zarr on the fly;
+  - xbatcher: ``xbatcher.loaders.torch.MapDataset(BatchGenerator(ds[["sst"]], input_dims=...))[i]``
+    on the dataset opened with xarray (``mask_and_scale=False``, as stored): a T x H x W tensor.
+  Values are compared window by window (xbatcher's windows matched by their offsets).
+
+The encode part (encode rate against one xarray read of the cube, peak memory on a cube larger
+than memory) is ``benchmarks/cube_encode.py``; ``--part encode`` (or ``all``) runs it from here.
+
+    python benchmarks/cube.py --part read
+    python benchmarks/cube.py --part encode --gb 8
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import BENCH_ROOT, MARKER, load, log, machine, table  # noqa: E402
+
+
+def sst_cube(months: int, lat: int, lon: int) -> tuple[Path, Path]:
+    """The cached NetCDF and Zarr copies of one synthetic SST cube."""
+    root = BENCH_ROOT / f"cube-sst-{months}x{lat}x{lon}"
+    netcdf, zarr = root / "sst.mnmean.nc", root / "sst.zarr"
+    if (root / MARKER).exists():
+        return netcdf, zarr
+    if root.exists():
+        shutil.rmtree(root)
+    import xarray as xr
+
+    from rico_torch.synthetic.cube import make_sst_netcdf
+
+    log(f"generating a {months} x {lat} x {lon} SST cube into {root} ...")
+    make_sst_netcdf(netcdf, months=months, lat=lat, lon=lon)
+    with xr.open_dataset(netcdf, mask_and_scale=False, decode_times=False) as ds:
+        encoding = {"sst": {"chunks": (12, 90, 90)}}
+        ds.load().to_zarr(zarr, zarr_format=3, consolidated=False, encoding=encoding)
+    (root / MARKER).write_text(json.dumps({"months": months, "lat": lat, "lon": lon}))
+    return netcdf, zarr
+
+
+def best_pass(read, count: int, repeats: int) -> float:
+    """Seconds per item of the fastest of ``repeats`` passes over items 0 .. count - 1."""
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        for i in range(count):
+            read(i)
+        best = min(best, (time.perf_counter() - start) / count)
+    return best
+
+
+def read_part(args) -> list[list[object]]:
+    import torch
+    import xarray as xr
+    import xbatcher
+    from xbatcher.loaders.torch import MapDataset
+
+    from rico_torch.cube.encode import encode_cube
+    from rico_torch.data import CubePatchDataset, LMDBPatchDataset
+
+    netcdf, zarr = sst_cube(args.months, args.lat, args.lon)
+    steps, size = args.patch
+    patch = {"time": steps, "lat": size, "lon": size}
+    rows = []
+    for name, source in (("NetCDF", netcdf), ("Zarr", zarr)):
+        target = source.parent / f"encoded-{source.suffix[1:]}-{steps}x{size}"
+        if not (target / "data.mdb").exists():
+            log(f"encoding {source.name} ...")
+            encode_cube(source, target, patch, edge="drop", min_valid=0, overwrite=True)
+        pre = LMDBPatchDataset(target, ["sst"])
+        made = time.perf_counter()
+        live = CubePatchDataset(source, ["sst"], patch=patch, edge="drop", min_valid=0)
+        made = time.perf_counter() - made
+        opened = {"consolidated": False} if source.suffix == ".zarr" else {}
+        ds = xr.open_dataset(source, mask_and_scale=False, decode_times=False, **opened)
+        generator = xbatcher.BatchGenerator(ds[["sst"]], input_dims=patch)
+        xb = MapDataset(generator)
+        count = len(pre)
+        assert len(live) == count == len(xb), (len(live), count, len(xb))
+        # the same windows: xbatcher's i-th by its offsets (its selectors), ours by key
+        index = {pre.key(k): k for k in range(count)}
+        for i in range(0, count, max(1, count // 25)):
+            window = generator._batch_selectors.selectors[i][0]
+            t, row, col = (window[d].start for d in ("time", "lat", "lon"))
+            j = index[f"{pre.cube['name']}_{t}_{row}_{col}"]
+            ours = pre[j]["image"][:, 0].numpy()
+            assert np.array_equal(ours, xb[i].numpy(), equal_nan=True), f"window {t} {row} {col} differs"
+            assert torch.equal(pre[j]["image"].nan_to_num(7), live[j]["image"].nan_to_num(7))
+        log(f"{name}: {count} windows of {steps} x {size} x {size}; values agree; timing ...")
+        t_xb = best_pass(lambda i: xb[i], count, args.repeats)
+        t_pre = best_pass(lambda i: pre[i], count, args.repeats)
+        t_live = best_pass(lambda i: live[i], count, args.repeats)
+        rows.append([name, count, f"{t_xb * 1e6:,.0f}", f"{t_pre * 1e6:,.0f}", f"{t_xb / t_pre:.1f}x",
+                     f"{t_live * 1e6:,.0f}", f"{t_xb / t_live:.1f}x", f"{made:.2f}"])
+        ds.close()
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--part", choices=("read", "encode", "all"), default="all")
+    parser.add_argument("--gb", type=float, help="encode part: the cube's size (cube_encode.py --gb)")
+    parser.add_argument("--months", type=int, default=120)
+    parser.add_argument("--lat", type=int, default=180)
+    parser.add_argument("--lon", type=int, default=360)
+    parser.add_argument("--patch", type=int, nargs=2, default=(12, 32), metavar=("T", "CELLS"))
+    parser.add_argument("--repeats", type=int, default=3)
+    args = parser.parse_args()
+    log(f"machine: {machine()}; load {load()}")
+    if args.part in ("encode", "all"):
+        import cube_encode
+
+        cube_encode.main([] if args.gb is None else ["--gb", str(args.gb)])
+        if args.part == "encode":
+            return
+    rows = read_part(args)
+    print(f"\nPer-sample reads of the same {args.patch[0]} x {args.patch[1]} x {args.patch[1]} windows of a "
+          f"{args.months} x {args.lat} x {args.lon} float32 cube, one process (us per sample, best of "
+          f"{args.repeats}; load {load()}):\n")
+    print(table(["source", "windows", "xbatcher 0.4 MapDataset", "option I: LMDB", "I vs xbatcher",
+                 "option II: on the fly", "II vs xbatcher", "II setup (s)"], rows))
+
+
+if __name__ == "__main__":
+    main()
