@@ -146,6 +146,10 @@ def test_widened_or_overlong_source_ranges_are_refused_and_verify_checks_each_ke
     s2_key = read(bigearthnet_lmdb).key_array(["s2"])[0].decode()
     assert proc.returncode == 1 and f"{s2_key}: bands [" in proc.stderr and "differ from the manifest's ['VH', 'VV']" \
         in proc.stderr
+    edited({"s1": [a1, b1 + 1]})  # repair rebuilds the ranges from the values and the counts
+    assert "it was: corrupt manifest (index.sources s1 is" in encode_cli("repair", str(target)).stderr
+    assert read(target)["index"]["sources"] == facts["index"]["sources"]
+    assert encode_cli("verify", "--target-dir", str(target), "--quiet").returncode == 0
 
 
 # --- 3. a missing or foreign keys.index is rebuilt ------------------------------------------------
