@@ -22,6 +22,7 @@ Exits 1 if anything differs.
     python benchmarks/encode.py              # 3,000 pairs (42,000 files)
     python benchmarks/encode.py --datasets --quick   # a row per dataset, with the decode limit
     python benchmarks/encode.py --datasets --only hydro,major-tom-core
+    python benchmarks/encode.py --bigearthnet-v1 --quick   # v1 against bigearthnet-encoder, convert-pickled
 
 ``--datasets``: BigEarthNet, SSL4EO-S12, Major-TOM-Core, Hydro and SpectralEarth against rico-hdl's
 method (the same loop for any catalog dataset; a multi-band file opened once per band, as rico-hdl's
@@ -33,6 +34,7 @@ decoders, nothing else), times the workers.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import random
 import re
@@ -396,6 +398,106 @@ def datasets_benchmark(args) -> int:
     return 0
 
 
+# --- BigEarthNet v1: against bigearthnet-encoder, and convert-pickled against reading ------------
+
+REAL_ENCODER = Path(__file__).resolve().parents[1] / ".bigearthnet-encoder"
+V1_SIDE_BY_SIDE = """
+import json, pickle, sys, time, warnings
+warnings.simplefilter("ignore")
+from pathlib import Path
+import lmdb
+from bigearthnet_encoder.encoder import write_S1_lmdb_with_lbls, write_S2_lmdb_with_lbls
+from rico_torch.encode.cli import main
+from rico_torch.encode.pickled import convert
+s2_dir, s1_dir, out, workers = Path(sys.argv[1]), Path(sys.argv[2]), Path(sys.argv[3]), int(sys.argv[4])
+times = {}
+start = time.perf_counter()
+write_S2_lmdb_with_lbls(s2_dir, lmdb_path=out / "pickled-s2", lmdb_max_size=1 << 33)
+write_S1_lmdb_with_lbls(s1_dir, lmdb_path=out / "pickled-s1", lmdb_max_size=1 << 33)
+times["bigearthnet-encoder"] = time.perf_counter() - start
+for n in sorted({1, workers}):
+    start = time.perf_counter()
+    main(["bigearthnet-v1", "--s2-dir", str(s2_dir), "--s1-dir", str(s1_dir), "--target-dir", str(out / f"ours-{n}"),
+          "--num-workers", str(n), "--quiet"])
+    times[f"rico_torch {n} worker(s)"] = time.perf_counter() - start
+for sensor in ("s2", "s1"):
+    source = out / f"pickled-{sensor}"
+    env = lmdb.open(str(source), readonly=True, lock=False)
+    start = time.perf_counter()
+    with env.begin(buffers=True) as txn:
+        for _, value in txn.cursor():  # what a training loop on it does: unpickle, take every band's array
+            patch = pickle.loads(value)
+            sum(band.data.nbytes for band in patch.bands)
+    times[f"read {sensor} (pickle.loads, real classes)"] = time.perf_counter() - start
+    env.close()
+    for n in sorted({0, workers}):
+        start = time.perf_counter()
+        convert(source, out / f"converted-{sensor}-{n}", num_workers=n, quiet=True)
+        times[f"convert-pickled {sensor}, {n} worker(s)"] = time.perf_counter() - start
+print(json.dumps(times))
+"""
+
+
+def v1_benchmark(args) -> int:
+    """Encode a synthetic BigEarthNet v1.0 with bigearthnet-encoder (its own one-process loop) and
+    with rico_torch, then read the pickled LMDBs it wrote (``pickle.loads`` with the real classes)
+    and convert them with ``convert-pickled``: all in one process, side by side."""
+    if not (REAL_ENCODER / "bigearthnet_encoder").is_dir():
+        raise SystemExit(f"{REAL_ENCODER}: missing; pip install --no-deps --target .bigearthnet-encoder "
+                         "-r tests/bigearthnet-encoder.txt")
+    from rico_torch.synthetic import make_bigearthnet_v1
+
+    pairs = args.pairs or (600 if args.quick else 3000)
+    root = args.data_dir or BENCH_ROOT / f"ben-v1-{pairs}"
+    if not (root / "done").exists():
+        shutil.rmtree(root, ignore_errors=True)
+        log(f"generating {pairs:,} synthetic BigEarthNet v1.0 S1+S2 pairs into {root} ...")
+        make_bigearthnet_v1(root, patches=pairs, quirks=False)
+        (root / "done").write_text("")
+    out = args.out_dir or BENCH_ROOT / f"encode-v1-{pairs}"
+    shutil.rmtree(out, ignore_errors=True)
+    out.mkdir(parents=True)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REAL_ENCODER), str(Path(__file__).resolve().parents[1])])}
+    run = subprocess.run([sys.executable, "-c", V1_SIDE_BY_SIDE, str(root / "BigEarthNet-v1.0"),
+                          str(root / "BigEarthNet-S1-v1.0"), str(out), str(args.workers)],
+                         env=env, capture_output=True, text=True)
+    if run.returncode:
+        raise SystemExit(run.stderr)
+    times = json.loads(run.stdout.strip().splitlines()[-1])
+    patches = 2 * pairs
+    n, problems = compare_lmdbs(out / f"ours-{args.workers}", out / "ours-1", data_mdb=True)
+    for sensor in ("s2", "s1"):
+        for w in sorted({0, args.workers}):
+            ours = read_lmdb_values(out / f"converted-{sensor}-{w}")
+            encoded = read_lmdb_values(out / f"ours-{args.workers}")
+            problems += [f"converted {k} differs from encoded" for k, v in ours.items() if encoded.get(k) != v]
+    base = times["bigearthnet-encoder"]
+    rows = [[what, f"{t:.2f}", f"{patches / t:,.0f}", f"{base / t:.1f}x"] for what, t in times.items()
+            if not what.startswith(("read", "convert"))]
+    log(f"\nBigEarthNet v1.0, {pairs:,} S1+S2 pairs ({patches:,} patches); {machine()}; load {load()}")
+    log(table(["encoder", "s", "patches/s", "vs bigearthnet-encoder"], rows))
+    rows = []
+    for sensor in ("s2", "s1"):
+        read = times[f"read {sensor} (pickle.loads, real classes)"]
+        rows.append([f"read {sensor}: pickle.loads, every band", f"{read:.2f}", f"{pairs / read:,.0f}", "1.00"])
+        for w in sorted({0, args.workers}):
+            t = times[f"convert-pickled {sensor}, {w} worker(s)"]
+            rows.append([f"convert-pickled {sensor}, {w} worker(s)", f"{t:.2f}", f"{pairs / t:,.0f}", f"{read / t:.2f}"])
+    log(table(["pickled LMDB", "s", "patches/s", "rate vs reading"], rows))
+    log(f"checked: data.mdb of 1 and {args.workers} workers byte-identical ({n:,} values), every converted value "
+        "equal to the encoded one" if not problems else "PROBLEMS: " + "; ".join(problems[:5]))
+    return 1 if problems else 0
+
+
+def read_lmdb_values(path: Path) -> dict[bytes, bytes]:
+    env = lmdb.open(str(path), readonly=True, lock=False)
+    try:
+        with env.begin() as txn:
+            return dict(txn.cursor())
+    finally:
+        env.close()
+
+
 # --- running both ------------------------------------------------------------------------
 
 
@@ -514,9 +616,13 @@ def main(argv: list[str] | None = None) -> int:
                         "SatlasPretrain) with the decode limit")
     p.add_argument("--profile", action="store_true",
                    help="with --datasets: only the per-stage profile (one core, MB/s of values per stage)")
+    p.add_argument("--bigearthnet-v1", action="store_true",
+                   help="BigEarthNet v1.0 against bigearthnet-encoder, and convert-pickled against reading its LMDBs")
     p.add_argument("--only", help="with --datasets: these datasets only (comma-separated catalog names)")
     args = p.parse_args(argv)
 
+    if args.bigearthnet_v1:
+        return v1_benchmark(args)
     if args.datasets:
         return datasets_benchmark(args)
     if args.baseline_only:  # the baseline as its own process (--via cli)

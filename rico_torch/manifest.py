@@ -13,6 +13,8 @@ column      dtype      what
 ``sorter``  ``<u4``    the rows in byte order of their keys (``np.searchsorted(..., sorter=)``)
 ``digest``  ``<u8``    the low 64 bits of each value's digest (``verify`` checks them)
 ``label``   ``<i4``    index into ``classes`` (-1: none); only where the dataset has labels
+``label_``  ``<u8``    multi-label datasets (BigEarthNet v1): bit i set = the key has
+``bits``               ``classes[i]``; ``partner``, ``<i4``: the row of a key's S1/S2 partner (-1: none)
 ``row``,    ``<i4``    a scene window's offsets (finest-grid pixels) in its scene (the row's
 ``col``                source); its transform is derived from the scene's, never stored
 ==========  =========  ==========================================================================
@@ -68,6 +70,8 @@ _FIND_CHUNK = 1 << 17  # keys looked up at once
 #: open and the digest from ``verify``, ``info --check`` and ``repair``.
 DIGEST_ON_OPEN_BYTES = 64 << 20
 REPAIR = "python -m rico_torch.encode repair"
+#: The per-key multi-label column: bit i set = the key has ``classes[i]`` (up to 64 classes).
+LABEL_BITS = "label_bits"
 
 
 # --- extensions --------------------------------------------------------------------------------
@@ -485,7 +489,12 @@ class Manifest(dict):
 
     def labels(self, keys: np.ndarray | None = None) -> np.ndarray | None:
         """Class index of each key (all keys in index order where None), -1 where unlabelled;
-        None where the manifest has no labels."""
+        for a multi-label dataset (a ``label_bits`` column: bit i = ``classes[i]``) an (N, classes)
+        uint8 multi-hot array in the order of ``classes``; None where the manifest has no labels."""
+        if self.has_column(LABEL_BITS):
+            bits = self.column(LABEL_BITS) if keys is None else self.lookup(LABEL_BITS, keys, missing=0)
+            shifts = np.arange(len(self.get("classes", [])), dtype=np.uint64)
+            return ((bits.astype(np.uint64)[:, None] >> shifts) & np.uint64(1)).astype(np.uint8)
         if not self.has_column("label"):
             return None
         return self.column("label") if keys is None else self.lookup("label", keys).astype(np.int64)
@@ -496,9 +505,10 @@ class Manifest(dict):
         return {s: decode_keys(self.key_array([s])) for s in self.sources()}
 
     def label_names(self) -> dict[str, str]:
-        """key -> class name of every labelled key (Python objects per key, as :meth:`keys_by_source`)."""
+        """key -> class name of every labelled key (Python objects per key, as :meth:`keys_by_source`);
+        empty for a multi-label dataset (:meth:`labels` gives its multi-hot rows)."""
         labels, classes = self.labels(), self.get("classes", [])
-        if labels is None:
+        if labels is None or labels.ndim != 1:
             return {}
         return {k: classes[i] for k, i in zip(decode_keys(self.key_array()), labels.tolist()) if i >= 0}
 

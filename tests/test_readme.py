@@ -35,7 +35,8 @@ def test_quick_start_demo_then_loading_example(tmp_path, monkeypatch):
 
 
 def test_readme_test_command_is_what_ci_runs():
-    command = 'pip install torch==2.13.0 && pip install -e ".[test]" && pip install --no-deps configilm==0.7.1 && python -m pytest -q'
+    command = ('pip install torch==2.13.0 && pip install -e ".[test]" && pip install --no-deps configilm==0.7.1 && '
+               'pip install --no-deps --target .bigearthnet-encoder -r tests/bigearthnet-encoder.txt && python -m pytest -q')
     assert command in README.read_text()
     assert command in (README.parent / ".ci" / "run").read_text()
 

@@ -158,14 +158,19 @@ def test_widened_or_overlong_source_ranges_are_refused_and_verify_checks_each_ke
 def test_missing_sidecar_is_rebuilt_by_re_running_the_encode(eurosat_files, eurosat_lmdb, tmp_path):
     target = copy_target(eurosat_lmdb, tmp_path / "t")
     before = sha256(target / "data.mdb")
+    (target / INDEX).write_bytes((target / INDEX).read_bytes()[:-64] + b"\0" * 64)  # bit rot at its end
+    proc = encode_cli("eurosat-ms", "--dataset-dir", str(eurosat_files.root), "--target-dir", str(target),
+                      "--num-workers", "0")
+    assert f"{target}: rebuilt keys.index from data.mdb and the sources' listing (9 keys; it was: damaged " in proc.stderr
+    assert sha256(target / INDEX) == sha256(eurosat_lmdb / INDEX)  # exactly as the encode wrote it
     (target / INDEX).unlink()  # an rsync that skipped it
     with pytest.raises(FormatError, match=f"the per-key index is missing; manifest.json lists it .{REPAIR} {target}`"):
         LMDBPatchDataset(target, bands=["B02"])
     proc = encode_cli("eurosat-ms", "--dataset-dir", str(eurosat_files.root), "--target-dir", str(target),
                       "--num-workers", "0")
-    assert (f"{target}: rebuilt keys.index from data.mdb and manifest.json (9 keys; it was: the per-key index is "
-            "missing); data.mdb untouched; the encode was already complete (9 patches)") in proc.stderr
-    assert sha256(target / "data.mdb") == before
+    assert (f"{target}: rebuilt keys.index from data.mdb and the sources' listing (9 keys; it was: the per-key "
+            "index is missing); data.mdb untouched; the encode was already complete (9 patches)") in proc.stderr
+    assert sha256(target / "data.mdb") == before and sha256(target / INDEX) == sha256(eurosat_lmdb / INDEX)
     original, rebuilt = read(eurosat_lmdb), read(target)
     assert rebuilt.label_names() == original.label_names() == eurosat_files.labels
     assert sorted(rebuilt.key_array().tolist()) == sorted(read_lmdb(target)) == sorted(original.key_array().tolist())
@@ -219,6 +224,12 @@ def test_repair_refuses_a_data_mdb_the_manifest_does_not_describe(eurosat_lmdb, 
         else:
             assert err.startswith(f"error: {other}: data.mdb holds other values than manifest.json describes (counts "
                                   "{'images': 8}, manifest {'images': 9}); re-encode with --overwrite\n")
+    facts = json.loads((target / "manifest.json").read_text())  # a column only the sources give
+    facts["index"]["columns"].append("label_bits")
+    (target / "manifest.json").write_text(json.dumps(facts))
+    code, err = encode(capsys, "repair", target)
+    assert code == 1 and err.startswith(f"error: {target}: keys.index's label_bits columns follow from the sources, "
+                                        "not data.mdb; re-run the encode command (its sources at hand) to rebuild it (")
     code, err = encode(capsys, "repair", tmp_path / "nothing")
     assert code == 1 and err == f"error: {tmp_path / 'nothing'}: no such directory; give the directory an encode wrote\n"
 

@@ -4,13 +4,13 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
-from . import bigearthnet, eurosat, hydro, hyspecnet, majortom, satlas, spectralearth, ssl4eo, ucmerced
+from . import bigearthnet, bigearthnet_v1, eurosat, hydro, hyspecnet, majortom, satlas, spectralearth, ssl4eo, ucmerced
 from .base import Band, Dataset, Source
 
 DATASETS: dict[str, Dataset] = {
     d.name: d
     for d in (
-        bigearthnet.DATASET, hyspecnet.DATASET, ucmerced.DATASET, eurosat.DATASET,
+        bigearthnet.DATASET, bigearthnet_v1.DATASET, hyspecnet.DATASET, ucmerced.DATASET, eurosat.DATASET,
         ssl4eo.DATASET, majortom.DATASET, hydro.DATASET, spectralearth.DATASET, satlas.DATASET,
     )
 }  # fmt: skip
@@ -38,6 +38,8 @@ def identify(key: str, bands: Iterable[str]) -> tuple[Dataset, Source] | None:
 def encode_command(manifest: dict, target: object) -> str:
     """The encode command line ``manifest`` records: re-running it resumes an unfinished encode."""
     parts = ["python -m rico_torch.encode", str(manifest.get("dataset", "<dataset>"))]
+    if set(manifest.get("sources", {})) == {"pickled"}:  # convert-pickled's
+        return f"python -m rico_torch.encode convert-pickled --source {manifest['sources']['pickled']} --target-dir {target}"
     try:
         dataset = get_dataset(manifest["dataset"])
         for name, root in manifest.get("sources", {}).items():

@@ -200,6 +200,14 @@ class Dataset:
             are added to ``manifest.json`` (dataset-level only, e.g. each image's time and tile
             count), through the manifest's one extension mechanism
             (:class:`rico_torch.manifest.Entries`).
+        find: ``(source, root, keep) -> patches`` replacing the generic folder walk
+            (``rico_torch.encode.discover.find_patches``), e.g. to note each patch's file prefix.
+        prepare: ``(discovered, options) -> (discovered, extension)``, run on the patches found
+            before writing: may drop or replace patches and returns the
+            :class:`rico_torch.manifest.Extension` adding the dataset's facts (BigEarthNet v1's
+            labels from each patch's JSON); ``options``: the encode command's arguments.
+        options: extra command-line options of the encode subcommand, as
+            ``(flag, argparse keyword arguments)``.
     """
 
     name: str
@@ -214,6 +222,9 @@ class Dataset:
     fit_options: str = ""
     side_files: tuple[str, ...] = ()
     manifest_extra: object = None
+    find: object = None
+    prepare: object = None
+    options: tuple = ()
 
     def source(self, name: str) -> Source:
         for s in self.sources:

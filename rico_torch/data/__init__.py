@@ -4,6 +4,7 @@ from .dataset import LMDBPatchDataset, NativeAssembler, collate, read_manifest
 from .loader import EpochSampler, PatchLoader, WorkerError, WorkerLostError
 from .datamodules import (
     BigEarthNetDataModule,
+    BigEarthNetV1DataModule,
     EuroSATDataModule,
     HySpecNetDataModule,
     LMDBDataModule,
@@ -15,7 +16,7 @@ from .datamodules import HydroDataModule, MajorTOMDataModule, SpectralEarthDataM
 __all__ = [
     "LMDBPatchDataset", "NativeAssembler", "collate", "read_manifest", "PatchLoader", "EpochSampler", "WorkerError",
     "WorkerLostError", "LMDBDataModule",
-    "BigEarthNetDataModule", "EuroSATDataModule", "HySpecNetDataModule", "UCMercedDataModule",
+    "BigEarthNetDataModule", "BigEarthNetV1DataModule", "EuroSATDataModule", "HySpecNetDataModule", "UCMercedDataModule",
     "SSL4EODataModule", "MajorTOMDataModule", "HydroDataModule", "SpectralEarthDataModule",
     "SatlasDataModule",
 ]

@@ -13,6 +13,7 @@ from ..catalog import DATASETS, Dataset, get_dataset
 from ..cli_errors import report
 from ..errors import ConfigError, InputError, UserError
 from ..manifest import Entries, require_lmdb, upgrade
+from . import hashes
 from .discover import discover, printable
 from .options import DEMO_TMP_PREFIX, demo_fit_command, parse_shard
 from .writer import EncodeResult, TargetLock, encode_dataset, split_skipped
@@ -68,6 +69,11 @@ def _add_dataset(sub, dataset: Dataset) -> None:
     p.add_argument("--skip-invalid", action="store_true",
                    help="skip patches with missing or invalid bands (listed in the manifest and summary) "
                         "instead of stopping at the first")
+    p.add_argument("--source-hashes", type=Path, metavar="CSV",
+                   help="record this hash list's SHA-256 in the manifest (a CSV of `hash-sources`, or one published "
+                        "for the dataset); verify checks it")
+    for flag, kwargs in dataset.options:
+        p.add_argument(flag, **kwargs)
     p.set_defaults(dataset=dataset.name)
 
 
@@ -181,6 +187,9 @@ def build_parser(prog: str = "python -m rico_torch.encode") -> argparse.Argument
     for option, (aliases, helps) in _verify_options().items():
         verify.add_argument(option, *aliases, dest=_verify_dest(option), type=Path, metavar="DIR",
                             help=f"compare with the sources ({' / '.join(helps)})")
+    verify.add_argument("--source-hashes", type=Path, metavar="CSV",
+                        help="the hash list the encode recorded (default: the path the manifest names); with source "
+                        "folders, their GeoTIFFs are hashed and compared with it too")
     verify.add_argument("--dataset", dest="verify_dataset", metavar="NAME",
                         help="the dataset of an LMDB without manifest.json (rico-hdl's output), needed to compare "
                         f"it with sources where the options do not tell ({', '.join(DATASETS)})")
@@ -204,14 +213,30 @@ def build_parser(prog: str = "python -m rico_torch.encode") -> argparse.Argument
          "Check keys.index (structure and content digest) and, where it is missing, belongs to another encode or "
          "is damaged, rebuild it from data.mdb and manifest.json: keys, each key's source, value digests, labels "
          "that follow from keys, scene window offsets. data.mdb is read, never written; the values must match the "
-         "manifest's count and content hash. Within a source the rows come in key order. Re-running the encode of "
-         "a complete target does the same."),
+         "manifest's count and content hash. Within a source the rows come in key order. Columns that follow from "
+         "the sources (BigEarthNet v1's label bits) need the encode re-run instead: re-running the encode of a "
+         "complete target rebuilds keys.index exactly as it was written."),
     ):
         command = sub.add_parser(name, help=what, description=description,
                                  epilog=f"example:\n  python -m rico_torch.encode {name} encoded-eurosat",
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
         command.add_argument("target", type=Path, metavar="LMDB_DIR", help="directory holding data.mdb and manifest.json")
         command.set_defaults(dataset=name)
+    hasher = sub.add_parser(
+        "hash-sources",
+        help="write the SHA-256 of every GeoTIFF below a folder as the BigEarthNet pipeline's tiff-hasher does",
+        description="Write OUTPUT: the line `name,hash-sha256`, then `<file stem>,<hex sha256>` for every .tif/.tiff "
+        "below DIR (recursively), sorted by name; and OUTPUT.sha256 holding the CSV's own hex SHA-256. Compare it "
+        "with a published list before encoding; `encode ... --source-hashes OUTPUT` records it, verify checks it.",
+        epilog="example:\n  python -m rico_torch.encode hash-sources BigEarthNet-v1.0 --output hashes.csv",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    hasher.add_argument("source", type=Path, metavar="DIR", help="folder holding the GeoTIFFs")
+    hasher.add_argument("--output", type=Path, required=True, metavar="CSV", help="the hash list to write")
+    hasher.set_defaults(dataset="hash-sources")
+    from .pickled import add_parser as add_pickled_parser
+
+    add_pickled_parser(sub, _common)
     return parser
 
 
@@ -251,7 +276,8 @@ def verify_dataset(args: argparse.Namespace, manifest: dict | None) -> tuple[Dat
     elif named is not None or not given:
         dataset = named
     else:
-        fits = [d for d in DATASETS.values() if set(given) <= {s.option for s in d.sources}]
+        # a dataset whose facts only a manifest holds (BigEarthNet v1's labels: `prepare`) is never without one
+        fits = [d for d in DATASETS.values() if set(given) <= {s.option for s in d.sources} and d.prepare is None]
         if len(fits) != 1:
             which = " or ".join(d.name for d in fits) or "no single dataset"
             raise ConfigError(f"{args.target_dir}: no manifest.json, and {', '.join(given)} fit {which}; "
@@ -270,6 +296,7 @@ def verify_dataset(args: argparse.Namespace, manifest: dict | None) -> tuple[Dat
 
 
 def run_verify(args: argparse.Namespace) -> int:
+    from .hashes import check as check_hashes
     from .verify import print_report, read_manifest, verify
 
     manifest = read_manifest(args.target_dir)
@@ -282,6 +309,11 @@ def run_verify(args: argparse.Namespace) -> int:
     dataset, roots = verify_dataset(args, manifest)
     report = verify(args.target_dir, roots, num_workers=args.num_workers, quiet=args.quiet,
                     dataset=dataset.name if dataset is not None else None)
+    if manifest is not None and "source_hashes" in manifest:
+        report.problems += check_hashes(manifest["source_hashes"], args.source_hashes, list(roots.values()))
+    elif args.source_hashes is not None:
+        report.problems.append(f"{args.target_dir}: the manifest records no source hashes (encode with "
+                               "--source-hashes to record them)")
     print_report(report)
     return 0 if report.ok else 1
 
@@ -290,8 +322,14 @@ def run_encode(dataset: Dataset, roots: dict[str, Path], args: argparse.Namespac
                base: Path | None = None) -> EncodeResult:
     """Encode ``roots``; ``base``: the directory the sources share (side files, manifest extras)."""
     shard = getattr(args, "shard", None)
+    given_hashes = getattr(args, "source_hashes", None)
+    recorded = {"source_hashes": hashes.manifest_entry(given_hashes)} if given_hashes is not None else {}
     discovered = discover(dataset, roots, shard)
     extra = dataset.manifest_extra(discovered, base) if dataset.manifest_extra and base is not None else None
+    extension = [Entries(extra), Entries(recorded)]
+    if dataset.prepare is not None:
+        discovered, facts = dataset.prepare(discovered, args)
+        extension.append(facts)
     result = encode_dataset(
         dataset,
         discovered,
@@ -302,7 +340,7 @@ def run_encode(dataset: Dataset, roots: dict[str, Path], args: argparse.Namespac
         quiet=args.quiet,
         sources_info={k: str(v.resolve()) for k, v in roots.items()},
         shard=shard,
-        extension=Entries(extra),
+        extension=extension,
     )
     if base is not None:
         copy_side_files(dataset, base, args.target_dir)
@@ -365,6 +403,18 @@ def main(argv: list[str] | None = None, prog: str = "python -m rico_torch.encode
             return run_info(args)
         except UserError as e:
             return report(e)
+    if args.dataset == "hash-sources":
+        try:
+            count, digest = hashes.write_hashes(args.source, args.output)
+        except UserError as e:
+            return report(e)
+        print(f"hashed {count:,} GeoTIFFs below {args.source} into {args.output} (its SHA-256 {digest} in "
+              f"{args.output}.sha256)", file=sys.stderr)
+        return 0
+    if args.dataset == "convert-pickled":
+        from .pickled import run as run_pickled
+
+        return run_pickled(args)
     if args.dataset in ("upgrade", "repair"):
         from .repair import index_problem, repair
 

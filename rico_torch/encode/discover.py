@@ -190,7 +190,7 @@ def discover(dataset: Dataset, roots: dict[str, Path], shard: tuple[int, int] | 
         if source.name not in roots:
             continue
         keep = None if shard is None else (lambda key: in_shard(key, *shard))
-        patches = find_patches(source, roots[source.name], keep)
+        patches = (dataset.find or find_patches)(source, roots[source.name], keep)
         for patch in patches:
             if patch.key in seen:
                 also = printable(seen[patch.key])

@@ -8,7 +8,9 @@ offsets (``<scene>_<row>_<col>``). Within a source the rows come in key order (a
 in source path order; no reader depends on it). The values are checked against the manifest's
 count and content hash first, so the rebuilt index describes the data the manifest does. Only
 ``keys.index`` and the ``index`` entry of ``manifest.json`` are written; ``data.mdb`` is read, never
-written. Re-running the encode of a complete target repairs it the same way.
+written. Re-running the encode of a complete target rebuilds it exactly as written instead (write
+order, and any column from the sources, e.g. BigEarthNet v1's label bits), from the committed
+values and the sources' listing.
 """
 
 from __future__ import annotations
@@ -27,6 +29,9 @@ from .read import value_digest
 
 _SCENE_WINDOW = re.compile(rb"^(?P<scene>.+)_(?P<row>\d+)_(?P<col>\d+)$")
 _TRAILING_NUMBER = re.compile(r"_?\d+$")  # a class-folder key: <class>[_]<n>
+#: The columns rebuilt from data.mdb and the manifest alone (others, e.g. BigEarthNet v1's label
+#: bits, come from the sources: re-running the encode rebuilds them).
+REBUILT = ("key", "sorter", "digest", "label", "row", "col")
 
 
 def index_problem(target: Path, digest: bool = True) -> str | None:
@@ -57,11 +62,19 @@ def repair(target: str | Path, problem: str | None = None) -> str:
     problem = problem or index_problem(target)
     if problem is None:
         return f"{target}: {INDEX} is sound (content digest checked); nothing to repair"
+    beyond = [c for c in facts.get("index", {}).get("columns", ()) if c not in REBUILT]
+    if beyond:
+        raise TargetError(f"{target}: {INDEX}'s {', '.join(beyond)} columns follow from the sources, not data.mdb; "
+                          f"re-run the encode command (its sources at hand) to rebuild it ({problem})")
     ranges, columns = rebuild_columns(target, facts)
     write(target, facts, ranges, columns)
+    return rebuilt_line(target, f"data.mdb and {MANIFEST}", len(columns["key"]), problem)
+
+
+def rebuilt_line(target: Path, source: str, keys: int, problem: str) -> str:
+    """What a rebuild of ``keys.index`` says: from what, how many keys, what was wrong."""
     why = problem.split(": ", 1)[1].split(";")[0] if ": " in problem else problem
-    return (f"{target}: rebuilt {INDEX} from data.mdb and {MANIFEST} ({len(columns['key']):,} keys; it was: {why}); "
-            "data.mdb untouched")
+    return f"{target}: rebuilt {INDEX} from {source} ({keys:,} keys; it was: {why}); data.mdb untouched"
 
 
 def rebuild_columns(target: Path, facts: dict) -> tuple[dict[str, tuple[int, int]], dict[str, np.ndarray]]:

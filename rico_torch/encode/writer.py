@@ -466,12 +466,14 @@ def encode_dataset(
             if previous is not None and previous.get("complete"):
                 problem = _disagreement(target, previous)
                 if problem is None:
-                    from .repair import index_problem, repair  # a missing or damaged keys.index: rebuilt
+                    from .repair import index_problem  # a missing or damaged keys.index: rebuilt
 
                     broken = index_problem(target)
+                    repaired = _rebuild_index(dataset, discovered, target, previous, broken, num_workers, skip_invalid,
+                                              quiet, extension) if broken else ""
                     return EncodeResult(target, previous["patches"], previous.get("skipped", []), 0.0,
                                         previous.get("bytes", 0), previous.get("counts", {}), already_complete=True,
-                                        repaired=repair(target, broken) if broken else "", leftover=_leftover(target))
+                                        repaired=repaired, leftover=_leftover(target))
                 print(f"{target}: {problem}; encoding again (the old files are replaced once the new encode "
                       "is complete)", file=sys.stderr)
                 rebuild = True
@@ -557,13 +559,9 @@ def _encode_into(dataset, discovered, directory, fingerprint, num_workers, skip_
         **extra,
     }
     write(directory, base)
-    observers = [e.observe for e in extension or () if not isinstance(e, Entries)]
-    observe = (observers[0] if len(observers) == 1 else
-               (lambda *a: [o(*a) for o in observers]) if observers else None)
-    stats, skipped, resumed = _write(dataset, discovered, directory, num_workers, skip_invalid, quiet, observe)
-    ranges, keys, digests = stats.index([sp.source.name for sp in discovered])
-    del stats.keys, stats.lengths, stats.digests  # the columns hold them now
-    columns = build_columns(keys, digests, label=_label_column(dataset, discovered, keys))
+    stats, skipped, resumed = _write(dataset, discovered, directory, num_workers, skip_invalid, quiet,
+                                     _observer(extension))
+    ranges, keys, columns = _index_columns(dataset, discovered, stats, extension)
     facts = {
         **base,
         "complete": True,
@@ -577,9 +575,41 @@ def _encode_into(dataset, discovered, directory, fingerprint, num_workers, skip_
     }
     for e in extension or ():
         facts.update(e.manifest(keys))
-        columns.update(e.columns(keys))
     manifest = write(directory, facts, ranges, columns)
     return manifest, stats, skipped, resumed
+
+
+def _observer(extension):
+    """One callable passing every value to the extensions that look at values (None: none does)."""
+    observers = [e.observe for e in extension or () if not isinstance(e, Entries)]
+    return (observers[0] if len(observers) == 1 else
+            (lambda *a: [o(*a) for o in observers]) if observers else None)
+
+
+def _index_columns(dataset, discovered, stats: _Stats, extension) -> tuple[dict, np.ndarray, dict]:
+    """(source -> row range, keys, columns) of keys.index for the values ``stats`` counted."""
+    ranges, keys, digests = stats.index([sp.source.name for sp in discovered])
+    del stats.keys, stats.lengths, stats.digests  # the columns hold them now
+    columns = build_columns(keys, digests, label=_label_column(dataset, discovered, keys))
+    for e in extension or ():
+        columns.update(e.columns(keys))
+    return ranges, keys, columns
+
+
+def _rebuild_index(dataset, discovered, target: Path, previous: dict, problem: str, num_workers: int,
+                   skip_invalid: bool, quiet: bool, extension) -> str:
+    """Rebuild a complete target's missing or damaged keys.index exactly as its encode wrote it: every
+    committed value read back in write order (as a resumed run does; nothing is put), the columns
+    from them and the discovery (labels, an extension's columns); the manifest's facts are kept."""
+    from .repair import rebuilt_line
+
+    stats, _, _ = _write(dataset, discovered, target, num_workers, skip_invalid, quiet, _observer(extension))
+    if f"{stats.content_hash:064x}" != previous.get("content_hash") or dict(stats.counts) != previous.get("counts"):
+        raise TargetError(f"{target}: data.mdb holds other values than {MANIFEST} describes; pass --overwrite to "
+                          "encode it again")
+    ranges, keys, columns = _index_columns(dataset, discovered, stats, extension)
+    write(target, dict(previous), ranges, columns)
+    return rebuilt_line(target, "data.mdb and the sources' listing", len(keys), problem)
 
 
 def _label_column(dataset: Dataset, discovered: list[SourcePatches], keys: np.ndarray) -> np.ndarray | None:

@@ -11,6 +11,7 @@ from __future__ import annotations
 from ._common import SplitFiles
 from ._geotiff import write_geotiff
 from .bigearthnet import BigEarthNetFiles, BigEarthNetMetadata, make_bigearthnet, make_bigearthnet_metadata
+from .bigearthnet_v1 import BigEarthNetV1Files, make_bigearthnet_v1
 from .eurosat import EuroSATFiles, make_eurosat, make_eurosat_splits
 from .hydro import HydroFiles, make_hydro
 from .hyspecnet import HySpecNetFiles, make_hyspecnet
@@ -23,6 +24,7 @@ from .ucmerced import UCMercedFiles, make_ucmerced, make_ucmerced_splits
 __all__ = [
     "BigEarthNetFiles",
     "BigEarthNetMetadata",
+    "BigEarthNetV1Files",
     "EuroSATFiles",
     "HydroFiles",
     "HySpecNetFiles",
@@ -34,6 +36,7 @@ __all__ = [
     "UCMercedFiles",
     "make_bigearthnet",
     "make_bigearthnet_metadata",
+    "make_bigearthnet_v1",
     "make_eurosat",
     "make_eurosat_splits",
     "make_hydro",

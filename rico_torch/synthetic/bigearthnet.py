@@ -57,8 +57,8 @@ _MGRS_IN_NAME = re.compile(r"_(T\d{2}[C-X][A-Z]{2})_")
 
 # Value ranges: S1 backscatter in dB (negative), S2 L2A reflectance x 10,000. Each band gets
 # its own disjoint range so a band mix-up shows in the values.
-_S1_VALUES = {"base": -25.0, "step": 10.0, "spread": 9.5}  # VH in [-25, -15.5), VV in [-15, -5.5)
-_S2_VALUES = {"base": 100, "step": 600, "spread": 500}  # B01 in [100, 600) ... B8A in [6700, 7200)
+S1_VALUES = {"base": -25.0, "step": 10.0, "spread": 9.5}  # VH in [-25, -15.5), VV in [-15, -5.5)
+S2_VALUES = {"base": 100, "step": 600, "spread": 500}  # B01 in [100, 600) ... B8A in [6700, 7200)
 _REFERENCE_BLOCKS = 4  # reference maps are 4x4 blocks of one code each (30 px)
 
 METADATA_SCHEMA = pa.schema(
@@ -177,16 +177,16 @@ def _labels_of(reference_map: np.ndarray) -> tuple[str, ...]:
     return tuple(c for c in CLASSES_ALPHABETICAL if present.intersection(CLASS_CLC_CODES[c]))
 
 
-def _write_bands(
-    top: Path, name: str, source: Source, rng: np.random.Generator, values: dict,
+def write_bands(
+    patch: Path, prefix: str, source: Source, rng: np.random.Generator, values: dict,
     crs: CRS, x_min: float, y_max: float,
 ) -> None:  # fmt: skip
-    """Write one S1 or S2 patch: one single-band, uncompressed, stripped GeoTIFF per band."""
-    patch = top / tile_dir(name) / name
+    """Write one S1 or S2 patch into its folder: one single-band, uncompressed, stripped GeoTIFF
+    per band, named by the band's file template with ``prefix`` (v2: the folder name)."""
     for b, band in enumerate(source.bands):
         data = distinct_band(rng, b, band.shape, dtype=source.dtype, **values)
         transform = square_transform(x_min, y_max, PATCH_METRES, band.shape[1])
-        write_geotiff(patch / band.file.format(name=name), data, crs=crs, transform=transform)
+        write_geotiff(patch / band.file.format(name=prefix, prefix=prefix), data, crs=crs, transform=transform)
 
 
 def make_bigearthnet(
@@ -229,9 +229,11 @@ def make_bigearthnet(
     for i, (s2_name, s1_name) in enumerate(pairs):
         crs, x_min, y_max = _georeference(s2_name)
         if s1:
-            _write_bands(s1_dir, s1_name, S1, rng_for(seed, i, 1), _S1_VALUES, crs, x_min, y_max)
+            write_bands(s1_dir / tile_dir(s1_name) / s1_name, s1_name, S1, rng_for(seed, i, 1), S1_VALUES, crs,
+                        x_min, y_max)
         if s2:
-            _write_bands(s2_dir, s2_name, S2, rng_for(seed, i, 2), _S2_VALUES, crs, x_min, y_max)
+            write_bands(s2_dir / tile_dir(s2_name) / s2_name, s2_name, S2, rng_for(seed, i, 2), S2_VALUES, crs,
+                        x_min, y_max)
         reference = _reference_map(rng_for(seed, i, 3))
         labels[s2_name] = _labels_of(reference)
         if reference_maps:

@@ -2,6 +2,7 @@
 
 from .base import LMDBDataModule
 from .bigearthnet import BigEarthNetDataModule
+from .bigearthnet_v1 import BigEarthNetV1DataModule
 from .eurosat import EuroSATDataModule
 from .hyspecnet import HySpecNetDataModule
 from .majortom import MajorTOMDataModule
@@ -11,7 +12,7 @@ from .ssl4eo import SSL4EODataModule
 from .ucmerced import UCMercedDataModule
 
 __all__ = [
-    "LMDBDataModule", "BigEarthNetDataModule", "EuroSATDataModule", "HySpecNetDataModule", "UCMercedDataModule",
+    "LMDBDataModule", "BigEarthNetDataModule", "BigEarthNetV1DataModule", "EuroSATDataModule", "HySpecNetDataModule", "UCMercedDataModule",
     "SSL4EODataModule", "MajorTOMDataModule", "HydroDataModule", "SpectralEarthDataModule",
     "GeoPatchDataModule", "SatlasDataModule", "CubeDataModule",
 ]

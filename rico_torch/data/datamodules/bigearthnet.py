@@ -139,17 +139,21 @@ class BigEarthNetDataModule(LMDBDataModule):
             columns.append(index.s1_keys)
         if self.mask:
             columns.append(np.char.add(index.s2_keys, b"_reference_map"))
+        return self.present_items(columns, index.labels, f"{METADATA_SPLITS[split]} patches of {self.metadata_file}",
+                                  "point metadata_dir at this LMDB's metadata")
+
+    def present_items(self, columns: list[np.ndarray], labels: np.ndarray, what: str, fix: str):
+        """Items (one key per column: S2, S1, reference map) whose keys are all in the LMDB, and their
+        labels; ``what`` and ``fix`` word the error where none is."""
         width = max(c.dtype.itemsize for c in columns)
         items = np.stack([c.astype(f"S{width}") for c in columns], axis=1) if len(columns) > 1 else columns[0]
-        labels = index.labels
         rows = self.key_rows(items.ravel())  # each key's row in the mapped column (one LMDB)
         found = (rows >= 0) if rows is not None else self.has_keys(items.ravel())
         keep = self._present(found.reshape(items.shape))
         if len(items) and not keep.any():
             raise ConfigError(
-                f"{self.lmdb_path}: none of the {len(items)} {METADATA_SPLITS[split]} patches of "
-                f"{self.metadata_file} (with the {self._sensors()} keys the bands need) are in the LMDB; "
-                "point metadata_dir at this LMDB's metadata, or choose bands the LMDB holds"
+                f"{self.lmdb_path}: none of the {len(items)} {what} (with the {self._sensors()} keys the bands need) "
+                f"are in the LMDB; {fix}, or choose bands the LMDB holds"
             )
         if rows is not None:  # the split's keys as rows of the column: 4 bytes a key
             return KeyRows(self.manifest(), rows.reshape(items.shape)[keep]), labels[keep]
@@ -157,7 +161,7 @@ class BigEarthNetDataModule(LMDBDataModule):
 
     def _sensors(self) -> str:
         return " and ".join(n for n, used in (("S2", self.uses_s2 or not self.uses_s1), ("S1", self.uses_s1),
-                                              ("reference map", self.mask)) if used)
+                                              ("reference map", getattr(self, "mask", False))) if used)
 
     def _present(self, found: np.ndarray) -> np.ndarray:
         """Items whose keys are all in the LMDB (``found``: each key's, shaped as the items),
