@@ -65,6 +65,8 @@ LEGACY_FIELDS = ("keys", "digests", "labels", "windows")
 _ALIGN = 64
 _MASK64 = (1 << 64) - 1
 _FIND_CHUNK = 1 << 17  # keys looked up at once
+#: Sidecars this process checked: (path, device, inode, size, mtime, ctime) -> whether the digest too
+_CHECKED: dict[tuple, bool] = {}
 #: A sidecar up to this size has its content digest checked whenever a process opens it (blake2b:
 #: ~0.6 GB/s on a 2-core CI machine, so at most ~0.1 s); larger ones get the structural checks on
 #: open and the digest from ``verify``, ``info --check`` and ``repair``.
@@ -221,7 +223,8 @@ class KeyIndex:
         path = self.path
         try:
             with open(path, "rb") as f:
-                size = os.fstat(f.fileno()).st_size
+                st = os.fstat(f.fileno())
+                size = st.st_size
                 mapped = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) if size else b""
             if size and hasattr(mapped, "madvise"):  # random lookups: no read-around into this process
                 mapped.madvise(mmap.MADV_RANDOM)
@@ -247,11 +250,15 @@ class KeyIndex:
         except (ValueError, KeyError, TypeError) as e:
             raise FormatError(f"{path}: not a valid per-key index ({e}); rebuild it with "
                               f"`{REPAIR} {path.parent}`") from None
-        if not self.checked:
+        # the same file, unchanged since this process checked it (a DataModule reads the manifest more than once)
+        seen = (str(path), st.st_dev, st.st_ino, size, st.st_mtime_ns, st.st_ctime_ns)
+        if not self.checked and seen not in _CHECKED:
             self._check_structure(arrays)
             if size <= DIGEST_ON_OPEN_BYTES:
                 self._check_digest(arrays)
-            self.checked = True
+        self.checked = True
+        self.digest_checked = self.digest_checked or _CHECKED.get(seen, False)
+        _CHECKED[seen] = self.digest_checked
         return arrays
 
     def _check_structure(self, arrays: dict[str, np.ndarray]) -> None:
