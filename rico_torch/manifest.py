@@ -588,10 +588,16 @@ def window_bounds(rows: np.ndarray, cols: np.ndarray, size: int | Sequence[int],
     (height, width) cells) and their grid's transform (north-up grids)."""
     height, width = (size, size) if isinstance(size, (int, np.integer)) else size
     a, b, c, d, e, f = transform
-    left, top = c + a * cols + b * rows, f + d * cols + e * rows
-    right, bottom = left + a * width, top + e * height
-    return np.stack([np.minimum(left, right), np.minimum(top, bottom), np.maximum(left, right),
-                     np.maximum(top, bottom)], axis=1).astype(np.float64)
+    out = np.empty((len(rows), 4), np.float64)
+    left, top = out[:, 0], out[:, 3]  # filled as corners, then ordered (north-up: b = d = 0)
+    np.add(c + a * cols, b * rows, out=left)
+    np.add(f + d * cols, e * rows, out=top)
+    out[:, 2], out[:, 1] = left + a * width, top + e * height
+    if a < 0:
+        out[:, [0, 2]] = out[:, [2, 0]]
+    if e > 0:
+        out[:, [1, 3]] = out[:, [3, 1]]
+    return out
 
 
 class Windows(Mapping):

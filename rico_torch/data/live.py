@@ -19,9 +19,9 @@ parent's file handles); a spawned worker gets the plan's recipe, not the windows
 
 from __future__ import annotations
 
-import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from itertools import islice
 from pathlib import Path
 from typing import Any
 
@@ -37,6 +37,7 @@ from .dataset import LMDBPatchDataset
 #: A picklable recipe that plans the windows in any process: () -> (Dataset, [SourcePatches], Extension)
 Planner = Callable[[], tuple[Any, list[SourcePatches], Any]]
 READAHEAD = 64  # windows whose source blocks one read ahead covers
+SURVEY_CHUNK = 512  # windows read together by a survey (the encoder's transaction size)
 
 
 class WindowStore:
@@ -58,21 +59,32 @@ class WindowStore:
         self.paths = [Path(name)]
         dataset, discovered, extension = planner()
         stats = _Stats(observe=extension.observe if survey else None)
-        kept: list[tuple[int, int]] = []  # (source, patch) of every window in key-column order
+        kept: list[np.ndarray] = []  # per source: (source, window) of its windows in key-column order
         for s, sp in enumerate(discovered):
-            for i, patch in enumerate(sp.patches):
-                if survey or i == 0:  # without a survey one value per source gives its band table
+            windows, rows = sp.patches, []
+            if not len(windows):
+                continue
+            if not survey:  # min_valid 0: every window is kept; one value gives the source's band table
+                stats.add(sp.source.name, windows[0].key, encode(windows[0].reader()), digest=0)
+                keys = windows.keys() if hasattr(windows, "keys") else (p.key for p in windows)
+                for key in islice(keys, 1, None):
+                    stats.add_key(sp.source.name, key)
+                rows = range(len(windows))
+            for begin in range(0, len(windows) if survey else 0, SURVEY_CHUNK):  # as the encoder's tasks
+                part = windows[begin : begin + SURVEY_CHUNK]
+                if hasattr(part, "prefetch"):
+                    part.prefetch()  # the source blocks these windows cover, read once
+                for i, patch in enumerate(part, begin):
                     try:
                         value = encode(patch.reader())
                     except SkipPatch:
                         continue
                     stats.add(sp.source.name, patch.key, value, digest=0)
-                else:
-                    stats.add_key(sp.source.name, patch.key)
-                kept.append((s, i))
+                    rows.append(i)
+            kept.append(np.stack([np.full(len(rows), s), np.asarray(rows)], 1))
         # sources in plan order, windows in plan order within each: the writer's key column
         ranges, keys, _ = stats.index([sp.source.name for sp in discovered])
-        self._rows = np.array(kept, np.int32).reshape(-1, 2)
+        self._rows = np.concatenate(kept).astype(np.int32) if kept else np.zeros((0, 2), np.int32)
         facts = {
             "dataset": dataset.name, "complete": True, "patches": len(keys), "counts": dict(stats.counts),
             "bands": stats.band_table(), "classes": list(dataset.classes), "live": True,
@@ -82,7 +94,6 @@ class WindowStore:
         columns.update(extension.columns(keys))
         self._manifest = Manifest(facts, [(ranges, KeyIndex(None, arrays=columns))])
         self._discovered: list[SourcePatches] | None = discovered
-        self._pid = os.getpid()
 
     def __str__(self) -> str:
         return self.name
