@@ -209,18 +209,19 @@ def load_patch(key: str, value: bytes) -> PatchRecord:
     return patch
 
 
-def _band_records(patch: PatchRecord) -> list[BandRecord]:
+def _band_records(patch: PatchRecord, seen: frozenset = frozenset()) -> list[BandRecord]:
     found = patch.__dict__.get("_bands")
     if not isinstance(found, list):  # older layouts: the band attributes, also of nested patches
-        found = []
+        found, seen = [], seen | {id(patch)}
         for value in patch.__dict__.values():
-            found += _band_records(value) if isinstance(value, PatchRecord) else [value]
+            nested = isinstance(value, PatchRecord) and id(value) not in seen  # a cycle is not followed
+            found += _band_records(value, seen) if nested else [value]
     return [b for b in found if isinstance(b, BandRecord)]
 
 
 def patch_bands(key: str, patch: PatchRecord) -> dict[str, np.ndarray]:
     """The band arrays of a patch record, keyed as the encoder keys them, checked against the catalog."""
-    source = patch.source
+    source = type(patch).source  # the class's: an instance attribute the stream set is not trusted
     bands: dict[str, np.ndarray] = {}
     for band in _band_records(patch):
         data = band.__dict__.get("data")
@@ -308,7 +309,7 @@ def discover_pickled(source: Path, skip_invalid: bool) -> tuple[list, v1.LabelsE
                 fields.update(facts)
                 keys.append(key.encode())
                 bits.append(mask)
-                by_source[patch.source.name].append(Patch(key, source, reader=partial(read_value, str(source), key)))
+                by_source[type(patch).source.name].append(Patch(key, source, reader=partial(read_value, str(source), key)))
     except lmdb.Error as e:
         raise InputError(source / "data.mdb", f"not a readable LMDB ({e})") from None
     sources = {s.name: s for s in (v1.S1, v1.S2, v1.S1_S2)}
