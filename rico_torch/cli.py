@@ -68,6 +68,14 @@ def main(args: list[str] | None = None) -> None:
             # Lightning 2.6 builds torch's LeafSpec, which torch 2.13 deprecated: nothing the user can change
             warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated",
                                     category=FutureWarning)
+            # an epoch shorter than trainer.log_every_n_steps (a small set): steps are still logged, every
+            # log_every_n_steps across epochs, and epoch metrics at each epoch's end
+            warnings.filterwarnings("ignore", message=r"The number of training batches \(\d+\) is smaller than "
+                                    r"the logging interval")
+            if next((a for a in argv if not a.startswith("-")), None) in ("validate", "test", "predict"):
+                # --ckpt_path restores ModelCheckpoint's top-k bookkeeping, which these runs (a new log
+                # folder, no checkpoint written) do not use: its "dirpath has changed" notice says nothing
+                warnings.filterwarnings("ignore", message=r"The dirpath has changed from")
             RicoCLI(subclass_mode_model=True, subclass_mode_data=True, args=args,
                     save_config_kwargs={"overwrite": True}, parser_kwargs={"prog": prog})
     finally:

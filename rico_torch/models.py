@@ -41,6 +41,10 @@ class _Baseline(L.LightningModule):
     def test_step(self, batch: dict, batch_idx: int) -> None:
         self._step(batch, "test")
 
+    def predict_step(self, batch: dict, batch_idx: int):
+        """The model's output for the batch's ``image`` (a sample dict is not the forward's input)."""
+        return self(batch["image"])
+
     def configure_optimizers(self):
         return torch.optim.AdamW(self.parameters(), lr=self.hparams.lr)
 
@@ -111,6 +115,11 @@ class ConvAutoencoder(_Baseline):
         loss = F.mse_loss(self(image), image)
         self.log(f"{stage}_loss", loss, prog_bar=True, batch_size=len(image))
         return loss
+
+    def predict_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+        """Each sample's reconstruction (each view's, N x V x C x H x W, for several views)."""
+        image = batch["image"]
+        return self(image.flatten(0, 1)).unflatten(0, image.shape[:2]) if image.ndim == 5 else self(image)
 
 
 def check_classes(target: torch.Tensor, num_classes: int, ignore_index: int) -> None:

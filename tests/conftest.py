@@ -185,3 +185,35 @@ def satlas_files(tmp_path_factory):
 @pytest.fixture(scope="session")
 def satlas_lmdb(satlas_files, tmp_path_factory):
     return encoded(tmp_path_factory, "satlas", "--dataset-dir", satlas_files.root, "--num-workers", "2")
+
+
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+
+
+def train_and_predict(config: str, tmp_path: Path, *args: str, predict: bool = True, predict_batches: int | None = 1,
+                      **data_args) -> list[str]:
+    """A shipped config through the training CLI as a user runs it (in this process, on a fixture): fit one
+    short epoch (with a checkpoint), then predict (``predict_batches``, None: all) from that checkpoint. Asserts that neither printed a
+    warning or a Lightning notice (the README promises none on any shipped config); returns the
+    checkpoints written."""
+    import warnings
+
+    from rico_torch.cli import main as cli_main
+
+    common = ["--config", str(CONFIGS / config), "--trainer.accelerator=cpu", f"--trainer.default_root_dir={tmp_path}",
+              f"--trainer.logger.init_args.save_dir={tmp_path}", "--data.init_args.num_workers=0", *args,
+              *(f"--data.init_args.{k}={v}" for k, v in data_args.items())]
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.resetwarnings()  # what `python -m rico_torch` shows: Python's default filters, not pytest's
+        for hidden in (DeprecationWarning, PendingDeprecationWarning, ImportWarning, ResourceWarning):
+            warnings.simplefilter("ignore", hidden)
+        cli_main(["fit", *common, "--trainer.max_epochs=1", "--trainer.limit_train_batches=2",
+                  "--trainer.limit_val_batches=1", "--trainer.num_sanity_val_steps=0"])
+        checkpoints = sorted(str(p) for p in tmp_path.glob("lightning_logs/version_*/checkpoints/*.ckpt"))
+        assert checkpoints, "fit wrote no checkpoint"
+        if predict:
+            limit = [] if predict_batches is None else [f"--trainer.limit_predict_batches={predict_batches}"]
+            cli_main(["predict", *common, *limit, f"--ckpt_path={checkpoints[-1]}"])
+    notices = [f"{w.category.__name__}: {w.message}" for w in caught]
+    assert not notices, f"{config}: " + "\n".join(notices)
+    return checkpoints

@@ -16,7 +16,7 @@ from rico_torch.cube.encode import encode_cube  # noqa: E402
 from rico_torch.data import CubeDataModule, LMDBPatchDataset  # noqa: E402
 from rico_torch.data.store import read_manifest  # noqa: E402
 from rico_torch.errors import ConfigError, DatasetNotFoundError  # noqa: E402
-from rico_torch.scenes import Stitcher  # noqa: E402
+from rico_torch.scenes import CubePredictionWriter, Stitcher  # noqa: E402
 from rico_torch.synthetic.cube import make_projected_zarr, make_sst_netcdf  # noqa: E402
 
 CONFIG = Path(__file__).resolve().parents[1] / "configs" / "cube.yaml"
@@ -126,6 +126,8 @@ def test_fit_then_predict_writes_a_netcdf_of_the_cube(sst, tmp_path, monkeypatch
     ckpt = next(tmp_path.glob("lightning_logs/version_0/checkpoints/*.ckpt"))
     main(["predict", *common, "--ckpt_path", str(ckpt)])
     assert "Couldn't infer the batch indices" not in capfd.readouterr().err
+    with pytest.raises(ConfigError, match="format='geotiff': netcdf or zarr"):
+        CubePredictionWriter(format="geotiff")
     manifest = read_manifest(target)["cube"]
     with xr.open_dataset(tmp_path / "predictions" / f"{manifest['name']}.nc", decode_times=False) as out, \
             xr.open_dataset(source, decode_times=False) as src:
@@ -146,18 +148,19 @@ def test_stitching_windows_own_values_gives_the_cube_back(tmp_path):
     encode_cube(source, target, patch=dict(time=2, y=12, x=12), stride=dict(time=1, y=8, x=8), edge="pad",
                 min_valid=0)
     data = LMDBPatchDataset(target, ["NDVI"])
-    for blend in ("mean", "cosine"):
-        stitcher = Stitcher(target, "ndvi", tmp_path / f"{blend}.nc", blend, names=["NDVI"])
+    for blend, suffix in (("mean", ".nc"), ("cosine", ".nc"), ("mean", ".zarr")):
+        stitcher = Stitcher(target, "ndvi", tmp_path / f"{blend}{suffix}", blend, names=["NDVI"])
         for i in range(len(data)):
             sample = data[i]
             stitcher.add(sample["key"], sample["image"])  # T x 1 x h x w: every step of the window
         stitcher.write()
-        with xr.open_dataset(tmp_path / f"{blend}.nc", decode_times=False, mask_and_scale=False) as out, \
+        zarr = {"engine": "zarr", "consolidated": False} if suffix == ".zarr" else {}
+        with xr.open_dataset(tmp_path / f"{blend}{suffix}", decode_times=False, mask_and_scale=False, **zarr) as out, \
                 xr.open_zarr(source, consolidated=False, decode_times=False, mask_and_scale=False) as src:
             want = src["NDVI"].transpose("time", "y", "x").values
             assert np.allclose(out["NDVI"].values, want, rtol=1e-6) if blend == "cosine" else \
                 np.array_equal(out["NDVI"].values, want)
             assert np.array_equal(out["x"].values, src["x"].values) and np.array_equal(out["y"].values, src["y"].values)
             assert CRS.from_cf(out["crs"].attrs) == CRS.from_cf(src[src["NDVI"].attrs["grid_mapping"]].attrs)
-    with pytest.raises(ConfigError, match="stitch a cube into a NetCDF"):
+    with pytest.raises(ConfigError, match=r"stitch a cube into a NetCDF \(.nc\) or Zarr \(.zarr\)"):
         Stitcher(target, "ndvi", tmp_path / "x.tif")

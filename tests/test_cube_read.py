@@ -153,3 +153,19 @@ def test_plot_is_a_time_strip_in_the_cubes_calendar(encoded):
     assert names == [s[:10] for s in manifest["cube"]["time"]["iso"][t : t + data.steps]]
     fig = data.plot(sample)
     assert [ax.get_title().splitlines()[-1] for ax in fig.axes] == names
+
+
+@pytest.mark.parametrize("encoded", ["sst"], indirect=True)
+def test_cube_misuse_is_one_line(encoded):
+    from rico_torch.errors import ConfigError
+    from rico_torch.models import CubeForecaster
+
+    _, path, target, _ = encoded
+    with pytest.raises(ConfigError, match=r"is a cube encode: give single keys and no mask_band \(a cube's variables "
+                                          "are all bands of image\)"):
+        LMDBPatchDataset(target, ["sst"], mask_band="sst")
+    with pytest.raises(ConfigError, match="CubePatchDataset: give patch, the window size per dimension"):
+        CubePatchDataset(path, ["sst"])
+    with pytest.raises(ConfigError, match=r"CubeForecaster\(bands=2\) takes windows of T >= 2 steps, B x T x 2 x H x W; "
+                                          r"got \(1, 6, 1, 8, 8\)"):
+        CubeForecaster(bands=2)(LMDBPatchDataset(target, ["sst"]).read_batch([0])["image"])

@@ -10,21 +10,17 @@ import pytest
 import torch
 
 from rico_torch.catalog.bigearthnet import CHANNEL_SETS, CLASSES_ALPHABETICAL, CLASSES_PAPER
-from rico_torch.cli import main as cli_main
 from rico_torch.data import BigEarthNetDataModule, EuroSATDataModule, UCMercedDataModule
 from rico_torch.synthetic import make_bigearthnet, make_bigearthnet_metadata, make_eurosat_splits
 
-from .conftest import BIGEARTHNET_METADATA, encode_cli
+from .conftest import BIGEARTHNET_METADATA, encode_cli, train_and_predict
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 
 
-def fit(config: str, tmp_path: Path, **data_args) -> None:
-    args = ["fit", "--config", str(CONFIGS / config), "--trainer.fast_dev_run=2", "--trainer.accelerator=cpu",
-            "--trainer.precision=32", f"--trainer.default_root_dir={tmp_path}", "--data.init_args.num_workers=0",
-            f"--trainer.logger.init_args.save_dir={tmp_path}"]
-    args += [f"--data.init_args.{k}={v}" for k, v in data_args.items()]
-    cli_main(args)
+def fit(config: str, tmp_path: Path, predict: bool = True, **data_args) -> None:
+    """The config trains and predicts on a fixture without a notice (:func:`train_and_predict`)."""
+    train_and_predict(config, tmp_path, predict=predict, **data_args)
 
 
 @pytest.fixture(scope="module")
@@ -41,7 +37,7 @@ def test_eurosat_cli(eurosat_lmdb, tmp_path):
 
 def test_eurosat_cli_with_split_files(eurosat_lmdb, eurosat_files, tmp_path):
     make_eurosat_splits(tmp_path, eurosat_files.keys)
-    fit("eurosat.yaml", tmp_path, lmdb_path=eurosat_lmdb, split_dir=tmp_path, batch_size=4)
+    fit("eurosat.yaml", tmp_path, lmdb_path=eurosat_lmdb, split_dir=tmp_path, batch_size=4, predict=False)
 
 
 def test_ucmerced_cli_resizes_odd_images(ucmerced_lmdb, tmp_path):
@@ -58,7 +54,7 @@ def test_hyspecnet_cli(hyspecnet_lmdb, hyspecnet_files, tmp_path):
 @pytest.mark.parametrize("native", [False, True, "auto"])
 def test_bigearthnet_cli(bigearthnet_lmdb, ben_metadata, tmp_path, native):
     fit("bigearthnet.yaml", tmp_path, lmdb_path=bigearthnet_lmdb, metadata_dir=ben_metadata, batch_size=2,
-        native=native, pin_memory=False)
+        native=native, predict=native == "auto")  # the config's pin_memory: true, on a CPU
 
 
 @pytest.mark.parametrize(("native", "device", "expected"), [

@@ -26,7 +26,7 @@ def test_ssl4eo_cli(ssl4eo_lmdb, tmp_path):
 
 
 def test_majortom_cli(majortom_lmdb, tmp_path):
-    fit("majortom.yaml", tmp_path, lmdb_path=majortom_lmdb, crop_size=16, block_size=8, batch_size=2)
+    fit("majortom.yaml", tmp_path, lmdb_path=majortom_lmdb, crop_size=16, batch_size=2)
 
 
 def test_hydro_cli(hydro_lmdb, tmp_path):
@@ -76,7 +76,7 @@ def test_ssl4eo_without_manifest_tells_l1c_from_l2a(ssl4eo_lmdb, tmp_path):
 
 
 def test_majortom_pairs_by_cell_and_date_and_keeps_neighbours_apart(majortom_lmdb, majortom_files):
-    dm = MajorTOMDataModule(str(majortom_lmdb), modalities=["s1", "s2"], crop_size=16, block_size=1,
+    dm = MajorTOMDataModule(str(majortom_lmdb), modalities=["s1", "s2"], crop_size=16,
                             fractions=(0.5, 0.25, 0.25), num_workers=0)
     items, cells = dm.items()
     assert len(items) == len(majortom_files.s1_keys)  # the S2 product without an S1 one is left out
@@ -98,7 +98,7 @@ def test_majortom_pairs_by_cell_and_date_and_keeps_neighbours_apart(majortom_lmd
 
 
 def test_majortom_crops_are_windows_of_the_cell_and_statistics_are_cached(majortom_lmdb):
-    dm = MajorTOMDataModule(str(majortom_lmdb), crop_size=16, block_size=8, num_workers=0, batch_size=4)
+    dm = MajorTOMDataModule(str(majortom_lmdb), crop_size=16, num_workers=0, batch_size=4)
     dm.setup("fit")
     assert list(majortom_lmdb.glob("stats-*.json"))
     train = dm.datasets["train"]
@@ -107,7 +107,7 @@ def test_majortom_crops_are_windows_of_the_cell_and_statistics_are_cached(majort
     top, left = sample["crop"].tolist()
     assert sample["image"].shape == (12, 16, 16)
     assert torch.equal(sample["image"], whole[0]["image"][:, top : top + 16, left : left + 16])
-    again = MajorTOMDataModule(str(majortom_lmdb), crop_size=16, block_size=8, num_workers=0)
+    again = MajorTOMDataModule(str(majortom_lmdb), crop_size=16, num_workers=0)
     again.setup("fit")
     assert torch.equal(again.mean, dm.mean)
 

@@ -16,8 +16,7 @@ from rico_torch.data import SatlasDataModule
 from rico_torch.errors import ConfigError, DatasetNotFoundError
 from rico_torch.synthetic.satlas import BAD, NO_STATIC, NO_TREE_COVER, S2_IMAGES, tile_name
 
-from .conftest import read_lmdb
-from .test_datamodules import CONFIGS
+from .conftest import read_lmdb, train_and_predict
 
 
 @pytest.fixture(scope="module")
@@ -176,15 +175,10 @@ def test_option_errors(lmdb, tmp_path):
 
 
 def test_cli_fit(lmdb, tmp_path):
-    """configs/satlas.yaml trains (a narrow model, to be quick): one image, then a series of two."""
-    from rico_torch.cli import main as cli_main
-
+    """configs/satlas.yaml trains and predicts (a narrow model, to be quick): one image, then a series of two."""
     for num_images in (1, 2):
-        cli_main(["fit", "--config", str(CONFIGS / "satlas.yaml"), "--trainer.fast_dev_run=2",
-                  "--trainer.accelerator=cpu", "--trainer.precision=32", f"--trainer.default_root_dir={tmp_path}",
-                  f"--trainer.logger.init_args.save_dir={tmp_path}", "--model.init_args.width=4",
-                  f"--data.init_args.lmdb_path={lmdb}", "--data.init_args.num_workers=0",
-                  "--data.init_args.batch_size=1", f"--data.init_args.num_images={num_images}"])
+        train_and_predict("satlas.yaml", tmp_path / str(num_images), "--model.init_args.width=4",
+                          lmdb_path=lmdb, batch_size=1, num_images=num_images)
 
 
 @pytest.mark.parametrize("num_images", [1, 3])

@@ -13,7 +13,8 @@ import numpy as np
 import pytest
 
 from rico_torch.catalog import majortom, ssl4eo
-from rico_torch.data import MajorTOMDataModule, SpectralEarthDataModule, SSL4EODataModule
+from rico_torch.data import (EuroSATDataModule, HydroDataModule, MajorTOMDataModule, SpectralEarthDataModule,
+                             SSL4EODataModule, UCMercedDataModule)
 from rico_torch.data.datamodules.base import SPLITS, group_split
 from rico_torch.data.datamodules import hyspecnet
 from rico_torch.data.datamodules.hyspecnet import split_file_keys
@@ -49,19 +50,56 @@ def reference_items(keys: dict[str, list[str]], modalities: list[str], max_days:
     return items, cells
 
 
-def reference_splits(items, cells, block_size, fractions, seed):
-    position = {c: cell_position(c) for c in set(cells)}
-    b = block_size
-    blocks = [f"{position[c][0] // b}_{position[c][1] // b}" for c in cells]
-    parts = group_split(blocks, fractions, seed)
-    split_of_cell = {cells[i]: s for s in SPLITS for i in parts[s]}
-    at = {position[c]: s for c, s in split_of_cell.items()}
+def reference_hilbert(x: int, y: int, side: int) -> int:
+    """Wikipedia's xy2d, one point at a time."""
+    d, s = 0, side // 2
+    while s > 0:
+        rx, ry = int(x & s > 0), int(y & s > 0)
+        d += s * s * ((3 * rx) ^ ry)
+        if ry == 0:
+            if rx == 1:
+                x, y = side - 1 - x, side - 1 - y
+            x, y = y, x
+        s //= 2
+    return d
 
-    def touches_another(cell: str) -> bool:
-        (r, c), own = position[cell], split_of_cell[cell]
-        return any(at.get((r + dr, c + dc), own) != own for dr in (-1, 0, 1) for dc in (-1, 0, 1))
 
-    return {s: [items[i] for i in parts[s] if s == "train" or not touches_another(cells[i])] for s in SPLITS}
+def reference_splits(items, cells, fractions, seed):
+    """The neighbour-safe split per grid cell, by brute force: val the run of the seeded Hilbert order
+    whose kept items come closest to its share (at least one), test a run midway along the rest, train the rest;
+    a val/test cell with a neighbour of another split left out."""
+    position = sorted({cell_position(c) for c in cells})
+    count = {p: 0 for p in position}
+    for c in cells:
+        count[cell_position(c)] += 1
+    low_r, low_c = min(p[0] for p in position), min(p[1] for p in position)
+    span = max(max(p[0] - low_r for p in position), max(p[1] - low_c for p in position))
+    side = 1 << max(span.bit_length(), 1)
+    curve = sorted(position, key=lambda p: reference_hilbert(p[0] - low_r, p[1] - low_c, side))
+    start = int(np.random.default_rng(seed).integers(len(curve)))
+    rank = {p: (i - start) % len(curve) for i, p in enumerate(curve)}
+    near = {p: [rank[q] for q in ((p[0] + dr, p[1] + dc) for dr in (-1, 0, 1) for dc in (-1, 0, 1)) if q in rank]
+            for p in position}
+
+    def run(begin, share, last_end):  # ends up to last_end: a cell left for each later split
+        def kept(end):
+            return sum(count[p] for p in position if min(near[p]) >= begin and max(near[p]) < end)
+        target = share * len(cells)
+        ends = [e for e in range(begin, last_end + 1) if not (target > 0 and kept(e) == 0)] or [begin]
+        return min(ends, key=lambda e: (abs(kept(e) - target), e))
+
+    val_end = run(0, fractions[1], len(curve) - 2)
+    test_begin = val_end + max(len(curve) - val_end - round(val_end * fractions[2] / fractions[1]), 0) // 2
+    test_end = run(test_begin, fractions[2], len(curve) - 1)
+    split = {}
+    for p in position:
+        if rank[p] >= test_end or val_end <= rank[p] < test_begin:
+            split[p] = "train"
+        elif max(near[p]) < val_end:
+            split[p] = "val"
+        elif min(near[p]) >= test_begin and max(near[p]) < test_end:
+            split[p] = "test"
+    return {s: [item for item, c in zip(items, cells) if split.get(cell_position(c)) == s] for s in SPLITS}
 
 
 # --- awkward Major-TOM keys ------------------------------------------------------------------------
@@ -69,6 +107,7 @@ def reference_splits(items, cells, block_size, fractions, seed):
 _RNG = np.random.default_rng(7)
 _CELLS = [f"{r}{ud}_{c}{lr}" for r, ud, c, lr in zip(_RNG.integers(0, 12, 600).tolist(), _RNG.choice(["U", "D"], 600),
                                                       _RNG.integers(0, 12, 600).tolist(), _RNG.choice(["L", "R"], 600))]
+_CELLS = [f"0{c}" if i % 40 == 0 else c for i, c in enumerate(_CELLS)]  # "03U_5R" is not the cell "3U_5R"
 _DAYS = _RNG.integers(1, 26, 600).tolist()
 
 
@@ -95,15 +134,15 @@ def awkward_lmdb(tmp_path_factory):
     return make_many_keys(tmp_path_factory.mktemp("awkward") / "lmdb", 4 * 600, AWKWARD)
 
 
-@pytest.mark.parametrize("modalities, max_days, block_size", [(["s1", "s2"], None, 2), (["s1", "s2"], 3, 1),
-                                                              (["s2"], None, 4), (["s1"], None, 3)])
-def test_majortom_vectorised_items_and_splits_are_the_reference(awkward_lmdb, modalities, max_days, block_size):
-    dm = MajorTOMDataModule(str(awkward_lmdb), modalities=modalities, max_days=max_days, block_size=block_size,
+@pytest.mark.parametrize("modalities, max_days", [(["s1", "s2"], None), (["s1", "s2"], 3),
+                                              (["s2"], None), (["s1"], None)])
+def test_majortom_vectorised_items_and_splits_are_the_reference(awkward_lmdb, modalities, max_days):
+    dm = MajorTOMDataModule(str(awkward_lmdb), modalities=modalities, max_days=max_days,
                             crop_size=1, fractions=(0.6, 0.2, 0.2), seed=3, num_workers=0)
     keys = {s: sorted(k) for s, k in dm.manifest().keys_by_source().items()}
     items, cells = reference_items(keys, modalities, max_days)
     assert dm.items() == (items, cells)
-    expected = reference_splits(items, cells, block_size, (0.6, 0.2, 0.2), 3)
+    expected = reference_splits(items, cells, (0.6, 0.2, 0.2), 3)
     assert dm.splits() == expected and expected["train"]
     for s in SPLITS:  # what the datasets get: the same items as arrays
         got = dm.split_items(s)[0]
@@ -249,6 +288,29 @@ def test_hyspecnet_split_file_keys_held_once_equal_the_joined_blocks(tmp_path, b
         assert decode_keys(got) == [Path(line.strip()).parent.name for line in text.splitlines() if line.strip()]
 
 
+@pytest.mark.parametrize("block", [90, 1000, 1 << 20])
+def test_hyspecnet_split_file_keys_of_same_form_lines_are_the_path_rule(tmp_path, block, monkeypatch):
+    """Lines as long as the first with their slashes at the same places (the dataset's files: cut as
+    one column of the block's bytes), among them lines as long but of other forms (slashes moved, a
+    fourth part), then many shorter lines (more than the first block's bytes per key foretold: the
+    array grown) and one-byte parts: the path rule, line by line."""
+    monkeypatch.setattr(hyspecnet, "_BLOCK", block)
+    cut = []
+    same_form = hyspecnet._same_form_keys
+    monkeypatch.setattr(hyspecnet, "_same_form_keys", lambda *a: cut.append(same_form(*a)) or cut[-1])
+    same = [f"ENMAP{i % 7}/ENMAP{i % 7}-Y{i:04d}/ENMAP{i % 7}-Y{i:04d}-DATA.npy" for i in range(120)]
+    moved = ["ENMAP1-Y0001/ENMAP1/ENMAP1-Y0001-DATA.npy", "ENMAP1/ENMAP1-Y0001/ENMAP1-Y0001/DATA.npy"]
+    short = ["a/b/c", "T/./x", "./T/x", "T/p/q/r"] + [f"t/{i}/x" for i in range(300)]
+    path = tmp_path / "train.csv"
+    for lines in (same, same[:60] + moved + same[60:], same + short, same + short[:4]):
+        text = "\n".join(lines) + "\n"
+        path.write_text(text)
+        cut.clear()
+        assert decode_keys(split_file_keys(path)) == [Path(line).parent.name for line in lines]
+        if lines is same or block < 1 << 20:  # blocks of the same form only: cut as a column
+            assert any(keys is not None for keys in cut)
+
+
 def test_keys_outside_the_key_rules_are_one_line_errors():
     """A key neither the vectorised parse nor the catalog's rule reads: one line naming it."""
     from rico_torch.catalog import get_dataset
@@ -392,6 +454,39 @@ def test_satlas_items_match_the_per_key_reference_at_scale(tmp_path):
     assert satlas_items(dm) == reference_build_items(dm)
 
 
+@pytest.mark.parametrize("block", [64, 1 << 21])
+def test_json_rows_of_plain_and_other_forms_are_json_loads(tmp_path, block, monkeypatch):
+    """The block parser's rows equal ``json.loads``'s: empty names, negative and 15-digit numbers,
+    white space between tokens; forms it does not take (a control character or an escape in a name,
+    white space inside a number, a leading zero) go to the fallback, which ``json`` reads."""
+    from rico_torch.data.datamodules import _text
+
+    monkeypatch.setattr(_text, "_BLOCK", block)
+    path = tmp_path / "rows.json"
+
+    def rows(text):
+        path.write_text(text)
+        fell_back = []
+
+        def fallback():
+            fell_back.append(True)
+            entries = _json.loads(path.read_text())
+            return (np.array([e[:2] for e in entries], np.int64).reshape(-1, 2),
+                    np.array([e[2].encode() for e in entries], np.bytes_))
+
+        got = _text.json_rows(path, 2, True, lambda n, s: np.array([(*a, b) for a, b in zip(n.tolist(), s.tolist())],
+                                                                   dtype=object).reshape(-1, 3), fallback)
+        return [[int(a), int(b), c.decode()] for a, b, c in got.tolist()], bool(fell_back)
+
+    entries = [[i * 7919 % 100003, -i, f"S2A_{i:05d}" * (i % 3)] for i in range(300)] + [[999999999999999, -5, "x"]]
+    for text in (_json.dumps(entries), _json.dumps(entries, indent=1), _json.dumps(entries, separators=(",", ":"))):
+        assert rows(text) == (entries, False)
+    assert rows('[[1, 2, "a\\u0041"]]') == ([[1, 2, "aA"]], True)  # an escape: json's reading
+    for not_json in ('[[1, 2, "a\tb"]]', '[[1 2, 3, "a"]]', '[[01, 2, "a"]]'):  # the fallback's json names it
+        with pytest.raises(_json.JSONDecodeError):
+            rows(not_json)
+
+
 def test_satlas_image_key_outside_the_rule_is_named(tmp_path):
     keys = np.array([b"sentinel2/img_a/4100_2800", b"sentinel2/img_a/4100_x"], np.bytes_)
     from rico_torch.data.datamodules.satlas import parse_image_keys
@@ -426,3 +521,90 @@ def test_satlas_lookup_calls_once_per_distinct_name():
     assert sorted(calls) == sorted(set(names.tolist()))
     assert [codes[n] for n in names.tolist()] == values.tolist()
     assert _lookup(names[:0], code).dtype == np.int64
+
+
+# --- Major-TOM's neighbour-safe split gets the fractions asked --------------------------------------
+
+
+def grid_kind(side: int) -> Kind:
+    """Major-TOM S2 products, one per cell of a dense ``side`` x ``side`` grid (rows from 3D up)."""
+    def keys(ids, patch=0):
+        return [f"{abs(u // side - 3)}{'U' if u // side >= 3 else 'D'}_{u % side}R_{product_names(1 + u % 27)[0]}"
+                for u in ids.tolist()]
+    return Kind("major-tom-core", (Part("s2", {"B04": "uint16"}, keys),))
+
+
+def assert_neighbours_apart(dm: MajorTOMDataModule) -> dict[tuple[int, int], str]:
+    _, cells = dm.items()
+    at = {}
+    for split, rows in dm.split_rows().items():
+        for i in rows.tolist():
+            assert at.setdefault(cell_position(cells[i]), split) == split
+    for (r, c), split in at.items():
+        assert {at.get((r + dr, c + dc), split) for dr in (-1, 0, 1) for dc in (-1, 0, 1)} == {split}, (r, c)
+    return at
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_majortom_split_of_a_dense_40x40_grid_gets_the_fractions_asked(tmp_path, caplog, seed):
+    """Blocks of 4 x 4 cells dealt at random kept 3.9% for val and for test here (a val block's 12 border
+    cells touch another split); one compact region per split keeps its share and loses only its rim."""
+    lmdb = make_many_keys(tmp_path / "grid", 1600, grid_kind(40))
+    dm = MajorTOMDataModule(str(lmdb), crop_size=1, num_workers=0, seed=seed)
+    with caplog.at_level("INFO", logger="rico_torch.data.datamodules.majortom"):
+        rows = dm.split_rows()
+    share = {s: len(rows[s]) / 1600 for s in SPLITS}
+    assert abs(share["val"] - 0.1) <= 0.01 and abs(share["test"] - 0.1) <= 0.01, share
+    assert 0.7 <= share["train"] <= 0.8, share  # the rim of val and test: the rule's cost
+    assert len(assert_neighbours_apart(dm)) == sum(len(r) for r in rows.values())
+    record = caplog.records[-1]  # train is more than 2 points off 80%: said where the CLI shows it
+    assert record.levelname == "WARNING"
+    left = 1600 - sum(len(r) for r in rows.values())
+    assert (f"split of 1600 items in 1600 grid cells: train {share['train']:.1%} (asked 80%), val {share['val']:.1%} "
+            f"(asked 10%), test {share['test']:.1%} (asked 10%); {left} items ({left / 1600:.1%}) left out") \
+        in record.getMessage()
+
+
+def test_majortom_split_of_a_6x6_grid_has_every_split_and_says_what_it_got(tmp_path, caplog):
+    lmdb = make_many_keys(tmp_path / "grid", 36, grid_kind(6))
+    dm = MajorTOMDataModule(str(lmdb), bands=["B04"], crop_size=1, num_workers=0, mean=[0.0], std=[1.0])
+    with caplog.at_level("WARNING", logger="rico_torch.data.datamodules.majortom"):
+        dm.setup("fit")
+        dm.setup("test")
+    rows = dm.split_rows()
+    assert all(len(rows[s]) for s in SPLITS), {s: len(r) for s, r in rows.items()}  # val was empty
+    assert abs(len(rows["val"]) - 3.6) <= 1 and abs(len(rows["test"]) - 3.6) <= 1
+    assert_neighbours_apart(dm)
+    message = caplog.records[-1].getMessage()
+    assert "split of 36 items in 36 grid cells: train" in message and "use more cells, or other fractions" in message
+
+
+def test_an_empty_generated_split_says_why_and_what_to_change(tmp_path):
+    """Not "check that the split files ... belong to this LMDB": there are none."""
+    lmdb = make_many_keys(tmp_path / "grid", 3, grid_kind(3))  # one row of 3 cells: every cell touches another
+    dm = MajorTOMDataModule(str(lmdb), bands=["B04"], crop_size=1, num_workers=0, mean=[0.0], std=[1.0])
+    with pytest.raises(ConfigError) as error:
+        dm.setup("test")
+    assert str(error.value) == (
+        f"{lmdb}: the test split is empty; 3 items in 3 grid cells are too few for fractions [0.8, 0.1, 0.1] once val "
+        "and test cells next to another split's are left out: use more cells or larger val/test fractions")
+    eurosat = make_many_keys(tmp_path / "eurosat", 20, "eurosat-ms")  # 2 patches a class: 20% of 2 rounds to 0
+    with pytest.raises(ConfigError) as error:
+        EuroSATDataModule(str(eurosat), bands=["B02"], num_workers=0).setup("fit")
+    assert str(error.value) == (
+        f"{eurosat}: the val split is empty; the seeded split takes val_fraction 0.2 of each class, rounded, and the "
+        "largest of the 10 classes here has 2 items (too few items per class): raise val_fraction, encode more "
+        "patches per class, or give split_dir")
+    ucmerced = make_many_keys(tmp_path / "ucmerced", 42, "uc-merced")
+    with pytest.raises(ConfigError, match="the val split is empty; .* the largest of the 21 classes here has 2 items"):
+        UCMercedDataModule(str(ucmerced), bands=["Red"], num_workers=0).setup("fit")
+    with pytest.raises(ConfigError) as error:
+        EuroSATDataModule(str(eurosat), bands=["B02"], num_workers=0, val_fraction=0.5, test_fraction=0.5).setup("fit")
+    assert str(error.value) == (f"{eurosat}: the train split is empty; val_fraction 0.5 and test_fraction 0.5 leave "
+                                "train nothing of any class (the largest has 2 items): lower them")
+    hydro = make_many_keys(tmp_path / "hydro", 2, "hydro")
+    with pytest.raises(ConfigError) as error:
+        HydroDataModule(str(hydro), bands=["B04"], num_workers=0).setup("test")
+    assert str(error.value) == (f"{hydro}: the test split is empty; the seeded split deals whole patches in fractions "
+                                "[0.8, 0.1, 0.1], and this LMDB has too few of them (2): encode more patches or "
+                                "change fractions")

@@ -18,6 +18,8 @@ from rico_torch.errors import ConfigError
 from rico_torch.scenes import chip
 from rico_torch.synthetic.scenes import make_scenes
 
+from .conftest import train_and_predict
+
 CONFIG = Path(__file__).resolve().parents[1] / "configs" / "scenes.yaml"
 
 
@@ -78,16 +80,10 @@ def test_scene_split_and_bad_arguments(mosaic_lmdb):
 
 
 def test_fit_then_predict_writes_a_geotiff_per_scene(mosaic_lmdb, tmp_path, monkeypatch):
-    from rico_torch.cli import main
-
     target, files = mosaic_lmdb
-    monkeypatch.chdir(tmp_path)
-    common = ["--config", str(CONFIG), "--data.init_args.lmdb_path", str(target), "--data.init_args.num_workers", "0",
-              "--data.init_args.block_size", "120", "--trainer.accelerator", "cpu"]
-    main(["fit", *common, "--trainer.max_epochs", "1", "--trainer.limit_train_batches", "2",
-          "--trainer.limit_val_batches", "1", "--model.init_args.width", "8"])
-    ckpt = next(tmp_path.glob("lightning_logs/version_0/checkpoints/*.ckpt"))
-    main(["predict", *common, "--model.init_args.width", "8", "--ckpt_path", str(ckpt)])
+    monkeypatch.chdir(tmp_path)  # the config writes predictions/ here
+    train_and_predict("scenes.yaml", tmp_path, "--model.init_args.width=8", predict_batches=None, lmdb_path=target,
+                      block_size=120)
     with rasterio.open(tmp_path / "predictions" / "mosaic.tif") as out, rasterio.open(files.mosaic) as src:
         assert out.crs == src.crs and out.transform == src.transform and out.count == 5
         probabilities = out.read()

@@ -210,6 +210,9 @@ class LMDBPatchDataset(Dataset):
                                   "variables are all bands of image)")
             self.steps = int(self.cube["patch"]["time"])
             self.offsets = np.stack([self._per_item(manifest, c) for c in ("time", "row", "col")], 1).astype(np.int32)
+            values = [np.nan if v == "nan" else v for v in self.cube["time"]["values"]]
+            self._times = np.array(values + [np.nan] * self.steps, np.float64)  # NaN: steps padded past the end
+            self._window_size = (int(self.cube["patch"]["y"]), int(self.cube["patch"]["x"]))
         self.labels = None if labels is None else torch.as_tensor(np.asarray(labels))
         if self.labels is not None and len(self.labels) != len(self):
             raise ConfigError(f"{len(self.labels)} labels for {len(self)} items")
@@ -514,13 +517,10 @@ class LMDBPatchDataset(Dataset):
     def _cube_fields(self, indices: Sequence[int]) -> dict[str, Any]:
         """A cube window's ``time`` (its steps' CF values in the manifest's units and calendar; NaN
         for steps padded past the end), ``bounds`` (left, bottom, right, top) and ``crs`` (WKT)."""
-        cube, steps = self.cube, self.steps
-        t, row, col = self.offsets[list(indices)].T
-        values = np.array([np.nan if v == "nan" else v for v in cube["time"]["values"]], np.float64)
-        values = np.concatenate([values, np.full(steps, np.nan)])  # --edge pad in time
-        time = values[t[:, None] + np.arange(steps)]
-        bounds = window_bounds(row, col, (cube["patch"]["y"], cube["patch"]["x"]), cube["transform"])
-        return {"time": torch.from_numpy(time), "bounds": torch.from_numpy(bounds), "crs": [cube["crs"]] * len(t)}
+        offsets = self.offsets[list(indices)]
+        time = self._times[offsets[:, :1] + np.arange(self.steps)]
+        bounds = window_bounds(offsets[:, 1], offsets[:, 2], self._window_size, self.cube["transform"])
+        return {"time": torch.from_numpy(time), "bounds": torch.from_numpy(bounds), "crs": [self.cube["crs"]] * len(offsets)}
 
     def _allocate(self, out: dict, arrays: dict, n: int | None, groups: tuple[NativeGroup, ...],
                   with_mask: bool, into: dict[str, Any] | None = None) -> None:

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Literal
 
 from lightning.pytorch.callbacks import Callback
 
@@ -94,7 +95,7 @@ class GeoTIFFPredictionWriter(Callback):
             scene = entry.get("scene", entry.get("cube"))
             if scene not in self._stitchers:
                 self.output_dir.mkdir(parents=True, exist_ok=True)
-                suffix = ".nc" if "cube" in self._manifest else ".tif"
+                suffix = getattr(self, "suffix", ".nc") if "cube" in self._manifest else ".tif"
                 self._stitchers[scene] = Stitcher(self._target(trainer), scene, self.output_dir / f"{scene}{suffix}",
                                                   self.blend, dtype=self.dtype, nodata=self.nodata,
                                                   memory=self.memory, manifest=self._manifest, argmax=self.argmax,
@@ -123,13 +124,17 @@ class CubePredictionWriter(GeoTIFFPredictionWriter):
     A prediction ``B x Tp x C x h x w`` covers each window's last ``Tp`` steps (a forecaster's
     one step: ``Tp`` = 1). With ``denormalise`` (default) predictions of the DataModule's C bands
     are mapped back to the cube's units (x std + mean of its statistics) and named after them.
+    ``format``: ``netcdf`` (``<cube>.nc``) or ``zarr`` (``<cube>.zarr``, Zarr v3).
     Other args: as :class:`GeoTIFFPredictionWriter`.
     """
 
     def __init__(self, output_dir: str = "predictions", blend: str = "mean", denormalise: bool = True,
-                 lmdb_path: str | list[str] | None = None, memory: int = DEFAULT_MEMORY) -> None:
+                 format: Literal["netcdf", "zarr"] = "netcdf", lmdb_path: str | list[str] | None = None,
+                 memory: int = DEFAULT_MEMORY) -> None:
         super().__init__(output_dir, blend, lmdb_path=lmdb_path, memory=memory)
-        self.denormalise = denormalise
+        if format not in ("netcdf", "zarr"):
+            raise ConfigError(f"format={format!r}: netcdf or zarr")
+        self.denormalise, self.suffix = denormalise, ".zarr" if format == "zarr" else ".nc"
 
     def on_predict_start(self, trainer, pl_module) -> None:
         super().on_predict_start(trainer, pl_module)

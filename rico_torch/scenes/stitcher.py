@@ -137,8 +137,8 @@ class Stitcher:
             self.info, length = manifest["scenes"][scene], 1
         self.length, self.names = length, names
         suffix = Path(output).suffix.lower()
-        if suffix not in ((".nc",) if self.cube else (".tif", ".tiff")):
-            raise ConfigError(f"{output}: stitch {'a cube into a NetCDF (.nc)' if self.cube else 'a scene into a GeoTIFF (.tif)'}")
+        if suffix not in ((".nc", ".zarr") if self.cube else (".tif", ".tiff")):
+            raise ConfigError(f"{output}: stitch {'a cube into a NetCDF (.nc) or Zarr (.zarr)' if self.cube else 'a scene into a GeoTIFF (.tif)'}")
         self.windows = manifest.windows
         self.scene, self.output, self.blend, self.nodata = scene, Path(output), blend, nodata
         self.memory, self.compress, self.level = memory, compress, level
@@ -209,7 +209,7 @@ class Stitcher:
         if self.channels is None:
             raise ConfigError(f"no predictions for scene {self.scene!r}")
         self.output.parent.mkdir(parents=True, exist_ok=True)
-        sink = _NetCDF(self) if self.cube else _GeoTIFF(self)
+        sink = (_Zarr if self.output.suffix.lower() == ".zarr" else _NetCDF)(self) if self.cube else _GeoTIFF(self)
         height, step = self.info["height"], self.rows_per_band()
         with sink:
             placed = sorted(self._placed.values())
@@ -316,37 +316,53 @@ class _NetCDF:
 
         st, cube = self.stitcher, self.stitcher.cube
         dtype, nodata, bands = st.output_type()
-        names = ["class"] if st.argmax else (st.names or [f"prediction_{c}" for c in range(bands)])
-        if len(names) != bands:
-            raise ConfigError(f"names: {len(names)} names for {bands} channels")
+        names = self.names(bands)
         dims = [cube["dims"][a] for a in ("time", "y", "x")]
         self.dst = netCDF4.Dataset(st.output, "w")
         for dim, size in zip(dims, cube["shape"]):
             self.dst.createDimension(dim, size)
         time = self.dst.createVariable(dims[0], "f8", (dims[0],))
-        time[:] = np.array([np.nan if v == "nan" else v for v in cube["time"]["values"]], np.float64)
-        time.setncatts({"units": cube["time"]["units"], "calendar": cube["time"]["calendar"], "axis": "T",
-                        "standard_name": "time"})
+        time[:] = self.time_values()
+        time.setncatts(self.time_attributes())
         for axis, dim, values in zip(("Y", "X"), dims[1:], coordinates(cube)):
+            values = values.astype(values.dtype.newbyteorder("="))  # a Zarr's may be big-endian
             var = self.dst.createVariable(dim, values.dtype, (dim,))
             var[:] = values
             var.setncattr("axis", axis)
-        grid_mapping = None
-        if cube["crs"]:
-            from pyproj import CRS
-
-            grid_mapping = "crs"
-            crs = self.dst.createVariable(grid_mapping, "i4")
-            crs.setncatts({k: v for k, v in CRS.from_user_input(cube["crs"]).to_cf().items() if v is not None})
+        grid_mapping = self.grid_mapping()
+        if grid_mapping:
+            self.dst.createVariable("crs", "i4").setncatts(grid_mapping)
         chunks = (1, min(TILE, cube["shape"][1]), min(TILE, cube["shape"][2]))
         self.vars = []
         for name in names:
             var = self.dst.createVariable(name, dtype, dims, zlib=True, complevel=st.level or 1, chunksizes=chunks,
                                           fill_value=np.array(nodata).astype(dtype))
             if grid_mapping:
-                var.setncattr("grid_mapping", grid_mapping)
+                var.setncattr("grid_mapping", "crs")
             self.vars.append(var)
         return self
+
+    def names(self, bands: int) -> list[str]:
+        st = self.stitcher
+        names = ["class"] if st.argmax else (st.names or [f"prediction_{c}" for c in range(bands)])
+        if len(names) != bands:
+            raise ConfigError(f"names: {len(names)} names for {bands} channels")
+        return names
+
+    def time_values(self) -> np.ndarray:
+        return np.array([np.nan if v == "nan" else v for v in self.stitcher.cube["time"]["values"]], np.float64)
+
+    def time_attributes(self) -> dict:
+        time = self.stitcher.cube["time"]
+        return {"units": time["units"], "calendar": time["calendar"], "axis": "T", "standard_name": "time"}
+
+    def grid_mapping(self) -> dict:
+        """The CF grid_mapping variable's attributes of the cube's CRS (none without one)."""
+        if not self.stitcher.cube["crs"]:
+            return {}
+        from pyproj import CRS
+
+        return {k: v for k, v in CRS.from_user_input(self.stitcher.cube["crs"]).to_cf().items() if v is not None}
 
     def write(self, r0: int, r1: int, acc: np.ndarray, covered: np.ndarray) -> None:
         out = self.stitcher.finish(acc, covered)
@@ -355,6 +371,39 @@ class _NetCDF:
 
     def __exit__(self, *exc) -> None:
         self.dst.close()
+
+
+class _Zarr(_NetCDF):
+    """A cube's stitched Zarr (v3, chunked and compressed): the same variables, coordinates and
+    attributes as the NetCDF (dimension names for xarray), written band of rows by band of rows."""
+
+    def __enter__(self) -> "_Zarr":
+        import zarr
+
+        st, cube = self.stitcher, self.stitcher.cube
+        dtype, nodata, bands = st.output_type()
+        names = self.names(bands)
+        dims = [cube["dims"][a] for a in ("time", "y", "x")]
+        root = zarr.open_group(st.output, mode="w", zarr_format=3)
+        time = root.create_array(dims[0], shape=(cube["shape"][0],), dtype="f8", dimension_names=[dims[0]],
+                                 attributes=self.time_attributes())
+        time[:] = self.time_values()
+        for axis, dim, values in zip(("Y", "X"), dims[1:], coordinates(cube)):
+            values = values.astype(values.dtype.newbyteorder("="))
+            root.create_array(dim, shape=values.shape, dtype=values.dtype, dimension_names=[dim],
+                              attributes={"axis": axis})[:] = values
+        grid_mapping = self.grid_mapping()
+        if grid_mapping:
+            root.create_array("crs", shape=(), dtype="i4", attributes=grid_mapping)
+        chunks = (1, min(TILE, cube["shape"][1]), min(TILE, cube["shape"][2]))
+        fill = np.array(nodata).astype(dtype)
+        self.vars = [root.create_array(name, shape=tuple(cube["shape"]), dtype=dtype, chunks=chunks, dimension_names=dims,
+                                       fill_value=fill, attributes={"grid_mapping": "crs"} if grid_mapping else {})
+                     for name in names]
+        return self
+
+    def __exit__(self, *exc) -> None:
+        pass
 
 
 def coordinates(cube: dict) -> tuple[np.ndarray, np.ndarray]:

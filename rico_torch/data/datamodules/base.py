@@ -296,8 +296,7 @@ class LMDBDataModule(L.LightningDataModule):
     def make_dataset(self, split: str) -> LMDBPatchDataset:
         items, labels = self.split_items(split)
         if len(items) == 0:
-            raise ConfigError(f"{self.lmdb_path}: the {split} split is empty; "
-                              "check that the split files or metadata belong to this LMDB")
+            raise ConfigError(f"{self.lmdb_path}: the {split} split is empty; {self.empty_split_reason(split)}")
         crop = {} if self.crop_size is None else {"crop": self.crop_size,
                                                   "crop_mode": "random" if split == "train" else "center"}
         return LMDBPatchDataset(
@@ -318,6 +317,12 @@ class LMDBDataModule(L.LightningDataModule):
         return self.catalog.largest_shape(self.bands) if self.catalog else None
 
     @property
+    def pins_memory(self) -> bool:
+        """``pin_memory``, unless the attached trainer runs on a CPU (nothing to pin for: no notice about it)."""
+        trainer = self.trainer
+        return self.pin_memory and (trainer is None or trainer.strategy.root_device.type == "cuda")
+
+    @property
     def loads_native(self) -> bool:
         """``native``, with ``auto`` resolved from the attached trainer's device."""
         if self.crop_size is not None:  # crops are cut on the CPU
@@ -326,6 +331,10 @@ class LMDBDataModule(L.LightningDataModule):
             return bool(self.native)
         trainer = self.trainer
         return trainer is not None and trainer.strategy.root_device.type == "cuda"
+
+    def empty_split_reason(self, split: str) -> str:
+        """Why ``split`` came out empty and what to change (a DataModule that makes its splits says how)."""
+        return "check that the split files or metadata belong to this LMDB"
 
     def has_split(self, split: str) -> bool:
         """Whether this DataModule makes ``split`` (all three unless a subclass leaves one out)."""
@@ -355,14 +364,14 @@ class LMDBDataModule(L.LightningDataModule):
         timeout = self.loader_timeout if self.num_workers > 0 else 0  # a DataLoader refuses one without workers
         if self.loader == "torch" or not isinstance(dataset, LMDBPatchDataset):  # e.g. SSL4EO's season views
             return DataLoader(dataset, batch_size=self.batch_size, shuffle=shuffle, num_workers=self.num_workers,
-                              pin_memory=self.pin_memory, persistent_workers=self.num_workers > 0, collate_fn=collate,
+                              pin_memory=self.pins_memory, persistent_workers=self.num_workers > 0, collate_fn=collate,
                               timeout=timeout)
         old = self._patch_loaders.pop(hook, None)
         if old is not None:  # asked again (reload_dataloaders_every_n_epochs, a later trainer.validate)
             old.close()
         sampler = self._rank_sampler(dataset, shuffle, hook)
         loader = PatchLoader(dataset, batch_size=self.batch_size, shuffle=shuffle and sampler is None,
-                             sampler=sampler, num_workers=self.num_workers, pin_memory=self.pin_memory,
+                             sampler=sampler, num_workers=self.num_workers, pin_memory=self.pins_memory,
                              timeout=timeout)
         self._patch_loaders[hook] = loader
         return loader

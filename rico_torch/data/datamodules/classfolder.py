@@ -110,6 +110,19 @@ class ClassFolderDataModule(LMDBDataModule):
             splits[split] = (self.key_items(column, sorted_rows[rows]), labels[rows])
         return splits
 
+    def empty_split_reason(self, split: str) -> str:
+        if self.split_dir is not None:
+            return f"its split file in {self.split_dir} lists no patch"
+        sizes = np.bincount(self._labelled()[2], minlength=len(self.classes))
+        largest = int(sizes.max(initial=0))
+        if split == "train":
+            return (f"val_fraction {self.val_fraction} and test_fraction {self.test_fraction} leave train nothing "
+                    f"of any class (the largest has {largest} items): lower them")
+        fraction = self.val_fraction if split == "val" else self.test_fraction
+        return (f"the seeded split takes {split}_fraction {fraction} of each class, rounded, and the largest of the "
+                f"{int((sizes > 0).sum())} classes here has {largest} items (too few items per class): raise "
+                f"{split}_fraction, encode more patches per class, or give split_dir")
+
     def split_items(self, split: str):
         if self._splits is None:
             self._splits = self._load_splits()

@@ -25,6 +25,7 @@ class PretrainingDataModule(LMDBDataModule):
     """
 
     default_bands: tuple[str, ...] = ()
+    groups_name = "patches"  # what :meth:`group_of` names, for messages
 
     def __init__(
         self,
@@ -48,6 +49,7 @@ class PretrainingDataModule(LMDBDataModule):
                          pin_memory=pin_memory, mean=mean, std=std, flips=flips, native=native, readahead=readahead,
                          stats_samples=stats_samples, seed=seed, crop_size=crop_size, loader=loader)
         self.fractions = tuple(fractions)
+        self._splits: tuple[np.ndarray, dict[str, np.ndarray]] | None = None
 
     def group_of(self, key: str) -> str:
         """The group a patch is split with (its own key: patches split at random)."""
@@ -58,7 +60,17 @@ class PretrainingDataModule(LMDBDataModule):
         None: not vectorised here (each key's :meth:`group_of` is asked)."""
         return keys if type(self).group_of is PretrainingDataModule.group_of else None  # each key its own group
 
-    def split_items(self, split: str):
+    def empty_split_reason(self, split: str) -> str:
+        return (f"the seeded split deals whole {self.groups_name} in fractions {list(self.fractions)}, and this LMDB "
+                f"has too few of them ({self.group_count()}): encode more patches or change fractions")
+
+    def group_count(self) -> int:
+        """How many groups the split deals."""
+        keys = self.split_keys_and_groups()[2]
+        return len(np.unique(keys)) if isinstance(keys, np.ndarray) else len(set(keys))
+
+    def split_keys_and_groups(self):
+        """(column, rows, groups): ``column[rows]`` every key in sorted order and each key's group."""
         manifest = self.manifest()
         if manifest and manifest.has_keys:  # the mapped column and its rows in sorted order
             column, rows = manifest.sorted_rows()
@@ -69,8 +81,14 @@ class PretrainingDataModule(LMDBDataModule):
         groups = self.group_array(keys)
         if groups is None:
             groups = [self.group_of(k) for k in decode_keys(keys)]
-        del keys
-        return self.key_items(column, rows[group_split(groups, self.fractions, self.seed)[split]]), None
+        return column, rows, groups
+
+    def split_items(self, split: str):
+        if self._splits is None:  # dealt once for all splits
+            column, rows, groups = self.split_keys_and_groups()
+            self._splits = column, {s: rows[i] for s, i in group_split(groups, self.fractions, self.seed).items()}
+        column, rows_of = self._splits
+        return self.key_items(column, rows_of[split]), None
 
 
 class HydroDataModule(PretrainingDataModule):
@@ -91,6 +109,8 @@ class SpectralEarthDataModule(PretrainingDataModule):
     catalog = spectralearth.DATASET
     rgb_bands = spectralearth.PATCHES.rgb_bands
     default_bands = spectralearth.BANDS
+
+    groups_name = "tile folders"
 
     def group_of(self, key: str) -> str:
         return key.rsplit("_", 1)[0]  # <tile>_<n>.tif -> <tile>
