@@ -7,12 +7,14 @@ xbatcher 0.4, side by side in one run.
   (chunks 12 x 90 x 90), generated once (cached).
 * Windows: ``--patch`` months x cells x cells (default 12 x 32 x 32), stride = patch, remainders
   dropped (``--edge drop``: xbatcher's only rule), so every reader has the same windows.
-* Per-sample reads over every window, in order, in one process (best of ``--repeats`` passes):
+* Per-sample reads over every window in one process (each reader's best of ``--repeats`` passes,
+  the readers taking turns), in order, and option II also in a random order:
   - option I: ``LMDBPatchDataset(encoded, ["sst"])[i]`` (the cube encoded with ``encode cube``):
     ``image`` float32 T x 1 x H x W plus ``time``, ``bounds``, ``crs``, ``key``;
   - option II: ``CubePatchDataset(source, ["sst"], patch=..., min_valid=0)[i]``: the same sample
-    read from the NetCDF / Zarr on the fly; and with ``readahead=True`` (a read also reads the
-    source blocks of the next 64 windows, once: for sequential passes such as prediction);
+    read from the NetCDF / Zarr on the fly (reading in order, it reads the source blocks of the
+    next 64 windows at once: ``readahead="auto"``); in a random order (no read ahead), and in
+    order with ``readahead=False`` (each window's own read); in a random order, xbatcher too;
   - xbatcher: ``xbatcher.loaders.torch.MapDataset(BatchGenerator(ds[["sst"]], input_dims=...))[i]``
     on the dataset opened with xarray (``mask_and_scale=False``, as stored): a T x H x W tensor.
   Values are compared window by window (xbatcher's windows matched by their offsets).
@@ -69,15 +71,17 @@ def forget_blocks() -> None:
     getattr(source, "_BLOCKS", []).clear()
 
 
-def best_pass(read, count: int, repeats: int) -> float:
-    """Seconds per item of the fastest of ``repeats`` passes over items 0 .. count - 1."""
-    best = float("inf")
+def best_passes(readers: dict, count: int, repeats: int) -> dict[str, float]:
+    """Seconds per item of each reader's fastest pass over items 0 .. count - 1; the readers take
+    turns, pass by pass, so that a busy moment of the machine does not fall on one of them."""
+    best = dict.fromkeys(readers, float("inf"))
     for _ in range(repeats):
-        start = time.perf_counter()
-        for i in range(count):
-            read(i)
-        best = min(best, (time.perf_counter() - start) / count)
-        forget_blocks()
+        for name, read in readers.items():
+            start = time.perf_counter()
+            for i in range(count):
+                read(i)
+            best[name] = min(best[name], (time.perf_counter() - start) / count)
+            forget_blocks()
     return best
 
 
@@ -103,12 +107,13 @@ def read_part(args) -> list[list[object]]:
         made = time.perf_counter()
         live = CubePatchDataset(source, ["sst"], patch=patch, edge="drop", min_valid=0)
         made = time.perf_counter() - made
-        ahead = CubePatchDataset(source, ["sst"], patch=patch, edge="drop", min_valid=0, readahead=True)
+        single = CubePatchDataset(source, ["sst"], patch=patch, edge="drop", min_valid=0, readahead=False)
         opened = {"consolidated": False} if source.suffix == ".zarr" else {}
         ds = xr.open_dataset(source, mask_and_scale=False, decode_times=False, **opened)
         generator = xbatcher.BatchGenerator(ds[["sst"]], input_dims=patch)
         xb = MapDataset(generator)
         count = len(pre)
+        shuffled = np.random.default_rng(0).permutation(count)
         assert len(live) == count == len(xb), (len(live), count, len(xb))
         # the same windows: xbatcher's i-th by its offsets (its selectors), ours by key
         index = {pre.key(k): k for k in range(count)}
@@ -119,16 +124,18 @@ def read_part(args) -> list[list[object]]:
             ours = pre[j]["image"][:, 0].numpy()
             assert np.array_equal(ours, xb[i].numpy(), equal_nan=True), f"window {t} {row} {col} differs"
             assert torch.equal(pre[j]["image"].nan_to_num(7), live[j]["image"].nan_to_num(7))
-            assert torch.equal(pre[j]["image"].nan_to_num(7), ahead[j]["image"].nan_to_num(7))
+            assert torch.equal(pre[j]["image"].nan_to_num(7), single[j]["image"].nan_to_num(7))
         log(f"{name}: {count} windows of {steps} x {size} x {size}; values agree; timing ...")
         forget_blocks()
-        t_xb = best_pass(lambda i: xb[i], count, args.repeats)
-        t_pre = best_pass(lambda i: pre[i], count, args.repeats)
-        t_live = best_pass(lambda i: live[i], count, args.repeats)
-        t_ahead = best_pass(lambda i: ahead[i], count, args.repeats)
-        rows.append([name, count, f"{t_xb * 1e6:,.0f}", f"{t_pre * 1e6:,.0f}", f"{t_xb / t_pre:.1f}x",
-                     f"{t_live * 1e6:,.0f}", f"{t_xb / t_live:.1f}x", f"{t_ahead * 1e6:,.0f}",
-                     f"{t_xb / t_ahead:.1f}x", f"{made:.2f}"])
+        t = best_passes({"xbatcher": xb.__getitem__, "I": pre.__getitem__, "II": live.__getitem__,
+                         "II readahead=False": single.__getitem__,
+                         "xbatcher random": lambda i: xb[int(shuffled[i])],
+                         "II random": lambda i: live[int(shuffled[i])]}, count, args.repeats)
+        us = {k: f"{v * 1e6:,.0f}" for k, v in t.items()}
+        rows.append([name, count, us["xbatcher"], us["I"], f"{t['xbatcher'] / t['I']:.1f}x", us["II"],
+                     f"{t['xbatcher'] / t['II']:.1f}x", us["II readahead=False"],
+                     f"{t['xbatcher'] / t['II readahead=False']:.1f}x", us["xbatcher random"], us["II random"],
+                     f"{t['xbatcher random'] / t['II random']:.1f}x", f"{made:.2f}"])
         ds.close()
     return rows
 
@@ -141,7 +148,7 @@ def main() -> None:
     parser.add_argument("--lat", type=int, default=180)
     parser.add_argument("--lon", type=int, default=360)
     parser.add_argument("--patch", type=int, nargs=2, default=(12, 32), metavar=("T", "CELLS"))
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=5)
     args = parser.parse_args()
     log(f"machine: {machine()}; load {load()}")
     if args.part in ("encode", "all"):
@@ -154,8 +161,9 @@ def main() -> None:
     print(f"\nPer-sample reads of the same {args.patch[0]} x {args.patch[1]} x {args.patch[1]} windows of a "
           f"{args.months} x {args.lat} x {args.lon} float32 cube, one process (us per sample, best of "
           f"{args.repeats}; load {load()}):\n")
-    print(table(["source", "windows", "xbatcher 0.4 MapDataset", "option I: LMDB", "I vs xbatcher",
-                 "option II: on the fly", "II vs xbatcher", "II, readahead", "vs xbatcher", "II setup (s)"], rows))
+    print(table(["source", "windows", "xbatcher 0.4 MapDataset", "option I: LMDB", "vs xbatcher",
+                 "option II: on the fly", "vs xbatcher", "II, readahead=False", "vs xbatcher",
+                 "random order: xbatcher", "II", "vs xbatcher", "II setup (s)"], rows))
 
 
 if __name__ == "__main__":

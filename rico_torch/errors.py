@@ -67,3 +67,8 @@ class StaleDatasetError(UserError, RuntimeError):
 
 class MissingBandError(UserError, KeyError):
     """A patch lacks a band that was asked for (e.g. keys of another source among the items)."""
+
+
+class GridError(UserError, ValueError):
+    """A target grid that cannot be built (an unknown CRS, a grid too large for its resolution):
+    bad input like a broken source, so the command exits 1, not 2 as for a malformed argument."""

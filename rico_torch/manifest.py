@@ -202,6 +202,7 @@ class KeyIndex:
         self.rows, self.classes = rows, classes
         self.checked = arrays is not None  # built in memory from a manifest: nothing at rest to check
         self.digest_checked = self.checked
+        self._in_order: bool | None = None
 
     def __getstate__(self) -> dict:
         state = self.__dict__.copy()
@@ -311,6 +312,15 @@ class KeyIndex:
     def __len__(self) -> int:
         return len(self.columns["key"])
 
+    def in_key_order(self) -> bool:
+        """Whether the key column is sorted already (its sorter is 0, 1, 2, ...: one source, or
+        sources named in key order), checked once."""
+        if self._in_order is None:
+            sorter, step = self.columns["sorter"], 1 << 20
+            self._in_order = all(np.array_equal(sorter[i : i + step], np.arange(i, min(i + step, len(sorter))))
+                                 for i in range(0, len(sorter), step))
+        return self._in_order
+
     def find(self, keys: np.ndarray, dtype=np.int64) -> np.ndarray:
         """Each key's row (as ``dtype``), -1 where it is not here (vectorised binary search)."""
         keys = np.asarray(keys)
@@ -318,6 +328,7 @@ class KeyIndex:
         if len(column) == 0:
             return np.full(len(keys), -1, dtype)
         rows = np.empty(len(keys), dtype)
+        in_order = self.in_key_order()
         for i in range(0, len(keys), _FIND_CHUNK):  # a chunk at a time: no copy of all the keys looked up
             some, order = keys[i : i + _FIND_CHUNK], None
             if len(some) > 1 and not (some[1:] >= some[:-1]).all():
@@ -325,7 +336,10 @@ class KeyIndex:
                 # keys in random order: 6.2 -> 2.5 s; in order: 0.55 s)
                 order = np.argsort(some)
                 some = some[order]
-            at = sorter[np.minimum(np.searchsorted(column, some, sorter=sorter), len(column) - 1)].astype(np.int64)
+            if in_order:  # the same rows, without the sorter's indirection (2x faster on 3M keys of 94 B)
+                at = np.minimum(np.searchsorted(column, some), len(column) - 1).astype(np.int64)
+            else:
+                at = sorter[np.minimum(np.searchsorted(column, some, sorter=sorter), len(column) - 1)].astype(np.int64)
             at[column[at] != some] = -1
             if order is None:
                 rows[i : i + _FIND_CHUNK] = at

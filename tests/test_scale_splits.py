@@ -288,6 +288,29 @@ def test_hyspecnet_split_file_keys_held_once_equal_the_joined_blocks(tmp_path, b
         assert decode_keys(got) == [Path(line.strip()).parent.name for line in text.splitlines() if line.strip()]
 
 
+@pytest.mark.parametrize("block", [90, 1000, 1 << 20])
+def test_hyspecnet_split_file_keys_of_same_form_lines_are_the_path_rule(tmp_path, block, monkeypatch):
+    """Lines as long as the first with their slashes at the same places (the dataset's files: cut as
+    one column of the block's bytes), among them lines as long but of other forms (slashes moved, a
+    fourth part), then many shorter lines (more than the first block's bytes per key foretold: the
+    array grown) and one-byte parts: the path rule, line by line."""
+    monkeypatch.setattr(hyspecnet, "_BLOCK", block)
+    cut = []
+    same_form = hyspecnet._same_form_keys
+    monkeypatch.setattr(hyspecnet, "_same_form_keys", lambda *a: cut.append(same_form(*a)) or cut[-1])
+    same = [f"ENMAP{i % 7}/ENMAP{i % 7}-Y{i:04d}/ENMAP{i % 7}-Y{i:04d}-DATA.npy" for i in range(120)]
+    moved = ["ENMAP1-Y0001/ENMAP1/ENMAP1-Y0001-DATA.npy", "ENMAP1/ENMAP1-Y0001/ENMAP1-Y0001/DATA.npy"]
+    short = ["a/b/c", "T/./x", "./T/x", "T/p/q/r"] + [f"t/{i}/x" for i in range(300)]
+    path = tmp_path / "train.csv"
+    for lines in (same, same[:60] + moved + same[60:], same + short, same + short[:4]):
+        text = "\n".join(lines) + "\n"
+        path.write_text(text)
+        cut.clear()
+        assert decode_keys(split_file_keys(path)) == [Path(line).parent.name for line in lines]
+        if lines is same or block < 1 << 20:  # blocks of the same form only: cut as a column
+            assert any(keys is not None for keys in cut)
+
+
 def test_keys_outside_the_key_rules_are_one_line_errors():
     """A key neither the vectorised parse nor the catalog's rule reads: one line naming it."""
     from rico_torch.catalog import get_dataset
@@ -429,6 +452,39 @@ def test_satlas_items_match_the_per_key_reference_at_scale(tmp_path):
     good.write_text(_json.dumps(entries, indent=2).replace("S2", "\\u0053\\u0032", 5))
     dm = SatlasDataModule(str(root), num_workers=0, bands=["b08"])
     assert satlas_items(dm) == reference_build_items(dm)
+
+
+@pytest.mark.parametrize("block", [64, 1 << 21])
+def test_json_rows_of_plain_and_other_forms_are_json_loads(tmp_path, block, monkeypatch):
+    """The block parser's rows equal ``json.loads``'s: empty names, negative and 15-digit numbers,
+    white space between tokens; forms it does not take (a control character or an escape in a name,
+    white space inside a number, a leading zero) go to the fallback, which ``json`` reads."""
+    from rico_torch.data.datamodules import _text
+
+    monkeypatch.setattr(_text, "_BLOCK", block)
+    path = tmp_path / "rows.json"
+
+    def rows(text):
+        path.write_text(text)
+        fell_back = []
+
+        def fallback():
+            fell_back.append(True)
+            entries = _json.loads(path.read_text())
+            return (np.array([e[:2] for e in entries], np.int64).reshape(-1, 2),
+                    np.array([e[2].encode() for e in entries], np.bytes_))
+
+        got = _text.json_rows(path, 2, True, lambda n, s: np.array([(*a, b) for a, b in zip(n.tolist(), s.tolist())],
+                                                                   dtype=object).reshape(-1, 3), fallback)
+        return [[int(a), int(b), c.decode()] for a, b, c in got.tolist()], bool(fell_back)
+
+    entries = [[i * 7919 % 100003, -i, f"S2A_{i:05d}" * (i % 3)] for i in range(300)] + [[999999999999999, -5, "x"]]
+    for text in (_json.dumps(entries), _json.dumps(entries, indent=1), _json.dumps(entries, separators=(",", ":"))):
+        assert rows(text) == (entries, False)
+    assert rows('[[1, 2, "a\\u0041"]]') == ([[1, 2, "aA"]], True)  # an escape: json's reading
+    for not_json in ('[[1, 2, "a\tb"]]', '[[1 2, 3, "a"]]', '[[01, 2, "a"]]'):  # the fallback's json names it
+        with pytest.raises(_json.JSONDecodeError):
+            rows(not_json)
 
 
 def test_satlas_image_key_outside_the_rule_is_named(tmp_path):

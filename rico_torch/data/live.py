@@ -48,14 +48,17 @@ class WindowStore:
         survey: read every window now: needed where ``min_valid`` may leave windows out, and
             for statistics (the extension observes each value, as the encoder's does).
         name: how messages name the store (the source path).
-        readahead: a single window read also reads the source blocks of the next
-            :data:`READAHEAD` windows in key order (a sequential pass: prediction, validation);
-            a batch read always reads the blocks its windows cover once.
+        readahead: ``True``: a single window read also reads the source blocks of the next
+            :data:`READAHEAD` windows in key order, once; ``"auto"`` (default): only once reads
+            come in key order (the window after the one read last: a sequential pass such as
+            prediction), as the OS reads ahead in a file; ``False``: never. A batch read always
+            reads the blocks its windows cover once, and reads nothing ahead.
     """
 
-    def __init__(self, planner: Planner, survey: bool, name: str, readahead: bool = False) -> None:
+    def __init__(self, planner: Planner, survey: bool, name: str, readahead: bool | str = "auto") -> None:
         self.planner, self.name, self.readahead = planner, name, readahead
         self._ahead = (0, 0)  # key-column rows whose source blocks were read ahead
+        self._last = -2  # the row read last (readahead "auto": the next one starts a sequential pass)
         self.paths = [Path(name)]
         dataset, discovered, extension = planner()
         stats = _Stats(observe=extension.observe if survey else None)
@@ -123,9 +126,11 @@ class WindowStore:
                 make.prefetch(windows.rows[pairs[pairs[:, 0] == s, 1]])
 
     def read_ahead(self, row: int) -> None:
-        """With ``readahead``: the blocks of windows ``row`` .. ``row + READAHEAD`` unless read already."""
+        """Per ``readahead``: the blocks of windows ``row`` .. ``row + READAHEAD``, unless read already."""
         lo, hi = self._ahead
-        if self.readahead and not lo <= row < hi:
+        wanted = self.readahead is True or (self.readahead == "auto" and row == self._last + 1)
+        self._last = row
+        if wanted and not lo <= row < hi:
             self._ahead = (row, min(row + READAHEAD, len(self._rows)))
             self.prefetch(np.arange(*self._ahead))
 
@@ -138,7 +143,7 @@ class WindowStore:
     def __getstate__(self) -> dict:
         state = self.__dict__.copy()
         state["_discovered"] = None  # the recipe crosses, not every window
-        state["_ahead"] = (0, 0)
+        state["_ahead"], state["_last"] = (0, 0), -2
         return state
 
 
@@ -154,6 +159,7 @@ class _LiveReader:
     def __init__(self, store: WindowStore) -> None:
         self.store = store
         self.index = store._manifest.parts[0][1]
+        self.batched = False  # a batch's blocks were read (prefetch): nothing to read ahead
 
     def __enter__(self) -> "_LiveReader":
         return self
@@ -167,7 +173,8 @@ class _LiveReader:
             from ..errors import UnknownKeyError
 
             raise UnknownKeyError(f"key {key.decode(errors='replace')!r} is not a window of {self.store}")
-        self.store.read_ahead(row)
+        if not self.batched:
+            self.store.read_ahead(row)
         return memoryview(self.store.value(row))  # as LMDB hands values out
 
     def prefetch(self, keys: Sequence[bytes]) -> None:
@@ -175,6 +182,7 @@ class _LiveReader:
         rows = self.index.find(np.array(keys))
         self.store.prefetch(rows[rows >= 0])
         self.store._ahead = (0, 0)  # the blocks read ahead are gone
+        self.batched = True  # this batch's blocks are in: nothing to read ahead
 
     def keys(self) -> list[str]:
         return [k.decode() for k in self.index.columns["key"].tolist()]
@@ -196,12 +204,13 @@ class ScenePlanner:
     labels: str | None = None
     label_nodata: float | None = None
     allow_ungeoreferenced: bool = False
+    align: Any = None  # rico_torch.align.scene.AlignOptions: files warped onto one grid (--grid ...)
 
     def __call__(self):
         from ..scenes.chipper import planned
 
         _, dataset, discovered, extension = planned(Path(self.dataset_dir), self.options, self.labels,
-                                                    self.label_nodata, self.allow_ungeoreferenced)
+                                                    self.label_nodata, self.allow_ungeoreferenced, align=self.align)
         return dataset, discovered, extension
 
 
@@ -214,6 +223,8 @@ class ScenePatchDataset(LMDBPatchDataset):
     Args:
         dataset_dir, patch_size, stride, edge, min_valid, labels, label_nodata,
             allow_ungeoreferenced: as ``encode scenes`` (``--dataset-dir``, ``--patch-size``, ...).
+        align: ``encode scenes``' ``--grid``/``--grid-like``/... as a
+            :class:`~rico_torch.align.scene.AlignOptions`: the files warped onto one grid.
         bands: the bands of ``image``, in order (and ``mask_band="mask"`` for the labels).
         encode_bands: the encode's ``--bands``: the bands each window reads (default: all, as an
             encode without ``--bands``; ``min_valid`` asks every band read, so this can change
@@ -230,23 +241,23 @@ class ScenePatchDataset(LMDBPatchDataset):
     def __init__(self, dataset_dir: str | Path, bands: Sequence[str], patch_size: int, stride: int | None = None,
                  edge: str = "shift", min_valid: float = 1, *, labels: str | Path | None = None,
                  label_nodata: float | None = None, allow_ungeoreferenced: bool = False,
-                 encode_bands: Sequence[str] | None = None, statistics: bool = False, **kwargs) -> None:
+                 encode_bands: Sequence[str] | None = None, statistics: bool = False, align=None, **kwargs) -> None:
         store = scene_store(dataset_dir, patch_size, stride, edge, min_valid, labels=labels, label_nodata=label_nodata,
                             allow_ungeoreferenced=allow_ungeoreferenced, encode_bands=encode_bands,
-                            statistics=statistics, readahead=kwargs.get("readahead", False))
+                            statistics=statistics, readahead=kwargs.get("readahead", "auto"), align=align)
         super().__init__(store, bands, **kwargs)
 
 
 def scene_store(dataset_dir, patch_size: int, stride: int | None = None, edge: str = "shift", min_valid: float = 1, *,
                 labels=None, label_nodata: float | None = None, allow_ungeoreferenced: bool = False,
                 encode_bands: Sequence[str] | None = None, statistics: bool = False,
-                readahead: bool = False) -> WindowStore:
+                readahead: bool | str = "auto", align=None) -> WindowStore:
     """The windows ``encode scenes`` with these options writes, as a :class:`WindowStore`."""
     from ..scenes.chipper import chip_options
 
     options = chip_options(patch_size, stride, edge, min_valid, encode_bands)
     planner = ScenePlanner(str(dataset_dir), options, None if labels is None else str(labels), label_nodata,
-                           allow_ungeoreferenced)
+                           allow_ungeoreferenced, align)
     return WindowStore(planner, survey=statistics or options.min_valid > 0, name=str(dataset_dir), readahead=readahead)
 
 
@@ -282,7 +293,7 @@ def _pairs(value):
 
 def cube_store(source, patch: dict, stride: dict | None = None, edge: str | dict = "shift",
                variables: Sequence[str] | None = None, dims: dict | None = None, time_from_name: str | None = None,
-               min_valid: float = 1, statistics: bool = False, readahead: bool = False) -> WindowStore:
+               min_valid: float = 1, statistics: bool = False, readahead: bool | str = "auto") -> WindowStore:
     """The windows ``encode cube`` with these options writes, as a :class:`WindowStore`."""
     planner = CubePlanner(str(source), _pairs(patch), _pairs(stride), _pairs(edge),
                           None if variables is None else tuple(variables), _pairs(dims), time_from_name, min_valid)
@@ -304,8 +315,9 @@ class CubePatchDataset(LMDBPatchDataset):
         bands: the variables of ``image``, in order (default: all the encode would store).
         statistics: compute the encode's statistics (``store.manifest()["statistics"]``).
         **kwargs: as :class:`LMDBPatchDataset` (``keys``, ``native``, ``transforms``, ...);
-            ``readahead``: a single window read also reads the source blocks of the next windows
-            (:class:`WindowStore`; for sequential passes). A batch reads its blocks once anyway.
+            ``readahead`` (``"auto"``, ``True``, ``False``): when a single window read also reads
+            the source blocks of the next windows (:class:`WindowStore`: by default once reads come
+            in order). A batch reads its windows' blocks once anyway.
 
     With ``min_valid`` above 0 (default 1) or ``statistics`` every window is read once here, as
     the encoder would (which windows exist depends on their cells); ``min_valid=0`` reads one.
@@ -319,5 +331,5 @@ class CubePatchDataset(LMDBPatchDataset):
             raise ConfigError("CubePatchDataset: give patch, the window size per dimension (dict(time=12, lat=32, "
                               "lon=32), as encode cube's --patch)")
         store = cube_store(source, patch, stride, edge, variables, dims, time_from_name, min_valid, statistics,
-                           kwargs.get("readahead", False))
+                           kwargs.get("readahead", "auto"))
         super().__init__(store, list(bands or store.manifest()["cube"]["bands"]), **kwargs)

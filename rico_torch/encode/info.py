@@ -219,6 +219,11 @@ def report(path: Path, samples: int = SAMPLES, check: bool = False) -> tuple[str
         what = f"windows of {_count(len(scenes), 'scene')} ({', '.join(list(scenes)[:3])}{' ...' if len(scenes) > 3 else ''}), chipped by `encode scenes`"
     data = path / "data.mdb"
     lines = [f"{path}: {what}; {_count(entries, 'key')}; data.mdb {_size(_disk_bytes(data))} on disk"]
+    for name, scene in (scenes or {}).items():
+        if scene.get("align"):  # encode scenes --grid: files warped onto one grid
+            from ..align.scene import describe as describe_alignment
+
+            lines.extend(describe_alignment(name, scene["align"]))
     if manifest:
         state = ("complete" if manifest.get("complete") else
                  "INCOMPLETE: being written by another process (an encode holds encode.lock)" if encoder_running(path)

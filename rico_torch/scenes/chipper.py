@@ -18,14 +18,15 @@ import math
 import re
 import sys
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from hashlib import sha256
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from ..catalog import Band, Dataset, Source
-from ..errors import InputError
+from ..errors import ConfigError, InputError
 from ..encode.discover import Patch, SourcePatches, in_shard, printable
 from ..encode.options import parse_shard
 from ..encode.writer import EncodeResult, encode_dataset
@@ -33,6 +34,9 @@ from ..format import load_value
 from .discover import ALLOW_UNGEOREFERENCED, EDGES, Scene, SceneWindow, check_options, check_sizes, close_rasters, \
     find_scenes, offsets, valid_pixels
 from .statistics import Moments, merge, pool
+
+if TYPE_CHECKING:
+    from ..align.scene import AlignOptions
 
 NAME = "scenes"
 EXAMPLE_CONFIG = "configs/scenes.yaml"
@@ -90,9 +94,10 @@ class SceneManifest:
     """
 
     def __init__(self, scenes: Sequence[Scene], discovered: list[SourcePatches], options: ChipOptions,
-                 labels: str = "") -> None:
+                 labels: str = "", align: dict | None = None) -> None:
         self.scenes = {s.name: s for s in scenes}
         self.options = options
+        self.align = align  # the alignment options (--grid ...), recorded for verify
         # labels enter the identity only where given, so encodes without them keep their fingerprint
         self.identity = options.identity() + labels
         # every window's key and offsets, as arrays filled without a list between (a dict of a
@@ -118,7 +123,7 @@ class SceneManifest:
         into = self.moments.setdefault(name, {})
         for band in scene.bands:
             r = band.ratio
-            part = arrays[band.name][(r0 - row) // r : (r1 - row) // r, (c0 - col) // r : (c1 - col) // r]
+            part = arrays[band.name][..., (r0 - row) // r : (r1 - row) // r, (c0 - col) // r : (c1 - col) // r]
             valid = valid_pixels(band, part, (r0 // r, c0 // r, r1 // r, c1 // r))
             into[band.name] = merge(into.get(band.name, Moments()), Moments.of(part[valid]))
 
@@ -134,7 +139,7 @@ class SceneManifest:
             "chip": {"patch_size": size, "stride": self.options.stride, "edge": self.options.edge,
                      "min_valid": self.options.min_valid,
                      "bands": list(self.options.bands) if self.options.bands else None,
-                     "label_nodata": self.label_nodata},
+                     "label_nodata": self.label_nodata, **({"align": self.align} if self.align else {})},
             "scenes": scenes,
             "statistics": pooled,
             "statistics_not_pooled": self.refused,
@@ -188,14 +193,23 @@ def chip_options(patch_size: int, stride: int | None = None, edge: str = "shift"
 
 
 def planned(root: Path, options: ChipOptions, labels: str | Path | None = None, label_nodata: float | None = None,
-            allow_ungeoreferenced: bool = False, shard: tuple[int, int] | None = None):
+            allow_ungeoreferenced: bool = False, shard: tuple[int, int] | None = None,
+            align: AlignOptions | None = None):
     """The scenes in ``root``, their windows and the manifest extension of a chip run: what
-    :func:`chip` writes and :class:`rico_torch.data.ScenePatchDataset` reads on the fly."""
-    scenes = find_scenes(Path(root), options.bands, None if labels is None else Path(labels), label_nodata,
-                         allow_ungeoreferenced)
+    :func:`chip` writes and :class:`rico_torch.data.ScenePatchDataset` reads on the fly. With
+    ``align`` (``--grid``/``--grid-like``) the one scene is every file warped onto that grid."""
+    record = None
+    if align is not None and align.active:
+        align = replace(align, labels=None if labels is None else str(labels))
+        scenes, identity = aligned_scenes(Path(root), align, options.bands, label_nodata)
+        record = align.record()
+    else:
+        scenes = find_scenes(Path(root), options.bands, None if labels is None else Path(labels), label_nodata,
+                             allow_ungeoreferenced)
+        identity = labels_identity(scenes)
     check_labels(scenes, options.edge)
     dataset, discovered = plan(scenes, options, shard)
-    return scenes, dataset, discovered, SceneManifest(scenes, discovered, options, labels_identity(scenes))
+    return scenes, dataset, discovered, SceneManifest(scenes, discovered, options, identity, record)
 
 
 def chip(
@@ -215,6 +229,7 @@ def chip(
     skip_invalid: bool = False,
     quiet: bool = True,
     shard: tuple[int, int] | None = None,
+    align: AlignOptions | None = None,
 ) -> EncodeResult:
     """Chip every scene in ``dataset_dir`` into the LMDB at ``target_dir`` (see the module doc).
 
@@ -222,7 +237,9 @@ def chip(
     fraction of the window's pixels. ``label_nodata``: the label value that means "no label"
     (default: the label rasters' nodata); ``--edge pad`` fills label pixels outside the scene
     with it, so labels without one are refused with pad. ``allow_ungeoreferenced``: chip
-    rasters without a geotransform (refused otherwise).
+    rasters without a geotransform (refused otherwise). ``align`` (``--grid``/``--grid-like``):
+    every file of ``dataset_dir`` (and the modalities) warped onto one target grid, chipped as one
+    scene (:mod:`rico_torch.align.scene`).
 
     Warns (stderr) for every scene that yields no window and for bands that are not pooled
     into dataset-level statistics; raises :class:`InputError` when no window at all is written.
@@ -230,10 +247,12 @@ def chip(
     options = chip_options(patch_size, stride, edge, min_valid, bands)
     stride, min_valid = options.stride, options.min_valid
     root = Path(dataset_dir)
+    aligning = align is not None and align.active
     try:
         scenes, dataset, discovered, extension = planned(root, options, labels, label_nodata, allow_ungeoreferenced,
-                                                         shard)
-        warn_band_files_as_scenes(root, scenes)
+                                                         shard, align)
+        if not aligning:
+            warn_band_files_as_scenes(root, scenes)
     finally:
         close_rasters()
     empty = [s for s in scenes if not (offsets(s.height, patch_size, stride, edge)
@@ -262,6 +281,17 @@ def chip(
         raise InputError(printable(Path(target_dir)), f"no window was written: all {len(result.skipped):,} "
                          "were skipped (see the warnings); lower --min-valid or check the scenes' nodata")
     return result
+
+
+def aligned_scenes(root: Path, align: AlignOptions, bands, label_nodata: float | None = None) -> tuple[list[Scene], str]:
+    """The aligned set of ``root`` as the one scene to chip, and its part of the identity."""
+    from ..align.scene import aligned_scene, identity
+
+    aligned = align.build(root, bands)
+    scene = aligned_scene(aligned, root)
+    if scene.labels is not None and label_nodata is not None:
+        scene = replace(scene, labels=replace(scene.labels, nodata=float(label_nodata)))
+    return [scene], identity(aligned, align)
 
 
 def warn(message: str) -> None:
@@ -322,6 +352,13 @@ def verify_scenes(target_dir: str | Path, dataset_dir: str | Path | None = None,
     options = ChipOptions(chip_options["patch_size"], chip_options["stride"], chip_options["edge"],
                           chip_options["min_valid"], tuple(chip_options["bands"]) if chip_options.get("bands") else None)
     try:
+        if chip_options.get("align"):
+            from ..align.scene import AlignOptions
+
+            align = AlignOptions(**{k: tuple(v) if isinstance(v, list) else v for k, v in chip_options["align"].items()})
+            scenes = aligned_scenes(Path(dataset_dir), align, options.bands, chip_options.get("label_nodata"))[0]
+            _, discovered = plan(scenes, options)
+            return _verify_aligned(target, manifest, scenes, discovered, dataset_dir, num_workers, quiet)
         scenes = [s for s in find_scenes(Path(dataset_dir), options.bands, allow_ungeoreferenced=True)
                   if s.name in manifest.get("scenes", {})]
         scenes = [attach_labels(s, Path(manifest["scenes"][s.name]["labels"]), True)
@@ -336,6 +373,20 @@ def verify_scenes(target_dir: str | Path, dataset_dir: str | Path | None = None,
     found = {s.name for s in scenes}
     report.problems.extend(f"{name}: scene in {target / 'manifest.json'} is not in {dataset_dir}"
                            for name in manifest.get("scenes", {}) if name not in found)
+    return report
+
+
+def _verify_aligned(target: Path, manifest: dict, scenes, discovered, dataset_dir, num_workers: int, quiet: bool):
+    """Every window warped again from the recorded sources onto the recorded grid and compared."""
+    from ..encode.verify import verify
+
+    (scene,) = scenes
+    report = verify(target, {scene.name: Path(scene.path)}, num_workers=num_workers, quiet=quiet, dataset=NAME,
+                    discovered=discovered)
+    recorded = manifest.get("scenes", {}).get(scene.name, {}).get("align", {})
+    if recorded.get("grid") != scene.aligned.info()["grid"]:
+        report.problems.append(f"{scene.name}: the target grid of {dataset_dir} now differs from the one in "
+                               f"{target / 'manifest.json'}")
     return report
 
 
@@ -372,6 +423,7 @@ def add_parser(sub, common) -> None:
     p.add_argument(ALLOW_UNGEOREFERENCED, action="store_true",
                    help="chip rasters without a geotransform (plain images, GCP/RPC-only rasters) in pixel "
                    "coordinates; refused by default")
+    add_align_arguments(p)
     common(p)
     p.add_argument("--overwrite", action="store_true", help="replace an LMDB already in the target")
     p.add_argument("--shard", type=parse_shard, metavar="I/N", help="write only shard I of N (crc32(key) %% N == I)")
@@ -380,11 +432,59 @@ def add_parser(sub, common) -> None:
     p.set_defaults(dataset=NAME)
 
 
+def add_align_arguments(p) -> None:
+    from ..align.grid import EXTENTS, MAX_GRID_OPTION, MAX_GRID_PIXELS
+    from ..align.sources import GROUPS, RESAMPLINGS, WARP_BLOCK
+
+    g = p.add_argument_group("many files, one grid", "warp every file of --dataset-dir (and --modality sources) "
+                             "onto one declared grid, chipped as one scene named after --dataset-dir")
+    g.add_argument("--grid", metavar="CRS,RES", help="target CRS and square cell size, e.g. EPSG:32633,10 (origin "
+                   "snapped to a multiple of the cell size)")
+    g.add_argument("--grid-like", metavar="RASTER", help="the target grid of this raster (its CRS, transform and "
+                   "size; with --extent its CRS and cell phase)")
+    g.add_argument("--extent", choices=EXTENTS, help="the sources' footprints to cover (default with --grid: union)")
+    g.add_argument("--resampling", nargs="+", metavar="METHOD|NAME=METHOD",
+                   help=f"{', '.join(RESAMPLINGS)}: for the image bands, or for one band or modality (NAME=METHOD); "
+                   "default: bilinear for float bands, nearest for integer bands; class bands (--labels, SCL, "
+                   "QA_PIXEL) stay nearest unless named")
+    g.add_argument("--group-by", choices=GROUPS, help="time: mosaic the files of one date, stack dates as T "
+                   "(values T x H x W); band: each single-band file is one band of one image; default: one mosaic")
+    g.add_argument("--time-from-name", metavar="REGEX", help="a file's or product's date from its name (a group "
+                   "'date' or the first group: YYYYMMDD or YYYY-MM-DD); default: the product name, else date tags")
+    g.add_argument("--modality", action="append", metavar="NAME=PATH",
+                   help="another folder or raster on the same grid, its bands named NAME.<band> (repeatable); "
+                   "undated with --group-by time: the same at every date")
+    g.add_argument("--apply-scale", action="store_true", help="apply a product's scale and offset: float32 "
+                   "reflectance and Kelvin (Landsat C2 L2, from the MTL), reflectance (Sentinel-2, from MTD_MSI*.xml); "
+                   "NaN where fill")
+    g.add_argument("--warp-block", type=int, default=WARP_BLOCK, metavar="PX",
+                   help=f"the grid is warped in blocks of PX cells from its origin (default {WARP_BLOCK}); values "
+                   "depend on it, never on windows")
+    g.add_argument(MAX_GRID_OPTION, type=int, default=MAX_GRID_PIXELS, metavar="N",
+                   help=f"refuse a target grid of more cells (default {MAX_GRID_PIXELS:,})")
+
+
+def align_options(args: argparse.Namespace) -> AlignOptions | None:
+    """The alignment asked for on the command line; None without --grid/--grid-like."""
+    given = [name for name in ("extent", "resampling", "group_by", "time_from_name", "modality")
+             if getattr(args, name, None)] + (["apply_scale"] if getattr(args, "apply_scale", False) else [])
+    if args.grid is None and args.grid_like is None:
+        if given:
+            raise ConfigError(f"--{given[0].replace('_', '-')} needs --grid CRS,RES or --grid-like RASTER")
+        return None
+    from ..align.scene import AlignOptions
+
+    return AlignOptions(args.grid, None if args.grid_like is None else str(args.grid_like), args.extent,
+                        tuple(args.resampling or ()), args.group_by, args.time_from_name, tuple(args.modality or ()),
+                        args.apply_scale, args.warp_block, args.max_grid_pixels)
+
+
 def run(args: argparse.Namespace) -> EncodeResult:
     return chip(args.dataset_dir, args.target_dir, args.patch_size, args.stride, bands=args.bands, edge=args.edge,
                 min_valid=args.min_valid, labels=args.labels, label_nodata=args.label_nodata,
                 allow_ungeoreferenced=args.allow_ungeoreferenced, num_workers=args.num_workers,
-                overwrite=args.overwrite, skip_invalid=args.skip_invalid, quiet=args.quiet, shard=args.shard)
+                overwrite=args.overwrite, skip_invalid=args.skip_invalid, quiet=args.quiet, shard=args.shard,
+                align=align_options(args))
 
 
 def unlabelled_scenes(manifest: dict) -> list[str]:

@@ -70,6 +70,7 @@ class Scene:
     transform: tuple[float, ...]  # the finest grid's 6 affine coefficients (a, b, c, d, e, f)
     labels: BandFile | None = None
     naming: str = "index"
+    aligned: object | None = None  # a rico_torch.align Aligned set: files warped onto this grid (--grid)
 
     @property
     def band_names(self) -> tuple[str, ...]:
@@ -91,6 +92,7 @@ class Scene:
                                "dtype": b.dtype, "width": b.width, "height": b.height} for b in self.bands},
             "band_names": self.naming,
             "labels": None if self.labels is None else self.labels.path,
+            **({} if self.aligned is None else {"align": self.aligned.info()}),
         }
 
 
@@ -420,6 +422,12 @@ class SceneWindow:
     min_valid: int
 
     def __call__(self) -> dict[str, np.ndarray]:
+        if self.scene.aligned is not None:
+            from ..align.scene import read_window
+
+            out, valid = read_window(self.scene, self.row, self.col, self.size)
+            self._check_valid(int(valid.sum()))
+            return out
         valid = np.ones((self.size, self.size), bool)
         out: dict[str, np.ndarray] = {}
         for band in self.scene.bands:
@@ -428,13 +436,15 @@ class SceneWindow:
             if band.ratio > 1:
                 mask = mask.repeat(band.ratio, 0).repeat(band.ratio, 1)
             valid &= mask
-        count = int(valid.sum())
-        if count < self.min_valid:
-            raise SkipPatch(f"{self.scene.path}: window {self.key} (row {self.row}, col {self.col}) has {count:,} "
-                            f"valid pixels, fewer than --min-valid {self.min_valid:,}")
+        self._check_valid(int(valid.sum()))
         if self.scene.labels is not None:
             out["mask"] = self._read(self.scene.labels)[0]
         return out
+
+    def _check_valid(self, count: int) -> None:
+        if count < self.min_valid:
+            raise SkipPatch(f"{self.scene.path}: window {self.key} (row {self.row}, col {self.col}) has {count:,} "
+                            f"valid pixels, fewer than --min-valid {self.min_valid:,}")
 
     @property
     def key(self) -> str:

@@ -99,11 +99,12 @@ def _parse(piece: bytes, ints: int, named: bool) -> tuple[np.ndarray, np.ndarray
     if len(quotes) % 2:
         raise _NotPlain
     starts, stops = quotes[0::2] + 1, quotes[1::2]
-    inside = np.zeros(len(text) + 1, np.int8)
-    inside[starts] += 1
-    inside[stops] -= 1
-    inside = np.cumsum(inside[:-1], dtype=np.int8).astype(bool)
-    if (text[inside] < _NAME).any():  # a control character in a string: not JSON
+    # inside a string: [start, stop) of each; runs of False and True written by repeat (a cumsum over
+    # every byte took a third of the parse)
+    bounds = np.empty(2 * len(starts) + 2, np.int64)
+    bounds[0], bounds[1:-1:2], bounds[2:-1:2], bounds[-1] = 0, starts, stops, len(text)
+    inside = np.repeat(np.arange(len(bounds) - 1) % 2 == 1, np.diff(bounds))
+    if inside[np.flatnonzero(text < _NAME)].any():  # a control character in a string: not JSON
         raise _NotPlain
     outside = text[~inside]
     solid = ~np.isin(outside, _WHITE)
@@ -135,7 +136,7 @@ def _parse(piece: bytes, ints: int, named: bool) -> tuple[np.ndarray, np.ndarray
     if shape != b",".join([entry] * n):
         raise _NotPlain
     values = np.zeros(len(runs), np.int64)
-    for j in range(15):  # digit by digit, as ascii_ints
+    for j in range(int(length.max()) if len(length) else 0):  # digit by digit, as ascii_ints
         at = digits_at + j
         values = np.where(at < ends, values * 10 + rest[np.minimum(at, len(rest) - 1)].astype(np.int64) - 48, values)
     values = np.where(negative, -values, values).reshape(n, ints)

@@ -88,7 +88,7 @@ class CubeDataModule(LMDBDataModule):
             from ..live import cube_store
 
             self.store = cube_store(source, patch, stride, edge, variables, dims, time_from_name, min_valid,
-                                    statistics=mean is None, readahead=readahead)
+                                    statistics=mean is None, readahead=readahead or "auto")
             self._cube_manifest = self.store.manifest()
         else:
             paths = [Path(p) for p in (lmdb_path if isinstance(lmdb_path, (list, tuple)) else [lmdb_path])]

@@ -90,18 +90,13 @@ def split_file_keys(path: Path) -> np.ndarray:
     parts are cut out of the block's bytes at once, any other line is read with ``Path`` itself, and
     a file with spaces, other line breaks or non-ASCII bytes line by line as before.
 
-    The keys are held once: a first pass counts the file's lines, and each block's keys are written
-    into one array of that many rows (widened, a copy, only where a later block holds a longer key),
-    not joined from the blocks' arrays at the end (which held them twice: 2.1M keys of 94 B, 400 MB)."""
-    lines, last = 0, b""
-    with open(path, "rb") as f:
-        while block := f.read(_BLOCK):
-            lines += block.count(b"\n")
-            last = block
-    if not last:  # an empty file
-        return np.zeros(0, "S1")
-    lines += not last.endswith(b"\n")
-    out, filled, rest = np.zeros(lines, "S1"), 0, b""
+    The keys are held once, written into one array sized from the first block's keys per byte
+    (exact where every line is as long, as in the dataset's files; grown once, to a count of the
+    remaining lines, where a later block holds more), not joined from the blocks' arrays at the end
+    (which held them twice: 2.1M keys of 94 B, 400 MB); widened, a copy, only where a later block
+    holds a longer key."""
+    size = path.stat().st_size
+    out, filled, rest = None, 0, b""
     with open(path, "rb") as f:
         while True:
             block = f.read(_BLOCK)
@@ -114,13 +109,23 @@ def split_file_keys(path: Path) -> np.ndarray:
                     del out
                     names = [Path(line.strip()).parent.name for line in path.read_text().splitlines() if line.strip()]
                     return np.array(names, dtype=np.bytes_) if names else np.zeros(0, "S1")
+                if out is None:
+                    out = np.zeros(size * len(keys) // len(data) + 1, keys.dtype)
+                if filled + len(keys) > len(out):  # shorter lines further on: count the rest once
+                    position = f.tell()
+                    chunks = iter(lambda: f.read(_BLOCK), b"")
+                    more = rest.count(b"\n") + 1 + sum(chunk.count(b"\n") + 1 for chunk in chunks)
+                    f.seek(position)
+                    out.resize(filled + len(keys) + more + 1, refcheck=False)
                 if keys.itemsize > out.itemsize:
                     out = out.astype(keys.dtype)
                 out[filled : filled + len(keys)] = keys
                 filled += len(keys)
             if not block:
                 break
-    if filled < len(out):  # blank lines: shrink in place (no copy of the keys)
+    if out is None:  # an empty file
+        return np.zeros(0, "S1")
+    if filled < len(out):  # blank lines, or the estimate's spare rows: shrink in place (no copy of the keys)
         out.resize(filled, refcheck=False)
     return out
 
@@ -134,6 +139,9 @@ def _block_keys(data: bytes) -> np.ndarray | None:
     buf = np.frombuffer(data, np.uint8)
     if data.translate(None, _PLAIN_BYTES):  # some byte is not plain (one C pass, no bool array)
         return None
+    same = _same_form_keys(buf, data)
+    if same is not None:
+        return same
     breaks = np.flatnonzero(buf == 0x0A)
     starts, ends = np.r_[0, breaks + 1], np.r_[breaks, len(buf)]
     lines = ends > starts
@@ -170,3 +178,21 @@ def _block_keys(data: bytes) -> np.ndarray | None:
         keys = keys.astype(f"S{max(width, max(map(len, names)), 1)}")
         keys[other] = names
     return keys
+
+
+def _same_form_keys(buf: np.ndarray, data: bytes) -> np.ndarray | None:
+    """:func:`_block_keys` of plain lines that are all as long as the first, with its two slashes
+    at the same places (the dataset's files: fixed-width tile and patch names): the middle part is
+    one column range of the lines' byte matrix. None for any other block."""
+    width = data.find(b"\n")
+    if width < 1 or len(data) % (width + 1):
+        return None
+    one = data.find(b"/", 0, width)
+    two = data.find(b"/", one + 1, width)
+    if not (one >= 2 and two >= one + 3 and width >= two + 3) or data.find(b"/", two + 1, width) >= 0:
+        return None  # not three parts, or a part of one byte (perhaps ".")
+    lines = buf.reshape(-1, width + 1)
+    if not ((lines[:, width] == 0x0A).all() and (lines[:, one] == 0x2F).all() and (lines[:, two] == 0x2F).all()
+            and np.count_nonzero(buf == 0x2F) == 2 * len(lines)):
+        return None
+    return np.ascontiguousarray(lines[:, one + 1 : two]).view(f"S{two - one - 1}").ravel()

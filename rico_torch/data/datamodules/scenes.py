@@ -131,7 +131,7 @@ class GeoPatchDataModule(LMDBDataModule):
             from ..live import scene_store
 
             self.store = scene_store(source, patch_size, stride, edge, min_valid, labels=labels,
-                                     label_nodata=label_nodata, statistics=True, readahead=readahead)
+                                     label_nodata=label_nodata, statistics=True, readahead=readahead or "auto")
             self._path_manifests = [self.store.manifest()]
         else:
             paths = [Path(p) for p in (lmdb_path if isinstance(lmdb_path, (list, tuple)) else [lmdb_path])]
