@@ -402,14 +402,14 @@ def datasets_benchmark(args) -> int:
 
 REAL_ENCODER = Path(__file__).resolve().parents[1] / ".bigearthnet-encoder"
 V1_SIDE_BY_SIDE = """
-import json, pickle, sys, time, warnings
+import json, pickle, shutil, sys, tempfile, time, warnings
 warnings.simplefilter("ignore")
 from pathlib import Path
 import lmdb
 from bigearthnet_encoder.encoder import write_S1_lmdb_with_lbls, write_S2_lmdb_with_lbls
 from rico_torch.encode.cli import main
 from rico_torch.encode.pickled import convert
-s2_dir, s1_dir, out, workers = Path(sys.argv[1]), Path(sys.argv[2]), Path(sys.argv[3]), int(sys.argv[4])
+s2_dir, s1_dir, out, workers, replicas = Path(sys.argv[1]), Path(sys.argv[2]), Path(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5])
 times = {}
 start = time.perf_counter()
 write_S2_lmdb_with_lbls(s2_dir, lmdb_path=out / "pickled-s2", lmdb_max_size=1 << 33)
@@ -420,7 +420,16 @@ for n in sorted({1, workers}):
     main(["bigearthnet-v1", "--s2-dir", str(s2_dir), "--s1-dir", str(s1_dir), "--target-dir", str(out / f"ours-{n}"),
           "--num-workers", str(n), "--quiet"])
     times[f"rico_torch {n} worker(s)"] = time.perf_counter() - start
-for sensor in ("s2", "s1"):
+# a larger pickled LMDB: the encoder's own values, each under `replicas` keys (fixed costs amortised)
+src = lmdb.open(str(out / "pickled-s2"), readonly=True, lock=False)
+big = lmdb.open(str(out / "pickled-s2-large"), map_size=1 << 36)
+with src.begin() as txn, big.begin(write=True) as put:
+    for key, value in txn.cursor():
+        for r in range(replicas):
+            put.put(key + b"_r%d" % r, value)
+src.close()
+big.close()
+for sensor in ("s2", "s1", "s2-large"):
     source = out / f"pickled-{sensor}"
     env = lmdb.open(str(source), readonly=True, lock=False)
     start = time.perf_counter()
@@ -434,6 +443,13 @@ for sensor in ("s2", "s1"):
         start = time.perf_counter()
         convert(source, out / f"converted-{sensor}-{n}", num_workers=n, quiet=True)
         times[f"convert-pickled {sensor}, {n} worker(s)"] = time.perf_counter() - start
+    if sensor == "s2-large" and Path("/dev/shm").is_dir():  # the same into memory: what the disk's writes cost
+        for n in sorted({0, workers}):
+            target = Path(tempfile.mkdtemp(dir="/dev/shm")) / "converted"
+            start = time.perf_counter()
+            convert(source, target, num_workers=n, quiet=True)
+            times[f"convert-pickled {sensor} into /dev/shm, {n} worker(s)"] = time.perf_counter() - start
+            shutil.rmtree(target.parent)
 print(json.dumps(times))
 """
 
@@ -459,7 +475,7 @@ def v1_benchmark(args) -> int:
     out.mkdir(parents=True)
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REAL_ENCODER), str(Path(__file__).resolve().parents[1])])}
     run = subprocess.run([sys.executable, "-c", V1_SIDE_BY_SIDE, str(root / "BigEarthNet-v1.0"),
-                          str(root / "BigEarthNet-S1-v1.0"), str(out), str(args.workers)],
+                          str(root / "BigEarthNet-S1-v1.0"), str(out), str(args.workers), str(args.replicas)],
                          env=env, capture_output=True, text=True)
     if run.returncode:
         raise SystemExit(run.stderr)
@@ -467,22 +483,31 @@ def v1_benchmark(args) -> int:
     patches = 2 * pairs
     n, problems = compare_lmdbs(out / f"ours-{args.workers}", out / "ours-1", data_mdb=True)
     for sensor in ("s2", "s1"):
+        if len(read_lmdb_values(out / f"pickled-{sensor}")) != pairs:  # it skips names it does not know
+            problems.append(f"bigearthnet-encoder wrote {len(read_lmdb_values(out / f'pickled-{sensor}'))} {sensor} "
+                            f"patches of {pairs}")
         for w in sorted({0, args.workers}):
             ours = read_lmdb_values(out / f"converted-{sensor}-{w}")
             encoded = read_lmdb_values(out / f"ours-{args.workers}")
             problems += [f"converted {k} differs from encoded" for k, v in ours.items() if encoded.get(k) != v]
+    for w in sorted({0, args.workers}):  # every value of the large set converted (each equals one checked above)
+        env = lmdb.open(str(out / f"converted-s2-large-{w}"), readonly=True, lock=False)
+        if env.stat()["entries"] != pairs * args.replicas:
+            problems.append(f"converted-s2-large-{w}: {env.stat()['entries']} values of {pairs * args.replicas}")
+        env.close()
     base = times["bigearthnet-encoder"]
     rows = [[what, f"{t:.2f}", f"{patches / t:,.0f}", f"{base / t:.1f}x"] for what, t in times.items()
             if not what.startswith(("read", "convert"))]
     log(f"\nBigEarthNet v1.0, {pairs:,} S1+S2 pairs ({patches:,} patches); {machine()}; load {load()}")
     log(table(["encoder", "s", "patches/s", "vs bigearthnet-encoder"], rows))
     rows = []
-    for sensor in ("s2", "s1"):
+    for sensor in ("s2", "s1", "s2-large"):
+        count = pairs * (args.replicas if sensor == "s2-large" else 1)
         read = times[f"read {sensor} (pickle.loads, real classes)"]
-        rows.append([f"read {sensor}: pickle.loads, every band", f"{read:.2f}", f"{pairs / read:,.0f}", "1.00"])
-        for w in sorted({0, args.workers}):
-            t = times[f"convert-pickled {sensor}, {w} worker(s)"]
-            rows.append([f"convert-pickled {sensor}, {w} worker(s)", f"{t:.2f}", f"{pairs / t:,.0f}", f"{read / t:.2f}"])
+        rows.append([f"read {sensor} ({count:,}): pickle.loads, every band", f"{read:.2f}", f"{count / read:,.0f}", "1.00"])
+        for what, t in times.items():
+            if what.startswith(f"convert-pickled {sensor},") or what.startswith(f"convert-pickled {sensor} into"):
+                rows.append([what, f"{t:.2f}", f"{count / t:,.0f}", f"{read / t:.2f}"])
     log(table(["pickled LMDB", "s", "patches/s", "rate vs reading"], rows))
     log(f"checked: data.mdb of 1 and {args.workers} workers byte-identical ({n:,} values), every converted value "
         "equal to the encoded one" if not problems else "PROBLEMS: " + "; ".join(problems[:5]))
@@ -618,6 +643,9 @@ def main(argv: list[str] | None = None) -> int:
                    help="with --datasets: only the per-stage profile (one core, MB/s of values per stage)")
     p.add_argument("--bigearthnet-v1", action="store_true",
                    help="BigEarthNet v1.0 against bigearthnet-encoder, and convert-pickled against reading its LMDBs")
+    p.add_argument("--replicas", type=int, default=10,
+                   help="with --bigearthnet-v1: the pickled S2 LMDB converted again with each value under this many "
+                        "keys (default %(default)s)")
     p.add_argument("--only", help="with --datasets: these datasets only (comma-separated catalog names)")
     args = p.parse_args(argv)
 

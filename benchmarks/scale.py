@@ -23,10 +23,13 @@ manifest and ``keys.index`` through ``rico_torch.manifest``, cached under
 * ``--discover N``: an encode's discovery of N BigEarthNet-S2 patch folders, whole and as shard
   0/8 (``--shard``: a job keeps objects for its share only), tracemalloc's peak and what it holds;
 * ``--encode N``: a real ``python -m rico_torch.encode scenes`` of N windows (2 px windows of one
-  GeoTIFF), its peak RSS.
+  GeoTIFF), its peak RSS;
+* ``--index-check``: what checking each kind's ``keys.index`` costs (page cache warm): the
+  structural checks every open makes, the content digest (``verify``, ``info --check``, and every
+  open of a sidecar up to ``DIGEST_ON_OPEN_BYTES``), seconds and per million keys.
 
 Usage: ``python benchmarks/scale.py [--counts 262144 3000000] [--kinds scenes satlas ...]
-[--no-workers] [--encode 1048576] [--discover 1000000]``.
+[--no-workers] [--encode 1048576] [--discover 1000000] [--index-check]``.
 """
 
 from __future__ import annotations
@@ -271,6 +274,27 @@ def _discover(root: str, shard: str) -> dict:
     return {"seconds": seconds, "peak": peak, "held": held, "patches": sum(len(s.patches) for s in found)}
 
 
+# --- checking keys.index ---------------------------------------------------------------------------
+
+
+def _index_check(path: str) -> dict:
+    """Seconds of keys.index's structural checks and of its content digest, the file's pages warm."""
+    from rico_torch.manifest import INDEX, read
+
+    file = Path(path) / INDEX
+    file.read_bytes()  # warm: the checks' own cost, not the disk's
+    _, index = read(path).parts[0]
+    index.checked = True  # map without the checks, then time each
+    columns = index.columns
+    start = time.perf_counter()
+    index._check_structure(columns)
+    structure = time.perf_counter() - start
+    start = time.perf_counter()
+    index._check_digest(columns)
+    digest = time.perf_counter() - start
+    return {"rows": len(index), "bytes": file.stat().st_size, "structure": structure, "digest": digest}
+
+
 # --- the table ------------------------------------------------------------------------------------
 
 
@@ -287,6 +311,9 @@ def main() -> None:
     parser.add_argument("--encode-workers", type=int, default=0)
     parser.add_argument("--discover", type=int, default=0, metavar="N",
                         help="also discover N BigEarthNet-S2 patch folders, whole and as one of 8 shards (0: skip)")
+    parser.add_argument("--index-check", action="store_true",
+                        help="also time keys.index's checks on open and its content digest, per kind")
+    parser.add_argument("--index-check-in", metavar="PATH", help=argparse.SUPPRESS)
     parser.add_argument("--discover-in", nargs=2, metavar=("ROOT", "SHARD"), help=argparse.SUPPRESS)
     parser.add_argument("--measure", nargs=3, metavar=("WHAT", "PATH", "MODE"), help=argparse.SUPPRESS)
     parser.add_argument("--uss", nargs=2, metavar=("PATH", "METHOD"), help=argparse.SUPPRESS)
@@ -300,6 +327,9 @@ def main() -> None:
     if args.discover_in:
         print(json.dumps(_discover(*args.discover_in)))
         return
+    if args.index_check_in:
+        print(json.dumps(_index_check(args.index_check_in)))
+        return
     rows, opens = [], []
     kinds = args.kinds or list(SETUPS)
     for count in args.counts:
@@ -308,6 +338,14 @@ def main() -> None:
             meta = (path / "manifest.json").stat().st_size + (path / "keys.index").stat().st_size
             keys = json.loads((path / "manifest.json").read_text())["patches"]
             rows.append((count, f"metadata bytes per key ({kind})", f"{meta / keys:.1f} B", f"{keys:,} keys"))
+        for kind in paths if args.index_check else ():
+            r = run_child("--index-check-in", str(paths[kind]))
+            per_million = 1e6 / r["rows"]
+            rows.append((count, f"check keys.index ({kind}, {mb(r['bytes'])}): structure / content digest",
+                         f"{r['structure']:.3f} / {r['digest']:.3f} s",
+                         f"per million keys: {r['structure'] * per_million * 1e3:.0f} / "
+                         f"{r['digest'] * per_million * 1e3:.0f} ms"))
+            log(rows[-1])
         measured = [("open", k) for k in KINDS if k in paths] + [(f"setup-{k}", k) for k in paths]
         for what, kind in measured:
             r = {}

@@ -20,10 +20,18 @@ column      dtype      what
 ==========  =========  ==========================================================================
 
 File layout: 8 bytes ``RICOIDX1``, an 8-byte little-endian length ``n``, ``n`` bytes of JSON
-(``{"id", "rows", "columns": {name: {"dtype", "offset"}}}``), then each column at its offset
-(64-byte aligned). ``manifest.json``'s ``index.id`` names the sidecar it belongs to, so a
-sidecar left from another encode is refused, never misread. Both files are written to ``*.tmp``
-and moved in with ``os.replace`` (sidecar first; a reader catches the gap by the id).
+(``{"id", "rows", "columns": {name: {"dtype", "offset", "blake2b"}}}``), then each column at its
+offset (64-byte aligned). ``manifest.json``'s ``index.id`` (a digest of the columns) names the
+sidecar it belongs to, so a sidecar left from another encode is refused, never misread. Both
+files are written to ``*.tmp`` and moved in with ``os.replace`` (sidecar first; a reader catches
+the gap by the id).
+
+Damage at rest (a bad copy, bit rot) is caught before a reader trusts the columns: opening a
+sidecar checks its structure (``sorter`` a permutation of the rows, no empty key, labels and
+window offsets in range; the manifest's row ranges tile the rows), and its content digest where
+it is at most :data:`DIGEST_ON_OPEN_BYTES`; ``verify``, ``info --check`` and ``repair`` always
+check the digest (``benchmarks/scale.py --index-check`` measures both). A damaged or missing
+sidecar is rebuilt from ``data.mdb`` and the manifest by ``python -m rico_torch.encode repair``.
 
 Manifests written before this format (per-key ``keys``/``digests``/``labels``/``windows`` in
 ``manifest.json``) are read as before: the reader builds the same columns in memory.
@@ -48,6 +56,7 @@ from .errors import FormatError, TargetError
 
 MANIFEST = "manifest.json"
 INDEX = "keys.index"
+LOCK = "encode.lock"  # an encoder holds it (flock) while it writes the target
 MAGIC = b"RICOIDX1"
 #: The manifest layout this version writes: 2 = per-key facts in ``keys.index``.
 LAYOUT = 2
@@ -56,6 +65,13 @@ LEGACY_FIELDS = ("keys", "digests", "labels", "windows")
 _ALIGN = 64
 _MASK64 = (1 << 64) - 1
 _FIND_CHUNK = 1 << 17  # keys looked up at once
+#: Sidecars this process checked: (path, device, inode, size, mtime, ctime) -> whether the digest too
+_CHECKED: dict[tuple, bool] = {}
+#: A sidecar up to this size has its content digest checked whenever a process opens it (blake2b:
+#: ~0.6 GB/s on a 2-core CI machine, so at most ~0.1 s); larger ones get the structural checks on
+#: open and the digest from ``verify``, ``info --check`` and ``repair``.
+DIGEST_ON_OPEN_BYTES = 64 << 20
+REPAIR = "python -m rico_torch.encode repair"
 #: The per-key multi-label column: bit i set = the key has ``classes[i]`` (up to 64 classes).
 LABEL_BITS = "label_bits"
 
@@ -105,12 +121,39 @@ class Entries:
 
 
 def _write_atomic(path: Path, write) -> None:
+    """Write through ``path.tmp`` and move it in; a failed write (a full disk) leaves no ``.tmp``
+    and is one line saying what is needed."""
     tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
-        write(f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        raise TargetError(f"{path}: cannot write it: {storage_problem(path.parent, e)}; free space and re-run the "
+                          "same command") from None
+
+
+def storage_problem(directory: Path, error: Exception, needed: int = 0, needed_for: str = "", margin: int = 0) -> str:
+    """Why writing ``needed`` bytes into ``directory`` failed, as a user reads it: a full disk (its
+    errno, or less free space than ``needed`` + ``margin``: LMDB reports a short write as EIO) says
+    how much is free and about how much was being written."""
+    import errno
+    import shutil
+
+    try:
+        free = shutil.disk_usage(directory).free
+    except OSError:
+        free = None
+    code = getattr(error, "errno", None)
+    if code == errno.ENOSPC or (free is not None and needed and free < needed + margin):
+        what = f"the disk is full ({free / 1e6:,.1f} MB free" if free is not None else "the disk is full ("
+        return what + (f", about {needed / 1e6:,.1f} MB needed{needed_for})" if needed else ")")
+    if code in (errno.EROFS, errno.EACCES, errno.EPERM):
+        return f"the target is not writable ({getattr(error, 'strerror', '')})"
+    return getattr(error, "strerror", None) or str(error)
 
 
 def write_json_atomic(path: Path, obj: dict) -> None:
@@ -129,7 +172,8 @@ def _sidecar_bytes(index_id: str, columns: dict[str, np.ndarray]):
         offsets[name] = at
         at += -(-a.nbytes // _ALIGN) * _ALIGN
     header = json.dumps({"id": index_id, "rows": rows.pop() if rows else 0,
-                         "columns": {n: {"dtype": a.dtype.str, "offset": offsets[n]} for n, a in arrays.items()}})
+                         "columns": {n: {"dtype": a.dtype.str, "offset": offsets[n], "blake2b": _digest(a)}
+                                     for n, a in arrays.items()}})
     head = MAGIC + len(header).to_bytes(8, "little") + header.encode()
     assert len(head) <= room, "index header over its room"
 
@@ -143,13 +187,21 @@ def _sidecar_bytes(index_id: str, columns: dict[str, np.ndarray]):
 
 
 class KeyIndex:
-    """The columns of one ``keys.index`` (mapped on first use, per process), or of a manifest in
-    the earlier layout (built in memory). Pickles as its path: no per-key data crosses to a
-    spawned worker."""
+    """The columns of one ``keys.index`` (mapped and checked on first use, per process), or of a
+    manifest in the earlier layout (built in memory). Pickles as its path: no per-key data crosses
+    to a spawned worker, which trusts the checks its parent made (it maps the file in O(1)).
 
-    def __init__(self, path: Path | None, index_id: str | None = None, arrays: dict | None = None) -> None:
+    ``rows`` and ``classes``: what the manifest says the sidecar holds (its row count, the number
+    of classes a label indexes); a sidecar that disagrees is damaged.
+    """
+
+    def __init__(self, path: Path | None, index_id: str | None = None, arrays: dict | None = None,
+                 rows: int | None = None, classes: int | None = None) -> None:
         self.path, self.id = (None if path is None else Path(path)), index_id
         self._arrays = arrays
+        self.rows, self.classes = rows, classes
+        self.checked = arrays is not None  # built in memory from a manifest: nothing at rest to check
+        self.digest_checked = self.checked
         self._in_order: bool | None = None
 
     def __getstate__(self) -> dict:
@@ -164,17 +216,22 @@ class KeyIndex:
             self._arrays = self._map()
         return self._arrays
 
+    def damaged(self, problem: str) -> FormatError:
+        return FormatError(f"{self.path}: damaged per-key index: {problem}; rebuild it with "
+                           f"`{REPAIR} {self.path.parent}` (data.mdb is not touched)")
+
     def _map(self) -> dict[str, np.ndarray]:
         path = self.path
         try:
             with open(path, "rb") as f:
-                size = os.fstat(f.fileno()).st_size
+                st = os.fstat(f.fileno())
+                size = st.st_size
                 mapped = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) if size else b""
             if size and hasattr(mapped, "madvise"):  # random lookups: no read-around into this process
                 mapped.madvise(mmap.MADV_RANDOM)
         except FileNotFoundError:
-            raise FormatError(f"{path}: the per-key index is missing; manifest.json lists it (re-encode with "
-                              "--overwrite, or restore the file)") from None
+            raise FormatError(f"{path}: the per-key index is missing; manifest.json lists it (rebuild it with "
+                              f"`{REPAIR} {path.parent}`, or restore the file)") from None
         except OSError as e:
             raise FormatError(f"{path}: unreadable per-key index ({e.strerror})") from None
         try:
@@ -185,15 +242,72 @@ class KeyIndex:
             if self.id is not None and header.get("id") != self.id:
                 raise ValueError(f"it belongs to another encode (id {header.get('id')}, manifest.json names "
                                  f"{self.id})")
-            rows, arrays = int(header["rows"]), {}
+            rows, arrays, self.header = int(header["rows"]), {}, header
             for name, spec in header["columns"].items():
                 dtype, offset = np.dtype(spec["dtype"]), int(spec["offset"])
                 if offset < 16 + n or offset + rows * dtype.itemsize > size:
                     raise ValueError(f"column {name!r} lies outside the file")
                 arrays[name] = np.frombuffer(mapped, dtype, rows, offset)
         except (ValueError, KeyError, TypeError) as e:
-            raise FormatError(f"{path}: not a valid per-key index ({e}); re-encode with --overwrite") from None
+            raise FormatError(f"{path}: not a valid per-key index ({e}); rebuild it with "
+                              f"`{REPAIR} {path.parent}`") from None
+        # the same file, unchanged since this process checked it (a DataModule reads the manifest more than once)
+        seen = (str(path), st.st_dev, st.st_ino, size, st.st_mtime_ns, st.st_ctime_ns)
+        if not self.checked and seen not in _CHECKED:
+            self._check_structure(arrays)
+            if size <= DIGEST_ON_OPEN_BYTES:
+                self._check_digest(arrays)
+        self.checked = True
+        self.digest_checked = self.digest_checked or _CHECKED.get(seen, False)
+        _CHECKED[seen] = self.digest_checked
         return arrays
+
+    def _check_structure(self, arrays: dict[str, np.ndarray]) -> None:
+        """What a damaged sidecar breaks that costs one pass over a column (~15 ms per million keys)."""
+        if "key" not in arrays or "sorter" not in arrays:
+            raise self.damaged(f"no {'key' if 'key' not in arrays else 'sorter'} column")
+        rows = len(arrays["key"])
+        if self.rows is not None and rows != self.rows:
+            raise self.damaged(f"it holds {rows:,} rows, manifest.json says {self.rows:,}")
+        sorter = arrays["sorter"]
+        if rows:
+            if int(sorter.max()) >= rows:
+                raise self.damaged(f"column 'sorter' holds row {int(sorter.max()):,} of {rows:,}")
+            seen = np.zeros(rows, bool)
+            seen[sorter] = True
+            if not seen.all():
+                raise self.damaged(f"column 'sorter' is not a permutation of its {rows:,} rows "
+                                   f"({rows - int(np.count_nonzero(seen)):,} rows never listed)")
+            del seen
+            empty = np.flatnonzero(arrays["key"].view(np.uint8)[:: arrays["key"].itemsize] == 0)
+            if len(empty):
+                raise self.damaged(f"column 'key' has {len(empty):,} empty keys (row {int(empty[0]):,} first)")
+        for name, low in (("label", -1), ("row", 0), ("col", 0)):
+            if name in arrays and rows:
+                high = self.classes if name == "label" else None
+                lo, hi = int(arrays[name].min()), int(arrays[name].max())
+                if lo < low or (high is not None and hi >= high):
+                    bad = lo if lo < low else hi
+                    raise self.damaged(f"column {name!r} holds {bad}" + (f", not in -1..{high - 1}" if high is not None
+                                                                          else ", a negative offset"))
+
+    def _check_digest(self, arrays: dict[str, np.ndarray]) -> None:
+        """Each column's content against the digest written with it (an older sidecar: the id)."""
+        specs = self.header["columns"]
+        if all("blake2b" in spec for spec in specs.values()):
+            for name, array in arrays.items():
+                if _digest(array) != specs[name]["blake2b"]:
+                    raise self.damaged(f"column {name!r} differs from its content digest (changed since written)")
+        elif _content_id(arrays) != self.header.get("id"):
+            raise self.damaged("its columns differ from their content digest (changed since written)")
+        self.digest_checked = True
+
+    def check(self) -> None:
+        """Map the sidecar (if not yet) and check its content digest, whatever its size (``verify``,
+        ``info --check``, ``repair``)."""
+        arrays = self.columns
+        if not self.digest_checked and self.path is not None:
+            self._check_digest(arrays)
 
     def __len__(self) -> int:
         return len(self.columns["key"])
@@ -605,10 +719,34 @@ def index_part(directory: Path, facts: dict) -> tuple[dict, KeyIndex] | None:
     file = Path(directory) / MANIFEST
     try:
         ranges = {s: (int(a), int(b)) for s, (a, b) in spec["sources"].items()}
-        return ranges, KeyIndex(Path(directory) / spec.get("file", INDEX), str(spec["id"]))
+        rows = int(spec["rows"]) if "rows" in spec else None
+        index = KeyIndex(Path(directory) / spec.get("file", INDEX), str(spec["id"]), rows=rows,
+                         classes=len(facts.get("classes") or ()) if "label" in spec.get("columns", ()) else None)
     except (KeyError, TypeError, ValueError) as e:
         raise FormatError(f"{file}: corrupt manifest (its index entry: {type(e).__name__}: {e}); "
-                          "re-encode with --overwrite") from None
+                          f"rebuild it with `{REPAIR} {directory}`") from None
+    problem = ranges_problem(ranges, rows, facts.get("counts"))
+    if problem:
+        raise FormatError(f"{file}: corrupt manifest (index.sources {problem}); rebuild it with "
+                          f"`{REPAIR} {directory}`")
+    return ranges, index
+
+
+def ranges_problem(ranges: dict[str, tuple[int, int]], rows: int | None, counts: dict | None) -> str | None:
+    """Why sources' row ranges do not tile ``0..rows`` source after source, or disagree with the
+    manifest's counts (None: they agree)."""
+    at = 0
+    for source, (start, stop) in sorted(ranges.items(), key=lambda item: item[1]):
+        if start != at or stop < start:
+            what = ("overlaps the one before" if start < at else "leaves a gap before it" if start > at
+                    else "ends before it starts")
+            return f"{source} is rows {start:,}..{stop:,}, which {what}"
+        if counts and source in counts and counts[source] != stop - start:
+            return f"{source} is {stop - start:,} rows, its count is {counts[source]:,}"
+        at = stop
+    if rows is not None and at != rows:
+        return f"cover {at:,} rows, the index holds {rows:,}"
+    return None
 
 
 def read(directory: str | Path, fix: str | None = None, error: type[Exception] = FormatError) -> Manifest | None:
@@ -719,6 +857,13 @@ def write(directory: Path, facts: dict, ranges: dict[str, tuple[int, int]] | Non
     return facts
 
 
+def _digest(array: np.ndarray) -> str:
+    """One column's content digest (its dtype and bytes)."""
+    h = hashlib.blake2b(np.dtype(array.dtype).str.encode() + b"\0", digest_size=16)
+    h.update(np.ascontiguousarray(array).data)
+    return h.hexdigest()
+
+
 def _content_id(columns: dict[str, np.ndarray]) -> str:
     """The sidecar's id: a digest of its columns (the same encode gives the same manifest.json)."""
     h = hashlib.blake2b(digest_size=16)
@@ -728,9 +873,39 @@ def _content_id(columns: dict[str, np.ndarray]) -> str:
     return h.hexdigest()
 
 
-def upgrade(directory: str | Path) -> str:
-    """Rewrite an earlier layout's manifest.json as manifest.json + keys.index (data.mdb untouched)."""
+def encoder_running(directory: str | Path) -> bool:
+    """Whether an encoder is writing ``directory`` now (it holds ``encode.lock``). Read from the
+    kernel's lock table (``/proc/locks``, Linux; elsewhere False), so that looking never takes the
+    lock and never makes an encoder starting at that moment think the target is busy."""
+    try:
+        st = os.stat(Path(directory) / LOCK)
+        with open("/proc/locks") as f:
+            table = f.read()
+    except OSError:
+        return False
+    held = f"{os.major(st.st_dev):02x}:{os.minor(st.st_dev):02x}:{st.st_ino}"
+    for line in table.splitlines():  # "1: FLOCK  ADVISORY  WRITE 4242 00:2f:1234 0 EOF" ("->" marks a waiter)
+        fields = line.split()
+        if "->" not in fields and len(fields) > 5 and fields[1] == "FLOCK" and fields[5] == held:
+            return True
+    return False
+
+
+def require_lmdb(directory: str | Path) -> Path:
+    """``directory`` as a Path, if it holds a ``data.mdb`` (else a one-line error saying what to give)."""
     directory = Path(directory)
+    if not (directory / "data.mdb").exists():
+        what = "no such directory" if not directory.is_dir() else "no data.mdb here"
+        raise TargetError(f"{directory}: {what}; give the directory an encode wrote")
+    return directory
+
+
+def upgrade(directory: str | Path) -> str:
+    """Rewrite an earlier layout's manifest.json as manifest.json + keys.index (data.mdb untouched).
+
+    One-way: a rico_torch older than keys.index (layout 2) cannot read the result, so the earlier
+    manifest is kept beside it as ``manifest.json.v1`` (moving it back over manifest.json undoes it)."""
+    directory = require_lmdb(directory)
     manifest = read(directory)
     if manifest is None:
         raise TargetError(f"{directory}: no {MANIFEST} here (an LMDB rico-hdl wrote reads without one); "
@@ -738,8 +913,12 @@ def upgrade(directory: str | Path) -> str:
     if "index" in manifest or not manifest.parts:
         return f"{directory}: {MANIFEST} is in the current layout already; nothing to do"
     ranges, index = manifest.parts[0]
+    earlier = (directory / MANIFEST).read_bytes()
+    _write_atomic(directory / (MANIFEST + ".v1"), lambda f: f.write(earlier))
     write(directory, dict(manifest), ranges, dict(index.columns))
-    return f"{directory}: upgraded {MANIFEST} ({len(index):,} keys now in {INDEX})"
+    return (f"{directory}: upgraded {MANIFEST} ({len(index):,} keys now in {INDEX}); one-way: a rico_torch older "
+            f"than {INDEX} cannot read it; the earlier one is kept as {MANIFEST}.v1 (move it back over "
+            f"{MANIFEST} to undo)")
 
 
 def decode_keys(keys: np.ndarray) -> list[str]:

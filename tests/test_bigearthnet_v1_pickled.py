@@ -292,3 +292,20 @@ def test_unusual_values_messages(tmp_path, capsys, monkeypatch):
     empty = write_lmdb(tmp_path / "empty", {})
     code, err = encode(capsys, "convert-pickled", "--source", empty, "--target-dir", tmp_path / "u")
     assert code == 1 and err.strip() == f"error: {empty}: the LMDB holds no values"
+
+
+def test_stream_set_attributes_and_cycles_do_not_steer_the_reader(tmp_path, capsys, monkeypatch):
+    patch = _fake_interface(monkeypatch)
+    odd = patch("BigEarthNet_S2_Patch", _arrays(v1.S2, 7), labels=["Pastures"])
+    odd.source = ["not", "a", "source"]  # an attribute named like the record's class constant
+    cyclic = patch("BigEarthNet_S1_Patch", {})
+    del cyclic._bands
+    cyclic.myself = cyclic
+    source = write_lmdb(tmp_path / "pickled", {"S2A_MSIL2A_20170613T101031_3_1": pickle.dumps(odd),
+                                               "S2A_MSIL2A_20170613T101031_3_2": pickle.dumps(cyclic)})
+    code, err = encode(capsys, "convert-pickled", "--source", source, "--target-dir", tmp_path / "t", "--num-workers", 0,
+                       "--skip-invalid", "--quiet")
+    manifest = read_manifest(tmp_path / "t")
+    assert code == 0 and manifest["counts"] == {"s2": 1}
+    assert [s["reason"] for s in manifest["skipped"]] == [
+        "S2A_MSIL2A_20170613T101031_3_2: BigEarthNet_S1_Patch with bands [], expected ['VH', 'VV']"]

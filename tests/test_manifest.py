@@ -117,7 +117,7 @@ def test_sidecar_problems_are_one_line_errors_never_misreads(eurosat_lmdb, tmp_p
         LMDBPatchDataset(target, bands=["B02"])
     index.write_bytes(b"garbage" * 10)
     with pytest.raises(FormatError, match=f"^{index}: not a valid per-key index .no RICOIDX1 signature.; "
-                                          "re-encode with --overwrite$"):
+                                          f"rebuild it with `python -m rico_torch.encode repair {target}`$"):
         LMDBPatchDataset(target, bands=["B02"])
     other = make_many_keys(tmp_path / "other", 10, "eurosat-ms")
     shutil.copy(other / INDEX, index)  # a sidecar of another encode beside this manifest

@@ -19,7 +19,7 @@ from pathlib import Path
 import lmdb
 
 from ..catalog import encode_command
-from ..manifest import Manifest, entry_shapes, merge, shard_of  # noqa: F401  (re-exported)
+from ..manifest import Manifest, encoder_running, entry_shapes, merge, shard_of  # noqa: F401  (re-exported)
 from ..manifest import read as read_any
 from ..errors import ConfigError, DatasetNotFoundError, FormatError, IncompleteDatasetError, StaleDatasetError
 
@@ -63,6 +63,10 @@ def read_manifest(path: str | Path) -> Manifest | None:
 def check_complete(path: Path, manifest: dict | None) -> None:
     """Refuse an LMDB whose encode did not finish (its manifest says ``complete: false``)."""
     if manifest is not None and manifest.get("complete") is False:
+        if encoder_running(path):
+            raise IncompleteDatasetError(
+                f"{path}: this LMDB is being written by another process (an encode holds encode.lock); wait for it "
+                "to finish, or pass allow_incomplete=True to read what is committed so far")
         raise IncompleteDatasetError(
             f"{path}: the encode into this LMDB did not finish (manifest.json: complete false); finish it with "
             f"`{encode_command(manifest, path)}`, or pass allow_incomplete=True to read what is committed"

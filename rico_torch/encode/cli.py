@@ -12,7 +12,7 @@ from pathlib import Path
 from ..catalog import DATASETS, Dataset, get_dataset
 from ..cli_errors import report
 from ..errors import ConfigError, InputError, UserError
-from ..manifest import Entries, upgrade
+from ..manifest import Entries, require_lmdb, upgrade
 from . import hashes
 from .discover import discover, printable
 from .options import DEMO_TMP_PREFIX, demo_fit_command, parse_shard
@@ -36,7 +36,8 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--target-dir", required=True, type=Path, help="directory for data.mdb and manifest.json")
     p.add_argument("--num-workers", type=int, default=default_workers(),
                    help="reader processes (default: all cores, %(default)s here); 0 reads in this process")
-    p.add_argument("--quiet", action="store_true", help="no progress bar or summary (errors still go to stderr)")
+    p.add_argument("--quiet", action="store_true", help="no progress (a bar on a terminal, a line every 60 s in a "
+                   "log) or summary (errors still go to stderr)")
 
 
 def _add_dataset(sub, dataset: Dataset) -> None:
@@ -204,17 +205,28 @@ def build_parser(prog: str = "python -m rico_torch.encode") -> argparse.Argument
     add_scenes_parser(sub, _common)
     add_cube_parser(sub, _common)
     add_info_parser(sub)
-    upgrade = sub.add_parser(
-        "upgrade",
-        help="rewrite a manifest.json written before keys.index (per-key facts inside) in the current layout",
-        description="Move the per-key facts (keys, digests, labels, scene windows) of a manifest.json written by "
-        "an earlier rico_torch into keys.index beside it; data.mdb is not touched. Earlier manifests are read "
-        "correctly without this, but parsed whole on every open; after it, opening maps keys.index instead.",
-        epilog="example:\n  python -m rico_torch.encode upgrade encoded-eurosat",
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    upgrade.add_argument("target", type=Path, metavar="LMDB_DIR", help="directory holding data.mdb and manifest.json")
-    upgrade.set_defaults(dataset="upgrade")
+    for name, what, description in (
+        ("upgrade", "rewrite a manifest.json written before keys.index (per-key facts inside) in the current layout "
+         "(one-way: the old manifest is kept as manifest.json.v1)",
+         "Move the per-key facts (keys, digests, labels, scene windows) of a manifest.json written by an earlier "
+         "rico_torch into keys.index beside it; data.mdb is not touched. Earlier manifests are read correctly "
+         "without this, but parsed whole on every open; after it, opening maps keys.index instead. One-way: a "
+         "rico_torch older than keys.index cannot read the upgraded target; the earlier manifest is kept as "
+         "manifest.json.v1 (move it back over manifest.json to undo). A target in the current layout whose "
+         "keys.index is missing or damaged is repaired (see repair)."),
+        ("repair", "rebuild a missing, foreign or damaged keys.index from data.mdb and manifest.json",
+         "Check keys.index (structure and content digest) and, where it is missing, belongs to another encode or "
+         "is damaged, rebuild it from data.mdb and manifest.json: keys, each key's source, value digests, labels "
+         "that follow from keys, scene window offsets. data.mdb is read, never written; the values must match the "
+         "manifest's count and content hash. Within a source the rows come in key order. Columns that follow from "
+         "the sources (BigEarthNet v1's label bits) need the encode re-run instead: re-running the encode of a "
+         "complete target rebuilds keys.index exactly as it was written."),
+    ):
+        command = sub.add_parser(name, help=what, description=description,
+                                 epilog=f"example:\n  python -m rico_torch.encode {name} encoded-eurosat",
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+        command.add_argument("target", type=Path, metavar="LMDB_DIR", help="directory holding data.mdb and manifest.json")
+        command.set_defaults(dataset=name)
     hasher = sub.add_parser(
         "hash-sources",
         help="write the SHA-256 of every GeoTIFF below a folder as the BigEarthNet pipeline's tiff-hasher does",
@@ -375,8 +387,8 @@ def write_demo_metadata(target: Path, pairs, labels) -> Path:
     return path
 
 
-def next_steps(target: Path, dataset_name: str) -> str:
-    """The line after the summary: what to run next on the LMDB just written."""
+def next_steps(target: Path, dataset_name: str, shard: tuple[int, int] | None = None) -> str:
+    """The line after the summary: what to run next on the LMDB just written (a shard: on all of them)."""
     if dataset_name == "scenes":
         from ..data.store import Store
         from ..scenes.chipper import fit_suggestion
@@ -388,6 +400,12 @@ def next_steps(target: Path, dataset_name: str) -> str:
         fit = f"`python -m rico_torch fit --config configs/cube.yaml --data.init_args.lmdb_path {target}` trains on it"
     else:
         fit = f"`{get_dataset(dataset_name).fit_command(target)}` trains on it"
+    if shard is not None:  # one shard alone is a 1/N sample: train on the N target directories together
+        every = f"'[{target}, ...]'"
+        how = (f"`{get_dataset(dataset_name).fit_command(every)}`" if dataset_name in DATASETS
+               else f"its fit command with lmdb_path {every}")
+        fit = (f"once all {shard[1]} shards are written, {how} trains on them together (list every shard's target "
+               "directory; one shard alone is a sample of the dataset)")
     return f"next: `python -m rico_torch.encode info {target}` describes it; {fit}"
 
 
@@ -412,10 +430,14 @@ def main(argv: list[str] | None = None, prog: str = "python -m rico_torch.encode
         from .pickled import run as run_pickled
 
         return run_pickled(args)
-    if args.dataset == "upgrade":
+    if args.dataset in ("upgrade", "repair"):
+        from .repair import index_problem, repair
+
         try:
-            with TargetLock(args.target):
-                print(upgrade(args.target), file=sys.stderr)
+            with TargetLock(require_lmdb(args.target)):
+                broken = index_problem(args.target)
+                done = repair(args.target, broken) if args.dataset == "repair" or broken else upgrade(args.target)
+                print(done, file=sys.stderr)
             return 0
         except UserError as e:
             return report(e)
@@ -456,7 +478,7 @@ def main(argv: list[str] | None = None, prog: str = "python -m rico_torch.encode
         return 130
     if not args.quiet:
         print(result.summary(), file=sys.stderr)
-        print(next_steps(args.target_dir, args.dataset), file=sys.stderr)
+        print(next_steps(args.target_dir, args.dataset, getattr(args, "shard", None)), file=sys.stderr)
     nodata, invalid = split_skipped(result.skipped)
     if nodata and not args.quiet:
         print(f"skipped {len(nodata):,} patches as nodata, with fewer valid pixels than asked (listed in "

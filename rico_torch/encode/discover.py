@@ -153,7 +153,8 @@ def find_patches(source: Source, root: Path, keep: Callable[[str], bool] | None 
             raise InputError(printable(root), "input directory is empty")
         kind = "directories" if source.is_dir else "files"
         where = "below it" if source.depth is None else f"exactly {source.depth} levels below it"
-        raise InputError(printable(root), f"no {source.noun} found ({kind} matching {source.pattern!r} {where})")
+        raise InputError(printable(root), f"no {source.noun} found ({kind} matching the regex {source.pattern} "
+                         f"{where})")
     found.sort()
     patches = []
     for p in map(Path, found):

@@ -26,7 +26,7 @@ from ..catalog import Dataset, Source, get_dataset
 from ..contents import Recognised, header, recognise, recognise_patch
 from ..errors import DatasetNotFoundError, TargetError, UnknownKeyError, UserError
 from ..format import load_value
-from ..manifest import Manifest
+from ..manifest import Manifest, encoder_running
 from .writer import read_manifest
 
 #: Values whose headers are read per key group when there is no manifest.
@@ -192,10 +192,21 @@ def fit_line(path: Path, dataset: Dataset, manifest: dict | None) -> str:
     return f"fits: {dataset.datamodule} ({config}); train: {command}"
 
 
-def describe(path: Path, samples: int = SAMPLES) -> str:
-    """The report ``info`` prints."""
+def describe(path: Path, samples: int = SAMPLES, check: bool = False) -> str:
+    """The report ``info`` prints (``check``: ``keys.index``'s content digest checked too)."""
+    return report(path, samples, check)[0]
+
+
+def report(path: Path, samples: int = SAMPLES, check: bool = False) -> tuple[str, bool]:
+    """:func:`describe`'s report, and whether ``keys.index`` is sound (structure checked; with
+    ``check`` its content digest too)."""
+    from .repair import index_problem
+
     with open_lmdb(path) as env:
         manifest = read_manifest(path)
+        problem = index_problem(path, digest=check) if manifest is not None else None
+        if problem is not None:  # no key, label or row of it trusted: the rest from the manifest's facts
+            manifest = Manifest(dict(manifest))
         entries = env.stat()["entries"]
         found = recognise(env, manifest)
         groups = groups_from_manifest(manifest) if manifest and manifest.get("counts") else groups_from_keys(env, samples)
@@ -221,9 +232,15 @@ def describe(path: Path, samples: int = SAMPLES) -> str:
 
             lines.extend(describe_alignment(name, scene["align"]))
     if manifest:
-        state = "complete" if manifest.get("complete") else "INCOMPLETE: re-run the encode command to finish it"
+        state = ("complete" if manifest.get("complete") else
+                 "INCOMPLETE: being written by another process (an encode holds encode.lock)" if encoder_running(path)
+                 else "INCOMPLETE: re-run the encode command to finish it")
         lines.append(f"manifest: {manifest.get('encoder', '?')} {manifest.get('encoder_version', '?')}, "
                      f"content hash {manifest.get('content_hash', '-')}, {state}")
+        if problem is not None:
+            lines.append(f"problem: {problem}")
+        elif check and manifest.has_keys:
+            lines.append(f"keys.index: sound ({manifest.key_count():,} keys, content digest checked)")
         if manifest.get("shard"):
             lines.append(f"shard {manifest['shard']['index']} of {manifest['shard']['count']}")
         if manifest.get("complete") and manifest.get("patches") not in (None, entries):
@@ -244,7 +261,7 @@ def describe(path: Path, samples: int = SAMPLES) -> str:
         from ..scenes.chipper import fit_suggestion
 
         lines.append(f"fits: rico_torch.data.GeoPatchDataModule; {fit_suggestion(path, manifest)}")
-    return "\n".join(lines)
+    return "\n".join(lines), problem is None
 
 
 def read_value(path: Path, key: str) -> dict[str, np.ndarray]:
@@ -321,6 +338,8 @@ def add_info_parser(sub) -> None:
     p.add_argument("--key", metavar="K", help="print the bands of the value under key K with min/max/mean")
     p.add_argument("--plot", nargs=2, metavar=("K", "OUT_PNG"), help="draw the value under key K into OUT_PNG "
                    "(needs matplotlib: the plot extra)")
+    p.add_argument("--check", action="store_true", help="check keys.index's content digest too (always: its "
+                   "structure); exit code 1 where it is damaged")
     p.add_argument("--samples", type=int, default=SAMPLES,
                    help="values per key group whose headers are read when there is no manifest (default %(default)s)")
     p.set_defaults(dataset="info")
@@ -328,7 +347,10 @@ def add_info_parser(sub) -> None:
 
 def run_info(args: argparse.Namespace) -> int:
     if args.key is None and args.plot is None:
-        print(describe(args.target, max(1, args.samples)))
+        text, sound = report(args.target, max(1, args.samples), args.check)
+        print(text)
+        if not sound:
+            return 1
     if args.key is not None:
         print(describe_value(args.target, args.key))
     if args.plot is not None:

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import io
+import math
 import pickle
 import sys
 from functools import partial
@@ -80,7 +81,7 @@ class ArrayRecord:
         if not (isinstance(state, tuple) and len(state) == 5):
             raise pickle.UnpicklingError("an array's state is not (version, shape, dtype, fortran, data)")
         _, shape, dtype, fortran, raw = state
-        if not (isinstance(shape, tuple) and all(isinstance(n, int) and n >= 0 for n in shape)):
+        if type(shape) is not tuple or not all(type(n) is int and n >= 0 for n in shape):
             raise pickle.UnpicklingError("an array's shape is not a tuple of sizes")
         if not isinstance(dtype, DTypeRecord):
             raise pickle.UnpicklingError("an array's dtype is not a numpy dtype")
@@ -88,7 +89,7 @@ class ArrayRecord:
         objects = dtype.kind == "O"  # metadata (labels as a parquet column gives them): its items, unpickled here
         if not isinstance(raw, list if objects else (bytes, bytearray)):
             raise pickle.UnpicklingError(f"an array's data is not {'a list' if objects else 'bytes'}")
-        if int(np.prod(shape, dtype=np.int64)) * (1 if objects else dtype.itemsize) != len(raw):
+        if math.prod(shape) * (1 if objects else dtype.itemsize) != len(raw):
             raise pickle.UnpicklingError(f"an array of shape {shape} and dtype {dtype} has {len(raw)} bytes")
         self.shape, self.dtype, self.fortran, self.raw = shape, dtype, bool(fortran), raw
 
@@ -99,22 +100,16 @@ class ArrayRecord:
             out[:] = self.raw
             return out.reshape(self.shape, order="F" if self.fortran else "C")
         array = np.frombuffer(self.raw, self.dtype).reshape(self.shape, order="F" if self.fortran else "C")
-        return np.ascontiguousarray(array, dtype=self.dtype.newbyteorder("="))
+        if self.fortran or not self.dtype.isnative:  # as the writer stores them: C order, native bytes
+            array = np.ascontiguousarray(array, dtype=self.dtype.newbyteorder("="))
+        return array
 
 
 class DTypeRecord:
     """``numpy.dtype(code, align, copy)`` then BUILD with numpy's state tuple (byte order second)."""
 
     def __init__(self, code, align=False, copy=True) -> None:
-        if not isinstance(code, str):
-            raise pickle.UnpicklingError(f"dtype code {code!r} is not a string")
-        try:
-            self.dtype = np.dtype(code)
-        except TypeError:
-            raise pickle.UnpicklingError(f"unknown dtype {code!r}") from None
-        if self.dtype.kind not in _PLAIN_KINDS or self.dtype.fields is not None:
-            raise pickle.UnpicklingError(f"dtype {code!r} is not a plain numeric or object dtype")
-        self.order = "="
+        self.dtype, self.order = _dtype_of(code), "="
 
     def __setstate__(self, state) -> None:
         if isinstance(state, tuple) and len(state) > 1 and state[1] in ("<", ">", "=", "|"):
@@ -129,6 +124,27 @@ class NDArrayMarker:
 
     def __init__(self) -> None:
         raise pickle.UnpicklingError("numpy.ndarray is only taken as _reconstruct's first argument")
+
+
+_DTYPES: dict[str, np.dtype] = {}
+
+
+def _dtype_of(code) -> np.dtype:
+    """numpy's dtype of a pickled dtype code (a handful of codes: looked up once each)."""
+    dtype = _DTYPES.get(code) if isinstance(code, str) else None
+    if dtype is not None:
+        return dtype
+    if not isinstance(code, str):
+        raise pickle.UnpicklingError(f"dtype code {code!r} is not a string")
+    try:
+        dtype = np.dtype(code)
+    except TypeError:
+        raise pickle.UnpicklingError(f"unknown dtype {code!r}") from None
+    if dtype.kind not in _PLAIN_KINDS or dtype.fields is not None:
+        raise pickle.UnpicklingError(f"dtype {code!r} is not a plain numeric or object dtype")
+    if len(_DTYPES) < 64:
+        _DTYPES[code] = dtype
+    return dtype
 
 
 def _reconstruct(subtype, shape, code) -> ArrayRecord:
@@ -193,33 +209,39 @@ def load_patch(key: str, value: bytes) -> PatchRecord:
     return patch
 
 
-def _band_records(patch: PatchRecord) -> list[BandRecord]:
+def _band_records(patch: PatchRecord, seen: frozenset = frozenset()) -> list[BandRecord]:
     found = patch.__dict__.get("_bands")
     if not isinstance(found, list):  # older layouts: the band attributes, also of nested patches
-        found = []
+        found, seen = [], seen | {id(patch)}
         for value in patch.__dict__.values():
-            found += _band_records(value) if isinstance(value, PatchRecord) else [value]
+            nested = isinstance(value, PatchRecord) and id(value) not in seen  # a cycle is not followed
+            found += _band_records(value, seen) if nested else [value]
     return [b for b in found if isinstance(b, BandRecord)]
 
 
 def patch_bands(key: str, patch: PatchRecord) -> dict[str, np.ndarray]:
     """The band arrays of a patch record, keyed as the encoder keys them, checked against the catalog."""
-    source = patch.source
+    source = type(patch).source  # the class's: an instance attribute the stream set is not trusted
     bands: dict[str, np.ndarray] = {}
     for band in _band_records(patch):
         data = band.__dict__.get("data")
         if not isinstance(data, ArrayRecord):
             raise InputError(key, f"band {band.__dict__.get('name')!r} holds no numpy array")
         bands[str(band.__dict__.get("name"))] = data.array
-    expected = {b.name: b for b in source.bands}
-    if set(bands) != set(expected):
+    expected = _EXPECTED[source.name]
+    if bands.keys() != expected.keys():
         raise InputError(key, f"{type(patch).__name__} with bands {sorted(bands)}, expected {sorted(expected)}")
     for name, array in sorted(bands.items()):
-        dtype = v1.S1.dtype if name in v1.S1.band_names else v1.S2.dtype
-        if array.dtype != np.dtype(dtype) or array.shape != expected[name].shape:
+        dtype, shape = expected[name]
+        if array.dtype != dtype or array.shape != shape:
             raise InputError(key, f"band {name} is {array.dtype} {'x'.join(map(str, array.shape))}, expected {dtype} "
-                             f"{'x'.join(map(str, expected[name].shape))}")
+                             f"{'x'.join(map(str, shape))}")
     return bands
+
+
+#: source -> band -> the (dtype, shape) the catalog fixes
+_EXPECTED = {s.name: {b.name: (np.dtype(v1.S1.dtype if b.name in v1.S1.band_names else v1.S2.dtype), b.shape)
+                      for b in s.bands} for s in (v1.S1, v1.S2, v1.S1_S2)}
 
 
 def metadata(patch: PatchRecord) -> dict:
@@ -287,7 +309,7 @@ def discover_pickled(source: Path, skip_invalid: bool) -> tuple[list, v1.LabelsE
                 fields.update(facts)
                 keys.append(key.encode())
                 bits.append(mask)
-                by_source[patch.source.name].append(Patch(key, source, reader=partial(read_value, str(source), key)))
+                by_source[type(patch).source.name].append(Patch(key, source, reader=partial(read_value, str(source), key)))
     except lmdb.Error as e:
         raise InputError(source / "data.mdb", f"not a readable LMDB ({e})") from None
     sources = {s.name: s for s in (v1.S1, v1.S2, v1.S1_S2)}

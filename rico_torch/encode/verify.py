@@ -1,6 +1,7 @@
 """``verify``: check an encoded dataset against its manifest and, optionally, its sources.
 
-Without sources: every value must decode, match the manifest's dtype and shape for its band,
+Without sources: ``keys.index`` must be sound (structure and content digest), every value must
+decode, match the manifest's dtype and shape for the bands of its source (its row range),
 match its recorded per-key digest, and the keys, patch count and order-independent content
 hash must equal the manifest's. With sources: the sources are re-read in parallel and every
 value must equal what encoding them gives now (which the tests tie to rasterio's read); a
@@ -19,10 +20,10 @@ from pathlib import Path
 import lmdb
 
 from ..catalog import encode_command, get_dataset
-from ..errors import InputError, TargetError
+from ..errors import FormatError, InputError, TargetError
 from ..format import parse_header
 from .discover import discover, select_shard
-from ..manifest import Manifest, decode_keys, digest64
+from ..manifest import Manifest, decode_keys, digest64, encoder_running
 from .read import value_digest
 from .writer import MANIFEST, TASK_SIZE, encode_task, progress_bar, read_manifest, worker_pool
 
@@ -75,6 +76,9 @@ def verify(
         raise TargetError(f"{target}: no data.mdb here")
     manifest = read_manifest(target)
     if manifest is not None and not manifest.get("complete"):
+        if encoder_running(target):
+            raise TargetError(f"{target}: being written by another process (an encode holds encode.lock); verify it "
+                              "once that encode is done")
         raise TargetError(f"{target}: the encode is not complete; finish it with `{encode_command(manifest, target)}`, "
                           "then verify")
     if manifest is not None:
@@ -82,6 +86,12 @@ def verify(
     elif roots and dataset is None:
         raise TargetError(f"{target}: no {MANIFEST}; name the dataset to compare with its sources")
     report = VerifyReport(target, has_manifest=manifest is not None)
+    try:  # keys.index's structure and content digest, before anything trusts its columns
+        for _, index in manifest.parts if manifest is not None else ():
+            index.check()
+    except FormatError as e:
+        report.problems.append(str(e))
+        return report
     stored_digests = _check_values(target, manifest, report, quiet, keep=discovered is not None or bool(roots))
     if stored_digests is None:  # the LMDB itself is corrupt: nothing past that can be checked
         return report

@@ -37,7 +37,8 @@ from .._process import die_with_parent, quiet_resource_tracker, reuse_freed_memo
 from ..catalog import DATASETS, Dataset, Source, get_dataset
 from ..errors import InputError, TargetError
 from ..format import parse_header
-from ..manifest import INDEX, MANIFEST, Entries, Extension, Manifest, build_columns, digest64, read, write
+from ..manifest import (INDEX, LOCK, MANIFEST, Entries, Extension, Manifest, build_columns, digest64, read, storage_problem,
+                        write)
 from .discover import Patch, SkipPatch, SourcePatches, WindowList, patch_keys
 from .read import BandTable, parts_digest, read_patch, value_digest, value_parts
 
@@ -45,13 +46,14 @@ TXN_SIZE = 512  # puts per write transaction, as rico-hdl
 TASK_SIZE = 32  # patches per worker task: amortises process-pool overhead
 READ_AHEAD_BYTES = 1 << 30  # a chunk of more values than this is read ahead one chunk at a time, not two
 _IOV_MAX = 512  # buffers per pwritev call (POSIX guarantees at least 16; Linux takes 1024)
-LOCK = "encode.lock"
 LMDB_FILES = ("data.mdb", "lock.mdb")
 STAGING = ".overwrite"  # where --overwrite builds the replacement
-OUR_FILES = (*LMDB_FILES, MANIFEST, INDEX, LOCK, STAGING, "metadata.parquet")  # the last: the demo's metadata
+#: What an encode writes, the manifest an upgrade replaced and the demo's metadata
+OUR_FILES = (*LMDB_FILES, MANIFEST, INDEX, LOCK, STAGING, MANIFEST + ".v1", "metadata.parquet")
 #: Where the catalog's side files are copied (e.g. SatlasPretrain's metadata/): ours too.
 SIDE_FILE_ROOTS = tuple(sorted({Path(g).parts[0] for d in DATASETS.values() for g in d.side_files}))
 MIN_MAP_SIZE = 64 << 20
+DISK_MARGIN = 4 << 20  # free space below a transaction's bytes plus this when a commit fails: a full disk
 
 
 @dataclass
@@ -70,10 +72,14 @@ class EncodeResult:
     counts: dict[str, int]
     already_complete: bool = False
     resumed: int = 0  # of ``written``, patches an earlier, interrupted run had committed
+    repaired: str = ""  # what ``repair`` said, where a complete target's keys.index was rebuilt
+    leftover: str = ""  # a half-built ``.overwrite/`` an interrupted ``--overwrite`` left
 
     def summary(self) -> str:
         if self.already_complete:
-            return f"{self.target}: already complete ({self.written:,} patches); nothing to do"
+            done = (f"{self.repaired}; the encode was already complete ({self.written:,} patches)" if self.repaired
+                    else f"{self.target}: already complete ({self.written:,} patches); nothing to do")
+            return done + (f"; {self.leftover}" if self.leftover else "")
         per_source = ", ".join(f"{k} {v:,}" for k, v in self.counts.items())
         new = self.written - self.resumed
         rate = new / self.seconds if self.seconds > 0 else 0.0
@@ -279,7 +285,12 @@ class TargetLock:
         self.fd = -1
 
     def __enter__(self) -> "TargetLock":
-        self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        except FileNotFoundError:
+            raise TargetError(f"{self.path.parent}: no such directory") from None
+        except OSError as e:  # read-only storage: say so, as encode does
+            raise TargetError(f"{self.path.parent}: target is not writable ({e.strerror})") from None
         try:
             fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -410,11 +421,44 @@ def _chunks(discovered: list[SourcePatches]) -> list[Chunk]:
     ]
 
 
-def progress_bar(total: int, quiet: bool):
-    """A tqdm bar on stderr (patches done of total, rate, time left); off with --quiet or off a terminal."""
+#: Off a terminal (a batch job's log), a progress line every this many seconds.
+PROGRESS_SECONDS = 60.0
+
+
+def progress_bar(total: int, quiet: bool, initial: int = 0):
+    """A tqdm bar on stderr (patches done of total, rate, time left); off a terminal, a line every
+    :data:`PROGRESS_SECONDS` (:class:`ProgressLines`); nothing with --quiet. ``initial``: done already
+    (a resumed run's committed patches: not in the rate)."""
     from tqdm import tqdm
 
-    return tqdm(total=total, unit="patch", disable=True if quiet else None, dynamic_ncols=True, file=sys.stderr)
+    if not quiet and not sys.stderr.isatty():
+        return ProgressLines(total, initial)
+    return tqdm(total=total, initial=initial, unit="patch", disable=True if quiet else None, dynamic_ncols=True,
+                file=sys.stderr)
+
+
+class ProgressLines:
+    """Progress for a log file: ``12,288 of 480,038 patches (2.6%), 310 patches/s, about 25 min left``,
+    one line every :data:`PROGRESS_SECONDS`, none for a run shorter than that."""
+
+    def __init__(self, total: int, initial: int = 0) -> None:
+        self.total, self.done, self.initial = total, initial, initial
+        self.start = self.last = time.monotonic()
+
+    def update(self, n: int) -> None:
+        self.done += n
+        now = time.monotonic()
+        if now - self.last < PROGRESS_SECONDS or self.done >= self.total:
+            return
+        self.last = now
+        rate = (self.done - self.initial) / max(now - self.start, 1e-9)
+        left = (self.total - self.done) / rate if rate > 0 else float("inf")
+        when = f"{left / 60:,.0f} min" if left >= 120 else f"{left:,.0f} s"
+        print(f"{self.done:,} of {self.total:,} patches ({100 * self.done / max(self.total, 1):.1f}%), "
+              f"{rate:,.0f} patches/s, about {when} left", file=sys.stderr, flush=True)
+
+    def close(self) -> None:
+        pass
 
 
 def encode_dataset(
@@ -460,8 +504,14 @@ def encode_dataset(
             if previous is not None and previous.get("complete"):
                 problem = _disagreement(target, previous)
                 if problem is None:
+                    from .repair import index_problem  # a missing or damaged keys.index: rebuilt
+
+                    broken = index_problem(target)
+                    repaired = _rebuild_index(dataset, discovered, target, previous, broken, num_workers, skip_invalid,
+                                              quiet, extension) if broken else ""
                     return EncodeResult(target, previous["patches"], previous.get("skipped", []), 0.0,
-                                        previous.get("bytes", 0), previous.get("counts", {}), already_complete=True)
+                                        previous.get("bytes", 0), previous.get("counts", {}), already_complete=True,
+                                        repaired=repaired, leftover=_leftover(target))
                 print(f"{target}: {problem}; encoding again (the old files are replaced once the new encode "
                       "is complete)", file=sys.stderr)
                 rebuild = True
@@ -493,6 +543,16 @@ def _disagreement(target: Path, manifest: dict) -> str | None:
     if entries != manifest.get("patches"):
         return f"data.mdb holds {entries:,} patches, {MANIFEST} says {manifest.get('patches', 0):,}"
     return None
+
+
+def _leftover(target: Path) -> str:
+    """What to say of a ``.overwrite/`` an interrupted ``--overwrite`` left ("" where there is none)."""
+    staging = target / STAGING
+    if not staging.is_dir():
+        return ""
+    size = sum(p.stat().st_size for p in staging.rglob("*") if p.is_file())
+    return (f"{staging} ({size / 1e6:,.1f} MB) is a replacement an interrupted --overwrite left half built: re-run "
+            "that command with --overwrite to finish it, or delete the folder")
 
 
 def _staging(target: Path, fingerprint: str) -> Path:
@@ -537,11 +597,9 @@ def _encode_into(dataset, discovered, directory, fingerprint, num_workers, skip_
         **extra,
     }
     write(directory, base)
-    observers = [e for e in extension or () if not isinstance(e, Entries)]
-    stats, skipped, resumed = _write(dataset, discovered, directory, num_workers, skip_invalid, quiet, observers)
-    ranges, keys, digests = stats.index([sp.source.name for sp in discovered])
-    del stats.keys, stats.lengths, stats.digests  # the columns hold them now
-    columns = build_columns(keys, digests, label=_label_column(dataset, discovered, keys))
+    stats, skipped, resumed = _write(dataset, discovered, directory, num_workers, skip_invalid, quiet,
+                                     _observer(extension))
+    ranges, keys, columns = _index_columns(dataset, discovered, stats, extension)
     facts = {
         **base,
         "complete": True,
@@ -555,9 +613,40 @@ def _encode_into(dataset, discovered, directory, fingerprint, num_workers, skip_
     }
     for e in extension or ():
         facts.update(e.manifest(keys))
-        columns.update(e.columns(keys))
     manifest = write(directory, facts, ranges, columns)
     return manifest, stats, skipped, resumed
+
+
+def _observer(extension) -> list:
+    """The extensions that look at values: each gets every value (:meth:`_Stats.add`), or its
+    statistics where a worker measured it (``add_moments``)."""
+    return [e for e in extension or () if not isinstance(e, Entries)]
+
+
+def _index_columns(dataset, discovered, stats: _Stats, extension) -> tuple[dict, np.ndarray, dict]:
+    """(source -> row range, keys, columns) of keys.index for the values ``stats`` counted."""
+    ranges, keys, digests = stats.index([sp.source.name for sp in discovered])
+    del stats.keys, stats.lengths, stats.digests  # the columns hold them now
+    columns = build_columns(keys, digests, label=_label_column(dataset, discovered, keys))
+    for e in extension or ():
+        columns.update(e.columns(keys))
+    return ranges, keys, columns
+
+
+def _rebuild_index(dataset, discovered, target: Path, previous: dict, problem: str, num_workers: int,
+                   skip_invalid: bool, quiet: bool, extension) -> str:
+    """Rebuild a complete target's missing or damaged keys.index exactly as its encode wrote it: every
+    committed value read back in write order (as a resumed run does; nothing is put), the columns
+    from them and the discovery (labels, an extension's columns); the manifest's facts are kept."""
+    from .repair import rebuilt_line
+
+    stats, _, _ = _write(dataset, discovered, target, num_workers, skip_invalid, quiet, _observer(extension))
+    if f"{stats.content_hash:064x}" != previous.get("content_hash") or dict(stats.counts) != previous.get("counts"):
+        raise TargetError(f"{target}: data.mdb holds other values than {MANIFEST} describes; pass --overwrite to "
+                          "encode it again")
+    ranges, keys, columns = _index_columns(dataset, discovered, stats, extension)
+    write(target, dict(previous), ranges, columns)
+    return rebuilt_line(target, "data.mdb and the sources' listing", len(keys), problem)
 
 
 def _label_column(dataset: Dataset, discovered: list[SourcePatches], keys: np.ndarray) -> np.ndarray | None:
@@ -609,8 +698,7 @@ def _write(dataset, discovered, target, num_workers, skip_invalid, quiet, observ
         env.close()
     resumed = sum(stats.counts.values())
     reuse_freed_memory()  # LMDB's page buffers: a transaction's worth allocated and freed per chunk
-    bar = progress_bar(total, quiet)
-    bar.update(total - sum(len(c.patches) for c in pending))
+    bar = progress_bar(total, quiet, initial=total - sum(len(c.patches) for c in pending))
     with _Runner(dataset.name, pending, num_workers, skip_invalid) as runner:
         chunk_results = iter(runner)
         for chunk in pending:  # not zip(): it would hold the last chunk's views while the next is read
@@ -643,11 +731,11 @@ def _commit(target: Path, results) -> None:
     unused bytes depend on its history; a fresh environment per transaction makes every
     transaction start from the same state on a resumed run as on an uninterrupted one.
     """
+    incoming = sum(len(r.key) + len(r.value) for r in results if r.value is not None)
     env = _open(target)
     try:
         info = env.info()
         used = (info["last_pgno"] + 1) * env.stat()["psize"]
-        incoming = sum(len(r.key) + len(r.value) for r in results if r.value is not None)
         wanted = map_size_for(used, incoming)
         if wanted > info["map_size"]:
             env.set_mapsize(wanted)
@@ -656,6 +744,11 @@ def _commit(target: Path, results) -> None:
                 if r.value is not None and not txn.put(r.key.encode(), r.value, overwrite=False):
                     raise TargetError(f"key {r.key!r} is already in the LMDB; refusing to overwrite it")
     except lmdb.Error as e:
+        # LMDB reports a short write on a full disk as EIO: the free space tells
+        why = storage_problem(target, e, incoming, f" for the next {len(results)} patches", DISK_MARGIN)
+        if why.startswith("the disk is full"):
+            raise TargetError(f"{target}: writing failed: {why}; free space and re-run the same command to resume "
+                              "(committed patches are kept)") from None
         raise TargetError(f"{target}: writing failed ({e}); re-run the same command to resume") from None
     finally:
         env.close()

@@ -350,10 +350,18 @@ def attach_labels(scene: Scene, path: Path, allow_ungeoreferenced: bool = False)
     same_crs = (crs.to_wkt() if crs else "") == scene.crs or (crs is not None and scene.crs and
                                                               crs == _crs(scene.crs))
     tol = 1e-6 * abs(scene.transform[0])
-    if not same_crs or (src.width, src.height) != (scene.width, scene.height) or \
-            any(abs(x - y) > tol for x, y in zip(transform, scene.transform)):
+    differs = []
+    if not same_crs:
+        theirs, ours = crs.to_string() if crs else "none", _crs(scene.crs).to_string() if scene.crs else "none"
+        differs.append(f"CRS {theirs} vs {ours}")
+    if (src.width, src.height) != (scene.width, scene.height):
+        differs.append(f"{src.width}x{src.height} px vs {scene.width}x{scene.height} px")
+    if any(abs(x - y) > tol for x, y in zip(transform, scene.transform)):
+        differs.append(f"transform ({', '.join(f'{v:g}' for v in transform[:6])}) vs "
+                       f"({', '.join(f'{v:g}' for v in scene.transform[:6])})")
+    if differs:
         raise InputError(printable(path), f"label raster is not on scene {scene.name}'s finest grid "
-                         f"({src.width}x{src.height} px vs {scene.width}x{scene.height} px, or another CRS or transform)")
+                         f"({'; '.join(differs)})")
     band = _band_files(os.fspath(path), ["mask"], allow_ungeoreferenced)[0]
     return replace(scene, labels=band)
 

@@ -63,12 +63,16 @@ class BigEarthNetV1Files:
         return tuple(sorted(p[1] for p in self.pairs)) if self.s1_dir else ()
 
 
+#: a tile holds at most 90 x 90 patches of 1.2 km (real positions have one or two digits)
+TILE_PATCHES = 90
+
+
 def v1_names(patches: int) -> list[tuple[str, str]]:
     """``patches`` (S2 name, S1 name) pairs alternating over two acquisitions in two UTM zones."""
     names = []
     for i in range(patches):
         s2, s1, tile, x, y = _ACQUISITIONS[i % len(_ACQUISITIONS)]
-        y += i // len(_ACQUISITIONS)
+        x, y = x + (y + i // len(_ACQUISITIONS)) // TILE_PATCHES, (y + i // len(_ACQUISITIONS)) % TILE_PATCHES
         names.append((f"{s2}_{x}_{y}", f"{s1}_{tile[1:]}_{x}_{y}"))
     return names
 

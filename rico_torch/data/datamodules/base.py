@@ -496,6 +496,28 @@ class LMDBDataModule(L.LightningDataModule):
                            assembler=assembler)
 
 
+class SplitOwner:
+    """Which split file listed each row (of ``size`` rows) first, so that a patch two split files
+    list (the same patch in train and val) is refused, never trained and validated on; split files
+    are checked as they are read, O(rows listed) each."""
+
+    def __init__(self, size: int) -> None:
+        self.owner = np.full(size, -1, np.int8)
+
+    def claim(self, split: str, rows: np.ndarray, keys: np.ndarray, where: object) -> None:
+        """Record ``split``'s rows; ``keys``: the key of each row (for the message), ``where``: the
+        split files' folder."""
+        if len(rows) == 0:
+            return
+        seen = self.owner[rows]
+        clash = np.flatnonzero((seen >= 0) & (seen != SPLITS.index(split)))
+        if len(clash):
+            other = SPLITS[int(seen[clash[0]])]
+            raise ConfigError(f"{where}: the {other} and {split} split files share {len(clash):,} patches (e.g. "
+                              f"{keys[rows[clash[0]]].decode()!r}); a patch must be in one split only")
+        self.owner[rows] = SPLITS.index(split)
+
+
 def stratified_split(labels: np.ndarray, fractions: tuple[float, float, float], seed: int) -> dict[str, np.ndarray]:
     """Indices of a seeded split that keeps each class's share in every part."""
     rng = np.random.default_rng(seed)
@@ -539,6 +561,22 @@ def block_split(groups: np.ndarray, rows: np.ndarray, cols: np.ndarray, size: tu
     for k in range(1, 4):
         split[of_block[np.searchsorted(blocks, corner(k))] != split] = -1  # shares cells: left out
     return split
+
+
+#: The share of windows a block split leaves out above which it says so at WARNING (else INFO).
+LEFT_OUT_WARNING = 0.25
+
+
+def count_left_out(where: object, split: np.ndarray, block: int) -> int:
+    """How many windows :func:`block_split` left out (split -1), logged where there are any: at
+    WARNING (shown by Lightning's CLI) where that is :data:`LEFT_OUT_WARNING` of them or more."""
+    left_out = int(np.count_nonzero(split < 0))
+    if left_out:
+        share = left_out / len(split)
+        (log.warning if share >= LEFT_OUT_WARNING else log.info)(
+            "%s: the block split left out %d of %d windows (%.1f%%) that straddle blocks dealt to two splits; "
+            "a larger block_size (now %d px) leaves fewer out", where, left_out, len(split), 100 * share, block)
+    return left_out
 
 
 def group_split(groups: Sequence | np.ndarray, fractions: tuple[float, float, float], seed: int) -> dict[str, np.ndarray]:

@@ -10,7 +10,7 @@ import numpy as np
 from ...catalog import Dataset
 from ...errors import ConfigError, DatasetNotFoundError, UnknownKeyError
 from ...manifest import decode_keys
-from .base import SPLITS, LMDBDataModule, stratified_split
+from .base import SPLITS, LMDBDataModule, SplitOwner, stratified_split
 
 
 _TRAILING_NUMBER = re.compile(r"_?\d+$")
@@ -93,7 +93,7 @@ class ClassFolderDataModule(LMDBDataModule):
                                               self.val_fraction, self.test_fraction), self.seed)
             return {s: (self.key_items(column, sorted_rows[i]), labels[i]) for s, i in parts.items()}
         keys = column[sorted_rows]
-        splits = {}
+        splits, owner = {}, SplitOwner(len(keys))
         for split in SPLITS:
             path = self.split_dir / f"{self.split_prefix}-{split}.txt"
             if not path.exists():
@@ -107,6 +107,7 @@ class ClassFolderDataModule(LMDBDataModule):
             if missing:
                 raise UnknownKeyError(f"{path}: {len(missing)} of its {len(names)} patches are not in {self.lmdb_path}, "
                                       f"e.g. {missing[0]!r}; is split_dir this LMDB's dataset?")
+            owner.claim(split, rows, keys, self.split_dir)
             splits[split] = (self.key_items(column, sorted_rows[rows]), labels[rows])
         return splits
 

@@ -10,7 +10,7 @@ import numpy as np
 from ...catalog import hyspecnet
 from ...errors import ConfigError, DatasetNotFoundError, UnknownKeyError
 from ...manifest import KeyRows, decode_keys
-from .base import LMDBDataModule, LoaderKind
+from .base import LMDBDataModule, LoaderKind, SplitOwner
 
 
 class HySpecNetDataModule(LMDBDataModule):
@@ -55,6 +55,7 @@ class HySpecNetDataModule(LMDBDataModule):
         if difficulty not in ("easy", "hard"):
             raise ConfigError(f"difficulty {difficulty!r} is not 'easy' or 'hard'")
         self.split_dir, self.difficulty = Path(split_dir), difficulty
+        self._owner: SplitOwner | None = None  # which split file listed each row first
 
     def split_items(self, split: str):
         path = self.split_dir / self.difficulty / f"{split}.csv"
@@ -67,6 +68,12 @@ class HySpecNetDataModule(LMDBDataModule):
         if missing:
             raise UnknownKeyError(f"{path}: {len(missing)} of its {len(keys)} patches are not in {self.lmdb_path}, "
                                   f"e.g. {missing[0]!r}; is split_dir this LMDB's dataset?")
+        # each split file's rows against those read before: rows of the mapped key column, or of
+        # the sorted stored keys (no manifest: rico-hdl's LMDB)
+        column = KeyRows(self.manifest(), rows).column() if rows is not None else self.stored_keys()
+        if self._owner is None:
+            self._owner = SplitOwner(len(column))
+        self._owner.claim(split, rows if rows is not None else np.searchsorted(column, keys), column, path.parent)
         return (keys if rows is None else KeyRows(self.manifest(), rows)), None
 
 

@@ -14,7 +14,7 @@ from ...scenes.chipper import unlabelled_scenes
 from ...scenes.statistics import pool
 from ..dataset import LMDBPatchDataset
 from ..store import read_manifest
-from .base import SPLITS, LMDBDataModule, LoaderKind, block_split, dealt
+from .base import SPLITS, LMDBDataModule, LoaderKind, block_split, count_left_out, dealt
 
 CHIP_HINT = "`python -m rico_torch.encode scenes --dataset-dir <scenes> --target-dir {path} --patch-size 256`"
 
@@ -54,7 +54,8 @@ class GeoPatchDataModule(LMDBDataModule):
     target where the scenes have one. Splits never share pixels:
 
     * ``block`` (default): each scene is cut into ``block_size`` squares dealt to train/val/test
-      at random (seeded); a window touching blocks of two splits is left out;
+      at random (seeded); a window touching blocks of two splits is left out (counted in
+      ``left_out`` and logged: at WARNING where it is a quarter of the windows or more);
     * ``scene``: whole scenes (``val_scenes``/``test_scenes``, or dealt at random);
     * ``random``: windows dealt at random, only when asked (overlapping windows leak pixels).
 
@@ -175,6 +176,7 @@ class GeoPatchDataModule(LMDBDataModule):
         self.use_mask = mask and not self.unlabelled()
         self.ignore_index = ignore_index
         self._splits: dict[str, np.ndarray] | None = None
+        self.left_out = 0  # windows the block split left out (they straddle blocks of two splits)
         self._windows: tuple | None = None
 
     @property
@@ -259,6 +261,7 @@ class GeoPatchDataModule(LMDBDataModule):
         else:
             size = self.patch_size
             split = block_split(scene, rows, cols, (size, size), self.block_size, lambda n: self._dealt(n, rng))
+            self.left_out = count_left_out(self.lmdb_path, split, self.block_size)
         self._splits = {s: np.flatnonzero(split == i) for i, s in enumerate(SPLITS)}
         if chosen is not None:
             self._splits = {s: chosen[r] for s, r in self._splits.items()}
