@@ -169,3 +169,14 @@ def test_cube_misuse_is_one_line(encoded):
     with pytest.raises(ConfigError, match=r"CubeForecaster\(bands=2\) takes windows of T >= 2 steps, B x T x 2 x H x W; "
                                           r"got \(1, 6, 1, 8, 8\)"):
         CubeForecaster(bands=2)(LMDBPatchDataset(target, ["sst"]).read_batch([0])["image"])
+
+
+def test_two_cubes_read_in_one_process_never_mix(tmp_path):
+    """Blocks read ahead for one cube are never cut for another cube's window at the same cells."""
+    a, b = (make_sst_netcdf(tmp_path / f"{name}.nc", months=8, seed=seed) for name, seed in (("a", 0), ("b", 5)))
+    options = dict(patch=dict(time=4, lat=6, lon=6), min_valid=0)
+    first, second = CubePatchDataset(a, ["sst"], **options), CubePatchDataset(b, ["sst"], **options)
+    first[0], first[1]  # reads in order: the blocks of the next windows of a are read ahead
+    with xr.open_dataset(b, mask_and_scale=False, decode_times=False) as ds:
+        want = ds["sst"].values[0:4, 0:6, 6:12]
+    assert np.array_equal(second[1]["image"][:, 0].numpy(), want, equal_nan=True)

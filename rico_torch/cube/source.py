@@ -501,8 +501,9 @@ def read_window(cube: Cube, t: int, row: int, col: int, patch: tuple[int, int, i
 
 
 # Blocks of the cube the windows of the current worker task cover, read once by
-# :func:`prefetch_windows`: (lo, hi, band -> array) boxes on (time, y, x).
-_BLOCKS: list[tuple[tuple[int, int, int], tuple[int, int, int], dict[str, np.ndarray]]] = []
+# :func:`prefetch_windows`: (cube, lo, hi, band -> array) boxes on (time, y, x); the cube (path, bands)
+# is part of each, so that a process reading several cubes (option II) never cuts one's window from another's.
+_BLOCKS: list[tuple[tuple, tuple[int, int, int], tuple[int, int, int], dict[str, np.ndarray]]] = []
 
 
 def prefetch_windows(cube: Cube, patch: tuple[int, int, int], offsets: np.ndarray) -> None:
@@ -518,15 +519,15 @@ def prefetch_windows(cube: Cube, patch: tuple[int, int, int], offsets: np.ndarra
         hi = tuple(min(s + p, n) for s, p, n in zip((t, row, last), patch, cube.shape))
         if all(a < b for a, b in zip(lo, hi)):
             try:
-                _BLOCKS.append((lo, hi, _read_box(cube, lo, hi)))
+                _BLOCKS.append(((cube.path, cube.band_names), lo, hi, _read_box(cube, lo, hi)))
             except InputError:
                 pass  # each window then reads (and reports) its own part
 
 
 def _read_box(cube: Cube, lo: tuple[int, int, int], hi: tuple[int, int, int]) -> dict[str, np.ndarray]:
     """Each band's cells [lo, hi) on (time, y, x), as stored (cut from a prefetched block that holds them)."""
-    for b_lo, b_hi, arrays in _BLOCKS:
-        if all(bl <= l and h <= bh for bl, l, h, bh in zip(b_lo, lo, hi, b_hi)):
+    for of, b_lo, b_hi, arrays in _BLOCKS:
+        if of == (cube.path, cube.band_names) and all(bl <= l and h <= bh for bl, l, h, bh in zip(b_lo, lo, hi, b_hi)):
             box = tuple(slice(l - bl, h - bl) for l, h, bl in zip(lo, hi, b_lo))
             return {name: np.ascontiguousarray(a[box]) for name, a in arrays.items()}
     try:
