@@ -3,6 +3,7 @@ source, and CubePatchDataset (on the fly) against LMDBPatchDataset, window by wi
 
 from __future__ import annotations
 
+import os
 import pickle
 
 import numpy as np
@@ -180,3 +181,24 @@ def test_two_cubes_read_in_one_process_never_mix(tmp_path):
     with xr.open_dataset(b, mask_and_scale=False, decode_times=False) as ds:
         want = ds["sst"].values[0:4, 0:6, 6:12]
     assert np.array_equal(second[1]["image"][:, 0].numpy(), want, equal_nan=True)
+
+
+def test_a_forked_child_opens_the_cube_itself(tmp_path):
+    """HDF5/netCDF handles must not cross a fork: a child drops the parent's and opens its own."""
+    from rico_torch.cube import source
+
+    path = make_sst_netcdf(tmp_path / "sst.nc", months=4)
+    cube = source.open_cube(path, ["sst"])
+    want = source.read_window(cube, 0, 0, 0, (2, 4, 4))["sst"]
+    inherited = id(source._OPEN[cube.path])
+    pid = os.fork()
+    if pid == 0:  # the child reports through its exit status only
+        ok = False
+        try:
+            got = source.read_window(cube, 0, 0, 0, (2, 4, 4))["sst"]
+            ok = id(source._OPEN[cube.path]) != inherited and np.array_equal(got, want, equal_nan=True)
+        finally:
+            os._exit(0 if ok else 1)
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0
+    assert id(source._OPEN[cube.path]) == inherited  # the parent keeps its own

@@ -445,6 +445,7 @@ def _iso(seconds: float) -> str:
 
 _OPEN: OrderedDict[str, object] = OrderedDict()  # path -> open xarray dataset, per process
 _OPEN_LIMIT = 8
+_OPENED_BY = [os.getpid()]  # the process _OPEN's datasets belong to
 
 
 #: Bounds of the NetCDF/HDF5 chunk cache of each variable (per process). The windows of one row
@@ -456,7 +457,12 @@ CHUNK_CACHE_MIN, CHUNK_CACHE_MAX = 16 << 20, 384 << 20
 
 def _dataset(cube: Cube, steps: int = 1):
     """The open dataset of ``cube`` in this process; a NetCDF file is opened with a chunk cache that
-    holds the chunks of ``steps`` + 1 time steps (the time extent of the windows read from it)."""
+    holds the chunks of ``steps`` + 1 time steps (the time extent of the windows read from it); a
+    forked child opens its own (HDF5 and netCDF handles must not cross a fork)."""
+    if _OPENED_BY[0] != os.getpid():
+        _OPEN.clear()  # the parent's handles, never read here
+        _BLOCKS.clear()
+        _OPENED_BY[0] = os.getpid()
     ds = _OPEN.get(cube.path)
     if ds is None:
         if cube.engine == "netcdf4":
@@ -478,6 +484,7 @@ def close_cubes() -> None:
 
     while _OPEN:
         _OPEN.popitem()[1].close()
+    _BLOCKS.clear()
     close_rasters()
 
 
