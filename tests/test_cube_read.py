@@ -202,3 +202,13 @@ def test_a_forked_child_opens_the_cube_itself(tmp_path):
     _, status = os.waitpid(pid, 0)
     assert os.waitstatus_to_exitcode(status) == 0
     assert id(source._OPEN[cube.path]) == inherited  # the parent keeps its own
+
+
+def test_a_zarr_stores_default_variables_are_in_name_order(tmp_path):
+    """A Zarr store lists its arrays in directory order, which varies between opens: bands by name."""
+    from rico_torch.cube import source
+
+    path = make_projected_zarr(tmp_path / "ndvi.zarr")
+    with xr.open_zarr(path) as ds:
+        names = sorted(str(v) for v, a in ds.data_vars.items() if len(a.dims) == 3)
+    assert len(names) > 1 and source.open_cube(path).band_names == tuple(names)

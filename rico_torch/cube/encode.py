@@ -327,7 +327,8 @@ def add_parser(sub, common) -> None:
                    help="the last windows of each dimension: shift inward (default), pad with the fill value, or drop; "
                    "one rule, or per dimension (time=drop,lat=shift,lon=shift)")
     p.add_argument("--vars", nargs="+", metavar="VAR",
-                   help="variables (NetCDF/Zarr) or bands (GeoTIFF) to store, in this order (default: all over the cube's dims)")
+                   help="variables (NetCDF/Zarr) or bands (GeoTIFF) to store, in this order (default: all over the "
+                   "cube's dims, in the file's order; a Zarr store's by name)")
     p.add_argument("--dims", type=parse_names, metavar="time=T,y=Y,x=X",
                    help="which dimensions are time, y and x (default: found from CF attributes axis, standard_name, units)")
     p.add_argument("--time-from-name", metavar="REGEX",

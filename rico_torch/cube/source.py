@@ -201,6 +201,8 @@ def _open_xarray(path: Path, variables: Sequence[str] | None, dims: Mapping[str,
             chosen = list(variables)
         else:
             chosen = [str(v) for v, a in ds.data_vars.items() if set(a.dims) == set(wanted)]
+            if engine == "zarr":  # a store lists its arrays in directory order, which varies: by name
+                chosen.sort()
             if not chosen:
                 raise InputError(where, f"is not a cube: no variable has the dimensions {', '.join(wanted)} "
                                  f"(its variables: {', '.join(f'{v}{tuple(a.dims)}' for v, a in ds.data_vars.items())})")
