@@ -3,7 +3,6 @@ and predict, and stitching cube windows back into a NetCDF with the cube's axes 
 
 from __future__ import annotations
 
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -19,7 +18,8 @@ from rico_torch.errors import ConfigError, DatasetNotFoundError  # noqa: E402
 from rico_torch.scenes import CubePredictionWriter, Stitcher  # noqa: E402
 from rico_torch.synthetic.cube import make_projected_zarr, make_sst_netcdf  # noqa: E402
 
-CONFIG = Path(__file__).resolve().parents[1] / "configs" / "cube.yaml"
+from .conftest import train_and_predict  # noqa: E402
+
 SST = dict(patch=dict(time=4, lat=6, lon=6), stride=dict(time=2, lat=4, lon=4))
 
 
@@ -112,20 +112,12 @@ def test_source_instead_of_lmdb_path_gives_the_same_module(sst):
     assert torch.equal(a.read_batch([0, 1])["image"].nan_to_num(7), b.read_batch([0, 1])["image"].nan_to_num(7))
 
 
-def test_fit_then_predict_writes_a_netcdf_of_the_cube(sst, tmp_path, monkeypatch, capfd):
-    from rico_torch.cli import main
-
+def test_fit_then_predict_writes_a_netcdf_of_the_cube(sst, tmp_path, monkeypatch):
+    """configs/cube.yaml as a user runs it: fit, then predict from the checkpoint, with no warning or
+    Lightning notice (train_and_predict checks), into predictions/<cube>.nc."""
     source, target = sst
-    monkeypatch.chdir(tmp_path)
-    common = ["--config", str(CONFIG), "--data.init_args.lmdb_path", str(target), "--data.init_args.num_workers", "0",
-              "--trainer.accelerator", "cpu", "--model.init_args.width", "4"]
-    main(["fit", *common, "--trainer.max_epochs", "1", "--trainer.limit_train_batches", "2",
-          "--trainer.limit_val_batches", "1"])
-    printed = capfd.readouterr()
-    assert "warn" not in printed.err.lower() and "Tip" not in printed.err, printed.err  # no Lightning notice
-    ckpt = next(tmp_path.glob("lightning_logs/version_0/checkpoints/*.ckpt"))
-    main(["predict", *common, "--ckpt_path", str(ckpt)])
-    assert "Couldn't infer the batch indices" not in capfd.readouterr().err
+    monkeypatch.chdir(tmp_path)  # the config's prediction writer writes to ./predictions
+    train_and_predict("cube.yaml", tmp_path, "--model.init_args.width=4", predict_batches=None, lmdb_path=target)
     with pytest.raises(ConfigError, match="format='geotiff': netcdf or zarr"):
         CubePredictionWriter(format="geotiff")
     manifest = read_manifest(target)["cube"]

@@ -109,12 +109,7 @@ def test_every_shipped_config_is_run_for_notices():
     checkpoint, no warning or Lightning notice) in some test."""
     calls = "".join(p.read_text() for p in Path(__file__).parent.glob("test_*.py"))
     run = set(re.findall(r"(?:train_and_predict|\bfit)\(\s*\"(\w+\.yaml)\"", calls))
-    waiting = set()
-    try:  # configs/cube.yaml trains on cube encodes, which cannot be made before the cube encoder is merged
-        import rico_torch.cube.encode  # noqa: F401
-    except ImportError:
-        waiting.add("cube.yaml")
-    assert run | waiting == {p.name for p in CONFIGS.glob("*.yaml")}
+    assert run == {p.name for p in CONFIGS.glob("*.yaml")}
 
 
 def test_demo_metadata_has_the_official_schema_and_labels_from_the_reference_maps(demo):
