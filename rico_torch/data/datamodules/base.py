@@ -518,6 +518,18 @@ class SplitOwner:
         self.owner[rows] = SPLITS.index(split)
 
 
+def windows_manifest(path: Path, part: str, kind: str, noun: str, redo: str, hint: str) -> Manifest:
+    """The manifest of an encode of windows at ``path`` (its ``part``: "scenes", "cube"); one line naming
+    ``path`` and the command (``hint``) when there is none (``kind``: what is missing) or it is another
+    kind of LMDB (``noun``; ``redo``: how to make the right one)."""
+    if not (path / "data.mdb").exists():
+        raise DatasetNotFoundError(f"{path}: no {kind} here (data.mdb missing); create it with {hint}")
+    manifest = read_manifest(path)
+    if not manifest or part not in manifest:
+        raise ConfigError(f"{path}: not {noun} (manifest.json has no {part}); {redo} {hint}")
+    return manifest
+
+
 def stratified_split(labels: np.ndarray, fractions: tuple[float, float, float], seed: int) -> dict[str, np.ndarray]:
     """Indices of a seeded split that keeps each class's share in every part."""
     rng = np.random.default_rng(seed)

@@ -8,11 +8,10 @@ from typing import Any, Literal
 import numpy as np
 import torch
 
-from ...errors import ConfigError, DatasetNotFoundError
+from ...errors import ConfigError
 from ...manifest import Manifest, merge
 from ..dataset import LMDBPatchDataset
-from ..store import read_manifest
-from .base import SPLITS, LMDBDataModule, LoaderKind, block_split, dealt
+from .base import SPLITS, LMDBDataModule, LoaderKind, block_split, dealt, windows_manifest
 
 ENCODE_HINT = "`python -m rico_torch.encode cube --source <cube> --target-dir {path} --patch time=8,y=64,x=64`"
 SPLIT_KINDS = ("time", "block", "both")
@@ -114,14 +113,8 @@ class CubeDataModule(LMDBDataModule):
 
     @staticmethod
     def _cube_manifest_of(path: Path) -> Manifest:
-        if not (path / "data.mdb").exists():
-            raise DatasetNotFoundError(f"{path}: no encoded cube here (data.mdb missing); create it with "
-                                       + ENCODE_HINT.format(path=path))
-        manifest = read_manifest(path)
-        if not manifest or "cube" not in manifest:
-            raise ConfigError(f"{path}: not a cube encode (manifest.json has no cube); encode one with "
-                              + ENCODE_HINT.format(path=path))
-        return manifest
+        return windows_manifest(path, "cube", "encoded cube", "a cube encode", "encode one with",
+                                ENCODE_HINT.format(path=path))
 
     def manifest(self) -> Manifest:
         return self._cube_manifest

@@ -8,13 +8,12 @@ from typing import Any, Literal
 import numpy as np
 import torch
 
-from ...errors import ConfigError, DatasetNotFoundError
+from ...errors import ConfigError
 from ...manifest import Manifest, merge, window_bounds
 from ...scenes.chipper import unlabelled_scenes
 from ...scenes.statistics import pool
 from ..dataset import LMDBPatchDataset
-from ..store import read_manifest
-from .base import SPLITS, LMDBDataModule, LoaderKind, block_split, count_left_out, dealt
+from .base import SPLITS, LMDBDataModule, LoaderKind, block_split, count_left_out, dealt, windows_manifest
 
 CHIP_HINT = "`python -m rico_torch.encode scenes --dataset-dir <scenes> --target-dir {path} --patch-size 256`"
 
@@ -195,17 +194,8 @@ class GeoPatchDataModule(LMDBDataModule):
 
     @staticmethod
     def _scene_manifests(paths: list[Path]) -> list[Manifest]:
-        manifests = []
-        for path in paths:
-            if not (path / "data.mdb").exists():
-                raise DatasetNotFoundError(f"{path}: no chipped scenes here (data.mdb missing); create it with "
-                                           + CHIP_HINT.format(path=path))
-            manifest = read_manifest(path)
-            if not manifest or "scenes" not in manifest:
-                raise ConfigError(f"{path}: not an LMDB of chipped scenes (manifest.json has no scenes); "
-                                  f"chip scenes with {CHIP_HINT.format(path=path)}")
-            manifests.append(manifest)
-        return manifests
+        return [windows_manifest(path, "scenes", "chipped scenes", "an LMDB of chipped scenes", "chip scenes with",
+                                 CHIP_HINT.format(path=path)) for path in paths]
 
     def encode_hint(self, path: Path) -> str:
         return CHIP_HINT.format(path=path)
