@@ -102,43 +102,46 @@ def majortom_s2(majortom_files):
 
 def test_worker_hands_values_over_in_shared_memory(majortom_s2):
     handoff = _Handoff()
-    results = encode_task("major-tom-core", "s2", majortom_s2.patches, False, handoff.path)
-    # only (offset, length), digest and band table cross the pool's pipe
-    assert all(isinstance(r.value, tuple) for r in results)
-    assert len(pickle.dumps(results)) < 1_000 * len(results)
-    taken = handoff.take(results)
-    for r in taken:
-        patch = next(p for p in majortom_s2.patches if p.key == r.key)
+    batch = encode_task("major-tom-core", "s2", majortom_s2.patches, False, handoff.path)
+    # only keys, lengths, digests and band tables cross the pool's pipe: no value, no object per patch
+    assert batch.data is None and len(batch) == len(majortom_s2.patches)
+    assert len(pickle.dumps(batch)) < 1_000 * len(batch)
+    taken = handoff.take(batch)
+    values = taken.values()
+    for key, value, digest in zip(taken.keys, values, taken.digests):
+        patch = next(p for p in majortom_s2.patches if p.key == key)
         expected = encode_value(read_patch(majortom_s2.source, patch.path))
-        assert isinstance(r.value, memoryview) and bytes(r.value) == expected
-        assert r.digest == value_digest(r.key.encode(), expected)
+        assert isinstance(value, memoryview) and bytes(value) == expected
+        assert digest == value_digest(key.encode(), expected) & (2**64 - 1)
+    assert taken.content == sum(value_digest(k.encode(), bytes(v)) for k, v in zip(taken.keys, values)) % 2**256
     assert not handoff.release()  # viewed: not to be written again
-    del taken, r
+    del taken, values, value, batch
     assert handoff.release()
     handoff.close()
 
 
 def test_values_come_back_pickled_where_the_shared_memory_cannot_be_opened(majortom_s2, tmp_path):
-    results = encode_task("major-tom-core", "s2", majortom_s2.patches[:2], False, str(tmp_path / "no-such-fd"))
-    for r, patch in zip(results, majortom_s2.patches):
-        assert r.value == encode_value(read_patch(majortom_s2.source, patch.path))
+    batch = encode_task("major-tom-core", "s2", majortom_s2.patches[:2], False, str(tmp_path / "no-such-fd"))
+    for value, patch in zip(batch.values(), majortom_s2.patches):
+        assert bytes(value) == encode_value(read_patch(majortom_s2.source, patch.path))
 
 
 def test_digests_only_for_verify(majortom_s2):
     full = encode_task("major-tom-core", "s2", majortom_s2.patches[:2], False)
     bare = encode_task("major-tom-core", "s2", majortom_s2.patches[:2], False, values=False)
-    assert [r.value for r in bare] == [None, None]
-    assert [r.digest for r in bare] == [r.digest for r in full]
+    assert bare.data is None and bare.keys == full.keys
+    assert bare.full == [value_digest(k.encode(), bytes(v)) for k, v in zip(full.keys, full.values())]
 
 
 def test_band_table_from_the_workers_equals_the_parsed_one(majortom_s2):
-    results = encode_task("major-tom-core", "s2", majortom_s2.patches, False)
+    batch = encode_task("major-tom-core", "s2", majortom_s2.patches, False)
     told, parsed = _Stats(), _Stats()
-    for r in results:
-        told.add("s2", r.key, r.value, r.digest, r.bands)
-        parsed.add("s2", r.key, r.value)
+    told.add_batch("s2", batch, batch.values())
+    for key, value in zip(batch.keys, batch.values()):
+        parsed.add("s2", key, value)
     assert told.band_table() == parsed.band_table()
     assert told.content_hash == parsed.content_hash and told.digests == parsed.digests
+    assert told.keys == parsed.keys and told.lengths == parsed.lengths and told.bytes == parsed.bytes
 
 
 def test_shared_memory_encode_is_byte_identical_for_any_worker_count(majortom_files, tmp_path):

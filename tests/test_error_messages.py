@@ -300,13 +300,17 @@ def test_second_encoder_message(eurosat_files, tmp_path):
 
 
 def test_existing_key_is_never_overwritten(tmp_path):
-    from rico_torch.encode.writer import Encoded, _commit
+    from rico_torch.encode.writer import _commit
     from rico_torch.errors import TargetError
 
     target = _lmdb_with(tmp_path / "lmdb", {b"k": b"v"})
     with pytest.raises(TargetError) as caught:
-        _commit(target, [Encoded("k", b"other", 0)])
+        _commit(target, [(b"j", b"new"), (b"k", b"other")])
     assert str(caught.value) == "key 'k' is already in the LMDB; refusing to overwrite it"
+    env = lmdb.open(str(target), readonly=True)
+    with env.begin() as txn:  # the whole transaction was refused: nothing of it is kept
+        assert dict(txn.cursor()) == {b"k": b"v"}
+    env.close()
 
 
 def test_verify_messages(capsys, eurosat_lmdb, eurosat_files, tmp_path):

@@ -28,7 +28,7 @@ from ..encode.options import parse_shard
 from ..encode.writer import EncodeResult, encode_dataset
 from ..errors import ConfigError, InputError
 from ..format import load_value
-from ..scenes.statistics import Running
+from ..scenes.statistics import Running, pooled_row
 from .plan import EDGES, Axis, WindowPlan, key_offsets
 from .source import AXES, Cube, close_cubes, inside, open_cube, prefetch_windows, read_window, valid_cells, \
     window_moments
@@ -160,14 +160,15 @@ class CubeManifest:
         self.identity = json.dumps(options, sort_keys=True)
         self.moments = [Running() for _ in cube.bands]
 
-    def observe(self, source: str, key: str, value: bytes) -> None:
-        """A stored value (a resumed run's): measured as the worker measures a value it reads."""
+    def measure(self, source: str, key: str, value: bytes) -> tuple[tuple, ...]:
+        """A stored value's statistics (a resumed run's), as the worker measures a value it reads."""
         start = _offsets_of(key)
-        self.add_moments(source, key, window_moments(self.cube, load_value(value, key), start, self.plan.owned(*start)))
+        return window_moments(self.cube, load_value(value, key), start, self.plan.owned(*start))
 
-    def add_moments(self, source: str, key: str, moments: tuple[tuple, ...]) -> None:
-        for running, entry in zip(self.moments, moments):
-            running.add(entry)
+    def add_moments(self, source: str, rows: np.ndarray) -> None:
+        """One write chunk's windows' statistics ((n, bands, 5), in write order)."""
+        for b, running in enumerate(self.moments):
+            running.add(pooled_row(rows[:, b]))
 
     def manifest(self, written: np.ndarray) -> dict:
         statistics = {b: r.moments().entry() for b, r in zip(self.cube.band_names, self.moments)}

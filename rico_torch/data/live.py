@@ -29,7 +29,7 @@ import numpy as np
 
 from ..encode.discover import SkipPatch, SourcePatches
 from ..encode.read import value_parts
-from ..encode.writer import _Stats
+from ..encode.writer import TXN_SIZE, _Stats
 from ..errors import ConfigError
 from ..manifest import KeyIndex, Manifest, build_columns
 from .dataset import LMDBPatchDataset
@@ -37,7 +37,7 @@ from .dataset import LMDBPatchDataset
 #: A picklable recipe that plans the windows in any process: () -> (Dataset, [SourcePatches], Extension)
 Planner = Callable[[], tuple[Any, list[SourcePatches], Any]]
 READAHEAD = 64  # windows whose source blocks one read ahead covers
-SURVEY_CHUNK = 512  # windows read together by a survey (the encoder's transaction size)
+SURVEY_CHUNK = TXN_SIZE  # windows read together by a survey: the encoder's write chunk, whose statistics pool together
 
 
 class WindowStore:
@@ -84,6 +84,7 @@ class WindowStore:
                         continue
                     stats.add(sp.source.name, patch.key, value, digest=0)
                     rows.append(i)
+                stats.end_chunk()  # the encoder's write chunk: its statistics are pooled together
             kept.append(np.stack([np.full(len(rows), s), np.asarray(rows)], 1))
         # sources in plan order, windows in plan order within each: the writer's key column
         ranges, keys, _ = stats.index([sp.source.name for sp in discovered])

@@ -324,9 +324,7 @@ def value_digest(key: bytes, value: bytes) -> int:
 
 def parts_digest(key: bytes, parts: list) -> int:
     """:func:`value_digest` of the value whose bytes are ``parts`` one after the other."""
-    h = hashlib.blake2b(digest_size=32)
-    h.update(len(key).to_bytes(8, "little"))
-    h.update(key)
+    h = hashlib.blake2b(len(key).to_bytes(8, "little") + key, digest_size=32)
     for part in parts:
         h.update(part)
     return int.from_bytes(h.digest(), "little")

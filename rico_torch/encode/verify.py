@@ -284,7 +284,8 @@ def _compare_discovered(dataset_name, discovered, manifest, roots, stored_digest
 
 def _digests_task(args) -> list[tuple[str, int, str | None]]:
     """Encode patches as the encoder would and return only their digests (small to send back)."""
-    return [(r.key, r.digest, r.error) for r in encode_task(*args, values=False)]
+    batch = encode_task(*args, values=False)
+    return [*zip(batch.keys, batch.full, [None] * len(batch)), *((key, None, why) for key, why, _ in batch.skipped)]
 
 
 def print_report(report: VerifyReport, limit: int = 50) -> None:

@@ -99,11 +99,6 @@ class EncodeResult:
         return line
 
 
-class SkipReason(str):
-    """The reason a reader gave for leaving a patch out (:class:`SkipPatch`, e.g. nodata), as
-    opposed to a patch that could not be read (``--skip-invalid``)."""
-
-
 def split_skipped(skipped: list[dict]) -> tuple[list[dict], list[dict]]:
     """Skipped patches: those the reader left out as nodata, and those that were invalid."""
     nodata = [s for s in skipped if s.get("kind") == "nodata"]
@@ -121,61 +116,169 @@ def map_size_for(used: int, incoming: int) -> int:
 # --- worker side ----------------------------------------------------------------------
 
 
-class Encoded(NamedTuple):
-    """One patch as a worker made it: its value (bytes; in the main process a view of the
-    task's shared memory; None where skipped or not asked for), digest, band table (see
-    :func:`~rico_torch.encode.read.value_parts`) and, where skipped, why."""
+class Block(NamedTuple):
+    """Windows a maker cut and laid out together (e.g. one row of a scene's windows): each row of
+    ``values`` is one whole value (header and bands), all with band table ``table``."""
 
-    key: str
-    value: bytes | memoryview | tuple[int, int] | None  # (offset, length): in the task's shared memory
-    digest: int
-    error: str | None = None
-    bands: BandTable | None = None
-    moments: tuple | None = None  # the reader's statistics of the window (``reader.moments``), made beside it
+    keys: list[str]
+    values: np.ndarray  # (n, value length) uint8
+    table: BandTable
+    moments: np.ndarray | None  # (n, bands, 5): each window's statistics (``reader.moments``' rows)
+
+
+@dataclass
+class Batch:
+    """A worker task's patches, column by column, so that no object per patch crosses the pool's
+    pipe or lives in the writer: the written patches' keys, value lengths, 64-bit digests (the
+    sidecar's) and statistics in order, the sum of their full digests (the content hash's share),
+    their band tables, and the patches left out (key, why, whether the reader skipped it as nodata).
+
+    The values lie one after the other: in ``data``, or (``data`` None) in the task's shared
+    memory until the writer takes them (:meth:`_Handoff.take`). ``full``: each written patch's
+    whole digest, kept only where no value is made (``verify``).
+    """
+
+    keys: list[str] = field(default_factory=list)
+    lengths: list[int] = field(default_factory=list)
+    digests: array = field(default_factory=lambda: array("Q"))
+    content: int = 0
+    tables: Counter = field(default_factory=Counter)
+    moments: list = field(default_factory=list)  # (n, bands, 5) arrays: the written patches' statistics
+    unmeasured: bool = False  # some written patch came without statistics
+    skipped: list[tuple[str, str, bool]] = field(default_factory=list)
+    data: bytes | memoryview | None = b""
+    full: list[int] | None = None
+
+    def __len__(self) -> int:
+        return len(self.keys)
+
+    @property
+    def nbytes(self) -> int:
+        return sum(self.lengths)
+
+    def values(self) -> list[memoryview]:
+        """Each written patch's value, a view of ``data``."""
+        view, out, at = memoryview(self.data), [], 0
+        for length in self.lengths:
+            out.append(view[at : at + length])
+            at += length
+        return out
+
+    def statistics(self) -> np.ndarray | None:
+        """(n, bands, 5): each written patch's statistics, None where the reader made none."""
+        if self.unmeasured or not self.moments:
+            return None
+        return np.concatenate(self.moments)
+
+
+class _BatchWriter:
+    """Builds a task's :class:`Batch`: values written into the shared memory ``fd`` in runs of up to
+    :data:`_IOV_MAX` buffers (no system call per value), or gathered into ``data``."""
+
+    def __init__(self, fd: int, values: bool) -> None:
+        self.fd, self.values = fd, values
+        self.batch = Batch(full=None if values else [])
+        self.pending: list = []  # buffers not yet written
+        self.at = 0  # bytes written into the shared memory
+
+    def add(self, key: str, parts: list, table: BandTable, moments) -> None:
+        digest = parts_digest(key.encode(), parts)
+        self._count(key, digest, sum(memoryview(p).nbytes for p in parts), table)
+        if moments is None:
+            self.batch.unmeasured = True
+        else:
+            self.batch.moments.append(np.asarray(moments, np.float64)[None])
+        if self.values:
+            self._put(parts)
+
+    def add_block(self, block: Block) -> None:
+        values, b = block.values, self.batch
+        digests = [parts_digest(key.encode(), [value]) for key, value in zip(block.keys, values)]
+        b.keys.extend(block.keys)
+        b.lengths.extend([values.shape[1]] * len(digests))
+        b.digests.extend([digest64(d) for d in digests])
+        b.content = (b.content + sum(digests)) % (1 << 256)
+        if b.full is not None:
+            b.full.extend(digests)
+        b.tables[block.table] += len(block.keys)
+        if block.moments is None:
+            self.batch.unmeasured = True
+        else:
+            self.batch.moments.append(block.moments)
+        if self.values and len(block.keys):
+            self._put([values])
+
+    def skip(self, key: str, why: str, nodata: bool) -> None:
+        self.batch.skipped.append((key, why, nodata))
+
+    def _count(self, key: str, digest: int, length: int, table: BandTable | None) -> None:
+        b = self.batch
+        b.keys.append(key)
+        b.lengths.append(length)
+        b.digests.append(digest64(digest))
+        b.content = (b.content + digest) % (1 << 256)
+        if b.full is not None:
+            b.full.append(digest)
+        if table is not None:
+            b.tables[table] += 1
+
+    def _put(self, parts: list) -> None:
+        self.pending.extend(m.cast("B") for m in map(memoryview, parts) if m.nbytes)
+        if len(self.pending) >= _IOV_MAX:
+            self._flush()
+
+    def _flush(self) -> None:
+        if self.fd >= 0:
+            self.at += _write_parts(self.fd, self.pending, self.at)
+            self.pending = []
+
+    def done(self) -> Batch:
+        if not self.values:
+            self.batch.data = None
+        elif self.fd >= 0:
+            self._flush()
+            self.batch.data = None  # in the shared memory
+        else:
+            self.batch.data = b"".join(self.pending)
+        return self.batch
 
 
 def encode_task(dataset_name: str, source_name: str, patches: list[Patch], skip_invalid: bool,
-                handoff: str | None = None, values: bool = True) -> list[Encoded]:
-    """Read and encode patches; the value's digest and band table are made here, beside the value.
+                handoff: str | None = None, values: bool = True) -> Batch:
+    """Read and encode patches into a :class:`Batch`; each value's digest and band table are made
+    here, beside the value.
 
     ``handoff``: the path of the main process's shared memory (a memfd, see :class:`_Handoff`)
     for this task: the values are written into it one after the other (header and bands straight
-    from the decoded arrays, no blob in between) and only their (offset, length) come back, so
-    nothing large is pickled through the pool's pipe. Where it cannot be opened, values come back
-    as bytes. ``values=False``: digests only (``verify``).
+    from the decoded arrays, no blob in between), so nothing large is pickled through the pool's
+    pipe. Where it cannot be opened, values come back as bytes. ``values=False``: digests only
+    (``verify``).
     """
-    out: list[Encoded] = []
     fd = -1
     if handoff is not None and values:
         try:
             fd = os.open(handoff, os.O_RDWR)
         except OSError:
             fd = -1  # e.g. /proc hidden: pickled values, slower but the same
-    at = 0
+    out = _BatchWriter(fd, values)
     try:
-        for key, parts, table, moments, error in _encoded(dataset_name, source_name, patches, values):
-            if isinstance(error, SkipPatch):  # the reader's own decision, whatever skip_invalid says
-                out.append(Encoded(key, None, 0, SkipReason(error)))
+        for item in _encoded(dataset_name, source_name, patches, values):
+            if isinstance(item, Block):
+                out.add_block(item)
                 continue
-            if error is not None:
+            key, parts, table, moments, error = item
+            if isinstance(error, SkipPatch):  # the reader's own decision, whatever skip_invalid says
+                out.skip(key, str(error), True)
+            elif error is not None:
                 if not skip_invalid:
                     raise error
-                out.append(Encoded(key, None, 0, str(error)))
-                continue
-            digest = parts_digest(key.encode(), parts)
-            if not values:
-                value = None
-            elif fd >= 0:
-                length = _write_parts(fd, parts, at)
-                value, at = (at, length), at + length
+                out.skip(key, str(error), False)
             else:
-                value = parts[0] if len(parts) == 1 else b"".join(parts)
-                value = bytes(value) if isinstance(value, memoryview) else value
-            out.append(Encoded(key, value, digest, None, table, moments))
+                out.add(key, parts, table, moments)
+        return out.done()
     finally:
         if fd >= 0:
             os.close(fd)
-    return out
 
 
 #: one patch as :func:`encode_task` takes it: (key, the value's buffers, band table, statistics, error)
@@ -351,14 +454,15 @@ class _Stats:
     content_hash: int = 0
     bytes: int = 0
     extensions: list = field(default_factory=list)  # Extensions that observe every value added
+    pending: dict = field(default_factory=dict)  # (extension, source) -> the current chunk's statistics rows
 
     def add(self, source: str, key: str, value: bytes, digest: int | None = None,
-            table: BandTable | None = None, moments: tuple | None = None) -> None:
-        """Count a value written; ``digest``, ``table`` (its band table) and ``moments`` (its
-        statistics), where the worker made them, save parsing, hashing and measuring it here."""
-        for extension in self.extensions:
-            if moments is not None and hasattr(extension, "add_moments"):
-                extension.add_moments(source, key, moments)
+            table: BandTable | None = None) -> None:
+        """Count one value written (a resumed run's stored value; option II's survey); ``digest``
+        and ``table`` (its band table), where known, save hashing and parsing it here."""
+        for i, extension in enumerate(self.extensions):
+            if hasattr(extension, "measure"):
+                self._pending(i, source).append(np.asarray(extension.measure(source, key, value), np.float64)[None])
             else:
                 extension.observe(source, key, value)
         raw = self.add_key(source, key)
@@ -370,6 +474,42 @@ class _Stats:
         if table is None:
             table = tuple((name, info.dtype.name, info.shape) for name, info in parse_header(value, key).items())
         self.tables[source, table] += 1
+
+    def add_batch(self, source: str, batch: Batch, values: list) -> None:
+        """Count a worker task's values written (``values``: views of them, in order)."""
+        if not len(batch):
+            return
+        measured = batch.statistics()
+        for i, extension in enumerate(self.extensions):
+            if measured is not None and hasattr(extension, "measure"):
+                self._pending(i, source).append(measured)
+                continue
+            for key, value in zip(batch.keys, values):  # it may keep the value: a copy, not a view
+                if hasattr(extension, "measure"):
+                    row = extension.measure(source, key, bytes(value))
+                    self._pending(i, source).append(np.asarray(row, np.float64)[None])
+                else:
+                    extension.observe(source, key, bytes(value))
+        raw = [key.encode() for key in batch.keys]
+        self.counts[source] += len(raw)
+        self.keys.setdefault(source, bytearray()).extend(b"".join(raw))
+        self.lengths.setdefault(source, array("H")).extend(map(len, raw))
+        self.bytes += batch.nbytes
+        self.digests.setdefault(source, array("Q")).extend(batch.digests)
+        self.content_hash = (self.content_hash + batch.content) % (1 << 256)
+        for table, count in batch.tables.items():
+            self.tables[source, table] += count
+
+    def _pending(self, extension: int, source: str) -> list:
+        return self.pending.setdefault((extension, source), [])
+
+    def end_chunk(self) -> None:
+        """A write chunk is counted: its values' statistics go to their extension together (each
+        extension reduces a chunk's rows in one fixed way, so that the result depends on the
+        chunks, never on how the workers split them or on a resumed run)."""
+        for (i, source), rows in self.pending.items():
+            self.extensions[i].add_moments(source, np.concatenate(rows))
+        self.pending.clear()
 
     def add_key(self, source: str, key: str) -> bytes:
         """Count a key (its value unread: option II's windows, rico_torch.data.live)."""
@@ -618,8 +758,9 @@ def _encode_into(dataset, discovered, directory, fingerprint, num_workers, skip_
 
 
 def _observer(extension) -> list:
-    """The extensions that look at values: each gets every value (:meth:`_Stats.add`), or its
-    statistics where a worker measured it (``add_moments``)."""
+    """The extensions that look at values: each gets every value (``observe``), or, where it
+    measures them (``measure``), their statistics a write chunk at a time (``add_moments``; the
+    workers' where they made them)."""
     return [e for e in extension or () if not isinstance(e, Entries)]
 
 
@@ -661,6 +802,8 @@ def _label_column(dataset: Dataset, discovered: list[SourcePatches], keys: np.nd
 
 def _committed(env: lmdb.Environment, chunk: Chunk) -> list[tuple[str, memoryview]] | None:
     """The chunk's stored (key, value) pairs if its transaction committed, else None."""
+    if not env.stat()["entries"]:  # a new target: nothing to look up
+        return None
     with env.begin(buffers=False) as txn:
         found = [(key, txn.get(key.encode())) for key in patch_keys(chunk.patches)]
     found = [(k, v) for k, v in found if v is not None]
@@ -689,6 +832,7 @@ def _write(dataset, discovered, target, num_workers, skip_invalid, quiet, observ
                 continue
             for key, value in stored:
                 stats.add(chunk.source.name, key, value)
+            stats.end_chunk()
             present = {key for key, _ in stored}
             skipped.extend(
                 {"key": p.key, "source": chunk.source.name, "reason": f"{p.path}: skipped by an earlier, interrupted run"}
@@ -708,30 +852,29 @@ def _write(dataset, discovered, target, num_workers, skip_invalid, quiet, observ
     return stats, skipped, resumed
 
 
-def _store(target: Path, chunk: Chunk, results: list[Encoded], stats: _Stats, skipped: list) -> None:
+def _store(target: Path, chunk: Chunk, batches: list[Batch], stats: _Stats, skipped: list) -> None:
     """Commit one chunk's values and count them (a function: its views of the shared memory go
     when it returns, so that the memory can take a later task's values)."""
-    for r in results:
-        if r.error is not None:
-            kind = "nodata" if isinstance(r.error, SkipReason) else "invalid"
-            skipped.append({"key": r.key, "source": chunk.source.name, "reason": str(r.error), "kind": kind})
-    if any(r.value is not None for r in results):
-        _commit(target, results)
-    for r in results:
-        if r.value is not None:
-            # an Extension that observes the value may keep it: a copy, not a view of shared memory
-            value = bytes(r.value) if stats.extensions and r.moments is None else r.value
-            stats.add(chunk.source.name, r.key, value, r.digest, r.bands, r.moments)
+    for batch in batches:
+        skipped.extend({"key": key, "source": chunk.source.name, "reason": why, "kind": "nodata" if nodata else "invalid"}
+                       for key, why, nodata in batch.skipped)
+    values = [batch.values() for batch in batches]
+    if any(values):
+        _commit(target, [(key.encode(), value) for batch, views in zip(batches, values)
+                         for key, value in zip(batch.keys, views)])
+    for batch, views in zip(batches, values):
+        stats.add_batch(chunk.source.name, batch, views)
+    stats.end_chunk()
 
 
-def _commit(target: Path, results) -> None:
-    """One write transaction in a freshly opened environment.
+def _commit(target: Path, items: list[tuple[bytes, bytes | memoryview]]) -> None:
+    """One write transaction of (key, value) pairs in a freshly opened environment.
 
     LMDB recycles page buffers within an open environment without clearing them, so their
     unused bytes depend on its history; a fresh environment per transaction makes every
     transaction start from the same state on a resumed run as on an uninterrupted one.
     """
-    incoming = sum(len(r.key) + len(r.value) for r in results if r.value is not None)
+    incoming = sum(len(key) + len(value) for key, value in items)
     env = _open(target)
     try:
         info = env.info()
@@ -739,13 +882,18 @@ def _commit(target: Path, results) -> None:
         wanted = map_size_for(used, incoming)
         if wanted > info["map_size"]:
             env.set_mapsize(wanted)
-        with env.begin(write=True) as txn:
-            for r in results:
-                if r.value is not None and not txn.put(r.key.encode(), r.value, overwrite=False):
-                    raise TargetError(f"key {r.key!r} is already in the LMDB; refusing to overwrite it")
+        try:
+            with env.begin(write=True) as txn:
+                if txn.cursor().putmulti(items, overwrite=False)[1] != len(items):
+                    raise KeyError  # a key already there: the transaction is aborted
+        except KeyError:
+            with env.begin() as txn:
+                key = next(key for key, _ in items if txn.get(key) is not None)
+            raise TargetError(f"key {key.decode(errors='replace')!r} is already in the LMDB; refusing to "
+                              "overwrite it") from None
     except lmdb.Error as e:
         # LMDB reports a short write on a full disk as EIO: the free space tells
-        why = storage_problem(target, e, incoming, f" for the next {len(results)} patches", DISK_MARGIN)
+        why = storage_problem(target, e, incoming, f" for the next {len(items)} patches", DISK_MARGIN)
         if why.startswith("the disk is full"):
             raise TargetError(f"{target}: writing failed: {why}; free space and re-run the same command to resume "
                               "(committed patches are kept)") from None
@@ -775,17 +923,19 @@ class _Handoff:
     def available() -> bool:
         return hasattr(os, "memfd_create") and os.path.isdir(f"/proc/{os.getpid()}/fd")
 
-    def take(self, results: list[Encoded]) -> list[Encoded]:
-        """``results`` with each (offset, length) replaced by a view of the values written."""
-        size = max((r.value[0] + r.value[1] for r in results if isinstance(r.value, tuple)), default=0)
+    def take(self, batch: Batch) -> Batch:
+        """``batch`` with its values: a view of the shared memory the task wrote them into."""
+        if batch.data is not None:  # the task could not open the shared memory: they came pickled
+            return batch
+        size = batch.nbytes
         if not size:
-            return results
+            batch.data = b""
+            return batch
         # populated at once: cheaper than a page fault per 4 KiB as the LMDB put reads it
         self.mapped = mmap.mmap(self.fd, size, flags=mmap.MAP_SHARED | getattr(mmap, "MAP_POPULATE", 0),
                                 prot=mmap.PROT_READ)
-        view = memoryview(self.mapped)
-        return [Encoded(r.key, view[r.value[0] : r.value[0] + r.value[1]], r.digest, r.error, r.bands, r.moments)
-                if type(r.value) is tuple else r for r in results]
+        batch.data = memoryview(self.mapped)
+        return batch
 
     def release(self) -> bool:
         """Unmap, once nothing views the values any more (then it may be written again)."""
@@ -853,7 +1003,7 @@ class _Runner:
             submitted.append((self.pool.submit(encode_task, *a, handoff and handoff.path), handoff))
         return submitted
 
-    def _result(self, task, handoff: _Handoff | None) -> list[Encoded]:
+    def _result(self, task, handoff: _Handoff | None) -> Batch:
         if not isinstance(task, Future):
             return task
         results = task.result()
@@ -870,8 +1020,8 @@ class _Runner:
         submitted = len(queue)
         for _ in range(len(self.chunks)):
             tasks = queue.pop(0)
-            results = [r for task, handoff in tasks for r in self._result(task, handoff)]
-            big = sum(len(r.value) for r in results if r.value is not None) > READ_AHEAD_BYTES
+            results = [self._result(task, handoff) for task, handoff in tasks]
+            big = sum(batch.nbytes for batch in results) > READ_AHEAD_BYTES
             while len(queue) < (1 if big else 2) and submitted < len(self.chunks):
                 queue.append(self._submit(self.chunks[submitted]))
                 submitted += 1

@@ -31,11 +31,11 @@ from ..errors import ConfigError, InputError
 from ..encode.discover import Patch, SourcePatches, WindowList, in_shard, printable
 from ..encode.options import parse_shard
 from ..encode.read import value_layout, value_parts
-from ..encode.writer import EncodeResult, encode_dataset, patch_item
+from ..encode.writer import Block, EncodeResult, encode_dataset, patch_item
 from ..format import load_value
 from .discover import ALLOW_UNGEOREFERENCED, EDGES, Scene, SceneWindow, check_options, check_sizes, close_rasters, \
     find_scenes, prefetch_windows, prefetched, too_few_valid, window_moments
-from .statistics import Moments, Running, batch_moments, pool
+from .statistics import Moments, Running, batch_moments, pool, pooled_row
 
 if TYPE_CHECKING:
     from ..align.scene import AlignOptions
@@ -145,20 +145,22 @@ class SceneWindows:
         count = np.logical_and.reduce(list(valid.values())).reshape(n, -1).sum(axis=1)
         moments = None
         if measure:
-            (_, _), (r0, r1), _ = self.plan.owned(0, row, int(cols[0]))
+            r0, r1 = self.plan.axes[1].owned[row]
+            by_col = self.plan.axes[2].owned  # a window owns its columns from its start: [c, c1)
+            widths = np.array([by_col[c][1] for c in cols.tolist()]) - cols
             owned = np.zeros((n, size, size), bool)
-            for i, c in enumerate(cols.tolist()):
-                (_, _), _, (c0, c1) = self.plan.owned(0, row, c)
-                owned[i, r0 - row : r1 - row, c0 - c : c1 - c] = True
-            per_band = [batch_moments(windows[b.name].reshape(n, -1), (valid[b.name] & owned).reshape(n, -1)).tolist()
-                        for b in scene.bands]
-            moments = list(zip(*(map(tuple, m) for m in per_band)))
+            owned[:, r0 - row : r1 - row, :] = (np.arange(size) < widths[:, None])[:, None, :]
+            moments = np.stack([batch_moments(windows[b.name].reshape(n, -1), (valid[b.name] & owned).reshape(n, -1))
+                                for b in scene.bands], axis=1)
         keys = [self.key(row, c) for c in cols.tolist()]
-        for i, c in enumerate(cols.tolist()):
-            if count[i] < self.min_valid:
-                yield keys[i], None, None, None, too_few_valid(scene, row, c, int(count[i]), self.min_valid)
-            else:
-                yield keys[i], [memoryview(values[i])], table, moments[i] if moments is not None else None, None
+        kept = count >= self.min_valid
+        for i in np.flatnonzero(~kept).tolist():
+            yield keys[i], None, None, None, too_few_valid(scene, row, int(cols[i]), int(count[i]), self.min_valid)
+        if kept.all():
+            yield Block(keys, values, table, moments)
+        elif kept.any():
+            yield Block([k for k, keep in zip(keys, kept.tolist()) if keep], values[kept], table,
+                        None if moments is None else moments[kept])
 
 
 class SceneManifest:
@@ -186,20 +188,19 @@ class SceneManifest:
         self.label_nodata = next((s.labels.nodata for s in scenes if s.labels is not None), None)
         self.refused: dict[str, str] = {}  # band -> why it is not pooled over the scenes
 
-    def observe(self, source: str, key: str, value: bytes) -> None:
-        """A stored value (a resumed run's): measured as the worker measures a value it reads."""
+    def measure(self, source: str, key: str, value: bytes) -> tuple[tuple, ...]:
+        """A stored value's statistics (a resumed run's), as the worker measures a value it reads."""
         row, col = _offsets_of(key)
         (r0, r1), (c0, c1) = (owned[at] for owned, at in zip(self.owned[source], (row, col)))
-        self.add_moments(source, key, window_moments(self.scenes[source], load_value(value, key), row, col,
-                                                     (r0, r1, c0, c1)))
+        return window_moments(self.scenes[source], load_value(value, key), row, col, (r0, r1, c0, c1))
 
-    def add_moments(self, source: str, key: str, moments: tuple[tuple, ...]) -> None:
-        """A window's statistics (:func:`~rico_torch.scenes.discover.window_moments`), in write order."""
+    def add_moments(self, source: str, rows: np.ndarray) -> None:
+        """One write chunk's windows' statistics ((n, bands, 5): :func:`~rico_torch.scenes.discover.window_moments`)."""
         into = self.moments.get(source)  # one source per scene
         if into is None:
             into = self.moments[source] = [Running() for _ in self.scenes[source].bands]
-        for running, entry in zip(into, moments):
-            running.add(entry)
+        for b, running in enumerate(into):
+            running.add(pooled_row(rows[:, b]))
 
     def manifest(self, written: np.ndarray) -> dict:
         size = self.options.patch_size

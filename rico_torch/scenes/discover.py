@@ -499,10 +499,13 @@ def prefetch_windows(scene: Scene, size: int, offsets: np.ndarray) -> None:
     by_file: dict[str, list[BandFile]] = {}
     for band in scene.bands + ((scene.labels,) if scene.labels is not None else ()):
         by_file.setdefault(band.path, []).append(band)
-    rows = {}
-    for row, col in offsets.tolist():
-        lo, hi = rows.get(row, (col, col))
-        rows[row] = (min(lo, col), max(hi, col))
+    rows: dict[int, tuple[int, int]] = {}
+    if len(offsets):  # each run of one row (the plan's order): its first and last column
+        starts = np.concatenate([[0], np.flatnonzero(np.diff(offsets[:, 0])) + 1])
+        firsts, lasts = np.minimum.reduceat(offsets[:, 1], starts), np.maximum.reduceat(offsets[:, 1], starts)
+        for row, first, last in zip(offsets[starts, 0].tolist(), firsts.tolist(), lasts.tolist()):
+            lo, hi = rows.get(row, (first, last))
+            rows[row] = (min(lo, first), max(hi, last))
     for path, bands in by_file.items():
         r = bands[0].ratio
         height, width = bands[0].height, bands[0].width

@@ -91,9 +91,27 @@ def merge(a: Moments, b: Moments) -> Moments:
                    min(a.min, b.min), max(a.max, b.max))
 
 
+def pooled_row(rows: np.ndarray) -> tuple[float, float, float, float, float]:
+    """One row of moments (count, mean, m2, min, max) of the union of the disjoint sets of pixels
+    whose moments are ``rows`` ((n, 5), :func:`batch_moments`'s): the exact formula for many groups
+    at once, ``mean = sum(n_i mean_i) / n``, ``M2 = sum(M2_i) + sum(n_i (mean_i - mean)^2)``. The sums
+    are :func:`math.fsum`'s, correctly rounded, so the result depends only on the rows."""
+    rows = np.asarray(rows, np.float64)
+    rows = rows[rows[:, 0] > 0]
+    if not len(rows):
+        return (0, 0.0, 0.0, math.inf, -math.inf)
+    count, means = rows[:, 0], rows[:, 1]
+    n = math.fsum(count)
+    mean = math.fsum(count * means) / n
+    deviation = means - mean
+    m2 = math.fsum(rows[:, 2]) + math.fsum(count * deviation * deviation)
+    return (n, mean, m2, float(rows[:, 3].min()), float(rows[:, 4].max()))
+
+
 class Running:
-    """Moments merged one window at a time (a writer adds a million): :func:`merge`'s arithmetic on
-    plain floats, without a :class:`Moments` per step, so the result is the same bit for bit."""
+    """Moments merged one group at a time (a writer adds a write chunk's windows, :func:`pooled_row`):
+    :func:`merge`'s arithmetic on plain floats, without a :class:`Moments` per step, so the result
+    is the same bit for bit."""
 
     __slots__ = ("count", "mean", "m2", "min", "max")
 
