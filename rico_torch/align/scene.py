@@ -4,7 +4,10 @@ The scene's grid is the target grid, its bands the aligned bands (all at the gri
 ratio 1), its label raster (``--labels``, warped nearest) the band ``mask``. A window reads its
 cells from the fixed warp blocks (:class:`~rico_torch.align.warp.BlockWarper`, one per process
 and aligned set), so the scenes chipper's writer, manifest, statistics, shards, resume and
-verify hold unchanged. With ``--group-by time`` a value holds every date: ``{band: (T, H, W)}``.
+verify hold unchanged. With ``--group-by time`` a value holds every date: ``{band: (T, H, W)}``;
+with ``--patch-time N`` windows run over time too (the one planner's time axis,
+:mod:`rico_torch.cube.plan`): keys ``<scene>_<t>_<row>_<col>`` and values ``{band: (N, H, W)}``, and the
+manifest describes the stack as a cube as well (:func:`as_cube`), so the cube's readers take it.
 """
 
 from __future__ import annotations
@@ -89,22 +92,54 @@ def warper_of(aligned: Aligned) -> BlockWarper:
     return found
 
 
-def read_window(scene: Scene, row: int, col: int, size: int) -> tuple[dict[str, np.ndarray], np.ndarray]:
+def read_window(scene: Scene, row: int, col: int, size: int, t: int = 0,
+                steps: int = 0) -> tuple[dict[str, np.ndarray], np.ndarray]:
     """Every band of a window (``(H, W)``, or ``(T, H, W)`` with a time axis) and where any of
     its bands holds a value (the label band does not count): sources of several dates and
-    modalities rarely cover the same cells, so a cell with a value in one of them is kept."""
+    modalities rarely cover the same cells, so a cell with a value in one of them is kept.
+    ``steps`` > 0: only the dates ``t`` .. ``t + steps - 1`` (``--patch-time``; dates past the
+    last, ``--edge pad``, are nodata and invalid); 0: every date."""
     aligned = scene.aligned
     warper = warper_of(aligned)
     timed = bool(aligned.times)
+    dates = range(t, t + steps) if steps else range(aligned.length)
     out, valid = {}, None
     for band in (*scene.bands, *((scene.labels,) if scene.labels is not None else ())):
-        steps = [warper.read(band.name, t, row, row + size, col, col + size) for t in range(aligned.length)]
+        steps = [warper.read(band.name, d, row, row + size, col, col + size) if d < aligned.length
+                 else _past_the_end(warper, band.name, size) for d in dates]
         data = np.stack([d for d, _ in steps]) if timed else steps[0][0]
         out[band.name] = np.ascontiguousarray(data)
         if band is not scene.labels:
             mask = np.stack([v for _, v in steps]) if timed else steps[0][1]
             valid = mask if valid is None else valid | mask
     return out, valid
+
+
+def _past_the_end(warper: BlockWarper, band: str, size: int) -> tuple[np.ndarray, np.ndarray]:
+    """A date past the last (``--edge pad`` over time): the band's nodata, invalid."""
+    from .warp import _fill
+
+    spec = warper.bands[band]
+    return np.full((size, size), _fill(spec), dtype=spec.dtype), np.zeros((size, size), bool)
+
+
+def as_cube(scene: Scene):
+    """The aligned stack of ``scene`` (``--group-by time``) as a :class:`~rico_torch.cube.source.Cube`
+    over (time, y, x): its dates as the times of a GeoTIFF stack (seconds since 1970, proleptic
+    Gregorian), its bands with their nodata as fill. What a window over time (``--patch-time``)
+    records, so that the cube's readers (dataset ``time``/``bounds``/``crs``, window entries,
+    NetCDF stitching) read it as they read a cube's."""
+    from datetime import datetime, timezone
+
+    from ..cube.source import STACK_CALENDAR, STACK_TIME_UNITS, Cube, CubeBand
+
+    aligned = scene.aligned
+    seconds = tuple(datetime.fromisoformat(d).replace(tzinfo=timezone.utc).timestamp() for d in aligned.times)
+    bands = tuple(CubeBand(b.name, b.dtype, b.nodata, () if b.nodata is None or math.isnan(b.nodata) else (b.nodata,))
+                  for b in (*scene.bands, *((scene.labels,) if scene.labels is not None else ())))
+    return Cube(scene.name, scene.path, "aligned", bands, {"time": "time", "y": "y", "x": "x"},
+                (aligned.length, scene.height, scene.width), seconds, STACK_TIME_UNITS, STACK_CALENDAR, scene.crs,
+                tuple(scene.transform))
 
 
 def identity(aligned: Aligned, options: AlignOptions) -> str:

@@ -172,13 +172,9 @@ class CubeManifest:
 
     def manifest(self, written: np.ndarray) -> dict:
         statistics = {b: r.moments().entry() for b, r in zip(self.cube.band_names, self.moments)}
-        axes = dict(zip(AXES, self.plan.axes))
         return {
-            "cube": {**self.cube.info(),
-                     "patch": {a: x.patch for a, x in axes.items()}, "stride": {a: x.stride for a, x in axes.items()},
-                     "edge": {a: x.edge for a, x in axes.items()}, "min_valid": self.options["min_valid"],
-                     "time_from_name": self.options["time_from_name"],
-                     "statistics": statistics},
+            "cube": cube_facts(self.cube, self.plan, self.options["min_valid"], self.options["time_from_name"],
+                               statistics),
             "statistics": statistics,
             "skipped_nodata": self.planned - len(written),
         }
@@ -186,6 +182,16 @@ class CubeManifest:
     def columns(self, written: np.ndarray) -> dict[str, np.ndarray]:
         offsets = key_offsets(written, 3)
         return {"time": offsets[:, 0].copy(), "row": offsets[:, 1].copy(), "col": offsets[:, 2].copy()}
+
+
+def cube_facts(cube: Cube, plan: WindowPlan, min_valid: int, time_from_name: str | None, statistics: dict) -> dict:
+    """``manifest["cube"]``: the cube's facts and its windows' patch, stride and edge per axis (what
+    the cube's readers take): of an ``encode cube``, and of an aligned stack chipped over time
+    (``encode scenes --group-by time --patch-time``)."""
+    axes = dict(zip(AXES, plan.axes))
+    return {**cube.info(), "patch": {a: x.patch for a, x in axes.items()}, "stride": {a: x.stride for a, x in axes.items()},
+            "edge": {a: x.edge for a, x in axes.items()}, "min_valid": min_valid, "time_from_name": time_from_name,
+            "statistics": statistics}
 
 
 def _offsets_of(key: str) -> tuple[int, int, int]:

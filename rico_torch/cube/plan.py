@@ -76,9 +76,13 @@ class WindowPlan:
     axes: tuple[Axis, Axis, Axis]
 
     @classmethod
-    def scene(cls, height: int, width: int, patch: int, stride: int, edge: str) -> "WindowPlan":
-        """A scene's plan: one time step, square windows."""
-        return cls((Axis("time", 1, 1, 1), Axis("y", height, patch, stride, edge), Axis("x", width, patch, stride, edge)))
+    def scene(cls, height: int, width: int, patch: int, stride: int, edge: str,
+              time: tuple[int, int, int] = (1, 1, 1)) -> "WindowPlan":
+        """A scene's plan: square windows; ``time`` = (dates, patch, stride) of an aligned stack
+        chipped over time too (``--patch-time``), the edge rule the same on every axis; by default
+        one time step."""
+        return cls((Axis("time", *time, edge), Axis("y", height, patch, stride, edge),
+                    Axis("x", width, patch, stride, edge)))
 
     @property
     def patch(self) -> tuple[int, int, int]:

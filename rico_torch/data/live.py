@@ -226,6 +226,9 @@ class ScenePatchDataset(LMDBPatchDataset):
             allow_ungeoreferenced: as ``encode scenes`` (``--dataset-dir``, ``--patch-size``, ...).
         align: ``encode scenes``' ``--grid``/``--grid-like``/... as a
             :class:`~rico_torch.align.scene.AlignOptions`: the files warped onto one grid.
+        patch_time, stride_time: ``--patch-time``/``--stride-time`` (with ``align``'s
+            ``group_by="time"``): windows over the dates too; samples are then a cube's,
+            ``image`` T x C x H x W with ``time``, ``bounds`` and ``crs``.
         bands: the bands of ``image``, in order (and ``mask_band="mask"`` for the labels).
         encode_bands: the encode's ``--bands``: the bands each window reads (default: all, as an
             encode without ``--bands``; ``min_valid`` asks every band read, so this can change
@@ -242,21 +245,24 @@ class ScenePatchDataset(LMDBPatchDataset):
     def __init__(self, dataset_dir: str | Path, bands: Sequence[str], patch_size: int, stride: int | None = None,
                  edge: str = "shift", min_valid: float = 1, *, labels: str | Path | None = None,
                  label_nodata: float | None = None, allow_ungeoreferenced: bool = False,
-                 encode_bands: Sequence[str] | None = None, statistics: bool = False, align=None, **kwargs) -> None:
+                 encode_bands: Sequence[str] | None = None, statistics: bool = False, align=None,
+                 patch_time: int | None = None, stride_time: int | None = None, **kwargs) -> None:
         store = scene_store(dataset_dir, patch_size, stride, edge, min_valid, labels=labels, label_nodata=label_nodata,
                             allow_ungeoreferenced=allow_ungeoreferenced, encode_bands=encode_bands,
-                            statistics=statistics, readahead=kwargs.get("readahead", "auto"), align=align)
+                            statistics=statistics, readahead=kwargs.get("readahead", "auto"), align=align,
+                            patch_time=patch_time, stride_time=stride_time)
         super().__init__(store, bands, **kwargs)
 
 
 def scene_store(dataset_dir, patch_size: int, stride: int | None = None, edge: str = "shift", min_valid: float = 1, *,
                 labels=None, label_nodata: float | None = None, allow_ungeoreferenced: bool = False,
                 encode_bands: Sequence[str] | None = None, statistics: bool = False,
-                readahead: bool | str = "auto", align=None) -> WindowStore:
+                readahead: bool | str = "auto", align=None, patch_time: int | None = None,
+                stride_time: int | None = None) -> WindowStore:
     """The windows ``encode scenes`` with these options writes, as a :class:`WindowStore`."""
     from ..scenes.chipper import chip_options
 
-    options = chip_options(patch_size, stride, edge, min_valid, encode_bands)
+    options = chip_options(patch_size, stride, edge, min_valid, encode_bands, patch_time, stride_time)
     planner = ScenePlanner(str(dataset_dir), options, None if labels is None else str(labels), label_nodata,
                            allow_ungeoreferenced, align)
     return WindowStore(planner, survey=statistics or options.min_valid > 0, name=str(dataset_dir), readahead=readahead)

@@ -224,6 +224,9 @@ def report(path: Path, samples: int = SAMPLES, check: bool = False) -> tuple[str
         patch = " x ".join(str(cube["patch"][a]) for a in ("time", "y", "x"))
         what = (f"windows of {patch} cells of datacube {cube['name']} ({size}; {cube['time']['iso'][0]} .. "
                 f"{cube['time']['iso'][-1]}, {cube['time']['calendar']} calendar), chipped by `encode cube`")
+        if scenes:  # encode scenes --group-by time --patch-time: an aligned stack chipped over time too
+            what = (f"windows of {patch} cells (time x y x, stride {cube['stride']['time']} dates) of the aligned stack "
+                    f"{cube['name']} ({size}), chipped by `encode scenes --patch-time`")
     data = path / "data.mdb"
     lines = [f"{path}: {what}; {_count(entries, 'key')}; data.mdb {_size(_disk_bytes(data))} on disk"]
     for name, scene in (scenes or {}).items():
@@ -257,7 +260,7 @@ def report(path: Path, samples: int = SAMPLES, check: bool = False) -> tuple[str
         lines.extend(_band_lines(group))
     if found is not None and found.dataset.datamodule:
         lines.append(fit_line(path, found.dataset, manifest))
-    elif found is None and scenes:
+    elif found is None and scenes and not cube:  # windows over time are read in a cube's layout, T x C x H x W
         from ..scenes.chipper import fit_suggestion
 
         lines.append(f"fits: rico_torch.data.GeoPatchDataModule; {fit_suggestion(path, manifest)}")

@@ -52,9 +52,18 @@ class ChipOptions:
     edge: str = "shift"
     min_valid: int = 1
     bands: tuple[str, ...] | None = None
+    patch_time: int | None = None  # dates per window of an aligned --group-by time stack (None: every date)
+    stride_time: int | None = None
 
     def identity(self) -> str:
-        return json.dumps([self.patch_size, self.stride, self.edge, self.min_valid, self.bands])
+        # the time window enters only where given, so encodes without it keep their fingerprint
+        timed = [self.patch_time, self.stride_time] if self.patch_time else []
+        return json.dumps([self.patch_size, self.stride, self.edge, self.min_valid, self.bands, *timed])
+
+    def window_plan(self, scene: Scene) -> WindowPlan:
+        """The scene's windows: over (row, col), and over its dates too with ``patch_time``."""
+        time = (scene.aligned.length, self.patch_time, self.stride_time) if self.patch_time else (1, 1, 1)
+        return WindowPlan.scene(scene.height, scene.width, self.patch_size, self.stride, self.edge, time)
 
 
 def key_of(scene: Scene, row: int, col: int) -> str:
@@ -68,14 +77,17 @@ def plan(scenes: Sequence[Scene], options: ChipOptions,
     sources, discovered = [], []
     for scene in scenes:
         check_sizes(scene, options.patch_size, options.stride, options.edge)
+        if options.patch_time:
+            check_dates(scene, options.patch_time, options.edge)
         names = scene.band_names + (("mask",) if scene.labels is not None else ())
         source = Source(scene.name, "--dataset-dir", re.escape(Path(scene.path).name), Path(scene.path).is_dir(),
                         tuple(Band(n) for n in names), scene.bands[0].dtype, noun=f"windows of {scene.name}")
-        windows = WindowPlan.scene(scene.height, scene.width, options.patch_size, options.stride, options.edge)
-        rows = windows.offsets()[:, 1:].astype(np.int32)  # (row, col); no object per window (12 B each)
-        make = SceneWindows(scene, windows, options.min_valid)
+        windows = options.window_plan(scene)
+        # (row, col), or (t, row, col) over time; no object per window (12 B each)
+        rows = windows.offsets()[:, 0 if options.patch_time else 1 :].astype(np.int32)
+        make = (DatedWindows if options.patch_time else SceneWindows)(scene, windows, options.min_valid)
         if shard is not None:
-            rows = rows[np.fromiter((in_shard(make.key(r, c), *shard) for r, c in rows.tolist()), bool, len(rows))]
+            rows = rows[np.fromiter((in_shard(make.key(*r), *shard) for r in rows.tolist()), bool, len(rows))]
         sources.append(source)
         discovered.append(SourcePatches(source, Path(scene.path), WindowList(make, rows)))
     dataset = Dataset(NAME, "Scenes", tuple(sources), description="windows of GeoTIFF scenes", example=EXAMPLE,
@@ -168,10 +180,11 @@ class SceneManifest:
 
     Statistics: each source pixel of a scene belongs to one window, the last one starting at or
     before it on each axis (so overlapping windows, ``--stride`` < ``--patch-size``, count it once,
-    and windows of different shards never share one); :meth:`observe` adds the valid pixels
-    (:func:`~rico_torch.scenes.discover.valid_pixels`, as ``--min-valid`` counts them) a window
-    owns inside the scene (padding never counts), per band of each scene. A resumed run observes
-    the committed values first, in the same order, so its statistics equal an uninterrupted run's.
+    and windows of different shards never share one); a window's moments are those of the valid
+    pixels (:func:`~rico_torch.scenes.discover.valid_pixels`, as ``--min-valid`` counts them) it
+    owns inside the scene (padding never counts), per band of each scene, and :meth:`add_moments`
+    pools a write chunk's windows at a time. A resumed run measures the committed values
+    (:meth:`measure`) chunk by chunk in the same order, so its statistics equal an uninterrupted run's.
     """
 
     def __init__(self, scenes: Sequence[Scene], discovered: list[SourcePatches], options: ChipOptions,
@@ -184,12 +197,17 @@ class SceneManifest:
         self.planned = sum(len(sp.patches) for sp in discovered)
         shape = (options.patch_size, options.stride, options.edge)
         self.owned = {s.name: (axis_owned(s.height, *shape), axis_owned(s.width, *shape)) for s in scenes}
+        # windows over time (--patch-time): each stored value is measured by its window's own reader
+        self.dated = {s.name: DatedWindows(s, options.window_plan(s), 0) for s in scenes} if options.patch_time else {}
         self.moments: dict[str, dict[str, Running]] = {}
         self.label_nodata = next((s.labels.nodata for s in scenes if s.labels is not None), None)
         self.refused: dict[str, str] = {}  # band -> why it is not pooled over the scenes
 
     def measure(self, source: str, key: str, value: bytes) -> tuple[tuple, ...]:
         """A stored value's statistics (a resumed run's), as the worker measures a value it reads."""
+        if self.dated:
+            t, row, col = (int(v) for v in key.rsplit("_", 3)[1:])
+            return self.dated[source].reader(t, row, col, 0).moments(load_value(value, key))
         row, col = _offsets_of(key)
         (r0, r1), (c0, c1) = (owned[at] for owned, at in zip(self.owned[source], (row, col)))
         return window_moments(self.scenes[source], load_value(value, key), row, col, (r0, r1, c0, c1))
@@ -210,20 +228,37 @@ class SceneManifest:
             scenes[name] = {**scene.info(), "statistics": {b: moments.get(b, Moments()).entry()
                                                            for b in scene.band_names}}
         pooled, self.refused = pool(scenes)
+        timed = {"patch_time": self.options.patch_time, "stride_time": self.options.stride_time} \
+            if self.options.patch_time else {}
         return {
             "chip": {"patch_size": size, "stride": self.options.stride, "edge": self.options.edge,
                      "min_valid": self.options.min_valid,
                      "bands": list(self.options.bands) if self.options.bands else None,
-                     "label_nodata": self.label_nodata, **({"align": self.align} if self.align else {})},
+                     "label_nodata": self.label_nodata, **({"align": self.align} if self.align else {}), **timed},
             "scenes": scenes,
             "statistics": pooled,
             "statistics_not_pooled": self.refused,
             "skipped_nodata": self.planned - len(written),
+            **({"cube": self.cube_facts(scenes)} if self.dated else {}),
         }
+
+    def cube_facts(self, scenes: dict) -> dict:
+        """Windows over time: the aligned stack described as a cube (``manifest["cube"]``), so the
+        cube's readers take it (dataset ``time``/``bounds``/``crs``, window entries with ``t_off``
+        and ``time``, NetCDF stitching)."""
+        from ..align.scene import as_cube
+        from ..cube.encode import cube_facts
+
+        ((name, dated),) = self.dated.items()  # an aligned set is one scene
+        return cube_facts(as_cube(dated.scene), dated.plan, self.options.min_valid,
+                          (self.align or {}).get("time_from_name"), scenes[name]["statistics"])
 
     def columns(self, written: np.ndarray) -> dict[str, np.ndarray]:
         """Each written window's offsets in its scene (the row's source); its transform is derived
         from the scene's (:func:`rico_torch.manifest.window_transform`)."""
+        if self.dated:  # keys <scene>_<t>_<row>_<col>: a cube's columns
+            offsets = key_offsets(written, 3)
+            return {"time": offsets[:, 0].copy(), "row": offsets[:, 1].copy(), "col": offsets[:, 2].copy()}
         offsets = key_offsets(written, 2)
         return {"row": offsets[:, 0].copy(), "col": offsets[:, 1].copy()}
 
@@ -255,6 +290,37 @@ def _valid_windows(band, windows: np.ndarray) -> np.ndarray:
     return windows != np.array(band.nodata).astype(windows.dtype)
 
 
+@dataclass(frozen=True)
+class DatedWindows:
+    """Makes the patch of an aligned stack's window over (t, row, col) (``--patch-time``): the
+    scene's windows on the planner's time axis too, keyed as a cube's (``<scene>_<t>_<row>_<col>``),
+    each read from the warp blocks (which the process's warper keeps) by a :class:`SceneWindow`."""
+
+    scene: Scene
+    plan: WindowPlan
+    min_valid: int
+
+    def key(self, t: int, row: int, col: int) -> str:
+        return f"{self.scene.name}_{t}_{row}_{col}"
+
+    def __call__(self, t: int, row: int, col: int) -> Patch:
+        return Patch(self.key(t, row, col), Path(self.scene.path), reader=self.reader(t, row, col, self.min_valid))
+
+    def reader(self, t: int, row: int, col: int, min_valid: int) -> SceneWindow:
+        (t0, t1), (r0, r1), (c0, c1) = self.plan.owned(t, row, col)
+        steps, size = self.plan.patch[:2]
+        return SceneWindow(self.scene, row, col, size, min_valid, (r0, r1, c0, c1), t, steps, (t0, t1))
+
+
+def check_dates(scene: Scene, patch_time: int, edge: str) -> None:
+    """``--patch-time`` fits the aligned stack's dates (``--edge pad`` fills dates past the last)."""
+    dates = scene.aligned.length if scene.aligned is not None else 1
+    if patch_time > dates and edge != "pad":
+        raise InputError(printable(scene.path), f"--patch-time {patch_time} is more than the {dates} dates of the "
+                         f"aligned stack, so --edge {edge} leaves no window; use --edge pad or --patch-time {dates} "
+                         "or less")
+
+
 def file_fingerprint(path: str | Path) -> list:
     """A file's name, size and SHA-256: what a label raster adds to an encode's identity."""
     path = Path(path)
@@ -276,14 +342,25 @@ def labels_identity(scenes: Sequence[Scene]) -> str:
 
 
 def chip_options(patch_size: int, stride: int | None = None, edge: str = "shift", min_valid: float = 1,
-                 bands: Sequence[str] | None = None) -> ChipOptions:
-    """The checked options of a chip run (``min_valid`` below 1: a fraction of a window's pixels)."""
+                 bands: Sequence[str] | None = None, patch_time: int | None = None,
+                 stride_time: int | None = None) -> ChipOptions:
+    """The checked options of a chip run (``min_valid`` below 1: a fraction of a window's pixels,
+    of its cells over time with ``patch_time``)."""
     stride = patch_size if stride is None else stride
+    if patch_time is None and stride_time is not None:
+        raise ConfigError("--stride-time needs --patch-time N")
+    if patch_time is not None:
+        if patch_time < 1:
+            raise ConfigError(f"--patch-time {patch_time}: must be at least 1")
+        stride_time = patch_time if stride_time is None else stride_time
+        if not 1 <= stride_time <= patch_time:
+            raise ConfigError(f"--stride-time {stride_time}: must be between 1 and --patch-time {patch_time} "
+                              "(windows cover every date)")
     if 0 < min_valid < 1:
-        min_valid = math.ceil(min_valid * patch_size * patch_size)
+        min_valid = math.ceil(min_valid * (patch_time or 1) * patch_size * patch_size)
     min_valid = int(min_valid)
-    check_options(patch_size, stride, edge, min_valid)
-    return ChipOptions(patch_size, stride, edge, min_valid, tuple(bands) if bands else None)
+    check_options(patch_size, stride, edge, min_valid, patch_time or 1)
+    return ChipOptions(patch_size, stride, edge, min_valid, tuple(bands) if bands else None, patch_time, stride_time)
 
 
 def planned(root: Path, options: ChipOptions, labels: str | Path | None = None, label_nodata: float | None = None,
@@ -293,6 +370,9 @@ def planned(root: Path, options: ChipOptions, labels: str | Path | None = None, 
     :func:`chip` writes and :class:`rico_torch.data.ScenePatchDataset` reads on the fly. With
     ``align`` (``--grid``/``--grid-like``) the one scene is every file warped onto that grid."""
     record = None
+    if options.patch_time and (align is None or not align.active or align.group_by != "time"):
+        raise ConfigError(f"--patch-time {options.patch_time} needs --group-by time (with --grid CRS,RES or "
+                          "--grid-like RASTER): windows over time are cut from an aligned stack of dates")
     if align is not None and align.active:
         align = replace(align, labels=None if labels is None else str(labels))
         scenes, identity = aligned_scenes(Path(root), align, options.bands, label_nodata)
@@ -324,6 +404,8 @@ def chip(
     quiet: bool = True,
     shard: tuple[int, int] | None = None,
     align: AlignOptions | None = None,
+    patch_time: int | None = None,
+    stride_time: int | None = None,
 ) -> EncodeResult:
     """Chip every scene in ``dataset_dir`` into the LMDB at ``target_dir`` (see the module doc).
 
@@ -333,12 +415,14 @@ def chip(
     with it, so labels without one are refused with pad. ``allow_ungeoreferenced``: chip
     rasters without a geotransform (refused otherwise). ``align`` (``--grid``/``--grid-like``):
     every file of ``dataset_dir`` (and the modalities) warped onto one target grid, chipped as one
-    scene (:mod:`rico_torch.align.scene`).
+    scene (:mod:`rico_torch.align.scene`). ``patch_time``/``stride_time`` (``--patch-time``,
+    ``--stride-time``; with ``--group-by time`` only): windows of that many dates, stepping that
+    many, ``edge`` applying on the time axis too; keys ``<scene>_<t>_<row>_<col>``.
 
     Warns (stderr) for every scene that yields no window and for bands that are not pooled
     into dataset-level statistics; raises :class:`InputError` when no window at all is written.
     """
-    options = chip_options(patch_size, stride, edge, min_valid, bands)
+    options = chip_options(patch_size, stride, edge, min_valid, bands, patch_time, stride_time)
     stride, min_valid = options.stride, options.min_valid
     root = Path(dataset_dir)
     aligning = align is not None and align.active
@@ -444,7 +528,8 @@ def verify_scenes(target_dir: str | Path, dataset_dir: str | Path | None = None,
     manifest = read_manifest(target) or {}
     chip_options = manifest.get("chip", {})
     options = ChipOptions(chip_options["patch_size"], chip_options["stride"], chip_options["edge"],
-                          chip_options["min_valid"], tuple(chip_options["bands"]) if chip_options.get("bands") else None)
+                          chip_options["min_valid"], tuple(chip_options["bands"]) if chip_options.get("bands") else None,
+                          chip_options.get("patch_time"), chip_options.get("stride_time"))
     try:
         if chip_options.get("align"):
             from ..align.scene import AlignOptions
@@ -543,6 +628,11 @@ def add_align_arguments(p) -> None:
                    "QA_PIXEL) stay nearest unless named")
     g.add_argument("--group-by", choices=GROUPS, help="time: mosaic the files of one date, stack dates as T "
                    "(values T x H x W); band: each single-band file is one band of one image; default: one mosaic")
+    g.add_argument("--patch-time", type=int, metavar="N", help="with --group-by time: windows of N dates too "
+                   "(keys <scene>_<t>_<row>_<col>, values N x H x W, each window's dates in the manifest; --edge "
+                   "applies to the dates as well); default: every date in each window")
+    g.add_argument("--stride-time", type=int, metavar="S", help="the step between windows over time, 1 .. N "
+                   "(default: N)")
     g.add_argument("--time-from-name", metavar="REGEX", help="a file's or product's date from its name (a group "
                    "'date' or the first group: YYYYMMDD or YYYY-MM-DD); default: the product name, else date tags")
     g.add_argument("--modality", action="append", metavar="NAME=PATH",
@@ -578,7 +668,7 @@ def run(args: argparse.Namespace) -> EncodeResult:
                 min_valid=args.min_valid, labels=args.labels, label_nodata=args.label_nodata,
                 allow_ungeoreferenced=args.allow_ungeoreferenced, num_workers=args.num_workers,
                 overwrite=args.overwrite, skip_invalid=args.skip_invalid, quiet=args.quiet, shard=args.shard,
-                align=align_options(args))
+                align=align_options(args), patch_time=args.patch_time, stride_time=args.stride_time)
 
 
 def unlabelled_scenes(manifest: dict) -> list[str]:

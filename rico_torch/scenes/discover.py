@@ -406,12 +406,17 @@ class SceneWindow:
     size: int
     min_valid: int
     owned: tuple[int, int, int, int] | None = None  # (row0, row1, col0, col1): the pixels its statistics count
+    # an aligned stack chipped over time (--patch-time): the window's first date and its dates
+    # (0: every date, the window keyed by row and col alone)
+    t: int = 0
+    steps: int = 0
+    owned_time: tuple[int, int] = (0, 0)  # [t0, t1): the dates its statistics count
 
     def __call__(self) -> dict[str, np.ndarray]:
         if self.scene.aligned is not None:
             from ..align.scene import read_window
 
-            out, valid = read_window(self.scene, self.row, self.col, self.size)
+            out, valid = read_window(self.scene, self.row, self.col, self.size, self.t, self.steps)
             self._check_valid(int(valid.sum()))
             return out
         valid = np.ones((self.size, self.size), bool)
@@ -429,14 +434,20 @@ class SceneWindow:
 
     def _check_valid(self, count: int) -> None:
         if count < self.min_valid:
-            raise too_few_valid(self.scene, self.row, self.col, count, self.min_valid)
+            raise too_few_valid(self.scene, self.row, self.col, count, self.min_valid, self.t if self.steps else None)
 
     @property
     def key(self) -> str:
+        if self.steps:
+            return f"{self.scene.name}_{self.t}_{self.row}_{self.col}"
         return f"{self.scene.name}_{self.row}_{self.col}"
 
     def moments(self, arrays: dict[str, np.ndarray]) -> tuple[tuple, ...]:
-        """The window's statistics (:func:`window_moments`), made in the worker beside its value."""
+        """The window's statistics (:func:`window_moments`), made in the worker beside its value;
+        a window over time counts only the dates it owns (each (t, y, x) cell once)."""
+        if self.steps:
+            t0, t1 = self.owned_time
+            arrays = {name: a[t0 - self.t : t1 - self.t] for name, a in arrays.items()}
         return window_moments(self.scene, arrays, self.row, self.col, self.owned)
 
     def _read(self, band: BandFile) -> tuple[np.ndarray, np.ndarray]:
@@ -462,7 +473,10 @@ class SceneWindow:
         return data, mask
 
 
-def too_few_valid(scene: Scene, row: int, col: int, count: int, min_valid: int) -> SkipPatch:
+def too_few_valid(scene: Scene, row: int, col: int, count: int, min_valid: int, t: int | None = None) -> SkipPatch:
+    if t is not None:  # a window over time (--patch-time)
+        return SkipPatch(f"{scene.path}: window {scene.name}_{t}_{row}_{col} (date {t}, row {row}, col {col}) has "
+                         f"{count:,} valid cells, fewer than --min-valid {min_valid:,}")
     return SkipPatch(f"{scene.path}: window {scene.name}_{row}_{col} (row {row}, col {col}) has {count:,} valid "
                      f"pixels, fewer than --min-valid {min_valid:,}")
 
@@ -554,7 +568,8 @@ def valid_pixels(band: BandFile, data: np.ndarray, box: tuple[int, int, int, int
     return data != np.array(band.nodata).astype(data.dtype)
 
 
-def check_options(patch: int, stride: int, edge: str, min_valid: int) -> None:
+def check_options(patch: int, stride: int, edge: str, min_valid: int, steps: int = 1) -> None:
+    """``steps``: the dates of a window over time (``--patch-time``), whose cells ``min_valid`` counts."""
     if patch < 1:
         raise ConfigError(f"--patch-size {patch}: must be at least 1")
     if not 1 <= stride <= patch:
@@ -563,6 +578,9 @@ def check_options(patch: int, stride: int, edge: str, min_valid: int) -> None:
         raise ConfigError(f"--edge {edge!r}: one of {', '.join(EDGES)}")
     if min_valid < 0:
         raise ConfigError(f"--min-valid {min_valid}: must be >= 0")
-    if min_valid > patch * patch:
+    if min_valid > steps * patch * patch:
+        if steps > 1:
+            raise ConfigError(f"--min-valid {min_valid:,}: more than the {steps * patch * patch:,} cells of a window "
+                              f"(--patch-time {steps}, --patch-size {patch}), so no window could be kept")
         raise ConfigError(f"--min-valid {min_valid:,}: more than the {patch * patch:,} pixels of a window "
                           f"(--patch-size {patch}), so no window could be kept")

@@ -17,6 +17,9 @@ A cube encode (``encode cube``) stitches the same way over (time, row, col): a w
 prediction ``Tp x C x h x w`` covers the last ``Tp`` of its time steps (a forecaster's one step,
 or all of them), and the output is a NetCDF with the cube's time axis (CF values, units and
 calendar), y/x coordinates, and CRS as a CF ``grid_mapping`` variable; one variable per channel.
+An aligned stack chipped over time (``encode scenes --group-by time --patch-time``) is such a cube
+(NetCDF/Zarr output), and also a scene: into a GeoTIFF on its target grid, one ``C x h x w`` map per
+window, blended with every window that covers the cell, whatever its dates.
 
 Blends: ``mean`` (every covering patch weighs 1, so stitching the patches' own values gives
 the scene back exactly) or ``cosine`` (Hann weights ``sin^2(pi (i + 1/2) / n)`` that fall
@@ -127,6 +130,8 @@ class Stitcher:
         self.dtype = output_dtype(dtype, nodata, argmax)  # None: decided by the channels (argmax)
         manifest = manifest or _merged(target_dir)
         self.cube = manifest.get("cube")
+        if self.cube and "scenes" in manifest and Path(output).suffix.lower() in (".tif", ".tiff"):
+            self.cube = None  # an aligned stack's windows over time onto its grid: a map per window, blended over time
         grids = [self.cube["name"]] if self.cube else list(manifest["scenes"])
         if scene not in grids:
             raise UnknownKeyError(f"{target_dir}: no scene {scene!r}; its scenes: {', '.join(grids)}")
@@ -174,7 +179,8 @@ class Stitcher:
         data = np.ascontiguousarray(array, dtype=np.float32).tobytes()
         self._tmp.write(data)
         given = len(array) if self.cube else 1  # a cube window's prediction covers its last steps
-        self._placed[key] = (row, col, h, w, self._size, entry.get("t_off", 0) + steps - given, given)
+        t = entry.get("t_off", 0) + steps - given if self.cube else 0  # a GeoTIFF has one step
+        self._placed[key] = (row, col, h, w, self._size, t, given)
         self._size += len(data)
 
     def _read(self, offset: int, steps: int, h: int, w: int) -> np.ndarray:
