@@ -236,8 +236,10 @@ elif kind == "put":
     extra = {"bytes": len(value)}
 else:
     from rico_torch.scenes import chip
-    result = chip(args["scenes"], args["target"], args["window"], num_workers=args["workers"])
-    extra = {"written": result.written}
+    result = chip(args["scenes"], args["target"], args["window"], args["stride"], num_workers=args["workers"])
+    me, workers = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    extra = {"written": result.written, "cpu_s": me.ru_utime + me.ru_stime,
+             "worker_cpu_s": workers.ru_utime + workers.ru_stime}
 seconds = time.perf_counter() - start
 print(json.dumps({"seconds": seconds, "peak_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
                   "anon_mb": anon[0] / 1024, "worker_mb": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024,
@@ -268,9 +270,12 @@ def million_scene(pixels: int) -> Path:
     return root / "scenes"
 
 
-def bench_chip_scale(pixels: int, window: int, workers: list[int]) -> None:
+def bench_chip_scale(pixels: int, window: int, workers: list[int], stride: int | None = None) -> None:
+    from rico_torch.cube.plan import axis_starts
+
     scenes = million_scene(pixels)
-    count = (pixels // window) ** 2
+    stride = stride or window
+    count = len(axis_starts(pixels, window, stride, "shift")) ** 2
     target = BENCH_ROOT / "scene-scale-lmdb"
     shutil.rmtree(target, ignore_errors=True)
     read = _child("read", scene=str(scenes / "big.tif"))
@@ -284,14 +289,14 @@ def bench_chip_scale(pixels: int, window: int, workers: list[int]) -> None:
              f"{count / put['seconds']:,.0f}", *memory(put)]]
     for w in workers:
         log(f"chipping {count:,} windows with {w} workers ...")
-        run = _child("chip", scenes=str(scenes), target=str(target), window=window, workers=w)
+        run = _child("chip", scenes=str(scenes), target=str(target), window=window, stride=stride, workers=w)
         shutil.rmtree(target, ignore_errors=True)
         rows.append([f"encode scenes, --num-workers {w}", f"{run['seconds']:.1f}", f"{run['written'] / run['seconds']:,.0f}",
-                     *memory(run)])
-    print(f"\nChipping at scale: {count:,} windows of {window} px from one {pixels:,} x {pixels:,} px 3-band uint8 "
-          f"scene; {machine()}; load average {load()}\n")
+                     *memory(run), f"{run['cpu_s']:.1f}", f"{run['worker_cpu_s']:.1f}"])
+    print(f"\nChipping at scale: {count:,} windows of {window} px (stride {stride}) from one {pixels:,} x {pixels:,} px "
+          f"3-band uint8 scene; {machine()}; load average {load()}\n")
     print(table(["run (a child process each)", "seconds", "windows/s", "peak RSS MB", "peak anonymous MB",
-                 "largest worker MB"], rows))
+                 "largest worker MB", "encoder CPU s", "workers' CPU s"], [r + [""] * (8 - len(r)) for r in rows]))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -303,9 +308,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--million", action="store_true", help="only chipping at scale: 8 px windows of one large scene")
     p.add_argument("--scale-pixels", type=int, default=8192, help="--million: the scene's size (default 8192: 1M windows)")
     p.add_argument("--scale-workers", type=int, nargs="+", default=[1, 2], help="--million: worker counts (default 1 2)")
+    p.add_argument("--scale-stride", type=int, help="--million: window stride (default 8; 3 with --scale-pixels 9472: "
+                   "9.96M windows)")
     args = p.parse_args(argv)
     if args.million:
-        bench_chip_scale(args.scale_pixels, 8, args.scale_workers)
+        bench_chip_scale(args.scale_pixels, 8, args.scale_workers, args.scale_stride)
         return 0
     from rico_torch.scenes import chip
 

@@ -180,7 +180,7 @@ def _sidecar_bytes(index_id: str, columns: dict[str, np.ndarray]):
     def write(f) -> None:
         f.write(head + b"\0" * (room - len(head)))
         for name, a in arrays.items():
-            f.write(a.tobytes())
+            f.write(a.data if a.nbytes else b"")  # the array's own buffer: no copy of a large column
             f.write(b"\0" * (-a.nbytes % _ALIGN))
 
     return write

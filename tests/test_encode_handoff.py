@@ -140,8 +140,11 @@ def test_band_table_from_the_workers_equals_the_parsed_one(majortom_s2):
     for key, value in zip(batch.keys, batch.values()):
         parsed.add("s2", key, value)
     assert told.band_table() == parsed.band_table()
-    assert told.content_hash == parsed.content_hash and told.digests == parsed.digests
-    assert told.keys == parsed.keys and told.lengths == parsed.lengths and told.bytes == parsed.bytes
+    assert told.content_hash == parsed.content_hash and told.bytes == parsed.bytes
+    (told_ranges, told_keys, told_digests), (ranges, keys, digests) = told.index(["s2"]), parsed.index(["s2"])
+    assert told_ranges == ranges == {"s2": (0, len(batch))}
+    assert told_keys.tolist() == keys.tolist() == [k.encode() for k in batch.keys]
+    assert told_digests.tolist() == digests.tolist() == list(batch.digests)
 
 
 def test_shared_memory_encode_is_byte_identical_for_any_worker_count(majortom_files, tmp_path):
@@ -251,3 +254,42 @@ def test_freed_memory_is_reused_not_faulted_in_again():
         pytest.skip("no glibc mallopt here")
     default, reuse = (int(run[m].stdout) for m in ("default", "reuse"))
     assert reuse * 4 < default
+
+
+def test_key_log_keeps_keys_and_digests_on_disk_and_lays_out_the_columns(tmp_path, monkeypatch):
+    """The writer's keys and digests go to unlinked files in the target (memory does not grow with
+    the key count); the columns come back source by source in the order asked, also where a
+    source's keys came in several runs (a gather), laid out a block at a time."""
+    from rico_torch.encode.writer import _KeyLog
+
+    monkeypatch.setattr(_KeyLog, "BUFFER", 16)  # written out every few keys
+    monkeypatch.setattr(_KeyLog, "BLOCK", 3)  # laid out three keys at a time
+    log = _KeyLog(tmp_path)
+    written = {"s2": [], "s1": []}
+    for i, source in enumerate(["s2", "s2", "s1", "s2", "s1"]):  # s2's keys in two runs
+        keys = [f"{source}_{i}_{j}".encode() * (1 + j % 2) for j in range(4)]
+        log.add(source, keys, [hash(k) & (2**64 - 1) for k in keys])
+        written[source] += keys
+    assert list(tmp_path.iterdir()) == []  # nothing named: the files are unlinked
+    ranges, keys, digests = log.columns(["s1", "s2"])
+    assert ranges == {"s1": (0, 8), "s2": (8, 20)}
+    assert keys.tolist() == written["s1"] + written["s2"]
+    assert digests.tolist() == [hash(k) & (2**64 - 1) for k in written["s1"] + written["s2"]]
+    log.close()
+    assert keys.tolist()[0] == written["s1"][0]  # the columns outlive the log's files
+
+
+def test_a_chunks_statistics_pool_exactly_whatever_the_rows_order():
+    from rico_torch.scenes.statistics import Moments, batch_moments, pooled_row
+
+    rng = np.random.default_rng(1)
+    values = rng.normal(1000, 50, (64, 100))
+    valid = rng.random((64, 100)) > 0.3
+    valid[5] = False  # a window with no valid pixel counts as nothing
+    rows = batch_moments(values, valid)
+    pooled = pooled_row(rows)
+    assert pooled == pooled_row(rows[rng.permutation(64)])  # correctly rounded sums: no order
+    expected = Moments.of(values[valid])
+    assert pooled[0] == expected.count and pooled[3:] == (expected.min, expected.max)
+    assert pooled[1] == pytest.approx(expected.mean, rel=1e-14) and pooled[2] == pytest.approx(expected.m2, rel=1e-12)
+    assert pooled_row(rows[[5]]) == (0, 0.0, 0.0, float("inf"), float("-inf"))

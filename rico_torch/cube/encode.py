@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 
 from ..catalog import Band, Dataset, Source
-from ..encode.discover import Patch, SkipPatch, SourcePatches, WindowList, in_shard, printable
+from ..encode.discover import Patch, SkipPatch, SourcePatches, WindowList, printable
 from ..encode.options import parse_shard
 from ..encode.writer import EncodeResult, encode_dataset
 from ..errors import ConfigError, InputError
@@ -122,12 +122,12 @@ def windows_of(cube: Cube, plan: WindowPlan, min_valid: int,
     source = Source(cube.name, "--source", "", Path(cube.path).is_dir(), tuple(Band(b) for b in cube.band_names),
                     None, noun=f"windows of {cube.name}")
     make = CubeWindows(cube, plan, min_valid)
-    rows = plan.offsets().astype(np.int32)  # (t, row, col): 12 B a window, no object each
+    windows = WindowList(make, plan.offsets(np.int32))  # (t, row, col): 12 B a window, no object each
     if shard is not None:
-        rows = rows[np.fromiter((in_shard(make.key(*r), *shard) for r in rows.tolist()), bool, len(rows))]
+        windows = windows.shard(*shard)
     dataset = Dataset(NAME, "Datacube", (source,), description="windows of a datacube over (time, y, x)",
                       example=EXAMPLE)
-    return dataset, [SourcePatches(source, Path(cube.path), WindowList(make, rows))]
+    return dataset, [SourcePatches(source, Path(cube.path), windows)]
 
 
 @dataclass(frozen=True)
@@ -181,7 +181,7 @@ class CubeManifest:
 
     def columns(self, written: np.ndarray) -> dict[str, np.ndarray]:
         offsets = key_offsets(written, 3)
-        return {"time": offsets[:, 0].copy(), "row": offsets[:, 1].copy(), "col": offsets[:, 2].copy()}
+        return {"time": offsets[:, 0], "row": offsets[:, 1], "col": offsets[:, 2]}  # contiguous columns
 
 
 def cube_facts(cube: Cube, plan: WindowPlan, min_valid: int, time_from_name: str | None, statistics: dict) -> dict:

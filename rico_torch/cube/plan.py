@@ -101,10 +101,10 @@ class WindowPlan:
         t, r, c = self.starts
         return len(t) * len(r) * len(c)
 
-    def offsets(self) -> np.ndarray:
-        """Every window's (t, row, col), ``(count, 3)`` int64, in write order (time, row, col nested)."""
-        t, r, c = (np.asarray(s, np.int64) for s in self.starts)
-        grid = np.empty((len(t), len(r), len(c), 3), np.int64)
+    def offsets(self, dtype=np.int64) -> np.ndarray:
+        """Every window's (t, row, col), ``(count, 3)``, in write order (time, row, col nested)."""
+        t, r, c = (np.asarray(s, dtype) for s in self.starts)
+        grid = np.empty((len(t), len(r), len(c), 3), dtype)
         grid[..., 0] = t[:, None, None]
         grid[..., 1] = r[None, :, None]
         grid[..., 2] = c[None, None, :]
@@ -118,8 +118,8 @@ class WindowPlan:
 def key_offsets(keys: np.ndarray, parts: int, chunk: int = 1 << 20) -> np.ndarray:
     """``(n, parts)`` int32: the last ``parts`` ``_``-separated numbers of each key (an ``S`` array:
     ``<scene>_<row>_<col>``, ``<cube>_<t>_<row>_<col>``), parsed in C a chunk at a time (no Python
-    object per key, bounded memory)."""
-    out = np.empty((len(keys), parts), np.int32)
+    object per key, bounded memory). Column-major: each part's column is a contiguous array."""
+    out = np.empty((parts, len(keys)), np.int32).T
     for start in range(0, len(keys), chunk):
         head = keys[start : start + chunk]
         for part in range(parts - 1, -1, -1):

@@ -42,6 +42,9 @@ class SkipPatch(Exception):
     the message is the reason the manifest lists."""
 
 
+ROWS_AT_ONCE = 1 << 16  # window rows turned into Python numbers at a time
+
+
 class WindowList(Sequence):
     """A source's windows as patches made on demand from a table of offsets (the planner's
     rows): no per-window object is held, and a slice is another table, so a worker task carries
@@ -66,13 +69,23 @@ class WindowList(Sequence):
 
     def __iter__(self) -> Iterator[Patch]:
         make = self.make
-        for row in self.rows.tolist():
+        for row in self._numbers():
             yield make(*row)
 
     def keys(self) -> Iterator[str]:
         key = self.make.key
-        for row in self.rows.tolist():
+        for row in self._numbers():
             yield key(*row)
+
+    def _numbers(self) -> Iterator[list[int]]:
+        """Each row as Python numbers, made a block at a time (a list per row of 10M would be a GB)."""
+        for start in range(0, len(self.rows), ROWS_AT_ONCE):
+            yield from self.rows[start : start + ROWS_AT_ONCE].tolist()
+
+    def shard(self, index: int, count: int) -> "WindowList":
+        """The windows of shard ``index`` of ``count`` (:func:`in_shard`'s rule on each key)."""
+        keep = np.fromiter((in_shard(key, index, count) for key in self.keys()), bool, len(self.rows))
+        return WindowList(self.make, self.rows[keep])
 
     def prefetch(self) -> None:
         prefetch = getattr(self.make, "prefetch", None)

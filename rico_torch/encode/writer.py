@@ -19,6 +19,7 @@ import mmap
 import os
 import shutil
 import sys
+import tempfile
 import time
 from array import array
 from collections import Counter
@@ -442,15 +443,96 @@ def _prepare_target(target: Path, overwrite: bool) -> None:
 # --- the writer -------------------------------------------------------------------------
 
 
+class _KeyLog:
+    """The written keys and their 64-bit digests, source by source in write order, kept in unlinked
+    temporary files (memory does not grow with the key count; 10M keys take ~250 MB of disk beside
+    the LMDB), and the sidecar's key and digest columns made from them (file-backed arrays)."""
+
+    BUFFER = 1 << 20  # bytes gathered before they are written out
+    BLOCK = 1 << 20  # keys laid out as fixed-width rows at a time
+
+    def __init__(self, directory: Path | None = None) -> None:
+        self.directory = directory
+        self.files: tuple | None = None  # (key bytes, lengths, digests), opened on first use
+        self.buffers = (bytearray(), array("H"), array("Q"))
+        self.runs: list[list] = []  # [source, first row, end row]: runs of one source in write order
+        self.rows = self.width = 0
+
+    def add(self, source: str, keys: list[bytes], digests) -> None:
+        if not keys:
+            return
+        if self.runs and self.runs[-1][0] == source:
+            self.runs[-1][2] += len(keys)
+        else:
+            self.runs.append([source, self.rows, self.rows + len(keys)])
+        self.rows += len(keys)
+        raw, lengths, digest64s = self.buffers
+        raw.extend(b"".join(keys))
+        lengths.extend(map(len, keys))
+        digest64s.extend(digests)
+        self.width = max(self.width, max(map(len, keys)))
+        if len(raw) >= self.BUFFER:
+            self._flush()
+
+    def count(self, source: str) -> int:
+        return sum(end - first for s, first, end in self.runs if s == source)
+
+    def _flush(self) -> None:
+        if self.files is None:
+            self.files = tuple(tempfile.TemporaryFile(dir=self.directory) for _ in range(3))
+        for f, buffer in zip(self.files, self.buffers):
+            f.write(buffer)
+            del buffer[:]
+
+    def _mapped(self, which: int, dtype) -> np.ndarray:
+        f = self.files[which]
+        f.flush()
+        size = f.seek(0, os.SEEK_END)
+        return np.memmap(f, dtype=dtype, mode="r") if size else np.zeros(0, dtype)
+
+    def columns(self, order: list[str]) -> tuple[dict, np.ndarray, np.ndarray]:
+        """(source -> row range, keys, digests) of the written keys, source by source in ``order``."""
+        sources = list(dict.fromkeys([s for s in order if self.count(s)] + [r[0] for r in self.runs]))
+        ranges, at = {}, 0
+        for source in sources:
+            ranges[source] = (at, at + self.count(source))
+            at += ranges[source][1] - ranges[source][0]
+        if not self.rows:
+            return ranges, np.zeros(0, "S1"), np.zeros(0, np.uint64)
+        self._flush()
+        raw, lengths, digests = self._mapped(0, np.uint8), self._mapped(1, np.uint16), self._mapped(2, np.uint64)
+        width = self.width
+        out = tempfile.TemporaryFile(dir=self.directory)
+        out.truncate(self.rows * width)
+        keys = np.memmap(out, dtype=np.uint8, mode="r+", shape=(self.rows, width))
+        at = 0
+        for start in range(0, self.rows, self.BLOCK):  # fixed-width rows, a block at a time
+            n = lengths[start : start + self.BLOCK].astype(np.int64)
+            block = np.zeros((len(n), width), np.uint8)
+            block[np.arange(width) < n[:, None]] = raw[at : at + int(n.sum())]
+            keys[start : start + len(n)] = block
+            at += int(n.sum())
+        keys.flush()
+        keys = keys.view(f"S{width}").ravel()
+        if [s for s, _, _ in self.runs] != sources:
+            # a source's keys in several runs, or sources out of order (not an encode's): gathered in memory
+            rows = np.concatenate([np.arange(first, end) for s in sources for r, first, end in self.runs if r == s])
+            keys, digests = keys[rows], digests[rows]
+        return ranges, keys, digests
+
+    def close(self) -> None:
+        for f in self.files or ():
+            f.close()  # arrays mapped from it stay readable until they go
+        self.files = None
+
+
 @dataclass
 class _Stats:
     """What the manifest reports, derived from the values actually written."""
 
     counts: Counter = field(default_factory=Counter)
     tables: Counter = field(default_factory=Counter)  # (source, band table) -> values with it
-    keys: dict = field(default_factory=dict)  # source -> its keys' bytes, one after another
-    lengths: dict = field(default_factory=dict)  # source -> array of each key's length
-    digests: dict = field(default_factory=dict)  # source -> array of each key's 64-bit digest
+    log: _KeyLog = field(default_factory=_KeyLog)  # the written keys and digests
     content_hash: int = 0
     bytes: int = 0
     extensions: list = field(default_factory=list)  # Extensions that observe every value added
@@ -465,11 +547,12 @@ class _Stats:
                 self._pending(i, source).append(np.asarray(extension.measure(source, key, value), np.float64)[None])
             else:
                 extension.observe(source, key, value)
-        raw = self.add_key(source, key)
-        self.bytes += len(value)
+        raw = key.encode()
         if digest is None:
             digest = value_digest(raw, value)
-        self.digests.setdefault(source, array("Q")).append(digest64(digest))
+        self.counts[source] += 1
+        self.log.add(source, [raw], [digest64(digest)])
+        self.bytes += len(value)
         self.content_hash = (self.content_hash + digest) % (1 << 256)
         if table is None:
             table = tuple((name, info.dtype.name, info.shape) for name, info in parse_header(value, key).items())
@@ -490,12 +573,9 @@ class _Stats:
                     self._pending(i, source).append(np.asarray(row, np.float64)[None])
                 else:
                     extension.observe(source, key, bytes(value))
-        raw = [key.encode() for key in batch.keys]
-        self.counts[source] += len(raw)
-        self.keys.setdefault(source, bytearray()).extend(b"".join(raw))
-        self.lengths.setdefault(source, array("H")).extend(map(len, raw))
+        self.counts[source] += len(batch)
+        self.log.add(source, [key.encode() for key in batch.keys], batch.digests)
         self.bytes += batch.nbytes
-        self.digests.setdefault(source, array("Q")).extend(batch.digests)
         self.content_hash = (self.content_hash + batch.content) % (1 << 256)
         for table, count in batch.tables.items():
             self.tables[source, table] += count
@@ -511,29 +591,14 @@ class _Stats:
             self.extensions[i].add_moments(source, np.concatenate(rows))
         self.pending.clear()
 
-    def add_key(self, source: str, key: str) -> bytes:
+    def add_key(self, source: str, key: str) -> None:
         """Count a key (its value unread: option II's windows, rico_torch.data.live)."""
         self.counts[source] += 1
-        raw = key.encode()
-        self.keys.setdefault(source, bytearray()).extend(raw)  # ~25 B a key, not a bytes object's ~60
-        self.lengths.setdefault(source, array("H")).append(len(raw))
-        return raw
+        self.log.add(source, [key.encode()], [0])
 
     def index(self, order: list[str]) -> tuple[dict, np.ndarray, np.ndarray]:
         """(source -> row range, keys, digests) of the written keys, source by source in ``order``."""
-        ranges, at = {}, 0
-        sources = [s for s in order if s in self.keys] + [s for s in self.keys if s not in order]
-        for source in sources:
-            ranges[source] = (at, at + len(self.lengths[source]))
-            at += len(self.lengths[source])
-        if not sources:
-            return ranges, np.zeros(0, "S1"), np.zeros(0, np.uint64)
-        lengths = np.concatenate([np.frombuffer(self.lengths[s], np.uint16) for s in sources])
-        width = int(lengths.max())
-        keys = np.zeros((len(lengths), width), np.uint8)  # fixed-width rows, filled in one step
-        keys[np.arange(width) < lengths[:, None]] = np.frombuffer(b"".join(self.keys[s] for s in sources), np.uint8)
-        digests = np.concatenate([np.frombuffer(self.digests.get(s, b""), np.uint64) for s in sources])
-        return ranges, keys.view(f"S{width}").ravel(), digests
+        return self.log.columns(order)
 
     def band_table(self) -> dict:
         by_band: dict = {}  # source -> band -> Counter of (dtype, shape)
@@ -754,6 +819,7 @@ def _encode_into(dataset, discovered, directory, fingerprint, num_workers, skip_
     for e in extension or ():
         facts.update(e.manifest(keys))
     manifest = write(directory, facts, ranges, columns)
+    stats.log.close()
     return manifest, stats, skipped, resumed
 
 
@@ -767,7 +833,6 @@ def _observer(extension) -> list:
 def _index_columns(dataset, discovered, stats: _Stats, extension) -> tuple[dict, np.ndarray, dict]:
     """(source -> row range, keys, columns) of keys.index for the values ``stats`` counted."""
     ranges, keys, digests = stats.index([sp.source.name for sp in discovered])
-    del stats.keys, stats.lengths, stats.digests  # the columns hold them now
     columns = build_columns(keys, digests, label=_label_column(dataset, discovered, keys))
     for e in extension or ():
         columns.update(e.columns(keys))
@@ -787,6 +852,7 @@ def _rebuild_index(dataset, discovered, target: Path, previous: dict, problem: s
                           "encode it again")
     ranges, keys, columns = _index_columns(dataset, discovered, stats, extension)
     write(target, dict(previous), ranges, columns)
+    stats.log.close()
     return rebuilt_line(target, "data.mdb and the sources' listing", len(keys), problem)
 
 
@@ -821,7 +887,7 @@ def _open(target: Path) -> lmdb.Environment:
 def _write(dataset, discovered, target, num_workers, skip_invalid, quiet, observers=()):
     chunks = _chunks(discovered)
     total = sum(len(c.patches) for c in chunks)
-    stats, skipped = _Stats(extensions=list(observers)), []
+    stats, skipped = _Stats(extensions=list(observers), log=_KeyLog(target)), []
     pending: list[Chunk] = []
     env = _open(target)
     try:

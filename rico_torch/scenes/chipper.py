@@ -28,7 +28,7 @@ import numpy as np
 from ..catalog import Band, Dataset, Source
 from ..cube.plan import WindowPlan, axis_owned, axis_starts as offsets, key_offsets
 from ..errors import ConfigError, InputError
-from ..encode.discover import Patch, SourcePatches, WindowList, in_shard, printable
+from ..encode.discover import Patch, SourcePatches, WindowList, printable
 from ..encode.options import parse_shard
 from ..encode.read import value_layout, value_parts
 from ..encode.writer import Block, EncodeResult, encode_dataset, patch_item
@@ -84,12 +84,11 @@ def plan(scenes: Sequence[Scene], options: ChipOptions,
                         tuple(Band(n) for n in names), scene.bands[0].dtype, noun=f"windows of {scene.name}")
         windows = options.window_plan(scene)
         # (row, col), or (t, row, col) over time; no object per window (12 B each)
-        rows = windows.offsets()[:, 0 if options.patch_time else 1 :].astype(np.int32)
+        rows = windows.offsets(np.int32)[:, 0 if options.patch_time else 1 :].copy()
         make = (DatedWindows if options.patch_time else SceneWindows)(scene, windows, options.min_valid)
-        if shard is not None:
-            rows = rows[np.fromiter((in_shard(make.key(*r), *shard) for r in rows.tolist()), bool, len(rows))]
+        patches = WindowList(make, rows)
         sources.append(source)
-        discovered.append(SourcePatches(source, Path(scene.path), WindowList(make, rows)))
+        discovered.append(SourcePatches(source, Path(scene.path), patches if shard is None else patches.shard(*shard)))
     dataset = Dataset(NAME, "Scenes", tuple(sources), description="windows of GeoTIFF scenes", example=EXAMPLE,
                       datamodule="rico_torch.data.GeoPatchDataModule", config=EXAMPLE_CONFIG)
     return dataset, discovered
@@ -258,9 +257,9 @@ class SceneManifest:
         from the scene's (:func:`rico_torch.manifest.window_transform`)."""
         if self.dated:  # keys <scene>_<t>_<row>_<col>: a cube's columns
             offsets = key_offsets(written, 3)
-            return {"time": offsets[:, 0].copy(), "row": offsets[:, 1].copy(), "col": offsets[:, 2].copy()}
+            return {"time": offsets[:, 0], "row": offsets[:, 1], "col": offsets[:, 2]}  # contiguous columns
         offsets = key_offsets(written, 2)
-        return {"row": offsets[:, 0].copy(), "col": offsets[:, 1].copy()}
+        return {"row": offsets[:, 0], "col": offsets[:, 1]}  # contiguous columns, no copy
 
 
 def _offsets_of(key: str) -> tuple[int, int]:
