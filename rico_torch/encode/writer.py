@@ -1021,22 +1021,31 @@ class _Handoff:
 
 
 class _Runner:
-    """Yields each chunk's results in order, reading ahead in a process pool."""
+    """Yields each chunk's results in order, reading ahead in worker processes.
+
+    Each worker is a pool of its own, so that a chunk's windows go to the worker whose share of the
+    columns they are, chunk after chunk: each source block (a GeoTIFF tile, a cube's chunk) is then
+    decoded by one worker, not by every worker that happens to take a task over it. Other patches
+    (files of their own) go to the least busy worker.
+    """
 
     def __init__(self, dataset_name: str, chunks: list[Chunk], num_workers: int, skip_invalid: bool) -> None:
         self.dataset_name, self.chunks = dataset_name, chunks
         self.num_workers, self.skip_invalid = num_workers, skip_invalid
-        self.pool: ProcessPoolExecutor | None = None
+        self.pools: list[tuple[ProcessPoolExecutor, list[Future]]] = []  # (a worker, its tasks in flight)
         self.handoffs: dict[str, list[_Handoff]] = {"busy": [], "taken": [], "free": []}
 
     def __enter__(self) -> "_Runner":
         if self.num_workers > 0 and self.chunks:
-            self.pool = worker_pool(self.num_workers)
+            self.pools = [(worker_pool(1), []) for _ in range(self.num_workers)]
         return self
 
     def __exit__(self, *exc) -> None:
-        if self.pool is not None:
-            self.pool.shutdown(wait=True, cancel_futures=True)
+        for _, running in self.pools:  # nothing more starts anywhere while one worker is waited for
+            for task in running:
+                task.cancel()
+        for pool, _ in self.pools:
+            pool.shutdown(wait=True, cancel_futures=True)
         for handoffs in self.handoffs.values():
             for handoff in handoffs:
                 handoff.close()
@@ -1061,12 +1070,18 @@ class _Runner:
             size = min(TASK_SIZE, size)
         tasks = [chunk.patches[i : i + size] for i in range(0, len(chunk.patches), size)]
         args = [(self.dataset_name, chunk.source.name, t, self.skip_invalid) for t in tasks]
-        if self.pool is None:
+        if not self.pools:
             return [(encode_task(*a), None) for a in args]
         submitted = []
-        for a in args:
+        for i, a in enumerate(args):
+            if isinstance(chunk.patches, WindowList):  # the worker of this share of the chunk's columns
+                pool, running = self.pools[i * len(self.pools) // len(args)]
+            else:
+                pool, running = min(self.pools, key=lambda p: sum(not f.done() for f in p[1]))
             handoff = self._handoff()
-            submitted.append((self.pool.submit(encode_task, *a, handoff and handoff.path), handoff))
+            task = pool.submit(encode_task, *a, handoff and handoff.path)
+            running[:] = [f for f in running if not f.done()] + [task]
+            submitted.append((task, handoff))
         return submitted
 
     def _result(self, task, handoff: _Handoff | None) -> Batch:
