@@ -17,7 +17,7 @@ import argparse
 import json
 import math
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -202,11 +202,15 @@ def _offsets_of(key: str) -> tuple[int, int, int]:
 def planned(source: str | Path, patch: Mapping[str, int], stride: Mapping[str, int] | None = None,
             edge: str | Mapping[str, str] = "shift", variables: Sequence[str] | None = None,
             dims: Mapping[str, str] | None = None, time_from_name: str | None = None, min_valid: float = 1,
-            shard: tuple[int, int] | None = None):
+            shard: tuple[int, int] | None = None, chunk_cache: int = 0):
     """The cube, its windows (a shard's only) and the manifest extension of an encode with these
     options (see :func:`encode_cube`): what :func:`encode_cube` writes and
-    :class:`rico_torch.data.CubePatchDataset` reads on the fly."""
+    :class:`rico_torch.data.CubePatchDataset` reads on the fly (``chunk_cache``: the bytes of
+    decoded chunks its window reads keep per process, :attr:`Cube.chunk_cache`; the encoder reads
+    each block once and keeps none)."""
     cube = open_cube(source, variables, dims, time_from_name)
+    if chunk_cache:
+        cube = replace(cube, chunk_cache=int(chunk_cache))
     plan = plan_cube(cube, patch, stride, edge)
     cells = math.prod(plan.patch)
     if 0 < min_valid < 1:
