@@ -637,34 +637,32 @@ def _cut_from_chunks(cube: Cube, band: CubeBand, lo: tuple[int, ...], hi: tuple[
     """A band's cells [lo, hi), copied out of its decoded storage chunks: those in :data:`_CHUNKS`,
     the others read in one chunk-aligned box (decoded once) and kept."""
     shape = band.chunks
-    ranges = [range(l // c, (h - 1) // c + 1) for l, h, c in zip(lo, hi, shape)]
+    # per axis, each chunk the box touches: (its index, the box's cells in it, where they go in the box)
+    spans = [[(i, slice(max(l, i * c) - i * c, min(h, (i + 1) * c) - i * c), slice(max(l, i * c) - l, min(h, (i + 1) * c) - l))
+              for i in range(l // c, (h - 1) // c + 1)] for l, h, c in zip(lo, hi, shape)]
     variable = (cube.path, tuple(cube.dims[a] for a in AXES), band.name)
-    chunks, missing = {}, []
-    for index in product(*ranges):
-        chunk = _CHUNKS.get((variable, index))
+    out = np.empty(tuple(h - l for l, h in zip(lo, hi)), dtype=band.dtype)
+    missing = []
+    for (t, t_in, t_out), (y, y_in, y_out), (x, x_in, x_out) in product(*spans):
+        chunk = _CHUNKS.get((variable, (t, y, x)))
         if chunk is None:
-            missing.append(index)
+            missing.append(((t, y, x), (t_in, y_in, x_in), (t_out, y_out, x_out)))
         else:
-            chunks[index] = chunk
+            out[t_out, y_out, x_out] = chunk[t_in, y_in, x_in]
     if missing:
-        first, last = np.min(missing, axis=0).tolist(), np.max(missing, axis=0).tolist()
+        first = [min(m[0][k] for m in missing) for k in range(3)]
+        last = [max(m[0][k] for m in missing) for k in range(3)]
         box_lo = tuple(i * c for i, c in zip(first, shape))
-        box_hi = tuple(min((i + 1) * c, n) for i, c, n in zip(last, shape, cube.shape))
-        box = _read_variable(cube, band, box_lo, box_hi)
+        box = _read_variable(cube, band, box_lo, tuple(min((i + 1) * c, n) for i, c, n in zip(last, shape, cube.shape)))
         whole = first == last  # the box is one chunk: kept as read
+        chunks = {}
         for index in product(*(range(a, b + 1) for a, b in zip(first, last))):
             # a copy, so that the box's memory goes once its chunks are cut (the cache counts its own bytes)
-            chunk = box if whole else box[tuple(slice(i * c - b, min((i + 1) * c, n) - b) for i, c, b, n
-                                                in zip(index, shape, box_lo, cube.shape))].copy()
+            chunks[index] = chunk = box if whole else box[tuple(slice(i * c - b, (i + 1) * c - b) for i, c, b
+                                                                in zip(index, shape, box_lo))].copy()
             _CHUNKS.put((variable, index), chunk)
-            chunks[index] = chunk
-    out = np.empty(tuple(h - l for l, h in zip(lo, hi)), dtype=band.dtype)
-    for index, chunk in chunks.items():
-        origin = tuple(i * c for i, c in zip(index, shape))
-        a = tuple(max(l, o) for l, o in zip(lo, origin))
-        b = tuple(min(h, o + n) for h, o, n in zip(hi, origin, chunk.shape))
-        out[tuple(slice(x - l, y - l) for x, y, l in zip(a, b, lo))] = chunk[tuple(slice(x - o, y - o)
-                                                                                  for x, y, o in zip(a, b, origin))]
+        for index, cells, where in missing:
+            out[where] = chunks[index][cells]
     return out
 
 
