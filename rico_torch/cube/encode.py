@@ -36,6 +36,13 @@ from .source import AXES, Cube, close_cubes, inside, open_cube, prefetch_windows
 NAME = "cube"
 EXAMPLE = ("python -m rico_torch.encode cube --source sst.mnmean.nc --vars sst --target-dir encoded-sst "
            "--patch time=12,lat=32,lon=32 --stride time=6,lat=16,lon=16")
+#: what trains on a cube encode: the Dataset's hint, named by ``info`` and the encode's last line
+DATAMODULE, CONFIG = "rico_torch.data.CubeDataModule", "configs/cube.yaml"
+
+
+def fit_command(target: object) -> str:
+    """The command that trains on the cube encode at ``target`` (the Dataset's ``fit_command``)."""
+    return f"python -m rico_torch fit --config {CONFIG} --data.init_args.lmdb_path {target}"
 
 
 def key_of(cube: Cube, t: int, row: int, col: int) -> str:
@@ -126,7 +133,7 @@ def windows_of(cube: Cube, plan: WindowPlan, min_valid: int,
     if shard is not None:
         windows = windows.shard(*shard)
     dataset = Dataset(NAME, "Datacube", (source,), description="windows of a datacube over (time, y, x)",
-                      example=EXAMPLE)
+                      example=EXAMPLE, datamodule=DATAMODULE, config=CONFIG)
     return dataset, [SourcePatches(source, Path(cube.path), windows)]
 
 
