@@ -473,7 +473,7 @@ class DecodedChunks:
     ``limit`` bytes in all: windows read one by one (in a random order, or neighbours that share
     a chunk) cut their cells from chunks decoded once, not decompress each chunk again per window.
 
-    Keys: (cube path, the cube's dimensions on (time, y, x), band, chunk index on (time, y, x)).
+    Keys: ((cube path, its dimensions on (time, y, x), band), chunk index on (time, y, x)).
     ``hits``/``misses`` count chunks found and decoded."""
 
     def __init__(self, limit: int = DECODED_CHUNKS_BYTES) -> None:
@@ -501,6 +501,12 @@ class DecodedChunks:
         self.nbytes += chunk.nbytes
         self.shrink()
 
+    def bound(self, limit: int) -> None:
+        """At most ``limit`` bytes from now on."""
+        if limit != self.limit:
+            self.limit = limit
+            self.shrink()
+
     def shrink(self) -> None:
         while self.nbytes > self.limit:
             self.nbytes -= self.chunks.popitem(last=False)[1].nbytes
@@ -523,9 +529,16 @@ def _this_process() -> None:
         _OPENED_BY[0] = os.getpid()
 
 
+def _keeps_chunks(cube: Cube, band: CubeBand) -> bool:
+    """Whether reads of ``band`` go through the decoded chunks (:data:`_CHUNKS`): the cube keeps
+    some (option II) and the band is chunked, in chunks that fit."""
+    return bool(cube.chunk_cache and band.chunks and band.chunk_bytes <= cube.chunk_cache)
+
+
 def _dataset(cube: Cube, steps: int = 1):
     """The open dataset of ``cube`` in this process; a NetCDF file is opened with a chunk cache that
-    holds the chunks of ``steps`` + 1 time steps (the time extent of the windows read from it); a
+    holds the chunks of ``steps`` + 1 time steps (the time extent of the windows read from it), the
+    least where every band is cut from decoded chunks (each read then covers whole chunks, once); a
     forked child opens its own (HDF5 and netCDF handles must not cross a fork)."""
     _this_process()
     ds = _OPEN.get(cube.path)
@@ -534,6 +547,8 @@ def _dataset(cube: Cube, steps: int = 1):
             import netCDF4
 
             largest = max((b.chunk_bytes for b in cube.bands), default=0)
+            if all(_keeps_chunks(cube, b) for b in cube.bands):
+                largest = 0
             netCDF4.set_chunk_cache(min(max((steps + 1) * largest, CHUNK_CACHE_MIN), CHUNK_CACHE_MAX))
         ds = _OPEN[cube.path] = _open_dataset(cube.path, cube.engine)
         if len(_OPEN) > _OPEN_LIMIT:
@@ -614,10 +629,9 @@ def _read_box(cube: Cube, lo: tuple[int, int, int], hi: tuple[int, int, int]) ->
             return _read_stack_box(cube, lo, hi)
         if cube.chunk_cache:
             _this_process()
-            _CHUNKS.limit = cube.chunk_cache
-            return {b.name: _cut_from_chunks(cube, b, lo, hi) if b.chunks and b.chunk_bytes <= cube.chunk_cache
-                    else _read_variable(cube, b, lo, hi) for b in cube.bands}
-        return {b.name: _read_variable(cube, b, lo, hi) for b in cube.bands}
+            _CHUNKS.bound(cube.chunk_cache)
+        return {b.name: _cut_from_chunks(cube, b, lo, hi) if _keeps_chunks(cube, b) else _read_variable(cube, b, lo, hi)
+                for b in cube.bands}
     except InputError:
         raise
     except Exception as e:
@@ -638,8 +652,9 @@ def _cut_from_chunks(cube: Cube, band: CubeBand, lo: tuple[int, ...], hi: tuple[
     the others read in one chunk-aligned box (decoded once) and kept."""
     shape = band.chunks
     # per axis, each chunk the box touches: (its index, the box's cells in it, where they go in the box)
-    spans = [[(i, slice(max(l, i * c) - i * c, min(h, (i + 1) * c) - i * c), slice(max(l, i * c) - l, min(h, (i + 1) * c) - l))
-              for i in range(l // c, (h - 1) // c + 1)] for l, h, c in zip(lo, hi, shape)]
+    spans = [[(i, slice(max(l, i * c) - i * c, min(h, (i + 1) * c) - i * c),
+               slice(max(l, i * c) - l, min(h, (i + 1) * c) - l)) for i in range(l // c, (h - 1) // c + 1)]
+             for l, h, c in zip(lo, hi, shape)]
     variable = (cube.path, tuple(cube.dims[a] for a in AXES), band.name)
     out = np.empty(tuple(h - l for l, h in zip(lo, hi)), dtype=band.dtype)
     missing = []
