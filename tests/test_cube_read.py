@@ -300,3 +300,35 @@ def test_the_encoder_keeps_no_decoded_chunk(tmp_path, monkeypatch):
     live = CubePatchDataset(path, ["sst"], patch=patch, min_valid=0, readahead=False)
     assert all(pre[i]["image"].numpy().tobytes() == live[i]["image"].numpy().tobytes() for i in range(len(pre)))
     assert len(cuts) == 1 + len(pre)  # option II does: the window its band table is read from, then each
+
+
+def test_the_encoder_after_option_ii_gets_hdf5s_chunk_cache_back(tmp_path):
+    """Option II opens a NetCDF whose bands it cuts from decoded chunks with HDF5's smallest chunk
+    cache (they are not kept twice); the encoder, reading the same file in the same process after
+    it, gets the cache its windows' time steps need (else every window row inflates its months again)."""
+    from dataclasses import replace
+
+    from rico_torch.cube import source
+
+    path = tmp_path / "grid.nc"
+    months, lat, lon = 3, 1024, 2048  # a month is one 8 MB chunk: 4 of them exceed HDF5's smallest cache
+    xr.Dataset({"sst": (("time", "lat", "lon"), np.zeros((months, lat, lon), np.float32))},
+               coords={"time": ("time", np.arange(months, dtype=np.float64), {"units": "days since 2000-01-01"}),
+                       "lat": ("lat", np.linspace(-89.9, 89.9, lat), {"units": "degrees_north"}),
+                       "lon": ("lon", np.linspace(0.1, 359.9, lon), {"units": "degrees_east"})}
+               ).to_netcdf(path, encoding={"sst": {"zlib": True, "chunksizes": (1, lat, lon)}})
+    encoder = source.open_cube(path, ["sst"])
+    live = replace(encoder, chunk_cache=64 << 20)
+
+    def hdf5_cache_bytes() -> int:
+        return source._OPEN[encoder.path]._close.__self__.ds.variables["sst"].get_var_chunk_cache()[0]
+
+    source.close_cubes()
+    source.read_window(live, 0, 0, 0, (3, 4, 4))
+    assert hdf5_cache_bytes() == source.CHUNK_CACHE_MIN
+    source.read_window(encoder, 0, 0, 0, (3, 4, 4))
+    assert hdf5_cache_bytes() == 4 * 8 * 2**20  # 3 steps + 1, 8 MB each
+    opened = source._OPEN[encoder.path]
+    source.read_window(live, 0, 4, 0, (3, 4, 4))  # option II again: the file stays open as it is
+    assert source._OPEN[encoder.path] is opened
+    source.close_cubes()

@@ -455,6 +455,7 @@ def _iso(seconds: float) -> str:
 _OPEN: OrderedDict[str, object] = OrderedDict()  # path -> open xarray dataset, per process
 _OPEN_LIMIT = 8
 _OPENED_BY = [os.getpid()]  # the process _OPEN's datasets, _BLOCKS and _CHUNKS belong to
+_LEAN: set[str] = set()  # paths in _OPEN opened with HDF5's smallest chunk cache (see _dataset)
 
 
 #: Bounds of the NetCDF/HDF5 chunk cache of each variable (per process). The windows of one row
@@ -526,6 +527,7 @@ def _this_process() -> None:
         _OPEN.clear()  # the parent's handles, never read here
         _BLOCKS.clear()
         _CHUNKS.clear()
+        _LEAN.clear()
         _OPENED_BY[0] = os.getpid()
 
 
@@ -542,15 +544,18 @@ def _dataset(cube: Cube, steps: int = 1):
     forked child opens its own (HDF5 and netCDF handles must not cross a fork)."""
     _this_process()
     ds = _OPEN.get(cube.path)
+    lean = cube.engine == "netcdf4" and all(_keeps_chunks(cube, b) for b in cube.bands)
+    if ds is not None and cube.path in _LEAN and not lean:  # the encoder after option II: HDF5's cache as it needs
+        _OPEN.pop(cube.path).close()
+        ds = None
     if ds is None:
         if cube.engine == "netcdf4":
             import netCDF4
 
-            largest = max((b.chunk_bytes for b in cube.bands), default=0)
-            if all(_keeps_chunks(cube, b) for b in cube.bands):
-                largest = 0
+            largest = 0 if lean else max((b.chunk_bytes for b in cube.bands), default=0)
             netCDF4.set_chunk_cache(min(max((steps + 1) * largest, CHUNK_CACHE_MIN), CHUNK_CACHE_MAX))
         ds = _OPEN[cube.path] = _open_dataset(cube.path, cube.engine)
+        (_LEAN.add if lean else _LEAN.discard)(cube.path)
         if len(_OPEN) > _OPEN_LIMIT:
             _OPEN.popitem(last=False)[1].close()
     else:
@@ -564,6 +569,7 @@ def close_cubes() -> None:
 
     while _OPEN:
         _OPEN.popitem()[1].close()
+    _LEAN.clear()
     _BLOCKS.clear()
     _CHUNKS.clear()
     close_rasters()
