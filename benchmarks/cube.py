@@ -14,7 +14,9 @@ xbatcher 0.4, side by side in one run.
   - option II: ``CubePatchDataset(source, ["sst"], patch=..., min_valid=0)[i]``: the same sample
     read from the NetCDF / Zarr on the fly (reading in order, it reads the source blocks of the
     next 64 windows at once: ``readahead="auto"``); in a random order (no read ahead), and in
-    order with ``readahead=False`` (each window's own read); in a random order, xbatcher too;
+    order with ``readahead=False`` (each window's own read, cut from the storage chunks it
+    touches, each decoded once per pass and kept: ``chunk_cache``, 256 MB); in a random order,
+    xbatcher too;
   - xbatcher: ``xbatcher.loaders.torch.MapDataset(BatchGenerator(ds[["sst"]], input_dims=...))[i]``
     on the dataset opened with xarray (``mask_and_scale=False``, as stored): a T x H x W tensor.
   Values are compared window by window (xbatcher's windows matched by their offsets).
@@ -63,8 +65,8 @@ def sst_cube(months: int, lat: int, lon: int) -> tuple[Path, Path]:
 
 
 def forget_blocks() -> None:
-    """Drop the cube files and read-ahead blocks this process holds, so that no pass reads what an
-    earlier one left in memory."""
+    """Drop the cube files, read-ahead blocks and decoded chunks this process holds, so that no pass
+    reads what an earlier one left in memory (each pass decodes every chunk it needs at least once)."""
     from rico_torch.cube import source
 
     source.close_cubes()

@@ -59,6 +59,28 @@ def test_splits_share_no_cell(sst, split):
         assert iso[val_steps.max()] < dm.test_start <= iso[np.flatnonzero(cells["test"].any(axis=(1, 2))).min()]
 
 
+@pytest.mark.parametrize("split", ["block", "both"])
+def test_the_block_split_counts_the_windows_it_leaves_out(sst, split, caplog):
+    """As the scene DataModules: windows straddling blocks of two splits are counted in left_out and logged."""
+    _, target = sst
+    dm = CubeDataModule(str(target), split=split, val_fraction=0.25, test_fraction=0.25, block_size=8, num_workers=0)
+    with caplog.at_level("INFO", logger="rico_torch.data.datamodules"):
+        rows = dm.split_rows()
+    keys, offsets = dm.table()
+    _, h, w = dm.window  # 6 x 6 windows at stride 4 in 8-cell blocks: many straddle two blocks
+    straddling = (offsets[:, 1] // 8 != (offsets[:, 1] + h - 1) // 8) | (offsets[:, 2] // 8 != (offsets[:, 2] + w - 1) // 8)
+    assert 0 < dm.left_out <= np.count_nonzero(straddling)
+    if split == "block":
+        assert dm.left_out == len(keys) - sum(len(r) for r in rows.values())
+    record, = [r for r in caplog.records if "left out" in r.getMessage()]
+    assert record.getMessage() == (
+        f"{target}: the block split left out {dm.left_out} of {len(keys)} windows ({100 * dm.left_out / len(keys):.1f}%) "
+        "that straddle blocks dealt to two splits; a larger block_size (now 8 px) leaves fewer out")
+    by_time = CubeDataModule(str(target), split="time", num_workers=0)
+    by_time.split_rows()
+    assert by_time.left_out == 0
+
+
 def test_cut_dates_and_bad_arguments(sst, eurosat_lmdb):
     _, target = sst
     dm = CubeDataModule(str(target), val_start="1982-09-01", test_start="1983-03-01", num_workers=0)
@@ -113,6 +135,9 @@ def test_source_instead_of_lmdb_path_gives_the_same_module(sst):
     live.setup("fit")
     a, b = pre.datasets["val"], live.datasets["val"]
     assert torch.equal(a.read_batch([0, 1])["image"].nan_to_num(7), b.read_batch([0, 1])["image"].nan_to_num(7))
+    assert live.store.patches()[0].patches.make.cube.chunk_cache == 256 << 20  # decoded chunks kept per process
+    small = CubeDataModule(source=str(source), **SST, num_workers=0, mean=[0.0], std=[1.0], chunk_cache=1 << 20)
+    assert small.store.patches()[0].patches.make.cube.chunk_cache == 1 << 20
 
 
 def test_fit_then_predict_writes_a_netcdf_of_the_cube(sst, tmp_path, monkeypatch):

@@ -100,8 +100,29 @@ def test_sst_windows_equal_xarray_slices(sources, tmp_path):
     assert manifest.column("time").tolist().count(14) == 32
     from rico_torch.encode.info import describe
 
+    text = describe(target)
     assert ("windows of 12 x 8 x 8 cells of datacube sst.mnmean (26 time x 18 lat x 36 lon; 1981-12-01T00:00:00 .. "
-            "1984-01-01T00:00:00, standard calendar), chipped by `encode cube`") in describe(target)
+            "1984-01-01T00:00:00, standard calendar), chipped by `encode cube`") in text
+    assert text.endswith(f"\nfits: rico_torch.data.CubeDataModule (configs/cube.yaml); train: python -m rico_torch fit "
+                         f"--config configs/cube.yaml --data.init_args.lmdb_path {target}")
+
+
+def test_the_cube_dataset_points_at_the_cube_config_and_datamodule(sources):
+    """The ad-hoc Dataset of a cube encode names what trains on it: configs/cube.yaml, whose data
+    is rico_torch.data.CubeDataModule."""
+    import importlib
+
+    import yaml
+
+    from rico_torch.cube.encode import planned
+
+    _, dataset, _, _ = planned(sources["sst"], {"time": 12, "lat": 8, "lon": 8})
+    assert (dataset.datamodule, dataset.config) == ("rico_torch.data.CubeDataModule", "configs/cube.yaml")
+    config = yaml.safe_load((Path(__file__).resolve().parents[1] / dataset.config).read_text())
+    assert config["data"]["class_path"] == dataset.datamodule
+    module, name = dataset.datamodule.rsplit(".", 1)
+    assert getattr(importlib.import_module(module), name).name == "cube"
+    assert dataset.fit_command("t") == "python -m rico_torch fit --config configs/cube.yaml --data.init_args.lmdb_path t"
 
 
 def test_all_nan_windows_skipped_by_min_valid(sources, tmp_path):

@@ -190,18 +190,18 @@ def test_a_forked_child_opens_the_cube_itself(tmp_path):
     path = make_sst_netcdf(tmp_path / "sst.nc", months=4)
     cube = source.open_cube(path, ["sst"])
     want = source.read_window(cube, 0, 0, 0, (2, 4, 4))["sst"]
-    inherited = id(source._OPEN[cube.path])
+    inherited = source._OPEN[cube.path]  # held: a freed object's id can be reused by the child's
     pid = os.fork()
     if pid == 0:  # the child reports through its exit status only
         ok = False
         try:
             got = source.read_window(cube, 0, 0, 0, (2, 4, 4))["sst"]
-            ok = id(source._OPEN[cube.path]) != inherited and np.array_equal(got, want, equal_nan=True)
+            ok = source._OPEN[cube.path] is not inherited and np.array_equal(got, want, equal_nan=True)
         finally:
             os._exit(0 if ok else 1)
     _, status = os.waitpid(pid, 0)
     assert os.waitstatus_to_exitcode(status) == 0
-    assert id(source._OPEN[cube.path]) == inherited  # the parent keeps its own
+    assert source._OPEN[cube.path] is inherited  # the parent keeps its own
 
 
 def test_a_zarr_stores_default_variables_are_in_name_order(tmp_path):
@@ -212,3 +212,123 @@ def test_a_zarr_stores_default_variables_are_in_name_order(tmp_path):
     with xr.open_zarr(path) as ds:
         names = sorted(str(v) for v, a in ds.data_vars.items() if len(a.dims) == 3)
     assert len(names) > 1 and source.open_cube(path).band_names == tuple(names)
+
+
+def test_windows_read_one_by_one_in_a_random_order_are_the_encoded_ones(encoded):
+    """Each window its own read (no read ahead), in a random order: cut from decoded chunks kept
+    per process (chunk_cache), the samples are the encoded ones bit for bit."""
+    from rico_torch.cube import source
+
+    name, path, target, options = encoded
+    pre = LMDBPatchDataset(target, list(read_manifest(target)["cube"]["bands"]))
+    live = CubePatchDataset(path, pre.bands, readahead=False, **options)
+    source.close_cubes()  # no block or chunk the survey read
+    for i in np.random.default_rng(1).permutation(len(pre)).tolist():
+        a, b = pre[i], live[i]
+        assert a["key"] == b["key"] and a["image"].numpy().tobytes() == b["image"].numpy().tobytes()
+    chunked = live.store.patches()[0].patches.make.cube.bands[0].chunks
+    if name in ("sst", "zarr"):  # chunked variables: windows sharing a chunk decode it once
+        assert chunked and source._CHUNKS.hits > source._CHUNKS.misses > 0
+    else:  # a GeoTIFF stack, a contiguous NetCDF variable: read as before, nothing kept
+        assert not source._CHUNKS.chunks
+
+
+def test_the_decoded_chunks_stay_within_their_bound(tmp_path):
+    from rico_torch.cube import source
+    from rico_torch.errors import ConfigError
+
+    path = make_sst_netcdf(tmp_path / "sst.nc", months=12, lat=18, lon=36)
+    options = dict(patch=dict(time=4, lat=6, lon=6), stride=dict(time=2, lat=5, lon=5), min_valid=0, readahead=False)
+    source.close_cubes()  # nothing an earlier test kept
+    plain = CubePatchDataset(path, ["sst"], chunk_cache=0, **options)
+    chunk = 18 * 36 * 4  # a month: one chunk
+    order = np.random.default_rng(2).permutation(len(plain)).tolist()
+    want = [plain[i]["image"].numpy().tobytes() for i in order]
+    assert not source._CHUNKS.chunks  # chunk_cache=0: nothing kept
+    for bound in (3 * chunk, 10 * chunk, chunk - 1):  # fewer chunks than a window's 4, some, none
+        live = CubePatchDataset(path, ["sst"], chunk_cache=bound, **options)
+        source.close_cubes()
+        for i, expected in zip(order, want):
+            assert live[i]["image"].numpy().tobytes() == expected
+            assert source._CHUNKS.nbytes == sum(c.nbytes for c in source._CHUNKS.chunks.values()) <= bound
+        kept, decoded = len(source._CHUNKS.chunks), source._CHUNKS.misses
+        if bound < chunk:  # no chunk fits: read as without a cache
+            assert kept == decoded == 0
+        else:  # full, and chunks dropped were decoded again (12 months: 12 chunks)
+            assert kept == bound // chunk and decoded > 12
+    with pytest.raises(ConfigError, match="chunk_cache=-1: the bytes of decoded chunks to keep per process"):
+        CubePatchDataset(path, ["sst"], chunk_cache=-1, **options)
+
+
+def test_a_forked_child_decodes_its_own_chunks(tmp_path):
+    """A forked DataLoader worker drops the parent's decoded chunks (memory it would keep for
+    nothing, counted against its own bound) and decodes what it reads itself."""
+    from dataclasses import replace
+
+    from rico_torch.cube import source
+
+    path = make_sst_netcdf(tmp_path / "sst.nc", months=4)
+    cube = replace(source.open_cube(path, ["sst"]), chunk_cache=1 << 20)
+    source.close_cubes()
+    want = source.read_window(cube, 0, 0, 0, (2, 4, 4))["sst"]
+    assert source.read_window(cube, 0, 0, 0, (2, 4, 4))["sst"].tobytes() == want.tobytes()
+    assert (source._CHUNKS.misses, source._CHUNKS.hits, len(source._CHUNKS.chunks)) == (2, 2, 2)
+    pid = os.fork()
+    if pid == 0:  # the child reports through its exit status only
+        ok = False
+        try:
+            got = source.read_window(cube, 0, 0, 0, (2, 4, 4))["sst"]
+            ok = (source._CHUNKS.misses, source._CHUNKS.hits) == (2, 0) and got.tobytes() == want.tobytes()
+        finally:
+            os._exit(0 if ok else 1)
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0
+    assert (source._CHUNKS.misses, source._CHUNKS.hits, len(source._CHUNKS.chunks)) == (2, 2, 2)  # the parent's
+
+
+def test_the_encoder_keeps_no_decoded_chunk(tmp_path, monkeypatch):
+    """encode cube reads each task's blocks once: its cube has no chunk_cache, its values are read as before."""
+    from rico_torch.cube import source
+
+    cuts, cut = [], source._cut_from_chunks
+    monkeypatch.setattr(source, "_cut_from_chunks", lambda *args: cuts.append(args[2:]) or cut(*args))
+    path = make_sst_netcdf(tmp_path / "sst.nc", months=8)
+    patch = dict(time=4, lat=6, lon=6)
+    encode_cube(path, tmp_path / "lmdb", patch=patch, min_valid=0)
+    assert cuts == []
+    pre = LMDBPatchDataset(tmp_path / "lmdb", ["sst"])
+    live = CubePatchDataset(path, ["sst"], patch=patch, min_valid=0, readahead=False)
+    assert all(pre[i]["image"].numpy().tobytes() == live[i]["image"].numpy().tobytes() for i in range(len(pre)))
+    assert len(cuts) == 1 + len(pre)  # option II does: the window its band table is read from, then each
+
+
+def test_the_encoder_after_option_ii_gets_hdf5s_chunk_cache_back(tmp_path):
+    """Option II opens a NetCDF whose bands it cuts from decoded chunks with HDF5's smallest chunk
+    cache (they are not kept twice); the encoder, reading the same file in the same process after
+    it, gets the cache its windows' time steps need (else every window row inflates its months again)."""
+    from dataclasses import replace
+
+    from rico_torch.cube import source
+
+    path = tmp_path / "grid.nc"
+    months, lat, lon = 3, 1024, 2048  # a month is one 8 MB chunk: 4 of them exceed HDF5's smallest cache
+    xr.Dataset({"sst": (("time", "lat", "lon"), np.zeros((months, lat, lon), np.float32))},
+               coords={"time": ("time", np.arange(months, dtype=np.float64), {"units": "days since 2000-01-01"}),
+                       "lat": ("lat", np.linspace(-89.9, 89.9, lat), {"units": "degrees_north"}),
+                       "lon": ("lon", np.linspace(0.1, 359.9, lon), {"units": "degrees_east"})}
+               ).to_netcdf(path, encoding={"sst": {"zlib": True, "chunksizes": (1, lat, lon)}})
+    encoder = source.open_cube(path, ["sst"])
+    live = replace(encoder, chunk_cache=64 << 20)
+
+    def hdf5_cache_bytes() -> int:
+        return source._OPEN[encoder.path]._close.__self__.ds.variables["sst"].get_var_chunk_cache()[0]
+
+    source.close_cubes()
+    source.read_window(live, 0, 0, 0, (3, 4, 4))
+    assert hdf5_cache_bytes() == source.CHUNK_CACHE_MIN
+    source.read_window(encoder, 0, 0, 0, (3, 4, 4))
+    assert hdf5_cache_bytes() == 4 * 8 * 2**20  # 3 steps + 1, 8 MB each
+    opened = source._OPEN[encoder.path]
+    source.read_window(live, 0, 4, 0, (3, 4, 4))  # option II again: the file stays open as it is
+    assert source._OPEN[encoder.path] is opened
+    source.close_cubes()

@@ -17,7 +17,7 @@ import argparse
 import json
 import math
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -36,6 +36,13 @@ from .source import AXES, Cube, close_cubes, inside, open_cube, prefetch_windows
 NAME = "cube"
 EXAMPLE = ("python -m rico_torch.encode cube --source sst.mnmean.nc --vars sst --target-dir encoded-sst "
            "--patch time=12,lat=32,lon=32 --stride time=6,lat=16,lon=16")
+#: what trains on a cube encode: the Dataset's hint, named by ``info`` and the encode's last line
+DATAMODULE, CONFIG = "rico_torch.data.CubeDataModule", "configs/cube.yaml"
+
+
+def fit_command(target: object) -> str:
+    """The command that trains on the cube encode at ``target`` (the Dataset's ``fit_command``)."""
+    return f"python -m rico_torch fit --config {CONFIG} --data.init_args.lmdb_path {target}"
 
 
 def key_of(cube: Cube, t: int, row: int, col: int) -> str:
@@ -126,7 +133,7 @@ def windows_of(cube: Cube, plan: WindowPlan, min_valid: int,
     if shard is not None:
         windows = windows.shard(*shard)
     dataset = Dataset(NAME, "Datacube", (source,), description="windows of a datacube over (time, y, x)",
-                      example=EXAMPLE)
+                      example=EXAMPLE, datamodule=DATAMODULE, config=CONFIG)
     return dataset, [SourcePatches(source, Path(cube.path), windows)]
 
 
@@ -202,11 +209,15 @@ def _offsets_of(key: str) -> tuple[int, int, int]:
 def planned(source: str | Path, patch: Mapping[str, int], stride: Mapping[str, int] | None = None,
             edge: str | Mapping[str, str] = "shift", variables: Sequence[str] | None = None,
             dims: Mapping[str, str] | None = None, time_from_name: str | None = None, min_valid: float = 1,
-            shard: tuple[int, int] | None = None):
+            shard: tuple[int, int] | None = None, chunk_cache: int = 0):
     """The cube, its windows (a shard's only) and the manifest extension of an encode with these
     options (see :func:`encode_cube`): what :func:`encode_cube` writes and
-    :class:`rico_torch.data.CubePatchDataset` reads on the fly."""
+    :class:`rico_torch.data.CubePatchDataset` reads on the fly (``chunk_cache``: the bytes of
+    decoded chunks its window reads keep per process, :attr:`Cube.chunk_cache`; the encoder reads
+    each block once and keeps none)."""
     cube = open_cube(source, variables, dims, time_from_name)
+    if chunk_cache:
+        cube = replace(cube, chunk_cache=int(chunk_cache))
     plan = plan_cube(cube, patch, stride, edge)
     cells = math.prod(plan.patch)
     if 0 < min_valid < 1:

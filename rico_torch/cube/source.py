@@ -29,6 +29,7 @@ from collections import OrderedDict
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
+from itertools import product
 from pathlib import Path
 
 import numpy as np
@@ -72,6 +73,7 @@ class CubeBand:
     units: str | None = None
     index: int = 0
     chunk_bytes: int = 0  # bytes of one stored (compressed-unit) chunk, 0 where unchunked or unknown
+    chunks: tuple[int, ...] = ()  # the stored chunk's cells on (time, y, x); () where unchunked or unknown
 
     def info(self) -> dict:
         return {"dtype": self.dtype, "fill": _json_number(self.fill), "invalid": [_json_number(v) for v in self.invalid],
@@ -96,6 +98,9 @@ class Cube:
     files: tuple[str, ...] = ()  # geotiff: one raster per time step
     engine: str | None = None
     attrs: Mapping[str, object] = field(default_factory=dict)
+    #: bytes of decoded storage chunks that reads of this cube keep per process (option II, see
+    #: :func:`read_window`); 0 (the encoder's): none, each read decodes what it covers
+    chunk_cache: int = 0
 
     @property
     def band_names(self) -> tuple[str, ...]:
@@ -219,7 +224,7 @@ def _open_xarray(path: Path, variables: Sequence[str] | None, dims: Mapping[str,
                                  f"{extra[0]!r}; select one level first (e.g. ds.isel({extra[0]}=0)) or name other variables")
             if var.dtype.kind not in "biuf":
                 raise InputError(where, f"variable {name!r} holds {var.dtype} values, not numbers")
-            bands.append(_xarray_band(name, var))
+            bands.append(_xarray_band(name, var, wanted))
         shape = tuple(int(ds.sizes[d]) for d in wanted)
         time, units, calendar = _time_of(ds, names["time"], where)
         crs, transform = _georeference(ds, [ds[b.name] for b in bands], names, where)
@@ -268,7 +273,7 @@ def _is_axis(ds, dim: str, axis: str) -> bool:
     return units in _UNITS[axis]
 
 
-def _xarray_band(name: str, var) -> CubeBand:
+def _xarray_band(name: str, var, axes: Sequence[str]) -> CubeBand:
     attrs = var.attrs
     markers = [v for k in ("_FillValue", "missing_value")
                for v in np.atleast_1d(np.asarray(attrs.get(k, var.encoding.get(k, [])), np.float64)).tolist()]
@@ -278,8 +283,10 @@ def _xarray_band(name: str, var) -> CubeBand:
     scale, offset = attrs.get("scale_factor"), attrs.get("add_offset")
     chunks = var.encoding.get("chunksizes") or var.encoding.get("chunks")
     chunk_bytes = math.prod(chunks) * dtype.itemsize if chunks else 0
+    on_axes = tuple(int(chunks[var.dims.index(d)]) for d in axes) if chunks and len(chunks) == len(var.dims) else ()
     return CubeBand(name, dtype.name, fill, tuple(invalid), None if scale is None else float(scale),
-                    None if offset is None else float(offset), attrs.get("units"), chunk_bytes=chunk_bytes)
+                    None if offset is None else float(offset), attrs.get("units"), chunk_bytes=chunk_bytes,
+                    chunks=on_axes)
 
 
 def _time_of(ds, dim: str, where: str) -> tuple[tuple[float, ...], str, str]:
@@ -447,7 +454,8 @@ def _iso(seconds: float) -> str:
 
 _OPEN: OrderedDict[str, object] = OrderedDict()  # path -> open xarray dataset, per process
 _OPEN_LIMIT = 8
-_OPENED_BY = [os.getpid()]  # the process _OPEN's datasets belong to
+_OPENED_BY = [os.getpid()]  # the process _OPEN's datasets, _BLOCKS and _CHUNKS belong to
+_LEAN: set[str] = set()  # paths in _OPEN opened with HDF5's smallest chunk cache (see _dataset)
 
 
 #: Bounds of the NetCDF/HDF5 chunk cache of each variable (per process). The windows of one row
@@ -456,23 +464,98 @@ _OPENED_BY = [os.getpid()]  # the process _OPEN's datasets belong to
 #: 16 MB chunks, so 4 steps of such a grid were inflated 32 times: 12x slower than one read).
 CHUNK_CACHE_MIN, CHUNK_CACHE_MAX = 16 << 20, 384 << 20
 
+#: Default bytes of decoded storage chunks that option II's reads keep per process
+#: (:class:`~rico_torch.data.CubePatchDataset`'s ``chunk_cache``).
+DECODED_CHUNKS_BYTES = 256 << 20
 
-def _dataset(cube: Cube, steps: int = 1):
-    """The open dataset of ``cube`` in this process; a NetCDF file is opened with a chunk cache that
-    holds the chunks of ``steps`` + 1 time steps (the time extent of the windows read from it); a
-    forked child opens its own (HDF5 and netCDF handles must not cross a fork)."""
+
+class DecodedChunks:
+    """Decoded storage chunks of cube variables, least recently used evicted first, at most
+    ``limit`` bytes in all: windows read one by one (in a random order, or neighbours that share
+    a chunk) cut their cells from chunks decoded once, not decompress each chunk again per window.
+
+    Keys: ((cube path, its dimensions on (time, y, x), band), chunk index on (time, y, x)).
+    ``hits``/``misses`` count chunks found and decoded."""
+
+    def __init__(self, limit: int = DECODED_CHUNKS_BYTES) -> None:
+        self.limit = limit
+        self.chunks: OrderedDict[tuple, np.ndarray] = OrderedDict()
+        self.nbytes = self.hits = self.misses = 0
+
+    def get(self, key: tuple) -> np.ndarray | None:
+        chunk = self.chunks.get(key)
+        if chunk is None:
+            self.misses += 1
+            return None
+        self.chunks.move_to_end(key)
+        self.hits += 1
+        return chunk
+
+    def put(self, key: tuple, chunk: np.ndarray) -> None:
+        """Keep ``chunk`` (owned by the cache from now on: never handed out, never written to)."""
+        old = self.chunks.pop(key, None)
+        if old is not None:
+            self.nbytes -= old.nbytes
+        if chunk.nbytes > self.limit:
+            return
+        self.chunks[key] = chunk
+        self.nbytes += chunk.nbytes
+        self.shrink()
+
+    def bound(self, limit: int) -> None:
+        """At most ``limit`` bytes from now on."""
+        if limit != self.limit:
+            self.limit = limit
+            self.shrink()
+
+    def shrink(self) -> None:
+        while self.nbytes > self.limit:
+            self.nbytes -= self.chunks.popitem(last=False)[1].nbytes
+
+    def clear(self) -> None:
+        self.chunks.clear()
+        self.nbytes = self.hits = self.misses = 0
+
+
+_CHUNKS = DecodedChunks()
+
+
+def _this_process() -> None:
+    """A forked child drops what it inherited (HDF5 and netCDF handles must not cross a fork; the
+    parent's decoded chunks and blocks are memory it would keep for nothing) and starts its own."""
     if _OPENED_BY[0] != os.getpid():
         _OPEN.clear()  # the parent's handles, never read here
         _BLOCKS.clear()
+        _CHUNKS.clear()
+        _LEAN.clear()
         _OPENED_BY[0] = os.getpid()
+
+
+def _keeps_chunks(cube: Cube, band: CubeBand) -> bool:
+    """Whether reads of ``band`` go through the decoded chunks (:data:`_CHUNKS`): the cube keeps
+    some (option II) and the band is chunked, in chunks that fit."""
+    return bool(cube.chunk_cache and band.chunks and band.chunk_bytes <= cube.chunk_cache)
+
+
+def _dataset(cube: Cube, steps: int = 1):
+    """The open dataset of ``cube`` in this process; a NetCDF file is opened with a chunk cache that
+    holds the chunks of ``steps`` + 1 time steps (the time extent of the windows read from it), the
+    least where every band is cut from decoded chunks (each read then covers whole chunks, once); a
+    forked child opens its own (HDF5 and netCDF handles must not cross a fork)."""
+    _this_process()
     ds = _OPEN.get(cube.path)
+    lean = cube.engine == "netcdf4" and all(_keeps_chunks(cube, b) for b in cube.bands)
+    if ds is not None and cube.path in _LEAN and not lean:  # the encoder after option II: HDF5's cache as it needs
+        _OPEN.pop(cube.path).close()
+        ds = None
     if ds is None:
         if cube.engine == "netcdf4":
             import netCDF4
 
-            largest = max((b.chunk_bytes for b in cube.bands), default=0)
+            largest = 0 if lean else max((b.chunk_bytes for b in cube.bands), default=0)
             netCDF4.set_chunk_cache(min(max((steps + 1) * largest, CHUNK_CACHE_MIN), CHUNK_CACHE_MAX))
         ds = _OPEN[cube.path] = _open_dataset(cube.path, cube.engine)
+        (_LEAN.add if lean else _LEAN.discard)(cube.path)
         if len(_OPEN) > _OPEN_LIMIT:
             _OPEN.popitem(last=False)[1].close()
     else:
@@ -481,19 +564,26 @@ def _dataset(cube: Cube, steps: int = 1):
 
 
 def close_cubes() -> None:
-    """Close the files :func:`read_window` keeps open in this process."""
+    """Close the files :func:`read_window` keeps open in this process, and drop its decoded chunks."""
     from ..scenes.discover import close_rasters
 
     while _OPEN:
         _OPEN.popitem()[1].close()
+    _LEAN.clear()
     _BLOCKS.clear()
+    _CHUNKS.clear()
     close_rasters()
 
 
 def read_window(cube: Cube, t: int, row: int, col: int, patch: tuple[int, int, int]) -> dict[str, np.ndarray]:
     """The window at (``t``, ``row``, ``col``) of ``patch`` = (steps, rows, cols) cells: band ->
     C-contiguous ``(steps, rows, cols)`` array in the stored dtype, values as stored; cells outside
-    the cube (``--edge pad``) hold the band's fill value."""
+    the cube (``--edge pad``) hold the band's fill value.
+
+    Cut from a block :func:`prefetch_windows` read where one holds it; else, where the cube has a
+    ``chunk_cache`` (option II) and the band is chunked, from its storage chunks, each decoded once
+    and kept (:class:`DecodedChunks`, least recently used dropped past ``chunk_cache`` bytes);
+    else read from the source on its own."""
     start = (t, row, col)
     lo = tuple(max(s, 0) for s in start)
     hi = tuple(min(s + p, n) for s, p, n in zip(start, patch, cube.shape))
@@ -534,7 +624,8 @@ def prefetch_windows(cube: Cube, patch: tuple[int, int, int], offsets: np.ndarra
 
 
 def _read_box(cube: Cube, lo: tuple[int, int, int], hi: tuple[int, int, int]) -> dict[str, np.ndarray]:
-    """Each band's cells [lo, hi) on (time, y, x), as stored (cut from a prefetched block that holds them)."""
+    """Each band's cells [lo, hi) on (time, y, x), as stored (cut from a prefetched block that holds
+    them, else from decoded chunks where the cube keeps them)."""
     for of, b_lo, b_hi, arrays in _BLOCKS:
         if of == (cube.path, cube.band_names) and all(bl <= l and h <= bh for bl, l, h, bh in zip(b_lo, lo, hi, b_hi)):
             box = tuple(slice(l - bl, h - bl) for l, h, bl in zip(lo, hi, b_lo))
@@ -542,16 +633,58 @@ def _read_box(cube: Cube, lo: tuple[int, int, int], hi: tuple[int, int, int]) ->
     try:
         if cube.kind == "geotiff":
             return _read_stack_box(cube, lo, hi)
-        ds = _dataset(cube, hi[0] - lo[0])
-        index = {cube.dims[a]: slice(a0, a1) for a, a0, a1 in zip(AXES, lo, hi)}
-        order = [cube.dims[a] for a in AXES]
-        return {b.name: np.ascontiguousarray(ds[b.name].variable.isel(index).transpose(*order).values)
+        if cube.chunk_cache:
+            _this_process()
+            _CHUNKS.bound(cube.chunk_cache)
+        return {b.name: _cut_from_chunks(cube, b, lo, hi) if _keeps_chunks(cube, b) else _read_variable(cube, b, lo, hi)
                 for b in cube.bands}
     except InputError:
         raise
     except Exception as e:
         raise InputError(printable(cube.path), f"reading cells {list(lo)}..{list(hi)} failed "
                          f"({first_line(e, type(e).__name__)})") from None
+
+
+def _read_variable(cube: Cube, band: CubeBand, lo: tuple[int, ...], hi: tuple[int, ...]) -> np.ndarray:
+    """A band's cells [lo, hi) on (time, y, x), read from the source (C-contiguous, as stored)."""
+    ds = _dataset(cube, hi[0] - lo[0])
+    index = {cube.dims[a]: slice(a0, a1) for a, a0, a1 in zip(AXES, lo, hi)}
+    order = [cube.dims[a] for a in AXES]
+    return np.ascontiguousarray(ds[band.name].variable.isel(index).transpose(*order).values)
+
+
+def _cut_from_chunks(cube: Cube, band: CubeBand, lo: tuple[int, ...], hi: tuple[int, ...]) -> np.ndarray:
+    """A band's cells [lo, hi), copied out of its decoded storage chunks: those in :data:`_CHUNKS`,
+    the others read in one chunk-aligned box (decoded once) and kept."""
+    shape = band.chunks
+    # per axis, each chunk the box touches: (its index, the box's cells in it, where they go in the box)
+    spans = [[(i, slice(max(l, i * c) - i * c, min(h, (i + 1) * c) - i * c),
+               slice(max(l, i * c) - l, min(h, (i + 1) * c) - l)) for i in range(l // c, (h - 1) // c + 1)]
+             for l, h, c in zip(lo, hi, shape)]
+    variable = (cube.path, tuple(cube.dims[a] for a in AXES), band.name)
+    out = np.empty(tuple(h - l for l, h in zip(lo, hi)), dtype=band.dtype)
+    missing = []
+    for (t, t_in, t_out), (y, y_in, y_out), (x, x_in, x_out) in product(*spans):
+        chunk = _CHUNKS.get((variable, (t, y, x)))
+        if chunk is None:
+            missing.append(((t, y, x), (t_in, y_in, x_in), (t_out, y_out, x_out)))
+        else:
+            out[t_out, y_out, x_out] = chunk[t_in, y_in, x_in]
+    if missing:
+        first = [min(m[0][k] for m in missing) for k in range(3)]
+        last = [max(m[0][k] for m in missing) for k in range(3)]
+        box_lo = tuple(i * c for i, c in zip(first, shape))
+        box = _read_variable(cube, band, box_lo, tuple(min((i + 1) * c, n) for i, c, n in zip(last, shape, cube.shape)))
+        whole = first == last  # the box is one chunk: kept as read
+        chunks = {}
+        for index in product(*(range(a, b + 1) for a, b in zip(first, last))):
+            # a copy, so that the box's memory goes once its chunks are cut (the cache counts its own bytes)
+            chunks[index] = chunk = box if whole else box[tuple(slice(i * c - b, (i + 1) * c - b) for i, c, b
+                                                                in zip(index, shape, box_lo))].copy()
+            _CHUNKS.put((variable, index), chunk)
+        for index, cells, where in missing:
+            out[where] = chunks[index][cells]
+    return out
 
 
 def _read_stack_box(cube: Cube, lo, hi) -> dict[str, np.ndarray]:

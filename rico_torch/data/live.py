@@ -27,6 +27,7 @@ from typing import Any
 
 import numpy as np
 
+from ..cube.source import DECODED_CHUNKS_BYTES
 from ..encode.discover import SkipPatch, SourcePatches
 from ..encode.read import value_parts
 from ..encode.writer import TXN_SIZE, _Stats
@@ -283,6 +284,7 @@ class CubePlanner:
     dims: tuple | None = None
     time_from_name: str | None = None
     min_valid: float = 1
+    chunk_cache: int = DECODED_CHUNKS_BYTES  # bytes of decoded chunks kept per process (Cube.chunk_cache)
 
     def __call__(self):
         from ..cube.encode import planned
@@ -290,7 +292,8 @@ class CubePlanner:
         _, dataset, discovered, extension = planned(
             self.source, dict(self.patch), None if self.stride is None else dict(self.stride),
             self.edge if isinstance(self.edge, str) else dict(self.edge), self.variables,
-            None if self.dims is None else dict(self.dims), self.time_from_name, self.min_valid)
+            None if self.dims is None else dict(self.dims), self.time_from_name, self.min_valid,
+            chunk_cache=self.chunk_cache)
         return dataset, discovered, extension
 
 
@@ -300,10 +303,15 @@ def _pairs(value):
 
 def cube_store(source, patch: dict, stride: dict | None = None, edge: str | dict = "shift",
                variables: Sequence[str] | None = None, dims: dict | None = None, time_from_name: str | None = None,
-               min_valid: float = 1, statistics: bool = False, readahead: bool | str = "auto") -> WindowStore:
-    """The windows ``encode cube`` with these options writes, as a :class:`WindowStore`."""
+               min_valid: float = 1, statistics: bool = False, readahead: bool | str = "auto",
+               chunk_cache: int = DECODED_CHUNKS_BYTES) -> WindowStore:
+    """The windows ``encode cube`` with these options writes, as a :class:`WindowStore`
+    (``chunk_cache``: :class:`CubePatchDataset`'s)."""
+    if chunk_cache < 0:
+        raise ConfigError(f"chunk_cache={chunk_cache}: the bytes of decoded chunks to keep per process, 0 or more")
     planner = CubePlanner(str(source), _pairs(patch), _pairs(stride), _pairs(edge),
-                          None if variables is None else tuple(variables), _pairs(dims), time_from_name, min_valid)
+                          None if variables is None else tuple(variables), _pairs(dims), time_from_name, min_valid,
+                          int(chunk_cache))
     return WindowStore(planner, survey=statistics or min_valid > 0, name=str(source), readahead=readahead)
 
 
@@ -325,6 +333,13 @@ class CubePatchDataset(LMDBPatchDataset):
             ``readahead`` (``"auto"``, ``True``, ``False``): when a single window read also reads
             the source blocks of the next windows (:class:`WindowStore`: by default once reads come
             in order). A batch reads its windows' blocks once anyway.
+        chunk_cache: bytes of decoded storage chunks kept per process (default
+            :data:`~rico_torch.cube.source.DECODED_CHUNKS_BYTES`, 256 MB; 0: none). A window read
+            on its own (a random order, ``readahead=False``) decodes only the chunks of the
+            NetCDF/Zarr variable it touches that no earlier read decoded, and cuts its cells from
+            the decoded chunks; the least recently used go past this bound. One cache per process
+            (a DataLoader worker starts its own), bounded by the dataset read last; values are the
+            same with any bound.
 
     With ``min_valid`` above 0 (default 1) or ``statistics`` every window is read once here, as
     the encoder would (which windows exist depends on their cells); ``min_valid=0`` reads one.
@@ -333,10 +348,10 @@ class CubePatchDataset(LMDBPatchDataset):
     def __init__(self, source: str | Path, bands: Sequence[str] | None = None, patch: dict | None = None,
                  stride: dict | None = None, edge: str | dict = "shift", *, variables: Sequence[str] | None = None,
                  dims: dict | None = None, time_from_name: str | None = None, min_valid: float = 1,
-                 statistics: bool = False, **kwargs) -> None:
+                 statistics: bool = False, chunk_cache: int = DECODED_CHUNKS_BYTES, **kwargs) -> None:
         if patch is None:
             raise ConfigError("CubePatchDataset: give patch, the window size per dimension (dict(time=12, lat=32, "
                               "lon=32), as encode cube's --patch)")
         store = cube_store(source, patch, stride, edge, variables, dims, time_from_name, min_valid, statistics,
-                           kwargs.get("readahead", "auto"))
+                           kwargs.get("readahead", "auto"), chunk_cache)
         super().__init__(store, list(bands or store.manifest()["cube"]["bands"]), **kwargs)

@@ -397,7 +397,9 @@ def next_steps(target: Path, dataset_name: str, shard: tuple[int, int] | None = 
     elif dataset_name == "demo":
         fit = f"`{demo_fit_command(target)}` trains on it"
     elif dataset_name == "cube":
-        fit = f"`python -m rico_torch fit --config configs/cube.yaml --data.init_args.lmdb_path {target}` trains on it"
+        from ..cube.encode import fit_command
+
+        fit = f"`{fit_command(target)}` trains on it"
     else:
         fit = f"`{get_dataset(dataset_name).fit_command(target)}` trains on it"
     if shard is not None:  # one shard alone is a 1/N sample: train on the N target directories together

@@ -264,6 +264,10 @@ def report(path: Path, samples: int = SAMPLES, check: bool = False) -> tuple[str
         from ..scenes.chipper import fit_suggestion
 
         lines.append(f"fits: rico_torch.data.GeoPatchDataModule; {fit_suggestion(path, manifest)}")
+    elif found is None and cube:
+        from ..cube.encode import CONFIG, DATAMODULE, fit_command
+
+        lines.append(f"fits: {DATAMODULE} ({CONFIG}); train: {fit_command(path)}")
     return "\n".join(lines), problem is None
 
 

@@ -8,10 +8,11 @@ from typing import Any, Literal
 import numpy as np
 import torch
 
+from ...cube.source import DECODED_CHUNKS_BYTES
 from ...errors import ConfigError
 from ...manifest import Manifest, merge
 from ..dataset import LMDBPatchDataset
-from .base import SPLITS, LMDBDataModule, LoaderKind, block_split, dealt, windows_manifest
+from .base import SPLITS, LMDBDataModule, LoaderKind, block_split, count_left_out, dealt, windows_manifest
 
 ENCODE_HINT = "`python -m rico_torch.encode cube --source <cube> --target-dir {path} --patch time=8,y=64,x=64`"
 SPLIT_KINDS = ("time", "block", "both")
@@ -33,7 +34,8 @@ class CubeDataModule(LMDBDataModule):
       windows start at ``test_start``; a window straddling a cut is left out;
     * ``block``: square blocks of ``block_size`` cells (default 4 patches) dealt at random (seeded)
       to train/val/test in ``val_fraction``/``test_fraction``; a window touching two splits' blocks
-      is left out;
+      is left out (counted in ``left_out`` and logged: at WARNING where it is a quarter of the
+      windows or more);
     * ``both``: a window is in a split only where its time and its block agree.
 
     ``predict`` reads every window, for :class:`rico_torch.scenes.callback.CubePredictionWriter`.
@@ -43,6 +45,8 @@ class CubeDataModule(LMDBDataModule):
         source, patch, stride, edge, variables, dims, time_from_name, min_valid: read on the fly
             instead, with ``encode cube``'s options (``--source``, ``--patch`` ...); statistics are
             then computed from the cube when the module is made (unless mean/std are given).
+        chunk_cache: read on the fly: bytes of decoded storage chunks each process keeps
+            (:class:`~rico_torch.data.CubePatchDataset`'s; default 256 MB, 0: none).
         bands: variables in this order; ``None``: all, in the encode's order.
         batch_size, num_workers, pin_memory, mean, std, native, readahead, seed, loader: as
             :class:`~rico_torch.data.LMDBDataModule`.
@@ -77,6 +81,7 @@ class CubeDataModule(LMDBDataModule):
         readahead: bool = False,
         seed: int = 0,
         loader: LoaderKind = "patch",
+        chunk_cache: int = DECODED_CHUNKS_BYTES,
     ) -> None:
         if (lmdb_path is None) == (source is None):
             raise ConfigError("give lmdb_path (an encoded cube) or source (a cube read on the fly), not both or neither")
@@ -87,7 +92,7 @@ class CubeDataModule(LMDBDataModule):
             from ..live import cube_store
 
             self.store = cube_store(source, patch, stride, edge, variables, dims, time_from_name, min_valid,
-                                    statistics=mean is None, readahead=readahead or "auto")
+                                    statistics=mean is None, readahead=readahead or "auto", chunk_cache=chunk_cache)
             self._cube_manifest = self.store.manifest()
         else:
             paths = [Path(p) for p in (lmdb_path if isinstance(lmdb_path, (list, tuple)) else [lmdb_path])]
@@ -110,6 +115,7 @@ class CubeDataModule(LMDBDataModule):
         self.block_size = block_size or 4 * max(self.window[1:])
         self.val_start, self.test_start = self._cuts(val_start, test_start)
         self._splits: dict[str, np.ndarray] | None = None
+        self.left_out = 0  # windows the block split left out (they straddle blocks of two splits)
 
     @staticmethod
     def _cube_manifest_of(path: Path) -> Manifest:
@@ -186,6 +192,7 @@ class CubeDataModule(LMDBDataModule):
                 rng = np.random.default_rng(self.seed)
                 blocks = block_split(np.zeros(len(t), np.int32), rows, cols, self.window[1:], self.block_size,
                                      lambda n: dealt(n, self.val_fraction, self.test_fraction, rng))
+                self.left_out = count_left_out(self.lmdb_path, blocks, self.block_size)
                 split = blocks if self.split == "block" else np.where(split == blocks, split, -1)
             self._splits = {s: np.flatnonzero(split == i) for i, s in enumerate(SPLITS)}
         return self._splits
