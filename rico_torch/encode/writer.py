@@ -1074,13 +1074,15 @@ class _Runner:
             return [(encode_task(*a), None) for a in args]
         submitted = []
         for i, a in enumerate(args):
+            for _, running in self.pools:  # a finished task's result may view shared memory: let it go
+                running[:] = [f for f in running if not f.done()]
             if isinstance(chunk.patches, WindowList):  # the worker of this share of the chunk's columns
                 pool, running = self.pools[i * len(self.pools) // len(args)]
             else:
-                pool, running = min(self.pools, key=lambda p: sum(not f.done() for f in p[1]))
+                pool, running = min(self.pools, key=lambda p: len(p[1]))
             handoff = self._handoff()
             task = pool.submit(encode_task, *a, handoff and handoff.path)
-            running[:] = [f for f in running if not f.done()] + [task]
+            running.append(task)
             submitted.append((task, handoff))
         return submitted
 
