@@ -33,6 +33,7 @@ from ..encode.options import parse_shard
 from ..encode.read import value_layout, value_parts
 from ..encode.writer import Block, EncodeResult, encode_dataset, patch_item
 from ..format import load_value
+from ..manifest import lacks_stack_facts
 from .discover import ALLOW_UNGEOREFERENCED, EDGES, Scene, SceneWindow, check_options, check_sizes, close_rasters, \
     find_scenes, prefetch_windows, prefetched, too_few_valid, window_moments
 from .statistics import Moments, Running, batch_moments, pool, pooled_row
@@ -342,6 +343,24 @@ def stack_plan(scene: Scene, options: ChipOptions) -> WindowPlan:
     dates = scene.aligned.length
     return WindowPlan.scene(scene.height, scene.width, options.patch_size, options.stride, options.edge,
                             (dates, dates, dates))
+
+
+def recorded_stack_facts(facts: dict) -> dict | None:
+    """The cube facts (``manifest["cube"]``) a full stack encoded before they were recorded lacks,
+    from its manifest alone (the encoder's, as :meth:`SceneManifest.cube_facts` records them);
+    None where nothing is missing. What ``upgrade`` and ``repair`` add."""
+    from ..align.scene import recorded_cube
+    from ..cube.encode import cube_facts
+
+    if not lacks_stack_facts(facts):
+        return None
+    chip = facts["chip"]
+    ((name, scene),) = facts["scenes"].items()  # an aligned set is one scene
+    dates = len(scene["align"]["times"])
+    windows = WindowPlan.scene(scene["height"], scene["width"], chip["patch_size"], chip["stride"], chip["edge"],
+                               (dates, dates, dates))
+    return cube_facts(recorded_cube(name, scene, chip.get("label_nodata")), windows, chip["min_valid"],
+                      chip["align"].get("time_from_name"), scene["statistics"])
 
 
 def check_dates(scene: Scene, patch_time: int, edge: str) -> None:
