@@ -207,3 +207,21 @@ def test_min_valid_fraction_counts_every_dates_cells(sources, tmp_path, capsys):
     assert code == 2 and f"--min-valid {cells + 1:,}: more than the {cells:,} cells of a window (3 dates x 32 x 32)" \
         in err and len(err.strip().splitlines()) == 1, err
     assert not fresh.exists()
+
+
+def test_cube_datamodule_trains_on_the_full_stack_by_block(full):
+    """Every window holds every date, so the stack splits by spatial block (by time there is nothing to cut)."""
+    from rico_torch.data.datamodules import CubeDataModule
+    from rico_torch.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="3 time steps hold no train, val and test windows of 3 steps each; give "
+                       "val_start/test_start, or split by block"):
+        CubeDataModule(lmdb_path=str(full), num_workers=0)
+    dm = CubeDataModule(lmdb_path=str(full), split="block", block_size=48, val_fraction=0.25, test_fraction=0.25,
+                        batch_size=4, num_workers=0)
+    splits = dm.splits()
+    assert all(len(splits[s]) for s in ("train", "val", "test"))
+    assert not set(splits["train"].tolist()) & set(splits["val"].tolist() + splits["test"].tolist())
+    dm.setup("fit")
+    batch = next(iter(dm.train_dataloader()))
+    assert batch["image"].shape == (4, 3, len(BANDS), 32, 32) and batch["time"].shape == (4, 3)
