@@ -468,7 +468,7 @@ def chip(
     """Chip every scene in ``dataset_dir`` into the LMDB at ``target_dir`` (see the module doc).
 
     ``min_valid``: the fewest valid finest-grid pixels a kept window has; a value below 1 is a
-    fraction of the window's pixels. ``label_nodata``: the label value that means "no label"
+    fraction of the window's pixels (with ``--group-by time``, of its cells over its dates). ``label_nodata``: the label value that means "no label"
     (default: the label rasters' nodata); ``--edge pad`` fills label pixels outside the scene
     with it, so labels without one are refused with pad. ``allow_ungeoreferenced``: chip
     rasters without a geotransform (refused otherwise). ``align`` (``--grid``/``--grid-like``):
@@ -652,8 +652,8 @@ def add_parser(sub, common) -> None:
     p.add_argument("--edge", choices=EDGES, default="shift",
                    help="the last windows: shift inward (default), pad with nodata, or drop")
     p.add_argument("--min-valid", type=float, default=1, metavar="N",
-                   help="skip windows with fewer valid pixels (a value below 1: a fraction of the window); "
-                   "default 1")
+                   help="skip windows with fewer valid pixels (a value below 1: a fraction of the window; with "
+                   "--group-by time, of its cells over its dates); default 1")
     p.add_argument("--labels", type=Path, metavar="L",
                    help="label raster on the finest grid (a file, or a folder of <scene name>.tif), stored as 'mask'")
     p.add_argument("--label-nodata", type=float, metavar="V",
