@@ -203,7 +203,8 @@ def test_min_valid_fraction_counts_every_dates_cells(sources, tmp_path, capsys):
     assert encode(capsys, *stack_args(sources, "--patch-size", 32, "--min-valid", 32 * 32 + 1), "--target-dir",
                   tmp_path / "count")[0] == 0
     fresh = tmp_path / "fresh"
-    code, err = encode(capsys, *stack_args(sources, "--patch-size", 32, "--min-valid", cells + 1), "--target-dir", fresh)
+    code, err = encode(capsys, *stack_args(sources, "--patch-size", 32, "--min-valid", cells + 1),
+                       "--target-dir", fresh)
     assert code == 2 and f"--min-valid {cells + 1:,}: more than the {cells:,} cells of a window (3 dates x 32 x 32)" \
         in err and len(err.strip().splitlines()) == 1, err
     assert not fresh.exists()

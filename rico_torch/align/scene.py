@@ -130,7 +130,8 @@ def as_cube(scene: Scene):
     Gregorian), its bands with their nodata as fill. What a window over time (``--patch-time``)
     and a window holding every date record, so that the cube's readers (dataset
     ``time``/``bounds``/``crs``, window entries, NetCDF stitching) read it as they read a cube's."""
-    bands = [(b.name, b.dtype, b.nodata) for b in (*scene.bands, *((scene.labels,) if scene.labels is not None else ()))]
+    labels = (scene.labels,) if scene.labels is not None else ()
+    bands = [(b.name, b.dtype, b.nodata) for b in (*scene.bands, *labels)]
     return _stack_cube(scene.name, scene.path, scene.aligned.times, bands, (scene.height, scene.width), scene.crs,
                        scene.transform)
 

@@ -5,8 +5,9 @@ in the LMDB), each key's source (its bands against the manifest's band table, th
 rule where bands do not tell; a scene window's key names its scene), the digests (of the values),
 labels that follow from keys (a class-folder dataset's ``<class>_<n>`` keys) and window offsets
 (``<scene>_<row>_<col>``; ``<name>_<t>_<row>_<col>`` of windows over time, and time 0 for every
-window of a full aligned stack, ``--group-by time`` without ``--patch-time``). Within a source the rows come in key order (an encode writes them
-in source path order; no reader depends on it). The values are checked against the manifest's
+window of a full aligned stack, ``--group-by time`` without ``--patch-time``, whose missing cube
+facts it records as ``upgrade`` does). Within a source the rows come in key order (an encode
+writes them in source path order; no reader depends on it). The values are checked against the manifest's
 count and content hash first, so the rebuilt index describes the data the manifest does. Only
 ``keys.index`` and the ``index`` entry of ``manifest.json`` are written; ``data.mdb`` is read, never
 written. Re-running the encode of a complete target rebuilds it exactly as written instead (write

@@ -267,7 +267,9 @@ class SceneManifest:
             scene, windows = dated.scene, dated.plan
         else:
             ((name, scene),) = self.stacked.items()
-            windows = stack_plan(scene, self.options)
+            options = self.options
+            windows = stack_plan(scene.height, scene.width, scene.aligned.length, options.patch_size, options.stride,
+                                 options.edge)
         return cube_facts(as_cube(scene), windows, self.options.min_valid, (self.align or {}).get("time_from_name"),
                           scenes[name]["statistics"])
 
@@ -338,11 +340,9 @@ def full_stack(scene: Scene, options: ChipOptions) -> bool:
     return scene.aligned is not None and bool(scene.aligned.times) and not options.patch_time
 
 
-def stack_plan(scene: Scene, options: ChipOptions) -> WindowPlan:
+def stack_plan(height: int, width: int, dates: int, patch_size: int, stride: int, edge: str) -> WindowPlan:
     """A full stack's windows as the one planner's: on the time axis one window of every date."""
-    dates = scene.aligned.length
-    return WindowPlan.scene(scene.height, scene.width, options.patch_size, options.stride, options.edge,
-                            (dates, dates, dates))
+    return WindowPlan.scene(height, width, patch_size, stride, edge, (dates, dates, dates))
 
 
 def recorded_stack_facts(facts: dict) -> dict | None:
@@ -356,9 +356,8 @@ def recorded_stack_facts(facts: dict) -> dict | None:
         return None
     chip = facts["chip"]
     ((name, scene),) = facts["scenes"].items()  # an aligned set is one scene
-    dates = len(scene["align"]["times"])
-    windows = WindowPlan.scene(scene["height"], scene["width"], chip["patch_size"], chip["stride"], chip["edge"],
-                               (dates, dates, dates))
+    windows = stack_plan(scene["height"], scene["width"], len(scene["align"]["times"]), chip["patch_size"],
+                         chip["stride"], chip["edge"])
     return cube_facts(recorded_cube(name, scene, chip.get("label_nodata")), windows, chip["min_valid"],
                       chip["align"].get("time_from_name"), scene["statistics"])
 
@@ -414,7 +413,7 @@ def chip_options(patch_size: int, stride: int | None = None, edge: str = "shift"
         min_valid = math.ceil(fraction * (patch_time or 1) * patch_size * patch_size)
     min_valid = int(min_valid)
     # a full stack's windows hold more cells than P x P: the count's upper bound waits for its dates
-    check_options(patch_size, stride, edge, 0 if stacked and min_valid > 0 else min_valid, patch_time or 1)
+    check_options(patch_size, stride, edge, min(min_valid, 0) if stacked else min_valid, patch_time or 1)
     return ChipOptions(patch_size, stride, edge, min_valid, tuple(bands) if bands else None, patch_time, stride_time,
                        fraction)
 
@@ -468,14 +467,15 @@ def chip(
     """Chip every scene in ``dataset_dir`` into the LMDB at ``target_dir`` (see the module doc).
 
     ``min_valid``: the fewest valid finest-grid pixels a kept window has; a value below 1 is a
-    fraction of the window's pixels (with ``--group-by time``, of its cells over its dates). ``label_nodata``: the label value that means "no label"
-    (default: the label rasters' nodata); ``--edge pad`` fills label pixels outside the scene
-    with it, so labels without one are refused with pad. ``allow_ungeoreferenced``: chip
-    rasters without a geotransform (refused otherwise). ``align`` (``--grid``/``--grid-like``):
-    every file of ``dataset_dir`` (and the modalities) warped onto one target grid, chipped as one
-    scene (:mod:`rico_torch.align.scene`). ``patch_time``/``stride_time`` (``--patch-time``,
-    ``--stride-time``; with ``--group-by time`` only): windows of that many dates, stepping that
-    many, ``edge`` applying on the time axis too; keys ``<scene>_<t>_<row>_<col>``.
+    fraction of the window's pixels (with ``--group-by time``, of its cells over its dates).
+    ``label_nodata``: the label value that means "no label" (default: the label rasters' nodata);
+    ``--edge pad`` fills label pixels outside the scene with it, so labels without one are refused
+    with pad. ``allow_ungeoreferenced``: chip rasters without a geotransform (refused otherwise).
+    ``align`` (``--grid``/``--grid-like``): every file of ``dataset_dir`` (and the modalities)
+    warped onto one target grid, chipped as one scene (:mod:`rico_torch.align.scene`).
+    ``patch_time``/``stride_time`` (``--patch-time``, ``--stride-time``; with ``--group-by time``
+    only): windows of that many dates, stepping that many, ``edge`` applying on the time axis too;
+    keys ``<scene>_<t>_<row>_<col>``.
 
     Warns (stderr) for every scene that yields no window and for bands that are not pooled
     into dataset-level statistics; raises :class:`InputError` when no window at all is written.
