@@ -163,13 +163,17 @@ def test_upgrade_and_repair_add_what_an_earlier_full_stack_lacks(full, tmp_path,
 
 def test_repair_rebuilds_the_time_column(full, sources, tmp_path):  # noqa: F811
     """A lost keys.index of a full stack (time 0 for every window) and of windows over time (the key's
-    time offset) is rebuilt with its time, row and col offsets."""
+    time offset: --patch-time, encode cube) is rebuilt with its time, row and col offsets."""
+    from rico_torch.cube.encode import encode_cube
     from rico_torch.manifest import read
+    from rico_torch.synthetic.cube import make_sst_netcdf
 
-    timed = tmp_path / "timed"
+    timed, cube = tmp_path / "timed", tmp_path / "cube"
     assert encode_main([str(a) for a in stack_args(sources, *CUT, "--patch-time", 2, "--stride-time", 1, "--quiet",
                                                    "--target-dir", timed)]) == 0
-    for target in (full, timed):
+    encode_cube(make_sst_netcdf(tmp_path / "sst.nc", months=6), cube, {"time": 4, "lat": 6, "lon": 6},
+                {"time": 2, "lat": 6, "lon": 6}, min_valid=0)
+    for target in (full, timed, cube):
         copy = tmp_path / f"lost-{target.name}"
         shutil.copytree(target, copy)
         (copy / "keys.index").unlink()
@@ -181,7 +185,8 @@ def test_repair_rebuilds_the_time_column(full, sources, tmp_path):  # noqa: F811
                     for i, k in enumerate(columns["key"].tolist())}
 
         want = offsets(target)
-        assert offsets(copy) == want and {t for t, _, _ in want.values()} == ({0} if target is full else {0, 1})
+        assert offsets(copy) == want and {t for t, _, _ in want.values()} == \
+            {full: {0}, timed: {0, 1}, cube: {0, 2}}[target]
 
 
 def test_min_valid_fraction_counts_every_dates_cells(sources, tmp_path, capsys):  # noqa: F811
