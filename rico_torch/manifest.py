@@ -911,7 +911,8 @@ def upgrade(directory: str | Path) -> str:
         raise TargetError(f"{directory}: no {MANIFEST} here (an LMDB rico-hdl wrote reads without one); "
                           "nothing to upgrade")
     if "index" in manifest or not manifest.parts:
-        return f"{directory}: {MANIFEST} is in the current layout already; nothing to do"
+        return upgrade_stack(directory, manifest) or \
+            f"{directory}: {MANIFEST} is in the current layout already; nothing to do"
     ranges, index = manifest.parts[0]
     earlier = (directory / MANIFEST).read_bytes()
     _write_atomic(directory / (MANIFEST + ".v1"), lambda f: f.write(earlier))
@@ -919,6 +920,33 @@ def upgrade(directory: str | Path) -> str:
     return (f"{directory}: upgraded {MANIFEST} ({len(index):,} keys now in {INDEX}); one-way: a rico_torch older "
             f"than {INDEX} cannot read it; the earlier one is kept as {MANIFEST}.v1 (move it back over "
             f"{MANIFEST} to undo)")
+
+
+def lacks_stack_facts(facts: Mapping) -> bool:
+    """Whether ``facts`` (a manifest) are a full aligned stack's (``encode scenes --group-by time``
+    without ``--patch-time``) encoded before its cube facts were recorded: its readers need
+    ``python -m rico_torch.encode upgrade`` first."""
+    chip = facts.get("chip") or {}
+    return (facts.get("dataset") == "scenes" and "cube" not in facts and not chip.get("patch_time")
+            and (chip.get("align") or {}).get("group_by") == "time")
+
+
+def upgrade_stack(directory: Path, manifest: Manifest) -> str | None:
+    """Add what a full stack (``encode scenes --group-by time`` without ``--patch-time``) encoded
+    before it was recorded lacks: its cube facts and a ``time`` column of zeros (every window starts
+    at date 0). The line saying so; None where nothing is missing. data.mdb untouched."""
+    from .scenes.chipper import recorded_stack_facts  # lazy: the scenes package imports this module
+
+    cube = recorded_stack_facts(manifest)
+    if cube is None or len(manifest.parts) != 1:
+        return None
+    ranges, index = manifest.parts[0]
+    columns = {name: np.array(a) for name, a in index.columns.items() if name not in ("row", "col")}
+    columns["time"] = np.zeros(len(index), np.int32)  # the order an encode writes: ..., time, row, col
+    columns.update({name: np.array(index.columns[name]) for name in ("row", "col")})
+    write(directory, {**manifest, "cube": cube}, ranges, columns)
+    return (f"{directory}: recorded the aligned stack's {cube['shape'][0]} dates as one window over time "
+            f"({MANIFEST}: cube; {INDEX}: time), so the cube's readers take it; data.mdb untouched")
 
 
 def decode_keys(keys: np.ndarray) -> list[str]:

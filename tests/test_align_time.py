@@ -55,7 +55,8 @@ def test_windows_over_time_equal_independent_warps_and_the_full_stack(sources, t
     assert len(times) == 3 and grid["width"] < 1024 and grid["height"] < 1024  # one warp block: one reproject
     assert m["chip"]["patch_time"] == 2 and m["chip"]["stride_time"] == 1
     assert m["cube"]["patch"] == {"time": 2, "y": 32, "x": 32} and m["cube"]["shape"][0] == 3
-    assert "patch_time" not in whole["chip"] and "cube" not in whole
+    assert "patch_time" not in whole["chip"]  # the full stack: one window over time, every date
+    assert whole["cube"]["patch"] == {"time": 3, "y": 32, "x": 32} and whole["cube"]["stride"]["time"] == 3
 
     got, stacked = values(timed), values(full)
     spatial = {tuple(map(int, k.rsplit("_", 2)[1:])) for k in stacked}

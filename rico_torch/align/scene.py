@@ -6,8 +6,9 @@ cells from the fixed warp blocks (:class:`~rico_torch.align.warp.BlockWarper`, o
 and aligned set), so the scenes chipper's writer, manifest, statistics, shards, resume and
 verify hold unchanged. With ``--group-by time`` a value holds every date: ``{band: (T, H, W)}``;
 with ``--patch-time N`` windows run over time too (the one planner's time axis,
-:mod:`rico_torch.cube.plan`): keys ``<scene>_<t>_<row>_<col>`` and values ``{band: (N, H, W)}``, and the
-manifest describes the stack as a cube as well (:func:`as_cube`), so the cube's readers take it.
+:mod:`rico_torch.cube.plan`): keys ``<scene>_<t>_<row>_<col>`` and values ``{band: (N, H, W)}``. Either
+way the manifest describes the stack as a cube as well (:func:`as_cube`; every window of the full
+stack starts at date 0 and holds them all), so the cube's readers take it.
 """
 
 from __future__ import annotations
@@ -127,19 +128,34 @@ def as_cube(scene: Scene):
     """The aligned stack of ``scene`` (``--group-by time``) as a :class:`~rico_torch.cube.source.Cube`
     over (time, y, x): its dates as the times of a GeoTIFF stack (seconds since 1970, proleptic
     Gregorian), its bands with their nodata as fill. What a window over time (``--patch-time``)
-    records, so that the cube's readers (dataset ``time``/``bounds``/``crs``, window entries,
-    NetCDF stitching) read it as they read a cube's."""
+    and a window holding every date record, so that the cube's readers (dataset
+    ``time``/``bounds``/``crs``, window entries, NetCDF stitching) read it as they read a cube's."""
+    labels = (scene.labels,) if scene.labels is not None else ()
+    bands = [(b.name, b.dtype, b.nodata) for b in (*scene.bands, *labels)]
+    return _stack_cube(scene.name, scene.path, scene.aligned.times, bands, (scene.height, scene.width), scene.crs,
+                       scene.transform)
+
+
+def recorded_cube(name: str, scene: dict, label_nodata: float | None):
+    """:func:`as_cube` of an aligned stack from its scene entry in manifest.json (``scenes.<name>``)
+    alone, no source at hand: what ``upgrade`` records for an encode made before the cube facts were."""
+    bands = [(band, entry["dtype"], entry["nodata"]) for band, entry in scene["bands"].items()]
+    if scene.get("labels"):  # the label band's effective nodata is the chip's (--label-nodata or the raster's)
+        bands.append(("mask", scene["align"]["bands"]["mask"]["dtype"], label_nodata))
+    return _stack_cube(name, scene["path"], scene["align"]["times"], bands, (scene["height"], scene["width"]),
+                       scene["crs"], scene["transform"])
+
+
+def _stack_cube(name: str, path: str, times, bands, shape: tuple[int, int], crs: str, transform):
     from datetime import datetime, timezone
 
     from ..cube.source import STACK_CALENDAR, STACK_TIME_UNITS, Cube, CubeBand
 
-    aligned = scene.aligned
-    seconds = tuple(datetime.fromisoformat(d).replace(tzinfo=timezone.utc).timestamp() for d in aligned.times)
-    bands = tuple(CubeBand(b.name, b.dtype, b.nodata, () if b.nodata is None or math.isnan(b.nodata) else (b.nodata,))
-                  for b in (*scene.bands, *((scene.labels,) if scene.labels is not None else ())))
-    return Cube(scene.name, scene.path, "aligned", bands, {"time": "time", "y": "y", "x": "x"},
-                (aligned.length, scene.height, scene.width), seconds, STACK_TIME_UNITS, STACK_CALENDAR, scene.crs,
-                tuple(scene.transform))
+    seconds = tuple(datetime.fromisoformat(d).replace(tzinfo=timezone.utc).timestamp() for d in times)
+    cube_bands = tuple(CubeBand(band, dtype, nodata, () if nodata is None or math.isnan(nodata) else (nodata,))
+                       for band, dtype, nodata in bands)
+    return Cube(name, path, "aligned", cube_bands, {"time": "time", "y": "y", "x": "x"}, (len(times), *shape),
+                seconds, STACK_TIME_UNITS, STACK_CALENDAR, crs, tuple(transform))
 
 
 def identity(aligned: Aligned, options: AlignOptions) -> str:

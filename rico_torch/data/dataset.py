@@ -29,7 +29,7 @@ from torch.utils.data._utils.collate import default_collate_fn_map
 
 from ..errors import ArgumentTypeError, ConfigError, FormatError, MissingBandError
 from ..format import TensorInfo, parse_header, view
-from ..manifest import KeyRows, window_bounds
+from ..manifest import KeyRows, lacks_stack_facts, window_bounds
 from .store import Store, entry_shapes, open_environment, read_manifest  # noqa: F401  (re-exported)
 
 INTERPOLATIONS = ("nearest", "bilinear", "bicubic")
@@ -187,6 +187,11 @@ class LMDBPatchDataset(Dataset):
         manifest = self.store.manifest()
         if manifest is not None and not manifest.get("bands"):
             manifest = None  # an unfinished encode's manifest (allow_incomplete): the LMDB tells
+        if manifest is not None and lacks_stack_facts(manifest):
+            paths = " ".join(str(p) for p in self.store.paths)
+            raise FormatError(f"{self.store}: an aligned stack (--group-by time) encoded before its dates were "
+                              f"recorded as one window over time; run `python -m rico_torch.encode upgrade` on "
+                              f"{paths} to read it (data.mdb is not touched)")
         self.classes: tuple[str, ...] = tuple(manifest.get("classes", ())) if manifest else ()
         layouts = None  # the distinct band layouts of the items, where they were surveyed
         # keys=None over a manifest: (manifest, row segments) the keys are a view of; a worker

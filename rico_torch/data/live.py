@@ -263,7 +263,8 @@ def scene_store(dataset_dir, patch_size: int, stride: int | None = None, edge: s
     """The windows ``encode scenes`` with these options writes, as a :class:`WindowStore`."""
     from ..scenes.chipper import chip_options
 
-    options = chip_options(patch_size, stride, edge, min_valid, encode_bands, patch_time, stride_time)
+    stacked = align is not None and align.active and align.group_by == "time" and patch_time is None
+    options = chip_options(patch_size, stride, edge, min_valid, encode_bands, patch_time, stride_time, stacked)
     planner = ScenePlanner(str(dataset_dir), options, None if labels is None else str(labels), label_nodata,
                            allow_ungeoreferenced, align)
     return WindowStore(planner, survey=statistics or options.min_valid > 0, name=str(dataset_dir), readahead=readahead)

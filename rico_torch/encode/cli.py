@@ -213,14 +213,17 @@ def build_parser(prog: str = "python -m rico_torch.encode") -> argparse.Argument
          "without this, but parsed whole on every open; after it, opening maps keys.index instead. One-way: a "
          "rico_torch older than keys.index cannot read the upgraded target; the earlier manifest is kept as "
          "manifest.json.v1 (move it back over manifest.json to undo). A target in the current layout whose "
-         "keys.index is missing or damaged is repaired (see repair)."),
+         "keys.index is missing or damaged is repaired (see repair). An aligned stack encoded with --group-by time "
+         "(every date in each window) before its dates were recorded as a cube's gets them, from manifest.json "
+         "alone."),
         ("repair", "rebuild a missing, foreign or damaged keys.index from data.mdb and manifest.json",
          "Check keys.index (structure and content digest) and, where it is missing, belongs to another encode or "
          "is damaged, rebuild it from data.mdb and manifest.json: keys, each key's source, value digests, labels "
          "that follow from keys, scene window offsets. data.mdb is read, never written; the values must match the "
          "manifest's count and content hash. Within a source the rows come in key order. Columns that follow from "
          "the sources (BigEarthNet v1's label bits) need the encode re-run instead: re-running the encode of a "
-         "complete target rebuilds keys.index exactly as it was written."),
+         "complete target rebuilds keys.index exactly as it was written. Like upgrade, it records the dates of an "
+         "aligned stack encoded before they were."),
     ):
         command = sub.add_parser(name, help=what, description=description,
                                  epilog=f"example:\n  python -m rico_torch.encode {name} encoded-eurosat",

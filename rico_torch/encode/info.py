@@ -224,9 +224,12 @@ def report(path: Path, samples: int = SAMPLES, check: bool = False) -> tuple[str
         patch = " x ".join(str(cube["patch"][a]) for a in ("time", "y", "x"))
         what = (f"windows of {patch} cells of datacube {cube['name']} ({size}; {cube['time']['iso'][0]} .. "
                 f"{cube['time']['iso'][-1]}, {cube['time']['calendar']} calendar), chipped by `encode cube`")
-        if scenes:  # encode scenes --group-by time --patch-time: an aligned stack chipped over time too
+        if scenes and "patch_time" in manifest["chip"]:  # encode scenes --group-by time --patch-time
             what = (f"windows of {patch} cells (time x y x, stride {cube['stride']['time']} dates) of the aligned stack "
                     f"{cube['name']} ({size}), chipped by `encode scenes --patch-time`")
+        elif scenes:  # encode scenes --group-by time: every date in each window
+            what = (f"windows of {patch} cells (time x y x, every date in each window) of the aligned stack "
+                    f"{cube['name']} ({size}), chipped by `encode scenes --group-by time`")
     data = path / "data.mdb"
     lines = [f"{path}: {what}; {_count(entries, 'key')}; data.mdb {_size(_disk_bytes(data))} on disk"]
     for name, scene in (scenes or {}).items():

@@ -3,9 +3,11 @@
 Everything the sidecar holds follows from ``data.mdb`` and ``manifest.json``: the keys (every key
 in the LMDB), each key's source (its bands against the manifest's band table, the catalog's key
 rule where bands do not tell; a scene window's key names its scene), the digests (of the values),
-labels that follow from keys (a class-folder dataset's ``<class>_<n>`` keys) and scene window
-offsets (``<scene>_<row>_<col>``). Within a source the rows come in key order (an encode writes them
-in source path order; no reader depends on it). The values are checked against the manifest's
+labels that follow from keys (a class-folder dataset's ``<class>_<n>`` keys) and window offsets
+(``<scene>_<row>_<col>``; ``<name>_<t>_<row>_<col>`` of windows over time, and time 0 for every
+window of a full aligned stack, ``--group-by time`` without ``--patch-time``, whose missing cube
+facts it records as ``upgrade`` does). Within a source the rows come in key order (an encode
+writes them in source path order; no reader depends on it). The values are checked against the manifest's
 count and content hash first, so the rebuilt index describes the data the manifest does. Only
 ``keys.index`` and the ``index`` entry of ``manifest.json`` are written; ``data.mdb`` is read, never
 written. Re-running the encode of a complete target rebuilds it exactly as written instead (write
@@ -22,16 +24,19 @@ import lmdb
 import numpy as np
 
 from ..catalog import get_dataset
+from ..cube.plan import key_offsets
 from ..errors import FormatError, TargetError
 from ..format import parse_header
-from ..manifest import INDEX, LEGACY_FIELDS, MANIFEST, build_columns, digest64, read, read_json, require_lmdb, write
+from ..manifest import INDEX, LEGACY_FIELDS, MANIFEST, build_columns, digest64, read, read_json, require_lmdb, \
+    upgrade_stack, write
+from ..scenes.chipper import recorded_stack_facts
 from .read import value_digest
 
 _SCENE_WINDOW = re.compile(rb"^(?P<scene>.+)_(?P<row>\d+)_(?P<col>\d+)$")
 _TRAILING_NUMBER = re.compile(r"_?\d+$")  # a class-folder key: <class>[_]<n>
 #: The columns rebuilt from data.mdb and the manifest alone (others, e.g. BigEarthNet v1's label
 #: bits, come from the sources: re-running the encode rebuilds them).
-REBUILT = ("key", "sorter", "digest", "label", "row", "col")
+REBUILT = ("key", "sorter", "digest", "label", "time", "row", "col")
 
 
 def index_problem(target: Path, digest: bool = True) -> str | None:
@@ -61,11 +66,15 @@ def repair(target: str | Path, problem: str | None = None) -> str:
                           f"{INDEX})")
     problem = problem or index_problem(target)
     if problem is None:
-        return f"{target}: {INDEX} is sound (content digest checked); nothing to repair"
+        return upgrade_stack(target, read(target)) or \
+            f"{target}: {INDEX} is sound (content digest checked); nothing to repair"
     beyond = [c for c in facts.get("index", {}).get("columns", ()) if c not in REBUILT]
     if beyond:
         raise TargetError(f"{target}: {INDEX}'s {', '.join(beyond)} columns follow from the sources, not data.mdb; "
                           f"re-run the encode command (its sources at hand) to rebuild it ({problem})")
+    cube = recorded_stack_facts(facts)  # a full stack encoded before its cube facts were recorded
+    if cube is not None:
+        facts["cube"] = cube
     ranges, columns = rebuild_columns(target, facts)
     write(target, facts, ranges, columns)
     return rebuilt_line(target, f"data.mdb and {MANIFEST}", len(columns["key"]), problem)
@@ -114,7 +123,15 @@ def rebuild_columns(target: Path, facts: dict) -> tuple[dict[str, tuple[int, int
     every = [k for s in sources for k in keys[s]]
     key_column = np.array(every, dtype=np.bytes_) if every else np.zeros(0, "S1")
     more = {}
-    if facts.get("dataset") == "scenes" and "chip" in facts:
+    if "cube" in facts:  # windows described as a cube's: time, row and col offsets
+        if facts.get("dataset") == "scenes" and not facts.get("chip", {}).get("patch_time"):
+            offsets = key_offsets(key_column, 2)  # a full stack: <scene>_<row>_<col>, every window at date 0
+            more["time"] = np.zeros(len(every), "<i4")
+        else:
+            offsets = key_offsets(key_column, 3)
+            more["time"] = offsets[:, 0].astype("<i4")
+        more["row"], more["col"] = offsets[:, -2].astype("<i4"), offsets[:, -1].astype("<i4")
+    elif facts.get("dataset") == "scenes" and "chip" in facts:
         offsets = [_SCENE_WINDOW.match(k) for k in every]
         more["row"] = np.array([int(m["row"]) for m in offsets], "<i4")
         more["col"] = np.array([int(m["col"]) for m in offsets], "<i4")

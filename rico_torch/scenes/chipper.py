@@ -33,6 +33,7 @@ from ..encode.options import parse_shard
 from ..encode.read import value_layout, value_parts
 from ..encode.writer import Block, EncodeResult, encode_dataset, patch_item
 from ..format import load_value
+from ..manifest import lacks_stack_facts
 from .discover import ALLOW_UNGEOREFERENCED, EDGES, Scene, SceneWindow, check_options, check_sizes, close_rasters, \
     find_scenes, prefetch_windows, prefetched, too_few_valid, window_moments
 from .statistics import Moments, Running, batch_moments, pool, pooled_row
@@ -54,11 +55,22 @@ class ChipOptions:
     bands: tuple[str, ...] | None = None
     patch_time: int | None = None  # dates per window of an aligned --group-by time stack (None: every date)
     stride_time: int | None = None
+    # --min-valid as a fraction, kept until a full stack's dates are known (over_dates); min_valid is the count
+    min_valid_fraction: float | None = None
 
     def identity(self) -> str:
         # the time window enters only where given, so encodes without it keep their fingerprint
         timed = [self.patch_time, self.stride_time] if self.patch_time else []
         return json.dumps([self.patch_size, self.stride, self.edge, self.min_valid, self.bands, *timed])
+
+    def over_dates(self, dates: int) -> ChipOptions:
+        """The options of windows holding all ``dates`` dates of an aligned stack (no ``--patch-time``):
+        ``--min-valid`` counts their ``dates`` x P x P cells, so a fraction is taken of those."""
+        min_valid = self.min_valid
+        if self.min_valid_fraction is not None:
+            min_valid = math.ceil(self.min_valid_fraction * dates * self.patch_size * self.patch_size)
+        check_options(self.patch_size, self.stride, self.edge, min_valid, dates)
+        return replace(self, min_valid=min_valid)
 
     def window_plan(self, scene: Scene) -> WindowPlan:
         """The scene's windows: over (row, col), and over its dates too with ``patch_time``."""
@@ -198,6 +210,8 @@ class SceneManifest:
         self.owned = {s.name: (axis_owned(s.height, *shape), axis_owned(s.width, *shape)) for s in scenes}
         # windows over time (--patch-time): each stored value is measured by its window's own reader
         self.dated = {s.name: DatedWindows(s, options.window_plan(s), 0) for s in scenes} if options.patch_time else {}
+        # every date in each window (--group-by time without --patch-time): described as a cube too
+        self.stacked = {s.name: s for s in scenes if full_stack(s, options)}
         self.moments: dict[str, dict[str, Running]] = {}
         self.label_nodata = next((s.labels.nodata for s in scenes if s.labels is not None), None)
         self.refused: dict[str, str] = {}  # band -> why it is not pooled over the scenes
@@ -238,19 +252,26 @@ class SceneManifest:
             "statistics": pooled,
             "statistics_not_pooled": self.refused,
             "skipped_nodata": self.planned - len(written),
-            **({"cube": self.cube_facts(scenes)} if self.dated else {}),
+            **({"cube": self.cube_facts(scenes)} if self.dated or self.stacked else {}),
         }
 
     def cube_facts(self, scenes: dict) -> dict:
         """Windows over time: the aligned stack described as a cube (``manifest["cube"]``), so the
         cube's readers take it (dataset ``time``/``bounds``/``crs``, window entries with ``t_off``
-        and ``time``, NetCDF stitching)."""
+        and ``time``, NetCDF stitching). A full stack's windows are one window over time."""
         from ..align.scene import as_cube
         from ..cube.encode import cube_facts
 
-        ((name, dated),) = self.dated.items()  # an aligned set is one scene
-        return cube_facts(as_cube(dated.scene), dated.plan, self.options.min_valid,
-                          (self.align or {}).get("time_from_name"), scenes[name]["statistics"])
+        if self.dated:
+            ((name, dated),) = self.dated.items()  # an aligned set is one scene
+            scene, windows = dated.scene, dated.plan
+        else:
+            ((name, scene),) = self.stacked.items()
+            options = self.options
+            windows = stack_plan(scene.height, scene.width, scene.aligned.length, options.patch_size, options.stride,
+                                 options.edge)
+        return cube_facts(as_cube(scene), windows, self.options.min_valid, (self.align or {}).get("time_from_name"),
+                          scenes[name]["statistics"])
 
     def columns(self, written: np.ndarray) -> dict[str, np.ndarray]:
         """Each written window's offsets in its scene (the row's source); its transform is derived
@@ -259,6 +280,8 @@ class SceneManifest:
             offsets = key_offsets(written, 3)
             return {"time": offsets[:, 0], "row": offsets[:, 1], "col": offsets[:, 2]}  # contiguous columns
         offsets = key_offsets(written, 2)
+        if self.stacked:  # keys <scene>_<row>_<col> as they were; a cube's columns, every window at date 0
+            return {"time": np.zeros(len(written), np.int32), "row": offsets[:, 0], "col": offsets[:, 1]}
         return {"row": offsets[:, 0], "col": offsets[:, 1]}  # contiguous columns, no copy
 
 
@@ -311,6 +334,34 @@ class DatedWindows:
         return SceneWindow(self.scene, row, col, size, min_valid, (r0, r1, c0, c1), t, steps, (t0, t1))
 
 
+def full_stack(scene: Scene, options: ChipOptions) -> bool:
+    """Whether ``scene``'s windows hold every date of an aligned ``--group-by time`` stack
+    (values ``{band: (T, H, W)}``, no ``--patch-time``)."""
+    return scene.aligned is not None and bool(scene.aligned.times) and not options.patch_time
+
+
+def stack_plan(height: int, width: int, dates: int, patch_size: int, stride: int, edge: str) -> WindowPlan:
+    """A full stack's windows as the one planner's: on the time axis one window of every date."""
+    return WindowPlan.scene(height, width, patch_size, stride, edge, (dates, dates, dates))
+
+
+def recorded_stack_facts(facts: dict) -> dict | None:
+    """The cube facts (``manifest["cube"]``) a full stack encoded before they were recorded lacks,
+    from its manifest alone (the encoder's, as :meth:`SceneManifest.cube_facts` records them);
+    None where nothing is missing. What ``upgrade`` and ``repair`` add."""
+    from ..align.scene import recorded_cube
+    from ..cube.encode import cube_facts
+
+    if not lacks_stack_facts(facts):
+        return None
+    chip = facts["chip"]
+    ((name, scene),) = facts["scenes"].items()  # an aligned set is one scene
+    windows = stack_plan(scene["height"], scene["width"], len(scene["align"]["times"]), chip["patch_size"],
+                         chip["stride"], chip["edge"])
+    return cube_facts(recorded_cube(name, scene, chip.get("label_nodata")), windows, chip["min_valid"],
+                      chip["align"].get("time_from_name"), scene["statistics"])
+
+
 def check_dates(scene: Scene, patch_time: int, edge: str) -> None:
     """``--patch-time`` fits the aligned stack's dates (``--edge pad`` fills dates past the last)."""
     dates = scene.aligned.length if scene.aligned is not None else 1
@@ -342,9 +393,11 @@ def labels_identity(scenes: Sequence[Scene]) -> str:
 
 def chip_options(patch_size: int, stride: int | None = None, edge: str = "shift", min_valid: float = 1,
                  bands: Sequence[str] | None = None, patch_time: int | None = None,
-                 stride_time: int | None = None) -> ChipOptions:
+                 stride_time: int | None = None, stacked: bool = False) -> ChipOptions:
     """The checked options of a chip run (``min_valid`` below 1: a fraction of a window's pixels,
-    of its cells over time with ``patch_time``)."""
+    of its cells over time with ``patch_time``). ``stacked``: windows will hold every date of an
+    aligned ``--group-by time`` stack, whose dates are counted once it is built
+    (:meth:`ChipOptions.over_dates`), so ``min_valid`` is checked against them there."""
     stride = patch_size if stride is None else stride
     if patch_time is None and stride_time is not None:
         raise ConfigError("--stride-time needs --patch-time N")
@@ -355,11 +408,14 @@ def chip_options(patch_size: int, stride: int | None = None, edge: str = "shift"
         if not 1 <= stride_time <= patch_time:
             raise ConfigError(f"--stride-time {stride_time}: must be between 1 and --patch-time {patch_time} "
                               "(windows cover every date)")
-    if 0 < min_valid < 1:
-        min_valid = math.ceil(min_valid * (patch_time or 1) * patch_size * patch_size)
+    fraction = min_valid if 0 < min_valid < 1 else None
+    if fraction is not None:
+        min_valid = math.ceil(fraction * (patch_time or 1) * patch_size * patch_size)
     min_valid = int(min_valid)
-    check_options(patch_size, stride, edge, min_valid, patch_time or 1)
-    return ChipOptions(patch_size, stride, edge, min_valid, tuple(bands) if bands else None, patch_time, stride_time)
+    # a full stack's windows hold more cells than P x P: the count's upper bound waits for its dates
+    check_options(patch_size, stride, edge, min(min_valid, 0) if stacked else min_valid, patch_time or 1)
+    return ChipOptions(patch_size, stride, edge, min_valid, tuple(bands) if bands else None, patch_time, stride_time,
+                       fraction)
 
 
 def planned(root: Path, options: ChipOptions, labels: str | Path | None = None, label_nodata: float | None = None,
@@ -376,6 +432,8 @@ def planned(root: Path, options: ChipOptions, labels: str | Path | None = None, 
         align = replace(align, labels=None if labels is None else str(labels))
         scenes, identity = aligned_scenes(Path(root), align, options.bands, label_nodata)
         record = align.record()
+        if full_stack(scenes[0], options):
+            options = options.over_dates(scenes[0].aligned.length)
     else:
         scenes = find_scenes(Path(root), options.bands, None if labels is None else Path(labels), label_nodata,
                              allow_ungeoreferenced)
@@ -409,25 +467,28 @@ def chip(
     """Chip every scene in ``dataset_dir`` into the LMDB at ``target_dir`` (see the module doc).
 
     ``min_valid``: the fewest valid finest-grid pixels a kept window has; a value below 1 is a
-    fraction of the window's pixels. ``label_nodata``: the label value that means "no label"
-    (default: the label rasters' nodata); ``--edge pad`` fills label pixels outside the scene
-    with it, so labels without one are refused with pad. ``allow_ungeoreferenced``: chip
-    rasters without a geotransform (refused otherwise). ``align`` (``--grid``/``--grid-like``):
-    every file of ``dataset_dir`` (and the modalities) warped onto one target grid, chipped as one
-    scene (:mod:`rico_torch.align.scene`). ``patch_time``/``stride_time`` (``--patch-time``,
-    ``--stride-time``; with ``--group-by time`` only): windows of that many dates, stepping that
-    many, ``edge`` applying on the time axis too; keys ``<scene>_<t>_<row>_<col>``.
+    fraction of the window's pixels (with ``--group-by time``, of its cells over its dates).
+    ``label_nodata``: the label value that means "no label" (default: the label rasters' nodata);
+    ``--edge pad`` fills label pixels outside the scene with it, so labels without one are refused
+    with pad. ``allow_ungeoreferenced``: chip rasters without a geotransform (refused otherwise).
+    ``align`` (``--grid``/``--grid-like``): every file of ``dataset_dir`` (and the modalities)
+    warped onto one target grid, chipped as one scene (:mod:`rico_torch.align.scene`).
+    ``patch_time``/``stride_time`` (``--patch-time``, ``--stride-time``; with ``--group-by time``
+    only): windows of that many dates, stepping that many, ``edge`` applying on the time axis too;
+    keys ``<scene>_<t>_<row>_<col>``.
 
     Warns (stderr) for every scene that yields no window and for bands that are not pooled
     into dataset-level statistics; raises :class:`InputError` when no window at all is written.
     """
-    options = chip_options(patch_size, stride, edge, min_valid, bands, patch_time, stride_time)
-    stride, min_valid = options.stride, options.min_valid
-    root = Path(dataset_dir)
     aligning = align is not None and align.active
+    options = chip_options(patch_size, stride, edge, min_valid, bands, patch_time, stride_time,
+                           stacked=aligning and align.group_by == "time" and patch_time is None)
+    stride = options.stride
+    root = Path(dataset_dir)
     try:
         scenes, dataset, discovered, extension = planned(root, options, labels, label_nodata, allow_ungeoreferenced,
                                                          shard, align)
+        min_valid = extension.options.min_valid  # of a full stack's cells, once its dates are known
         if not aligning:
             warn_band_files_as_scenes(root, scenes)
     finally:
@@ -591,8 +652,8 @@ def add_parser(sub, common) -> None:
     p.add_argument("--edge", choices=EDGES, default="shift",
                    help="the last windows: shift inward (default), pad with nodata, or drop")
     p.add_argument("--min-valid", type=float, default=1, metavar="N",
-                   help="skip windows with fewer valid pixels (a value below 1: a fraction of the window); "
-                   "default 1")
+                   help="skip windows with fewer valid pixels (a value below 1: a fraction of the window; with "
+                   "--group-by time, of its cells over its dates); default 1")
     p.add_argument("--labels", type=Path, metavar="L",
                    help="label raster on the finest grid (a file, or a folder of <scene name>.tif), stored as 'mask'")
     p.add_argument("--label-nodata", type=float, metavar="V",

@@ -569,7 +569,8 @@ def valid_pixels(band: BandFile, data: np.ndarray, box: tuple[int, int, int, int
 
 
 def check_options(patch: int, stride: int, edge: str, min_valid: int, steps: int = 1) -> None:
-    """``steps``: the dates of a window over time (``--patch-time``), whose cells ``min_valid`` counts."""
+    """``steps``: the dates of a window over time (``--patch-time``, or every date of a full
+    aligned stack), whose cells ``min_valid`` counts."""
     if patch < 1:
         raise ConfigError(f"--patch-size {patch}: must be at least 1")
     if not 1 <= stride <= patch:
@@ -581,6 +582,6 @@ def check_options(patch: int, stride: int, edge: str, min_valid: int, steps: int
     if min_valid > steps * patch * patch:
         if steps > 1:
             raise ConfigError(f"--min-valid {min_valid:,}: more than the {steps * patch * patch:,} cells of a window "
-                              f"(--patch-time {steps}, --patch-size {patch}), so no window could be kept")
+                              f"({steps} dates x {patch} x {patch}), so no window could be kept")
         raise ConfigError(f"--min-valid {min_valid:,}: more than the {patch * patch:,} pixels of a window "
                           f"(--patch-size {patch}), so no window could be kept")

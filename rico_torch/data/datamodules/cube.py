@@ -147,6 +147,8 @@ class CubeDataModule(LMDBDataModule):
 
     def _cuts(self, val_start: str | None, test_start: str | None) -> tuple[str, str]:
         """The cut dates (ISO strings; compared as strings, so any calendar works)."""
+        if self.split == "block":  # none needed: a full aligned stack's windows each hold every date
+            return val_start, test_start
         iso = self._cube_manifest["cube"]["time"]["iso"]
         length, steps = len(iso), self.window[0]
         # the last steps go to test, those before to val: each its fraction, and at least one window's steps
