@@ -224,6 +224,7 @@ def test_identical_across_workers_and_shards_merge_statistics(sources, tmp_path)
     encode_cube(sources["sst"], tmp_path / "w0", patch, stride)
     encode_cube(sources["sst"], tmp_path / "w2", patch, stride, num_workers=2)
     assert (tmp_path / "w0" / "data.mdb").read_bytes() == (tmp_path / "w2" / "data.mdb").read_bytes()
+    assert read_manifest(tmp_path / "w0")["statistics"] == read_manifest(tmp_path / "w2")["statistics"]
     for i in range(2):
         encode_cube(sources["sst"], tmp_path / f"s{i}", patch, stride, shard=(i, 2))
     whole = read_manifest(tmp_path / "w0")["statistics"]["sst"]
@@ -231,6 +232,19 @@ def test_identical_across_workers_and_shards_merge_statistics(sources, tmp_path)
     assert merged["patches"] == read_manifest(tmp_path / "w0")["patches"]
     assert merged["statistics"]["sst"]["count"] == whole["count"]
     assert math.isclose(merged["statistics"]["sst"]["mean"], whole["mean"], rel_tol=1e-12)
+
+
+def test_windows_of_one_time_offset_and_chunk_row_are_one_block(sources):
+    """The writer gives the windows of one block to one worker (each chunk decoded once): windows
+    of one time offset whose rows start in one row of storage chunks share a block."""
+    from rico_torch.cube.encode import planned
+
+    cube, _, discovered, _ = planned(sources["sst"], {"time": 12, "lat": 8, "lon": 8})
+    make = discovered[0].patches.make
+    chunk_rows = cube.bands[0].chunks[1]
+    assert chunk_rows > 0
+    assert make.block_of(0, 0, 0) == make.block_of(0, chunk_rows - 1, 8) != make.block_of(0, chunk_rows, 0)
+    assert make.block_of(0, 0, 0) != make.block_of(12, 0, 0)
 
 
 def test_kill_9_then_rerun_gives_the_same_bytes(sources, tmp_path):

@@ -67,7 +67,8 @@ def aligned_scene(aligned: Aligned, path: str | Path) -> Scene:
     res = grid.resolution
 
     def band_file(spec) -> BandFile:
-        return BandFile(spec.name, aligned.name, 0, 1, grid.width, grid.height, spec.dtype, spec.nodata, False, res)
+        return BandFile(spec.name, aligned.name, 0, 1, grid.width, grid.height, spec.dtype, spec.nodata, False, res,
+                        aligned.warp_block)
 
     bands = tuple(band_file(b) for b in aligned.bands if b.name != "mask")
     labels = next((band_file(b) for b in aligned.bands if b.name == "mask"), None)

@@ -157,6 +157,12 @@ class CubeWindows:
     def prefetch(self, rows: np.ndarray) -> None:
         prefetch_windows(self.cube, self.plan.patch, rows)
 
+    def block_of(self, t: int, row: int, col: int) -> tuple:
+        """The window's time offset and row of storage chunks (the writer gives the windows of one
+        to one worker, so that each chunk is decoded once)."""
+        chunks = self.cube.bands[0].chunks
+        return (t, row // chunks[1]) if len(chunks) == 3 and chunks[1] > 0 else (t, row)
+
 
 class CubeManifest:
     """The :class:`~rico_torch.manifest.Extension` of a cube encode: the cube's facts, the chip

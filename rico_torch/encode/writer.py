@@ -46,6 +46,8 @@ from .read import BandTable, parts_digest, read_patch, value_digest, value_parts
 TXN_SIZE = 512  # puts per write transaction, as rico-hdl
 TASK_SIZE = 32  # patches per worker task: amortises process-pool overhead
 READ_AHEAD_BYTES = 1 << 30  # a chunk of more values than this is read ahead one chunk at a time, not two
+AHEAD_BYTES = 256 << 20  # windows routed by source block: values read ahead so that no worker waits
+AHEAD_CHUNKS = 256  # ... in at most this many chunks (each task's shared memory is a file of its own)
 _IOV_MAX = 512  # buffers per pwritev call (POSIX guarantees at least 16; Linux takes 1024)
 LMDB_FILES = ("data.mdb", "lock.mdb")
 STAGING = ".overwrite"  # where --overwrite builds the replacement
@@ -1023,16 +1025,19 @@ class _Handoff:
 class _Runner:
     """Yields each chunk's results in order, reading ahead in worker processes.
 
-    Each worker is a pool of its own, so that a chunk's windows go to the worker whose share of the
-    columns they are, chunk after chunk: each source block (a GeoTIFF tile, a cube's chunk) is then
-    decoded by one worker, not by every worker that happens to take a task over it. Other patches
-    (files of their own) go to the least busy worker.
+    Each worker is a pool of its own, so that windows go to the worker that has their source block:
+    all the chunks of one row of blocks (a GeoTIFF's tiles, a cube's chunks of one time offset, a warp
+    block row) to one worker, the next row to the next, each block decoded once, not by every
+    worker that takes a task over it (windows whose maker names no block: each worker its share of
+    a chunk's columns). Chunks are then read ahead until every worker has one, up to
+    :data:`AHEAD_BYTES`. Other patches (files of their own) go to the least busy worker.
     """
 
     def __init__(self, dataset_name: str, chunks: list[Chunk], num_workers: int, skip_invalid: bool) -> None:
         self.dataset_name, self.chunks = dataset_name, chunks
         self.num_workers, self.skip_invalid = num_workers, skip_invalid
         self.pools: list[tuple[ProcessPoolExecutor, list[Future]]] = []  # (a worker, its tasks in flight)
+        self.blocks: dict[tuple, int] = {}  # (source, block row) -> the worker that has it
         self.handoffs: dict[str, list[_Handoff]] = {"busy": [], "taken": [], "free": []}
 
     def __enter__(self) -> "_Runner":
@@ -1068,15 +1073,19 @@ class _Runner:
         size = max(1, -(-len(chunk.patches) // (2 * max(1, self.num_workers))))
         if not isinstance(chunk.patches, WindowList):
             size = min(TASK_SIZE, size)
+        worker = self._worker_of(chunk)
+        if worker is not None:
+            size = len(chunk.patches)  # one task, on the worker that has the block
         tasks = [chunk.patches[i : i + size] for i in range(0, len(chunk.patches), size)]
         args = [(self.dataset_name, chunk.source.name, t, self.skip_invalid) for t in tasks]
         if not self.pools:
             return [(encode_task(*a), None) for a in args]
         submitted = []
         for i, a in enumerate(args):
-            for _, running in self.pools:  # a finished task's result may view shared memory: let it go
-                running[:] = [f for f in running if not f.done()]
-            if isinstance(chunk.patches, WindowList):  # the worker of this share of the chunk's columns
+            self._running()  # a finished task's result may view shared memory: let it go
+            if worker is not None:
+                pool, running = self.pools[worker]
+            elif isinstance(chunk.patches, WindowList):  # the worker of this share of the chunk's columns
                 pool, running = self.pools[i * len(self.pools) // len(args)]
             else:
                 pool, running = min(self.pools, key=lambda p: len(p[1]))
@@ -1085,6 +1094,29 @@ class _Runner:
             running.append(task)
             submitted.append((task, handoff))
         return submitted
+
+    def _worker_of(self, chunk: Chunk) -> int | None:
+        """The worker that has (or gets) the source block of a chunk's windows; None where there are
+        not two workers or the windows' maker names no block (``make.block_of``)."""
+        block_of = getattr(getattr(chunk.patches, "make", None), "block_of", None)
+        if len(self.pools) < 2 or block_of is None or not len(chunk.patches):
+            return None
+        block = block_of(*chunk.patches.rows[0].tolist())
+        if block is None:
+            return None
+        return self.blocks.setdefault((chunk.source.name, block), len(self.blocks) % len(self.pools))
+
+    def _running(self) -> list[list[Future]]:
+        """Each worker's tasks not yet finished."""
+        for _, running in self.pools:
+            running[:] = [f for f in running if not f.done()]
+        return [running for _, running in self.pools]
+
+    def _read_ahead(self, in_flight: int, chunk_bytes: int) -> bool:
+        """Whether to submit one more chunk now: windows go to their block's worker, one of the
+        workers has nothing to do, and the chunks in flight stay within the read-ahead bounds."""
+        return bool(self.blocks) and in_flight < AHEAD_CHUNKS and (in_flight + 1) * chunk_bytes <= AHEAD_BYTES \
+            and any(not running for running in self._running())
 
     def _result(self, task, handoff: _Handoff | None) -> Batch:
         if not isinstance(task, Future):
@@ -1099,13 +1131,16 @@ class _Runner:
     def __iter__(self):
         # chunks in flight while one is committed: two while a chunk's values are small, one where
         # they pass READ_AHEAD_BYTES (Major-TOM: 5.6 GB a chunk), so that memory holds two chunks
-        queue = [self._submit(c) for c in self.chunks[:2]]
-        submitted = len(queue)
+        queue, submitted = [], 0
+        while submitted < len(self.chunks) and (submitted < 2 or self._read_ahead(submitted, 0)):
+            queue.append(self._submit(self.chunks[submitted]))
+            submitted += 1
         for _ in range(len(self.chunks)):
             tasks = queue.pop(0)
             results = [self._result(task, handoff) for task, handoff in tasks]
-            big = sum(batch.nbytes for batch in results) > READ_AHEAD_BYTES
-            while len(queue) < (1 if big else 2) and submitted < len(self.chunks):
+            nbytes = sum(batch.nbytes for batch in results)
+            while submitted < len(self.chunks) and (len(queue) < (1 if nbytes > READ_AHEAD_BYTES else 2)
+                                                    or self._read_ahead(len(queue), nbytes)):
                 queue.append(self._submit(self.chunks[submitted]))
                 submitted += 1
             yield results

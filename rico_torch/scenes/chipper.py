@@ -118,6 +118,11 @@ class SceneWindows:
     def key(self, row: int, col: int) -> str:
         return key_of(self.scene, row, col)
 
+    def block_of(self, row: int, col: int) -> int | None:
+        """Which row of the source's blocks the window at (row, col) starts in (the writer gives the
+        windows of one block row to one worker, so that each block is decoded once); None: unknown."""
+        return block_row(self.scene, row)
+
     def __call__(self, row: int, col: int) -> Patch:
         (_, _), (r0, r1), (c0, c1) = self.plan.owned(0, row, col)
         return Patch(self.key(row, col), Path(self.scene.path),
@@ -184,6 +189,12 @@ class SceneWindows:
         elif kept.any():
             yield Block([k for k, keep in zip(keys, kept.tolist()) if keep], values[kept], table,
                         None if moments is None else moments[kept])
+
+
+def block_row(scene: Scene, row: int) -> int | None:
+    """Which row of blocks of the scene's bands (finest-grid rows, the coarsest band's blocks) ``row`` is in."""
+    rows = max((b.block_rows * b.ratio for b in scene.bands), default=0)
+    return row // rows if rows > 0 else None
 
 
 class SceneManifest:
@@ -324,6 +335,11 @@ class DatedWindows:
 
     def key(self, t: int, row: int, col: int) -> str:
         return f"{self.scene.name}_{t}_{row}_{col}"
+
+    def block_of(self, t: int, row: int, col: int) -> tuple | None:
+        """The window's time offset and block row (:meth:`SceneWindows.block_of`)."""
+        block = block_row(self.scene, row)
+        return None if block is None else (t, block)
 
     def __call__(self, t: int, row: int, col: int) -> Patch:
         return Patch(self.key(t, row, col), Path(self.scene.path), reader=self.reader(t, row, col, self.min_valid))

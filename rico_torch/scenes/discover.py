@@ -51,6 +51,7 @@ class BandFile:
     nodata: float | None
     masked: bool
     resolution: tuple[float, float]
+    block_rows: int = 0  # rows of its file read together (a tile's or strip's; a warp block's); 0: unknown
 
 
 @dataclass(frozen=True)
@@ -175,7 +176,8 @@ def _band_files(path: str, names: Sequence[str] | None, allow_ungeoreferenced: b
         nodata = src.nodatavals[i - 1]
         masked = nodata is None and any(f.name in ("per_dataset", "alpha") for f in flags[i - 1])
         out.append(BandFile(key, path, i, 1, width, height, src.dtypes[i - 1],
-                            None if nodata is None else float(nodata), masked, (abs(a), abs(e))))
+                            None if nodata is None else float(nodata), masked, (abs(a), abs(e)),
+                            int(src.block_shapes[i - 1][0])))
     return out
 
 
@@ -209,7 +211,7 @@ def _relate(scene_path: str, bands: list[BandFile]) -> tuple[list[BandFile], int
                              f"finest pixel size, so it does not cover the extent of {Path(finest.path).name} "
                              f"({finest.width}x{finest.height} px)")
         related.append(BandFile(band.name, band.path, band.index, ratio, band.width, band.height, band.dtype,
-                                band.nodata, band.masked, band.resolution))
+                                band.nodata, band.masked, band.resolution, band.block_rows))
     return related, finest.width, finest.height, crs, transform
 
 
