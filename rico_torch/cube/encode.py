@@ -129,7 +129,7 @@ def windows_of(cube: Cube, plan: WindowPlan, min_valid: int,
     source = Source(cube.name, "--source", "", Path(cube.path).is_dir(), tuple(Band(b) for b in cube.band_names),
                     None, noun=f"windows of {cube.name}")
     make = CubeWindows(cube, plan, min_valid)
-    windows = WindowList(make, plan.offsets(np.int32))  # (t, row, col): 12 B a window, no object each
+    windows = WindowList(make, plan.rows())  # (t, row, col), made for the windows asked for
     if shard is not None:
         windows = windows.shard(*shard)
     dataset = Dataset(NAME, "Datacube", (source,), description="windows of a datacube over (time, y, x)",

@@ -101,6 +101,11 @@ class WindowPlan:
         t, r, c = self.starts
         return len(t) * len(r) * len(c)
 
+    def rows(self, axes: slice = slice(None)) -> "PlanRows":
+        """:meth:`offsets` of ``axes`` (all three, or e.g. ``slice(1, None)``: a scene's row and col),
+        made on demand (:class:`PlanRows`)."""
+        return PlanRows(self.starts[axes])
+
     def offsets(self, dtype=np.int64) -> np.ndarray:
         """Every window's (t, row, col), ``(count, 3)``, in write order (time, row, col nested)."""
         t, r, c = (np.asarray(s, dtype) for s in self.starts)
@@ -113,6 +118,46 @@ class WindowPlan:
     def owned(self, t: int, row: int, col: int) -> tuple[tuple[int, int], tuple[int, int], tuple[int, int]]:
         """The cells [lo, hi) per axis that the window at (t, row, col) owns (in grid coordinates)."""
         return tuple(a.owned[s] for a, s in zip(self.axes, (t, row, col)))  # type: ignore[return-value]
+
+
+class PlanRows:
+    """A plan's window offsets in write order, ``(count, len(starts))`` int32, made only for the rows
+    asked for: the table of 10M windows would be 80-120 MB, this is the axes' starts.
+
+    ``starts``: per axis (outermost first) the window starts; row ``i`` is the ``i``-th combination in
+    nested order (the last axis fastest), as :meth:`WindowPlan.offsets`. Indexing with an int gives
+    one row, with a slice, an index array or a mask an ``ndarray`` of those rows.
+    """
+
+    dtype = np.dtype(np.int32)
+
+    def __init__(self, starts) -> None:
+        self.starts = tuple(np.asarray(s, np.int32) for s in starts)
+        self.shape = (int(np.prod([len(s) for s in self.starts])), len(self.starts))
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    def __getitem__(self, index) -> np.ndarray:
+        if isinstance(index, (int, np.integer)):
+            return self[np.array([index])][0]
+        if isinstance(index, slice):
+            index = np.arange(*index.indices(len(self)))
+        index = np.asarray(index)
+        if index.dtype == bool:
+            index = np.flatnonzero(index)
+        index = np.where(index < 0, index + len(self), index).astype(np.int64)
+        if len(index) and not (0 <= index.min() and index.max() < len(self)):
+            raise IndexError(f"window row out of range 0..{len(self) - 1}")
+        out = np.empty((len(index), len(self.starts)), np.int32)
+        for axis in range(len(self.starts) - 1, -1, -1):
+            n = len(self.starts[axis])
+            out[:, axis] = self.starts[axis][index % n]
+            index = index // n
+        return out
+
+    def __reduce__(self):
+        return PlanRows, (self.starts,)
 
 
 def key_offsets(keys: np.ndarray, parts: int, chunk: int = 1 << 20) -> np.ndarray:

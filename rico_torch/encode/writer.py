@@ -26,6 +26,7 @@ from collections import Counter
 from concurrent.futures import Future, ProcessPoolExecutor
 from dataclasses import dataclass, field
 from hashlib import sha256
+from itertools import islice
 from multiprocessing import get_context
 from pathlib import Path
 from typing import NamedTuple
@@ -366,8 +367,9 @@ def _fingerprint(dataset: Dataset, discovered: list[SourcePatches], identity: st
         h.update(b"\0options\0" + identity.encode())
     for sp in discovered:
         h.update(b"\0source\0" + sp.source.name.encode())
-        for key in patch_keys(sp.patches):
-            h.update(b"\0" + key.encode())
+        keys = patch_keys(sp.patches)
+        while block := list(islice(keys, 1 << 16)):  # "\0" + key, key after key: hashed in blocks
+            h.update(b"\0" + "\0".join(block).encode())
     return h.hexdigest()
 
 
@@ -502,20 +504,19 @@ class _KeyLog:
         if not self.rows:
             return ranges, np.zeros(0, "S1"), np.zeros(0, np.uint64)
         self._flush()
-        raw, lengths, digests = self._mapped(0, np.uint8), self._mapped(1, np.uint16), self._mapped(2, np.uint64)
+        raw, lengths = self.files[0], self.files[1]
+        raw.seek(0)
+        lengths.seek(0)
         width = self.width
         out = tempfile.TemporaryFile(dir=self.directory)
-        out.truncate(self.rows * width)
-        keys = np.memmap(out, dtype=np.uint8, mode="r+", shape=(self.rows, width))
-        at = 0
-        for start in range(0, self.rows, self.BLOCK):  # fixed-width rows, a block at a time
-            n = lengths[start : start + self.BLOCK].astype(np.int64)
+        for start in range(0, self.rows, self.BLOCK):  # fixed-width rows, a block at a time (read, not mapped)
+            n = np.frombuffer(lengths.read(2 * min(self.BLOCK, self.rows - start)), np.uint16).astype(np.int64)
             block = np.zeros((len(n), width), np.uint8)
-            block[np.arange(width) < n[:, None]] = raw[at : at + int(n.sum())]
-            keys[start : start + len(n)] = block
-            at += int(n.sum())
-        keys.flush()
-        keys = keys.view(f"S{width}").ravel()
+            block[np.arange(width) < n[:, None]] = np.frombuffer(raw.read(int(n.sum())), np.uint8)
+            out.write(block.data)
+        out.flush()
+        keys = np.memmap(out, dtype=f"S{width}", mode="r", shape=(self.rows,))
+        digests = self._mapped(2, np.uint64)
         if [s for s, _, _ in self.runs] != sources:
             # a source's keys in several runs, or sources out of order (not an encode's): gathered in memory
             rows = np.concatenate([np.arange(first, end) for s in sources for r, first, end in self.runs if r == s])

@@ -96,7 +96,7 @@ def plan(scenes: Sequence[Scene], options: ChipOptions,
                         tuple(Band(n) for n in names), scene.bands[0].dtype, noun=f"windows of {scene.name}")
         windows = options.window_plan(scene)
         # (row, col), or (t, row, col) over time; no object per window (12 B each)
-        rows = windows.offsets(np.int32)[:, 0 if options.patch_time else 1 :].copy()
+        rows = windows.rows(slice(0 if options.patch_time else 1, None))  # no table of every window
         make = (DatedWindows if options.patch_time else SceneWindows)(scene, windows, options.min_valid)
         patches = WindowList(make, rows)
         sources.append(source)

@@ -101,10 +101,10 @@ def pooled_row(rows: np.ndarray) -> tuple[float, float, float, float, float]:
     if not len(rows):
         return (0, 0.0, 0.0, math.inf, -math.inf)
     count, means = rows[:, 0], rows[:, 1]
-    n = math.fsum(count)
-    mean = math.fsum(count * means) / n
+    n = math.fsum(count.tolist())
+    mean = math.fsum((count * means).tolist()) / n
     deviation = means - mean
-    m2 = math.fsum(rows[:, 2]) + math.fsum(count * deviation * deviation)
+    m2 = math.fsum(rows[:, 2].tolist()) + math.fsum((count * deviation * deviation).tolist())
     return (n, mean, m2, float(rows[:, 3].min()), float(rows[:, 4].max()))
 
 
