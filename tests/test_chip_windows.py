@@ -47,29 +47,34 @@ def test_windows_together_equal_windows_one_by_one(scenes, tmp_path, monkeypatch
 
 def test_a_block_row_goes_to_one_worker_and_the_bytes_do_not_change(tmp_path):
     """With two workers the windows of one row of source blocks (tiles) go to one worker, the next
-    row to the other (each tile decoded once, not by both); data.mdb and the manifest's statistics
-    are those of an encode in one process."""
+    row to the other (each tile decoded once, not by both), where there are at least two block rows
+    per worker (with fewer, each chunk is split between the workers); data.mdb and the manifest's
+    statistics are those of an encode in one process."""
     from affine import Affine
 
     from rico_torch.encode.writer import _chunks, _Runner
     from rico_torch.synthetic._geotiff import write_geotiff
 
     rng = np.random.default_rng(3)
-    write_geotiff(tmp_path / "scenes" / "tiled.tif", rng.integers(1, 255, (3, 128, 512), dtype=np.uint8),
-                  crs="EPSG:32632", transform=Affine(10, 0, 5e5, 0, -10, 5e6), compress="deflate", tiled=True,
-                  blocksize=64)
-    (scene,) = find_scenes(tmp_path / "scenes")
-    assert scene.bands[0].block_rows == 64
+    for name, height, block in (("tiled", 256, 32), ("few", 128, 64)):
+        write_geotiff(tmp_path / name / f"{name}.tif", rng.integers(1, 255, (3, height, 512), dtype=np.uint8),
+                      crs="EPSG:32632", transform=Affine(10, 0, 5e5, 0, -10, 5e6), compress="deflate", tiled=True,
+                      blocksize=block)
+    (scene,) = find_scenes(tmp_path / "tiled")
+    assert scene.bands[0].block_rows == 32
     dataset, discovered = plan([scene], ChipOptions(8, 8))
-    assert [discovered[0].patches.make.block_of(r, 0) for r in (0, 56, 64, 120)] == [0, 0, 1, 1]
-    chunks = _chunks(discovered)  # 1,024 windows: two chunks of eight window rows, one tile row each
+    assert [discovered[0].patches.make.block_of(r, 0) for r in (0, 24, 32, 248)] == [0, 0, 1, 7]
+    chunks = _chunks(discovered)  # 2,048 windows: four chunks of eight window rows, two tile rows each
     with _Runner("scenes", chunks, 2, False) as runner:
-        assert [runner._worker_of(c) for c in chunks] == [0, 1]
+        assert [runner._worker_of(c) for c in chunks] == [0, 1, 0, 1]
     with _Runner("scenes", chunks, 1, False) as runner:
-        assert [runner._worker_of(c) for c in chunks] == [None, None]  # one worker: nothing to route
+        assert [runner._worker_of(c) for c in chunks] == [None] * 4  # one worker: nothing to route
+    few = _chunks(plan(find_scenes(tmp_path / "few"), ChipOptions(8, 8))[1])  # two tile rows, two workers
+    with _Runner("scenes", few, 2, False) as runner:
+        assert [runner._worker_of(c) for c in few] == [None, None]
     close_rasters()
     for n in (0, 2):
-        chip(tmp_path / "scenes", tmp_path / f"w{n}", 8, num_workers=n, quiet=True)
+        chip(tmp_path / "tiled", tmp_path / f"w{n}", 8, num_workers=n, quiet=True)
     assert (tmp_path / "w0" / "data.mdb").read_bytes() == (tmp_path / "w2" / "data.mdb").read_bytes()
     statistics = [json.loads((tmp_path / f"w{n}" / "manifest.json").read_text())["statistics"] for n in (0, 2)]
-    assert statistics[0] == statistics[1] and statistics[0]["B1"]["count"] == 128 * 512
+    assert statistics[0] == statistics[1] and statistics[0]["B1"]["count"] == 256 * 512

@@ -1039,12 +1039,24 @@ class _Runner:
         self.num_workers, self.skip_invalid = num_workers, skip_invalid
         self.pools: list[tuple[ProcessPoolExecutor, list[Future]]] = []  # (a worker, its tasks in flight)
         self.blocks: dict[tuple, int] = {}  # (source, block row) -> the worker that has it
+        self.spread: set[str] = set()  # the sources whose windows are routed by block
         self.handoffs: dict[str, list[_Handoff]] = {"busy": [], "taken": [], "free": []}
 
     def __enter__(self) -> "_Runner":
         if self.num_workers > 0 and self.chunks:
             self.pools = [(worker_pool(1), []) for _ in range(self.num_workers)]
+            self.spread = self._blocky_sources()
         return self
+
+    def _blocky_sources(self) -> set[str]:
+        """The sources whose windows are routed by block: those with at least two rows of blocks per
+        worker (with fewer, a worker would wait while another decodes every block: split instead)."""
+        blocks: dict[str, set] = {}
+        for chunk in self.chunks:
+            block_of = getattr(getattr(chunk.patches, "make", None), "block_of", None)
+            if block_of is not None and len(chunk.patches):
+                blocks.setdefault(chunk.source.name, set()).add(block_of(*chunk.patches.rows[0].tolist()))
+        return {s for s, seen in blocks.items() if None not in seen and len(seen) >= 2 * len(self.pools)}
 
     def __exit__(self, *exc) -> None:
         for _, running in self.pools:  # nothing more starts anywhere while one worker is waited for
@@ -1098,13 +1110,10 @@ class _Runner:
 
     def _worker_of(self, chunk: Chunk) -> int | None:
         """The worker that has (or gets) the source block of a chunk's windows; None where there are
-        not two workers or the windows' maker names no block (``make.block_of``)."""
-        block_of = getattr(getattr(chunk.patches, "make", None), "block_of", None)
-        if len(self.pools) < 2 or block_of is None or not len(chunk.patches):
+        not two workers or the source's windows are not routed by block (:meth:`_blocky_sources`)."""
+        if len(self.pools) < 2 or chunk.source.name not in self.spread:
             return None
-        block = block_of(*chunk.patches.rows[0].tolist())
-        if block is None:
-            return None
+        block = chunk.patches.make.block_of(*chunk.patches.rows[0].tolist())
         return self.blocks.setdefault((chunk.source.name, block), len(self.blocks) % len(self.pools))
 
     def _running(self) -> list[list[Future]]:
@@ -1132,10 +1141,8 @@ class _Runner:
     def __iter__(self):
         # chunks in flight while one is committed: two while a chunk's values are small, one where
         # they pass READ_AHEAD_BYTES (Major-TOM: 5.6 GB a chunk), so that memory holds two chunks
-        queue, submitted = [], 0
-        while submitted < len(self.chunks) and (submitted < 2 or self._read_ahead(submitted, 0)):
-            queue.append(self._submit(self.chunks[submitted]))
-            submitted += 1
+        queue = [self._submit(c) for c in self.chunks[:2]]  # more once a chunk's size is known
+        submitted = len(queue)
         for _ in range(len(self.chunks)):
             tasks = queue.pop(0)
             results = [self._result(task, handoff) for task, handoff in tasks]
