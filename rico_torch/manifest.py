@@ -789,16 +789,26 @@ def _merge_band(a: dict, b: dict) -> dict:
 
 
 def merge(manifests: Sequence[Manifest | None]) -> Manifest | None:
-    """The manifests of LMDBs read together (shards) as one: the first's facts, with bands, counts
-    and scenes merged over all and every part's sidecar kept (mapped, not copied). None if any
-    LMDB has no manifest (rico-hdl's output)."""
+    """The manifests of LMDBs read together (shards) as one: the first's facts, with bands, counts,
+    skipped patches (listed and counted) and scenes merged over all and every part's sidecar kept
+    (mapped, not copied). None if any LMDB has no manifest (rico-hdl's output)."""
     if any(m is None for m in manifests):
         return None
     if len(manifests) == 1:
         return manifests[0]
     first = manifests[0]
     facts = {k: v for k, v in first.items() if k not in ("shard", "index")}
-    facts.update(complete=all(m.get("complete") is not False for m in manifests), bands={}, counts={})
+    facts.update(complete=all(m.get("complete") is not False for m in manifests), bands={}, counts={},
+                 skipped=[s for m in manifests for s in m.get("skipped", [])])
+    nodata = [m.get("skipped_nodata_per_source") for m in manifests]
+    if any(n is not None for n in nodata):  # windows skipped as nodata: each shard counted its own
+        per_source: dict[str, int] = {}
+        for counts in filter(None, nodata):
+            for source, n in counts.items():
+                per_source[source] = per_source.get(source, 0) + n
+        facts.update(skipped_nodata=sum(per_source.values()), skipped_nodata_per_source=per_source)
+    elif any("skipped_nodata" in m for m in manifests):  # an earlier version's total only
+        facts["skipped_nodata"] = sum(m.get("skipped_nodata", 0) for m in manifests)
     if any("scenes" in m for m in manifests):
         facts["scenes"] = {}
     for m in manifests:

@@ -128,7 +128,9 @@ def test_the_cube_dataset_points_at_the_cube_config_and_datamodule(sources):
 def test_all_nan_windows_skipped_by_min_valid(sources, tmp_path):
     result = encode_cube(sources["sst"], tmp_path / "t", {"time": 2, "lat": 1, "lon": 4}, min_valid=1)
     nan_row = [k for k in values(tmp_path / "t") if k.split("_")[-2] == "0"]
-    assert not nan_row and result.written == 13 * 17 * 9 - sum(1 for s in result.skipped if s["key"].split("_")[-2] != "0")
+    # 13 x 18 x 9 windows: each written or counted as nodata (the NaN row's 13 x 9 among them), none listed
+    assert not nan_row and result.written + result.skipped_nodata["sst.mnmean"] == 13 * 18 * 9
+    assert result.skipped_nodata["sst.mnmean"] > 13 * 9 and result.skipped == []
 
 
 def test_projected_zarr_pad_edges(sources, tmp_path):

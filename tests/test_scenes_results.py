@@ -375,7 +375,12 @@ def test_skipped_nodata_windows_are_said_so_with_thousands_separators(tmp_path, 
                  "--patch-size", "30", "--min-valid", "0.9", "--num-workers", "0"]) == 0
     err = capsys.readouterr().err
     assert "skipped 16 as nodata (too few valid pixels)" in err and "invalid" not in err
-    assert "skipped 16 patches as nodata, with fewer valid pixels than asked (listed in manifest.json)" in err
+    assert ("skipped 16 patches as nodata, with fewer valid pixels than asked (counted in manifest.json: "
+            "skipped_nodata)") in err
+    line = EncodeResult(tmp_path, 5, [{"key": "bad", "reason": "r"}], 1.0, 10, {"a": 5},
+                        skipped_nodata={"a": 1200, "b": 34}).summary()
+    assert line.endswith("; skipped 1,234 as nodata (too few valid pixels); skipped 1 invalid: bad")
+    # a manifest of an earlier version lists nodata windows one by one: counted the same
     many = [{"key": f"k{i}", "reason": "r", "kind": "nodata"} for i in range(1234)] + [{"key": "bad", "reason": "r"}]
     line = EncodeResult(tmp_path, 5, many, 1.0, 10, {"a": 5}).summary()
     assert line.endswith("; skipped 1,234 as nodata (too few valid pixels); skipped 1 invalid: bad")

@@ -168,8 +168,8 @@ class CubeManifest:
     """The :class:`~rico_torch.manifest.Extension` of a cube encode: the cube's facts, the chip
     options, each written window's offsets, statistics over the cells each window owns."""
 
-    def __init__(self, cube: Cube, plan: WindowPlan, options: dict, planned: int) -> None:
-        self.cube, self.plan, self.options, self.planned = cube, plan, options, planned
+    def __init__(self, cube: Cube, plan: WindowPlan, options: dict) -> None:
+        self.cube, self.plan, self.options = cube, plan, options
         self.identity = json.dumps(options, sort_keys=True)
         self.moments = [Running() for _ in cube.bands]
 
@@ -189,8 +189,7 @@ class CubeManifest:
             "cube": cube_facts(self.cube, self.plan, self.options["min_valid"], self.options["time_from_name"],
                                statistics),
             "statistics": statistics,
-            "skipped_nodata": self.planned - len(written),
-        }
+        }  # the windows skipped as nodata: counted by the writer (skipped_nodata)
 
     def columns(self, written: np.ndarray) -> dict[str, np.ndarray]:
         offsets = key_offsets(written, 3)
@@ -235,7 +234,7 @@ def planned(source: str | Path, patch: Mapping[str, int], stride: Mapping[str, i
     options = {"patch": list(plan.patch), "stride": [a.stride for a in plan.axes],
                "edge": [a.edge for a in plan.axes], "min_valid": min_valid, "bands": list(cube.band_names),
                "dims": dict(cube.dims), "time": list(cube.time), "time_from_name": time_from_name}
-    return cube, dataset, discovered, CubeManifest(cube, plan, options, len(discovered[0].patches))
+    return cube, dataset, discovered, CubeManifest(cube, plan, options)
 
 
 def encode_cube(
@@ -270,7 +269,7 @@ def encode_cube(
     finally:
         close_cubes()
     if result.written == 0 and discovered[0].patches:
-        raise InputError(printable(Path(target_dir)), f"no window was written: all {len(result.skipped):,} were skipped "
+        raise InputError(printable(Path(target_dir)), f"no window was written: all {len(discovered[0].patches):,} were skipped "
                          f"(fewer than --min-valid {min_valid:,} valid cells); lower --min-valid")
     return result
 

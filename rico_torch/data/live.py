@@ -30,7 +30,7 @@ import numpy as np
 from ..cube.source import DECODED_CHUNKS_BYTES
 from ..encode.discover import SkipPatch, SourcePatches
 from ..encode.read import value_parts
-from ..encode.writer import TXN_SIZE, _Stats
+from ..encode.writer import NODATA_PER_SOURCE, TXN_SIZE, _Stats
 from ..errors import ConfigError
 from ..manifest import KeyIndex, Manifest, build_columns
 from .dataset import LMDBPatchDataset
@@ -64,6 +64,7 @@ class WindowStore:
         dataset, discovered, extension = planner()
         stats = _Stats(extensions=[extension] if survey else [])
         kept: list[np.ndarray] = []  # per source: (source, window) of its windows in key-column order
+        nodata = {sp.source.name: 0 for sp in discovered}  # per source: windows left out (as the encoder counts them)
         for s, sp in enumerate(discovered):
             windows, rows = sp.patches, []
             if not len(windows):
@@ -82,6 +83,7 @@ class WindowStore:
                     try:
                         value = encode(patch.reader())
                     except SkipPatch:
+                        nodata[sp.source.name] += 1
                         continue
                     stats.add(sp.source.name, patch.key, value, digest=0)
                     rows.append(i)
@@ -93,6 +95,7 @@ class WindowStore:
         facts = {
             "dataset": dataset.name, "complete": True, "patches": len(keys), "counts": dict(stats.counts),
             "bands": stats.band_table(), "classes": list(dataset.classes), "live": True,
+            "skipped_nodata": sum(nodata.values()), NODATA_PER_SOURCE: nodata,
         }
         columns = build_columns(keys)
         facts.update(extension.manifest(keys))

@@ -16,7 +16,7 @@ from ..manifest import Entries, require_lmdb, upgrade
 from . import hashes
 from .discover import discover, printable
 from .options import DEMO_TMP_PREFIX, demo_fit_command, parse_shard
-from .writer import EncodeResult, TargetLock, encode_dataset, split_skipped
+from .writer import EncodeResult, TargetLock, encode_dataset
 
 DESCRIPTION = """\
 Convert a remote-sensing patch dataset into one LMDB whose values are safetensors dicts
@@ -484,10 +484,10 @@ def main(argv: list[str] | None = None, prog: str = "python -m rico_torch.encode
     if not args.quiet:
         print(result.summary(), file=sys.stderr)
         print(next_steps(args.target_dir, args.dataset, getattr(args, "shard", None)), file=sys.stderr)
-    nodata, invalid = split_skipped(result.skipped)
+    nodata, invalid = result.nodata_and_invalid()
     if nodata and not args.quiet:
-        print(f"skipped {len(nodata):,} patches as nodata, with fewer valid pixels than asked (listed in "
-              "manifest.json)", file=sys.stderr)
+        print(f"skipped {nodata:,} patches as nodata, with fewer valid pixels than asked (counted in manifest.json: "
+              "skipped_nodata)", file=sys.stderr)
     if invalid:
         print(f"skipped {len(invalid):,} invalid patches (listed in manifest.json):", file=sys.stderr)
         for s in invalid[:20]:

@@ -27,7 +27,7 @@ from ..contents import Recognised, header, recognise, recognise_patch
 from ..errors import DatasetNotFoundError, TargetError, UnknownKeyError, UserError
 from ..format import load_value
 from ..manifest import Manifest, encoder_running
-from .writer import read_manifest
+from .writer import NODATA_PER_SOURCE, read_manifest, split_skipped
 
 #: Values whose headers are read per key group when there is no manifest.
 SAMPLES = 16
@@ -179,6 +179,17 @@ def _band_lines(group: Group) -> list[str]:
     return [f"    {kind}: {_names(bands)}" for kind, bands in by_kind.items()]
 
 
+def skipped_line(manifest: Manifest) -> str:
+    """What the encode left out: windows skipped as nodata (counted; an earlier version listed
+    them) and patches that could not be read (listed); "" where none."""
+    listed, invalid = split_skipped(manifest.get("skipped", []))
+    nodata = sum(manifest.get(NODATA_PER_SOURCE, {}).values()) + len(listed)
+    parts = [f"{nodata:,} as nodata (too few valid cells)"] if nodata else []
+    if invalid:
+        parts.append(f"{len(invalid):,} unreadable (listed in manifest.json: skipped)")
+    return f"skipped at encode: {', '.join(parts)}" if parts else ""
+
+
 def fit_line(path: Path, dataset: Dataset, manifest: dict | None) -> str:
     """The DataModule and config that train on the LMDB, and the command."""
     from .options import DEMO_CONFIG, DEMO_TMP_PREFIX, demo_fit_command
@@ -249,6 +260,8 @@ def report(path: Path, samples: int = SAMPLES, check: bool = False) -> tuple[str
             lines.append(f"keys.index: sound ({manifest.key_count():,} keys, content digest checked)")
         if manifest.get("shard"):
             lines.append(f"shard {manifest['shard']['index']} of {manifest['shard']['count']}")
+        if skipped := skipped_line(manifest):
+            lines.append(skipped)
         if manifest.get("complete") and manifest.get("patches") not in (None, entries):
             lines.append(f"warning: the manifest lists {manifest['patches']:,} patches, the LMDB holds {entries:,} keys; "
                          "check it with `python -m rico_torch.encode verify --target-dir "

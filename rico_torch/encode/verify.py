@@ -6,7 +6,8 @@ match its recorded per-key digest, and the keys, patch count and order-independe
 hash must equal the manifest's. With sources: the sources are re-read in parallel and every
 value must equal what encoding them gives now (which the tests tie to rasterio's read); a
 shard is compared with its part of the sources, and patches the manifest lists as skipped
-are expected absent. An LMDB without a manifest (rico-hdl's output) is decoded value by value
+are expected absent, as are windows the reader skips as nodata (too few valid cells: counted, not
+listed, in the manifest) if they are absent and as many as the manifest counts. An LMDB without a manifest (rico-hdl's output) is decoded value by value
 and, given the dataset and its sources, compared with them. A corrupt LMDB (a page LMDB
 cannot read) is a problem naming data.mdb, not a crash.
 """
@@ -25,7 +26,7 @@ from ..format import parse_header
 from .discover import discover, select_shard
 from ..manifest import Manifest, decode_keys, digest64, encoder_running
 from .read import value_digest
-from .writer import MANIFEST, TASK_SIZE, encode_task, progress_bar, read_manifest, worker_pool
+from .writer import MANIFEST, NODATA_PER_SOURCE, TASK_SIZE, encode_task, progress_bar, read_manifest, worker_pool
 
 
 @dataclass
@@ -36,6 +37,7 @@ class VerifyReport:
     content_hash: str = ""
     sources_compared: int = 0
     skipped_at_encode: int = 0  # source patches the manifest lists as skipped: expected absent
+    nodata: int = 0  # source windows the reader skips as nodata, absent from the LMDB as they should be
     has_manifest: bool = True
 
     @property
@@ -48,6 +50,8 @@ class VerifyReport:
             what += f", {self.sources_compared:,} compared with their sources"
         if self.skipped_at_encode:
             what += f", {self.skipped_at_encode:,} skipped at encode time (listed in {MANIFEST})"
+        if self.nodata:
+            what += f", {self.nodata:,} skipped as nodata (too few valid cells, as at encode time)"
         if not self.has_manifest:
             what += f"; no {MANIFEST} (as rico-hdl writes), so no recorded digests, key list or count to check"
         if self.ok:
@@ -259,13 +263,19 @@ def _compare_discovered(dataset_name, discovered, manifest, roots, stored_digest
     else:
         pool, results = None, map(_digests_task, tasks)
     seen = set()
+    nodata = dict.fromkeys((sp.source.name for sp in discovered), 0)  # source -> windows skipped as nodata now
     try:
-        for chunk in results:
-            for key, digest, error in chunk:
+        for source, chunk in results:
+            for key, digest, error, skipped_as_nodata in chunk:
                 seen.add(key)
                 bar.update(1)
                 report.sources_compared += 1
-                if error is not None:
+                if skipped_as_nodata and key in stored_digests:
+                    report.problems.append(f"{key}: in the LMDB but its source is skipped as nodata now: {error}")
+                elif skipped_as_nodata:  # absent, as the encode left it out
+                    nodata[source] += 1
+                    report.nodata += 1
+                elif error is not None:
                     report.problems.append(f"{key}: source unreadable: {error}")
                 elif key not in stored_digests:
                     report.problems.append(f"{key}: in the sources but not in the LMDB")
@@ -280,12 +290,17 @@ def _compare_discovered(dataset_name, discovered, manifest, roots, stored_digest
     else:  # no record of which source a key came from: every key must be in the given sources
         expected = list(stored_digests)
     report.problems.extend(f"{k}: in the LMDB but not in the sources" for k in expected if k not in seen)
+    counted = manifest.get(NODATA_PER_SOURCE, {})  # absent from manifests of earlier versions (they list them)
+    report.problems.extend(f"{source}: {n:,} windows are skipped as nodata now, {MANIFEST} counts {counted[source]:,}"
+                           for source, n in nodata.items() if source in counted and n != counted[source])
 
 
-def _digests_task(args) -> list[tuple[str, int, str | None]]:
-    """Encode patches as the encoder would and return only their digests (small to send back)."""
+def _digests_task(args) -> tuple[str, list[tuple[str, int | None, str | None, bool]]]:
+    """Encode patches as the encoder would and return only their digests (small to send back):
+    (source, [(key, digest, why it was skipped, whether as nodata)])."""
     batch = encode_task(*args, values=False)
-    return [*zip(batch.keys, batch.full, [None] * len(batch)), *((key, None, why) for key, why, _ in batch.skipped)]
+    return args[1], [*((key, digest, None, False) for key, digest in zip(batch.keys, batch.full)),
+                     *((key, None, why, nodata) for key, why, nodata in batch.skipped)]
 
 
 def print_report(report: VerifyReport, limit: int = 50) -> None:

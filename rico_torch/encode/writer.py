@@ -15,6 +15,7 @@ which dataset and inputs the target belongs to.
 from __future__ import annotations
 
 import fcntl
+import json
 import mmap
 import os
 import shutil
@@ -52,8 +53,9 @@ AHEAD_CHUNKS = 256  # ... in at most this many chunks (each task's shared memory
 _IOV_MAX = 512  # buffers per pwritev call (POSIX guarantees at least 16; Linux takes 1024)
 LMDB_FILES = ("data.mdb", "lock.mdb")
 STAGING = ".overwrite"  # where --overwrite builds the replacement
+SKIP_LOG = "skipped.jsonl"  # an unfinished encode's invalid patches, for a resumed run (see _SkipLog)
 #: What an encode writes, the manifest an upgrade replaced and the demo's metadata
-OUR_FILES = (*LMDB_FILES, MANIFEST, INDEX, LOCK, STAGING, MANIFEST + ".v1", "metadata.parquet")
+OUR_FILES = (*LMDB_FILES, MANIFEST, INDEX, LOCK, STAGING, SKIP_LOG, MANIFEST + ".v1", "metadata.parquet")
 #: Where the catalog's side files are copied (e.g. SatlasPretrain's metadata/): ours too.
 SIDE_FILE_ROOTS = tuple(sorted({Path(g).parts[0] for d in DATASETS.values() for g in d.side_files}))
 MIN_MAP_SIZE = 64 << 20
@@ -70,7 +72,7 @@ class Chunk:
 class EncodeResult:
     target: Path
     written: int  # patches in the LMDB now, committed by this run or an earlier one
-    skipped: list[dict]
+    skipped: list[dict]  # patches left out one by one (unreadable, --skip-invalid), as the manifest lists them
     seconds: float
     bytes: int
     counts: dict[str, int]
@@ -78,6 +80,13 @@ class EncodeResult:
     resumed: int = 0  # of ``written``, patches an earlier, interrupted run had committed
     repaired: str = ""  # what ``repair`` said, where a complete target's keys.index was rebuilt
     leftover: str = ""  # a half-built ``.overwrite/`` an interrupted ``--overwrite`` left
+    skipped_nodata: dict[str, int] = field(default_factory=dict)  # per source: windows left out as nodata (counted)
+
+    def nodata_and_invalid(self) -> tuple[int, list[dict]]:
+        """How many patches were skipped as nodata, and the entries of those that were invalid (a
+        manifest of an earlier version lists nodata windows one by one too: counted here)."""
+        listed, invalid = split_skipped(self.skipped)
+        return sum(self.skipped_nodata.values()) + len(listed), invalid
 
     def summary(self) -> str:
         if self.already_complete:
@@ -94,9 +103,9 @@ class EncodeResult:
             f"wrote {what} ({per_source}) to {self.target} in {self.seconds:.1f} s "
             f"({rate:,.0f} patches/s, {self.bytes / 1e6:,.1f} MB)"
         )
-        nodata, invalid = split_skipped(self.skipped)
+        nodata, invalid = self.nodata_and_invalid()
         if nodata:
-            line += f"; skipped {len(nodata):,} as nodata (too few valid pixels)"
+            line += f"; skipped {nodata:,} as nodata (too few valid pixels)"
         if invalid:
             line += f"; skipped {len(invalid):,} invalid: " + ", ".join(s["key"] for s in invalid[:5])
             line += " ..." if len(invalid) > 5 else ""
@@ -104,7 +113,8 @@ class EncodeResult:
 
 
 def split_skipped(skipped: list[dict]) -> tuple[list[dict], list[dict]]:
-    """Skipped patches: those the reader left out as nodata, and those that were invalid."""
+    """Listed skipped patches: those the reader left out as nodata (only in manifests of earlier
+    versions: nodata skips are counted now, ``skipped_nodata``), and those that were invalid."""
     nodata = [s for s in skipped if s.get("kind") == "nodata"]
     return nodata, [s for s in skipped if s.get("kind") != "nodata"]
 
@@ -538,6 +548,7 @@ class _Stats:
     log: _KeyLog = field(default_factory=_KeyLog)  # the written keys and digests
     content_hash: int = 0
     bytes: int = 0
+    nodata: Counter = field(default_factory=Counter)  # source -> patches its reader skipped as nodata
     extensions: list = field(default_factory=list)  # Extensions that observe every value added
     pending: dict = field(default_factory=dict)  # (extension, source) -> the current chunk's statistics rows
 
@@ -619,6 +630,37 @@ class _Stats:
                     entry["shapes"] = {"x".join(map(str, s)): n for (_, s), n in seen.most_common()}
                 table[source][name] = entry
         return table
+
+
+class _SkipLog:
+    """The invalid patches an unfinished encode skipped, one JSON line each, written before the
+    transaction of their chunk commits: a resumed run finds a committed chunk's missing patches
+    here, and counts those it does not find as windows skipped as nodata (no record is kept of
+    those, however many). Removed once the manifest lists them."""
+
+    def __init__(self, directory: Path) -> None:
+        self.path = Path(directory) / SKIP_LOG
+
+    def read(self) -> dict[str, dict]:
+        """key -> entry of the invalid patches an earlier run skipped (its last entry per key)."""
+        try:
+            lines = self.path.read_text().splitlines()
+        except FileNotFoundError:
+            return {}
+        entries = {}
+        for line in lines:
+            try:
+                entry = json.loads(line)
+            except ValueError:  # blank, or cut short by a kill (its chunk never committed)
+                continue
+            entries[entry["key"]] = entry
+        return entries
+
+    def add(self, entries: list[dict]) -> None:
+        with open(self.path, "a") as f:  # on a line of their own, whatever a kill cut short before
+            f.write("".join("\n" + json.dumps(e) for e in entries) + "\n")
+            f.flush()
+            os.fsync(f.fileno())  # on disk before the chunk's commit is (only chunks with invalid patches)
 
 
 def _chunks(discovered: list[SourcePatches]) -> list[Chunk]:
@@ -719,7 +761,8 @@ def encode_dataset(
                                               quiet, extension) if broken else ""
                     return EncodeResult(target, previous["patches"], previous.get("skipped", []), 0.0,
                                         previous.get("bytes", 0), previous.get("counts", {}), already_complete=True,
-                                        repaired=repaired, leftover=_leftover(target))
+                                        repaired=repaired, leftover=_leftover(target),
+                                        skipped_nodata=previous.get(NODATA_PER_SOURCE, {}))
                 print(f"{target}: {problem}; encoding again (the old files are replaced once the new encode "
                       "is complete)", file=sys.stderr)
                 rebuild = True
@@ -733,7 +776,7 @@ def encode_dataset(
                 extension)
     manifest, stats, skipped, resumed = result
     return EncodeResult(target, manifest["patches"], skipped, time.perf_counter() - start, stats.bytes,
-                        dict(stats.counts), resumed=resumed)
+                        dict(stats.counts), resumed=resumed, skipped_nodata=manifest.get(NODATA_PER_SOURCE, {}))
 
 
 def _disagreement(target: Path, manifest: dict) -> str | None:
@@ -818,12 +861,26 @@ def _encode_into(dataset, discovered, directory, fingerprint, num_workers, skip_
         "bands": stats.band_table(),
         "classes": list(dataset.classes),
         "skipped": skipped,
+        **_nodata_facts(discovered, stats),
     }
     for e in extension or ():
         facts.update(e.manifest(keys))
     manifest = write(directory, facts, ranges, columns)
     stats.log.close()
+    (directory / SKIP_LOG).unlink(missing_ok=True)  # the manifest lists them now
     return manifest, stats, skipped, resumed
+
+
+#: The manifest's count of windows skipped as nodata, per source (``skipped_nodata``: their sum)
+NODATA_PER_SOURCE = "skipped_nodata_per_source"
+
+
+def _nodata_facts(discovered: list[SourcePatches], stats: _Stats) -> dict:
+    """The manifest's counts of patches skipped as nodata (too few valid cells): per source of
+    windows (whose readers skip so), and their sum; none for sources of other patches."""
+    per_source = {sp.source.name: stats.nodata[sp.source.name] for sp in discovered
+                  if isinstance(sp.patches, WindowList) or stats.nodata[sp.source.name]}
+    return {"skipped_nodata": sum(per_source.values()), NODATA_PER_SOURCE: per_source} if per_source else {}
 
 
 def _observer(extension) -> list:
@@ -850,6 +907,7 @@ def _rebuild_index(dataset, discovered, target: Path, previous: dict, problem: s
     from .repair import rebuilt_line
 
     stats, _, _ = _write(dataset, discovered, target, num_workers, skip_invalid, quiet, _observer(extension))
+    (target / SKIP_LOG).unlink(missing_ok=True)  # an all-skipped chunk was read again: nothing to keep
     if f"{stats.content_hash:064x}" != previous.get("content_hash") or dict(stats.counts) != previous.get("counts"):
         raise TargetError(f"{target}: data.mdb holds other values than {MANIFEST} describes; pass --overwrite to "
                           "encode it again")
@@ -891,6 +949,8 @@ def _write(dataset, discovered, target, num_workers, skip_invalid, quiet, observ
     chunks = _chunks(discovered)
     total = sum(len(c.patches) for c in chunks)
     stats, skipped = _Stats(extensions=list(observers), log=_KeyLog(target)), []
+    skip_log = _SkipLog(target)
+    earlier = skip_log.read()  # the invalid patches an interrupted run skipped
     pending: list[Chunk] = []
     env = _open(target)
     try:
@@ -902,11 +962,7 @@ def _write(dataset, discovered, target, num_workers, skip_invalid, quiet, observ
             for key, value in stored:
                 stats.add(chunk.source.name, key, value)
             stats.end_chunk()
-            present = {key for key, _ in stored}
-            skipped.extend(
-                {"key": p.key, "source": chunk.source.name, "reason": f"{p.path}: skipped by an earlier, interrupted run"}
-                for p in chunk.patches if p.key not in present
-            )
+            _skipped_earlier(chunk, {key for key, _ in stored}, earlier, stats, skipped)
     finally:
         env.close()
     resumed = sum(stats.counts.values())
@@ -915,18 +971,38 @@ def _write(dataset, discovered, target, num_workers, skip_invalid, quiet, observ
     with _Runner(dataset.name, pending, num_workers, skip_invalid) as runner:
         chunk_results = iter(runner)
         for chunk in pending:  # not zip(): it would hold the last chunk's views while the next is read
-            _store(target, chunk, next(chunk_results), stats, skipped)
+            _store(target, chunk, next(chunk_results), stats, skipped, skip_log)
             bar.update(len(chunk.patches))
     bar.close()
     return stats, skipped, resumed
 
 
-def _store(target: Path, chunk: Chunk, batches: list[Batch], stats: _Stats, skipped: list) -> None:
+def _skipped_earlier(chunk: Chunk, present: set[str], earlier: dict[str, dict], stats: _Stats, skipped: list) -> None:
+    """The patches of a chunk an earlier, interrupted run committed that it left out: those its skip
+    log names as invalid are listed again; a window not named was skipped as nodata (counted)."""
+    windows = isinstance(chunk.patches, WindowList)
+    for key in patch_keys(chunk.patches):
+        if key in present:
+            continue
+        if key in earlier:
+            skipped.append(earlier[key])
+        elif windows:
+            stats.nodata[chunk.source.name] += 1
+        else:  # an earlier version's run kept no skip log: the reason is unknown
+            skipped.append({"key": key, "source": chunk.source.name, "reason": "skipped by an earlier, interrupted run"})
+
+
+def _store(target: Path, chunk: Chunk, batches: list[Batch], stats: _Stats, skipped: list,
+           skip_log: _SkipLog | None = None) -> None:
     """Commit one chunk's values and count them (a function: its views of the shared memory go
-    when it returns, so that the memory can take a later task's values)."""
-    for batch in batches:
-        skipped.extend({"key": key, "source": chunk.source.name, "reason": why, "kind": "nodata" if nodata else "invalid"}
-                       for key, why, nodata in batch.skipped)
+    when it returns, so that the memory can take a later task's values). Patches skipped as nodata
+    are counted, not listed: a scene's nodata may be millions of windows."""
+    invalid = [{"key": key, "source": chunk.source.name, "reason": why, "kind": "invalid"}
+               for batch in batches for key, why, nodata in batch.skipped if not nodata]
+    stats.nodata[chunk.source.name] += sum(nodata for batch in batches for _, _, nodata in batch.skipped)
+    skipped.extend(invalid)
+    if invalid and skip_log is not None:
+        skip_log.add(invalid)  # before the commit: a committed chunk's invalid patches are on record
     values = [batch.values() for batch in batches]
     if any(values):
         _commit(target, [(key.encode(), value) for batch, views in zip(batches, values)

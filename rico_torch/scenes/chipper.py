@@ -209,14 +209,13 @@ class SceneManifest:
     (:meth:`measure`) chunk by chunk in the same order, so its statistics equal an uninterrupted run's.
     """
 
-    def __init__(self, scenes: Sequence[Scene], discovered: list[SourcePatches], options: ChipOptions,
+    def __init__(self, scenes: Sequence[Scene], options: ChipOptions,
                  labels: str = "", align: dict | None = None) -> None:
         self.scenes = {s.name: s for s in scenes}
         self.options = options
         self.align = align  # the alignment options (--grid ...), recorded for verify
         # labels enter the identity only where given, so encodes without them keep their fingerprint
         self.identity = options.identity() + labels
-        self.planned = sum(len(sp.patches) for sp in discovered)
         shape = (options.patch_size, options.stride, options.edge)
         self.owned = {s.name: (axis_owned(s.height, *shape), axis_owned(s.width, *shape)) for s in scenes}
         # windows over time (--patch-time): each stored value is measured by its window's own reader
@@ -262,7 +261,6 @@ class SceneManifest:
             "scenes": scenes,
             "statistics": pooled,
             "statistics_not_pooled": self.refused,
-            "skipped_nodata": self.planned - len(written),
             **({"cube": self.cube_facts(scenes)} if self.dated or self.stacked else {}),
         }
 
@@ -456,7 +454,7 @@ def planned(root: Path, options: ChipOptions, labels: str | Path | None = None, 
         identity = labels_identity(scenes)
     check_labels(scenes, options.edge)
     dataset, discovered = plan(scenes, options, shard)
-    return scenes, dataset, discovered, SceneManifest(scenes, discovered, options, identity, record)
+    return scenes, dataset, discovered, SceneManifest(scenes, options, identity, record)
 
 
 def chip(
@@ -532,7 +530,7 @@ def chip(
             warn(f"{sp.source.name}: none of its {len(sp.patches):,} windows was written (each has fewer than "
                  f"--min-valid {min_valid:,} valid pixels, or could not be read)")
     if result.written == 0 and any(sp.patches for sp in discovered):
-        raise InputError(printable(Path(target_dir)), f"no window was written: all {len(result.skipped):,} "
+        raise InputError(printable(Path(target_dir)), f"no window was written: all {sum(len(sp.patches) for sp in discovered):,} "
                          "were skipped (see the warnings); lower --min-valid or check the scenes' nodata")
     return result
 
