@@ -270,10 +270,10 @@ def _compare_discovered(dataset_name, discovered, manifest, roots, stored_digest
                 seen.add(key)
                 bar.update(1)
                 report.sources_compared += 1
+                nodata[source] += skipped_as_nodata
                 if skipped_as_nodata and key in stored_digests:
                     report.problems.append(f"{key}: in the LMDB but its source is skipped as nodata now: {error}")
                 elif skipped_as_nodata:  # absent, as the encode left it out
-                    nodata[source] += 1
                     report.nodata += 1
                 elif error is not None:
                     report.problems.append(f"{key}: source unreadable: {error}")
