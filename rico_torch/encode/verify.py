@@ -269,12 +269,13 @@ def _compare_discovered(dataset_name, discovered, manifest, roots, stored_digest
             for key, digest, error, skipped_as_nodata in chunk:
                 seen.add(key)
                 bar.update(1)
-                report.sources_compared += 1
                 nodata[source] += skipped_as_nodata
-                if skipped_as_nodata and key in stored_digests:
-                    report.problems.append(f"{key}: in the LMDB but its source is skipped as nodata now: {error}")
-                elif skipped_as_nodata:  # absent, as the encode left it out
+                if skipped_as_nodata and key not in stored_digests:  # absent, as the encode left it out
                     report.nodata += 1
+                    continue
+                report.sources_compared += 1
+                if skipped_as_nodata:
+                    report.problems.append(f"{key}: in the LMDB but its source is skipped as nodata now: {error}")
                 elif error is not None:
                     report.problems.append(f"{key}: source unreadable: {error}")
                 elif key not in stored_digests:
