@@ -77,6 +77,15 @@ def test_cli_and_info_say_how_many_were_skipped(tmp_path, capsys):
     assert "skipped at encode: 40 as nodata (too few valid cells)" in info_report(tmp_path / "t")
 
 
+def test_a_scene_of_nodata_only_is_said_so(tmp_path, capsys):
+    half_nodata_scene(tmp_path / "scenes", 64, 128, 128)
+    assert main(["scenes", "--dataset-dir", str(tmp_path / "scenes"), "--target-dir", str(tmp_path / "t"),
+                 "--patch-size", "8", "--num-workers", "0"]) == 1
+    err = capsys.readouterr().err
+    assert "half: none of its 128 windows was written (each has fewer than --min-valid 1 valid pixels)" in err
+    assert "no window was written: all 128 were skipped" in err
+
+
 def legacy_manifest(target: Path, planned: list[str]) -> None:
     """Rewrite ``target``'s manifest as an earlier version wrote it: each window skipped as nodata
     listed in ``skipped``, and only the total count (the scene extension's)."""

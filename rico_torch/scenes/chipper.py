@@ -527,8 +527,11 @@ def chip(
              "(manifest.json: scenes.<name>.statistics)")
     for sp in discovered:
         if sp.patches and not result.counts.get(sp.source.name):
-            warn(f"{sp.source.name}: none of its {len(sp.patches):,} windows was written (each has fewer than "
-                 f"--min-valid {min_valid:,} valid pixels, or could not be read)")
+            nodata = result.skipped_nodata.get(sp.source.name, 0)
+            why = (f"each has fewer than --min-valid {min_valid:,} valid pixels" if nodata == len(sp.patches) else
+                   f"{nodata:,} have fewer than --min-valid {min_valid:,} valid pixels, {len(sp.patches) - nodata:,} "
+                   "could not be read")
+            warn(f"{sp.source.name}: none of its {len(sp.patches):,} windows was written ({why})")
     if result.written == 0 and any(sp.patches for sp in discovered):
         raise InputError(printable(Path(target_dir)), f"no window was written: all {sum(len(sp.patches) for sp in discovered):,} "
                          "were skipped (see the warnings); lower --min-valid or check the scenes' nodata")

@@ -343,7 +343,7 @@ def make_many_keys(target: str | Path, count: int, kind: str | Kind = "scenes", 
                           "bands": {"B1": {"resolution": [10.0, 10.0], "ratio": 1, "nodata": None,
                                            "dtype": "uint16", "width": side * patch, "height": side * patch}}}},
             statistics={"B1": {"count": units * patch * patch, "mean": 1.0, "std": 1.0, "min": 0.0, "max": 2.0}},
-            skipped_nodata=0)
+            skipped_nodata=0, skipped_nodata_per_source={"S": 0})
     columns = build_columns(np.array(raw_keys, dtype=np.bytes_), digests, **facts)
     write(target, manifest, ranges, columns)
     if spec.side_files is not None:
