@@ -980,16 +980,18 @@ def _write(dataset, discovered, target, num_workers, skip_invalid, quiet, observ
 def _skipped_earlier(chunk: Chunk, present: set[str], earlier: dict[str, dict], stats: _Stats, skipped: list) -> None:
     """The patches of a chunk an earlier, interrupted run committed that it left out: those its skip
     log names as invalid are listed again; a window not named was skipped as nodata (counted)."""
-    windows = isinstance(chunk.patches, WindowList)
-    for key in patch_keys(chunk.patches):
-        if key in present:
-            continue
+    if isinstance(chunk.patches, WindowList):  # keys only: no Patch made per window
+        missing = ((key, None) for key in chunk.patches.keys() if key not in present)
+    else:
+        missing = ((p.key, p.path) for p in chunk.patches if p.key not in present)
+    for key, path in missing:
         if key in earlier:
             skipped.append(earlier[key])
-        elif windows:
+        elif path is None:
             stats.nodata[chunk.source.name] += 1
-        else:  # an earlier version's run kept no skip log: the reason is unknown
-            skipped.append({"key": key, "source": chunk.source.name, "reason": "skipped by an earlier, interrupted run"})
+        else:  # not in the skip log (an earlier version's run kept none): the reason is unknown
+            skipped.append({"key": key, "source": chunk.source.name,
+                            "reason": f"{path}: skipped by an earlier, interrupted run"})
 
 
 def _store(target: Path, chunk: Chunk, batches: list[Batch], stats: _Stats, skipped: list,
