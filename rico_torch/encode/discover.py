@@ -46,17 +46,20 @@ ROWS_AT_ONCE = 1 << 16  # window rows turned into Python numbers at a time
 
 
 class WindowList(Sequence):
-    """A source's windows as patches made on demand from a table of offsets (the planner's
-    rows): no per-window object is held, and a slice is another table, so a worker task carries
-    its windows' numbers, not a pickled :class:`Patch` each.
+    """A source's windows as patches made on demand from their offsets (the planner's rows: a
+    :class:`~rico_torch.cube.plan.PlanRows`, made for the rows asked, or a table): no per-window
+    object is held, and a slice is a table of its rows, so a worker task carries its windows'
+    numbers, not a pickled :class:`Patch` each.
 
     ``make(*row) -> Patch``; ``make.key(*row) -> str``; ``make.prefetch(rows)``, where defined,
-    reads the source blocks a task's windows cover once (the worker calls it before reading them).
+    reads the source blocks a task's windows cover once (the worker calls it before reading them);
+    ``make.block_of(*row)``, where defined, names the row of source blocks a window starts in (the
+    writer gives a block row's windows to one worker).
     """
 
     labelled = False  # windows carry no class label
 
-    def __init__(self, make, rows: np.ndarray) -> None:
+    def __init__(self, make, rows) -> None:
         self.make, self.rows = make, rows
 
     def __len__(self) -> int:
