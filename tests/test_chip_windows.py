@@ -66,11 +66,18 @@ def test_a_block_row_goes_to_one_worker_and_the_bytes_do_not_change(tmp_path):
     assert [discovered[0].patches.make.block_of(r, 0) for r in (0, 24, 32, 248)] == [0, 0, 1, 7]
     chunks = _chunks(discovered)  # 2,048 windows: four chunks of eight window rows, two tile rows each
     with _Runner("scenes", chunks, 2, False) as runner:
+        assert [runner._worker_of(c) for c in chunks] == [None] * 4  # until a chunk's size is known
+        runner.route(512 * 300)
         assert [runner._worker_of(c) for c in chunks] == [0, 1, 0, 1]
+    with _Runner("scenes", chunks, 2, False) as runner:
+        runner.route(200 << 20)  # two block rows of a 200 MB chunk each pass the read-ahead: a worker would wait
+        assert [runner._worker_of(c) for c in chunks] == [None] * 4
     with _Runner("scenes", chunks, 1, False) as runner:
+        runner.route(512 * 300)
         assert [runner._worker_of(c) for c in chunks] == [None] * 4  # one worker: nothing to route
     few = _chunks(plan(find_scenes(tmp_path / "few"), ChipOptions(8, 8))[1])  # two tile rows, two workers
     with _Runner("scenes", few, 2, False) as runner:
+        runner.route(512 * 300)
         assert [runner._worker_of(c) for c in few] == [None, None]
     close_rasters()
     for n in (0, 2):

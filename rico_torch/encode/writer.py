@@ -1118,23 +1118,33 @@ class _Runner:
         self.pools: list[tuple[ProcessPoolExecutor, list[Future]]] = []  # (a worker, its tasks in flight)
         self.blocks: dict[tuple, int] = {}  # (source, block row) -> the worker that has it
         self.spread: set[str] = set()  # the sources whose windows are routed by block
+        self.candidates: dict[str, int] = {}  # source -> its most chunks in one block row (before a size is known)
         self.handoffs: dict[str, list[_Handoff]] = {"busy": [], "taken": [], "free": []}
 
     def __enter__(self) -> "_Runner":
         if self.num_workers > 0 and self.chunks:
             self.pools = [(worker_pool(1), []) for _ in range(self.num_workers)]
-            self.spread = self._blocky_sources()
+            self.candidates = self._blocky_sources()
         return self
 
-    def _blocky_sources(self) -> set[str]:
-        """The sources whose windows are routed by block: those with at least two rows of blocks per
-        worker (with fewer, a worker would wait while another decodes every block: split instead)."""
-        blocks: dict[str, set] = {}
+    def _blocky_sources(self) -> dict[str, int]:
+        """The sources whose windows may be routed by block, each with the most chunks one of its
+        block rows starts: those with at least two block rows per worker (with fewer, a worker
+        would wait while another decodes every block: chunks are split instead)."""
+        blocks: dict[str, Counter] = {}
         for chunk in self.chunks:
             block_of = getattr(getattr(chunk.patches, "make", None), "block_of", None)
             if block_of is not None and len(chunk.patches):
-                blocks.setdefault(chunk.source.name, set()).add(block_of(*chunk.patches.rows[0].tolist()))
-        return {s for s, seen in blocks.items() if None not in seen and len(seen) >= 2 * len(self.pools)}
+                blocks.setdefault(chunk.source.name, Counter())[block_of(*chunk.patches.rows[0].tolist())] += 1
+        return {s: max(seen.values()) for s, seen in blocks.items()
+                if None not in seen and len(seen) >= 2 * len(self.pools)}
+
+    def route(self, chunk_bytes: int) -> None:
+        """Start routing windows by block, once a chunk's size is known, for the sources whose block
+        rows fit the read-ahead twice (so that every worker has a block row of its own in flight;
+        a larger one would leave a worker waiting: those sources' chunks stay split)."""
+        self.spread = {s for s, per_block in self.candidates.items()
+                       if 2 * per_block <= AHEAD_CHUNKS and 2 * per_block * chunk_bytes <= AHEAD_BYTES}
 
     def __exit__(self, *exc) -> None:
         for _, running in self.pools:  # nothing more starts anywhere while one worker is waited for
@@ -1188,7 +1198,7 @@ class _Runner:
 
     def _worker_of(self, chunk: Chunk) -> int | None:
         """The worker that has (or gets) the source block of a chunk's windows; None where there are
-        not two workers or the source's windows are not routed by block (:meth:`_blocky_sources`)."""
+        not two workers or the source's windows are not routed by block (:meth:`route`)."""
         if len(self.pools) < 2 or chunk.source.name not in self.spread:
             return None
         block = chunk.patches.make.block_of(*chunk.patches.rows[0].tolist())
@@ -1225,6 +1235,9 @@ class _Runner:
             tasks = queue.pop(0)
             results = [self._result(task, handoff) for task, handoff in tasks]
             nbytes = sum(batch.nbytes for batch in results)
+            if self.candidates and nbytes:  # the first chunk with values: whether to route by block
+                self.route(nbytes)
+                self.candidates = {}
             while submitted < len(self.chunks) and (len(queue) < (1 if nbytes > READ_AHEAD_BYTES else 2)
                                                     or self._read_ahead(len(queue), nbytes)):
                 queue.append(self._submit(self.chunks[submitted]))
