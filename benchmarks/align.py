@@ -35,7 +35,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import BENCH_ROOT, MARKER, log, machine  # noqa: E402
+from _common import BENCH_ROOT, cached_set, log, machine  # noqa: E402
 
 GRID = "EPSG:32633,10"
 SOURCES = {  # name: (CRS, shift east, shift north in metres from the centre)
@@ -47,24 +47,23 @@ SOURCES = {  # name: (CRS, shift east, shift north in metres from the centre)
 
 
 def source_set(pixels: int) -> Path:
-    root = BENCH_ROOT / f"align-{pixels}"
-    if (root / MARKER).exists():
-        return root / "sources"
-    shutil.rmtree(root, ignore_errors=True)
+    """The cached 4 sources in 3 CRSs, each ``pixels`` square at 10 m, 4 uint16 bands."""
     from rico_torch.synthetic._common import rng_for
     from rico_torch.synthetic._geotiff import distinct_bands, write_geotiff
     from rico_torch.synthetic.align import CENTER, square_at
 
-    log(f"generating 4 sources of {pixels} x {pixels} px x 4 bands into {root} ...")
-    size = pixels * 10.0
-    for i, (name, (crs, east, north)) in enumerate(SOURCES.items()):
-        transform, n = square_at(crs, CENTER, size, 10.0, (east * size, north * size))
-        data = distinct_bands(rng_for(0, i), 4, (n, n), base=1000, step=1000, spread=900, dtype="uint16", smooth=True)
-        data[:, :, : n // 20] = 0  # a nodata strip, as a swath edge
-        write_geotiff(root / "sources" / f"{name}.tif", data, compress="deflate", tiled=True, blocksize=512, crs=crs,
-                      transform=transform, nodata=0)
-    (root / MARKER).write_text(json.dumps({"pixels": pixels}))
-    return root / "sources"
+    def make(root: Path) -> None:
+        size = pixels * 10.0
+        for i, (name, (crs, east, north)) in enumerate(SOURCES.items()):
+            transform, n = square_at(crs, CENTER, size, 10.0, (east * size, north * size))
+            data = distinct_bands(rng_for(0, i), 4, (n, n), base=1000, step=1000, spread=900, dtype="uint16",
+                                  smooth=True)
+            data[:, :, : n // 20] = 0  # a nodata strip, as a swath edge
+            write_geotiff(root / "sources" / f"{name}.tif", data, compress="deflate", tiled=True, blocksize=512,
+                          crs=crs, transform=transform, nodata=0)
+
+    return cached_set(f"align-{pixels}", {"pixels": pixels}, f"4 sources of {pixels} x {pixels} px x 4 bands",
+                      make) / "sources"
 
 
 def peak_mb() -> float:

@@ -31,8 +31,6 @@ than memory) is ``benchmarks/cube_encode.py``; ``--part encode`` (or ``all``) ru
 from __future__ import annotations
 
 import argparse
-import json
-import shutil
 import sys
 import time
 from pathlib import Path
@@ -40,28 +38,24 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import BENCH_ROOT, MARKER, load, log, machine, table  # noqa: E402
+from _common import cached_set, load, log, machine, table  # noqa: E402
 
 
 def sst_cube(months: int, lat: int, lon: int) -> tuple[Path, Path]:
     """The cached NetCDF and Zarr copies of one synthetic SST cube."""
-    root = BENCH_ROOT / f"cube-sst-{months}x{lat}x{lon}"
-    netcdf, zarr = root / "sst.mnmean.nc", root / "sst.zarr"
-    if (root / MARKER).exists():
-        return netcdf, zarr
-    if root.exists():
-        shutil.rmtree(root)
-    import xarray as xr
+    def make(root: Path) -> None:
+        import xarray as xr
 
-    from rico_torch.synthetic.cube import make_sst_netcdf
+        from rico_torch.synthetic.cube import make_sst_netcdf
 
-    log(f"generating a {months} x {lat} x {lon} SST cube into {root} ...")
-    make_sst_netcdf(netcdf, months=months, lat=lat, lon=lon)
-    with xr.open_dataset(netcdf, mask_and_scale=False, decode_times=False) as ds:
-        encoding = {"sst": {"chunks": (12, 90, 90)}}
-        ds.load().to_zarr(zarr, zarr_format=3, consolidated=False, encoding=encoding)
-    (root / MARKER).write_text(json.dumps({"months": months, "lat": lat, "lon": lon}))
-    return netcdf, zarr
+        make_sst_netcdf(root / "sst.mnmean.nc", months=months, lat=lat, lon=lon)
+        with xr.open_dataset(root / "sst.mnmean.nc", mask_and_scale=False, decode_times=False) as ds:
+            encoding = {"sst": {"chunks": (12, 90, 90)}}
+            ds.load().to_zarr(root / "sst.zarr", zarr_format=3, consolidated=False, encoding=encoding)
+
+    root = cached_set(f"cube-sst-{months}x{lat}x{lon}", {"months": months, "lat": lat, "lon": lon},
+                      f"a {months} x {lat} x {lon} SST cube", make)
+    return root / "sst.mnmean.nc", root / "sst.zarr"
 
 
 def forget_blocks() -> None:

@@ -44,7 +44,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import BENCH_ROOT, MARKER, load, log, machine, table  # noqa: E402
+from _common import BENCH_ROOT, cached_set, load, log, machine, table  # noqa: E402
 
 BANDS = ["B01", "B02", "B03", "B04", "B05", "B08", "B11", "B8A"]
 PATCH = 120
@@ -52,16 +52,13 @@ PATCH = 120
 
 def scene_set(pixels: int) -> Path:
     """The cached synthetic Sentinel-2 product (a folder holding one folder: the scene)."""
-    root = BENCH_ROOT / f"scenes-{pixels}"
-    if (root / MARKER).exists():
-        return root / "scenes"
-    shutil.rmtree(root, ignore_errors=True)
     from rico_torch.synthetic.scenes import make_s2_scene
 
-    log(f"generating a {pixels} x {pixels} px Sentinel-2 product into {root} ...")
-    make_s2_scene(root / "scenes" / "T32TQM_20200101", pixels, tiled_block=1024, corner=0)
-    (root / MARKER).write_text(json.dumps({"pixels": pixels}))
-    return root / "scenes"
+    def make(root: Path) -> None:
+        make_s2_scene(root / "scenes" / "T32TQM_20200101", pixels, tiled_block=1024, corner=0)
+
+    return cached_set(f"scenes-{pixels}", {"pixels": pixels}, f"a {pixels} x {pixels} px Sentinel-2 product",
+                      make) / "scenes"
 
 
 class OnTheFly:
@@ -255,19 +252,17 @@ def _child(kind: str, **args) -> dict:
 
 
 def million_scene(pixels: int) -> Path:
-    root = BENCH_ROOT / f"scene-{pixels}-3band"
-    if (root / MARKER).exists():
-        return root / "scenes"
-    shutil.rmtree(root, ignore_errors=True)
+    """The cached 3-band uint8 scene of ``--million`` (deflate, tiled 512)."""
     from rico_torch.synthetic._geotiff import square_transform, write_geotiff
 
-    log(f"generating a {pixels} x {pixels} px 3-band uint8 scene into {root} ...")
-    rng = np.random.default_rng(0)
-    data = rng.integers(1, 255, (3, pixels, pixels), dtype=np.uint8)
-    write_geotiff(root / "scenes" / "big.tif", data, crs="EPSG:32632", transform=square_transform(5e5, 5e6, pixels * 10.0,
-                  pixels), compress="deflate", tiled=True, blocksize=512)
-    (root / MARKER).write_text(json.dumps({"pixels": pixels}))
-    return root / "scenes"
+    def make(root: Path) -> None:
+        data = np.random.default_rng(0).integers(1, 255, (3, pixels, pixels), dtype=np.uint8)
+        write_geotiff(root / "scenes" / "big.tif", data, crs="EPSG:32632",
+                      transform=square_transform(5e5, 5e6, pixels * 10.0, pixels), compress="deflate", tiled=True,
+                      blocksize=512)
+
+    return cached_set(f"scene-{pixels}-3band", {"pixels": pixels}, f"a {pixels} x {pixels} px 3-band uint8 scene",
+                      make) / "scenes"
 
 
 def bench_chip_scale(pixels: int, window: int, workers: list[int], stride: int | None = None) -> None:
