@@ -102,18 +102,13 @@ class WindowPlan:
         return len(t) * len(r) * len(c)
 
     def rows(self, axes: slice = slice(None)) -> "PlanRows":
-        """:meth:`offsets` of ``axes`` (all three, or e.g. ``slice(1, None)``: a scene's row and col),
-        made on demand (:class:`PlanRows`)."""
+        """The windows' offsets on ``axes`` (all three, or e.g. ``slice(1, None)``: a scene's row and
+        col) in write order, made on demand (:class:`PlanRows`)."""
         return PlanRows(self.starts[axes])
 
-    def offsets(self, dtype=np.int64) -> np.ndarray:
-        """Every window's (t, row, col), ``(count, 3)``, in write order (time, row, col nested)."""
-        t, r, c = (np.asarray(s, dtype) for s in self.starts)
-        grid = np.empty((len(t), len(r), len(c), 3), dtype)
-        grid[..., 0] = t[:, None, None]
-        grid[..., 1] = r[None, :, None]
-        grid[..., 2] = c[None, None, :]
-        return grid.reshape(-1, 3)
+    def offsets(self) -> np.ndarray:
+        """Every window's (t, row, col), ``(count, 3)`` int32, in write order (time, row, col nested)."""
+        return self.rows()[:]
 
     def owned(self, t: int, row: int, col: int) -> tuple[tuple[int, int], tuple[int, int], tuple[int, int]]:
         """The cells [lo, hi) per axis that the window at (t, row, col) owns (in grid coordinates)."""
@@ -125,7 +120,7 @@ class PlanRows:
     asked for: the table of 10M windows would be 80-120 MB, this is the axes' starts.
 
     ``starts``: per axis (outermost first) the window starts; row ``i`` is the ``i``-th combination in
-    nested order (the last axis fastest), as :meth:`WindowPlan.offsets`. Indexing with an int gives
+    nested order (the last axis fastest): a plan's time, then row, then col. Indexing with an int gives
     one row, with a slice, an index array or a mask an ``ndarray`` of those rows.
     """
 
