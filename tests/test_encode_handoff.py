@@ -136,7 +136,7 @@ def test_digests_only_for_verify(majortom_s2):
 def test_band_table_from_the_workers_equals_the_parsed_one(majortom_s2):
     batch = encode_task("major-tom-core", "s2", majortom_s2.patches, False)
     told, parsed = _Stats(), _Stats()
-    told.add_batch("s2", batch, batch.values())
+    told.add_batch("s2", batch, [key.encode() for key in batch.keys], batch.values())
     for key, value in zip(batch.keys, batch.values()):
         parsed.add("s2", key, value)
     assert told.band_table() == parsed.band_table()

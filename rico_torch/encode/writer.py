@@ -572,8 +572,9 @@ class _Stats:
             table = tuple((name, info.dtype.name, info.shape) for name, info in parse_header(value, key).items())
         self.tables[source, table] += 1
 
-    def add_batch(self, source: str, batch: Batch, values: list) -> None:
-        """Count a worker task's values written (``values``: views of them, in order)."""
+    def add_batch(self, source: str, batch: Batch, keys: list[bytes], values: list) -> None:
+        """Count a worker task's values written (``keys``: its keys encoded; ``values``: views of the
+        values; both in order)."""
         if not len(batch):
             return
         measured = batch.statistics()
@@ -588,7 +589,7 @@ class _Stats:
                 else:
                     extension.observe(source, key, bytes(value))
         self.counts[source] += len(batch)
-        self.log.add(source, [key.encode() for key in batch.keys], batch.digests)
+        self.log.add(source, keys, batch.digests)
         self.bytes += batch.nbytes
         self.content_hash = (self.content_hash + batch.content) % (1 << 256)
         for table, count in batch.tables.items():
@@ -1006,11 +1007,11 @@ def _store(target: Path, chunk: Chunk, batches: list[Batch], stats: _Stats, skip
     if invalid and skip_log is not None:
         skip_log.add(invalid)  # before the commit: a committed chunk's invalid patches are on record
     values = [batch.values() for batch in batches]
+    keys = [[key.encode() for key in batch.keys] for batch in batches]
     if any(values):
-        _commit(target, [(key.encode(), value) for batch, views in zip(batches, values)
-                         for key, value in zip(batch.keys, views)])
-    for batch, views in zip(batches, values):
-        stats.add_batch(chunk.source.name, batch, views)
+        _commit(target, [item for raw, views in zip(keys, values) for item in zip(raw, views)])
+    for batch, raw, views in zip(batches, keys, values):
+        stats.add_batch(chunk.source.name, batch, raw, views)
     stats.end_chunk()
 
 
